@@ -1,0 +1,322 @@
+"""The structured target and the one kernel that turns it into a loss and a logit gradient.
+
+Every method is cross-entropy against a per-token target ``Q = γ·onehot(y) + (1 − γ)·π̃`` held constant
+(stop-gradient), so for each token ``loss = −Σ_a Q(a) log p(a)`` and ``∂loss/∂z = p − Q``.
+
+A dense ``Q`` would be as large as the logits, so residuals are kept in a structured form
+(:class:`Residual`): ``π̃ = s·p + u/V + dense + scatter(ids, values)``. A teacher given as top-k with its tail
+completed in proportion to the student is then a scaled copy of ``p`` plus ``k`` sparse corrections, and its
+gradient costs no more than plain cross-entropy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Distribution:
+    """A next-token distribution for a block of rows: dense logits ``[n, V]`` or top-k ``(ids, logprobs)``."""
+
+    logits: Tensor | None = None
+    topk_ids: Tensor | None = None
+    topk_logprobs: Tensor | None = None
+
+    @property
+    def is_topk(self) -> bool:
+        return self.topk_ids is not None
+
+    def rows(self, index: Tensor | slice) -> Distribution:
+        """The same distribution restricted to some rows."""
+        if self.is_topk:
+            return Distribution(topk_ids=self.topk_ids[index], topk_logprobs=self.topk_logprobs[index])
+        return Distribution(logits=self.logits[index])
+
+
+@dataclass
+class TokenState:
+    """What every label-trust rule and residual may read for a block of ``n`` tokens.
+
+    ``logp`` holds the student's log-probabilities ``log softmax(z)`` ``[n, V]`` in the compute dtype.
+    """
+
+    logp: Tensor
+    labels: Tensor
+    teacher: Distribution | None = None
+    ref: Distribution | None = None
+    token_weights: Tensor | None = None
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.logp.shape[-1]
+
+    @property
+    def logp_y(self) -> Tensor:
+        """``log p_θ(y)`` per token ``[n]``."""
+        if "logp_y" not in self._cache:
+            self._cache["logp_y"] = self.logp.gather(-1, self.labels[:, None]).squeeze(-1)
+        return self._cache["logp_y"]
+
+    @property
+    def p_y(self) -> Tensor:
+        """``p_θ(y)`` per token ``[n]``."""
+        return self.logp_y.exp()
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """``Σ_j a[i, j]·b[i, j]`` per row without a ``[n, V]`` temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+@dataclass
+class Residual:
+    """A distribution over the vocabulary in structured form, per row.
+
+    ``π̃ = self_coef·p + uniform/V + dense + scatter(sparse_ids, sparse_values)``; missing parts are zero.
+    ``self_coef`` and ``uniform`` are ``[n]``, ``dense`` is ``[n, V]``, ``sparse_*`` are ``[n, k]``.
+    """
+
+    self_coef: Tensor | None = None
+    uniform: Tensor | None = None
+    dense: Tensor | None = None
+    sparse_ids: Tensor | None = None
+    sparse_values: Tensor | None = None
+
+    def scaled(self, c: Tensor) -> Residual:
+        """``c·π̃`` for a per-row factor ``c`` ``[n]``."""
+
+        def mul(x: Tensor | None, per_row: Tensor) -> Tensor | None:
+            return None if x is None else x * per_row
+
+        col = c.unsqueeze(-1)
+        return Residual(
+            self_coef=mul(self.self_coef, c),
+            uniform=mul(self.uniform, c),
+            dense=mul(self.dense, col),
+            sparse_ids=self.sparse_ids,
+            sparse_values=mul(self.sparse_values, col),
+        )
+
+    def with_sparse(self, ids: Tensor, values: Tensor) -> Residual:
+        """Add sparse entries ``[n, j]``."""
+        if self.sparse_ids is None:
+            return replace(self, sparse_ids=ids, sparse_values=values)
+        return replace(
+            self,
+            sparse_ids=torch.cat([self.sparse_ids, ids], -1),
+            sparse_values=torch.cat([self.sparse_values, values], -1),
+        )
+
+    def at(self, state: TokenState, ids: Tensor) -> Tensor:
+        """``π̃`` at the given token ids ``[n, j]``."""
+        out = torch.zeros(ids.shape, dtype=state.logp.dtype, device=ids.device)
+        if self.self_coef is not None:
+            out = out + self.self_coef[:, None] * state.logp.gather(-1, ids).exp()
+        if self.uniform is not None:
+            out = out + self.uniform[:, None] / state.vocab_size
+        if self.dense is not None:
+            out = out + self.dense.gather(-1, ids)
+        if self.sparse_ids is not None:
+            match = (self.sparse_ids.unsqueeze(-2) == ids.unsqueeze(-1)).to(out.dtype)  # [n, j, k]
+            out = out + (match * self.sparse_values.unsqueeze(-2)).sum(-1)
+        return out
+
+    def to_dense(self, state: TokenState) -> Tensor:
+        """The residual as a dense ``[n, V]`` tensor (analysis and logging only)."""
+        out = torch.zeros_like(state.logp)
+        if self.self_coef is not None:
+            out += self.self_coef[:, None] * state.logp.exp()
+        if self.uniform is not None:
+            out += self.uniform[:, None] / state.vocab_size
+        if self.dense is not None:
+            out += self.dense
+        if self.sparse_ids is not None:
+            out.scatter_add_(-1, self.sparse_ids, self.sparse_values)
+        return out
+
+    def cross_entropy(self, state: TokenState, p: Tensor | None) -> Tensor:
+        """``−Σ_a π̃(a) log p(a)`` per row; ``p = exp(logp)`` is needed only when ``self_coef`` is set."""
+        logp = state.logp
+        out = torch.zeros(logp.shape[0], dtype=logp.dtype, device=logp.device)
+        if self.self_coef is not None:
+            out = out - self.self_coef * _rowdot(p, logp)
+        if self.uniform is not None:
+            out = out - self.uniform * logp.mean(-1)
+        if self.dense is not None:
+            out = out - _rowdot(self.dense, logp)
+        if self.sparse_ids is not None:
+            out = out - (self.sparse_values * logp.gather(-1, self.sparse_ids)).sum(-1)
+        return out
+
+    def subtract_from(self, grad: Tensor) -> None:
+        """``grad ← grad − π̃`` for the parts that are not a multiple of ``p`` (handled by the caller)."""
+        if self.uniform is not None:
+            grad.sub_(self.uniform[:, None] / grad.shape[-1])
+        if self.dense is not None:
+            grad.sub_(self.dense)
+        if self.sparse_ids is not None:
+            grad.scatter_add_(-1, self.sparse_ids, -self.sparse_values)
+
+    def exclude_label(self, state: TokenState) -> Residual:
+        """``π̃' = (π̃ − π̃(y)·onehot(y)) / (1 − π̃(y))``: the residual with the label's own mass removed.
+
+        Rows whose residual sits entirely on the label (``1 − π̃(y) < tiny``) keep ``π̃`` unchanged.
+        """
+        y = state.labels[:, None]
+        r_y = self.at(state, y).squeeze(-1)
+        rest = 1.0 - r_y
+        ok = rest > torch.finfo(rest.dtype).eps
+        inv = torch.where(ok, 1.0 / torch.where(ok, rest, 1.0), 1.0)
+        fix = torch.where(ok, -r_y * inv, 0.0)
+        return self.scaled(inv).with_sparse(y, fix[:, None])
+
+
+class TrustRule(Protocol):
+    """A label-trust rule: ``γ`` per token ``[n]`` in ``[0, 1]`` (also used for per-token loss scales)."""
+
+    needs: frozenset[str]
+
+    def __call__(self, state: TokenState) -> Tensor: ...
+
+
+class ResidualRule(Protocol):
+    """A residual rule: the distribution ``π̃`` that receives the mass ``1 − γ``."""
+
+    needs: frozenset[str]
+
+    def __call__(self, state: TokenState) -> Residual: ...
+
+
+@dataclass(frozen=True)
+class Target:
+    """A designed target ``Q = γ·onehot(y) + (1 − γ)·π̃``: a label-trust rule and a residual rule.
+
+    ``exclude_label`` removes the label's own share from ``π̃`` before mixing. ``scale`` multiplies each
+    token's loss and gradient (for methods whose original loss is ``c_t·CE(Q, p)``, e.g. SFT+KL).
+    """
+
+    trust: TrustRule
+    residual: ResidualRule | None = None
+    exclude_label: bool = False
+    scale: TrustRule | None = None
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """Inputs this target reads beyond logits and labels: ``teacher``, ``ref``, ``token_weights``."""
+        out = set(self.trust.needs)
+        for rule in (self.residual, self.scale):
+            if rule is not None:
+                out |= rule.needs
+        return frozenset(out)
+
+    def residual_for(self, state: TokenState) -> Residual | None:
+        if self.residual is None:
+            return None
+        residual = self.residual(state)
+        return residual.exclude_label(state) if self.exclude_label else residual
+
+
+@dataclass
+class TargetStats:
+    """Sums over tokens of what ``return_stats`` reports; divide by ``count`` for means."""
+
+    count: float = 0.0
+    gamma: float = 0.0
+    p_label: float = 0.0
+    nll: float = 0.0
+    q_label: float = 0.0
+    residual_entropy: float = 0.0
+    accuracy: float = 0.0
+
+    def add(self, other: TargetStats) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def means(self) -> dict[str, float]:
+        """Per-token means: γ, p(y), NLL = −log p(y), Q(y), H(π̃) in nats, argmax accuracy."""
+        n = max(self.count, 1.0)
+        return {
+            "gamma": self.gamma / n,
+            "p_label": self.p_label / n,
+            "nll": self.nll / n,
+            "q_label": self.q_label / n,
+            "residual_entropy": self.residual_entropy / n,
+            "accuracy": self.accuracy / n,
+            "tokens": self.count,
+        }
+
+
+def _entropy(dist: Tensor) -> Tensor:
+    return -torch.special.xlogy(dist, dist).sum(-1)
+
+
+def loss_and_grad(
+    box: list[Tensor],
+    labels: Tensor,
+    target: Target,
+    *,
+    teacher: Distribution | None = None,
+    ref: Distribution | None = None,
+    token_weights: Tensor | None = None,
+    need_grad: bool = True,
+    stats: TargetStats | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Per-token ``CE(Q, p)`` and the logit gradient ``p − Q`` for a block of rows.
+
+    ``box`` holds one tensor, the block's logits ``[n, V]`` in the compute dtype; it is emptied so the logits can
+    be freed as soon as ``log softmax`` has been taken.
+    Returns ``(loss [n], grad [n, V] or None)``, both unscaled by any reduction weight.
+    """
+    logp = torch.log_softmax(box.pop(), dim=-1)
+    state = TokenState(logp=logp, labels=labels, teacher=teacher, ref=ref, token_weights=token_weights)
+    gamma = target.trust(state).to(logp.dtype)
+    residual = target.residual_for(state)
+    q_res = residual.scaled(1.0 - gamma) if residual is not None else None
+
+    needs_p = need_grad or (q_res is not None and q_res.self_coef is not None)
+    p = logp.exp() if needs_p else None
+    loss = -gamma * state.logp_y
+    if q_res is not None:
+        loss = loss + q_res.cross_entropy(state, p)
+    row_scale = target.scale(state).to(logp.dtype) if target.scale is not None else None
+    if row_scale is not None:
+        loss = loss * row_scale
+
+    if stats is not None:
+        block = TargetStats(count=float(labels.numel()))
+        block.gamma = gamma.sum().item()
+        block.p_label = state.p_y.sum().item()
+        block.nll = -state.logp_y.sum().item()
+        q_y = gamma + (q_res.at(state, labels[:, None]).squeeze(-1) if q_res is not None else 0.0)
+        block.q_label = float(torch.as_tensor(q_y).sum())
+        if residual is not None:
+            block.residual_entropy = _entropy(residual.to_dense(state)).sum().item()
+        block.accuracy = (logp.argmax(-1) == labels).sum().item()
+        stats.add(block)
+
+    if not need_grad:
+        return loss, None
+    del logp, state
+    grad = p
+    if q_res is not None and q_res.self_coef is not None:
+        grad.mul_((1.0 - q_res.self_coef)[:, None])
+    if q_res is not None:
+        q_res.subtract_from(grad)
+    grad.scatter_add_(-1, labels[:, None], -gamma[:, None])
+    if row_scale is not None:
+        grad.mul_(row_scale[:, None])
+    return loss, grad
+
+
+def dense_target(state: TokenState, target: Target) -> Tensor:
+    """The dense target ``Q = γ·onehot(y) + (1 − γ)·π̃`` ``[n, V]`` (before any per-row loss scale)."""
+    gamma = target.trust(state).to(state.logp.dtype)
+    residual = target.residual_for(state)
+    q = torch.zeros_like(state.logp) if residual is None else residual.scaled(1.0 - gamma).to_dense(state)
+    q.scatter_add_(-1, state.labels[:, None], gamma[:, None])
+    return q
