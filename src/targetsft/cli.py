@@ -19,6 +19,12 @@ def _methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from targetsft.demo import main as demo_main
+
+    return demo_main()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="target-sft",
@@ -29,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="list the registered methods with γ, π̃ and their parameters")
     p.add_argument("name", nargs="?", help="show one method only")
     p.set_defaults(func=_methods)
+    p = sub.add_parser("demo", help="run every method on a synthetic batch and check ∂loss/∂z = w·(p − Q)")
+    p.set_defaults(func=_demo)
     return parser
 
 

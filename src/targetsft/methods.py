@@ -363,7 +363,9 @@ def _guided_kd(lam: float, eta: float, temperature: float, tail: str) -> Target:
 
 
 def methods_table() -> str:
-    """The registry as a markdown table (method, γ, π̃, source)."""
-    rows = ["| method | γ (label trust) | π̃ (residual) | source |", "|---|---|---|---|"]
-    rows += [f"| `{m.name}` | {m.gamma} | {m.residual} | {m.reference} |" for m in METHODS.values()]
+    """The registry as a markdown table (method, γ, π̃, parameters with defaults, source)."""
+    rows = ["| method | γ (label trust) | π̃ (residual) | parameters (default) | source |", "|---|---|---|---|---|"]
+    for m in METHODS.values():
+        params = ", ".join(f"`{k}={p.default!r}`" for k, p in m.params.items()) or "—"
+        rows.append(f"| `{m.name}` | {m.gamma} | {m.residual} | {params} | {m.reference} |")
     return "\n".join(rows)

@@ -1,0 +1,113 @@
+"""The fused loss on transformers models equals the loss on the model's own logits (plain, PEFT, patched)."""
+
+import pytest
+import torch
+
+import targetsft
+from targetsft.integration import causal_lm_target_loss, lm_head, patch_fused_forward, shift_labels
+
+transformers = pytest.importorskip("transformers")
+
+
+def _tiny(seed, tie=True, vocab=53):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=vocab, tie_word_embeddings=tie,
+    )
+    return transformers.LlamaForCausalLM(cfg).double()
+
+
+def _batch(vocab=53):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (3, 12), generator=g)
+    labels = ids.clone()
+    labels[:, :5] = -100
+    mask = torch.ones_like(ids)
+    mask[2, -3:] = 0
+    labels[2, -3:] = -100
+    return ids, labels, mask
+
+
+def _naive(model, ids, labels, mask, method="sft", teacher=None, **kw):
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    extra = {}
+    if teacher is not None:
+        with torch.no_grad():
+            extra["teacher_logits"] = teacher(input_ids=ids, attention_mask=mask).logits
+    return targetsft.target_loss(logits, shift_labels(labels), method=method, **extra, **kw)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("method, kw", [("sft", {}), ("dft", {}), ("target_sft", {"eta": 0.4})])
+def test_model_loss_and_gradients_equal_naive(tie, method, kw):
+    model, teacher = _tiny(0, tie), _tiny(1, tie)
+    ids, labels, mask = _batch()
+    use_teacher = teacher if method == "target_sft" else None
+    fused = causal_lm_target_loss(model, ids, labels, attention_mask=mask, method=method, teacher_model=use_teacher, **kw)
+    naive = _naive(model, ids, labels, mask, method, use_teacher, **kw)
+    params = list(model.parameters())
+    assert torch.allclose(fused, naive, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(fused, params), torch.autograd.grad(naive, params)):
+        assert torch.allclose(a, b, atol=1e-11)
+
+
+def test_peft_lora_including_lm_head():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(
+        _tiny(2, tie=False), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "lm_head"], init_lora_weights=False)
+    )
+    ids, labels, mask = _batch()
+    fused = causal_lm_target_loss(model, ids, labels, attention_mask=mask, method="dft")
+    naive = _naive(model, ids, labels, mask, "dft")
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert torch.allclose(fused, naive, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(fused, params), torch.autograd.grad(naive, params)):
+        assert torch.allclose(a, b, atol=1e-11)
+
+
+def test_privileged_teacher_prompt_aligns_supervised_tokens():
+    """A teacher that sees a longer prompt gives the same loss as one fed the student's prompt when the
+    extra context is invisible to it (here: the same model with a different prompt; rows must align)."""
+    model, teacher = _tiny(3), _tiny(4)
+    ids, labels, mask = _batch()
+    mask = torch.ones_like(ids)
+    labels = ids.clone()
+    labels[:, :5] = -100
+    prefix = torch.randint(0, 53, (3, 4))
+    t_ids = torch.cat([prefix, ids], 1)
+    t_labels = torch.cat([torch.full_like(prefix, -100), labels], 1)
+    fused = causal_lm_target_loss(
+        model, ids, labels, attention_mask=mask, method="kd", teacher_model=teacher,
+        teacher_input_ids=t_ids, teacher_labels=t_labels, teacher_attention_mask=torch.ones_like(t_ids),
+    )
+    with torch.no_grad():
+        t_logits = teacher(input_ids=t_ids).logits[:, 4:]
+    naive = targetsft.target_loss(model(input_ids=ids).logits, shift_labels(labels), method="kd", teacher_logits=t_logits)
+    assert torch.allclose(fused, naive, atol=1e-12)
+    bad = t_labels.clone()
+    bad[0, -1] = (bad[0, -1] + 1) % 53
+    with pytest.raises(ValueError, match="supervised tokens differ"):
+        causal_lm_target_loss(model, ids, labels, method="kd", teacher_model=teacher, teacher_input_ids=t_ids, teacher_labels=bad)
+
+
+def test_patched_forward_returns_fused_loss_without_logits():
+    model = _tiny(5)
+    ids, labels, mask = _batch()
+    expected = _naive(model, ids, labels, mask, "dft")
+    model.train()
+    patch_fused_forward(model, method="dft")
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.logits is None
+    assert torch.allclose(out.loss, expected, atol=1e-12)
+    model.eval()
+    assert model(input_ids=ids, attention_mask=mask).logits is not None
+
+
+def test_lm_head_reads_logit_transforms_from_config():
+    model = _tiny(6)
+    model.config.final_logit_softcapping = 30.0
+    model.config.logit_scale = 0.5
+    head = lm_head(model)
+    assert head.softcap == 30.0 and head.logit_scale == 0.5
+    assert head.weight is model.get_output_embeddings().weight
