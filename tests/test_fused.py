@@ -101,7 +101,14 @@ def test_softcap_and_logit_scale(method):
     naive_kw, fused_kw = _side(spec, t_hidden, t_weight, weights, logit_fn)
     ref = targetsft.target_loss(logit_fn(hidden, weight, bias), labels, method=method, **naive_kw)
     out = fused_target_loss(
-        hidden, weight, labels, method=method, lm_head_bias=bias, logit_scale=scale, softcap=cap, chunk_size=5,
+        hidden,
+        weight,
+        labels,
+        method=method,
+        lm_head_bias=bias,
+        logit_scale=scale,
+        softcap=cap,
+        chunk_size=5,
         **fused_kw,
     )
     assert torch.allclose(out, ref, atol=1e-10)
@@ -158,8 +165,14 @@ def test_num_items_in_batch_and_stats():
     hidden, weight, _, labels, t_hidden, t_weight, _ = _inputs(dtype=torch.float64, seed=7)
     kw = dict(method="target_sft", eta=0.3, return_stats=True)
     out, stats = fused_target_loss(
-        hidden, weight, labels, num_items_in_batch=100, teacher_hidden=t_hidden, teacher_lm_head_weight=t_weight,
-        chunk_size=9, **kw,
+        hidden,
+        weight,
+        labels,
+        num_items_in_batch=100,
+        teacher_hidden=t_hidden,
+        teacher_lm_head_weight=t_weight,
+        chunk_size=9,
+        **kw,
     )
     ref, ref_stats = targetsft.target_loss(
         hidden @ weight.T, labels, num_items_in_batch=100, teacher_logits=t_hidden @ t_weight.T, **kw
@@ -195,7 +208,10 @@ def test_ignored_rows_get_no_hidden_gradient():
         (dict(labels=torch.zeros(5, dtype=torch.long)), "labels has shape"),
         (dict(chunk_size=0), "chunk_size"),
         (dict(softcap=-1.0), "softcap"),
-        (dict(method="kd", teacher_hidden=torch.randn(41, TH), teacher_lm_head_weight=torch.randn(V + 3, TH)), "vocabulary"),
+        (
+            dict(method="kd", teacher_hidden=torch.randn(41, TH), teacher_lm_head_weight=torch.randn(V + 3, TH)),
+            "vocabulary",
+        ),
         (dict(method="kd", teacher_hidden=torch.randn(41, TH)), "teacher_hidden and teacher_lm_head_weight"),
         (dict(method="kd"), "teacher"),
         (dict(lm_head_bias=torch.randn(V + 1)), "lm_head_bias"),

@@ -12,8 +12,13 @@ transformers = pytest.importorskip("transformers")
 def _tiny(seed, tie=True, vocab=53):
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=vocab, tie_word_embeddings=tie,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        tie_word_embeddings=tie,
     )
     return transformers.LlamaForCausalLM(cfg).double()
 
@@ -44,7 +49,9 @@ def test_model_loss_and_gradients_equal_naive(tie, method, kw):
     model, teacher = _tiny(0, tie), _tiny(1, tie)
     ids, labels, mask = _batch()
     use_teacher = teacher if method == "target_sft" else None
-    fused = causal_lm_target_loss(model, ids, labels, attention_mask=mask, method=method, teacher_model=use_teacher, **kw)
+    fused = causal_lm_target_loss(
+        model, ids, labels, attention_mask=mask, method=method, teacher_model=use_teacher, **kw
+    )
     naive = _naive(model, ids, labels, mask, method, use_teacher, **kw)
     params = list(model.parameters())
     assert torch.allclose(fused, naive, atol=1e-12)
@@ -55,7 +62,8 @@ def test_model_loss_and_gradients_equal_naive(tie, method, kw):
 def test_peft_lora_including_lm_head():
     peft = pytest.importorskip("peft")
     model = peft.get_peft_model(
-        _tiny(2, tie=False), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "lm_head"], init_lora_weights=False)
+        _tiny(2, tie=False),
+        peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "lm_head"], init_lora_weights=False),
     )
     ids, labels, mask = _batch()
     fused = causal_lm_target_loss(model, ids, labels, attention_mask=mask, method="dft")
@@ -78,17 +86,28 @@ def test_privileged_teacher_prompt_aligns_supervised_tokens():
     t_ids = torch.cat([prefix, ids], 1)
     t_labels = torch.cat([torch.full_like(prefix, -100), labels], 1)
     fused = causal_lm_target_loss(
-        model, ids, labels, attention_mask=mask, method="kd", teacher_model=teacher,
-        teacher_input_ids=t_ids, teacher_labels=t_labels, teacher_attention_mask=torch.ones_like(t_ids),
+        model,
+        ids,
+        labels,
+        attention_mask=mask,
+        method="kd",
+        teacher_model=teacher,
+        teacher_input_ids=t_ids,
+        teacher_labels=t_labels,
+        teacher_attention_mask=torch.ones_like(t_ids),
     )
     with torch.no_grad():
         t_logits = teacher(input_ids=t_ids).logits[:, 4:]
-    naive = targetsft.target_loss(model(input_ids=ids).logits, shift_labels(labels), method="kd", teacher_logits=t_logits)
+    naive = targetsft.target_loss(
+        model(input_ids=ids).logits, shift_labels(labels), method="kd", teacher_logits=t_logits
+    )
     assert torch.allclose(fused, naive, atol=1e-12)
     bad = t_labels.clone()
     bad[0, -1] = (bad[0, -1] + 1) % 53
     with pytest.raises(ValueError, match="supervised tokens differ"):
-        causal_lm_target_loss(model, ids, labels, method="kd", teacher_model=teacher, teacher_input_ids=t_ids, teacher_labels=bad)
+        causal_lm_target_loss(
+            model, ids, labels, method="kd", teacher_model=teacher, teacher_input_ids=t_ids, teacher_labels=bad
+        )
 
 
 def test_patched_forward_returns_fused_loss_without_logits():

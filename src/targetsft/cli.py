@@ -25,6 +25,21 @@ def _demo(args: argparse.Namespace) -> int:
     return demo_main()
 
 
+def _train(args: argparse.Namespace) -> int:
+    from targetsft.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    from targetsft.trainer import train
+
+    summary = train(cfg, resume=args.resume)
+    print(f"final model: {summary['final_model']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="target-sft",
@@ -35,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="list the registered methods with γ, π̃ and their parameters")
     p.add_argument("name", nargs="?", help="show one method only")
     p.set_defaults(func=_methods)
+    p = sub.add_parser("train", help="fine-tune a causal LM with a target method (transformers.Trainer)")
+    p.add_argument("--config", help="YAML config (see configs/); without it the defaults are used")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. loss.method=dft train.max_steps=50")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    p.set_defaults(func=_train)
     p = sub.add_parser("demo", help="run every method on a synthetic batch and check ∂loss/∂z = w·(p − Q)")
     p.set_defaults(func=_demo)
     return parser

@@ -96,9 +96,7 @@ class _Plan:
             dcap = 1.0 - (z / self.softcap).square() if (need_grad and self.softcap is not None) else None
             side = self.side.rows(slice(s, e))
             if self.teacher_head is not None:
-                side.teacher = Distribution(
-                    logits=self.teacher_head.logits(s, e, cdt, self.logit_scale, self.softcap)
-                )
+                side.teacher = Distribution(logits=self.teacher_head.logits(s, e, cdt, self.logit_scale, self.softcap))
             if self.ref_head is not None:
                 side.ref = Distribution(logits=self.ref_head.logits(s, e, cdt, self.logit_scale, self.softcap))
             box = [z]
@@ -179,7 +177,9 @@ def _teacher_head(
             "the teacher must share the student's tokenizer and vocabulary"
         )
     if hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"{name}_hidden has size {hidden.shape[-1]} but {name}_lm_head_weight expects {weight.shape[1]}")
+        raise ValueError(
+            f"{name}_hidden has size {hidden.shape[-1]} but {name}_lm_head_weight expects {weight.shape[1]}"
+        )
     h = _select(hidden.detach(), lead, rows, rows.numel(), f"{name}_hidden")
     V.check_finite(f"{name}_hidden", h)
     return _Head(h, weight.detach(), None if bias is None else bias.detach())
@@ -222,6 +222,9 @@ def fused_target_loss(
             chunk the same way (same ``logit_scale``/``softcap``); likewise ``ref_*`` for a reference model.
         logit_scale, softcap: logit scaling and Gemma-style soft-capping applied to every projection.
         The rest is as in :func:`targetsft.target_loss`.
+
+    Under autocast the projections run in the autocast dtype (as autocast would run ``h·Wᵀ``); the target and
+    its gradient are always computed in float32.
     """
     V.check_float("hidden", hidden)
     V.check_float("lm_head_weight", lm_head_weight)
@@ -279,7 +282,18 @@ def fused_target_loss(
     )
     stats = TargetStats() if return_stats else None
     per_row = reduction == "none"
-    out = _FusedLoss.apply(h, lm_head_weight, lm_head_bias, plan, per_row, stats)
+    weight, bias = lm_head_weight, lm_head_bias
+    device_type = h.device.type
+    if torch.is_autocast_enabled(device_type):  # run the projections in the autocast dtype, explicitly
+        low = torch.get_autocast_dtype(device_type)
+        h, weight = h.to(low), weight.to(low)
+        bias = None if bias is None else bias.to(low)
+        for head in (teacher_head, ref_head):
+            if head is not None:
+                head.hidden, head.weight = head.hidden.to(low), head.weight.to(low)
+                head.bias = None if head.bias is None else head.bias.to(low)
+    with torch.autocast(device_type, enabled=False):
+        out = _FusedLoss.apply(h, weight, bias, plan, per_row, stats)
     if per_row:
         out = out.new_zeros(labels.numel()).index_put((rows,), out).view(labels.shape)
     else:

@@ -72,6 +72,8 @@ def distribution(
         V.check_float(f"{name}_topk[1] (logprobs)", logprobs)
         if ids.shape != logprobs.shape:
             raise ValueError(f"{name}_topk: ids shape {tuple(ids.shape)} != logprobs shape {tuple(logprobs.shape)}")
+        if ids.dim() == 0 or ids.shape[-1] == 0:
+            raise ValueError(f"{name}_topk must hold at least one token per position (k >= 1)")
         ids = _select(ids, lead, rows, n_valid, f"{name}_topk")
         logprobs = _select(logprobs, lead, rows, n_valid, f"{name}_topk")
         V.check_topk(f"{name}_topk", ids, logprobs, vocab_size)

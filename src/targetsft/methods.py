@@ -125,7 +125,9 @@ _EPSILON = Param(0.1, "mass spread uniformly over the vocabulary", _unit, "in [0
 _LAM_KL = Param(0.1, "weight λ of the KL(π_ref ‖ π_θ) anchor", _nonneg, ">= 0")
 _LAM_MIX = Param(0.5, "share λ of the target given to the teacher", _unit, "in [0, 1]")
 _TEMP = Param(1.0, "temperature of the teacher's softmax (the student stays at 1)", _positive, "> 0")
-_TAIL = Param("student", "top-k teacher completion: 'student' (tail ∝ π_θ) or 'renormalize'", _tail, "'student' or 'renormalize'")
+_TAIL = Param(
+    "student", "top-k teacher completion: 'student' (tail ∝ π_θ) or 'renormalize'", _tail, "'student' or 'renormalize'"
+)
 _EXCLUDE = Param(False, "remove the label's own share from π̃ before mixing")
 _SCALE = Param(
     "target",
@@ -204,7 +206,9 @@ def _profit(tau: float) -> Target:
     "γ = normalised entropy of the student's renormalised top-k distribution, to the power α: tokens the model "
     "is confidently wrong about (low entropy) get little label trust. k = 20 and α = 1 follow LLaMA-Factory.",
     {
-        "k": Param(20, "number of top tokens whose entropy is measured", lambda v: int(v) == v and v >= 2, "an integer >= 2"),
+        "k": Param(
+            20, "number of top tokens whose entropy is measured", lambda v: int(v) == v and v >= 2, "an integer >= 2"
+        ),
         "alpha": Param(1.0, "exponent α", _positive, "> 0"),
     },
 )
@@ -356,7 +360,12 @@ def _confidence_kd(temperature: float, tail: str) -> Target:
     "∝ π_θ^(1−η)·π_T^η",
     "this library (fixed γ, π̃ of Target-SFT)",
     "Hybrid KD whose soft part is the teacher-guided residual instead of the bare teacher.",
-    {"lam": _LAM_MIX, "eta": Param(0.5, "teacher intensity η", _unit, "in [0, 1]"), "temperature": _TEMP, "tail": _TAIL},
+    {
+        "lam": _LAM_MIX,
+        "eta": Param(0.5, "teacher intensity η", _unit, "in [0, 1]"),
+        "temperature": _TEMP,
+        "tail": _TAIL,
+    },
 )
 def _guided_kd(lam: float, eta: float, temperature: float, tail: str) -> Target:
     return Target(trust=T.Constant(1.0 - lam), residual=R.Guided(eta, temperature, tail))

@@ -8,7 +8,8 @@ default) spreads the teacher's missing mass ``m_T = 1 − Σ_topk π_T`` over th
 student: ``π_T(a) = m_T · p(a) / m_S`` with ``m_S = 1 − Σ_topk p``. This keeps the full-vocabulary support the
 paper's residual has, adds no opinion of its own where the teacher is silent, and makes the completed
 residual a multiple of ``p`` plus ``k`` sparse entries (cheap). ``tail="renormalize"`` drops the tail instead
-and renormalises the top-k.
+and renormalises the top-k. Where the student itself has (numerically) no mass outside the top-k
+(``m_S < sqrt(machine eps)``, e.g. ``k = V``), ``m_T/m_S`` is rounding noise, and such rows are renormalised too.
 """
 
 from __future__ import annotations
@@ -56,14 +57,15 @@ class Self:
         return Residual(self_coef=torch.ones_like(state.logp_y))
 
 
-def _topk_parts(state: TokenState, dist: Distribution) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """For a top-k distribution: ids, its log-probs, the student's log-probs at the ids, ``log m_T``, ``log m_S``."""
+def _topk_parts(state: TokenState, dist: Distribution) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """For a top-k distribution: ids, its log-probs, the student's log-probs at the ids, and ``log(m_T/m_S)``
+    where the student has mass outside the top-k, ``-inf`` in rows to renormalise (see the module docstring)."""
     ids, lt = dist.topk_ids, dist.topk_logprobs.to(state.logp.dtype)
     lp = state.logp.gather(-1, ids)
-    tiny = _tiny_log(state.logp.dtype)
-    log_m_teacher = torch.log(_one_minus_exp(torch.logsumexp(lt, -1))).clamp(min=tiny)
-    log_m_student = torch.log(_one_minus_exp(torch.logsumexp(lp, -1))).clamp(min=tiny)
-    return ids, lt, lp, log_m_teacher, log_m_student
+    log_m_teacher = torch.log(_one_minus_exp(torch.logsumexp(lt, -1))).clamp(min=_tiny_log(lt.dtype))
+    log_m_student, _ = state.tail(ids)
+    log_c = torch.where(log_m_student > float("-inf"), log_m_teacher - log_m_student, float("-inf"))
+    return ids, lt, lp, log_c
 
 
 def _distribution_residual(state: TokenState, dist: Distribution, temperature: float, tail: Tail) -> Residual:
@@ -73,10 +75,10 @@ def _distribution_residual(state: TokenState, dist: Distribution, temperature: f
     ids, lt = dist.topk_ids, dist.topk_logprobs.to(state.logp.dtype)
     if tail == "renormalize":
         return Residual(sparse_ids=ids, sparse_values=torch.softmax(lt, -1))
-    ids, lt, lp, log_m_teacher, log_m_student = _topk_parts(state, dist)
-    c = (log_m_teacher - log_m_student).exp()
-    # outside the top-k: c·p; inside: π_T. As "c·p everywhere" plus corrections at the ids.
-    return Residual(self_coef=c, sparse_ids=ids, sparse_values=lt.exp() - c[:, None] * lp.exp())
+    ids, lt, lp, log_c = _topk_parts(state, dist)
+    c = log_c.exp()  # outside the top-k: c·p; on the ids: π_T (renormalised where the student has no tail)
+    inside = torch.where(c[:, None] > 0, lt.exp(), torch.softmax(lt, -1))
+    return Residual(self_coef=c, self_skip=ids, sparse_ids=ids, sparse_values=inside)
 
 
 @dataclass(frozen=True)
@@ -129,11 +131,11 @@ class Guided:
             lt = torch.log_softmax(dist.topk_logprobs.to(state.logp.dtype), -1)
             lp = state.logp.gather(-1, dist.topk_ids)
             return Residual(sparse_ids=dist.topk_ids, sparse_values=torch.softmax((1.0 - eta) * lp + eta * lt, -1))
-        ids, lt, lp, log_m_teacher, log_m_student = _topk_parts(state, dist)
-        log_c = log_m_teacher - log_m_student
+        ids, lt, lp, log_c = _topk_parts(state, dist)
+        log_m_student, _ = state.tail(ids)
         inside = (1.0 - eta) * lp + eta * lt  # log of the unnormalised mass on each id
         log_outside = eta * log_c + log_m_student  # log of the unnormalised mass outside the top-k
         log_z = torch.logsumexp(torch.cat([inside, log_outside[:, None]], -1), -1)
         self_coef = (eta * log_c - log_z).exp()
-        values = (inside - log_z[:, None]).exp() - self_coef[:, None] * lp.exp()
-        return Residual(self_coef=self_coef, sparse_ids=ids, sparse_values=values)
+        values = (inside - log_z[:, None]).exp()
+        return Residual(self_coef=self_coef, self_skip=ids, sparse_ids=ids, sparse_values=values)

@@ -11,11 +11,15 @@ gradient costs no more than plain cross-entropy.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
 from torch import Tensor
+
+# Tail masses below this are summed over the masked row instead of as 1 − Σ_ids p (see TokenState.tail).
+TAIL_EXACT_BELOW = 0.25
 
 
 @dataclass
@@ -67,6 +71,27 @@ class TokenState:
         """``p_θ(y)`` per token ``[n]``."""
         return self.logp_y.exp()
 
+    def tail(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Over the tokens *not* in ``ids`` ``[n, k]``: ``log Σ p`` and ``Σ p·log p`` per row.
+
+        ``1 − Σ_ids p`` cancels when the ids hold nearly all the mass, so rows whose tail holds less than
+        ``TAIL_EXACT_BELOW`` are summed directly over the masked row (one extra pass over those rows only).
+        """
+        key = ("tail", id(ids))
+        if key not in self._cache:
+            lp = self.logp.gather(-1, ids)
+            log_mass = torch.log((-torch.expm1(torch.logsumexp(lp, -1).clamp(max=0.0))).clamp(min=0.0))
+            plogp = _rowdot(self.logp.exp(), self.logp) - (lp.exp() * lp).sum(-1)
+            rows = (log_mass < math.log(TAIL_EXACT_BELOW)).nonzero().squeeze(-1)
+            if rows.numel():
+                masked = self.logp[rows].scatter(-1, ids[rows], torch.finfo(lp.dtype).min)
+                row_mass = torch.logsumexp(masked, -1)
+                log_mass = log_mass.index_put((rows,), row_mass)
+                plogp = plogp.index_put((rows,), _rowdot(masked.exp(), masked))
+            no_tail = log_mass < math.log(torch.finfo(lp.dtype).tiny)  # empty or underflowing tail (e.g. k = V)
+            self._cache[key] = (log_mass.masked_fill(no_tail, float("-inf")), plogp.masked_fill(no_tail, 0.0))
+        return self._cache[key]
+
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
     """``Σ_j a[i, j]·b[i, j]`` per row without a ``[n, V]`` temporary."""
@@ -77,8 +102,10 @@ def _rowdot(a: Tensor, b: Tensor) -> Tensor:
 class Residual:
     """A distribution over the vocabulary in structured form, per row.
 
-    ``π̃ = self_coef·p + uniform/V + dense + scatter(sparse_ids, sparse_values)``; missing parts are zero.
-    ``self_coef`` and ``uniform`` are ``[n]``, ``dense`` is ``[n, V]``, ``sparse_*`` are ``[n, k]``.
+    ``π̃ = self_coef·p·1{a ∉ self_skip} + uniform/V + dense + scatter(sparse_ids, sparse_values)``; missing parts
+    are zero. ``self_coef`` and ``uniform`` are ``[n]``, ``dense`` is ``[n, V]``, ``sparse_*`` and ``self_skip``
+    are ``[n, k]``. ``self_skip`` (a top-k teacher's ids) keeps the student's share off the ids, so that a large
+    ``self_coef`` never has to be cancelled there.
     """
 
     self_coef: Tensor | None = None
@@ -86,6 +113,7 @@ class Residual:
     dense: Tensor | None = None
     sparse_ids: Tensor | None = None
     sparse_values: Tensor | None = None
+    self_skip: Tensor | None = None
 
     def scaled(self, c: Tensor) -> Residual:
         """``c·π̃`` for a per-row factor ``c`` ``[n]``."""
@@ -100,6 +128,7 @@ class Residual:
             dense=mul(self.dense, col),
             sparse_ids=self.sparse_ids,
             sparse_values=mul(self.sparse_values, col),
+            self_skip=self.self_skip,
         )
 
     def with_sparse(self, ids: Tensor, values: Tensor) -> Residual:
@@ -116,7 +145,10 @@ class Residual:
         """``π̃`` at the given token ids ``[n, j]``."""
         out = torch.zeros(ids.shape, dtype=state.logp.dtype, device=ids.device)
         if self.self_coef is not None:
-            out = out + self.self_coef[:, None] * state.logp.gather(-1, ids).exp()
+            p_ids = state.logp.gather(-1, ids).exp()
+            if self.self_skip is not None:
+                p_ids = p_ids * ~(self.self_skip.unsqueeze(-2) == ids.unsqueeze(-1)).any(-1)
+            out = out + self.self_coef[:, None] * p_ids
         if self.uniform is not None:
             out = out + self.uniform[:, None] / state.vocab_size
         if self.dense is not None:
@@ -131,6 +163,8 @@ class Residual:
         out = torch.zeros_like(state.logp)
         if self.self_coef is not None:
             out += self.self_coef[:, None] * state.logp.exp()
+            if self.self_skip is not None:
+                out.scatter_(-1, self.self_skip, 0.0)
         if self.uniform is not None:
             out += self.uniform[:, None] / state.vocab_size
         if self.dense is not None:
@@ -144,7 +178,8 @@ class Residual:
         logp = state.logp
         out = torch.zeros(logp.shape[0], dtype=logp.dtype, device=logp.device)
         if self.self_coef is not None:
-            out = out - self.self_coef * _rowdot(p, logp)
+            plogp = _rowdot(p, logp) if self.self_skip is None else state.tail(self.self_skip)[1]
+            out = out - self.self_coef * plogp
         if self.uniform is not None:
             out = out - self.uniform * logp.mean(-1)
         if self.dense is not None:
@@ -153,8 +188,13 @@ class Residual:
             out = out - (self.sparse_values * logp.gather(-1, self.sparse_ids)).sum(-1)
         return out
 
-    def subtract_from(self, grad: Tensor) -> None:
-        """``grad ← grad − π̃`` for the parts that are not a multiple of ``p`` (handled by the caller)."""
+    def subtract_from(self, grad: Tensor, state: TokenState) -> None:
+        """``grad ← grad − π̃`` where ``grad`` holds ``p``: the self part scales it in place (restored exactly on
+        ``self_skip``), the other parts are subtracted."""
+        if self.self_coef is not None:
+            grad.mul_((1.0 - self.self_coef)[:, None])
+            if self.self_skip is not None:
+                grad.scatter_(-1, self.self_skip, state.logp.gather(-1, self.self_skip).exp())
         if self.uniform is not None:
             grad.sub_(self.uniform[:, None] / grad.shape[-1])
         if self.dense is not None:
@@ -278,7 +318,7 @@ def loss_and_grad(
     residual = target.residual_for(state)
     q_res = residual.scaled(1.0 - gamma) if residual is not None else None
 
-    needs_p = need_grad or (q_res is not None and q_res.self_coef is not None)
+    needs_p = need_grad or (q_res is not None and q_res.self_coef is not None and q_res.self_skip is None)
     p = logp.exp() if needs_p else None
     loss = -gamma * state.logp_y
     if q_res is not None:
@@ -301,12 +341,10 @@ def loss_and_grad(
 
     if not need_grad:
         return loss, None
-    del logp, state
     grad = p
-    if q_res is not None and q_res.self_coef is not None:
-        grad.mul_((1.0 - q_res.self_coef)[:, None])
     if q_res is not None:
-        q_res.subtract_from(grad)
+        q_res.subtract_from(grad, state)
+    del logp, state
     grad.scatter_add_(-1, labels[:, None], -gamma[:, None])
     if row_scale is not None:
         grad.mul_(row_scale[:, None])

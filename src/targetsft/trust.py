@@ -49,9 +49,9 @@ class Threshold:
     needs: ClassVar[frozenset[str]] = _NONE
 
     def __call__(self, state: TokenState) -> Tensor:
-        return (state.logp_y > math.log(self.tau) if self.tau > 0 else torch.ones_like(state.logp_y, dtype=torch.bool)).to(
-            state.logp.dtype
-        )
+        return (
+            state.logp_y > math.log(self.tau) if self.tau > 0 else torch.ones_like(state.logp_y, dtype=torch.bool)
+        ).to(state.logp.dtype)
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,9 @@ def check_reduction(reduction: str, num_items_in_batch: Any) -> None:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if num_items_in_batch is not None:
         if reduction != "mean":
-            raise ValueError("num_items_in_batch replaces the denominator of reduction='mean'; got reduction=" + repr(reduction))
+            raise ValueError(
+                "num_items_in_batch replaces the denominator of reduction='mean'; got reduction=" + repr(reduction)
+            )
         if bool(torch.as_tensor(num_items_in_batch <= 0).any()):
             raise ValueError(f"num_items_in_batch must be positive, got {num_items_in_batch}")
 
@@ -63,7 +65,9 @@ def check_topk(name: str, ids: Tensor, logprobs: Tensor, vocab_size: int) -> Non
     if ids.shape[-1] == 0:
         raise ValueError(f"{name} must hold at least one token per position (k >= 1)")
     if bool(((ids < 0) | (ids >= vocab_size)).any()):
-        raise ValueError(f"{name} has token ids outside [0, {vocab_size}) (teacher vocabulary larger than the student's?)")
+        raise ValueError(
+            f"{name} has token ids outside [0, {vocab_size}) (teacher vocabulary larger than the student's?)"
+        )
     check_finite(f"{name} logprobs", logprobs, allow_neg_inf=True)
     if bool((logprobs > 1e-4).any()):
         raise ValueError(f"{name} logprobs must be <= 0 (log-probabilities), got max {logprobs.max().item():.4g}")

@@ -1,0 +1,323 @@
+"""Time (forward + backward) and peak memory of the fused target loss against its peers, side by side.
+
+Every (implementation, shape) runs in its own process; its peak memory is that process's peak RSS minus the peak
+RSS of a process that only allocates the same inputs (on CUDA: ``torch.cuda.max_memory_allocated`` above the
+inputs). Results are appended to ``bench/results/fused.csv`` as they come (a rerun skips finished rows), then
+plotted to ``bench/results/fused.png`` and tabulated into ``docs/benchmarks.md``.
+
+    python bench/bench_fused.py                 # full grid (about an hour on a 2-core CPU)
+    python bench/bench_fused.py --quick         # N = 1024, 4096 only
+    python bench/bench_fused.py --report        # redraw the plot and the table from the CSV
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+CSV_PATH = RESULTS / "fused.csv"
+DOC = ROOT / "docs" / "benchmarks.md"
+FIELDS = ["device", "shape", "n", "h", "v", "impl", "time_s", "peak_mb", "error", "torch", "date"]
+SHAPES = {"smollm2": (576, 49152), "qwen": (1536, 151936)}
+GRID = {"smollm2": [1024, 2048, 4096, 8192, 16384], "qwen": [1024, 2048, 4096]}
+IMPLS = [
+    "gemm",
+    "naive",
+    "torch_lce",
+    "trl",
+    "cce",
+    "fused_sft",
+    "fused_dft",
+    "fused_kd_top64",
+    "fused_target_sft_top64",
+]
+TOPK = 64
+IGNORE_EVERY = 7  # one token in seven carries no loss (prompt/padding)
+
+
+def _inputs(n: int, h: int, v: int, device: str):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    hidden = (torch.randn(n, h, generator=g) * 0.5).to(device).requires_grad_(True)
+    weight = (torch.randn(v, h, generator=g) * (1.0 / h**0.5)).to(device).requires_grad_(True)
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[::IGNORE_EVERY] = -100
+    ids = torch.stack([torch.randperm(v, generator=g)[:TOPK] for _ in range(min(n, 64))]).repeat(n // 64 + 1, 1)[:n]
+    logprobs = torch.log_softmax(torch.randn(n, TOPK, generator=g), -1) - 0.1  # 90% of the mass in the top-k
+    return hidden, weight, labels.to(device), ids.to(device), logprobs.to(device)
+
+
+def _step(impl: str, hidden, weight, labels, ids, logprobs):
+    """One forward + backward of ``impl``; returns a closure."""
+    import torch
+    import torch.nn.functional as F
+
+    if impl == "gemm":
+        grad = torch.randn(hidden.shape[0], weight.shape[0], device=hidden.device) * 1e-4
+        hd, wd = hidden.detach(), weight.detach()
+
+        def run():
+            z = hd @ wd.t()
+            gh = grad @ wd
+            gw = grad.t() @ hd
+            return z, gh, gw
+
+        return run
+    if impl == "naive":
+        return lambda: F.cross_entropy(hidden @ weight.t(), labels).backward()
+    if impl == "torch_lce":
+        opts = torch.nn.LinearCrossEntropyOptions()
+        return lambda: F.linear_cross_entropy(hidden, weight, labels, options=opts).backward()
+    if impl == "trl":
+        from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+        mask = labels != -100
+
+        def run():
+            logp = ChunkedLogProbFunction.apply(hidden[mask], weight, None, labels[mask], 1.0, 32768, None, 1.0, ())[0]
+            (-logp.sum() / mask.sum()).backward()
+
+        return run
+    if impl == "cce":
+        from cut_cross_entropy import linear_cross_entropy
+
+        return lambda: linear_cross_entropy(hidden, weight, labels, impl="torch_compile").backward()
+    from targetsft import fused_target_loss
+
+    method = impl.removeprefix("fused_").removesuffix(f"_top{TOPK}")
+    kw = {"teacher_topk": (ids, logprobs)} if impl.endswith(f"_top{TOPK}") else {}
+    return lambda: fused_target_loss(hidden, weight, labels, method=method, **kw).backward()
+
+
+def _peak_mb(device: str) -> float:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(impl: str, n: int, h: int, v: int, device: str, reps: int) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    hidden, weight, labels, ids, logprobs = _inputs(n, h, v, device)
+    if impl == "inputs":
+        return {"time_s": 0.0, "peak_mb": _peak_mb(device)}
+    run = _step(impl, hidden, weight, labels, ids, logprobs)
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    run()  # warm-up (and compilation where any)
+    sync()
+    times = []
+    for _ in range(reps):
+        hidden.grad = weight.grad = None
+        t0 = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return {"time_s": statistics.median(times), "peak_mb": _peak_mb(device)}
+
+
+def _spawn(impl: str, n: int, h: int, v: int, device: str, reps: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", impl, str(n), str(h), str(v), "--device", device, "--reps", str(reps)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        return {"error": lines[-1][:300] if lines else f"exit code {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _done() -> set[tuple]:
+    if not CSV_PATH.exists():
+        return set()
+    with CSV_PATH.open() as f:
+        return {(r["device"], r["shape"], int(r["n"]), r["impl"]) for r in csv.DictReader(f)}
+
+
+def _append(row: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    new = not CSV_PATH.exists()
+    with CSV_PATH.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            w.writeheader()
+        w.writerow(row)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_grid(device: str, quick: bool, impls: list[str], shapes: list[str]) -> None:
+    import torch
+
+    done = _done()
+    for shape in shapes:
+        h, v = SHAPES[shape]
+        for n in GRID[shape]:
+            if quick and n not in (1024, 4096):
+                continue
+            pending = [i for i in impls if (device, shape, n, i) not in done]
+            if not pending:
+                continue
+            base = _spawn("inputs", n, h, v, device, 0)
+            reps = 3 if n * v <= 4096 * 49152 else 2
+            for impl in pending:
+                res = _spawn(impl, n, h, v, device, reps)
+                row = {
+                    "device": device,
+                    "shape": shape,
+                    "n": n,
+                    "h": h,
+                    "v": v,
+                    "impl": impl,
+                    "time_s": f"{res['time_s']:.4f}" if "time_s" in res else "",
+                    "peak_mb": f"{res['peak_mb'] - base['peak_mb']:.1f}" if "peak_mb" in res else "",
+                    "error": res.get("error", ""),
+                    "torch": torch.__version__,
+                    "date": time.strftime("%Y-%m-%d"),
+                }
+                _append(row)
+                t, mb = row["time_s"] or "-", row["peak_mb"] or "-"
+                print(f"{shape} N={n} {impl:<24} {t:>9} s {mb:>9} MB {row['error']}", flush=True)
+
+
+def _rows() -> list[dict]:
+    with CSV_PATH.open() as f:
+        return list(csv.DictReader(f))
+
+
+def report() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _rows()
+    devices = sorted({r["device"] for r in rows})
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `python bench/bench_fused.py` (then `--report`); raw numbers in `bench/results/fused.csv`.",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}; "
+        "one process per cell; time = median forward + backward; memory = peak RSS above a process that only "
+        f"allocates the inputs (CUDA: max allocated above the inputs). One label in {IGNORE_EVERY} is ignored; "
+        f"teachers are top-{TOPK}. TRL = `trl.kernels.chunked_logprob.ChunkedLogProbFunction` on the loss rows "
+        "(its best case); gemm = the three bare matmuls of an unfused step (forward logits, both backward "
+        "products) with a precomputed gradient: the floor.",
+        "",
+    ]
+    for device in devices:
+        for shape in SHAPES:
+            cell = [r for r in rows if r["device"] == device and r["shape"] == shape]
+            if not cell:
+                continue
+            ns = sorted({int(r["n"]) for r in cell})
+            h, v = SHAPES[shape]
+            lines += [f"## {device}, {shape} (H={h}, V={v})", ""]
+            lines.append("| impl | " + " | ".join(f"N={n} time s / MB" for n in ns) + " |")
+            lines.append("|---|" + "---|" * len(ns))
+            for impl in IMPLS:
+                out = []
+                for n in ns:
+                    r = next((r for r in cell if int(r["n"]) == n and r["impl"] == impl), None)
+                    if r is None:
+                        out.append("")
+                    elif r["error"]:
+                        out.append("error")
+                    else:
+                        out.append(f"{float(r['time_s']):.2f} / {float(r['peak_mb']):.0f}")
+                lines.append(f"| {impl} | " + " | ".join(out) + " |")
+            errors = {r["impl"]: r["error"] for r in cell if r["error"]}
+            for impl, err in errors.items():
+                lines.append(f"\n{impl} failed here: `{err}`")
+            lines += ["", _ratios(cell, ns), ""]
+            fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+            for impl in IMPLS:
+                pts = [
+                    (int(r["n"]), float(r["time_s"]), float(r["peak_mb"]))
+                    for r in cell
+                    if r["impl"] == impl and not r["error"]
+                ]
+                if pts:
+                    axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+                    if impl != "gemm":
+                        axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=impl)
+            for ax, title in zip(axes, ["time fwd+bwd (s)", "peak memory above inputs (MB)"]):
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log")
+                ax.set_xlabel("tokens N")
+                ax.set_title(f"{device} {shape}: {title}")
+            axes[0].legend(fontsize=7)
+            fig.tight_layout()
+            png = RESULTS / f"fused_{device}_{shape}.png"
+            fig.savefig(png, dpi=110)
+            plt.close(fig)
+            lines += [f"![{device} {shape}](../bench/results/{png.name})", ""]
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text("\n".join(lines) + "\n")
+    print(f"wrote {DOC}")
+
+
+def _ratios(cell: list[dict], ns: list[int]) -> str:
+    """Ratios of fused_sft (and the top-k methods) to the baselines, per N."""
+
+    def get(impl, n, key):
+        r = next((r for r in cell if int(r["n"]) == n and r["impl"] == impl and not r["error"]), None)
+        return float(r[key]) if r else None
+
+    out = ["| ratio | " + " | ".join(f"N={n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
+    pairs = [
+        ("time fused_sft / gemm", "fused_sft", "gemm", "time_s"),
+        ("time fused_sft / torch_lce", "fused_sft", "torch_lce", "time_s"),
+        ("time fused_sft / trl", "fused_sft", "trl", "time_s"),
+        ("time fused_sft / naive", "fused_sft", "naive", "time_s"),
+        ("time target_sft_top64 / fused_sft", "fused_target_sft_top64", "fused_sft", "time_s"),
+        ("memory fused_sft / torch_lce", "fused_sft", "torch_lce", "peak_mb"),
+        ("memory fused_sft / naive", "fused_sft", "naive", "peak_mb"),
+        ("memory target_sft_top64 / fused_sft", "fused_target_sft_top64", "fused_sft", "peak_mb"),
+    ]
+    for name, a, b, key in pairs:
+        vals = []
+        for n in ns:
+            x, y = get(a, n, key), get(b, n, key)
+            vals.append(f"{x / y:.2f}" if x is not None and y else "")
+        out.append(f"| {name} | " + " | ".join(vals) + " |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", nargs=4, metavar=("IMPL", "N", "H", "V"))
+    ap.add_argument("--device", default="cuda" if os.environ.get("BENCH_CUDA") else "cpu")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--report", action="store_true", help="only redraw the plot and table from the CSV")
+    ap.add_argument("--impls", nargs="*", default=IMPLS)
+    ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    args = ap.parse_args()
+    if args.worker:
+        impl, n, h, v = args.worker
+        print(json.dumps(worker(impl, int(n), int(h), int(v), args.device, args.reps)))
+        return
+    if not args.report:
+        run_grid(args.device, args.quick, args.impls, args.shapes)
+    report()
+
+
+if __name__ == "__main__":
+    main()

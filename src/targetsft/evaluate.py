@@ -1,0 +1,1092 @@
+"""Evaluation: batched generation with early stop, GSM-style answer scoring, and multiple-choice log-likelihood.
+
+Generative sets (:data:`targetsft.data.eval_sets.EVAL_SETS` or a ``.jsonl`` file with ``question``/``answer``)
+-----------------------------------------------------------------------------------------------------------------
+* **Prompt** (:func:`build_prompt`): the tokenizer's chat template with ``add_generation_prompt=True`` on one user
+  message, :func:`targetsft.data.gsm.gsm_user_message` (question + the ``#### <number>`` instruction): exactly the
+  prompt that training (:mod:`targetsft.data.sft`) puts before the completion. The rendered prompt is tokenized with
+  ``add_special_tokens=False`` (the template already holds the special tokens), as in training.
+* **Generation** (:func:`generate`): ``model.generate`` with KV cache, left padding, prompts sorted by length into
+  batches (longest first) and results put back in the input order. Greedy when ``temperature == 0``, else sampling
+  with ``temperature`` and ``top_p`` (``top_k`` disabled; the model's own generation defaults are not used). Every
+  batch runs under ``torch.manual_seed(seed + batch_index)`` inside :func:`torch.random.fork_rng`, so results depend
+  only on the inputs, ``batch_size`` and ``seed`` (not on what ran before) and the caller's RNG state is untouched.
+* **Early stop** (:class:`AnswerStoppingCriteria`): a row is finished once its generated text holds a *complete*
+  ``#### <number>`` (the number followed by a character that cannot continue it: ``#### 12`` is not complete, since
+  ``#### 125`` may follow; ``#### 12\\n`` or ``#### 12 dollars`` are; ``#### 12.`` waits for the next character,
+  ``12.5`` vs ``12.\\n``), or once it emits eos (``<|im_end|>``). Finished rows are padded by ``generate``; the batch
+  stops when every row is finished or at ``max_new_tokens``.
+* **Scored text**: the new tokens only, special tokens skipped, cut at the end of the line of the first complete
+  ``#### n`` (:func:`cut_at_answer`). The cut is applied with or without early stop, so early stop only saves time
+  and never changes a score: rows are computed independently, so a row's tokens up to its answer are the same either
+  way (bitwise for greedy on CPU, see ``bench/bench_generate.py``).
+* **Answers**: :func:`targetsft.answers.extract_answer` / :func:`targetsft.answers.is_correct`.
+
+Metrics (:func:`generation_metrics`)
+------------------------------------
+With ``k`` samples per problem and ``c_i`` of them correct on problem ``i`` (``n`` problems):
+
+* ``average@k`` = mean over problems of ``c_i / k`` (the paper's Average@k; the expected accuracy of one sample),
+* ``pass@k`` = fraction of problems with at least one correct sample, and, for ``k > 1``, the unbiased estimates
+  ``pass@j`` for ``j`` in 1, 2, 4, … < k: mean over problems of ``1 - C(k - c_i, j) / C(k, j)`` (Chen et al. 2021;
+  ``pass@1`` equals ``average@k``),
+* ``greedy`` = accuracy of one greedy answer per problem (a separate greedy pass unless the samples are greedy).
+
+95% intervals are over problems (the samples of one problem are not independent draws of the benchmark):
+
+* per-problem values that are all 0 or 1 (greedy accuracy, pass@k, average@1, multiple-choice accuracy): the
+  **Wilson score interval** (:func:`wilson_ci`), which stays inside [0, 1] and does not collapse to a point at 0% or
+  100% (the pilot's accuracies sit at 0–12%);
+* other per-problem means (``average@k`` for ``k > 1``, unbiased ``pass@j``): the **normal interval**
+  (:func:`mean_ci`) ``mean ± z·s/√n`` with ``s`` the sample standard deviation (``n − 1``) and ``z`` the normal
+  quantile (1.96 for 95%), clipped to [0, 1]. Closed form, deterministic. A t quantile would widen it by about
+  2.5% at n = 50 and 0.7% at n = 300.
+
+Compare two models on the same problems with a paired test on the per-problem results in the JSONL files, not by
+checking whether these intervals overlap.
+
+Multiple choice (:data:`targetsft.data.eval_sets.MC_SETS`)
+-----------------------------------------------------------
+:func:`evaluate_multiple_choice` scores every choice by its log-likelihood as a continuation, without generation:
+context ``"Question: {question}\\nAnswer:"`` (:func:`mc_context`), continuation ``" " + choice`` (each tokenized
+without special tokens and concatenated, so no BPE merge crosses the boundary). This is the plain-text format of
+lm-evaluation-harness' PIQA / CommonsenseQA / OpenBookQA tasks (the way SmolLM2's own scores are measured). No chat
+template: these sets measure knowledge retained from pre-training (forgetting), the same prompt must work for a base
+and a fine-tuned model, and a chat turn would also score the template's ``<|im_end|>`` layout rather than the
+answer. The prediction is the choice with the highest mean log-prob per continuation token (``normalize="mean"``,
+length-normalised; default) or the highest sum (``"sum"``); both accuracies are always reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from targetsft.answers import extract_answer, is_correct
+from targetsft.data.gsm import gsm_user_message
+
+__all__ = [
+    "AnswerStoppingCriteria",
+    "Generation",
+    "GenerationRun",
+    "add_eval_arguments",
+    "answer_complete",
+    "build_prompt",
+    "build_prompts",
+    "cut_at_answer",
+    "evaluate",
+    "evaluate_generation",
+    "evaluate_multiple_choice",
+    "format_table",
+    "generate",
+    "generate_detailed",
+    "generation_metrics",
+    "mc_context",
+    "mean_ci",
+    "pass_at_k",
+    "run_eval_from_args",
+    "score_continuations",
+    "wilson_ci",
+]
+
+FinishReason = Literal["answer", "eos", "length"]
+
+# "####", optional spaces / "$" / sign, a number (digit groups joined by "." or ","), then a character that cannot
+# continue the number: not a digit, and "." or "," only when followed by a non-digit.
+_ANSWER_COMPLETE = re.compile(r"####\s*\$?\s*[-+\u2212]?(?P<num>\d+(?:[.,]\d+)*)(?:[^\d.,]|[.,][^\d])")
+
+
+# ------------------------------------------------------------------------------------------------------ prompts
+
+
+def build_prompt(tokenizer: Any, question: str) -> str:
+    """The generation prompt for a GSM-style question: chat template with ``add_generation_prompt=True`` on the user
+    message :func:`~targetsft.data.gsm.gsm_user_message` (the training format)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat_template; GSM evaluation uses the chat format of training")
+    msgs = [{"role": "user", "content": gsm_user_message(question)}]
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
+def build_prompts(tokenizer: Any, questions: Sequence[str]) -> list[str]:
+    """:func:`build_prompt` for each question."""
+    return [build_prompt(tokenizer, q) for q in questions]
+
+
+# ---------------------------------------------------------------------------------------------- answer markers
+
+
+def answer_complete(text: str) -> bool:
+    """Whether ``text`` holds a complete ``#### <number>`` (the number followed by a character that ends it)."""
+    return _ANSWER_COMPLETE.search(text) is not None
+
+
+def cut_at_answer(text: str) -> str:
+    """``text`` up to the end of the line of its first complete ``#### <number>`` (unchanged when there is none)."""
+    m = _ANSWER_COMPLETE.search(text)
+    if m is None:
+        return text
+    nl = text.find("\n", m.end("num"))
+    return text if nl < 0 else text[:nl]
+
+
+class AnswerStoppingCriteria:
+    """Per-sequence stopping criterion for ``model.generate`` (a ``transformers.StoppingCriteria``).
+
+    A row is finished once its eos (any of ``eos_token_ids``) is generated, or, with ``stop_on_answer``, once the
+    decoded new tokens (special tokens skipped) hold a complete ``#### <number>`` (:func:`answer_complete`). Returns
+    a BoolTensor of shape ``(batch,)`` that stays True for finished rows. ``n_tokens[i]`` / ``reasons[i]`` record
+    how many new tokens row ``i`` had when it finished (its last token included) and why (``"eos"`` or
+    ``"answer"``); None while it runs. ``prompt_length`` is the (left-padded) prompt width, so the new tokens are
+    ``input_ids[:, prompt_length:]``. One instance serves one ``generate`` call.
+    """
+
+    def __init__(
+        self, tokenizer: Any, prompt_length: int, *, eos_token_ids: Sequence[int] = (), stop_on_answer: bool = True
+    ) -> None:
+        _register_as_stopping_criteria()
+        self.tokenizer = tokenizer
+        self.prompt_length = int(prompt_length)
+        ids = set(eos_token_ids)
+        if tokenizer.eos_token_id is not None:
+            ids.add(int(tokenizer.eos_token_id))
+        self.eos_ids = torch.tensor(sorted(ids), dtype=torch.long)
+        self.stop_on_answer = stop_on_answer
+        self.done: torch.Tensor | None = None
+        self.n_tokens: list[int | None] = []
+        self.reasons: list[str | None] = []
+
+    def _finish(self, row: int, n: int, reason: str) -> None:
+        assert self.done is not None
+        self.done[row] = True
+        self.n_tokens[row] = n
+        self.reasons[row] = reason
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kwargs: Any) -> torch.Tensor:
+        b = input_ids.shape[0]
+        if self.done is None:
+            self.done = torch.zeros(b, dtype=torch.bool)
+            self.n_tokens, self.reasons = [None] * b, [None] * b
+        new = input_ids[:, self.prompt_length :].cpu()
+        n = new.shape[1]
+        if n > 0:
+            hit_eos = torch.isin(new[:, -1], self.eos_ids) & ~self.done
+            for row in hit_eos.nonzero().flatten().tolist():
+                self._finish(row, n, "eos")
+            if self.stop_on_answer:
+                active = (~self.done).nonzero().flatten().tolist()
+                if active:
+                    texts = self.tokenizer.batch_decode(new[active], skip_special_tokens=True)
+                    for row, text in zip(active, texts, strict=True):
+                        if answer_complete(text):
+                            self._finish(row, n, "answer")
+        return self.done.clone().to(input_ids.device)
+
+
+def _register_as_stopping_criteria() -> None:
+    """Make :class:`AnswerStoppingCriteria` an (ABC-registered) ``transformers.StoppingCriteria``; done lazily so
+    that importing this module does not import transformers (the CLI imports it for its arguments)."""
+    try:
+        from transformers import StoppingCriteria
+    except ImportError:  # pragma: no cover - generation needs transformers anyway
+        return
+    if not issubclass(AnswerStoppingCriteria, StoppingCriteria):
+        StoppingCriteria.register(AnswerStoppingCriteria)
+
+
+# --------------------------------------------------------------------------------------------------- generation
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generated answer: the scored ``text`` (cut after the ``#### n`` line), the number of new tokens
+    generated for it (eos or the answer's last token included), and why it ended (``answer``, ``eos``, ``length``)."""
+
+    text: str
+    n_tokens: int
+    finish_reason: str
+
+
+@dataclass
+class GenerationRun:
+    """Result of :func:`generate_detailed`: ``outputs[i][j]`` is sample ``j`` of prompt ``i``. ``decode_steps``: sum
+    over batches of the steps the batch ran (a batch runs until its slowest row finishes)."""
+
+    outputs: list[list[Generation]]
+    seconds: float
+    batches: int
+    decode_steps: int
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def generated_tokens(self) -> int:
+        """New tokens over all distinct generations (greedy samples replicated ``samples`` times count once)."""
+        seen: dict[int, Generation] = {}
+        for outs in self.outputs:
+            for g in outs:
+                seen[id(g)] = g
+        return sum(g.n_tokens for g in seen.values())
+
+
+def _check_decoding(samples: int, temperature: float, top_p: float, max_new_tokens: int, batch_size: int) -> None:
+    if not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be an int >= 1, got {samples!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    cfg_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(cfg_eos, int):
+        ids.add(cfg_eos)
+    elif isinstance(cfg_eos, (list, tuple)):
+        ids.update(int(i) for i in cfg_eos)
+    if not ids:
+        raise ValueError("neither the tokenizer nor the model defines an eos token")
+    return sorted(ids)
+
+
+def _generation_config(temperature: float, top_p: float, max_new_tokens: int, eos_ids: list[int], pad_id: int) -> Any:
+    """A fresh GenerationConfig: greedy or plain temperature/top-p sampling (top_k off), nothing from the model's
+    own generation defaults (repetition penalties etc.)."""
+    from transformers import GenerationConfig
+
+    kw: dict[str, Any] = {}
+    if temperature > 0:
+        kw = {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": 0}
+    else:
+        kw = {"do_sample": False}
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        num_beams=1,
+        use_cache=True,
+        eos_token_id=eos_ids if len(eos_ids) > 1 else eos_ids[0],
+        pad_token_id=pad_id,
+        **kw,
+    )
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _model_device(model: Any) -> torch.device:
+    dev = getattr(model, "device", None)
+    return dev if isinstance(dev, torch.device) else next(model.parameters()).device
+
+
+def _run_batch(
+    model: Any,
+    tokenizer: Any,
+    seqs: list[list[int]],
+    *,
+    gen_config: Any,
+    eos_ids: list[int],
+    pad_id: int,
+    seed: int,
+    stop_on_answer: bool,
+    cut: bool,
+    generation_kwargs: dict[str, Any],
+) -> tuple[list[Generation], int]:
+    """Generate for one batch of token-id prompts; returns the generations (batch order) and the steps run."""
+    device = _model_device(model)
+    input_ids, attention_mask = _left_pad(seqs, pad_id, device)
+    crit = AnswerStoppingCriteria(tokenizer, input_ids.shape[1], eos_token_ids=eos_ids, stop_on_answer=stop_on_answer)
+    from transformers import StoppingCriteriaList
+
+    fork_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(seed)
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=gen_config,
+            stopping_criteria=StoppingCriteriaList([crit]),
+            **generation_kwargs,
+        )
+    new = out[:, input_ids.shape[1] :].cpu()
+    gens = []
+    for row in range(len(seqs)):
+        n = crit.n_tokens[row] if crit.n_tokens and crit.n_tokens[row] is not None else new.shape[1]
+        reason = crit.reasons[row] if crit.reasons and crit.reasons[row] is not None else "length"
+        text = tokenizer.decode(new[row, :n], skip_special_tokens=True)
+        gens.append(Generation(cut_at_answer(text) if cut else text, int(n), str(reason)))
+    return gens, int(new.shape[1])
+
+
+def generate_detailed(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    samples: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 256,
+    batch_size: int = 32,
+    seed: int = 0,
+    stop_on_answer: bool = True,
+    cut: bool = True,
+    progress: bool = True,
+    desc: str = "generate",
+    generation_kwargs: dict[str, Any] | None = None,
+) -> GenerationRun:
+    """:func:`generate` with token counts, finish reasons and timing (see :class:`GenerationRun`).
+
+    ``cut``: cut each text after its first complete ``#### n`` line (default; :func:`cut_at_answer`).
+    ``generation_kwargs``: extra ``model.generate`` arguments (e.g. ``logits_processor``).
+    With ``temperature == 0`` the ``samples`` outputs of a prompt are one greedy generation repeated.
+    """
+    _check_decoding(samples, temperature, top_p, max_new_tokens, batch_size)
+    from tqdm.auto import tqdm
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_ids = _eos_ids(model, tokenizer)
+    gen_config = _generation_config(temperature, top_p, max_new_tokens, eos_ids, pad_id)
+    ids = [list(x) for x in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]] if prompts else []
+    draws = samples if temperature > 0 else 1
+    jobs = [(p, s) for p in range(len(ids)) for s in range(draws)]
+    order = sorted(range(len(jobs)), key=lambda j: -len(ids[jobs[j][0]]))  # longest first; stable
+    results: dict[tuple[int, int], Generation] = {}
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    steps = batches = tokens = 0
+    try:
+        with tqdm(total=len(jobs), desc=desc, unit="seq", disable=not progress, leave=False) as bar:
+            for b, start in enumerate(range(0, len(order), batch_size)):
+                chunk = [jobs[j] for j in order[start : start + batch_size]]
+                gens, n_steps = _run_batch(
+                    model,
+                    tokenizer,
+                    [ids[p] for p, _ in chunk],
+                    gen_config=gen_config,
+                    eos_ids=eos_ids,
+                    pad_id=pad_id,
+                    seed=seed + b,
+                    stop_on_answer=stop_on_answer,
+                    cut=cut,
+                    generation_kwargs=dict(generation_kwargs or {}),
+                )
+                results.update(zip(chunk, gens, strict=True))
+                steps, batches, tokens = steps + n_steps, batches + 1, tokens + sum(g.n_tokens for g in gens)
+                bar.update(len(chunk))
+                bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
+    finally:
+        model.train(was_training)
+    outputs = [[results[(p, s if temperature > 0 else 0)] for s in range(samples)] for p in range(len(ids))]
+    settings = {
+        "samples": samples,
+        "temperature": temperature,
+        "top_p": top_p if temperature > 0 else None,
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+        "seed": seed,
+        "stop_on_answer": stop_on_answer,
+    }
+    return GenerationRun(outputs, time.perf_counter() - t0, batches, steps, settings)
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    *,
+    samples: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 256,
+    batch_size: int = 32,
+    seed: int = 0,
+    stop_on_answer: bool = True,
+    progress: bool = True,
+) -> list[list[str]]:
+    """Generate ``samples`` completions for each rendered prompt (see :func:`build_prompt`); ``out[i][j]`` is sample
+    ``j`` of prompt ``i``, decoded from the new tokens only (special tokens skipped) and cut after the first complete
+    ``#### n`` line.
+
+    Greedy when ``temperature == 0`` (the samples are then one generation repeated), else sampling with
+    ``temperature`` / ``top_p``. Batches of ``batch_size`` sequences (prompt × sample), left padded, prompts sorted by
+    length; batch ``b`` runs under ``torch.manual_seed(seed + b)`` in a forked RNG, so the output is a function of
+    the inputs, ``batch_size`` and ``seed``. ``stop_on_answer``: finish a row at its complete ``#### n`` (else only
+    at eos / ``max_new_tokens``). ``progress``: a tqdm bar.
+    """
+    run = generate_detailed(
+        model,
+        tokenizer,
+        prompts,
+        samples=samples,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+        stop_on_answer=stop_on_answer,
+        progress=progress,
+    )
+    return [[g.text for g in outs] for outs in run.outputs]
+
+
+# ------------------------------------------------------------------------------------------------------ metrics
+
+
+def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean of ``values`` and its normal-approximation interval ``mean ± z·s/√n`` (``s``: sample standard
+    deviation with ``n − 1``; ``z``: the two-sided normal quantile, 1.959964 for 95%). Not clipped.
+    ``n == 0``: all NaN; ``n == 1``: NaN bounds."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    vals = [float(v) for v in values]
+    n = len(vals)
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    m = math.fsum(vals) / n
+    if n == 1:
+        return m, math.nan, math.nan
+    s = math.sqrt(math.fsum((v - m) ** 2 for v in vals) / (n - 1))
+    half = statistics.NormalDist().inv_cdf(0.5 + confidence / 2) * s / math.sqrt(n)
+    return m, m - half, m + half
+
+
+def wilson_ci(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float, float]:
+    """Proportion ``successes / n`` and its Wilson score interval (all NaN when ``n == 0``)."""
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must be in [0, n], got {successes} of {n}")
+    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return p, max(0.0, centre - half), min(1.0, centre + half)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from ``n`` samples of which ``c`` are correct: ``1 − C(n − c, k) / C(n, k)`` (k ≤ n)."""
+    if not 0 < k <= n or not 0 <= c <= n:
+        raise ValueError(f"need 0 < k <= n and 0 <= c <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def _metric(values: Sequence[float], confidence: float) -> dict[str, Any]:
+    """Mean of per-problem values with a 95% interval: Wilson when all are 0/1, else normal clipped to [0, 1]."""
+    vals = [float(v) for v in values]
+    if all(v in (0.0, 1.0) for v in vals):
+        m, lo, hi = wilson_ci(int(sum(vals)), len(vals), confidence)
+        method = "wilson"
+    else:
+        m, lo, hi = mean_ci(vals, confidence)
+        lo, hi, method = max(0.0, lo), min(1.0, hi), "normal"
+    return {"value": _num(m), "lo": _num(lo), "hi": _num(hi), "n": len(vals), "ci": method}
+
+
+def _num(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
+def generation_metrics(
+    correct: Sequence[Sequence[bool]],
+    greedy_correct: Sequence[bool] | None = None,
+    confidence: float = 0.95,
+) -> dict[str, dict[str, Any]]:
+    """Metrics from per-problem correctness: ``correct[i]`` = the k sample results of problem ``i`` (same k for
+    all), ``greedy_correct[i]`` = its greedy result. Keys: ``average@k``, ``pass@k``, ``pass@j`` (unbiased, j = 1,
+    2, 4, … < k, only for k > 1) and ``greedy``; each ``{value, lo, hi, n, ci}`` (see the module docstring)."""
+    out: dict[str, dict[str, Any]] = {}
+    if correct:
+        ks = {len(c) for c in correct}
+        if len(ks) != 1 or 0 in ks:
+            raise ValueError(f"every problem needs the same number k >= 1 of samples, got {sorted(ks)}")
+        k = ks.pop()
+        out[f"average@{k}"] = _metric([sum(map(bool, c)) / k for c in correct], confidence)
+        out[f"pass@{k}"] = _metric([float(any(c)) for c in correct], confidence)
+        j = 1
+        while j < k:
+            out[f"pass@{j}"] = _metric([pass_at_k(k, sum(map(bool, c)), j) for c in correct], confidence)
+            j *= 2
+    if greedy_correct is not None:
+        out["greedy"] = _metric([float(bool(c)) for c in greedy_correct], confidence)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- file I/O
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file in the same folder and :func:`os.replace`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _jsonl(rows: Sequence[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def _set_label(name: str) -> str:
+    """A file-name-safe label: the set name, or a file's stem."""
+    label = Path(name).stem if name.lower().endswith(".jsonl") else name
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label) or "set"
+
+
+def _model_name(model: Any) -> str | None:
+    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    return str(name) if name else None
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"torch": torch.__version__}
+    for pkg in ("transformers", "targetsft"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+# ------------------------------------------------------------------------------------------ generative sets
+
+
+def _score(text: str, gold: str) -> dict[str, Any]:
+    return {"text": text, "extracted": extract_answer(text), "correct": bool(is_correct(text, gold))}
+
+
+def _run_stats(run: GenerationRun, max_new_tokens: int) -> dict[str, Any]:
+    gens = list({id(g): g for outs in run.outputs for g in outs}.values())
+    n = max(len(gens), 1)
+    reasons = {r: sum(g.finish_reason == r for g in gens) / n for r in ("answer", "eos", "length")}
+    return {
+        "sequences": len(gens),
+        "generated_tokens": run.generated_tokens,
+        "mean_new_tokens": run.generated_tokens / n,
+        "has_answer_marker": sum("####" in g.text for g in gens) / n,
+        "finish": reasons,
+        "hit_max_new_tokens": sum(g.n_tokens >= max_new_tokens and g.finish_reason == "length" for g in gens) / n,
+        "seconds": run.seconds,
+        "decode_steps": run.decode_steps,
+        "batches": run.batches,
+    }
+
+
+def evaluate_generation(
+    model: Any,
+    tokenizer: Any,
+    dataset_name_or_path: str,
+    *,
+    size: int | str | None = None,
+    seed: int = 0,
+    data_seed: int | None = None,
+    samples: int = 1,
+    temperature: float | None = None,
+    top_p: float = 1.0,
+    greedy: bool = True,
+    max_new_tokens: int = 256,
+    batch_size: int = 32,
+    stop_on_answer: bool = True,
+    out_dir: str | os.PathLike | None = None,
+    model_name: str | None = None,
+    confidence: float = 0.95,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Generate answers for a GSM-style set and score them; returns the summary dict (also written to ``out_dir``).
+
+    ``dataset_name_or_path``: a name of :data:`~targetsft.data.eval_sets.EVAL_SETS` or a ``.jsonl`` file with
+    ``question``/``answer``; ``size`` / ``data_seed`` go to :func:`~targetsft.data.eval_sets.load_eval_set`
+    (``data_seed`` = the first seed of a generated set, or a random subset of a fixed one; None = the defaults).
+    ``seed``: the sampling seed (:func:`generate`). ``samples`` = k samples per problem at ``temperature``
+    (None: 0 = greedy when ``samples == 1``, else 1.0; ``samples > 1`` with temperature 0 is an error).
+    ``greedy``: also report greedy accuracy, with its own greedy pass when the samples are not greedy.
+
+    ``out_dir``: write ``<set>.generations.jsonl`` (one line per problem: id, question, gold, samples: [{text,
+    extracted, correct, n_tokens, finish_reason}], greedy: {...} or null) and ``<set>.summary.json`` (set, n,
+    metrics with intervals, model, decoding settings, seconds, tokens/s, output statistics), each written atomically.
+    """
+    from targetsft.data.eval_sets import load_eval_set
+
+    if temperature is None:
+        temperature = 0.0 if samples == 1 else 1.0
+    if samples > 1 and temperature == 0:
+        raise ValueError("samples > 1 with temperature 0 would give k identical greedy samples; set temperature > 0")
+    rows = load_eval_set(dataset_name_or_path, size, data_seed)
+    prompts = build_prompts(tokenizer, [r["question"] for r in rows])
+    common = {
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+        "seed": seed,
+        "stop_on_answer": stop_on_answer,
+        "progress": progress,
+    }
+    label = _set_label(dataset_name_or_path)
+    t0 = time.perf_counter()
+    run = generate_detailed(
+        model, tokenizer, prompts, samples=samples, temperature=temperature, top_p=top_p, desc=label, **common
+    )
+    greedy_run = None
+    if greedy and temperature > 0:
+        greedy_run = generate_detailed(
+            model, tokenizer, prompts, samples=1, temperature=0.0, desc=f"{label} greedy", **common
+        )
+    seconds = time.perf_counter() - t0
+
+    records = []
+    for i, r in enumerate(rows):
+        scored = [
+            {**_score(g.text, r["answer"]), "n_tokens": g.n_tokens, "finish_reason": g.finish_reason}
+            for g in run.outputs[i]
+        ]
+        g_rec = None
+        if greedy:
+            g = (greedy_run or run).outputs[i][0]
+            g_rec = {**_score(g.text, r["answer"]), "n_tokens": g.n_tokens, "finish_reason": g.finish_reason}
+        records.append(
+            {"id": r["id"], "question": r["question"], "gold": r["answer"], "samples": scored, "greedy": g_rec}
+        )
+    metrics = generation_metrics(
+        [[s["correct"] for s in rec["samples"]] for rec in records],
+        [rec["greedy"]["correct"] for rec in records] if greedy else None,
+        confidence,
+    )
+    tokens = run.generated_tokens + (greedy_run.generated_tokens if greedy_run else 0)
+    summary: dict[str, Any] = {
+        "set": dataset_name_or_path,
+        "kind": "generation",
+        "n": len(rows),
+        "k": samples,
+        "metrics": metrics,
+        "confidence": confidence,
+        "model": model_name or _model_name(model),
+        "data": {"size": size, "data_seed": data_seed},
+        "decoding": {**run.settings, "greedy_pass": greedy_run is not None, "top_k": None},
+        "seconds": seconds,
+        "generated_tokens": tokens,
+        "tokens_per_second": tokens / seconds if seconds > 0 else None,
+        "stats": {"samples": _run_stats(run, max_new_tokens)}
+        | ({"greedy": _run_stats(greedy_run, max_new_tokens)} if greedy_run else {}),
+        "versions": _versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if out_dir is not None:
+        out = Path(out_dir)
+        summary["files"] = {
+            "generations": str(out / f"{label}.generations.jsonl"),
+            "summary": str(out / f"{label}.summary.json"),
+        }
+        _atomic_write(out / f"{label}.generations.jsonl", _jsonl(records))
+        _atomic_write(out / f"{label}.summary.json", json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+    return summary
+
+
+# ------------------------------------------------------------------------------------------- multiple choice
+
+
+def mc_context(question: str) -> str:
+    """The multiple-choice context: ``"Question: {question}\\nAnswer:"``; each choice is scored as ``" " + choice``."""
+    return f"Question: {question.strip()}\nAnswer:"
+
+
+def score_continuations(
+    model: Any,
+    tokenizer: Any,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    batch_size: int = 16,
+    progress: bool = False,
+    desc: str = "score",
+) -> list[tuple[float, int]]:
+    """``(sum of log p(continuation tokens | context), number of continuation tokens)`` for each ``(context,
+    continuation)``. Context and continuation are tokenized separately without special tokens and concatenated;
+    batches of ``batch_size`` sequences sorted by length, right padded; one forward pass per batch."""
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    ctx = tokenizer([c for c, _ in pairs], add_special_tokens=False)["input_ids"] if pairs else []
+    cont = tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"] if pairs else []
+    for i, (c, k) in enumerate(zip(ctx, cont, strict=True)):
+        if not c or not k:
+            raise ValueError(f"pair {i}: context and continuation must both be non-empty after tokenization")
+    seqs = [list(c) + list(k) for c, k in zip(ctx, cont, strict=True)]
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = _model_device(model)
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(seqs)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), tqdm(total=len(seqs), desc=desc, disable=not progress, leave=False) as bar:
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                width = max(len(seqs[i]) for i in idx)
+                ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for r, i in enumerate(idx):
+                    ids[r, : len(seqs[i])] = torch.tensor(seqs[i])
+                    mask[r, : len(seqs[i])] = 1
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                for r, i in enumerate(idx):
+                    c, n = len(ctx[i]), len(cont[i])
+                    lp = torch.log_softmax(logits[r, c - 1 : c + n - 1].float(), dim=-1)
+                    tgt = torch.tensor(cont[i], device=lp.device)
+                    out[i] = (float(lp.gather(-1, tgt[:, None]).sum()), n)
+                bar.update(len(idx))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def evaluate_multiple_choice(
+    model: Any,
+    tokenizer: Any,
+    set_name: str,
+    *,
+    size: int | str | None = None,
+    data_seed: int | None = None,
+    batch_size: int = 16,
+    normalize: Literal["mean", "sum"] = "mean",
+    out_dir: str | os.PathLike | None = None,
+    model_name: str | None = None,
+    confidence: float = 0.95,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Log-likelihood multiple-choice accuracy on a set of :data:`~targetsft.data.eval_sets.MC_SETS` (or a
+    ``.jsonl`` with question/choices/answer_index); no generation.
+
+    Each choice is scored as the continuation ``" " + choice`` of :func:`mc_context` (see the module docstring).
+    ``normalize``: predict by the mean log-prob per continuation token (``"mean"``, default) or by the sum
+    (``"sum"``). The summary has ``metrics.accuracy`` (by ``normalize``), ``accuracy_mean`` and ``accuracy_sum``,
+    each with a Wilson interval. ``out_dir``: also ``<set>.mc.jsonl`` (per item: id, answer_index, pred_mean,
+    pred_sum, logprob_sum, n_tokens per choice) and ``<set>.summary.json``, written atomically.
+    """
+    from targetsft.data.eval_sets import load_mc_set
+
+    if normalize not in ("mean", "sum"):
+        raise ValueError(f"normalize must be 'mean' or 'sum', got {normalize!r}")
+    items = load_mc_set(set_name, size, data_seed)
+    pairs = [(mc_context(it["question"]), " " + str(ch).strip()) for it in items for ch in it["choices"]]
+    t0 = time.perf_counter()
+    scores = score_continuations(model, tokenizer, pairs, batch_size=batch_size, progress=progress, desc=set_name)
+    seconds = time.perf_counter() - t0
+    records, pos = [], 0
+    for it in items:
+        sc = scores[pos : pos + len(it["choices"])]
+        pos += len(it["choices"])
+        sums = [s for s, _ in sc]
+        means = [s / n for s, n in sc]
+        records.append(
+            {
+                "id": it["id"],
+                "answer_index": it["answer_index"],
+                "pred_mean": max(range(len(means)), key=means.__getitem__),
+                "pred_sum": max(range(len(sums)), key=sums.__getitem__),
+                "logprob_sum": sums,
+                "n_tokens": [n for _, n in sc],
+            }
+        )
+    acc_mean = _metric([float(r["pred_mean"] == r["answer_index"]) for r in records], confidence)
+    acc_sum = _metric([float(r["pred_sum"] == r["answer_index"]) for r in records], confidence)
+    summary: dict[str, Any] = {
+        "set": set_name,
+        "kind": "multiple_choice",
+        "n": len(items),
+        "metrics": {
+            "accuracy": acc_mean if normalize == "mean" else acc_sum,
+            "accuracy_mean": acc_mean,
+            "accuracy_sum": acc_sum,
+        },
+        "normalize": normalize,
+        "confidence": confidence,
+        "format": {"context": "Question: {question}\\nAnswer:", "continuation": " {choice}"},
+        "model": model_name or _model_name(model),
+        "data": {"size": size, "data_seed": data_seed},
+        "batch_size": batch_size,
+        "seconds": seconds,
+        "versions": _versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if out_dir is not None:
+        out, label = Path(out_dir), _set_label(set_name)
+        summary["files"] = {"items": str(out / f"{label}.mc.jsonl"), "summary": str(out / f"{label}.summary.json")}
+        _atomic_write(out / f"{label}.mc.jsonl", _jsonl(records))
+        _atomic_write(out / f"{label}.summary.json", json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------- all sets
+
+
+def _set_kind(name: str) -> Literal["generation", "multiple_choice"]:
+    """``generation`` for EVAL_SETS and question/answer files, ``multiple_choice`` for MC_SETS and files whose first
+    record has ``choices``."""
+    from targetsft.data.eval_sets import EVAL_SETS, MC_SETS
+
+    if name in EVAL_SETS:
+        return "generation"
+    if name in MC_SETS:
+        return "multiple_choice"
+    p = Path(name)
+    if p.suffix.lower() == ".jsonl":
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: no such file")
+        with open(p, encoding="utf-8") as fh:
+            first = next((line for line in fh if line.strip()), None)
+        return "multiple_choice" if first and "choices" in json.loads(first) else "generation"
+    raise ValueError(
+        f"unknown evaluation set {name!r}: choose from generation sets {sorted(EVAL_SETS)}, multiple-choice sets "
+        f"{sorted(MC_SETS)}, or a .jsonl file"
+    )
+
+
+def _fmt_metric(m: dict[str, Any]) -> str:
+    if m.get("value") is None:
+        return "n/a"
+    lo, hi = m.get("lo"), m.get("hi")
+    ci = f" [{100 * lo:.1f}, {100 * hi:.1f}]" if lo is not None and hi is not None else ""
+    return f"{100 * m['value']:.1f}%{ci}"
+
+
+def format_table(results: Sequence[dict[str, Any]]) -> str:
+    """A compact plain-text table: one line per (set, metric): value in % with its 95% interval, n, seconds."""
+    rows = [("set", "metric", "value [95% CI]", "n", "time")]
+    for r in results:
+        for name, m in r["metrics"].items():
+            rows.append((_set_label(r["set"]), name, _fmt_metric(m), str(r["n"]), f"{r['seconds']:.0f}s"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def evaluate(
+    model_path: str | os.PathLike | None,
+    sets: Sequence[str],
+    *,
+    size: int | str | None = None,
+    data_seed: int | None = None,
+    samples: int = 1,
+    temperature: float | None = None,
+    top_p: float = 1.0,
+    greedy: bool = True,
+    max_new_tokens: int = 256,
+    batch_size: int = 32,
+    stop_on_answer: bool = True,
+    mc_batch_size: int = 16,
+    mc_normalize: Literal["mean", "sum"] = "mean",
+    seed: int = 0,
+    out_dir: str | os.PathLike | None = None,
+    dtype: str = "float32",
+    device: str | None = None,
+    progress: bool = True,
+    print_table: bool = True,
+) -> dict[str, Any]:
+    """Load a model (``None``/``"default"`` = the embedded SmolLM2-135M-Instruct) and evaluate it on ``sets``
+    (generation sets via :func:`evaluate_generation`, multiple-choice sets via :func:`evaluate_multiple_choice`).
+
+    Returns ``{"model", "results": [summary per set], "table"}``; prints the table when ``print_table``. With
+    ``out_dir``, each set writes its files there (see the two functions) plus an overall ``summary.json``.
+    """
+    from targetsft.models import load_model, load_tokenizer, resolve_model
+
+    kinds = {s: _set_kind(s) for s in sets}  # fail on a bad name before loading the model
+    path = resolve_model(model_path)
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model(path, dtype=torch_dtype).to(dev)
+    tokenizer = load_tokenizer(path, padding_side="left")
+    results = []
+    for s in sets:
+        if kinds[s] == "generation":
+            res = evaluate_generation(
+                model,
+                tokenizer,
+                s,
+                size=size,
+                seed=seed,
+                data_seed=data_seed,
+                samples=samples,
+                temperature=temperature,
+                top_p=top_p,
+                greedy=greedy,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                stop_on_answer=stop_on_answer,
+                out_dir=out_dir,
+                model_name=path,
+                progress=progress,
+            )
+        else:
+            res = evaluate_multiple_choice(
+                model,
+                tokenizer,
+                s,
+                size=size,
+                data_seed=data_seed,
+                batch_size=mc_batch_size,
+                normalize=mc_normalize,
+                out_dir=out_dir,
+                model_name=path,
+                progress=progress,
+            )
+        results.append(res)
+        if print_table and progress:
+            print(format_table([res]), file=sys.stderr)
+    table = format_table(results)
+    report = {"model": path, "dtype": dtype, "device": str(dev), "results": results, "table": table}
+    if out_dir is not None:
+        _atomic_write(Path(out_dir) / "summary.json", json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    if print_table:
+        print(table)
+    return report
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+
+
+def _size_arg(value: str) -> int | str:
+    if value == "all":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be an integer or 'all', got {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"size must be >= 0, got {n}")
+    return n
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``target-sft eval`` options to ``parser`` (then call :func:`run_eval_from_args` on the result)."""
+    from targetsft.data.eval_sets import EVAL_SETS, MC_SETS
+
+    sets = ", ".join(list(EVAL_SETS) + list(MC_SETS))
+    parser.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        action="extend",
+        required=True,
+        metavar="NAME",
+        help=f"sets to evaluate: {sets}, or .jsonl files (question/answer or question/choices/"
+        "answer_index); repeatable",
+    )
+    parser.add_argument(
+        "--size",
+        type=_size_arg,
+        default=None,
+        help="items per set (default: the set's default; 'all' for every item of a fixed set)",
+    )
+    parser.add_argument(
+        "--data-seed",
+        type=int,
+        default=None,
+        help="first seed of a generated set, or a random subset of a fixed one (default: none)",
+    )
+    parser.add_argument("--samples", type=int, default=1, help="samples per problem k for Average@k / pass@k")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="sampling temperature (default: 0 = greedy for --samples 1, else 1.0)",
+    )
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=32, help="sequences per generation batch")
+    parser.add_argument("--mc-batch-size", type=int, default=16, help="sequences per multiple-choice forward pass")
+    parser.add_argument(
+        "--mc-normalize",
+        choices=("mean", "sum"),
+        default="mean",
+        help="multiple-choice prediction by mean (default) or summed log-prob of the choice tokens",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument(
+        "--no-greedy", dest="greedy", action="store_false", help="skip the separate greedy pass when sampling"
+    )
+    parser.add_argument(
+        "--no-early-stop",
+        dest="stop_on_answer",
+        action="store_false",
+        help="stop only at eos / max-new-tokens, not at a complete '#### n'",
+    )
+    parser.add_argument("--out", default=None, metavar="DIR", help="write generations and summaries here")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    return parser
+
+
+def run_eval_from_args(args: argparse.Namespace) -> int:
+    """Run :func:`evaluate` from parsed :func:`add_eval_arguments` options; 0 on success, 2 on a usage error."""
+    try:
+        evaluate(
+            args.model,
+            args.data,
+            size=args.size,
+            data_seed=args.data_seed,
+            samples=args.samples,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            greedy=args.greedy,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            stop_on_answer=args.stop_on_answer,
+            mc_batch_size=args.mc_batch_size,
+            mc_normalize=args.mc_normalize,
+            seed=args.seed,
+            out_dir=args.out,
+            dtype=args.dtype,
+            device=args.device,
+            progress=args.progress,
+        )
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+        print(f"target-sft eval: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,335 @@
+"""``TargetTrainer``: ``transformers.Trainer`` with the fused target loss, and the ``target-sft train`` recipe.
+
+The loss goes through the model's own forward (patched by :func:`targetsft.integration.patch_fused_forward`),
+so DDP/FSDP/DeepSpeed wrappers see the call they expect, and is divided by the Trainer's
+``num_items_in_batch`` (supervised tokens over the whole gradient-accumulation window, summed over ranks), which
+makes accumulation and data parallelism exact.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from targetsft.config import TrainConfig
+from targetsft.integration import IGNORE_INDEX, patch_fused_forward
+from targetsft.methods import get_method
+from targetsft.target import TargetStats
+
+STAT_KEYS = ("gamma", "p_label", "nll", "q_label", "residual_entropy", "accuracy")
+
+
+class TargetTrainer(Trainer):
+    """A Trainer whose loss is ``targetsft.fused_target_loss`` of a registered method (or a ``Target``).
+
+    Args:
+        method, method_params: the target (see ``targetsft.METHODS``).
+        teacher_model: a teacher run online (no grad, eval mode) on each batch; or ``teacher_cache``: a
+            :class:`targetsft.teacher_cache.TeacherCache` whose rows are looked up by the batch's
+            ``example_index`` column.
+        ref_model: the reference model of ``asft`` / ``sft_kl``.
+        chunk_size: rows per chunk of the fused loss (None: automatic).
+    """
+
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        *args: Any,
+        method: Any = "sft",
+        method_params: dict[str, Any] | None = None,
+        teacher_model: nn.Module | None = None,
+        teacher_cache: Any = None,
+        ref_model: nn.Module | None = None,
+        chunk_size: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.teacher_cache = teacher_cache
+        self._stats = TargetStats()
+        self._tokens = 0
+        self._clock = time.perf_counter()
+        for other in (teacher_model, ref_model):
+            if other is not None:
+                other.eval().requires_grad_(False).to(self.args.device)
+        defaults: dict[str, Any] = {"method": method, "chunk_size": chunk_size, **(method_params or {})}
+        if teacher_model is not None:
+            defaults["teacher_model"] = teacher_model
+        if ref_model is not None:
+            defaults["ref_model"] = ref_model
+        patch_fused_forward(self.model, **defaults)
+        # the patched forward takes num_items_in_batch through target_loss_kwargs: have the Trainer count it
+        self.model_accepts_loss_kwargs = True
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        index = inputs.pop("example_index", None)
+        options: dict[str, Any] = {"return_stats": True}
+        if num_items_in_batch is not None:
+            options["num_items_in_batch"] = num_items_in_batch
+        for key in ("teacher_input_ids", "teacher_attention_mask", "teacher_labels"):
+            if key in inputs:
+                options[key] = inputs.pop(key)
+        if self.teacher_cache is not None:
+            if index is None:
+                raise ValueError("a teacher cache needs the dataset's example_index column in every batch")
+            ids, logprobs = self.teacher_cache.rows(index.tolist())
+            expected = int((labels[:, 1:] != IGNORE_INDEX).sum())
+            if ids.shape[0] != expected:
+                raise ValueError(
+                    f"the teacher cache has {ids.shape[0]} rows for this batch but it supervises {expected} tokens: "
+                    "the cache was built for other data, other max_length or other truncation"
+                )
+            options["teacher_topk"] = (ids.to(labels.device), logprobs.to(labels.device))
+        outputs = model(**inputs, labels=labels, target_loss_kwargs=options)
+        loss = outputs.loss
+        if model.training:
+            stats = outputs.get("target_stats")
+            if stats:
+                block = TargetStats(count=stats["tokens"], **{k: stats[k] * stats["tokens"] for k in STAT_KEYS})
+                self._stats.add(block)
+            self._tokens += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else labels.numel()
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # DDP averages gradients over ranks while num_items_in_batch is the global count: undo the average
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs and self._stats.count:
+            means = self._stats.means()
+            logs.update({k: round(means[k], 6) for k in STAT_KEYS})
+            elapsed = time.perf_counter() - self._clock
+            logs["tokens_per_second"] = round(self._tokens * self.args.world_size / max(elapsed, 1e-9), 1)
+            self._stats, self._tokens, self._clock = TargetStats(), 0, time.perf_counter()
+        super().log(logs, *args, **kwargs)
+
+
+class CsvMetricsCallback(TrainerCallback):
+    """Appends every training log to ``<output_dir>/metrics.csv``; on resume, rows past the checkpoint are
+    dropped first so the file has each step once."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero or not self.path.exists():
+            return
+        with self.path.open() as f:
+            rows = list(csv.DictReader(f))
+        keep = [r for r in rows if int(float(r.get("step") or 0)) <= state.global_step]
+        if len(keep) != len(rows):
+            self._write(keep, list(rows[0].keys()))
+
+    def _write(self, rows: list[dict[str, Any]], fields: list[str]) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, self.path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        row = {"step": state.global_step, "epoch": state.epoch, **logs}
+        rows, fields = [], list(row)
+        if self.path.exists():
+            with self.path.open() as f:
+                rows = list(csv.DictReader(f))
+            if rows:
+                fields = list(rows[0].keys()) + [k for k in row if k not in rows[0]]
+        self._write(rows + [row], fields)
+
+
+def _privileged_prompt(record: dict[str, Any]) -> dict[str, Any]:
+    """The record as a teacher with the final answer in its prompt sees it (``teacher.prompt: answer_hint``)."""
+    from targetsft.data.sft import to_prompt_completion
+
+    pc = to_prompt_completion(record)
+    answer = record.get("answer")
+    if answer is None:
+        raise ValueError("teacher.prompt=answer_hint needs an 'answer' field in every training record")
+    hint = f"\n(For reference, the correct final answer is {answer}.)"
+    prompt = pc["prompt"]
+    if isinstance(prompt, str):
+        prompt = prompt + hint
+    else:
+        prompt = [dict(m) for m in prompt]
+        prompt[-1]["content"] = prompt[-1]["content"] + hint
+    return {"prompt": prompt, "completion": pc["completion"]}
+
+
+def build_dataset(cfg: TrainConfig, tokenizer: Any) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Tokenized training examples (``input_ids``, ``labels``, ``attention_mask``, ``example_index`` and, for a
+    privileged teacher, ``teacher_input_ids``/``teacher_labels``) plus counts of kept/truncated/dropped records.
+
+    The privileged teacher's sequence is its own prompt followed by exactly the student's completion tokens, so
+    the supervised tokens align by construction.
+    """
+    from targetsft.data.sft import load_records, tokenize_record
+
+    records = load_records(cfg.data.train, size=cfg.data.size, seed=cfg.data.seed)
+    items: list[dict[str, Any]] = []
+    counts = {"records": len(records), "kept": 0, "truncated": 0, "dropped": 0}
+    for record in records:
+        item = tokenize_record(tokenizer, record, cfg.data.max_length, overflow=cfg.data.overflow)
+        if item is None:
+            counts["dropped"] += 1
+            continue
+        counts["kept"] += 1
+        counts["truncated"] += int(item["input_ids"][-1] != tokenizer.eos_token_id)
+        if cfg.teacher.prompt == "answer_hint":
+            hinted = tokenize_record(tokenizer, _privileged_prompt(record), 1 << 30)
+            t_prompt = [t for t, l in zip(hinted["input_ids"], hinted["labels"]) if l == IGNORE_INDEX]
+            start = next(i for i, l in enumerate(item["labels"]) if l != IGNORE_INDEX)
+            item["teacher_input_ids"] = t_prompt + item["input_ids"][start:]
+            item["teacher_labels"] = [IGNORE_INDEX] * len(t_prompt) + item["labels"][start:]
+        item["example_index"] = len(items)
+        items.append(item)
+    return items, counts
+
+
+class Collator:
+    """Pads the student's and (if present) the privileged teacher's sequences; keeps ``example_index``."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        from targetsft.data.sft import DataCollatorForCompletion
+
+        self.pad = DataCollatorForCompletion(pad_token_id=pad_token_id)
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.pad(features)
+        if "teacher_input_ids" in features[0]:
+            teacher = self.pad([{"input_ids": f["teacher_input_ids"], "labels": f["teacher_labels"]} for f in features])
+            batch["teacher_input_ids"] = teacher["input_ids"]
+            batch["teacher_labels"] = teacher["labels"]
+            batch["teacher_attention_mask"] = teacher["attention_mask"]
+        if "example_index" in features[0]:
+            batch["example_index"] = torch.tensor([f["example_index"] for f in features], dtype=torch.long)
+        return batch
+
+
+def _model_card(cfg: TrainConfig, counts: dict[str, int], metrics: dict[str, Any]) -> str:
+    spec = get_method(cfg.loss.method)
+    params = {**spec.defaults, **cfg.loss.params}
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [targetsft, " + cfg.loss.method + "]",
+        "---",
+        f"# Fine-tuned with targetsft: `{cfg.loss.method}`",
+        "",
+        f"Target: γ = {spec.gamma}; π̃ = {spec.residual} ({spec.reference}).",
+        f"Parameters: {json.dumps(params)}",
+        f"Base model: {cfg.model or 'SmolLM2-135M-Instruct (embedded default)'}",
+        f"Training data: {cfg.data.train} (size {cfg.data.size}, seed {cfg.data.seed}, "
+        f"max_length {cfg.data.max_length}); "
+        f"examples kept {counts.get('kept')}, truncated {counts.get('truncated')}, dropped {counts.get('dropped')}.",
+        f"Teacher: {cfg.teacher.model or cfg.teacher.cache or '—'} (prompt: {cfg.teacher.prompt}).",
+        f"LoRA: {json.dumps(cfg.lora.__dict__) if cfg.lora else 'no (full fine-tuning)'}",
+        "",
+        "## Final training metrics",
+        "",
+    ]
+    lines += [f"- {k}: {v}" for k, v in metrics.items()]
+    lines += ["", "## Configuration", "", "```json", json.dumps(cfg.to_dict(), indent=2, default=str), "```", ""]
+    return "\n".join(lines)
+
+
+def _load_same_tokenizer(path: str, tokenizer: Any, role: str) -> None:
+    from targetsft.models import load_tokenizer
+    from targetsft.teacher_cache import tokenizer_fingerprint
+
+    other = load_tokenizer(path)
+    if tokenizer_fingerprint(other) != tokenizer_fingerprint(tokenizer):
+        raise ValueError(f"the {role} model {path!r} has another tokenizer than the student; they must be identical")
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
+    """Run ``target-sft train``: load, tokenize, train with :class:`TargetTrainer`, save the final model and card.
+
+    Returns a summary (paths, counts, final metrics).
+    """
+    from targetsft.models import load_model, load_tokenizer, resolve_model
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+    model_path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(model_path)
+    model = load_model(model_path)
+    items, counts = build_dataset(cfg, tokenizer)
+    if not items:
+        raise ValueError(f"no training examples left from {cfg.data.train!r} after tokenization ({counts})")
+    print(f"training data: {counts}")
+    spec = get_method(cfg.loss.method)
+    ref_model = None
+    if "ref" in spec.needs:
+        if cfg.reference.model:
+            _load_same_tokenizer(resolve_model(cfg.reference.model), tokenizer, "reference")
+            ref_model = load_model(resolve_model(cfg.reference.model))
+        else:
+            ref_model = copy.deepcopy(model)
+    teacher_model, teacher_cache = None, None
+    if cfg.teacher.model:
+        teacher_path = resolve_model(cfg.teacher.model)
+        _load_same_tokenizer(teacher_path, tokenizer, "teacher")
+        teacher_model = load_model(teacher_path)
+    elif cfg.teacher.cache:
+        from targetsft.teacher_cache import TeacherCache
+
+        teacher_cache = TeacherCache.open(cfg.teacher.cache, tokenizer=tokenizer, examples=items)
+        if teacher_cache.vocab_size != model.get_output_embeddings().weight.shape[0]:
+            raise ValueError("the teacher cache's vocabulary size differs from the student's")
+    if cfg.lora is not None:
+        import peft
+
+        lora = peft.LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=cfg.lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        model = peft.get_peft_model(model, lora)
+    args = TrainingArguments(**cfg.training_arguments())
+    from datasets import Dataset
+
+    trainer = TargetTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(items),
+        data_collator=Collator(tokenizer.pad_token_id),
+        method=cfg.loss.method,
+        method_params=cfg.loss.params,
+        teacher_model=teacher_model,
+        teacher_cache=teacher_cache,
+        ref_model=ref_model,
+        chunk_size=cfg.loss.chunk_size,
+        callbacks=[CsvMetricsCallback(out / "metrics.csv"), *(callbacks or [])],
+    )
+    result = trainer.train(resume_from_checkpoint=resume or None)
+    final = out / "final"
+    save_model = trainer.model
+    if cfg.lora is not None:
+        save_model = save_model.merge_and_unload()
+    save_model.save_pretrained(final)
+    tokenizer.save_pretrained(final)
+    metrics = {k: round(v, 6) if isinstance(v, float) else v for k, v in result.metrics.items()}
+    last = [h for h in trainer.state.log_history if "loss" in h]
+    if last:
+        metrics.update({f"last_{k}": v for k, v in last[-1].items() if k in (*STAT_KEYS, "loss")})
+    (final / "README.md").write_text(_model_card(cfg, counts, metrics))
+    summary = {"output_dir": str(out), "final_model": str(final), "data": counts, "metrics": metrics}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,88 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+from random import Random
+
+import pytest
+
+# SmolLM2-Instruct's ChatML template (with its default system turn), so tokenization tests see the real layout.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _corpus(n: int = 400) -> list[str]:
+    rng = Random(0)
+    names = ["Natalia", "James", "Emily", "Sophia", "Liam", "Olivia", "Mia", "Noah"]
+    things = ["apples", "clips", "shrimp", "marbles", "books", "cookies", "tickets", "balloons"]
+    verbs = ["sold", "bought", "found", "baked", "gave away", "collected"]
+    out = [
+        "Solve it step by step and end your answer with '#### <number>'.",
+        "You are a helpful AI assistant named SmolLM, trained by Hugging Face",
+        "system user assistant",
+    ]
+    for _ in range(n):
+        a, b = rng.randint(1, 999), rng.randint(1, 99)
+        name, thing, verb = rng.choice(names), rng.choice(things), rng.choice(verbs)
+        out.append(
+            f"{name} {verb} {a} {thing} in April, and half as many in May. How many {thing} did {name} {verb}?\n"
+            f"{name} {verb} {a}/2 = {a / 2:g} {thing} in May.\n{a} + {b} = {a + b}\n#### {a + b}"
+        )
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A small byte-level BPE tokenizer trained offline (≈600 tokens), SmolLM2-like: bos ``<|im_start|>``,
+    eos = pad ``<|im_end|>``, unk ``<|endoftext|>``, ChatML chat template. Any text round-trips (byte level)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tk.train_from_iterator(_corpus(), trainer=trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+    )
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_tokenizer):
+    """A randomly initialised 2-layer LlamaForCausalLM (hidden 32, 4 heads, tied embeddings) matching
+    ``tiny_tokenizer``. Session-scoped and shared: tests that change its weights should ``copy.deepcopy`` it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tiny_tokenizer.bos_token_id,
+        eos_token_id=tiny_tokenizer.eos_token_id,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg)
