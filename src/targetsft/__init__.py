@@ -4,6 +4,8 @@ Every supported loss is cross-entropy against ``Q_t = γ_t·onehot(y_t) + (1 −
 """
 
 from targetsft import functional
+from targetsft.compute_loss import TargetLoss
+from targetsft.fused import fused_target_loss
 from targetsft.induced import InducedTarget, induced_target
 from targetsft.loss import build_target, target_loss
 from targetsft.methods import METHODS, MethodSpec, Param, get_method, methods_table, register_method
@@ -17,7 +19,9 @@ __all__ = [
     "MethodSpec",
     "Param",
     "Target",
+    "TargetLoss",
     "build_target",
+    "fused_target_loss",
     "functional",
     "get_method",
     "induced_target",

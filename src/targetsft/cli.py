@@ -40,6 +40,46 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache_teacher(args: argparse.Namespace) -> int:
+    from targetsft.config import ConfigError, load_config
+    from targetsft.models import load_model, load_tokenizer, resolve_model
+    from targetsft.teacher_cache import TeacherCacheError, build_teacher_cache
+    from targetsft.trainer import build_dataset
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    teacher = args.teacher or cfg.teacher.model
+    out = args.out or cfg.teacher.cache
+    if not teacher or not out:
+        print("cache-teacher needs --teacher (or teacher.model) and --out (or teacher.cache)", file=sys.stderr)
+        return 2
+    student_tok = load_tokenizer(resolve_model(cfg.model))
+    items, counts = build_dataset(cfg, student_tok)
+    print(f"examples: {counts}")
+    try:
+        path = build_teacher_cache(
+            load_model(resolve_model(teacher)),
+            items,
+            out,
+            tokenizer=student_tok,
+            k=args.k,
+            temperature=args.temperature,
+            batch_size=args.batch_size,
+            shard_examples=args.shard_examples,
+            teacher_name=teacher,
+            device=args.device,
+            overwrite=args.overwrite,
+        )
+    except TeacherCacheError as err:
+        print(f"teacher cache error: {err}", file=sys.stderr)
+        return 1
+    print(f"teacher cache: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="target-sft",
@@ -55,6 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. loss.method=dft train.max_steps=50")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
     p.set_defaults(func=_train)
+    p = sub.add_parser(
+        "cache-teacher",
+        help="store a teacher's top-k log-probs for every supervised token of the training data (resumable)",
+    )
+    p.add_argument("--config", help="the training config whose data section defines the examples")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the config")
+    p.add_argument("--teacher", help="teacher model path or hub id (default: teacher.model of the config)")
+    p.add_argument("--out", help="cache folder (default: teacher.cache of the config)")
+    p.add_argument("--k", type=int, default=64, help="tokens kept per position (default 64: 384 bytes per token)")
+    p.add_argument("--temperature", type=float, default=1.0, help="teacher softmax temperature baked into the cache")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--shard-examples", type=int, default=256, help="examples per shard (the unit of resume)")
+    p.add_argument("--device", default=None, help="e.g. cuda; default: where the model loads")
+    p.add_argument("--overwrite", action="store_true", help="replace a cache built for something else")
+    p.set_defaults(func=_cache_teacher)
     p = sub.add_parser("demo", help="run every method on a synthetic batch and check ∂loss/∂z = w·(p − Q)")
     p.set_defaults(func=_demo)
     return parser

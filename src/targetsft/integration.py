@@ -136,6 +136,26 @@ def causal_lm_target_loss(
     )
 
 
+def _output_class():
+    """``CausalLMOutputWithPast`` plus ``target_stats`` (a declared field, so DDP can rebuild the output)."""
+    from dataclasses import dataclass as _dataclass
+
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    global _TargetLMOutput
+    if _TargetLMOutput is None:
+
+        @_dataclass
+        class TargetLMOutput(CausalLMOutputWithPast):
+            target_stats: dict | None = None
+
+        _TargetLMOutput = TargetLMOutput
+    return _TargetLMOutput
+
+
+_TargetLMOutput = None
+
+
 def patch_fused_forward(model: nn.Module, **defaults: Any) -> nn.Module:
     """Make ``model(input_ids, labels=..., ...)`` return ``CausalLMOutput(loss=fused loss, logits=None)``.
 
@@ -143,9 +163,8 @@ def patch_fused_forward(model: nn.Module, **defaults: Any) -> nn.Module:
     loss arguments (``num_items_in_batch``, ``teacher_topk``, ``token_weights``, ...) travel in the keyword
     ``target_loss_kwargs``; ``defaults`` (method, parameters, teacher model) apply to every call.
     """
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
     inner = unwrap(model)
+    output_cls = _output_class()
     original = inner.forward
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, target_loss_kwargs=None, **kwargs):
@@ -158,10 +177,7 @@ def patch_fused_forward(model: nn.Module, **defaults: Any) -> nn.Module:
             self, input_ids, labels, attention_mask=attention_mask, model_kwargs=kwargs, **options
         )
         loss, stats = out if isinstance(out, tuple) else (out, None)
-        result = CausalLMOutputWithPast(loss=loss, logits=None)
-        if stats is not None:
-            result["target_stats"] = stats
-        return result
+        return output_cls(loss=loss, logits=None, target_stats=stats)
 
     inner.forward = types.MethodType(forward, inner)
     inner._targetsft_original_forward = original

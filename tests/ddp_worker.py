@@ -1,0 +1,9 @@
+"""Run by tests/test_ddp.py under ``accelerate launch``: train the tiny model with the given overrides."""
+
+import sys
+
+from targetsft.config import load_config
+from targetsft.trainer import train
+
+if __name__ == "__main__":
+    train(load_config(None, sys.argv[1:]))

@@ -1,0 +1,452 @@
+"""Evaluation: metrics and intervals, answer scoring through the pipeline, the early-stop criterion, generation on the
+tiny model (end to end, deterministic, files), multiple-choice log-likelihood scoring, and the CLI hooks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+from targetsft import evaluate as E
+
+Z95 = 1.959963984540054
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _run(texts_per_prompt: list[list[str]]) -> E.GenerationRun:
+    outs = [[E.Generation(t, 5, "answer") for t in texts] for texts in texts_per_prompt]
+    return E.GenerationRun(outs, 1.0, 1, 5)
+
+
+# ------------------------------------------------------------------------------------------- intervals, pass@k
+
+
+def test_mean_ci_hand_computation():
+    m, lo, hi = E.mean_ci([1, 2, 3, 4])
+    s = math.sqrt((1.5**2 + 0.5**2 + 0.5**2 + 1.5**2) / 3)  # sample sd, n - 1
+    half = Z95 * s / 2  # sqrt(4) = 2
+    assert m == 2.5
+    assert lo == pytest.approx(2.5 - half, abs=1e-12) and hi == pytest.approx(2.5 + half, abs=1e-12)
+    assert lo == pytest.approx(1.234849, abs=1e-6)
+    m90, lo90, _ = E.mean_ci([1, 2, 3, 4], confidence=0.90)
+    assert m90 == 2.5 and lo90 == pytest.approx(2.5 - 1.6448536 * s / 2, abs=1e-6)
+    assert E.mean_ci([0.25, 0.25]) == (0.25, 0.25, 0.25)
+    assert math.isnan(E.mean_ci([])[0]) and math.isnan(E.mean_ci([3.0])[1])
+
+
+def test_wilson_ci_hand_computation():
+    p, lo, hi = E.wilson_ci(0, 10)
+    assert p == 0 and lo == 0 and hi == pytest.approx((Z95**2 / 10) / (1 + Z95**2 / 10), abs=1e-12)  # 0.2775
+    p, lo, hi = E.wilson_ci(5, 10)
+    half = Z95 * math.sqrt(0.025 + Z95**2 / 400) / (1 + Z95**2 / 10)
+    assert p == 0.5 and lo == pytest.approx(0.5 - half) and hi == pytest.approx(0.5 + half)
+    assert (round(lo, 4), round(hi, 4)) == (0.2366, 0.7634)
+
+
+def test_pass_at_k_unbiased():
+    assert E.pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 1 - C(3,2)/C(4,2) = 1 - 3/6
+    assert E.pass_at_k(4, 0, 4) == 0.0 and E.pass_at_k(4, 3, 2) == 1.0
+    assert E.pass_at_k(10, 3, 1) == pytest.approx(0.3)  # pass@1 = c/n
+    with pytest.raises(ValueError):
+        E.pass_at_k(2, 1, 3)
+
+
+# ------------------------------------------------------------------------------- metrics from fixed generations
+
+
+@pytest.fixture
+def gen_set(tmp_path):
+    rows = [
+        {"question": "Q-one apples?", "answer": "18"},
+        {"question": "Q-two?", "answer": "1,234"},
+        {"question": "Q-three pears?", "answer": "#### 7"},
+    ]
+    return _write_jsonl(tmp_path / "toy.jsonl", rows)
+
+
+def _fake_generate(sample_texts, greedy_texts, calls):
+    def fake(model, tokenizer, prompts, *, samples=1, temperature=0.0, **kw):
+        calls.append({"prompts": list(prompts), "samples": samples, "temperature": temperature, **kw})
+        return _run(greedy_texts if temperature == 0 else sample_texts)
+
+    return fake
+
+
+def test_metrics_from_fixed_generations(gen_set, tmp_path, monkeypatch, tiny_tokenizer):
+    samples = [
+        ["#### 18", "#### 17", "so 18", "\\boxed{18}"],  # 3/4
+        ["#### 1234.5", "no idea", "#### 12", "#### 34"],  # 0/4
+        ["#### 7", "#### 8", "#### 9", "#### 70"],  # 1/4
+    ]
+    greedy = [["the answer is 18"], ["#### 1"], ["#### 7\n"]]  # 2/3
+    calls: list[dict] = []
+    monkeypatch.setattr(E, "generate_detailed", _fake_generate(samples, greedy, calls))
+    out = tmp_path / "out"
+    s = E.evaluate_generation(
+        None, tiny_tokenizer, str(gen_set), samples=4, temperature=0.8, greedy=True, out_dir=out, progress=False
+    )
+    m = s["metrics"]
+    assert m["average@4"]["value"] == pytest.approx(1 / 3)
+    assert m["pass@4"]["value"] == pytest.approx(2 / 3)
+    assert m["greedy"]["value"] == pytest.approx(2 / 3)
+    assert m["pass@1"]["value"] == pytest.approx(1 / 3)  # unbiased pass@1 = Average@k
+    assert m["pass@2"]["value"] == pytest.approx((1.0 + 0.0 + 0.5) / 3)  # per problem 1 - C(4-c,2)/C(4,2)
+    # intervals: normal for the per-problem fractions (clipped), Wilson for 0/1 values
+    _, lo, hi = E.mean_ci([0.75, 0.0, 0.25])
+    assert (m["average@4"]["lo"], m["average@4"]["hi"], m["average@4"]["ci"]) == (max(0, lo), hi, "normal")
+    assert (m["greedy"]["lo"], m["greedy"]["hi"]) == pytest.approx(E.wilson_ci(2, 3)[1:])
+    assert m["greedy"]["ci"] == "wilson" and m["pass@4"]["ci"] == "wilson"
+    # one sampling pass and one greedy pass, with the training prompt format
+    assert [(c["samples"], c["temperature"]) for c in calls] == [(4, 0.8), (1, 0.0)]
+    assert calls[0]["prompts"][0] == E.build_prompt(tiny_tokenizer, "Q-one apples?")
+    assert calls[0]["prompts"][0].endswith("<|im_start|>assistant\n")
+    assert "end your answer with '#### <number>'" in calls[0]["prompts"][0]
+    # files
+    recs = [json.loads(x) for x in (out / "toy.generations.jsonl").read_text().splitlines()]
+    assert [r["gold"] for r in recs] == ["18", "1234", "7"]
+    assert [[x["correct"] for x in r["samples"]] for r in recs][0] == [True, False, True, True]
+    assert recs[0]["samples"][3]["extracted"] == "18" and recs[1]["samples"][0]["extracted"] == "1234.5"
+    assert recs[2]["greedy"] == {
+        "text": "#### 7\n",
+        "extracted": "7",
+        "correct": True,
+        "n_tokens": 5,
+        "finish_reason": "answer",
+    }
+    summ = json.loads((out / "toy.summary.json").read_text())
+    assert summ["n"] == 3 and summ["k"] == 4 and summ["metrics"] == json.loads(json.dumps(m))
+    assert summ["decoding"]["temperature"] is not None and "seconds" in summ and "tokens_per_second" in summ
+    assert not list(out.glob(".*.tmp"))  # no temp files left behind
+
+
+def test_answer_extraction_tricky_formats(tmp_path, monkeypatch, tiny_tokenizer):
+    rows = [
+        {"question": "a", "answer": "1234"},
+        {"question": "b", "answer": "18"},
+        {"question": "c", "answer": "18"},
+        {"question": "d", "answer": "18"},
+        {"question": "e", "answer": "18"},
+        {"question": "f", "answer": "-3"},
+    ]
+    texts = [
+        ["12 + 1222 = 1234\n#### 1,234"],
+        ["so the total is \\boxed{18}"],
+        ["She pays $18.00 in total."],
+        ["18 dollars"],
+        ["the answer is 18, or rather\n#### 20"],  # the number after the last #### decides
+        ["#### −3\n"],  # unicode minus
+    ]
+    monkeypatch.setattr(E, "generate_detailed", _fake_generate(texts, texts, []))
+    s = E.evaluate_generation(
+        None, tiny_tokenizer, str(_write_jsonl(tmp_path / "t.jsonl", rows)), out_dir=tmp_path, progress=False
+    )
+    recs = [json.loads(x) for x in (tmp_path / "t.generations.jsonl").read_text().splitlines()]
+    assert [r["samples"][0]["extracted"] for r in recs] == ["1234", "18", "18", "18", "20", "-3"]
+    assert [r["samples"][0]["correct"] for r in recs] == [True, True, True, True, False, True]
+    assert s["metrics"]["greedy"]["value"] == pytest.approx(5 / 6) and s["metrics"]["average@1"]["value"] == 5 / 6
+
+
+def test_greedy_with_several_samples_is_an_error(gen_set, tiny_tokenizer):
+    with pytest.raises(ValueError, match="temperature"):
+        E.evaluate_generation(None, tiny_tokenizer, str(gen_set), samples=4, temperature=0.0)
+
+
+# ---------------------------------------------------------------------------------------- stopping criterion
+
+
+@pytest.mark.parametrize(
+    ("text", "done"),
+    [
+        ("Step 1: 5 + 7 = 12\n#### 12", False),  # 125 may still follow
+        ("#### 12\n", True),
+        ("#### 12 dollars", True),
+        ("#### 12<", True),
+        ("#### 1,2", False),
+        ("#### 1,234\n", True),
+        ("#### 12.", False),  # 12.5 may follow
+        ("#### 12.\n", True),
+        ("#### 12.5 ", True),
+        ("#### $18.00\n", True),
+        ("####\n7\n", True),
+        ("####", False),
+        ("#### \n", False),
+        ("12 apples\n", False),
+    ],
+)
+def test_stopping_criterion_marks_complete_answers(tiny_tokenizer, text, done):
+    prompt = tiny_tokenizer(E.build_prompt(tiny_tokenizer, "How many?"), add_special_tokens=False)["input_ids"]
+    new = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    crit = E.AnswerStoppingCriteria(tiny_tokenizer, len(prompt))
+    out = crit(torch.tensor([prompt + new]), None)
+    assert out.dtype == torch.bool and out.shape == (1,)
+    assert bool(out[0]) is done
+    assert crit.reasons[0] == ("answer" if done else None)
+    assert E.answer_complete(text) is done
+
+
+def test_stopping_criterion_token_by_token(tiny_tokenizer):
+    """Fed one token at a time (as generate does), the row finishes exactly at the token after ``#### 12``."""
+    tok = tiny_tokenizer
+    prompt = tok(E.build_prompt(tok, "How many?"), add_special_tokens=False)["input_ids"]
+    new = tok("5 + 7 = 12\n#### 12\nThe end", add_special_tokens=False)["input_ids"]
+    crit = E.AnswerStoppingCriteria(tok, len(prompt))
+    flips = []
+    for i in range(1, len(new) + 1):
+        if bool(crit(torch.tensor([prompt + new[:i]]), None)[0]):
+            flips.append(i)
+    first = flips[0]
+    assert flips == list(range(first, len(new) + 1))  # stays finished
+    assert tok.decode(new[: first - 1]).endswith("#### 12")  # not finished while the number may go on
+    after = tok.decode(new[:first])
+    assert after.startswith("5 + 7 = 12\n#### 12") and not after[len("5 + 7 = 12\n#### 12")].isdigit()
+    assert crit.n_tokens[0] == first and crit.reasons[0] == "answer"
+
+
+def test_stopping_criterion_batch_eos_and_flag(tiny_tokenizer):
+    tok = tiny_tokenizer
+    prompt = tok(E.build_prompt(tok, "Q?"), add_special_tokens=False)["input_ids"]
+    rows = [
+        tok("#### 12\n", add_special_tokens=False)["input_ids"],
+        tok("#### 12", add_special_tokens=False)["input_ids"],
+        tok("no answer", add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
+    ]
+    width = max(map(len, rows))
+    # generated tokens are right-aligned to the current step: pad the shorter rows in front of their new tokens
+    batch = torch.tensor([prompt + [tok.unk_token_id] * (width - len(r)) + r for r in rows])
+    crit = E.AnswerStoppingCriteria(tok, len(prompt))
+    assert crit(batch, None).tolist() == [True, False, True]
+    assert crit.reasons == ["answer", None, "eos"] and crit.n_tokens == [width, None, width]
+    plain = E.AnswerStoppingCriteria(tok, len(prompt), stop_on_answer=False)
+    assert plain(batch, None).tolist() == [False, False, True]
+    from transformers import StoppingCriteria
+
+    assert isinstance(crit, StoppingCriteria)
+
+
+def test_cut_at_answer():
+    assert E.cut_at_answer("a\n#### 12\n#### 13\nloop") == "a\n#### 12"
+    assert E.cut_at_answer("#### 12 dollars\nmore") == "#### 12 dollars"
+    assert E.cut_at_answer("x #### 12") == "x #### 12"  # incomplete: unchanged
+    assert E.cut_at_answer("no marker\n") == "no marker\n"
+
+
+# --------------------------------------------------------------------------------- generation on the tiny model
+
+
+class _Script:
+    """Logits processor forcing, per prompt, a scripted continuation (then eos)."""
+
+    def __init__(self, tokenizer, scripts: dict[tuple[int, ...], list[int]]):
+        self.tok, self.scripts, self.start = tokenizer, scripts, None
+
+    def __call__(self, input_ids, scores):
+        if self.start is None:
+            self.start = input_ids.shape[1]
+        step = input_ids.shape[1] - self.start
+        forced = torch.full_like(scores, float("-inf"))
+        for row in range(input_ids.shape[0]):
+            ids = input_ids[row, : self.start].tolist()
+            while ids and ids[0] == self.tok.pad_token_id:  # strip the left padding
+                ids.pop(0)
+            prompt = tuple(ids)
+            script = self.scripts[prompt]
+            forced[row, script[step] if step < len(script) else self.tok.eos_token_id] = 0.0
+        return forced
+
+
+def _scripted(tok, questions, texts):
+    prompts = E.build_prompts(tok, questions)
+    pids = tok(prompts, add_special_tokens=False)["input_ids"]
+    scripts = {tuple(p): tok(t, add_special_tokens=False)["input_ids"] for p, t in zip(pids, texts, strict=True)}
+    return prompts, scripts
+
+
+def test_early_stop_in_generate(tiny_llama, tiny_tokenizer):
+    from transformers import LogitsProcessorList
+
+    tok = tiny_tokenizer
+    texts = ["Step\n#### 12\n#### 13\nloop loop loop loop loop loop", "A longer answer: 3 + 4 = 7\n#### 7 apples\nmore"]
+    prompts, scripts = _scripted(tok, ["Short one?", "A longer question with more words?"], texts)
+
+    def run(stop, cut=True):
+        return E.generate_detailed(
+            tiny_llama,
+            tok,
+            prompts,
+            max_new_tokens=60,
+            batch_size=2,
+            stop_on_answer=stop,
+            cut=cut,
+            progress=False,
+            generation_kwargs={"logits_processor": LogitsProcessorList([_Script(tok, scripts)])},
+        )
+
+    early, plain, raw = run(True), run(False), run(False, cut=False)
+    assert [o[0].text for o in early.outputs] == ["Step\n#### 12", "A longer answer: 3 + 4 = 7\n#### 7 apples"]
+    assert [o[0].text for o in plain.outputs] == [o[0].text for o in early.outputs]  # same scored text
+    assert [o[0].text for o in raw.outputs] == texts  # cut=False keeps everything (until eos)
+    assert [o[0].finish_reason for o in early.outputs] == ["answer", "answer"]
+    assert [o[0].finish_reason for o in plain.outputs] == ["eos", "eos"]
+    n_stop = [
+        len(tok(t, add_special_tokens=False)["input_ids"])
+        for t in ("Step\n#### 12\n", "A longer answer: 3 + 4 = 7\n#### 7 apples")
+    ]
+    assert [o[0].n_tokens for o in early.outputs] == n_stop
+    assert [o[0].n_tokens for o in plain.outputs] == [len(scripts[k]) + 1 for k in scripts]  # + eos
+    assert early.decode_steps == max(n_stop) < plain.decode_steps
+    assert early.generated_tokens < plain.generated_tokens
+
+
+def test_generate_deterministic_and_rng_independent(tiny_llama, tiny_tokenizer):
+    prompts = E.build_prompts(tiny_tokenizer, ["What is 2 + 3?", "How many apples did Emily buy in May?", "Q"])
+    kw = {"samples": 2, "temperature": 1.0, "max_new_tokens": 6, "batch_size": 4, "progress": False}
+    torch.manual_seed(123)
+    a = E.generate(tiny_llama, tiny_tokenizer, prompts, seed=5, **kw)
+    torch.manual_seed(999)
+    state = torch.get_rng_state()
+    b = E.generate(tiny_llama, tiny_tokenizer, prompts, seed=5, **kw)
+    assert torch.equal(state, torch.get_rng_state())  # the caller's RNG is untouched
+    assert a == b and len(a) == 3 and all(len(x) == 2 for x in a)
+    assert E.generate(tiny_llama, tiny_tokenizer, prompts, seed=6, **kw) != a
+    g = E.generate(tiny_llama, tiny_tokenizer, prompts, samples=3, max_new_tokens=6, progress=False)
+    assert all(len(set(x)) == 1 and len(x) == 3 for x in g)  # greedy: one generation repeated
+
+
+def test_generate_restores_input_order(tiny_llama, tiny_tokenizer):
+    qs = ["Q", "What is 2 + 3?", "How many apples did Emily buy in April and in May together?"]
+    prompts = E.build_prompts(tiny_tokenizer, qs)
+    kw = {"max_new_tokens": 5, "batch_size": 2, "progress": False, "stop_on_answer": False}
+    fwd = E.generate(tiny_llama, tiny_tokenizer, prompts, **kw)
+    rev = E.generate(tiny_llama, tiny_tokenizer, prompts[::-1], **kw)
+    one = [E.generate(tiny_llama, tiny_tokenizer, [p], **kw)[0] for p in prompts]
+    assert fwd == rev[::-1] == one
+
+
+def test_evaluate_generation_end_to_end(tiny_llama, tiny_tokenizer, gen_set, tmp_path):
+    kw = {"samples": 2, "temperature": 1.0, "greedy": True, "max_new_tokens": 6, "batch_size": 4, "progress": False}
+    s1 = E.evaluate_generation(tiny_llama, tiny_tokenizer, str(gen_set), out_dir=tmp_path / "a", seed=1, **kw)
+    s2 = E.evaluate_generation(tiny_llama, tiny_tokenizer, str(gen_set), out_dir=tmp_path / "b", seed=1, **kw)
+    ga, gb = (tmp_path / d / "toy.generations.jsonl" for d in "ab")
+    assert ga.read_text() == gb.read_text()
+    recs = [json.loads(x) for x in ga.read_text().splitlines()]
+    assert len(recs) == 3 and all(len(r["samples"]) == 2 and r["greedy"] is not None for r in recs)
+    assert {"text", "extracted", "correct", "n_tokens", "finish_reason"} <= set(recs[0]["samples"][0])
+    assert set(recs[0]) == {"id", "question", "gold", "samples", "greedy"}
+    summ = json.loads((tmp_path / "a" / "toy.summary.json").read_text())
+    assert summ["metrics"] == s1["metrics"] == s2["metrics"]
+    assert {"average@2", "pass@2", "pass@1", "greedy"} == set(summ["metrics"])
+    assert summ["decoding"]["samples"] == 2 and summ["decoding"]["max_new_tokens"] == 6
+    assert summ["generated_tokens"] > 0 and summ["tokens_per_second"] > 0 and summ["n"] == 3
+    assert summ["stats"]["samples"]["sequences"] == 6 and summ["stats"]["greedy"]["sequences"] == 3
+
+
+# ------------------------------------------------------------------------------------------- multiple choice
+
+
+def test_multiple_choice_matches_direct_loglik(tiny_llama, tiny_tokenizer, tmp_path):
+    items = [
+        {"question": "Which is a fruit?", "choices": ["apples", "a red brick", "tickets"], "answer_index": 0},
+        {"question": "Natalia sold clips. What did she sell?", "choices": ["clips", "shrimp"], "answer_index": 0},
+        {"question": "Pick one", "choices": ["marbles in a jar", "books", "cookies", "balloons"], "answer_index": 2},
+    ]
+    path = _write_jsonl(tmp_path / "mc.jsonl", items)
+    s = E.evaluate_multiple_choice(
+        tiny_llama, tiny_tokenizer, str(path), batch_size=3, out_dir=tmp_path, progress=False
+    )
+    recs = [json.loads(x) for x in (tmp_path / "mc.mc.jsonl").read_text().splitlines()]
+    tok = tiny_tokenizer
+    correct_mean = correct_sum = 0
+    for it, rec in zip(items, recs, strict=True):
+        sums, means = [], []
+        ctx = tok(f"Question: {it['question']}\nAnswer:", add_special_tokens=False)["input_ids"]
+        for ch in it["choices"]:
+            cont = tok(" " + ch, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logits = tiny_llama(torch.tensor([ctx + cont])).logits[0]
+            lp = torch.log_softmax(logits[len(ctx) - 1 : -1], -1).gather(-1, torch.tensor(cont)[:, None]).sum()
+            sums.append(float(lp))
+            means.append(float(lp) / len(cont))
+        assert rec["logprob_sum"] == pytest.approx(sums, abs=1e-4)
+        assert rec["pred_mean"] == max(range(len(means)), key=means.__getitem__)
+        assert rec["pred_sum"] == max(range(len(sums)), key=sums.__getitem__)
+        correct_mean += rec["pred_mean"] == it["answer_index"]
+        correct_sum += rec["pred_sum"] == it["answer_index"]
+    assert s["metrics"]["accuracy"]["value"] == pytest.approx(correct_mean / 3)
+    assert s["metrics"]["accuracy_sum"]["value"] == pytest.approx(correct_sum / 3)
+    assert s["metrics"]["accuracy"]["ci"] == "wilson" and s["normalize"] == "mean"
+    s2 = E.evaluate_multiple_choice(tiny_llama, tiny_tokenizer, str(path), normalize="sum", progress=False)
+    assert s2["metrics"]["accuracy"] == s2["metrics"]["accuracy_sum"]
+
+
+# ------------------------------------------------------------------------------------------- evaluate and CLI
+
+
+def test_cli_arguments_and_run(monkeypatch):
+    parser = E.add_eval_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(
+        [
+            "--model",
+            "m",
+            "--data",
+            "gsm-heldout",
+            "piqa",
+            "--data",
+            "x.jsonl",
+            "--samples",
+            "4",
+            "--temperature",
+            "0.7",
+            "--size",
+            "all",
+            "--no-early-stop",
+        ]
+    )
+    assert args.data == ["gsm-heldout", "piqa", "x.jsonl"] and args.size == "all" and args.stop_on_answer is False
+    assert args.samples == 4 and args.temperature == 0.7 and args.greedy is True and args.max_new_tokens == 256
+    seen = {}
+    monkeypatch.setattr(E, "evaluate", lambda model, sets, **kw: seen.update(model=model, sets=sets, **kw) or {})
+    assert E.run_eval_from_args(args) == 0
+    assert seen["model"] == "m" and seen["sets"] == args.data and seen["temperature"] == 0.7
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--data", "a", "--size", "-1"])
+
+
+def test_run_eval_unknown_set_returns_2(capsys):
+    args = E.add_eval_arguments(argparse.ArgumentParser()).parse_args(["--data", "no-such-set"])
+    assert E.run_eval_from_args(args) == 2
+    assert "unknown evaluation set" in capsys.readouterr().err
+
+
+def test_evaluate_from_a_model_folder(tiny_llama, tiny_tokenizer, gen_set, tmp_path, capsys):
+    folder = tmp_path / "model"
+    tiny_llama.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    mc = _write_jsonl(tmp_path / "mc.jsonl", [{"question": "q", "choices": ["a", "b"], "answer_index": 1}])
+    args = E.add_eval_arguments(argparse.ArgumentParser()).parse_args(
+        [
+            "--model",
+            str(folder),
+            "--data",
+            str(gen_set),
+            str(mc),
+            "--max-new-tokens",
+            "4",
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ]
+    )
+    assert E.run_eval_from_args(args) == 0
+    table = capsys.readouterr().out
+    assert "toy" in table and "greedy" in table and "accuracy" in table and "[" in table
+    report = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [r["kind"] for r in report["results"]] == ["generation", "multiple_choice"]
+    assert set(report["results"][0]["metrics"]) == {"average@1", "pass@1", "greedy"}
+    assert (tmp_path / "out" / "toy.generations.jsonl").is_file() and (tmp_path / "out" / "mc.mc.jsonl").is_file()
