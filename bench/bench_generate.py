@@ -8,13 +8,14 @@ batches of ``--batch-size`` (prompts sorted by length, as :func:`targetsft.evalu
 
 The two modes run batch by batch, alternately, so that load from other processes on a shared machine hits both
 alike. Reported per mode: wall time, decode steps (a batch runs until its slowest row ends), generated tokens (each
-row up to its own end), accuracy, and whether the scored texts agree (the plain output cut after its first complete
-``#### n`` line must equal the early-stopped one). Results go to ``bench/results/generate.csv`` and to the section
+row up to its own end), accuracy, and whether the scored texts agree (the plain output cut right after its first
+complete ``#### n`` must equal the early-stopped one). Results go to ``bench/results/generate.csv`` and to the section
 between ``<!-- generate:start -->`` and ``<!-- generate:end -->`` of ``docs/benchmarks.md`` (the rest of that file
 is left alone).
 
     python bench/bench_generate.py                 # N = 64, batch 32, 256 new tokens (a few minutes on 2 cores)
     python bench/bench_generate.py --n 8 --max-new-tokens 32 --no-doc   # smoke run
+    python bench/bench_generate.py --report        # rewrite the docs section from the CSV
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ import platform
 import time
 from pathlib import Path
 
+from docsection import markers, write_section
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 CSV_PATH = RESULTS / "generate.csv"
-DOC = ROOT / "docs" / "benchmarks.md"
-START, END = "<!-- generate:start -->", "<!-- generate:end -->"
+START, END = markers("generate")
 FIELDS = [
     "date",
     "model",
@@ -48,6 +50,7 @@ FIELDS = [
     "correct_uncut",
     "ended_with_answer",
     "hit_cap",
+    "cap_after_answer",
     "identical_scored",
     "speedup",
     "threads",
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
     from targetsft.answers import is_correct
     from targetsft.data.eval_sets import load_eval_set
-    from targetsft.evaluate import build_prompts, cut_at_answer, generate_detailed
+    from targetsft.evaluate import answer_complete, build_prompts, cut_at_answer, generate_detailed
     from targetsft.models import load_model, load_tokenizer, resolve_model
 
     if args.threads:
@@ -81,7 +84,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     rows = load_eval_set(args.set, args.n)
     prompts = build_prompts(tok, [r["question"] for r in rows])
     gold = [r["answer"] for r in rows]
-    generate_detailed(model, tok, prompts[:2], max_new_tokens=4, progress=False)  # warm-up
+    # warm-up on a full batch, so that allocator / kernel warm-up does not fall on the first timed mode
+    generate_detailed(model, tok, prompts[: args.batch_size], max_new_tokens=8, progress=False)
 
     kw = {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "progress": False}
     texts = {"plain": [""] * len(rows), "early": [""] * len(rows)}
@@ -138,6 +142,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 else "",
                 "ended_with_answer": sum("####" in t for t in scored),
                 "hit_cap": sum(g.finish_reason == "length" for g in gens[mode]),
+                "cap_after_answer": sum(g.finish_reason == "length" and answer_complete(g.text) for g in gens[mode]),
                 "identical_scored": identical,
                 "speedup": round(wall["plain"] / wall["early"], 3) if mode == "early" else 1.0,
             }
@@ -156,16 +161,31 @@ def write_csv(rows: list[dict]) -> None:
     print(f"wrote {CSV_PATH.relative_to(ROOT)}")
 
 
+def _speed_line(plain: dict, early: dict) -> str:
+    line = (
+        f"- Wall time plain / early stop: **{early['speedup']:.2f}×** ({plain['decode_steps']} → "
+        f"{early['decode_steps']} decode steps, {plain['generated_tokens']} → {early['generated_tokens']} generated "
+        "tokens)."
+    )
+    if plain["decode_steps"] == early["decode_steps"]:
+        line += (
+            " Both modes ran the same decode steps over the same batches, so the difference is timing noise: "
+            "**no real speed-up** here."
+        )
+    return line
+
+
 def section(rows: list[dict]) -> str:
+    """The markdown section (markers included) for ``docs/benchmarks.md``."""
     plain, early = rows
-    n = plain["n"]
+    n, threads = plain["n"], plain["threads"]
     lines = [
         START,
         "## Generation early stop",
         "",
         f"`bench/bench_generate.py`, {plain['date']}: {plain['model']}, greedy, {n} problems of `{plain['set']}`, "
         f"batch {plain['batch_size']}, at most {plain['max_new_tokens']} new tokens, left padding, KV cache "
-        f"(`model.generate`), {plain['threads']} threads on {platform.machine()} "
+        f"(`model.generate`), {threads} torch thread{'s' if threads != 1 else ''} on {platform.machine()} "
         f"({os.cpu_count()} cores; load average {plain['load_avg']} during the run, the machine is shared), "
         f"torch {plain['torch']}, transformers {plain['transformers']}. The two modes ran batch by batch, "
         "alternately.",
@@ -183,39 +203,50 @@ def section(rows: list[dict]) -> str:
         )
     lines += [
         "",
-        f"- **Speed-up: {early['speedup']:.2f}×** wall time "
-        f"({plain['decode_steps']} → {early['decode_steps']} decode steps, "
-        f"{plain['generated_tokens']} → {early['generated_tokens']} generated tokens).",
-        f"- Scored texts identical in {early['identical_scored']}/{n} problems: the plain output cut after its first "
-        "complete `#### n` line (what `targetsft.evaluate` always scores) equals the early-stopped output, so the "
-        "accuracy is the same by construction. Scoring the plain output uncut (the last `####` decides) gives "
+        _speed_line(plain, early),
+        f"- Scored texts identical in {early['identical_scored']}/{n} problems: the plain output cut right after its "
+        "first complete `#### n` (what `targetsft.evaluate` always scores) equals the early-stopped output, so the "
+        "accuracy is the same. Scoring the plain output uncut (the last `####` decides) gives "
         f"{plain['correct_uncut']}/{n}.",
-        "- Tokens/s counts each row's own tokens (up to its eos or answer) over wall time. A batch still runs until "
-        "its slowest row ends, and finished rows keep being computed (padded) until then: the saving comes from "
-        "batches whose rows all finish before the cap. With the base model, which rarely ends in `####` and often "
-        "loops to the cap, few batches do; fine-tuned models, which end in `####` 90–100% of the time with ≈5% "
-        "looping (pilot), gain more, and smaller batches gain more too.",
-        f"- {plain['threads']} torch thread(s): on this shared 2-core machine, 2 threads next to another busy "
-        "process ran 15–25× slower than 1 in a probe (OpenMP oversubscription), so absolute speeds here are "
-        "single-thread figures; the pilot's 140–160 tokens/s were measured with 2 threads on an idle machine.",
+        f"- Of the {plain['hit_cap']} plain rows that ran to the cap, {plain['cap_after_answer']} had already "
+        "written a complete `#### n`: those are the loops early stop can cut; the others looped without ever "
+        "writing one.",
+        "- Finished rows stay in the batch (padded) and a batch runs until its slowest row ends, so early stop saves "
+        "time only when *every* row of a batch has ended before the cap. With this base model no batch did. "
+        "Fine-tuned models end in `####` 90–100% of the time with ≈5% of rows capped (pilot): early stop helps them "
+        "only as far as those capped rows loop *after* their answer. A lower `max_new_tokens` (reference solutions "
+        "average ≈109 tokens) or dropping finished rows from the batch would save time on loops of either kind. "
+        "Tokens/s counts each row's own tokens (up to its eos or answer) over wall time.",
+        f"- {threads} torch thread{'s' if threads != 1 else ''}: on this shared 2-core machine, 2 threads next to "
+        "another busy process ran 15–25× slower than 1 in a probe (OpenMP oversubscription), so absolute speeds "
+        "here are single-thread figures; the pilot's 140–160 tokens/s were measured with 2 threads.",
         "",
-        "Reproduce: `python bench/bench_generate.py` (results in `bench/results/generate.csv`).",
+        "Reproduce: `python bench/bench_generate.py`; `--report` rewrites this section from "
+        "`bench/results/generate.csv`.",
         END,
     ]
     return "\n".join(lines)
 
 
+def read_csv() -> list[dict]:
+    """The rows of ``bench/results/generate.csv``, numbers parsed."""
+    with open(CSV_PATH, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:
+        for k, v in r.items():
+            for cast in (int, float):
+                try:
+                    r[k] = cast(v)
+                    break
+                except (TypeError, ValueError):
+                    pass
+    return rows
+
+
 def write_doc(text: str) -> None:
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    old = DOC.read_text() if DOC.is_file() else "# Benchmarks\n"
-    if START in old and END in old and old.index(START) < old.index(END):
-        new = old[: old.index(START)] + text + old[old.index(END) + len(END) :]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    tmp = DOC.with_suffix(".md.tmp")
-    tmp.write_text(new)
-    os.replace(tmp, DOC)
-    print(f"updated the generate section of {DOC.relative_to(ROOT)}")
+    """Replace this benchmark's section of ``docs/benchmarks.md``."""
+    body = text.removeprefix(START).removesuffix(END)
+    write_section("generate", body)
 
 
 def main() -> None:
@@ -233,7 +264,11 @@ def main() -> None:
         "15-25x slower than 1 in a probe; 0 = torch's default)",
     )
     p.add_argument("--no-doc", action="store_true", help="do not write the CSV or docs/benchmarks.md")
+    p.add_argument("--report", action="store_true", help="only rewrite the docs section from the CSV")
     args = p.parse_args()
+    if args.report:
+        write_doc(section(read_csv()))
+        return
     rows = run(args)
     for r in rows:
         print({k: r[k] for k in ("mode", "wall_s", "decode_steps", "generated_tokens", "correct", "speedup")})

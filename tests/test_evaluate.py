@@ -232,7 +232,9 @@ def test_stopping_criterion_batch_eos_and_flag(tiny_tokenizer):
 
 def test_cut_at_answer():
     assert E.cut_at_answer("a\n#### 12\n#### 13\nloop") == "a\n#### 12"
-    assert E.cut_at_answer("#### 12 dollars\nmore") == "#### 12 dollars"
+    assert E.cut_at_answer("#### 12 dollars\nmore") == "#### 12"  # an early-stopped row never has the rest
+    assert E.cut_at_answer("#### $1,234.50.\n") == "#### $1,234.50"
+    assert E.cut_at_answer("#### 12.\n") == "#### 12"
     assert E.cut_at_answer("x #### 12") == "x #### 12"  # incomplete: unchanged
     assert E.cut_at_answer("no marker\n") == "no marker\n"
 
@@ -289,7 +291,7 @@ def test_early_stop_in_generate(tiny_llama, tiny_tokenizer):
         )
 
     early, plain, raw = run(True), run(False), run(False, cut=False)
-    assert [o[0].text for o in early.outputs] == ["Step\n#### 12", "A longer answer: 3 + 4 = 7\n#### 7 apples"]
+    assert [o[0].text for o in early.outputs] == ["Step\n#### 12", "A longer answer: 3 + 4 = 7\n#### 7"]
     assert [o[0].text for o in plain.outputs] == [o[0].text for o in early.outputs]  # same scored text
     assert [o[0].text for o in raw.outputs] == texts  # cut=False keeps everything (until eos)
     assert [o[0].finish_reason for o in early.outputs] == ["answer", "answer"]

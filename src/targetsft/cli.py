@@ -80,6 +80,15 @@ def _cache_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quickstart(args: argparse.Namespace) -> int:
+    from targetsft.quickstart import run_quickstart
+
+    run_quickstart(
+        args.out, steps=args.steps, eval_size=args.eval_size, learning_rate=args.learning_rate
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="target-sft",
@@ -110,6 +119,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="e.g. cuda; default: where the model loads")
     p.add_argument("--overwrite", action="store_true", help="replace a cache built for something else")
     p.set_defaults(func=_cache_teacher)
+    from targetsft.evaluate import add_eval_arguments, run_eval_from_args
+
+    p = sub.add_parser("eval", help="evaluate a model: GSM-style generation (Average@k, pass@k, greedy) and MC sets")
+    add_eval_arguments(p)
+    p.set_defaults(func=run_eval_from_args)
+    p = sub.add_parser(
+        "quickstart",
+        help="the main job: fine-tune the embedded SmolLM2 with sft and target_sft, evaluate both and the base model",
+    )
+    p.add_argument("--out", default="runs/quickstart")
+    p.add_argument("--steps", type=int, default=30, help="training steps of batch 8 per method")
+    p.add_argument("--learning-rate", type=float, default=5e-5)
+    p.add_argument("--eval-size", type=int, default=50, help="gsm-intemplate problems evaluated (greedy)")
+    p.set_defaults(func=_quickstart)
     p = sub.add_parser("demo", help="run every method on a synthetic batch and check ∂loss/∂z = w·(p − Q)")
     p.set_defaults(func=_demo)
     return parser

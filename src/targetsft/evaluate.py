@@ -16,10 +16,11 @@ Generative sets (:data:`targetsft.data.eval_sets.EVAL_SETS` or a ``.jsonl`` file
   ``#### 125`` may follow; ``#### 12\\n`` or ``#### 12 dollars`` are; ``#### 12.`` waits for the next character,
   ``12.5`` vs ``12.\\n``), or once it emits eos (``<|im_end|>``). Finished rows are padded by ``generate``; the batch
   stops when every row is finished or at ``max_new_tokens``.
-* **Scored text**: the new tokens only, special tokens skipped, cut at the end of the line of the first complete
-  ``#### n`` (:func:`cut_at_answer`). The cut is applied with or without early stop, so early stop only saves time
-  and never changes a score: rows are computed independently, so a row's tokens up to its answer are the same either
-  way (bitwise for greedy on CPU, see ``bench/bench_generate.py``).
+* **Scored text**: the new tokens only, special tokens skipped, cut right after the number of the first complete
+  ``#### n`` (:func:`cut_at_answer`; the rest of that line, e.g. a unit, is dropped: an early-stopped row never
+  generates it). The cut is applied with or without early stop, so early stop only saves time and changes neither
+  the scored text nor the score: rows are computed independently, so a row's tokens up to its answer are the same
+  either way (checked on 64 greedy problems by ``bench/bench_generate.py``).
 * **Answers**: :func:`targetsft.answers.extract_answer` / :func:`targetsft.answers.is_correct`.
 
 Metrics (:func:`generation_metrics`)
@@ -136,12 +137,10 @@ def answer_complete(text: str) -> bool:
 
 
 def cut_at_answer(text: str) -> str:
-    """``text`` up to the end of the line of its first complete ``#### <number>`` (unchanged when there is none)."""
+    """``text`` up to the end of the number of its first complete ``#### <number>`` (unchanged when there is none):
+    ``"…#### 12 dollars\\n#### 13"`` → ``"…#### 12"``."""
     m = _ANSWER_COMPLETE.search(text)
-    if m is None:
-        return text
-    nl = text.find("\n", m.end("num"))
-    return text if nl < 0 else text[:nl]
+    return text if m is None else text[: m.end("num")]
 
 
 class AnswerStoppingCriteria:
@@ -213,7 +212,7 @@ def _register_as_stopping_criteria() -> None:
 
 @dataclass(frozen=True)
 class Generation:
-    """One generated answer: the scored ``text`` (cut after the ``#### n`` line), the number of new tokens
+    """One generated answer: the scored ``text`` (cut after its first ``#### n``), the number of new tokens
     generated for it (eos or the answer's last token included), and why it ended (``answer``, ``eos``, ``length``)."""
 
     text: str
@@ -365,7 +364,7 @@ def generate_detailed(
 ) -> GenerationRun:
     """:func:`generate` with token counts, finish reasons and timing (see :class:`GenerationRun`).
 
-    ``cut``: cut each text after its first complete ``#### n`` line (default; :func:`cut_at_answer`).
+    ``cut``: cut each text right after its first complete ``#### n`` (default; :func:`cut_at_answer`).
     ``generation_kwargs``: extra ``model.generate`` arguments (e.g. ``logits_processor``).
     With ``temperature == 0`` the ``samples`` outputs of a prompt are one greedy generation repeated.
     """
@@ -434,8 +433,8 @@ def generate(
     progress: bool = True,
 ) -> list[list[str]]:
     """Generate ``samples`` completions for each rendered prompt (see :func:`build_prompt`); ``out[i][j]`` is sample
-    ``j`` of prompt ``i``, decoded from the new tokens only (special tokens skipped) and cut after the first complete
-    ``#### n`` line.
+    ``j`` of prompt ``i``, decoded from the new tokens only (special tokens skipped) and cut right after the first
+    complete ``#### n``.
 
     Greedy when ``temperature == 0`` (the samples are then one generation repeated), else sampling with
     ``temperature`` / ``top_p``. Batches of ``batch_size`` sequences (prompt × sample), left padded, prompts sorted by
@@ -595,11 +594,44 @@ def _versions() -> dict[str, str]:
 # ------------------------------------------------------------------------------------------ generative sets
 
 
-def _score(text: str, gold: str) -> dict[str, Any]:
-    return {"text": text, "extracted": extract_answer(text), "correct": bool(is_correct(text, gold))}
+def _scored_generation(g: Generation, gold: str) -> dict[str, Any]:
+    """One generation as a JSONL field: text, extracted answer, correctness, token count, finish reason."""
+    return {
+        "text": g.text,
+        "extracted": extract_answer(g.text),
+        "correct": bool(is_correct(g.text, gold)),
+        "n_tokens": g.n_tokens,
+        "finish_reason": g.finish_reason,
+    }
 
 
-def _run_stats(run: GenerationRun, max_new_tokens: int) -> dict[str, Any]:
+def _problem_records(
+    rows: Sequence[dict[str, Any]], run: GenerationRun, greedy_run: GenerationRun | None
+) -> list[dict[str, Any]]:
+    """Per-problem JSONL records: id, question, gold, samples (scored), greedy (scored, or None)."""
+    return [
+        {
+            "id": r["id"],
+            "question": r["question"],
+            "gold": r["answer"],
+            "samples": [_scored_generation(g, r["answer"]) for g in run.outputs[i]],
+            "greedy": _scored_generation(greedy_run.outputs[i][0], r["answer"]) if greedy_run else None,
+        }
+        for i, r in enumerate(rows)
+    ]
+
+
+def _write_outputs(out_dir: str | os.PathLike, label: str, items_name: str, items: str, summary: dict) -> None:
+    """Write ``<label>.<items_name>`` and ``<label>.summary.json`` atomically into ``out_dir`` (the summary last,
+    with both paths under ``summary["files"]``)."""
+    out = Path(out_dir)
+    summary["files"] = {"items": str(out / f"{label}.{items_name}"), "summary": str(out / f"{label}.summary.json")}
+    _atomic_write(out / f"{label}.{items_name}", items)
+    _atomic_write(out / f"{label}.summary.json", json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+
+
+def _run_stats(run: GenerationRun) -> dict[str, Any]:
+    """Output statistics of a generation pass (distinct generations only)."""
     gens = list({id(g): g for outs in run.outputs for g in outs}.values())
     n = max(len(gens), 1)
     reasons = {r: sum(g.finish_reason == r for g in gens) / n for r in ("answer", "eos", "length")}
@@ -608,8 +640,7 @@ def _run_stats(run: GenerationRun, max_new_tokens: int) -> dict[str, Any]:
         "generated_tokens": run.generated_tokens,
         "mean_new_tokens": run.generated_tokens / n,
         "has_answer_marker": sum("####" in g.text for g in gens) / n,
-        "finish": reasons,
-        "hit_max_new_tokens": sum(g.n_tokens >= max_new_tokens and g.finish_reason == "length" for g in gens) / n,
+        "finish": reasons,  # fractions: "length" = ran to max_new_tokens
         "seconds": run.seconds,
         "decode_steps": run.decode_steps,
         "batches": run.batches,
@@ -676,19 +707,7 @@ def evaluate_generation(
         )
     seconds = time.perf_counter() - t0
 
-    records = []
-    for i, r in enumerate(rows):
-        scored = [
-            {**_score(g.text, r["answer"]), "n_tokens": g.n_tokens, "finish_reason": g.finish_reason}
-            for g in run.outputs[i]
-        ]
-        g_rec = None
-        if greedy:
-            g = (greedy_run or run).outputs[i][0]
-            g_rec = {**_score(g.text, r["answer"]), "n_tokens": g.n_tokens, "finish_reason": g.finish_reason}
-        records.append(
-            {"id": r["id"], "question": r["question"], "gold": r["answer"], "samples": scored, "greedy": g_rec}
-        )
+    records = _problem_records(rows, run, (greedy_run or run) if greedy else None)
     metrics = generation_metrics(
         [[s["correct"] for s in rec["samples"]] for rec in records],
         [rec["greedy"]["correct"] for rec in records] if greedy else None,
@@ -719,19 +738,12 @@ def evaluate_generation(
         "seconds": seconds,
         "generated_tokens": tokens,
         "tokens_per_second": tokens / seconds if seconds > 0 else None,
-        "stats": {"samples": _run_stats(run, max_new_tokens)}
-        | ({"greedy": _run_stats(greedy_run, max_new_tokens)} if greedy_run else {}),
+        "stats": {"samples": _run_stats(run)} | ({"greedy": _run_stats(greedy_run)} if greedy_run else {}),
         "versions": _versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if out_dir is not None:
-        out = Path(out_dir)
-        summary["files"] = {
-            "generations": str(out / f"{label}.generations.jsonl"),
-            "summary": str(out / f"{label}.summary.json"),
-        }
-        _atomic_write(out / f"{label}.generations.jsonl", _jsonl(records))
-        _atomic_write(out / f"{label}.summary.json", json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+        _write_outputs(out_dir, label, "generations.jsonl", _jsonl(records), summary)
     return summary
 
 
@@ -863,10 +875,7 @@ def evaluate_multiple_choice(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if out_dir is not None:
-        out, label = Path(out_dir), _set_label(set_name)
-        summary["files"] = {"items": str(out / f"{label}.mc.jsonl"), "summary": str(out / f"{label}.summary.json")}
-        _atomic_write(out / f"{label}.mc.jsonl", _jsonl(records))
-        _atomic_write(out / f"{label}.summary.json", json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+        _write_outputs(out_dir, _set_label(set_name), "mc.jsonl", _jsonl(records), summary)
     return summary
 
 
