@@ -1,9 +1,12 @@
 """Time (forward + backward) and peak memory of the fused target loss against its peers, side by side.
 
-Every (implementation, shape) runs in its own process; its peak memory is that process's peak RSS minus the peak
-RSS of a process that only allocates the same inputs (on CUDA: ``torch.cuda.max_memory_allocated`` above the
-inputs). Results are appended to ``bench/results/fused.csv`` as they come (a rerun skips finished rows), then
-plotted to ``bench/results/fused.png`` and tabulated into ``docs/benchmarks.md``.
+Every (implementation, shape) is timed in its own process (median of the repetitions after a warm-up). Its peak
+memory comes from a second process run with ``MALLOC_MMAP_THRESHOLD_=65536`` (so freed buffers leave the
+resident set instead of staying in glibc's cache): peak RSS during one forward + backward, after a warm-up, above
+the RSS at that point (Linux: the peak is reset through ``/proc/self/clear_refs``); imports, inputs and
+compilation do not count, the gradients and every temporary do. On CUDA: ``torch.cuda.max_memory_allocated``
+above the allocation at that point. Results are appended to ``bench/results/fused.csv`` as they come (a rerun
+skips finished rows), then plotted to ``bench/results/fused_*.png`` and tabulated into ``docs/benchmarks.md``.
 
     python bench/bench_fused.py                 # full grid (about an hour on a 2-core CPU)
     python bench/bench_fused.py --quick         # N = 1024, 4096 only
@@ -17,7 +20,6 @@ import csv
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -44,6 +46,10 @@ IMPLS = [
     "fused_target_sft_top64",
 ]
 TOPK = 64
+# glibc keeps freed buffers resident, so peak RSS would measure the allocator's cache rather than what an
+# implementation holds; with this threshold every buffer of 64 KiB or more is mmapped and returned on free. It slows
+# the run (page faults), so the memory process is separate from the timed one.
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 IGNORE_EVERY = 7  # one token in seven carries no loss (prompt/padding)
 
 
@@ -51,8 +57,9 @@ def _inputs(n: int, h: int, v: int, device: str):
     import torch
 
     g = torch.Generator().manual_seed(0)
-    hidden = (torch.randn(n, h, generator=g) * 0.5).to(device).requires_grad_(True)
-    weight = (torch.randn(v, h, generator=g) * (1.0 / h**0.5)).to(device).requires_grad_(True)
+    # in-place scaling: the inputs-only baseline process must not peak above the inputs themselves
+    hidden = torch.randn(n, h, generator=g).mul_(0.5).to(device).requires_grad_(True)
+    weight = torch.randn(v, h, generator=g).mul_(1.0 / h**0.5).to(device).requires_grad_(True)
     labels = torch.randint(0, v, (n,), generator=g)
     labels[::IGNORE_EVERY] = -100
     ids = torch.stack([torch.randperm(v, generator=g)[:TOPK] for _ in range(min(n, 64))]).repeat(n // 64 + 1, 1)[:n]
@@ -102,12 +109,32 @@ def _step(impl: str, hidden, weight, labels, ids, logprobs):
     return lambda: fused_target_loss(hidden, weight, labels, method=method, **kw).backward()
 
 
+def _status_mb(field: str) -> float:
+    """A ``VmRSS``/``VmHWM`` line of ``/proc/self/status`` in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak(device: str) -> float:
+    """Start measuring the peak from now (imports and inputs excluded); returns the current usage in MiB."""
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM (peak RSS) to the current RSS
+    return _status_mb("VmRSS")
+
+
 def _peak_mb(device: str) -> float:
     import torch
 
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return _status_mb("VmHWM")
 
 
 def worker(impl: str, n: int, h: int, v: int, device: str, reps: int) -> dict:
@@ -115,9 +142,7 @@ def worker(impl: str, n: int, h: int, v: int, device: str, reps: int) -> dict:
 
     torch.manual_seed(0)
     hidden, weight, labels, ids, logprobs = _inputs(n, h, v, device)
-    if impl == "inputs":
-        return {"time_s": 0.0, "peak_mb": _peak_mb(device)}
-    run = _step(impl, hidden, weight, labels, ids, logprobs)
+    run = _step(impl, hidden, weight, labels, ids, logprobs)  # imports and any precomputed input happen here
 
     def sync():
         if device == "cuda":
@@ -125,6 +150,8 @@ def worker(impl: str, n: int, h: int, v: int, device: str, reps: int) -> dict:
 
     run()  # warm-up (and compilation where any)
     sync()
+    hidden.grad = weight.grad = None
+    base = _reset_peak(device)
     times = []
     for _ in range(reps):
         hidden.grad = weight.grad = None
@@ -132,12 +159,12 @@ def worker(impl: str, n: int, h: int, v: int, device: str, reps: int) -> dict:
         run()
         sync()
         times.append(time.perf_counter() - t0)
-    return {"time_s": statistics.median(times), "peak_mb": _peak_mb(device)}
+    return {"time_s": statistics.median(times), "peak_mb": _peak_mb(device) - base}
 
 
-def _spawn(impl: str, n: int, h: int, v: int, device: str, reps: int) -> dict:
+def _spawn(impl: str, n: int, h: int, v: int, device: str, reps: int, env: dict | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, str(n), str(h), str(v), "--device", device, "--reps", str(reps)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         return {"error": lines[-1][:300] if lines else f"exit code {proc.returncode}"}
@@ -175,10 +202,12 @@ def run_grid(device: str, quick: bool, impls: list[str], shapes: list[str]) -> N
             pending = [i for i in impls if (device, shape, n, i) not in done]
             if not pending:
                 continue
-            base = _spawn("inputs", n, h, v, device, 0)
             reps = 3 if n * v <= 4096 * 49152 else 2
             for impl in pending:
                 res = _spawn(impl, n, h, v, device, reps)
+                if "time_s" in res and device == "cpu":  # memory: a second process where every buffer >= 64 KiB
+                    mem = _spawn(impl, n, h, v, device, 1, MEMORY_ENV)  # is its own mapping, freed when freed
+                    res["peak_mb"] = mem.get("peak_mb", float("nan"))
                 row = {
                     "device": device,
                     "shape": shape,
@@ -187,7 +216,7 @@ def run_grid(device: str, quick: bool, impls: list[str], shapes: list[str]) -> N
                     "v": v,
                     "impl": impl,
                     "time_s": f"{res['time_s']:.4f}" if "time_s" in res else "",
-                    "peak_mb": f"{res['peak_mb'] - base['peak_mb']:.1f}" if "peak_mb" in res else "",
+                    "peak_mb": f"{res['peak_mb']:.1f}" if "peak_mb" in res else "",
                     "error": res.get("error", ""),
                     "torch": torch.__version__,
                     "date": time.strftime("%Y-%m-%d"),
@@ -215,8 +244,10 @@ def report() -> None:
         "",
         "Generated by `python bench/bench_fused.py` (then `--report`); raw numbers in `bench/results/fused.csv`.",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}; "
-        "one process per cell; time = median forward + backward; memory = peak RSS above a process that only "
-        f"allocates the inputs (CUDA: max allocated above the inputs). One label in {IGNORE_EVERY} is ignored; "
+        "time = median forward + backward in a process per cell; memory = peak RSS of one forward + backward above "
+        "the RSS before it, in a second process with `MALLOC_MMAP_THRESHOLD_=65536` so that freed buffers are "
+        "returned (CUDA: max allocated above the inputs); gradients included. "
+        f"One label in {IGNORE_EVERY} is ignored; "
         f"teachers are top-{TOPK}. TRL = `trl.kernels.chunked_logprob.ChunkedLogProbFunction` on the loss rows "
         "(its best case); gemm = the three bare matmuls of an unfused step (forward logits, both backward "
         "products) with a precomputed gradient: the floor.",

@@ -1,19 +1,25 @@
-"""Greedy GSM generation with and without the early-stop criterion (``#### <number>`` complete, or eos).
+"""Greedy GSM generation: ``model.generate`` with and without early stop, and the compact decode loop.
 
-On the embedded SmolLM2-135M-Instruct (fp32, CPU), ``--n`` problems of ``gsm-intemplate`` are generated greedily in
-batches of ``--batch-size`` (prompts sorted by length, as :func:`targetsft.evaluate.generate` does) in two modes:
+On the embedded SmolLM2-135M-Instruct (fp32, CPU) and on any ``--model`` folders (e.g. a fine-tuned
+``runs/quickstart/sft/final``), ``--n`` problems of ``gsm-intemplate`` are generated greedily in batches of
+``--batch-size`` (prompts sorted by length, as :func:`targetsft.evaluate.generate` does) in three modes:
 
-- ``plain``: ``model.generate`` stopping only at eos (``<|im_end|>``) or ``--max-new-tokens``;
-- ``early``: the same plus :class:`targetsft.evaluate.AnswerStoppingCriteria`.
+- ``hf-plain``: ``model.generate`` stopping only at eos (``<|im_end|>``) or ``--max-new-tokens``;
+- ``hf-early``: the same plus :class:`targetsft.evaluate.AnswerStoppingCriteria` (a row is finished at a complete
+  ``#### n`` or eos), finished rows staying in the batch (padded) until its slowest row ends;
+- ``compact``: the library's default engine, the same stopping rule in a decode loop that drops finished rows from
+  the batch (KV cache, mask, positions), so a row that loops to the cap costs its own row only.
 
-The two modes run batch by batch, alternately, so that load from other processes on a shared machine hits both
-alike. Reported per mode: wall time, decode steps (a batch runs until its slowest row ends), generated tokens (each
-row up to its own end), accuracy, and whether the scored texts agree (the plain output cut right after its first
-complete ``#### n`` must equal the early-stopped one). Results go to ``bench/results/generate.csv`` and to the section
-between ``<!-- generate:start -->`` and ``<!-- generate:end -->`` of ``docs/benchmarks.md`` (the rest of that file
-is left alone).
+The modes run batch by batch, in rotating order, so that load from other processes on a shared machine hits all
+alike. Reported per mode: wall time, decode steps (forward passes: a batch runs until its slowest row ends),
+row-steps (rows summed over the forward passes: the compute spent), generated tokens (each row up to its own end),
+accuracy, whether the scored texts agree (every output cut right after its first complete ``#### n`` must equal the
+cut ``hf-plain`` output) and whether the compact loop's tokens equal ``hf-early``'s token for token. Results go to
+``bench/results/generate.csv`` and to the section between ``<!-- generate:start -->`` and ``<!-- generate:end -->`` of
+``docs/benchmarks.md`` (the rest of that file is left alone).
 
-    python bench/bench_generate.py                 # N = 64, batch 32, 256 new tokens (a few minutes on 2 cores)
+    python bench/bench_generate.py                 # N = 64, batch 32, 256 new tokens (several minutes on 2 cores)
+    python bench/bench_generate.py --model default --model runs/quickstart/sft/final   # base + fine-tuned
     python bench/bench_generate.py --n 8 --max-new-tokens 32 --no-doc   # smoke run
     python bench/bench_generate.py --report        # rewrite the docs section from the CSV
 """
@@ -33,6 +39,17 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 CSV_PATH = RESULTS / "generate.csv"
 START, END = markers("generate")
+MODES = ("hf-plain", "hf-early", "compact")
+SETUP = {  # mode: (engine, stop_on_answer)
+    "hf-plain": ("hf", False),
+    "hf-early": ("hf", True),
+    "compact": ("compact", True),
+}
+NAMES = {
+    "hf-plain": "`model.generate`, stop at eos only",
+    "hf-early": "`model.generate` + early stop (`#### n` complete, or eos)",
+    "compact": "compact loop + early stop (finished rows dropped)",
+}
 FIELDS = [
     "date",
     "model",
@@ -41,8 +58,11 @@ FIELDS = [
     "batch_size",
     "max_new_tokens",
     "mode",
+    "engine",
+    "stop_on_answer",
     "wall_s",
     "decode_steps",
+    "row_steps",
     "generated_tokens",
     "tokens_per_s",
     "correct",
@@ -52,6 +72,7 @@ FIELDS = [
     "hit_cap",
     "cap_after_answer",
     "identical_scored",
+    "identical_tokens",
     "speedup",
     "threads",
     "load_avg",
@@ -67,7 +88,13 @@ def _batches(tokenizer, prompts: list[str], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def _model_label(model: str | None) -> str:
+    if model is None or str(model).lower() in ("default", "smollm2-135m-instruct"):
+        return "SmolLM2-135M-Instruct (fp32, CPU)"
+    return f"{model} (fp32, CPU)"
+
+
+def run_model(args: argparse.Namespace, model_arg: str | None) -> list[dict]:
     import torch
     import transformers
 
@@ -76,75 +103,83 @@ def run(args: argparse.Namespace) -> list[dict]:
     from targetsft.evaluate import answer_complete, build_prompts, cut_at_answer, generate_detailed
     from targetsft.models import load_model, load_tokenizer, resolve_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    path = resolve_model(args.model)
+    path = resolve_model(model_arg)
     model = load_model(path, dtype=torch.float32)
     tok = load_tokenizer(path, padding_side="left")
     rows = load_eval_set(args.set, args.n)
     prompts = build_prompts(tok, [r["question"] for r in rows])
     gold = [r["answer"] for r in rows]
-    # warm-up on a full batch, so that allocator / kernel warm-up does not fall on the first timed mode
-    generate_detailed(model, tok, prompts[: args.batch_size], max_new_tokens=8, progress=False)
+    # warm-up on a full batch with both engines, so that allocator / kernel warm-up does not fall on a timed mode
+    for engine in ("hf", "compact"):
+        generate_detailed(model, tok, prompts[: args.batch_size], max_new_tokens=8, progress=False, engine=engine)
 
     kw = {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "progress": False}
-    texts = {"plain": [""] * len(rows), "early": [""] * len(rows)}
-    gens: dict[str, list] = {"plain": [None] * len(rows), "early": [None] * len(rows)}
-    wall = {"plain": 0.0, "early": 0.0}
-    steps = {"plain": 0, "early": 0}
-    load0 = os.getloadavg()[0]
+    gens: dict[str, list] = {m: [None] * len(rows) for m in MODES}
+    wall = dict.fromkeys(MODES, 0.0)
+    steps = dict.fromkeys(MODES, 0)
+    row_steps = dict.fromkeys(MODES, 0)
+    loads = [os.getloadavg()[0]]
+    label = _model_label(model_arg)
     for b, idx in enumerate(_batches(tok, prompts, args.batch_size)):
-        for mode in ("plain", "early") if b % 2 == 0 else ("early", "plain"):
+        for mode in MODES[b % len(MODES) :] + MODES[: b % len(MODES)]:
+            engine, stop = SETUP[mode]
             r = generate_detailed(
-                model, tok, [prompts[i] for i in idx], stop_on_answer=mode == "early", cut=mode == "early", **kw
+                model, tok, [prompts[i] for i in idx], stop_on_answer=stop, cut=stop, engine=engine, **kw
             )
+            assert r.settings["engine"] == engine, r.settings
             wall[mode] += r.seconds
             steps[mode] += r.decode_steps
+            row_steps[mode] += r.row_steps
             for i, outs in zip(idx, r.outputs, strict=True):
                 gens[mode][i] = outs[0]
-                texts[mode][i] = outs[0].text
+            loads.append(os.getloadavg()[0])
             print(
-                f"batch {b} {mode}: {r.seconds:.1f}s, {r.decode_steps} steps, {r.generated_tokens} tokens", flush=True
+                f"{label} batch {b} {mode}: {r.seconds:.1f}s, {r.decode_steps} steps, {r.row_steps} row-steps, "
+                f"{r.generated_tokens} tokens, load {loads[-1]:.2f}",
+                flush=True,
             )
-    load1 = os.getloadavg()[0]
 
-    cut_plain = [cut_at_answer(t) for t in texts["plain"]]
-    identical = sum(a == b for a, b in zip(cut_plain, texts["early"], strict=True))
+    scored = {m: [cut_at_answer(g.text) for g in gens[m]] for m in MODES}
     common = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "model": "SmolLM2-135M-Instruct (fp32, CPU)" if args.model is None else str(args.model),
+        "model": label,
         "set": args.set,
         "n": len(rows),
         "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens,
         "threads": torch.get_num_threads(),
-        "load_avg": f"{load0:.1f}-{load1:.1f}",
+        "load_avg": f"{min(loads):.1f}-{max(loads):.1f}",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
+    same_tokens = sum(a.token_ids == c.token_ids for a, c in zip(gens["hf-early"], gens["compact"], strict=True))
     out = []
-    for mode in ("plain", "early"):
-        scored = cut_plain if mode == "plain" else texts["early"]
-        correct = sum(is_correct(t, g) for t, g in zip(scored, gold, strict=True))
-        toks = sum(g.n_tokens for g in gens[mode])
+    for mode in MODES:
+        g = gens[mode]
+        correct = sum(is_correct(t, y) for t, y in zip(scored[mode], gold, strict=True))
+        toks = sum(x.n_tokens for x in g)
         out.append(
             {
                 **common,
                 "mode": mode,
+                "engine": SETUP[mode][0],
+                "stop_on_answer": SETUP[mode][1],
                 "wall_s": round(wall[mode], 2),
                 "decode_steps": steps[mode],
+                "row_steps": row_steps[mode],
                 "generated_tokens": toks,
                 "tokens_per_s": round(toks / wall[mode], 1),
                 "correct": correct,
                 "accuracy": round(correct / len(rows), 4),
-                "correct_uncut": sum(is_correct(t, g) for t, g in zip(texts["plain"], gold, strict=True))
-                if mode == "plain"
+                "correct_uncut": sum(is_correct(x.text, y) for x, y in zip(g, gold, strict=True))
+                if mode == "hf-plain"
                 else "",
-                "ended_with_answer": sum("####" in t for t in scored),
-                "hit_cap": sum(g.finish_reason == "length" for g in gens[mode]),
-                "cap_after_answer": sum(g.finish_reason == "length" and answer_complete(g.text) for g in gens[mode]),
-                "identical_scored": identical,
-                "speedup": round(wall["plain"] / wall["early"], 3) if mode == "early" else 1.0,
+                "ended_with_answer": sum("####" in t for t in scored[mode]),
+                "hit_cap": sum(x.finish_reason == "length" for x in g),
+                "cap_after_answer": sum(x.finish_reason == "length" and answer_complete(x.text) for x in g),
+                "identical_scored": sum(a == b for a, b in zip(scored[mode], scored["hf-plain"], strict=True)),
+                "identical_tokens": same_tokens if mode == "compact" else "",
+                "speedup": round(wall["hf-plain"] / wall[mode], 3),
             }
         )
     return out
@@ -161,68 +196,89 @@ def write_csv(rows: list[dict]) -> None:
     print(f"wrote {CSV_PATH.relative_to(ROOT)}")
 
 
-def _speed_line(plain: dict, early: dict) -> str:
-    line = (
-        f"- Wall time plain / early stop: **{early['speedup']:.2f}×** ({plain['decode_steps']} → "
-        f"{early['decode_steps']} decode steps, {plain['generated_tokens']} → {early['generated_tokens']} generated "
-        "tokens)."
-    )
-    if plain["decode_steps"] == early["decode_steps"]:
-        line += (
-            " Both modes ran the same decode steps over the same batches, so the difference is timing noise: "
-            "**no real speed-up** here."
+def _model_block(rows: list[dict]) -> list[str]:
+    """Table and findings for one model's three rows."""
+    by = {r["mode"]: r for r in rows}
+    plain, early, comp = by["hf-plain"], by["hf-early"], by["compact"]
+    n = plain["n"]
+    threads = plain["threads"]
+    lines = [
+        f"### {plain['model']}",
+        "",
+        f"{plain['date']}, {n} problems, {threads} torch thread{'s' if threads != 1 else ''}, load average "
+        f"{plain['load_avg']} during the run (1-minute, sampled after every batch; this process counts ≈1).",
+        "",
+        "| mode | wall time | speed-up | decode steps | row-steps | generated tokens | tokens/s | greedy accuracy "
+        "| ended with `####` | hit the cap |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in (plain, early, comp):
+        lines.append(
+            f"| {NAMES[r['mode']]} | {r['wall_s']:.1f} s | {r['speedup']:.2f}× | {r['decode_steps']} "
+            f"| {r['row_steps']} | {r['generated_tokens']} | {r['tokens_per_s']:.0f} "
+            f"| {r['correct']}/{n} ({100 * r['accuracy']:.1f}%) | {r['ended_with_answer']}/{n} | {r['hit_cap']}/{n} |"
         )
-    return line
+    same_acc = plain["correct"] == early["correct"] == comp["correct"]
+    lines += [
+        "",
+        f"- Speed-up over `hf-plain`: early stop in `model.generate` **{early['speedup']:.2f}×** "
+        f"({plain['decode_steps']} → {early['decode_steps']} decode steps, row-steps {plain['row_steps']} → "
+        f"{early['row_steps']}); compact loop **{comp['speedup']:.2f}×** (row-steps {comp['row_steps']}, "
+        f"{comp['row_steps'] / max(plain['row_steps'], 1):.0%} of `hf-plain`'s; compact / `hf-early` "
+        f"{early['wall_s'] / comp['wall_s']:.2f}×).",
+        f"- Greedy accuracy {'equal in all three modes' if same_acc else '**differs between modes**'} "
+        f"({plain['correct']}, {early['correct']}, {comp['correct']} of {n}); scored texts equal to `hf-plain`'s "
+        f"(cut after the first complete `#### n`) in {early['identical_scored']}/{n} (`hf-early`) and "
+        f"{comp['identical_scored']}/{n} (compact) problems; compact tokens equal to `hf-early`'s token for token "
+        f"in {comp['identical_tokens']}/{n}. `hf-plain` scored uncut (the last `####` decides): "
+        f"{plain['correct_uncut']}/{n}.",
+        f"- Of the {plain['hit_cap']} `hf-plain` rows that ran to the cap, {plain['cap_after_answer']} had already "
+        f"written a complete `#### n` (loops early stop can cut); {comp['hit_cap']} rows still ran to the cap with "
+        "early stop: in `model.generate` each holds its whole batch, in the compact loop only its own row.",
+        "",
+    ]
+    return lines
 
 
 def section(rows: list[dict]) -> str:
     """The markdown section (markers included) for ``docs/benchmarks.md``."""
-    plain, early = rows
-    n, threads = plain["n"], plain["threads"]
+    first = rows[0]
+    threads = first["threads"]
+    models = list(dict.fromkeys(r["model"] for r in rows))
     lines = [
         START,
-        "## Generation early stop",
+        "## Generation: early stop and the compact decode loop",
         "",
-        f"`bench/bench_generate.py`, {plain['date']}: {plain['model']}, greedy, {n} problems of `{plain['set']}`, "
-        f"batch {plain['batch_size']}, at most {plain['max_new_tokens']} new tokens, left padding, KV cache "
-        f"(`model.generate`), {threads} torch thread{'s' if threads != 1 else ''} on {platform.machine()} "
-        f"({os.cpu_count()} cores; load average {plain['load_avg']} during the run, the machine is shared), "
-        f"torch {plain['torch']}, transformers {plain['transformers']}. The two modes ran batch by batch, "
-        "alternately.",
+        f"`bench/bench_generate.py`: greedy, {first['n']} problems of `{first['set']}`, batch "
+        f"{first['batch_size']}, at most {first['max_new_tokens']} new tokens, left padding, KV cache, fp32, "
+        f"{threads} torch thread{'s' if threads != 1 else ''} on {platform.machine()} ({os.cpu_count()} cores, "
+        f"shared machine), torch {first['torch']}, transformers {first['transformers']}. Three modes, run batch by "
+        "batch in rotating order: `hf-plain` = `model.generate` stopping at eos only; `hf-early` = the same plus "
+        "the early-stop criterion (a row is finished at a complete `#### n` or eos), finished rows staying in the "
+        "batch (padded) until its slowest row ends; compact = `targetsft.evaluate`'s default engine, the same "
+        "criterion in a decode loop that drops finished rows from the KV cache and the batch. Decode steps = "
+        "forward passes; row-steps = rows summed over the forward passes (the compute spent).",
         "",
-        "| mode | wall time | decode steps | generated tokens | tokens/s | greedy accuracy | ended with `####` "
-        "| hit the cap |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    names = {"plain": "plain (stop at eos only)", "early": "early stop (`#### n` complete, or eos)"}
-    for r in rows:
-        lines.append(
-            f"| {names[r['mode']]} | {r['wall_s']:.1f} s | {r['decode_steps']} | {r['generated_tokens']} "
-            f"| {r['tokens_per_s']:.0f} | {r['correct']}/{n} ({100 * r['accuracy']:.1f}%) "
-            f"| {r['ended_with_answer']}/{n} | {r['hit_cap']}/{n} |"
-        )
+    for m in models:
+        lines += _model_block([r for r in rows if r["model"] == m])
     lines += [
+        "Notes:",
         "",
-        _speed_line(plain, early),
-        f"- Scored texts identical in {early['identical_scored']}/{n} problems: the plain output cut right after its "
-        "first complete `#### n` (what `targetsft.evaluate` always scores) equals the early-stopped output, so the "
-        "accuracy is the same. Scoring the plain output uncut (the last `####` decides) gives "
-        f"{plain['correct_uncut']}/{n}.",
-        f"- Of the {plain['hit_cap']} plain rows that ran to the cap, {plain['cap_after_answer']} had already "
-        "written a complete `#### n`: those are the loops early stop can cut; the others looped without ever "
-        "writing one.",
-        "- Finished rows stay in the batch (padded) and a batch runs until its slowest row ends, so early stop saves "
-        "time only when *every* row of a batch has ended before the cap. With this base model no batch did. "
-        "Fine-tuned models end in `####` 90–100% of the time with ≈5% of rows capped (pilot): early stop helps them "
-        "only as far as those capped rows loop *after* their answer. A lower `max_new_tokens` (reference solutions "
-        "average ≈109 tokens) or dropping finished rows from the batch would save time on loops of either kind. "
-        "Tokens/s counts each row's own tokens (up to its eos or answer) over wall time.",
+        "- Why `hf-early` gains little: in `model.generate` a batch runs until its slowest row ends, and one row "
+        'that loops to the cap (column "hit the cap"; 1–5% of a fine-tuned model\'s outputs in the pilot) keeps '
+        "every finished row of its batch in the forward passes, so early stop saves steps only when *every* row of "
+        "a batch ends early. The compact loop drops a row once it is finished (eos, or a complete `#### n`), so a "
+        "looping row costs its own row only; what remains is one forward pass per step for the last rows of a "
+        "batch, and a small-batch step costs more per row than a full one (the weights are read once per step "
+        "whatever the batch), so wall time falls less than row-steps.",
+        "- Tokens/s counts each row's own tokens (up to its eos or answer) over wall time.",
         f"- {threads} torch thread{'s' if threads != 1 else ''}: on this shared 2-core machine, 2 threads next to "
         "another busy process ran 15–25× slower than 1 in a probe (OpenMP oversubscription), so absolute speeds "
-        "here are single-thread figures; the pilot's 140–160 tokens/s were measured with 2 threads.",
+        "here are single-thread figures.",
         "",
-        "Reproduce: `python bench/bench_generate.py`; `--report` rewrites this section from "
-        "`bench/results/generate.csv`.",
+        "Reproduce: `python bench/bench_generate.py` (add `--model default --model runs/quickstart/sft/final` for "
+        "a fine-tuned model too); `--report` rewrites this section from `bench/results/generate.csv`.",
         END,
     ]
     return "\n".join(lines)
@@ -255,7 +311,12 @@ def main() -> None:
     p.add_argument("--set", default="gsm-intemplate")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help="model folder, repeatable ('default' = the embedded SmolLM2-135M-Instruct, also the default)",
+    )
     p.add_argument(
         "--threads",
         type=int,
@@ -269,9 +330,15 @@ def main() -> None:
     if args.report:
         write_doc(section(read_csv()))
         return
-    rows = run(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    rows = []
+    for m in args.model or [None]:
+        rows += run_model(args, None if m is None or m.lower() == "default" else m)
     for r in rows:
-        print({k: r[k] for k in ("mode", "wall_s", "decode_steps", "generated_tokens", "correct", "speedup")})
+        print({k: r[k] for k in ("model", "mode", "wall_s", "decode_steps", "row_steps", "correct", "speedup")})
     if not args.no_doc:
         write_csv(rows)
         write_doc(section(rows))

@@ -270,7 +270,8 @@ def _scripted(tok, questions, texts):
     return prompts, scripts
 
 
-def test_early_stop_in_generate(tiny_llama, tiny_tokenizer):
+@pytest.mark.parametrize("engine", ["compact", "hf"])
+def test_early_stop_in_generate(tiny_llama, tiny_tokenizer, engine):
     from transformers import LogitsProcessorList
 
     tok = tiny_tokenizer
@@ -288,6 +289,7 @@ def test_early_stop_in_generate(tiny_llama, tiny_tokenizer):
             cut=cut,
             progress=False,
             generation_kwargs={"logits_processor": LogitsProcessorList([_Script(tok, scripts)])},
+            engine=engine,
         )
 
     early, plain, raw = run(True), run(False), run(False, cut=False)
@@ -306,9 +308,11 @@ def test_early_stop_in_generate(tiny_llama, tiny_tokenizer):
     assert early.generated_tokens < plain.generated_tokens
 
 
-def test_generate_deterministic_and_rng_independent(tiny_llama, tiny_tokenizer):
+@pytest.mark.parametrize("engine", ["compact", "hf"])
+def test_generate_deterministic_and_rng_independent(tiny_llama, tiny_tokenizer, engine):
     prompts = E.build_prompts(tiny_tokenizer, ["What is 2 + 3?", "How many apples did Emily buy in May?", "Q"])
     kw = {"samples": 2, "temperature": 1.0, "max_new_tokens": 6, "batch_size": 4, "progress": False}
+    kw["engine"] = engine
     torch.manual_seed(123)
     a = E.generate(tiny_llama, tiny_tokenizer, prompts, seed=5, **kw)
     torch.manual_seed(999)
@@ -317,14 +321,15 @@ def test_generate_deterministic_and_rng_independent(tiny_llama, tiny_tokenizer):
     assert torch.equal(state, torch.get_rng_state())  # the caller's RNG is untouched
     assert a == b and len(a) == 3 and all(len(x) == 2 for x in a)
     assert E.generate(tiny_llama, tiny_tokenizer, prompts, seed=6, **kw) != a
-    g = E.generate(tiny_llama, tiny_tokenizer, prompts, samples=3, max_new_tokens=6, progress=False)
+    g = E.generate(tiny_llama, tiny_tokenizer, prompts, samples=3, max_new_tokens=6, progress=False, engine=engine)
     assert all(len(set(x)) == 1 and len(x) == 3 for x in g)  # greedy: one generation repeated
 
 
-def test_generate_restores_input_order(tiny_llama, tiny_tokenizer):
+@pytest.mark.parametrize("engine", ["compact", "hf"])
+def test_generate_restores_input_order(tiny_llama, tiny_tokenizer, engine):
     qs = ["Q", "What is 2 + 3?", "How many apples did Emily buy in April and in May together?"]
     prompts = E.build_prompts(tiny_tokenizer, qs)
-    kw = {"max_new_tokens": 5, "batch_size": 2, "progress": False, "stop_on_answer": False}
+    kw = {"max_new_tokens": 5, "batch_size": 2, "progress": False, "stop_on_answer": False, "engine": engine}
     fwd = E.generate(tiny_llama, tiny_tokenizer, prompts, **kw)
     rev = E.generate(tiny_llama, tiny_tokenizer, prompts[::-1], **kw)
     one = [E.generate(tiny_llama, tiny_tokenizer, [p], **kw)[0] for p in prompts]
@@ -347,6 +352,252 @@ def test_evaluate_generation_end_to_end(tiny_llama, tiny_tokenizer, gen_set, tmp
     assert summ["decoding"]["samples"] == 2 and summ["decoding"]["max_new_tokens"] == 6
     assert summ["generated_tokens"] > 0 and summ["tokens_per_second"] > 0 and summ["n"] == 3
     assert summ["stats"]["samples"]["sequences"] == 6 and summ["stats"]["greedy"]["sequences"] == 3
+
+
+# ------------------------------------------------------------------------------------- compact decode loop
+
+
+class _Force:
+    """Logits processor forcing token ``plan[prompt][step]`` at the given steps of the given prompts and leaving
+    every other score alone (the rows keep decoding freely). Works with both engines: it finds a row's prompt by
+    stripping the left padding of the first ``start`` columns."""
+
+    def __init__(self, tokenizer, plan: dict[tuple[int, ...], dict[int, int]]):
+        self.tok, self.plan, self.start = tokenizer, plan, None
+
+    def __call__(self, input_ids, scores):
+        if self.start is None:
+            self.start = input_ids.shape[1]
+        step = input_ids.shape[1] - self.start
+        scores = scores.clone()
+        for row in range(input_ids.shape[0]):
+            ids = input_ids[row, : self.start].tolist()
+            while ids and ids[0] == self.tok.pad_token_id:
+                ids.pop(0)
+            forced = self.plan.get(tuple(ids), {}).get(step)
+            if forced is not None:
+                scores[row] = float("-inf")
+                scores[row, forced] = 0.0
+        return scores
+
+
+class _RowCounter:
+    """Forward pre-hook recording the number of rows of every forward pass of a model."""
+
+    def __init__(self, model):
+        self.rows: list[int] = []
+        self.handle = model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.rows.append(int(ids.shape[0]))
+
+    def remove(self):
+        self.handle.remove()
+
+
+_QUESTIONS = [
+    "How many apples did Emily buy in April and in May together, if she bought 12 in April?",  # longest
+    "What is 2 + 3?",
+    "Natalia sold clips to 48 of her friends. How many?",
+    "Q",  # shortest
+]
+
+
+def _prompt_ids(tok, prompts):
+    return [tuple(x) for x in tok(prompts, add_special_tokens=False)["input_ids"]]
+
+
+def _forced_plan(tok, prompts, eos_at=2, answer_from=1):
+    """Prompt 1 emits eos at step ``eos_at``; prompt 2 writes ``#### 12`` + newline from step ``answer_from``;
+    prompts 0 and 3 decode freely."""
+    pids = _prompt_ids(tok, prompts)
+    answer = tok("#### 12\n", add_special_tokens=False)["input_ids"]
+    return {
+        pids[1]: {eos_at: tok.eos_token_id},
+        pids[2]: {answer_from + i: t for i, t in enumerate(answer)},
+    }, len(answer)
+
+
+def test_compact_greedy_equals_model_generate(tiny_llama, tiny_tokenizer):
+    """Plain greedy, no processors: the compact loop's tokens are model.generate's tokens, row by row."""
+    tok = tiny_tokenizer
+    prompts = E.build_prompts(tok, _QUESTIONS)
+    run = E.generate_detailed(
+        tiny_llama, tok, prompts, max_new_tokens=12, batch_size=4, stop_on_answer=False, cut=False, progress=False
+    )
+    assert run.settings["engine"] == "compact"
+    ids, mask = E._left_pad([list(p) for p in _prompt_ids(tok, prompts)], tok.pad_token_id, torch.device("cpu"))
+    assert len(set(mask.sum(1).tolist())) == 4  # four prompt lengths: real left padding
+    with torch.no_grad():
+        ref = tiny_llama.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=12,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )[:, ids.shape[1] :]
+    for i, outs in enumerate(run.outputs):
+        g = outs[0]
+        assert list(g.token_ids) == ref[i, : g.n_tokens].tolist()
+        assert g.text == tok.decode(ref[i, : g.n_tokens], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("batch_size", [4, 3])
+def test_compact_greedy_equals_hf_with_early_finishes(tiny_llama, tiny_tokenizer, batch_size):
+    """Rows that finish early (one by eos, one by the answer rule) leave the compact batch; every row's tokens,
+    token count, finish reason and text equal model.generate's, and the forward passes shrink accordingly."""
+    from transformers import LogitsProcessorList
+
+    tok = tiny_tokenizer
+    prompts = E.build_prompts(tok, _QUESTIONS)
+    plan, n_answer = _forced_plan(tok, prompts)
+    cap = 12
+    runs, counts = {}, {}
+    for engine in ("hf", "compact"):
+        counter = _RowCounter(tiny_llama)
+        try:
+            runs[engine] = E.generate_detailed(
+                tiny_llama,
+                tok,
+                prompts,
+                max_new_tokens=cap,
+                batch_size=batch_size,
+                cut=False,
+                progress=False,
+                engine=engine,
+                generation_kwargs={"logits_processor": LogitsProcessorList([_Force(tok, plan)])},
+            )
+        finally:
+            counter.remove()
+        counts[engine] = counter.rows
+    hf, compact = runs["hf"], runs["compact"]
+    assert compact.settings["engine"] == "compact" and hf.settings["engine"] == "hf"
+    for a, b in zip(hf.outputs, compact.outputs, strict=True):
+        assert a[0].token_ids == b[0].token_ids and len(b[0].token_ids) == b[0].n_tokens
+        assert (a[0].text, a[0].n_tokens, a[0].finish_reason) == (b[0].text, b[0].n_tokens, b[0].finish_reason)
+    g = [o[0] for o in compact.outputs]
+    assert (g[1].finish_reason, g[1].n_tokens, g[1].token_ids[-1]) == ("eos", 3, tok.eos_token_id)
+    assert g[2].finish_reason == "answer" and g[2].text.endswith("#### 12\n") and g[2].n_tokens <= 1 + n_answer
+    assert g[0].finish_reason == g[3].finish_reason == "length" and g[0].n_tokens == g[3].n_tokens == cap
+    # cost: compact runs each row for its own tokens only; hf keeps every row until its batch ends
+    n_batches = -(-4 // batch_size)
+    assert compact.decode_steps == hf.decode_steps == len(counts["compact"]) == n_batches * cap
+    assert compact.row_steps == sum(counts["compact"]) == sum(x.n_tokens for x in g)
+    assert hf.row_steps == sum(counts["hf"]) == 4 * cap
+    assert compact.row_steps < hf.row_steps
+    if batch_size == 4:  # one batch: 4 rows until the eos row leaves after step 3, then 3, then 2
+        rows = counts["compact"]
+        assert rows[:3] == [4, 4, 4] and rows[3] == 3 and rows[-1] == 2 and rows.count(3) == g[2].n_tokens - 3
+        assert counts["hf"] == [4] * cap
+
+
+def test_compact_stops_when_every_row_is_done(tiny_llama, tiny_tokenizer):
+    from transformers import LogitsProcessorList
+
+    tok = tiny_tokenizer
+    prompts = E.build_prompts(tok, _QUESTIONS[1:3])
+    plan, _ = _forced_plan(tok, E.build_prompts(tok, _QUESTIONS))
+    counter = _RowCounter(tiny_llama)
+    try:
+        run = E.generate_detailed(
+            tiny_llama,
+            tok,
+            prompts,
+            max_new_tokens=40,
+            progress=False,
+            generation_kwargs={"logits_processor": LogitsProcessorList([_Force(tok, plan)])},
+        )
+    finally:
+        counter.remove()
+    n = [o[0].n_tokens for o in run.outputs]
+    assert [o[0].finish_reason for o in run.outputs] == ["eos", "answer"]
+    assert run.decode_steps == len(counter.rows) == max(n) < 40
+    assert counter.rows == [2] * 3 + [1] * (max(n) - 3) and run.row_steps == sum(n)
+
+
+def test_compact_sampling_deterministic_and_independent_of_dropped_rows(tiny_llama, tiny_tokenizer):
+    from transformers import LogitsProcessorList
+
+    tok = tiny_tokenizer
+    prompts = E.build_prompts(tok, _QUESTIONS)
+    kw = {"temperature": 0.9, "top_p": 0.95, "max_new_tokens": 10, "batch_size": 4, "progress": False}
+
+    def run(seed, procs=None, **extra):
+        gk = {"logits_processor": LogitsProcessorList(procs)} if procs else None
+        r = E.generate_detailed(tiny_llama, tok, prompts, seed=seed, cut=False, generation_kwargs=gk, **kw, **extra)
+        assert r.settings["engine"] == "compact"
+        return [o[0] for o in r.outputs]
+
+    torch.manual_seed(1)
+    a = run(5)
+    torch.manual_seed(2)
+    state = torch.get_rng_state()
+    b = run(5)
+    assert torch.equal(state, torch.get_rng_state())  # the caller's RNG is untouched
+    assert [g.token_ids for g in a] == [g.token_ids for g in b] and [g.text for g in a] == [g.text for g in b]
+    assert [g.token_ids for g in run(6)] != [g.token_ids for g in a]
+    # row 1 forced to eos at step 1 leaves the batch: the other rows draw the same tokens as before
+    pid1 = _prompt_ids(tok, prompts)[1]
+    c = run(5, [_Force(tok, {pid1: {1: tok.eos_token_id}})])
+    assert c[1].finish_reason == "eos" and c[1].n_tokens == 2
+    assert [g.token_ids for i, g in enumerate(c) if i != 1] == [g.token_ids for i, g in enumerate(a) if i != 1]
+    # sampled rows: several distinct draws of one prompt
+    many = E.generate_detailed(tiny_llama, tok, prompts[:1], samples=4, seed=0, **kw).outputs[0]
+    assert len({g.token_ids for g in many}) > 1
+
+
+def test_sample_rows_inverse_cdf():
+    scores = torch.log(torch.tensor([[0.5, 0.0, 0.5], [0.25, 0.75, 0.0]]))
+    top = 1 - 2**-24  # the largest value torch.rand returns
+    for u, want in [((0.0, 0.0), [0, 0]), ((0.49, 0.2), [0, 0]), ((0.5, 0.25), [2, 1]), ((top, top), [2, 1])]:
+        assert E._sample_rows(scores, torch.tensor(u)).tolist() == want
+    # tokens of probability 0 are never drawn, and the frequencies follow the probabilities
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(20000, generator=g)
+    p = torch.tensor([0.1, 0.0, 0.6, 0.3])
+    idx = E._sample_rows(torch.log(p).expand(len(u), -1), u)
+    freq = torch.bincount(idx, minlength=4).float() / len(u)
+    assert freq[1] == 0 and torch.allclose(freq, p, atol=0.015)
+
+
+def test_stopping_criterion_update_on_row_subsets(tiny_tokenizer):
+    tok = tiny_tokenizer
+    crit = E.AnswerStoppingCriteria(tok, 0, batch_size=3)
+    a = tok("#### 12\n", add_special_tokens=False)["input_ids"]
+    b = tok("abc", add_special_tokens=False)["input_ids"][: len(a)]
+    b += [tok.unk_token_id] * (len(a) - len(b))
+    done = crit.update(torch.tensor([b, a]), [2, 0])  # rows 2 and 0 only, in that order
+    assert done.tolist() == [False, True] and crit.reasons == ["answer", None, None]
+    assert crit.n_tokens == [len(a), None, None]
+    done = crit.update(torch.tensor([b + [tok.eos_token_id]]), [1])
+    assert done.tolist() == [True] and crit.reasons == ["answer", "eos", None] and crit.done.tolist() == [1, 1, 0]
+
+
+def test_engine_choice_and_fallback(tiny_llama, tiny_tokenizer, monkeypatch):
+    prompts = E.build_prompts(tiny_tokenizer, ["Q"])
+    kw = {"max_new_tokens": 3, "progress": False}
+    with pytest.raises(ValueError, match="engine"):
+        E.generate_detailed(tiny_llama, tiny_tokenizer, prompts, engine="vllm", **kw)
+    with pytest.raises(ValueError, match="logits_processor only|takes only"):
+        E.generate_detailed(tiny_llama, tiny_tokenizer, prompts, generation_kwargs={"num_beams": 2}, **kw)
+    hf = E.generate_detailed(tiny_llama, tiny_tokenizer, prompts, engine="hf", **kw)
+    assert hf.settings["engine"] == "hf" and hf.row_steps == hf.decode_steps == 3
+    assert E._compact_unsupported(tiny_llama) is None
+    monkeypatch.setattr(E, "_compact_unsupported", lambda model: "no row selection")
+    with pytest.warns(UserWarning, match="no row selection"):
+        run = E.generate_detailed(tiny_llama, tiny_tokenizer, prompts, **kw)
+    assert run.settings["engine"] == "hf" and run.outputs == hf.outputs
+
+
+def test_compact_refuses_cache_layers_without_row_selection():
+    from transformers.cache_utils import DynamicCache, DynamicLayer, StaticLayer
+
+    cache = DynamicCache()
+    cache.layers = [DynamicLayer(), StaticLayer(max_cache_len=8)]
+    with pytest.raises(NotImplementedError, match="StaticLayer"):
+        E._check_selectable(cache)
 
 
 # ------------------------------------------------------------------------------------------- multiple choice
@@ -408,7 +659,13 @@ def test_cli_arguments_and_run(monkeypatch):
             "--size",
             "all",
             "--no-early-stop",
+            "--engine",
+            "hf",
         ]
+    )
+    assert (
+        args.engine == "hf"
+        and E.add_eval_arguments(argparse.ArgumentParser()).parse_args(["--data", "a"]).engine == "compact"
     )
     assert args.data == ["gsm-heldout", "piqa", "x.jsonl"] and args.size == "all" and args.stop_on_answer is False
     assert args.samples == 4 and args.temperature == 0.7 and args.greedy is True and args.max_new_tokens == 256
@@ -416,6 +673,7 @@ def test_cli_arguments_and_run(monkeypatch):
     monkeypatch.setattr(E, "evaluate", lambda model, sets, **kw: seen.update(model=model, sets=sets, **kw) or {})
     assert E.run_eval_from_args(args) == 0
     assert seen["model"] == "m" and seen["sets"] == args.data and seen["temperature"] == 0.7
+    assert seen["engine"] == "hf"
     with pytest.raises(SystemExit):
         parser.parse_args(["--data", "a", "--size", "-1"])
 

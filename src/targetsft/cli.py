@@ -25,13 +25,20 @@ def _demo(args: argparse.Namespace) -> int:
     return demo_main()
 
 
-def _train(args: argparse.Namespace) -> int:
+def _config(args: argparse.Namespace):
+    """The checked config of ``--config`` + overrides, or None after printing why not."""
     from targetsft.config import ConfigError, load_config
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        return load_config(args.config, args.overrides)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
+        return None
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    if cfg is None:
         return 2
     from targetsft.trainer import train
 
@@ -41,15 +48,12 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _cache_teacher(args: argparse.Namespace) -> int:
-    from targetsft.config import ConfigError, load_config
     from targetsft.models import load_model, load_tokenizer, resolve_model
     from targetsft.teacher_cache import TeacherCacheError, build_teacher_cache
     from targetsft.trainer import build_dataset
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+    cfg = _config(args)
+    if cfg is None:
         return 2
     teacher = args.teacher or cfg.teacher.model
     out = args.out or cfg.teacher.cache
@@ -83,9 +87,7 @@ def _cache_teacher(args: argparse.Namespace) -> int:
 def _quickstart(args: argparse.Namespace) -> int:
     from targetsft.quickstart import run_quickstart
 
-    run_quickstart(
-        args.out, steps=args.steps, eval_size=args.eval_size, learning_rate=args.learning_rate
-    )
+    run_quickstart(args.out, steps=args.steps, eval_size=args.eval_size, learning_rate=args.learning_rate)
     return 0
 
 

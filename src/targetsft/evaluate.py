@@ -6,21 +6,30 @@ Generative sets (:data:`targetsft.data.eval_sets.EVAL_SETS` or a ``.jsonl`` file
   message, :func:`targetsft.data.gsm.gsm_user_message` (question + the ``#### <number>`` instruction): exactly the
   prompt that training (:mod:`targetsft.data.sft`) puts before the completion. The rendered prompt is tokenized with
   ``add_special_tokens=False`` (the template already holds the special tokens), as in training.
-* **Generation** (:func:`generate`): ``model.generate`` with KV cache, left padding, prompts sorted by length into
-  batches (longest first) and results put back in the input order. Greedy when ``temperature == 0``, else sampling
-  with ``temperature`` and ``top_p`` (``top_k`` disabled; the model's own generation defaults are not used). Every
-  batch runs under ``torch.manual_seed(seed + batch_index)`` inside :func:`torch.random.fork_rng`, so results depend
-  only on the inputs, ``batch_size`` and ``seed`` (not on what ran before) and the caller's RNG state is untouched.
+* **Generation** (:func:`generate`): prompts sorted by length into batches (longest first), left padded, KV
+  cache; results put back in the input order. Greedy when ``temperature == 0``, else sampling with ``temperature``
+  and ``top_p`` (``top_k`` disabled; the model's own generation defaults are not used). Two engines:
+
+  - ``compact`` (default, :func:`_run_batch_compact`): a decode loop over the model's forward with a
+    ``DynamicCache`` that **drops finished rows from the batch** (cache, attention mask, positions), so a row that
+    loops to ``max_new_tokens`` costs its own row only, not the whole batch's. Sampling draws one uniform per
+    (row, step) from a ``torch.Generator`` seeded with ``seed + batch_index``.
+  - ``hf``: ``model.generate``; finished rows stay in the batch (padded) until its slowest row ends. Sampling
+    runs under ``torch.manual_seed(seed + batch_index)`` inside :func:`torch.random.fork_rng`.
+
+  Greedy outputs are the same with both engines (up to floating-point ties: the batch shrinks in ``compact``).
+  Either way results depend only on the inputs, ``batch_size`` and ``seed`` (not on what ran before) and the
+  caller's RNG state is untouched.
 * **Early stop** (:class:`AnswerStoppingCriteria`): a row is finished once its generated text holds a *complete*
   ``#### <number>`` (the number followed by a character that cannot continue it: ``#### 12`` is not complete, since
   ``#### 125`` may follow; ``#### 12\\n`` or ``#### 12 dollars`` are; ``#### 12.`` waits for the next character,
-  ``12.5`` vs ``12.\\n``), or once it emits eos (``<|im_end|>``). Finished rows are padded by ``generate``; the batch
-  stops when every row is finished or at ``max_new_tokens``.
+  ``12.5`` vs ``12.\\n``), or once it emits eos (``<|im_end|>``). The batch stops when every row is finished or at
+  ``max_new_tokens``. ``stop_on_answer=False`` stops rows at eos only.
 * **Scored text**: the new tokens only, special tokens skipped, cut right after the number of the first complete
   ``#### n`` (:func:`cut_at_answer`; the rest of that line, e.g. a unit, is dropped: an early-stopped row never
   generates it). The cut is applied with or without early stop, so early stop only saves time and changes neither
   the scored text nor the score: rows are computed independently, so a row's tokens up to its answer are the same
-  either way (checked on 64 greedy problems by ``bench/bench_generate.py``).
+  either way (checked on 64 greedy problems by ``bench/bench_generate.py``, which also times the engines).
 * **Answers**: :func:`targetsft.answers.extract_answer` / :func:`targetsft.answers.is_correct`.
 
 Metrics (:func:`generation_metrics`)
@@ -61,14 +70,12 @@ length-normalised; default) or the highest sum (``"sum"``); both accuracies are 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import re
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -79,6 +86,7 @@ import torch
 
 from targetsft.answers import extract_answer, is_correct
 from targetsft.data.gsm import gsm_user_message
+from targetsft.files import atomic_write_text
 
 __all__ = [
     "AnswerStoppingCriteria",
@@ -144,18 +152,26 @@ def cut_at_answer(text: str) -> str:
 
 
 class AnswerStoppingCriteria:
-    """Per-sequence stopping criterion for ``model.generate`` (a ``transformers.StoppingCriteria``).
+    """Per-sequence stopping criterion for ``model.generate`` (a ``transformers.StoppingCriteria``), also driven row
+    by row by the compact decode loop (:meth:`update`).
 
     A row is finished once its eos (any of ``eos_token_ids``) is generated, or, with ``stop_on_answer``, once the
     decoded new tokens (special tokens skipped) hold a complete ``#### <number>`` (:func:`answer_complete`). Returns
     a BoolTensor of shape ``(batch,)`` that stays True for finished rows. ``n_tokens[i]`` / ``reasons[i]`` record
     how many new tokens row ``i`` had when it finished (its last token included) and why (``"eos"`` or
     ``"answer"``); None while it runs. ``prompt_length`` is the (left-padded) prompt width, so the new tokens are
-    ``input_ids[:, prompt_length:]``. One instance serves one ``generate`` call.
+    ``input_ids[:, prompt_length:]``. ``batch_size``: the number of rows (else taken from the first call). One
+    instance serves one ``generate`` call (one batch).
     """
 
     def __init__(
-        self, tokenizer: Any, prompt_length: int, *, eos_token_ids: Sequence[int] = (), stop_on_answer: bool = True
+        self,
+        tokenizer: Any,
+        prompt_length: int,
+        *,
+        eos_token_ids: Sequence[int] = (),
+        stop_on_answer: bool = True,
+        batch_size: int | None = None,
     ) -> None:
         _register_as_stopping_criteria()
         self.tokenizer = tokenizer
@@ -168,6 +184,12 @@ class AnswerStoppingCriteria:
         self.done: torch.Tensor | None = None
         self.n_tokens: list[int | None] = []
         self.reasons: list[FinishReason | None] = []
+        if batch_size is not None:
+            self._start(batch_size)
+
+    def _start(self, batch_size: int) -> None:
+        self.done = torch.zeros(batch_size, dtype=torch.bool)
+        self.n_tokens, self.reasons = [None] * batch_size, [None] * batch_size
 
     def _finish(self, row: int, n: int, reason: FinishReason) -> None:
         assert self.done is not None
@@ -175,24 +197,35 @@ class AnswerStoppingCriteria:
         self.n_tokens[row] = n
         self.reasons[row] = reason
 
-    def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kwargs: Any) -> torch.Tensor:
-        b = input_ids.shape[0]
+    def update(self, new_tokens: torch.Tensor, rows: Sequence[int] | None = None) -> torch.Tensor:
+        """Check rows after a decode step: ``new_tokens[i]`` holds all new tokens so far (same count ``n`` for every
+        row) of batch row ``rows[i]`` (default: row ``i``). Marks the rows that finish with this step's token and
+        returns, on the CPU, whether each of ``rows`` is finished."""
+        new = new_tokens.cpu()
+        rows = list(range(new.shape[0])) if rows is None else [int(r) for r in rows]
         if self.done is None:
-            self.done = torch.zeros(b, dtype=torch.bool)
-            self.n_tokens, self.reasons = [None] * b, [None] * b
-        new = input_ids[:, self.prompt_length :].cpu()
+            self._start(max(rows, default=-1) + 1)
+        assert self.done is not None
+        idx = torch.tensor(rows, dtype=torch.long)
         n = new.shape[1]
-        if n > 0:
-            hit_eos = torch.isin(new[:, -1], self.eos_ids) & ~self.done
-            for row in hit_eos.nonzero().flatten().tolist():
-                self._finish(row, n, "eos")
+        if n > 0 and rows:
+            hit_eos = torch.isin(new[:, -1], self.eos_ids) & ~self.done[idx]
+            for i in hit_eos.nonzero().flatten().tolist():
+                self._finish(rows[i], n, "eos")
             if self.stop_on_answer:
-                active = (~self.done).nonzero().flatten().tolist()
+                active = (~self.done[idx]).nonzero().flatten().tolist()
                 if active:
                     texts = self.tokenizer.batch_decode(new[active], skip_special_tokens=True)
-                    for row, text in zip(active, texts, strict=True):
+                    for i, text in zip(active, texts, strict=True):
                         if answer_complete(text):
-                            self._finish(row, n, "answer")
+                            self._finish(rows[i], n, "answer")
+        return self.done[idx].clone()
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kwargs: Any) -> torch.Tensor:
+        if self.done is None:
+            self._start(input_ids.shape[0])
+        self.update(input_ids[:, self.prompt_length :])
+        assert self.done is not None
         return self.done.clone().to(input_ids.device)
 
 
@@ -210,25 +243,35 @@ def _register_as_stopping_criteria() -> None:
 # --------------------------------------------------------------------------------------------------- generation
 
 
+Engine = Literal["compact", "hf"]
+ENGINES: tuple[str, ...] = ("compact", "hf")
+
+
 @dataclass(frozen=True)
 class Generation:
     """One generated answer: the scored ``text`` (cut after its first ``#### n``), the number of new tokens
-    generated for it (eos or the answer's last token included), and why it ended (``answer``, ``eos``, ``length``)."""
+    generated for it (eos or the answer's last token included), why it ended (``answer``, ``eos``, ``length``) and
+    the ``token_ids`` of those new tokens (not compared by ``==``)."""
 
     text: str
     n_tokens: int
     finish_reason: FinishReason
+    token_ids: tuple[int, ...] = field(default=(), repr=False, compare=False)
 
 
 @dataclass
 class GenerationRun:
     """Result of :func:`generate_detailed`: ``outputs[i][j]`` is sample ``j`` of prompt ``i``. ``decode_steps``: sum
-    over batches of the steps the batch ran (a batch runs until its slowest row finishes)."""
+    over batches of the forward passes (steps) the batch ran: until its slowest row finishes. ``row_steps``: sum
+    over steps of the rows in the forward pass, the compute actually spent: with ``engine="hf"`` every row stays
+    until the batch ends (``steps × rows``), with ``engine="compact"`` a row leaves once it is finished (the sum
+    of the rows' ``n_tokens``)."""
 
     outputs: list[list[Generation]]
     seconds: float
     batches: int
     decode_steps: int
+    row_steps: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -241,7 +284,11 @@ class GenerationRun:
         return sum(g.n_tokens for g in seen.values())
 
 
-def _check_decoding(samples: int, temperature: float, top_p: float, max_new_tokens: int, batch_size: int) -> None:
+def _check_decoding(
+    samples: int, temperature: float, top_p: float, max_new_tokens: int, batch_size: int, engine: str = "compact"
+) -> None:
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be an int >= 1, got {samples!r}")
     if temperature < 0:
@@ -316,17 +363,15 @@ def _run_batch(
     stop_on_answer: bool,
     cut: bool,
     generation_kwargs: dict[str, Any],
-) -> tuple[list[Generation], int]:
-    """Generate for one batch of token-id prompts; returns the generations (batch order) and the steps run."""
+) -> tuple[list[Generation], int, int]:
+    """``model.generate`` for one batch of token-id prompts; returns the generations (batch order), the steps run
+    and the row-steps (steps × rows: finished rows stay in the batch, padded)."""
     device = _model_device(model)
     input_ids, attention_mask = _left_pad(seqs, pad_id, device)
     crit = AnswerStoppingCriteria(tokenizer, input_ids.shape[1], eos_token_ids=eos_ids, stop_on_answer=stop_on_answer)
     from transformers import StoppingCriteriaList
 
-    fork_devices = (
-        [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    )
-    with torch.random.fork_rng(devices=fork_devices):
+    with torch.random.fork_rng(devices=_fork_devices(device)):
         torch.manual_seed(seed)
         out = model.generate(
             input_ids=input_ids,
@@ -336,13 +381,179 @@ def _run_batch(
             **generation_kwargs,
         )
     new = out[:, input_ids.shape[1] :].cpu()
+    steps = int(new.shape[1])
+    return _generations(tokenizer, crit, new, steps, cut), steps, steps * len(seqs)
+
+
+def _generations(
+    tokenizer: Any, crit: AnswerStoppingCriteria, new: torch.Tensor, steps: int, cut: bool
+) -> list[Generation]:
+    """The :class:`Generation` of each row from its new tokens ``new[row]`` and the criterion's record (a row that
+    never finished ran all ``steps``: ``length``)."""
     gens = []
-    for row in range(len(seqs)):
-        n = crit.n_tokens[row] if crit.n_tokens and crit.n_tokens[row] is not None else new.shape[1]
+    for row in range(new.shape[0]):
+        n = crit.n_tokens[row] if crit.n_tokens and crit.n_tokens[row] is not None else steps
         reason: FinishReason = crit.reasons[row] if crit.reasons and crit.reasons[row] is not None else "length"
-        text = tokenizer.decode(new[row, :n], skip_special_tokens=True)
-        gens.append(Generation(cut_at_answer(text) if cut else text, int(n), reason))
-    return gens, int(new.shape[1])
+        ids = new[row, :n]
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        gens.append(Generation(cut_at_answer(text) if cut else text, int(n), reason, tuple(ids.tolist())))
+    return gens
+
+
+# Cache layers whose ``batch_select_indices`` keeps exactly the selected rows (quantized layers keep a second,
+# quantized copy it does not touch; linear-attention / static / indexed layers have none or a different layout).
+_SELECTABLE_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")
+
+
+def _forward_params(model: Any) -> set[str]:
+    import inspect
+
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):  # pragma: no cover - builtins / odd wrappers
+        return set()
+
+
+def _compact_cache(model: Any) -> Any:
+    """A fresh ``DynamicCache`` for ``model`` (layer types from its config, as ``generate`` builds it); raises
+    ``NotImplementedError`` when a layer cannot drop rows (see :data:`_SELECTABLE_LAYERS`)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    _check_selectable(cache)
+    return cache
+
+
+def _check_selectable(cache: Any) -> None:
+    bad = sorted({type(layer).__name__ for layer in cache.layers} - set(_SELECTABLE_LAYERS))
+    if bad:
+        raise NotImplementedError(f"cache layers {bad} have no row selection")
+
+
+def _select_rows(cache: Any, keep: torch.Tensor) -> None:
+    """Keep only the batch rows ``keep`` of every cache layer (indices moved to each layer's device, for models
+    spread over devices)."""
+    for layer in cache.layers:
+        dev = getattr(layer, "device", None)
+        layer.batch_select_indices(keep.to(dev) if isinstance(dev, torch.device) else keep)
+
+
+def _compact_unsupported(model: Any) -> str | None:
+    """Why the compact loop cannot run ``model`` (None when it can)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "is_encoder_decoder", False):
+        return "not a decoder-only transformers model"
+    params = _forward_params(model)
+    if "position_ids" not in params or not {"cache", "past_key_values"} & params:
+        return "its forward takes no position_ids / cache"
+    try:
+        _compact_cache(model)
+    except (NotImplementedError, ValueError, TypeError, KeyError, AttributeError) as e:
+        return f"DynamicCache: {e}"
+    return None
+
+
+def _sample_rows(scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row drawn from ``softmax(scores[i])`` by inverse CDF with the uniform ``u[i]`` in [0, 1):
+    the first token whose cumulative probability exceeds ``u[i]`` × total. A token of probability 0 (a ``-inf``
+    score) is never drawn."""
+    cdf = torch.softmax(scores, dim=-1).cumsum(-1)
+    total = cdf[:, -1:]
+    # u * total rounds to total at worst; stay strictly below it so that a token of nonzero probability is hit
+    x = torch.minimum(u[:, None].to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, x, right=True).squeeze(1)
+
+
+def _fork_devices(device: torch.device) -> list[int]:
+    return [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+
+
+def _run_batch_compact(
+    model: Any,
+    tokenizer: Any,
+    seqs: list[list[int]],
+    *,
+    eos_ids: list[int],
+    pad_id: int,
+    seed: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    stop_on_answer: bool,
+    cut: bool,
+    logits_processor: Any = None,
+) -> tuple[list[Generation], int, int]:
+    """The compact decode loop for one batch of token-id prompts: returns the generations (batch order), the
+    steps (forward passes) run and the row-steps (rows summed over the forward passes).
+
+    Prefill of the left-padded batch, then one token per step with a ``DynamicCache``, explicit ``position_ids``
+    (``cumsum(mask) - 1``, then + 1 per step) and the growing attention mask. After each step the rows that
+    finished (:class:`AnswerStoppingCriteria`: eos, or a complete ``#### n`` with ``stop_on_answer``) leave the
+    batch: their rows are dropped from the cache (``batch_select_indices``), the mask, the positions and the
+    token buffers, so a row that loops to ``max_new_tokens`` costs its own row only. Greedy (argmax of the
+    float32 logits, as ``generate``) or sampling: ``logits_processor`` (``generate``'s ``logits_processor``
+    argument; it sees the prompt + new tokens of the remaining rows), then temperature and top-p (transformers'
+    warpers, in ``generate``'s order), then a draw by inverse CDF from one uniform per (row, step) of a
+    ``torch.Generator`` seeded with ``seed``: a row's draws do not depend on which rows are still in the batch.
+    """
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+    device = _model_device(model)
+    input_ids, mask = _left_pad(seqs, pad_id, device)
+    b, width = input_ids.shape
+    crit = AnswerStoppingCriteria(tokenizer, width, eos_token_ids=eos_ids, stop_on_answer=stop_on_answer, batch_size=b)
+    user_procs = LogitsProcessorList(logits_processor or [])
+    procs = LogitsProcessorList(user_procs)
+    if temperature > 0:
+        if temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(float(temperature)))
+        if top_p < 1.0:
+            procs.append(TopPLogitsWarper(top_p=float(top_p), min_tokens_to_keep=1))
+    params = _forward_params(model)
+    cache = _compact_cache(model)
+    fwd: dict[str, Any] = {"use_cache": True, ("cache" if "cache" in params else "past_key_values"): cache}
+    if "logits_to_keep" in params:
+        fwd["logits_to_keep"] = 1
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+
+    tokens = torch.full((b, max_new_tokens), pad_id, dtype=torch.long)  # new tokens of every row (CPU)
+    rows = torch.arange(b)  # batch row of each row still running
+    rows_dev = rows.to(device)
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    cur, seq = input_ids, input_ids  # this step's input; prompt + new tokens of the running rows (processors)
+    steps = row_steps = 0
+    with torch.random.fork_rng(devices=_fork_devices(device)):
+        torch.manual_seed(seed)  # for processors that draw from the global RNG
+        for step in range(max_new_tokens):
+            out = model(input_ids=cur, attention_mask=mask, position_ids=pos, **fwd)
+            logits = out.logits[:, -1].to(dtype=torch.float32, copy=True)
+            del out
+            steps, row_steps = steps + 1, row_steps + cur.shape[0]
+            if step == 0:
+                _check_selectable(cache)  # layers a model adds lazily
+            scores = procs(seq, logits) if procs else logits
+            if temperature > 0:
+                u = torch.rand(b, generator=gen, device=device)  # one per batch row, also for finished rows
+                nxt = _sample_rows(scores, u[rows_dev])
+            else:
+                nxt = scores.argmax(dim=-1)
+            tokens[rows, step] = nxt.cpu()
+            done = crit.update(tokens[rows, : step + 1], rows.tolist())
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            if bool(done.any()):  # drop the finished rows
+                keep = (~done).nonzero().flatten()
+                keep_dev = keep.to(device)
+                _select_rows(cache, keep_dev)
+                mask, pos, nxt, seq = mask[keep_dev], pos[keep_dev], nxt[keep_dev], seq[keep_dev]
+                rows, rows_dev = rows[keep], rows_dev[keep_dev]
+            cur = nxt[:, None]
+            if user_procs:
+                seq = torch.cat([seq, cur], dim=1)
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+            pos = pos[:, -1:] + 1
+    return _generations(tokenizer, crit, tokens[:, :steps], steps, cut), steps, row_steps
 
 
 def generate_detailed(
@@ -361,16 +572,36 @@ def generate_detailed(
     progress: bool = True,
     desc: str = "generate",
     generation_kwargs: dict[str, Any] | None = None,
+    engine: Engine = "compact",
 ) -> GenerationRun:
     """:func:`generate` with token counts, finish reasons and timing (see :class:`GenerationRun`).
 
     ``cut``: cut each text right after its first complete ``#### n`` (default; :func:`cut_at_answer`).
-    ``generation_kwargs``: extra ``model.generate`` arguments (e.g. ``logits_processor``).
-    With ``temperature == 0`` the ``samples`` outputs of a prompt are one greedy generation repeated.
+    ``engine``: ``"compact"`` (default) runs :func:`_run_batch_compact`, a decode loop that drops finished rows
+    from the batch; ``"hf"`` runs ``model.generate``, where finished rows stay (padded) until the batch's slowest
+    row ends. Greedy outputs are the same. Sampled outputs differ between the engines (each is deterministic for
+    a seed): ``hf`` samples from the global RNG under ``torch.manual_seed(seed + b)``, ``compact`` from its own
+    generator seeded with ``seed + b``. A model the compact loop cannot run (encoder-decoder, no
+    ``position_ids`` / cache argument, cache layers without row selection) falls back to ``hf`` with a warning;
+    ``settings["engine"]`` records the engine used.
+    ``generation_kwargs``: extra ``model.generate`` arguments (e.g. ``logits_processor``); the compact engine takes
+    ``logits_processor`` only. With ``temperature == 0`` the ``samples`` outputs of a prompt are one greedy
+    generation repeated.
     """
-    _check_decoding(samples, temperature, top_p, max_new_tokens, batch_size)
+    _check_decoding(samples, temperature, top_p, max_new_tokens, batch_size, engine)
     from tqdm.auto import tqdm
 
+    generation_kwargs = dict(generation_kwargs or {})
+    if engine == "compact":
+        extra = sorted(set(generation_kwargs) - {"logits_processor"})
+        if extra:
+            raise ValueError(f"engine='compact' takes only logits_processor in generation_kwargs, got {extra}")
+        reason = _compact_unsupported(model)
+        if reason is not None:
+            import warnings
+
+            warnings.warn(f"engine='compact' cannot run this model ({reason}); using model.generate", stacklevel=2)
+            engine = "hf"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_ids = _eos_ids(model, tokenizer)
     gen_config = _generation_config(temperature, top_p, max_new_tokens, eos_ids, pad_id)
@@ -382,25 +613,39 @@ def generate_detailed(
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
-    steps = batches = tokens = 0
+    steps = row_steps = batches = tokens = 0
     try:
         with tqdm(total=len(jobs), desc=desc, unit="seq", disable=not progress, leave=False) as bar:
             for b, start in enumerate(range(0, len(order), batch_size)):
                 chunk = [jobs[j] for j in order[start : start + batch_size]]
-                gens, n_steps = _run_batch(
-                    model,
-                    tokenizer,
-                    [ids[p] for p, _ in chunk],
-                    gen_config=gen_config,
-                    eos_ids=eos_ids,
-                    pad_id=pad_id,
-                    seed=seed + b,
-                    stop_on_answer=stop_on_answer,
-                    cut=cut,
-                    generation_kwargs=dict(generation_kwargs or {}),
-                )
+                seqs = [ids[p] for p, _ in chunk]
+                common = {"eos_ids": eos_ids, "pad_id": pad_id, "seed": seed + b, "stop_on_answer": stop_on_answer}
+                with torch.inference_mode():
+                    if engine == "compact":
+                        gens, n_steps, n_rows = _run_batch_compact(
+                            model,
+                            tokenizer,
+                            seqs,
+                            temperature=temperature,
+                            top_p=top_p,
+                            max_new_tokens=max_new_tokens,
+                            cut=cut,
+                            logits_processor=generation_kwargs.get("logits_processor"),
+                            **common,
+                        )
+                    else:
+                        gens, n_steps, n_rows = _run_batch(
+                            model,
+                            tokenizer,
+                            seqs,
+                            gen_config=gen_config,
+                            cut=cut,
+                            generation_kwargs=dict(generation_kwargs),
+                            **common,
+                        )
                 results.update(zip(chunk, gens, strict=True))
-                steps, batches, tokens = steps + n_steps, batches + 1, tokens + sum(g.n_tokens for g in gens)
+                steps, row_steps = steps + n_steps, row_steps + n_rows
+                batches, tokens = batches + 1, tokens + sum(g.n_tokens for g in gens)
                 bar.update(len(chunk))
                 bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
     finally:
@@ -414,8 +659,9 @@ def generate_detailed(
         "batch_size": batch_size,
         "seed": seed,
         "stop_on_answer": stop_on_answer,
+        "engine": engine,
     }
-    return GenerationRun(outputs, time.perf_counter() - t0, batches, steps, settings)
+    return GenerationRun(outputs, time.perf_counter() - t0, batches, steps, row_steps, settings)
 
 
 def generate(
@@ -431,6 +677,7 @@ def generate(
     seed: int = 0,
     stop_on_answer: bool = True,
     progress: bool = True,
+    engine: Engine = "compact",
 ) -> list[list[str]]:
     """Generate ``samples`` completions for each rendered prompt (see :func:`build_prompt`); ``out[i][j]`` is sample
     ``j`` of prompt ``i``, decoded from the new tokens only (special tokens skipped) and cut right after the first
@@ -440,7 +687,8 @@ def generate(
     ``temperature`` / ``top_p``. Batches of ``batch_size`` sequences (prompt × sample), left padded, prompts sorted by
     length; batch ``b`` runs under ``torch.manual_seed(seed + b)`` in a forked RNG, so the output is a function of
     the inputs, ``batch_size`` and ``seed``. ``stop_on_answer``: finish a row at its complete ``#### n`` (else only
-    at eos / ``max_new_tokens``). ``progress``: a tqdm bar.
+    at eos / ``max_new_tokens``). ``progress``: a tqdm bar. ``engine``: ``"compact"`` (a decode loop that drops
+    finished rows) or ``"hf"`` (``model.generate``); see :func:`generate_detailed`.
     """
     run = generate_detailed(
         model,
@@ -454,6 +702,7 @@ def generate(
         seed=seed,
         stop_on_answer=stop_on_answer,
         progress=progress,
+        engine=engine,
     )
     return [[g.text for g in outs] for outs in run.outputs]
 
@@ -548,22 +797,6 @@ def generation_metrics(
 # ----------------------------------------------------------------------------------------------------- file I/O
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder and :func:`os.replace`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _jsonl(rows: Sequence[dict[str, Any]]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
@@ -626,8 +859,8 @@ def _write_outputs(out_dir: str | os.PathLike, label: str, items_name: str, item
     with both paths under ``summary["files"]``)."""
     out = Path(out_dir)
     summary["files"] = {"items": str(out / f"{label}.{items_name}"), "summary": str(out / f"{label}.summary.json")}
-    _atomic_write(out / f"{label}.{items_name}", items)
-    _atomic_write(out / f"{label}.summary.json", json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+    atomic_write_text(out / f"{label}.{items_name}", items)
+    atomic_write_text(out / f"{label}.summary.json", json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
 
 
 def _run_stats(run: GenerationRun) -> dict[str, Any]:
@@ -643,7 +876,9 @@ def _run_stats(run: GenerationRun) -> dict[str, Any]:
         "finish": reasons,  # fractions: "length" = ran to max_new_tokens
         "seconds": run.seconds,
         "decode_steps": run.decode_steps,
+        "row_steps": run.row_steps,
         "batches": run.batches,
+        "engine": run.settings.get("engine"),
     }
 
 
@@ -666,6 +901,7 @@ def evaluate_generation(
     model_name: str | None = None,
     confidence: float = 0.95,
     progress: bool = True,
+    engine: Engine = "compact",
 ) -> dict[str, Any]:
     """Generate answers for a GSM-style set and score them; returns the summary dict (also written to ``out_dir``).
 
@@ -675,6 +911,7 @@ def evaluate_generation(
     ``seed``: the sampling seed (:func:`generate`). ``samples`` = k samples per problem at ``temperature``
     (None: 0 = greedy when ``samples == 1``, else 1.0; ``samples > 1`` with temperature 0 is an error).
     ``greedy``: also report greedy accuracy, with its own greedy pass when the samples are not greedy.
+    ``engine``: the decode loop, see :func:`generate_detailed`.
 
     ``out_dir``: write ``<set>.generations.jsonl`` (one line per problem: id, question, gold, samples: [{text,
     extracted, correct, n_tokens, finish_reason}], greedy: {...} or null) and ``<set>.summary.json`` (set, n,
@@ -694,6 +931,7 @@ def evaluate_generation(
         "seed": seed,
         "stop_on_answer": stop_on_answer,
         "progress": progress,
+        "engine": engine,
     }
     label = _set_label(dataset_name_or_path)
     t0 = time.perf_counter()
@@ -732,6 +970,7 @@ def evaluate_generation(
             "batch_size": batch_size,
             "seed": seed,
             "stop_on_answer": stop_on_answer,
+            "engine": run.settings.get("engine", engine),
             "greedy_pass": greedy_run is not None,
             "prompt": "chat template + gsm_user_message(question), add_generation_prompt=True",
         },
@@ -940,6 +1179,7 @@ def evaluate(
     max_new_tokens: int = 256,
     batch_size: int = 32,
     stop_on_answer: bool = True,
+    engine: Engine = "compact",
     mc_batch_size: int = 16,
     mc_normalize: Literal["mean", "sum"] = "mean",
     seed: int = 0,
@@ -985,6 +1225,7 @@ def evaluate(
                 out_dir=out_dir,
                 model_name=path,
                 progress=progress,
+                engine=engine,
             )
         else:
             res = evaluate_multiple_choice(
@@ -1005,7 +1246,7 @@ def evaluate(
     table = format_table(results)
     report = {"model": path, "dtype": dtype, "device": str(dev), "results": results, "table": table}
     if out_dir is not None:
-        _atomic_write(Path(out_dir) / "summary.json", json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+        atomic_write_text(Path(out_dir) / "summary.json", json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     if print_table:
         print(table)
     return report
@@ -1080,6 +1321,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         action="store_false",
         help="stop only at eos / max-new-tokens, not at a complete '#### n'",
     )
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="compact",
+        help="decode loop: 'compact' drops finished rows from the batch (default), 'hf' runs model.generate",
+    )
     parser.add_argument("--out", default=None, metavar="DIR", help="write generations and summaries here")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -1111,6 +1358,7 @@ def run_eval_from_args(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size,
             stop_on_answer=args.stop_on_answer,
+            engine=getattr(args, "engine", "compact"),
             mc_batch_size=args.mc_batch_size,
             mc_normalize=args.mc_normalize,
             seed=args.seed,

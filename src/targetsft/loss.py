@@ -67,6 +67,17 @@ class _RowLoss(torch.autograd.Function):
         return out, None, None, None, None, None
 
 
+def _check_logits(logits: Tensor, labels: Tensor) -> int:
+    """Float logits ``[..., V]`` and labels of their leading shape; returns ``V``."""
+    V.check_float("logits", logits)
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits must have shape [..., V] with V >= 1, got {tuple(logits.shape)}")
+    if not isinstance(labels, Tensor) or labels.shape != logits.shape[:-1]:
+        shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+        raise ValueError(f"labels has shape {shape}, expected {tuple(logits.shape[:-1])} (logits without V)")
+    return logits.shape[-1]
+
+
 def target_loss(
     logits: Tensor,
     labels: Tensor,
@@ -102,13 +113,7 @@ def target_loss(
         return_stats: also return means over loss tokens of γ, p(y), −log p(y), Q(y), H(π̃) and accuracy.
         **params: the method's parameters (see ``METHODS[method].params``).
     """
-    V.check_float("logits", logits)
-    if logits.dim() < 1 or logits.shape[-1] < 1:
-        raise ValueError(f"logits must have shape [..., V] with V >= 1, got {tuple(logits.shape)}")
-    vocab = logits.shape[-1]
-    if not isinstance(labels, Tensor) or labels.shape != logits.shape[:-1]:
-        shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
-        raise ValueError(f"labels has shape {shape}, expected {tuple(logits.shape[:-1])} (logits without V)")
+    vocab = _check_logits(logits, labels)
     target, rows, side = prepare(
         method,
         params,
@@ -151,10 +156,7 @@ def build_target(
 
     Meant for analysis and tests on small vocabularies; training never builds it.
     """
-    V.check_float("logits", logits)
-    vocab = logits.shape[-1]
-    if labels.shape != logits.shape[:-1]:
-        raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(logits.shape[:-1])}")
+    vocab = _check_logits(logits, labels)
     target, rows, side = prepare(
         method,
         params,

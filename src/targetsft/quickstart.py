@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from targetsft.config import config_from_dict
+from targetsft.files import atomic_write_text
 
 
 def _train_config(method: str, out: Path, steps: int, learning_rate: float) -> dict[str, Any]:
@@ -87,8 +88,8 @@ def run_quickstart(
     total = time.perf_counter() - t0
     table = _table(rows, eval_set, eval_size, steps)
     print("\n" + table + f"\n\ntotal time {total / 60:.1f} min; outputs in {out}")
-    (out / "results.json").write_text(json.dumps({"rows": rows, "seconds": round(total)}, indent=2))
-    (out / "results.md").write_text(table + "\n")
+    atomic_write_text(out / "results.json", json.dumps({"rows": rows, "seconds": round(total)}, indent=2))
+    atomic_write_text(out / "results.md", table + "\n")
     return {"rows": rows, "seconds": total}
 
 

@@ -46,7 +46,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 import warnings
 from collections import OrderedDict
@@ -59,6 +58,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from targetsft.files import atomic_write_bytes, sha256_file
 
 __all__ = [
     "FORMAT_NAME",
@@ -312,35 +313,12 @@ def _scan_examples(examples: Sequence[Mapping[str, Any]], vocab_size: int) -> tu
 # files
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not supported everywhere (Windows)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        with contextlib.suppress(OSError):
-            os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
 def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    _atomic_write_bytes(folder / MANIFEST_NAME, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())
+    atomic_write_bytes(
+        folder / MANIFEST_NAME,
+        (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode(),
+        tmp_prefix=_TMP_PREFIX,
+    )
 
 
 def _read_manifest(folder: Path) -> dict[str, Any] | None:
@@ -356,14 +334,6 @@ def _read_manifest(folder: Path) -> dict[str, Any] | None:
     return manifest
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _shard_problem(folder: Path, shard: Mapping[str, Any], verify: bool) -> str | None:
     """Why a finished shard cannot be used (missing, wrong size, checksum), or ``None`` when it is fine."""
     path = folder / shard["file"]
@@ -372,7 +342,7 @@ def _shard_problem(folder: Path, shard: Mapping[str, Any], verify: bool) -> str 
     size = path.stat().st_size
     if size != shard["bytes"]:
         return f"shard {shard['file']} has {size} bytes, the manifest says {shard['bytes']}"
-    if verify and _sha256_file(path) != shard["sha256"]:
+    if verify and sha256_file(path) != shard["sha256"]:
         return f"shard {shard['file']} fails its sha256 checksum (corrupted or modified)"
     return None
 
@@ -734,7 +704,7 @@ def _run_shards(
                 meta = {"format": FORMAT_NAME, "start": str(start), "end": str(end), "k": str(spec.k)}
                 data = st_save(tensors, metadata=meta)
                 path = folder / shard_name(len(manifest["shards"]))
-                _atomic_write_bytes(path, data)
+                atomic_write_bytes(path, data, tmp_prefix=_TMP_PREFIX)
                 tokens = int(tensors["ids"].shape[0])
                 manifest["shards"].append(
                     {

