@@ -235,8 +235,15 @@ def _model_block(rows: list[dict]) -> list[str]:
         f"- Of the {plain['hit_cap']} `hf-plain` rows that ran to the cap, {plain['cap_after_answer']} had already "
         f"written a complete `#### n` (loops early stop can cut); {comp['hit_cap']} rows still ran to the cap with "
         "early stop: in `model.generate` each holds its whole batch, in the compact loop only its own row.",
-        "",
     ]
+    if plain["row_steps"] == early["row_steps"]:
+        lines.append(
+            f"- `hf-plain` and `hf-early` did the same work (same row-steps), so their wall-time ratio "
+            f"({early['speedup']:.2f}×) is this run's timing noise (load average {plain['load_avg']}); the wall-time "
+            "speed-ups above are only as good as that. Row-steps are the load-independent measure: the compact loop "
+            f"spent {1 - comp['row_steps'] / max(plain['row_steps'], 1):.0%} fewer than `model.generate`."
+        )
+    lines.append("")
     return lines
 
 

@@ -126,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a model: GSM-style generation (Average@k, pass@k, greedy) and MC sets")
     add_eval_arguments(p)
     p.set_defaults(func=run_eval_from_args)
+    from targetsft.experiment import add_experiment_arguments, run_experiment_from_args
+
+    p = sub.add_parser("experiment", help="run a resumable grid of train + eval runs and aggregate the results")
+    add_experiment_arguments(p)
+    p.set_defaults(func=run_experiment_from_args)
     p = sub.add_parser(
         "quickstart",
         help="the main job: fine-tune the embedded SmolLM2 with sft and target_sft, evaluate both and the base model",
