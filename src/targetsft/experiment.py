@@ -37,11 +37,12 @@ partial results are already paired. Every run's TrainConfig is built with
 Resume
 ------
 ``<output_dir>/runs/<id>/`` holds the trainer's outputs, ``eval/<label>/`` the evaluation files and ``DONE.json``
-(written atomically when the run is complete: the metrics). A run is skipped when ``DONE.json`` exists for the same configuration
-(a fingerprint of its TrainConfig; a different one is an error, never silently reused) and covers the current eval
-sets. Otherwise: training is skipped if ``summary.json`` exists (written last by the trainer), resumed from the
-newest complete ``checkpoint-N`` (one holding ``trainer_state.json``, which the Trainer writes last; incomplete ones
-are removed), or started from scratch; each eval set whose ``result.json`` matches its spec is reused.
+(the metrics, written atomically when the run is complete). A run is skipped when ``DONE.json`` exists for the
+same configuration (a fingerprint of its TrainConfig; a different one is an error, never silently reused) and
+covers the current eval sets. Otherwise training is skipped if ``summary.json`` exists (written last by the
+trainer), resumed from the newest complete ``checkpoint-N`` (one holding ``trainer_state.json``, which the Trainer
+writes last; incomplete ones are removed), or started from scratch; each eval set whose ``result.json`` matches its
+spec is reused.
 
 Statistics
 ----------
@@ -647,7 +648,8 @@ def run_one(exp: Experiment, run: Run, log: Callable[[str], None] = print, progr
     _write_json(out / "run.json", {"run": run.id, "fingerprint": fingerprint, "config": run.config})
     train_summary = None
     if not run.is_baseline:
-        log(f"training {run.id} ({status})")
+        if status != "evaluate":
+            log(f"training {run.id} ({status})")
         train_summary = _train(exp, run, log)
     sets = _evaluate(exp, run, log, progress)
     record = _record(run, fingerprint, train_summary, sets, time.perf_counter() - t0)
@@ -1093,7 +1095,7 @@ def _plot_accuracy(rows: Sequence[dict], label: str, metric: str, path: Path) ->
         )
     ax.set_xticks(range(len(rows)), [r["config"] for r in rows], rotation=45, ha="right", fontsize=7)
     ax.set_ylabel(f"{metric} (%)")
-    ax.set_title(f"{label}: {metric}, mean over seeds, 95% interval", fontsize=9)
+    ax.set_title(f"{label}: {metric}, mean and 95% interval over seeds (one run: over problems)", fontsize=8)
     return _save(fig, path)
 
 
