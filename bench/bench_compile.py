@@ -41,7 +41,7 @@ def _time(fn, reps: int = REPS) -> float:
 
 def main() -> None:
     torch.manual_seed(0)
-    n = auto_chunk_size(1 << 20, V, torch.device("cpu"))
+    n = auto_chunk_size(1 << 20, V, torch.device("cpu"), H)
     h = torch.randn(n, H)
     w = torch.randn(V, H) / H**0.5
     z0 = h @ w.t()

@@ -32,7 +32,7 @@ def _check(rows, n):
 
 
 def test_registries():
-    assert set(E.EVAL_SETS) == {"gsm-heldout", "gsm-heldout-new", "gsm-intemplate", "asdiv"}
+    assert set(E.EVAL_SETS) == {"gsm-heldout", "gsm-heldout-new", "gsm-intemplate", "gsm-val", "asdiv"}
     assert set(E.MC_SETS) == {"commonsenseqa", "piqa", "openbookqa"}
     assert all(isinstance(v, str) and v for v in {**E.EVAL_SETS, **E.MC_SETS}.values())
 
@@ -66,6 +66,11 @@ def test_generated_gsm_sets():
     assert E.load_eval_set("gsm-intemplate", size=300)[:100] == intemp
     with pytest.raises(ValueError, match="seed must be in"):
         E.load_eval_set("gsm-intemplate", seed=0)
+    val = E.load_eval_set("gsm-val", size=100)
+    _check(val, 100)
+    assert not {r["question"] for r in val} & {r["question"] for r in E.load_eval_set("gsm-intemplate")}
+    with pytest.raises(ValueError, match="seed must be in"):
+        E.load_eval_set("gsm-val", seed=10_000_000)
     with pytest.raises(ValueError, match="seed must be in"):
         E.load_eval_set("gsm-heldout-new", seed=10_000_000)
     with pytest.raises(ValueError, match="only for fixed sets"):

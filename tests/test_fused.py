@@ -241,3 +241,6 @@ def test_auto_chunk_size_bounds():
     rows = auto_chunk_size(100000, 49152, cpu)
     assert rows % 8 == 0 and 8 <= rows * 49152 * 4 <= 64 << 20
     assert auto_chunk_size(100000, 10_000_000, cpu) == 8
+    # a large vocabulary and hidden size: a quarter of the float32 weight gradient, V·H bytes, per [chunk, V] buffer
+    assert auto_chunk_size(100000, 49152, cpu, 576) == rows  # SmolLM2: the fixed budget is larger
+    assert auto_chunk_size(100000, 151936, cpu, 1536) == 384  # Qwen-like: 1536 / 4 rows

@@ -127,6 +127,22 @@ def test_privileged_teacher_rows_align(model_dirs, tiny_tokenizer):
         assert "correct final answer" in tiny_tokenizer.decode(item["teacher_input_ids"])
 
 
+def test_label_noise_in_the_training_data(model_dirs, tiny_tokenizer):
+    """data.label_noise corrupts exactly that fraction of the examples; the privileged teacher is told the noisy
+    answer (the data is wrong, not only its text)."""
+    clean, counts = build_dataset(
+        _cfg(model_dirs, "unused", "target_sft", "teacher.prompt=answer_hint"), tiny_tokenizer
+    )
+    cfg = _cfg(model_dirs, "unused", "target_sft", "teacher.prompt=answer_hint", "data.label_noise=0.25")
+    noisy, noisy_counts = build_dataset(cfg, tiny_tokenizer)
+    assert counts.get("corrupted") is None and noisy_counts["corrupted"] == 2
+    changed = [i for i, (a, b) in enumerate(zip(clean, noisy)) if a["labels"] != b["labels"]]
+    assert len(changed) == 2
+    for i in changed:
+        assert clean[i]["teacher_input_ids"] != noisy[i]["teacher_input_ids"]
+        assert "####" in tiny_tokenizer.decode([t for t in noisy[i]["labels"] if t != -100])
+
+
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
     model = transformers.AutoModelForCausalLM.from_pretrained(folder)
     return {k: v.clone() for k, v in model.state_dict().items()}
@@ -174,6 +190,10 @@ def test_config_is_strict(tmp_path):
         load_config(None, ["loss.method=target_sft", "loss.params.eta=2", "teacher.model=x"])
     with pytest.raises(ConfigError, match="output_dir"):
         load_config(None, ["train.output_dir=x"])
+    with pytest.raises(ConfigError, match=r"data.label_noise must be a fraction in \[0, 1\], got 1.5"):
+        load_config(None, ["data.label_noise=1.5"])
+    with pytest.raises(ConfigError, match="data.noise_kind must be one of"):
+        load_config(None, ["data.label_noise=0.2", "data.noise_kind=sign"])
     cfg = load_config(None, ["train.learning_rate=1e-5", "loss.method=dft"])
     assert cfg.training_arguments()["learning_rate"] == 1e-5
 

@@ -48,9 +48,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _cache_teacher(args: argparse.Namespace) -> int:
-    from targetsft.models import load_model, load_tokenizer, resolve_model
-    from targetsft.teacher_cache import TeacherCacheError, build_teacher_cache
-    from targetsft.trainer import build_dataset
+    from targetsft.teacher_cache import TeacherCacheError
+    from targetsft.trainer import cache_teacher
 
     cfg = _config(args)
     if cfg is None:
@@ -60,20 +59,15 @@ def _cache_teacher(args: argparse.Namespace) -> int:
     if not teacher or not out:
         print("cache-teacher needs --teacher (or teacher.model) and --out (or teacher.cache)", file=sys.stderr)
         return 2
-    student_tok = load_tokenizer(resolve_model(cfg.model))
-    items, counts = build_dataset(cfg, student_tok)
-    print(f"examples: {counts}")
     try:
-        path = build_teacher_cache(
-            load_model(resolve_model(teacher)),
-            items,
+        path = cache_teacher(
+            cfg,
             out,
-            tokenizer=student_tok,
+            teacher=teacher,
             k=args.k,
             temperature=args.temperature,
             batch_size=args.batch_size,
             shard_examples=args.shard_examples,
-            teacher_name=teacher,
             device=args.device,
             overwrite=args.overwrite,
         )
@@ -131,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("experiment", help="run a resumable grid of train + eval runs and aggregate the results")
     add_experiment_arguments(p)
     p.set_defaults(func=run_experiment_from_args)
+    from targetsft.analysis import add_induced_targets_arguments, run_induced_targets_from_args
+
+    p = sub.add_parser(
+        "induced-targets", help="the targets Q = p − ∂ℓ/∂z that several losses induce on the same training tokens"
+    )
+    add_induced_targets_arguments(p)
+    p.set_defaults(func=run_induced_targets_from_args)
     p = sub.add_parser(
         "quickstart",
         help="the main job: fine-tune the embedded SmolLM2 with sft and target_sft, evaluate both and the base model",

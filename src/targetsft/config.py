@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from targetsft.data.noise import NOISE_KINDS
 from targetsft.methods import get_method
 
 # TrainingArguments values targetsft sets unless the config says otherwise (pilot-sized, CPU friendly).
@@ -65,13 +66,19 @@ def _unknown(where: str, key: str, valid: list[str]) -> ConfigError:
 
 @dataclass
 class DataConfig:
-    """Training data: a built-in name (``gsm-train``), a local JSONL/Parquet file, or a ``datasets`` name."""
+    """Training data: a built-in name (``gsm-train``), a local JSONL/Parquet file, or a ``datasets`` name.
+
+    ``label_noise``: fraction of the records whose final answer is made wrong (robustness studies; ``noise_kind``
+    ``answer`` or ``carried``, see :mod:`targetsft.data.noise`), chosen deterministically from ``seed``.
+    """
 
     train: str = "gsm-train"
     size: int | None = 1000
     seed: int = 0
     max_length: int = 384
     overflow: str = "truncate"
+    label_noise: float = 0.0
+    noise_kind: str = "answer"
 
 
 @dataclass
@@ -195,6 +202,11 @@ def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
         raise ConfigError(f"loss.params: {err}") from None
     if cfg.data.overflow not in ("truncate", "drop"):
         raise ConfigError(f"data.overflow must be 'truncate' or 'drop', got {cfg.data.overflow!r}")
+    noise = cfg.data.label_noise
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0.0 <= noise <= 1.0:
+        raise ConfigError(f"data.label_noise must be a fraction in [0, 1], got {noise!r}")
+    if cfg.data.noise_kind not in NOISE_KINDS:
+        raise ConfigError(f"data.noise_kind must be one of {NOISE_KINDS}, got {cfg.data.noise_kind!r}")
     if cfg.teacher.prompt not in ("same", "answer_hint"):
         raise ConfigError(f"teacher.prompt must be 'same' or 'answer_hint', got {cfg.teacher.prompt!r}")
     if cfg.teacher.model and cfg.teacher.cache:

@@ -22,6 +22,13 @@ Schema (strict: an unknown key anywhere is an error that names it and lists the 
   ``target_sft`` against ``dft``; ``*`` leaves the baseline out, ``base`` names it).
 * ``keep_checkpoints``: keep ``checkpoint-N`` folders of finished runs (default false: removed once ``DONE.json``
   is written, ``final/`` stays; a 135M-parameter checkpoint with its optimizer state is about 1.6 GB).
+* ``teacher_cache_k``: k > 0 caches each distinct teacher's top-k log-probs once per training set (teacher,
+  its prompt, model and data section) in ``teacher_cache/`` beside the runs folder
+  (:func:`~targetsft.trainer.cache_teacher`; resumable) and trains every teacher run from that cache instead of
+  running the teacher at each step; 0 (default): teacher online.
+* ``runs_dir``: where the runs live (default ``<output_dir>/runs``). Experiments that name the same ``runs_dir``
+  share the runs they have in common (same id and configuration: trained once, each evaluated on the union of
+  their sets; ``DONE.json`` keeps every set). Give a set label the same spec in all of them.
 * ``gamma_probe``: training examples on which p_θ(y) (γ of dft and target_sft) is recorded as a distribution at
   the start and every tenth of training (default 16; 0: off).
 
@@ -36,13 +43,13 @@ partial results are already paired. Every run's TrainConfig is built with
 
 Resume
 ------
-``<output_dir>/runs/<id>/`` holds the trainer's outputs, ``eval/<label>/`` the evaluation files and ``DONE.json``
-(the metrics, written atomically when the run is complete). A run is skipped when ``DONE.json`` exists for the
-same configuration (a fingerprint of its TrainConfig; a different one is an error, never silently reused) and
-covers the current eval sets. Otherwise training is skipped if ``summary.json`` exists (written last by the
-trainer), resumed from the newest complete ``checkpoint-N`` (one holding ``trainer_state.json``, which the Trainer
-writes last; incomplete ones are removed), or started from scratch; each eval set whose ``result.json`` matches its
-spec is reused.
+``<runs_dir>/<id>/`` (default ``runs_dir``: ``<output_dir>/runs``) holds the trainer's outputs, ``eval/<label>/``
+the evaluation files and ``DONE.json`` (the metrics, written atomically when the run is complete). A run is
+skipped when ``DONE.json`` exists for the same configuration (a fingerprint of its TrainConfig; a different one is
+an error, never silently reused) and covers the current eval sets. Otherwise training is skipped if
+``summary.json`` exists (written last by the trainer), resumed from the newest complete ``checkpoint-N`` (one
+holding ``trainer_state.json``, which the Trainer writes last; incomplete ones are removed), or started from
+scratch; each eval set whose ``result.json`` matches its spec is reused.
 
 Statistics
 ----------
@@ -179,6 +186,8 @@ class Experiment:
     baseline: bool = False
     gamma_probe: int = 16
     keep_checkpoints: bool = False
+    teacher_cache_k: int = 0
+    runs_dir: str | None = None
     compare: list[list[str]] = field(default_factory=lambda: [list(p) for p in DEFAULT_COMPARE])
 
 
@@ -275,6 +284,9 @@ def _check_experiment(exp: Experiment) -> None:
     base = exp.base
     if not isinstance(base, dict):
         raise ConfigError("base must be a mapping (a TrainConfig)")
+    k = exp.teacher_cache_k
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ConfigError(f"teacher_cache_k must be an int >= 0 (0: teacher online), got {k!r}")
     if "output_dir" in base:
         raise ConfigError("base.output_dir: every run gets <output_dir>/runs/<run id>; set the top-level output_dir")
     if set(base.get("loss") or {}) - {"chunk_size"}:
@@ -403,8 +415,12 @@ def _check_teacher_refs(runs: Sequence[Run]) -> None:
             raise ConfigError(f"run {run.id}: its teacher run {ref!r} {where}; list the teacher's group first")
 
 
+def _runs_root(exp: Experiment) -> Path:
+    return Path(exp.runs_dir) if exp.runs_dir else Path(exp.output_dir) / "runs"
+
+
 def _run_dir(exp: Experiment, run: Run) -> Path:
-    return Path(exp.output_dir) / "runs" / run.id
+    return _runs_root(exp) / run.id
 
 
 # ------------------------------------------------------------------------------------------------------ runner
@@ -476,6 +492,8 @@ def _train(exp: Experiment, run: Run, log: Callable[[str], None]) -> dict[str, A
         if not (teacher_dir / DONE_FILE).is_file():
             raise ExperimentError(f"run {run.id}: its teacher run {ref!r} is not done ({teacher_dir})")
         config["teacher"]["model"] = str(teacher_dir / "final")
+    if exp.teacher_cache_k and (config.get("teacher") or {}).get("model"):
+        config["teacher"] = {**config["teacher"], "model": None, "cache": str(_teacher_cache(exp, config, log))}
     _drop_incomplete_checkpoints(out, log)
     resume = bool(_complete_checkpoints(out))
     if not resume:
@@ -483,6 +501,21 @@ def _train(exp: Experiment, run: Run, log: Callable[[str], None]) -> dict[str, A
     cfg = config_from_dict(config)
     probe = [_gamma_probe(cfg, exp.gamma_probe, out / PROBE_FILE)] if exp.gamma_probe else []
     return trainer.train(cfg, resume=resume, callbacks=probe)
+
+
+def _teacher_cache(exp: Experiment, config: dict[str, Any], log: Callable[[str], None]) -> Path:
+    """The top-k cache of the run's teacher over its training data, built on first use (resumable)."""
+    from targetsft import trainer
+    from targetsft.teacher_cache import _sha256_json
+
+    key = {k: config.get(k) for k in ("model", "data", "teacher")}
+    folder = _runs_root(exp).parent / "teacher_cache" / _sha256_json({**key, "k": exp.teacher_cache_k})[:16]
+    if not (folder / "COMPLETE").is_file():
+        log(f"teacher cache: building {folder} (teacher {config['teacher']['model']}, k={exp.teacher_cache_k})")
+        t0 = time.time()
+        trainer.cache_teacher(config_from_dict(config), folder, k=exp.teacher_cache_k)
+        atomic_write_text(folder / "COMPLETE", json.dumps({**key, "seconds": round(time.time() - t0, 1)}, default=str))
+    return folder
 
 
 def label_probabilities(model: Any, items: Sequence[dict[str, Any]]) -> list[float]:
@@ -639,7 +672,7 @@ def run_one(exp: Experiment, run: Run, log: Callable[[str], None] = print, progr
     if status == "stale":
         raise ExperimentError(
             f"{out} was started with another configuration than run {run.id} has now; delete the folder or use "
-            "another output_dir"
+            "another runs_dir"
         )
     if status == "done":
         return json.loads((out / DONE_FILE).read_text())
@@ -652,6 +685,8 @@ def run_one(exp: Experiment, run: Run, log: Callable[[str], None] = print, progr
             log(f"training {run.id} ({status})")
         train_summary = _train(exp, run, log)
     sets = _evaluate(exp, run, log, progress)
+    earlier = (_read_json(out / DONE_FILE) or {}).get("sets", {})  # sets of other experiments sharing runs_dir
+    sets = {**{k: v for k, v in earlier.items() if k not in sets}, **sets}
     record = _record(run, fingerprint, train_summary, sets, time.perf_counter() - t0)
     _write_json(out / DONE_FILE, record)
     if not exp.keep_checkpoints:  # only a resume needs them; final/ stays
@@ -866,11 +901,13 @@ def _configs(records: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]
     return out
 
 
-def result_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per run × set × metric (``results.csv``)."""
+def result_rows(records: Sequence[dict[str, Any]], labels: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """One row per run × set × metric (``results.csv``), for the sets ``labels`` (default all)."""
     rows = []
     for r in records:
         for label, res in r["sets"].items():
+            if labels is not None and label not in labels:
+                continue
             for metric, m in res["metrics"].items():
                 rows.append(
                     {
@@ -1040,9 +1077,9 @@ def aggregate(exp: Experiment, *, plots: bool = True) -> dict[str, Any]:
     root = Path(exp.output_dir)
     records = done_records(exp)
     summary = summary_rows(exp, records)
-    comparisons = comparison_rows(exp, records, root / "runs")
+    comparisons = comparison_rows(exp, records, _runs_root(exp))
     paths = {name: root / name for name in ("results.csv", "summary.csv", "comparisons.csv", "results.md")}
-    _write_csv(paths["results.csv"], result_rows(records))
+    _write_csv(paths["results.csv"], result_rows(records, [s.label for s in exp.eval]))
     _write_csv(
         paths["summary.csv"],
         [{**r, "params": json.dumps(r["params"]), "values": json.dumps(r["values"])} for r in summary],
@@ -1183,7 +1220,7 @@ def write_plots(exp: Experiment, records: Sequence[dict], summary: Sequence[dict
     import matplotlib
 
     matplotlib.use("Agg")
-    root, plots = Path(exp.output_dir) / "runs", Path(exp.output_dir) / "plots"
+    root, plots = _runs_root(exp), Path(exp.output_dir) / "plots"
     safe = lambda s: re.sub(r"[^A-Za-z0-9._-]+", "_", s)  # noqa: E731
     out = []
     for label, metric in dict.fromkeys((r["set"], r["metric"]) for r in summary):

@@ -26,10 +26,16 @@ CHUNK_BYTES_CPU = 32 << 20
 CHUNK_BYTES_CUDA = 256 << 20
 
 
-def auto_chunk_size(n_rows: int, vocab_size: int, device: torch.device) -> int:
+def auto_chunk_size(n_rows: int, vocab_size: int, device: torch.device, hidden_size: int = 0) -> int:
     """Rows per chunk so that one float32 ``[chunk, V]`` buffer takes about ``CHUNK_BYTES_*`` (at most a
-    sixteenth of free memory on CUDA), rounded to a multiple of 8 and at most ``n_rows``."""
-    budget = CHUNK_BYTES_CPU
+    sixteenth of free memory on CUDA), rounded to a multiple of 8 and at most ``n_rows``.
+
+    On CPU the budget grows to a quarter of the float32 ``[V, H]`` weight-gradient buffer when that is larger:
+    each chunk reads the whole weight three times, so a large vocabulary needs more rows per chunk to keep the
+    matrix products efficient (``bench/profile_fused.py``), and the chunk then stays small beside the weight
+    gradient that every implementation holds.
+    """
+    budget = max(CHUNK_BYTES_CPU, vocab_size * hidden_size)  # V·H·4 bytes / 4
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = min(CHUNK_BYTES_CUDA, free // 16)
@@ -276,7 +282,7 @@ def fused_target_loss(
         side=side,
         teacher_head=teacher_head,
         ref_head=ref_head,
-        chunk=int(chunk_size) if chunk_size else auto_chunk_size(n, vocab, hidden.device),
+        chunk=int(chunk_size) if chunk_size else auto_chunk_size(n, vocab, hidden.device, hidden.shape[-1]),
         logit_scale=float(logit_scale),
         softcap=None if softcap is None else float(softcap),
     )

@@ -182,6 +182,11 @@ def build_dataset(cfg: TrainConfig, tokenizer: Any) -> tuple[list[dict[str, Any]
     records = load_records(cfg.data.train, size=cfg.data.size, seed=cfg.data.seed)
     items: list[dict[str, Any]] = []
     counts = {"records": len(records), "kept": 0, "truncated": 0, "dropped": 0}
+    if cfg.data.label_noise:
+        from targetsft.data.noise import corrupt_records
+
+        records, corrupted = corrupt_records(records, cfg.data.label_noise, cfg.data.noise_kind, cfg.data.seed)
+        counts["corrupted"] = len(corrupted)
     for record in records:
         item = tokenize_record(tokenizer, record, cfg.data.max_length, overflow=cfg.data.overflow)
         if item is None:
@@ -254,6 +259,47 @@ def _load_same_tokenizer(path: str, tokenizer: Any, role: str) -> None:
     other = load_tokenizer(path)
     if tokenizer_fingerprint(other) != tokenizer_fingerprint(tokenizer):
         raise ValueError(f"the {role} model {path!r} has another tokenizer than the student; they must be identical")
+
+
+def cache_teacher(
+    cfg: TrainConfig,
+    out: str | Path,
+    *,
+    teacher: str | None = None,
+    k: int = 64,
+    temperature: float = 1.0,
+    batch_size: int = 8,
+    shard_examples: int = 256,
+    device: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Build (or resume, or find complete) the top-k cache of ``teacher`` (default ``cfg.teacher.model``) over the
+    training examples of ``cfg`` (its data section and ``teacher.prompt``) in ``out``; train with
+    ``teacher.cache: <out>`` and the same data section to use it."""
+    from targetsft.models import load_model, load_tokenizer, resolve_model
+    from targetsft.teacher_cache import build_teacher_cache
+
+    teacher = teacher or cfg.teacher.model
+    if not teacher:
+        raise ValueError("cache_teacher needs a teacher model (argument or teacher.model)")
+    tokenizer = load_tokenizer(resolve_model(cfg.model))
+    teacher_path = resolve_model(teacher)
+    _load_same_tokenizer(teacher_path, tokenizer, "teacher")
+    items, counts = build_dataset(cfg, tokenizer)
+    print(f"examples: {counts}")
+    return build_teacher_cache(
+        load_model(teacher_path),
+        items,
+        out,
+        tokenizer=tokenizer,
+        k=k,
+        temperature=temperature,
+        batch_size=batch_size,
+        shard_examples=shard_examples,
+        teacher_name=teacher,
+        device=device,
+        overwrite=overwrite,
+    )
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:

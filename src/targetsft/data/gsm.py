@@ -13,7 +13,8 @@ A set of ``size`` examples starting at ``seed`` walks ``seed, seed+1, …`` and 
   ``include_flagged=True``),
 - the generator raises or its ``#### n`` disagrees with its answer,
 - the question was already produced earlier in the same set (dedupe by question text),
-- (training seeds only) the question is one of the questions of the in-template evaluation window.
+- (training seeds only) the question is one of the questions of the in-template evaluation window or of the
+  validation window; (validation seeds only) the question is one of the in-template evaluation window.
 
 So a larger ``size`` extends a smaller one (prefix-stable). The seed ranges never overlap:
 
@@ -24,6 +25,9 @@ range                             templates                  use
 ``[10_000_000, 10_005_000)``      ``train``                  ``gsm-intemplate`` eval (new instances of
                                                              training templates; questions excluded
                                                              from training data)
+``[10_005_000, 10_010_000)``      ``train``                  ``gsm-val`` validation (for choosing learning
+                                                             rates and η; questions excluded from training
+                                                             data and from ``gsm-intemplate``)
 ``[20_000_000, 30_000_000)``      ``eval``                   ``gsm-heldout-new`` eval
 ================================  =========================  ===========================================
 
@@ -47,10 +51,12 @@ __all__ = [
     "HELDOUT_NEW_SEEDS",
     "INTEMPLATE_SEEDS",
     "TRAIN_SEEDS",
+    "VAL_SEEDS",
     "GsmTemplate",
     "generate_gsm",
     "gsm_user_message",
     "intemplate_questions",
+    "val_questions",
     "load_template_map",
     "seed_role",
     "templates",
@@ -58,6 +64,7 @@ __all__ = [
 
 TRAIN_SEEDS = range(0, 10_000_000)
 INTEMPLATE_SEEDS = range(10_000_000, 10_005_000)
+VAL_SEEDS = range(10_005_000, 10_010_000)
 HELDOUT_NEW_SEEDS = range(20_000_000, 30_000_000)
 
 GSM_INSTRUCTION = "\nSolve it step by step and end your answer with '#### <number>'."
@@ -200,10 +207,12 @@ def seed_role(split: Split, seed: int) -> tuple[str, range]:
             return "train", TRAIN_SEEDS
         if seed in INTEMPLATE_SEEDS:
             return "intemplate", INTEMPLATE_SEEDS
+        if seed in VAL_SEEDS:
+            return "val", VAL_SEEDS
         raise ValueError(
             f"seed {seed} for 'train' templates is outside the training range [{TRAIN_SEEDS.start:,}, "
-            f"{TRAIN_SEEDS.stop:,}) and the in-template evaluation range [{INTEMPLATE_SEEDS.start:,}, "
-            f"{INTEMPLATE_SEEDS.stop:,})"
+            f"{TRAIN_SEEDS.stop:,}), the in-template evaluation range [{INTEMPLATE_SEEDS.start:,}, "
+            f"{INTEMPLATE_SEEDS.stop:,}) and the validation range [{VAL_SEEDS.start:,}, {VAL_SEEDS.stop:,})"
         )
     if split == "eval":
         if seed in HELDOUT_NEW_SEEDS:
@@ -230,8 +239,15 @@ def _walk(split: Split, seeds: Iterable[int], include_flagged: bool):
 @functools.lru_cache(maxsize=1)
 def intemplate_questions() -> frozenset[str]:
     """Every question the in-template evaluation window can produce (all of ``INTEMPLATE_SEEDS``, flagged
-    templates included). Training generation excludes these questions."""
+    templates included). Training and validation generation exclude these questions."""
     return frozenset(ex["question"] for ex in _walk("train", INTEMPLATE_SEEDS, include_flagged=True))
+
+
+@functools.lru_cache(maxsize=1)
+def val_questions() -> frozenset[str]:
+    """Every question the validation window can produce (all of ``VAL_SEEDS``, flagged templates included).
+    Training generation excludes these questions."""
+    return frozenset(ex["question"] for ex in _walk("train", VAL_SEEDS, include_flagged=True))
 
 
 def generate_gsm(
@@ -261,8 +277,10 @@ def generate_gsm(
         raise ValueError(f"seed must be an int, got {seed!r}")
     role, allowed = seed_role(split, seed)
     seen: set[str] = set(exclude_questions)
-    if role == "train":
+    if role in ("train", "val"):
         seen |= intemplate_questions()
+    if role == "train":
+        seen |= val_questions()
     out: list[dict[str, Any]] = []
     if size == 0:
         return out
