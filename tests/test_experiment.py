@@ -101,6 +101,7 @@ def test_grid_expansion_ids_count_and_configs():
         ({"eval": [{"set": "asdiv", "metrics": ["pass@2"]}]}, r"metric 'pass@2' has no per-problem values"),
         ({"gamma_probe": 8, "baseline": 1, "eval": [{"set": "piqa", "metrics": ["greedy"]}]}, "'greedy' has no"),
         ({"teacher_cache_k": -1}, "teacher_cache_k must be an int >= 0"),
+        ({"eval": [{"set": "asdiv", "dtype": "int8"}]}, r"eval\[0\]: dtype must be one of"),
     ],
 )
 def test_schema_is_strict(change, message):

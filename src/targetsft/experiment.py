@@ -14,7 +14,9 @@ Schema (strict: an unknown key anywhere is an error that names it and lists the 
 * ``grid``: run groups ``{name?, method, params?, train?, data?, teacher?, seeds}``; every **list** value is swept
   (the cartesian product of all lists; write ``[[a, b]]`` for a list value). ``teacher.model: "@<run id>"`` is the
   final model of an earlier run of the experiment (a trained teacher).
-* ``eval``: sets ``{set, name?, size?, data_seed?, batch_size?, metrics?}`` plus, for generation, ``samples``,
+* ``eval``: sets ``{set, name?, size?, data_seed?, batch_size?, metrics?, dtype?}`` (``dtype``: the weights'
+  dtype during evaluation, ``float32`` by default; ``bfloat16`` generates about twice as fast on a CPU with
+  AVX512-BF16 but changes greedy outputs) plus, for generation, ``samples``,
   ``temperature``, ``top_p``, ``greedy``, ``max_new_tokens``, ``seed``, and for multiple choice ``normalize``
   (:func:`targetsft.evaluate.evaluate`); ``name`` labels the set, ``metrics`` are those tabulated and compared.
 * ``baseline: true``: also evaluate the untrained model once (run ``base``).
@@ -111,6 +113,7 @@ __all__ = [
 ]
 
 DONE_FILE = "DONE.json"
+EVAL_DTYPES = ("float32", "bfloat16", "float16")
 PROBE_FILE = "gamma_probe.jsonl"
 BASELINE_ID = "base"
 DEFAULT_COMPARE = (("*", "sft"), ("target_sft", "dft"))
@@ -146,6 +149,7 @@ class EvalSpec:
     seed: int = 0
     normalize: str = "mean"
     metrics: list[str] | None = None
+    dtype: str = "float32"
 
     @property
     def label(self) -> str:
@@ -232,6 +236,8 @@ def _eval_spec(raw: Any, where: str) -> EvalSpec:
         raise ConfigError(f"{where}: samples > 1 needs temperature > 0 (greedy samples are identical)")
     if spec.normalize not in ("mean", "sum"):
         raise ConfigError(f"{where}: normalize must be 'mean' or 'sum', got {spec.normalize!r}")
+    if spec.dtype not in EVAL_DTYPES:
+        raise ConfigError(f"{where}: dtype must be one of {EVAL_DTYPES}, got {spec.dtype!r}")
     generation = ["greedy", f"average@{spec.samples}", f"pass@{spec.samples}"]
     allowed = {"generation": generation, "multiple_choice": list(_MC_METRICS)}.get(kind, generation + _MC_METRICS)
     for metric in spec.metrics or []:
@@ -628,16 +634,18 @@ def _evaluate(exp: Experiment, run: Run, log: Callable[[str], None], progress: b
     out = _run_dir(exp, run)
     results: dict[str, Any] = {}
     model = tokenizer = None
+    loaded = None  # the dtype of the loaded model
     for spec in exp.eval:
         folder = out / "eval" / spec.label
         old = _read_json(folder / "result.json")
         if old is not None and old["spec"] == _spec_dict(spec):
             results[spec.label] = {**old, "items": f"eval/{spec.label}/{old['items']}"}
             continue
-        if model is None:
+        if model is None or loaded != spec.dtype:
             path = resolve_model(run.config.get("model")) if run.is_baseline else str(out / "final")
             device = "cuda" if torch.cuda.is_available() else "cpu"
-            model, tokenizer = load_model(path).to(device), load_tokenizer(path, padding_side="left")
+            model = load_model(path, dtype=getattr(torch, spec.dtype)).to(device)
+            tokenizer, loaded = load_tokenizer(path, padding_side="left"), spec.dtype
         log(f"evaluating {run.id} on {spec.label}")
         result = _evaluate_set(model, tokenizer, spec, folder, run.id, progress)
         _write_json(folder / "result.json", result)
