@@ -136,7 +136,7 @@ def _plot(study: dict[str, Any], folder: Path) -> list[Path]:
         left = [a + b for a, b in zip(left, widths)]
     ax.set_xlabel(f"mean mass of the induced target Q over {study['tokens']} training tokens")
     ax.invert_yaxis()
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)
     fig.tight_layout()
     mass = folder / "induced_targets_mass.png"
     fig.savefig(mass, dpi=110)
