@@ -45,7 +45,8 @@ class Distribution:
 class TokenState:
     """What every label-trust rule and residual may read for a block of ``n`` tokens.
 
-    ``logp`` holds the student's log-probabilities ``log softmax(z)`` ``[n, V]`` in the compute dtype.
+    ``logp`` holds the student's log-probabilities ``log softmax(z)`` ``[n, V]`` in the compute dtype; ``p``, when
+    given, is ``exp(logp)`` already computed (read-only until the rules and residuals are done with the state).
     """
 
     logp: Tensor
@@ -53,7 +54,12 @@ class TokenState:
     teacher: Distribution | None = None
     ref: Distribution | None = None
     token_weights: Tensor | None = None
+    p: Tensor | None = None
     _cache: dict = field(default_factory=dict, repr=False)
+
+    def probs(self) -> Tensor:
+        """``p = exp(logp)`` ``[n, V]``: the given one, else computed (not cached: callers use it once)."""
+        return self.p if self.p is not None else self.logp.exp()
 
     @property
     def vocab_size(self) -> int:
@@ -81,7 +87,7 @@ class TokenState:
         if key not in self._cache:
             lp = self.logp.gather(-1, ids)
             log_mass = torch.log((-torch.expm1(torch.logsumexp(lp, -1).clamp(max=0.0))).clamp(min=0.0))
-            plogp = _rowdot(self.logp.exp(), self.logp) - (lp.exp() * lp).sum(-1)
+            plogp = _rowdot(self.probs(), self.logp) - (lp.exp() * lp).sum(-1)
             rows = (log_mass < math.log(TAIL_EXACT_BELOW)).nonzero().squeeze(-1)
             if rows.numel():
                 masked = self.logp[rows].scatter(-1, ids[rows], torch.finfo(lp.dtype).min)
@@ -162,7 +168,7 @@ class Residual:
         """The residual as a dense ``[n, V]`` tensor (analysis and logging only)."""
         out = torch.zeros_like(state.logp)
         if self.self_coef is not None:
-            out += self.self_coef[:, None] * state.logp.exp()
+            out += self.self_coef[:, None] * state.probs()
             if self.self_skip is not None:
                 out.scatter_(-1, self.self_skip, 0.0)
         if self.uniform is not None:
@@ -313,13 +319,14 @@ def loss_and_grad(
     Returns ``(loss [n], grad [n, V] or None)``, both unscaled by any reduction weight.
     """
     logp = torch.log_softmax(box.pop(), dim=-1)
-    state = TokenState(logp=logp, labels=labels, teacher=teacher, ref=ref, token_weights=token_weights)
+    p = logp.exp() if need_grad else None  # becomes the gradient, in place, once the loss is computed
+    state = TokenState(logp=logp, labels=labels, teacher=teacher, ref=ref, token_weights=token_weights, p=p)
     gamma = target.trust(state).to(logp.dtype)
     residual = target.residual_for(state)
     q_res = residual.scaled(1.0 - gamma) if residual is not None else None
 
-    needs_p = need_grad or (q_res is not None and q_res.self_coef is not None and q_res.self_skip is None)
-    p = logp.exp() if needs_p else None
+    if p is None and q_res is not None and q_res.self_coef is not None and q_res.self_skip is None:
+        p = logp.exp()
     loss = -gamma * state.logp_y
     if q_res is not None:
         loss = loss + q_res.cross_entropy(state, p)
