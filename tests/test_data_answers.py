@@ -83,3 +83,22 @@ def test_is_correct_outside_main_thread():
     t.start()
     t.join()
     assert out["r"] is True
+
+
+@pytest.mark.parametrize(
+    ("pred", "gold", "ok"),
+    [
+        ("thus \\boxed{\\frac{1}{2}}", "0.5", True),
+        ("\\boxed{\\sqrt 2}", "\\sqrt{2}", True),
+        ("\\boxed{1+x^2}", "x^2+1", True),
+        ("\\boxed{3} and finally \\boxed{4}", "4", True),
+        ("\\boxed{3} and finally \\boxed{4}", "3", False),
+        ("#### 4", "4", False),  # no box: no answer
+        ("\\boxed{\\text{(C)}}", "\\boxed{\\text{(C)}}", True),  # a gold solution is reduced to its box
+        ("\\boxed{2x}", "2", False),
+    ],
+)
+def test_is_correct_boxed(pred, gold, ok):
+    from targetsft.answers import is_correct_boxed
+
+    assert is_correct_boxed(pred, gold) is ok

@@ -710,3 +710,27 @@ def test_evaluate_from_a_model_folder(tiny_llama, tiny_tokenizer, gen_set, tmp_p
     assert [r["kind"] for r in report["results"]] == ["generation", "multiple_choice"]
     assert set(report["results"][0]["metrics"]) == {"average@1", "pass@1", "greedy"}
     assert (tmp_path / "out" / "toy.generations.jsonl").is_file() and (tmp_path / "out" / "mc.mc.jsonl").is_file()
+
+
+def test_boxed_prompt_scores_latex_answers(tmp_path, monkeypatch, tiny_tokenizer):
+    """prompt="boxed": the MATH-style instruction, generation to eos (no '#### n' stop, no cut), the last \\boxed{}
+    compared with a LaTeX gold by math-verify; JSONL answers keep their commas unless they are thousands."""
+    rows = [
+        {"question": "Half?", "answer": "\\frac{1}{2}"},
+        {"question": "Point?", "answer": "(3, 4)"},
+        {"question": "Big?", "answer": "1,234"},
+    ]
+    path = _write_jsonl(tmp_path / "math.jsonl", rows)
+    greedy = [["so \\boxed{0.5}"], ["#### 7 then \\boxed{(3,4)}"], ["\\boxed{1234} \\boxed{12}"]]
+    calls: list[dict] = []
+    monkeypatch.setattr(E, "generate_detailed", _fake_generate(greedy, greedy, calls))
+    s = E.evaluate_generation(None, tiny_tokenizer, str(path), prompt="boxed", out_dir=tmp_path / "o", progress=False)
+    assert s["metrics"]["greedy"]["value"] == pytest.approx(2 / 3)  # the last box decides: 12 ≠ 1234
+    assert calls[0]["stop_on_answer"] is False and calls[0]["cut"] is False
+    assert calls[0]["prompts"][0].rstrip().endswith("\\boxed{}.<|im_end|>\n<|im_start|>assistant")
+    assert "####" not in calls[0]["prompts"][0]
+    recs = [json.loads(x) for x in (tmp_path / "o" / "math.generations.jsonl").read_text().splitlines()]
+    assert [r["gold"] for r in recs] == ["\\frac{1}{2}", "(3, 4)", "1234"]
+    assert [r["greedy"]["extracted"] for r in recs] == ["0.5", "(3,4)", "12"]
+    with pytest.raises(ValueError, match="prompt style"):
+        E.build_prompt(tiny_tokenizer, "Q", "latex")

@@ -572,3 +572,14 @@ def test_cli_dry_run_only_and_errors(tmp_path, capsys):
     bad.write_text(json.dumps({**copy.deepcopy(_raw()), "seed": 1}))
     assert X.run_experiment_from_args(parser.parse_args(["--config", str(bad)])) == 2
     assert "unknown key 'seed' in the experiment" in capsys.readouterr().err
+
+
+def test_recorded_spec_without_a_later_option_is_the_same_spec():
+    spec = X._eval_spec({"set": "asdiv", "size": 5}, "eval[0]")
+    recorded = X._spec_dict(spec)
+    assert X._same_spec(recorded, spec)
+    older = {k: v for k, v in recorded.items() if k != "prompt"}  # written before the option existed
+    assert X._same_spec(older, spec)
+    assert not X._same_spec({**older, "size": 6}, spec)
+    assert not X._same_spec(older, X._eval_spec({"set": "asdiv", "size": 5, "prompt": "boxed"}, "eval[0]"))
+    assert not X._same_spec(None, spec)

@@ -16,7 +16,7 @@ import threading
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 
-__all__ = ["extract_answer", "is_correct", "to_number"]
+__all__ = ["extract_answer", "extract_boxed", "is_correct", "is_correct_boxed", "to_number"]
 
 # A number: optional sign, digits with optional thousands commas, optional decimals, optional "/denominator".
 _NUM = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?|[-+]?\.\d+"
@@ -91,6 +91,28 @@ def extract_answer(text: str | None) -> str | None:
         if ans is not None:
             return ans
     return _last_number(_clean_latex(text))
+
+
+def extract_boxed(text: str | None) -> str | None:
+    """The content of the last ``\\boxed{…}`` of ``text``, stripped; None if there is none."""
+    boxed = _last_boxed(str(text)) if text is not None else None
+    return boxed.strip() if boxed is not None else None
+
+
+def is_correct_boxed(prediction_text: str | None, gold: str | int | float) -> bool:
+    """Whether the last ``\\boxed{…}`` of ``prediction_text`` equals ``gold`` (LaTeX or a number; a gold that is
+    itself a solution with ``\\boxed{…}`` is reduced to it): ``math_verify`` on both, else exact equality of the
+    two as numbers (when each is a whole number) or as strings without spaces. For MATH-style answers."""
+    pred = extract_boxed(prediction_text)
+    if pred is None:
+        return False
+    gold_s = extract_boxed(str(gold)) or str(gold).strip()
+    if _math_verify(f"${gold_s}$", f"${pred}$"):
+        return True
+    gp, pp = to_number(_clean_latex(gold_s).strip()), to_number(_clean_latex(pred).strip())
+    if gp is not None and pp is not None:
+        return gp == pp
+    return "".join(gold_s.split()) == "".join(pred.split())
 
 
 def to_number(ans: str | None) -> Fraction | None:

@@ -84,7 +84,7 @@ from typing import Any, Literal
 
 import torch
 
-from targetsft.answers import extract_answer, is_correct
+from targetsft.answers import extract_answer, extract_boxed, is_correct, is_correct_boxed
 from targetsft.data.gsm import gsm_user_message
 from targetsft.files import atomic_write_text
 
@@ -122,18 +122,26 @@ _ANSWER_COMPLETE = re.compile(r"####\s*\$?\s*[-+\u2212]?(?P<num>\d+(?:[.,]\d+)*)
 # ------------------------------------------------------------------------------------------------------ prompts
 
 
-def build_prompt(tokenizer: Any, question: str) -> str:
-    """The generation prompt for a GSM-style question: chat template with ``add_generation_prompt=True`` on the user
-    message :func:`~targetsft.data.gsm.gsm_user_message` (the training format)."""
+BOXED_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+PROMPT_STYLES = ("gsm", "boxed")
+
+
+def build_prompt(tokenizer: Any, question: str, style: str = "gsm") -> str:
+    """The generation prompt: chat template with ``add_generation_prompt=True`` on one user message, for
+    ``style="gsm"`` :func:`~targetsft.data.gsm.gsm_user_message` (the training format: ``#### <number>``), for
+    ``"boxed"`` the question + :data:`BOXED_INSTRUCTION` (MATH-style answers, scored by their last ``\\boxed{}``)."""
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"prompt style must be one of {PROMPT_STYLES}, got {style!r}")
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the tokenizer has no chat_template; GSM evaluation uses the chat format of training")
-    msgs = [{"role": "user", "content": gsm_user_message(question)}]
+        raise ValueError("the tokenizer has no chat_template; evaluation uses the chat format of training")
+    content = gsm_user_message(question) if style == "gsm" else question + BOXED_INSTRUCTION
+    msgs = [{"role": "user", "content": content}]
     return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
 
-def build_prompts(tokenizer: Any, questions: Sequence[str]) -> list[str]:
+def build_prompts(tokenizer: Any, questions: Sequence[str], style: str = "gsm") -> list[str]:
     """:func:`build_prompt` for each question."""
-    return [build_prompt(tokenizer, q) for q in questions]
+    return [build_prompt(tokenizer, q, style) for q in questions]
 
 
 # ---------------------------------------------------------------------------------------------- answer markers
@@ -827,19 +835,20 @@ def _versions() -> dict[str, str]:
 # ------------------------------------------------------------------------------------------ generative sets
 
 
-def _scored_generation(g: Generation, gold: str) -> dict[str, Any]:
+def _scored_generation(g: Generation, gold: str, style: str = "gsm") -> dict[str, Any]:
     """One generation as a JSONL field: text, extracted answer, correctness, token count, finish reason."""
+    boxed = style == "boxed"
     return {
         "text": g.text,
-        "extracted": extract_answer(g.text),
-        "correct": bool(is_correct(g.text, gold)),
+        "extracted": extract_boxed(g.text) if boxed else extract_answer(g.text),
+        "correct": bool(is_correct_boxed(g.text, gold) if boxed else is_correct(g.text, gold)),
         "n_tokens": g.n_tokens,
         "finish_reason": g.finish_reason,
     }
 
 
 def _problem_records(
-    rows: Sequence[dict[str, Any]], run: GenerationRun, greedy_run: GenerationRun | None
+    rows: Sequence[dict[str, Any]], run: GenerationRun, greedy_run: GenerationRun | None, style: str = "gsm"
 ) -> list[dict[str, Any]]:
     """Per-problem JSONL records: id, question, gold, samples (scored), greedy (scored, or None)."""
     return [
@@ -847,8 +856,8 @@ def _problem_records(
             "id": r["id"],
             "question": r["question"],
             "gold": r["answer"],
-            "samples": [_scored_generation(g, r["answer"]) for g in run.outputs[i]],
-            "greedy": _scored_generation(greedy_run.outputs[i][0], r["answer"]) if greedy_run else None,
+            "samples": [_scored_generation(g, r["answer"], style) for g in run.outputs[i]],
+            "greedy": _scored_generation(greedy_run.outputs[i][0], r["answer"], style) if greedy_run else None,
         }
         for i, r in enumerate(rows)
     ]
@@ -902,6 +911,7 @@ def evaluate_generation(
     confidence: float = 0.95,
     progress: bool = True,
     engine: Engine = "compact",
+    prompt: str = "gsm",
 ) -> dict[str, Any]:
     """Generate answers for a GSM-style set and score them; returns the summary dict (also written to ``out_dir``).
 
@@ -911,7 +921,9 @@ def evaluate_generation(
     ``seed``: the sampling seed (:func:`generate`). ``samples`` = k samples per problem at ``temperature``
     (None: 0 = greedy when ``samples == 1``, else 1.0; ``samples > 1`` with temperature 0 is an error).
     ``greedy``: also report greedy accuracy, with its own greedy pass when the samples are not greedy.
-    ``engine``: the decode loop, see :func:`generate_detailed`.
+    ``engine``: the decode loop, see :func:`generate_detailed`. ``prompt``: ``"gsm"`` (``#### <number>``; stops at
+    a complete answer with ``stop_on_answer``) or ``"boxed"`` (MATH-style: the answer is the last ``\\boxed{}``,
+    compared with ``math_verify``; generation runs to eos, never cut).
 
     ``out_dir``: write ``<set>.generations.jsonl`` (one line per problem: id, question, gold, samples: [{text,
     extracted, correct, n_tokens, finish_reason}], greedy: {...} or null) and ``<set>.summary.json`` (set, n,
@@ -924,12 +936,14 @@ def evaluate_generation(
     if samples > 1 and temperature == 0:
         raise ValueError("samples > 1 with temperature 0 would give k identical greedy samples; set temperature > 0")
     rows = load_eval_set(dataset_name_or_path, size, data_seed)
-    prompts = build_prompts(tokenizer, [r["question"] for r in rows])
+    prompts = build_prompts(tokenizer, [r["question"] for r in rows], prompt)
+    boxed = prompt == "boxed"
     common = {
         "max_new_tokens": max_new_tokens,
         "batch_size": batch_size,
         "seed": seed,
-        "stop_on_answer": stop_on_answer,
+        "stop_on_answer": stop_on_answer and not boxed,
+        "cut": not boxed,
         "progress": progress,
         "engine": engine,
     }
@@ -945,7 +959,7 @@ def evaluate_generation(
         )
     seconds = time.perf_counter() - t0
 
-    records = _problem_records(rows, run, (greedy_run or run) if greedy else None)
+    records = _problem_records(rows, run, (greedy_run or run) if greedy else None, prompt)
     metrics = generation_metrics(
         [[s["correct"] for s in rec["samples"]] for rec in records],
         [rec["greedy"]["correct"] for rec in records] if greedy else None,
@@ -969,10 +983,11 @@ def evaluate_generation(
             "max_new_tokens": max_new_tokens,
             "batch_size": batch_size,
             "seed": seed,
-            "stop_on_answer": stop_on_answer,
+            "stop_on_answer": stop_on_answer and not boxed,
             "engine": run.settings.get("engine", engine),
             "greedy_pass": greedy_run is not None,
-            "prompt": "chat template + gsm_user_message(question), add_generation_prompt=True",
+            "prompt": "chat template, add_generation_prompt=True, user message = "
+            + ("gsm_user_message(question)" if not boxed else "question + BOXED_INSTRUCTION"),
         },
         "seconds": seconds,
         "generated_tokens": tokens,
@@ -1180,6 +1195,7 @@ def evaluate(
     batch_size: int = 32,
     stop_on_answer: bool = True,
     engine: Engine = "compact",
+    prompt: str = "gsm",
     mc_batch_size: int = 16,
     mc_normalize: Literal["mean", "sum"] = "mean",
     seed: int = 0,
@@ -1226,6 +1242,7 @@ def evaluate(
                 model_name=path,
                 progress=progress,
                 engine=engine,
+                prompt=prompt,
             )
         else:
             res = evaluate_multiple_choice(
@@ -1327,6 +1344,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         default="compact",
         help="decode loop: 'compact' drops finished rows from the batch (default), 'hf' runs model.generate",
     )
+    parser.add_argument(
+        "--prompt",
+        choices=PROMPT_STYLES,
+        default="gsm",
+        help="generation prompt and scoring: 'gsm' ('#### <number>', default) or 'boxed' (MATH-style \\boxed{})",
+    )
     parser.add_argument("--out", default=None, metavar="DIR", help="write generations and summaries here")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -1359,6 +1382,7 @@ def run_eval_from_args(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             stop_on_answer=args.stop_on_answer,
             engine=getattr(args, "engine", "compact"),
+            prompt=getattr(args, "prompt", "gsm"),
             mc_batch_size=args.mc_batch_size,
             mc_normalize=args.mc_normalize,
             seed=args.seed,

@@ -16,8 +16,8 @@ Schema (strict: an unknown key anywhere is an error that names it and lists the 
   final model of an earlier run of the experiment (a trained teacher).
 * ``eval``: sets ``{set, name?, size?, data_seed?, batch_size?, metrics?, dtype?}`` (``dtype``: the weights'
   dtype during evaluation, ``float32`` by default; ``bfloat16`` generates about twice as fast on a CPU with
-  AVX512-BF16 but changes greedy outputs) plus, for generation, ``samples``,
-  ``temperature``, ``top_p``, ``greedy``, ``max_new_tokens``, ``seed``, and for multiple choice ``normalize``
+  AVX512-BF16 but changes greedy outputs) plus, for generation, ``samples``, ``temperature``, ``top_p``,
+  ``greedy``, ``max_new_tokens``, ``seed``, ``prompt`` (``gsm`` or ``boxed``), and for multiple choice ``normalize``
   (:func:`targetsft.evaluate.evaluate`); ``name`` labels the set, ``metrics`` are those tabulated and compared.
 * ``baseline: true``: also evaluate the untrained model once (run ``base``).
 * ``compare``: pairs ``[A, B]`` of method names or globs over config ids (default: every config against ``sft``,
@@ -118,7 +118,7 @@ PROBE_FILE = "gamma_probe.jsonl"
 BASELINE_ID = "base"
 DEFAULT_COMPARE = (("*", "sft"), ("target_sft", "dft"))
 _ABBREV = {"learning_rate": "lr", "max_steps": "steps", "per_device_train_batch_size": "bs", "label_noise": "noise"}
-_GEN_KEYS = ("samples", "temperature", "top_p", "greedy", "max_new_tokens", "seed")
+_GEN_KEYS = ("samples", "temperature", "top_p", "greedy", "max_new_tokens", "seed", "prompt")
 _MC_KEYS = ("normalize",)
 _MC_METRICS = ["accuracy", "accuracy_mean", "accuracy_sum"]
 _BINARY_METRICS = ("greedy", "average@1", *_MC_METRICS)
@@ -150,6 +150,7 @@ class EvalSpec:
     normalize: str = "mean"
     metrics: list[str] | None = None
     dtype: str = "float32"
+    prompt: str = "gsm"
 
     @property
     def label(self) -> str:
@@ -236,6 +237,8 @@ def _eval_spec(raw: Any, where: str) -> EvalSpec:
         raise ConfigError(f"{where}: samples > 1 needs temperature > 0 (greedy samples are identical)")
     if spec.normalize not in ("mean", "sum"):
         raise ConfigError(f"{where}: normalize must be 'mean' or 'sum', got {spec.normalize!r}")
+    if spec.prompt not in ("gsm", "boxed"):
+        raise ConfigError(f"{where}: prompt must be 'gsm' or 'boxed', got {spec.prompt!r}")
     if spec.dtype not in EVAL_DTYPES:
         raise ConfigError(f"{where}: dtype must be one of {EVAL_DTYPES}, got {spec.dtype!r}")
     generation = ["greedy", f"average@{spec.samples}", f"pass@{spec.samples}"]
@@ -452,6 +455,15 @@ def _spec_dict(spec: EvalSpec) -> dict[str, Any]:
     return dataclasses.asdict(spec)
 
 
+def _same_spec(recorded: dict[str, Any] | None, spec: EvalSpec) -> bool:
+    """Whether a recorded spec is ``spec``; an option added to :class:`EvalSpec` after the record was written counts
+    as its default (so adding an option never re-evaluates finished sets)."""
+    if recorded is None:
+        return False
+    defaults = {f.name: f.default for f in dataclasses.fields(EvalSpec) if f.default is not dataclasses.MISSING}
+    return {**defaults, **recorded} == _spec_dict(spec)
+
+
 def run_status(exp: Experiment, run: Run) -> str:
     """``new``, ``started`` (no checkpoint yet), ``resume`` (a checkpoint), ``evaluate`` (trained, sets missing),
     ``done``, or ``stale`` (the folder belongs to another configuration)."""
@@ -460,9 +472,7 @@ def run_status(exp: Experiment, run: Run) -> str:
     if started is not None and started.get("fingerprint") != run_fingerprint(run):
         return "stale"
     done = _read_json(out / DONE_FILE)
-    if done is not None and [done["sets"].get(s.label, {}).get("spec") for s in exp.eval] == [
-        _spec_dict(s) for s in exp.eval
-    ]:
+    if done is not None and all(_same_spec(done["sets"].get(s.label, {}).get("spec"), s) for s in exp.eval):
         return "done"
     if not out.exists():
         return "new"
@@ -615,6 +625,7 @@ def _evaluate_set(model: Any, tokenizer: Any, spec: EvalSpec, out: Path, name: s
             greedy=spec.greedy,
             max_new_tokens=spec.max_new_tokens,
             batch_size=spec.batch_size or 32,
+            prompt=spec.prompt,
             **common,
         )
     else:
@@ -638,7 +649,7 @@ def _evaluate(exp: Experiment, run: Run, log: Callable[[str], None], progress: b
     for spec in exp.eval:
         folder = out / "eval" / spec.label
         old = _read_json(folder / "result.json")
-        if old is not None and old["spec"] == _spec_dict(spec):
+        if old is not None and _same_spec(old["spec"], spec):
             results[spec.label] = {**old, "items": f"eval/{spec.label}/{old['items']}"}
             continue
         if model is None or loaded != spec.dtype:

@@ -211,6 +211,9 @@ def _subset(rows: list[dict[str, Any]], size: int, seed: int | None) -> list[dic
 # ------------------------------------------------------------------------------------------------ JSONL file
 
 
+_THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+
+
 def _jsonl_eval(path: Path, size: int | str | None, seed: int | None) -> list[dict[str, Any]]:
     from targetsft.data.sft import read_jsonl
 
@@ -221,10 +224,13 @@ def _jsonl_eval(path: Path, size: int | str | None, seed: int | None) -> list[di
         ans = str(r["answer"])
         if "####" in ans:
             ans = ans.rsplit("####", 1)[1]
+        ans = ans.strip()
+        if _THOUSANDS.fullmatch(ans):  # "1,234" → "1234"; LaTeX answers such as "(3, 4)" keep their commas
+            ans = ans.replace(",", "")
         rows.append(
             {
                 "question": str(r["question"]),
-                "answer": ans.strip().replace(",", ""),
+                "answer": ans,
                 "source": str(r.get("source", path.stem)),
                 "id": str(r.get("id", f"{path.stem}/{i}")),
             }
