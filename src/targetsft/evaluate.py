@@ -77,7 +77,7 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -724,6 +724,13 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, f
     ``n == 0``: all NaN; ``n == 1``: NaN bounds."""
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
+    return mean_interval(values, lambda n: z)
+
+
+def mean_interval(values: Iterable[float], quantile: Callable[[int], float]) -> tuple[float, float, float]:
+    """``(mean, mean − half, mean + half)`` with ``half = quantile(n)·s/√n`` (``s``: sample standard deviation with
+    ``n − 1``); ``n == 0``: all NaN; ``n == 1``: NaN bounds. Shared by the normal and the t intervals."""
     vals = [float(v) for v in values]
     n = len(vals)
     if n == 0:
@@ -732,7 +739,7 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, f
     if n == 1:
         return m, math.nan, math.nan
     s = math.sqrt(math.fsum((v - m) ** 2 for v in vals) / (n - 1))
-    half = statistics.NormalDist().inv_cdf(0.5 + confidence / 2) * s / math.sqrt(n)
+    half = quantile(n) * s / math.sqrt(n)
     return m, m - half, m + half
 
 

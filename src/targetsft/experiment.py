@@ -811,16 +811,9 @@ def t_quantile(df: int, confidence: float = 0.95) -> float:
 def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
     """Mean and t-interval ``mean ± t_{(1+c)/2, n−1}·s/√n`` (``s``: sample sd with n − 1); n = 1: NaN bounds,
     n = 0: all NaN."""
-    vals = [float(v) for v in values]
-    n = len(vals)
-    if n == 0:
-        return math.nan, math.nan, math.nan
-    m = math.fsum(vals) / n
-    if n == 1:
-        return m, math.nan, math.nan
-    s = math.sqrt(math.fsum((v - m) ** 2 for v in vals) / (n - 1))
-    half = t_quantile(n - 1, confidence) * s / math.sqrt(n)
-    return m, m - half, m + half
+    from targetsft.evaluate import mean_interval
+
+    return mean_interval(values, lambda n: t_quantile(n - 1, confidence))
 
 
 def mcnemar_exact(b: int, c: int) -> float:
