@@ -206,3 +206,26 @@ def test_confident_student_topk_teacher_is_a_distribution(dtype, gap, method):
     loss.backward()
     assert torch.isfinite(loss) and loss.item() < 100
     assert z.grad.abs().max().item() <= 0.25 + 1e-3
+
+
+@pytest.mark.parametrize("method", ["kd", "target_sft", "dft", "label_smoothing"])
+@pytest.mark.parametrize("k", [1, 4, 11])
+def test_residual_entropy_closed_form_equals_dense(method, k):
+    """Residual.entropy (closed forms for c·p, u/V and c·p off distinct top-k ids + values on them) equals
+    H of the dense residual, also at k = V (no tail) and with repeated ids (dense fallback)."""
+    from targetsft.methods import get_method
+    from targetsft.target import Distribution, TokenState
+
+    b = make_batch(43)
+    z, y = b.logits.reshape(-1, b.logits.shape[-1]), b.labels.reshape(-1).clamp(min=0)
+    ids, vals = _topk(b.teacher_logits.reshape(z.shape), k)
+    repeated = ids.clone()
+    repeated[:, -1] = repeated[:, 0]
+    for topk_ids in (ids, repeated):
+        logp = torch.log_softmax(z, -1)
+        teacher = Distribution(topk_ids=topk_ids, topk_logprobs=vals)
+        state = TokenState(logp=logp, labels=y, teacher=teacher)
+        residual = get_method(method).target().residual_for(state)
+        dense = residual.to_dense(state)
+        expected = -torch.special.xlogy(dense, dense).sum(-1)
+        torch.testing.assert_close(residual.entropy(state), expected, rtol=0, atol=1e-10)

@@ -51,11 +51,17 @@ class _Head:
     weight: Tensor
     bias: Tensor | None
 
-    def logits(self, s: int, e: int, cdt: torch.dtype, logit_scale: float, softcap: float | None) -> Tensor:
-        z = self.hidden[s:e] @ self.weight.t()
+    def logits(
+        self, s: int, e: int, cdt: torch.dtype, logit_scale: float, softcap: float | None, out: Tensor | None = None
+    ) -> Tensor:
+        """The logits of rows ``s:e`` in ``cdt``, written into ``out`` ``[e − s, V]`` when given."""
+        h = self.hidden[s:e]
+        same = h.dtype == self.weight.dtype == cdt
+        z = torch.mm(h, self.weight.t(), out=out if same else None)
         if self.bias is not None:
             z += self.bias
-        z = z.to(cdt)
+        if z.dtype != cdt:
+            z = out.copy_(z) if out is not None else z.to(cdt)
         if logit_scale != 1.0:
             z.mul_(logit_scale)
         if softcap is not None:
@@ -95,10 +101,12 @@ class _Plan:
         grad_w = torch.zeros(w.shape, dtype=cdt, device=w.device) if need_w else None
         grad_b = torch.zeros(w.shape[0], dtype=cdt, device=w.device) if need_b else None
         w_mm = w if w.dtype == cdt else None  # weight used for dh = g·W, in the matmul dtype
+        # Two [chunk, V] buffers reused by every chunk: the logits (then p, then the gradient) and log p.
+        buffers = torch.empty((2, min(self.chunk, n), w.shape[0]), dtype=cdt, device=h.device)
         losses = []
         for s in range(0, n, self.chunk):
             e = min(s + self.chunk, n)
-            z = student.logits(s, e, cdt, self.logit_scale, self.softcap)
+            z = student.logits(s, e, cdt, self.logit_scale, self.softcap, out=buffers[0, : e - s])
             dcap = 1.0 - (z / self.softcap).square() if (need_grad and self.softcap is not None) else None
             side = self.side.rows(slice(s, e))
             if self.teacher_head is not None:
@@ -107,7 +115,15 @@ class _Plan:
                 side.ref = Distribution(logits=self.ref_head.logits(s, e, cdt, self.logit_scale, self.softcap))
             box = [z]
             del z
-            loss, g = loss_and_grad(box, self.labels[s:e], self.target, **vars(side), need_grad=need_grad, stats=stats)
+            loss, g = loss_and_grad(
+                box,
+                self.labels[s:e],
+                self.target,
+                **vars(side),
+                need_grad=need_grad,
+                stats=stats,
+                workspace=buffers[1, : e - s],
+            )
             losses.append(loss)
             if not need_grad:
                 continue

@@ -179,6 +179,31 @@ class Residual:
             out.scatter_add_(-1, self.sparse_ids, self.sparse_values)
         return out
 
+    def entropy(self, state: TokenState) -> Tensor:
+        """``H(π̃) = −Σ_a π̃(a) log π̃(a)`` per row (logging), without a dense ``[n, V]`` residual where the form
+        allows: ``c·p`` gives ``−c·Σ p log p − c log c``; ``c·p`` off ``k`` distinct ids plus values ``v`` on them
+        gives ``−c·Σ_tail p log p − m·c log c − Σ v log v`` (``m`` the student's tail mass); ``u/V`` gives
+        ``−u log(u/V)``."""
+        parts = {
+            name
+            for name in ("self_coef", "uniform", "dense", "sparse_ids", "self_skip")
+            if getattr(self, name) is not None
+        }
+        if parts == {"uniform"}:
+            return -torch.special.xlogy(self.uniform, self.uniform / state.vocab_size)
+        if parts == {"self_coef"}:
+            c = self.self_coef
+            return -c * _rowdot(state.probs(), state.logp) - torch.special.xlogy(c, c)
+        ids = self.self_skip
+        if parts == {"self_coef", "sparse_ids", "self_skip"} and self.sparse_ids is ids:
+            sorted_ids = ids.sort(-1).values
+            if not (sorted_ids[:, 1:] == sorted_ids[:, :-1]).any():
+                c = self.self_coef
+                log_mass, plogp = state.tail(ids)
+                tail = c * plogp + torch.special.xlogy(c, c) * log_mass.exp()
+                return -tail - torch.special.xlogy(self.sparse_values, self.sparse_values).sum(-1)
+        return _entropy(self.to_dense(state))
+
     def cross_entropy(self, state: TokenState, p: Tensor | None) -> Tensor:
         """``−Σ_a π̃(a) log p(a)`` per row; ``p = exp(logp)`` is needed only when ``self_coef`` is set."""
         logp = state.logp
@@ -311,22 +336,28 @@ def loss_and_grad(
     token_weights: Tensor | None = None,
     need_grad: bool = True,
     stats: TargetStats | None = None,
+    workspace: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Per-token ``CE(Q, p)`` and the logit gradient ``p − Q`` for a block of rows.
 
     ``box`` holds one tensor, the block's logits ``[n, V]`` in the compute dtype; it is emptied so the logits can
-    be freed as soon as ``log softmax`` has been taken.
+    be freed as soon as ``log softmax`` has been taken. ``workspace``, a spare ``[n, V]`` buffer of that dtype, lets
+    a chunked caller reuse memory instead: ``log p`` goes there and ``p`` (then the gradient) into the logits'
+    own storage, so nothing of size ``[n, V]`` is allocated (on CPU each such allocation is fresh pages).
     Returns ``(loss [n], grad [n, V] or None)``, both unscaled by any reduction weight.
     """
-    logp = torch.log_softmax(box.pop(), dim=-1)
-    p = logp.exp() if need_grad else None  # becomes the gradient, in place, once the loss is computed
+    z = box.pop()
+    logp = torch.log_softmax(z, dim=-1, out=workspace)
+    p_out = z if workspace is not None else None  # where p = exp(log p) goes: the logits' storage, or new memory
+    del z
+    p = torch.exp(logp, out=p_out) if need_grad else None  # becomes the gradient, in place, once the loss is known
     state = TokenState(logp=logp, labels=labels, teacher=teacher, ref=ref, token_weights=token_weights, p=p)
     gamma = target.trust(state).to(logp.dtype)
     residual = target.residual_for(state)
     q_res = residual.scaled(1.0 - gamma) if residual is not None else None
 
     if p is None and q_res is not None and q_res.self_coef is not None and q_res.self_skip is None:
-        p = logp.exp()
+        p = torch.exp(logp, out=p_out)
     loss = -gamma * state.logp_y
     if q_res is not None:
         loss = loss + q_res.cross_entropy(state, p)
@@ -342,7 +373,7 @@ def loss_and_grad(
         q_y = gamma + (q_res.at(state, labels[:, None]).squeeze(-1) if q_res is not None else 0.0)
         block.q_label = float(torch.as_tensor(q_y).sum())
         if residual is not None:
-            block.residual_entropy = _entropy(residual.to_dense(state)).sum().item()
+            block.residual_entropy = residual.entropy(state).sum().item()
         block.accuracy = (logp.argmax(-1) == labels).sum().item()
         stats.add(block)
 
