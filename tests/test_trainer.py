@@ -157,15 +157,24 @@ class _StopAt(transformers.TrainerCallback):
             control.should_training_stop = True
 
 
-@pytest.mark.parametrize("method", ["sft", "target_sft"])
-def test_resume_is_exact(method, model_dirs, tmp_path):
-    """Stopped after the step-4 checkpoint and resumed, a run ends with the same weights as an uninterrupted one."""
+@pytest.mark.parametrize(
+    "method,sampling", [("sft", "random"), ("target_sft", "random"), ("target_sft", "group_by_length")]
+)
+def test_resume_is_exact(method, sampling, model_dirs, tmp_path):
+    """Stopped after the step-3 checkpoint (mid-epoch) and resumed, a run ends with the same weights as an
+    uninterrupted one (also with batches of similar lengths, whose sampler draws from the restored random state)."""
+    options = (
+        "train.lr_scheduler_type=linear",
+        "train.per_device_train_batch_size=2",  # 4 batches per epoch: their order matters
+        "train.save_steps=3",  # the checkpoint falls inside the first epoch
+        f"train.train_sampling_strategy={sampling}",
+    )
     full = tmp_path / "full"
-    train(_cfg(model_dirs, full, method, "train.lr_scheduler_type=linear"))
+    train(_cfg(model_dirs, full, method, *options))
     part = tmp_path / "part"
-    cfg = _cfg(model_dirs, part, method, "train.lr_scheduler_type=linear")
-    train(cfg, callbacks=[_StopAt(4)])
-    assert (part / "checkpoint-4").is_dir() and not (part / "checkpoint-8").exists()
+    cfg = _cfg(model_dirs, part, method, *options)
+    train(cfg, callbacks=[_StopAt(3)])
+    assert (part / "checkpoint-3").is_dir() and not (part / "checkpoint-6").exists()
     train(cfg, resume=True)
     a, b = _weights(full / "final"), _weights(part / "final")
     assert a.keys() == b.keys()
