@@ -102,6 +102,7 @@ def test_grid_expansion_ids_count_and_configs():
         ({"gamma_probe": 8, "baseline": 1, "eval": [{"set": "piqa", "metrics": ["greedy"]}]}, "'greedy' has no"),
         ({"teacher_cache_k": -1}, "teacher_cache_k must be an int >= 0"),
         ({"eval": [{"set": "asdiv", "dtype": "int8"}]}, r"eval\[0\]: dtype must be one of"),
+        ({"eval": [{"set": "asdiv", "prompt": "latex"}]}, r"eval\[0\]: prompt must be one of \('gsm', 'boxed'\)"),
     ],
 )
 def test_schema_is_strict(change, message):

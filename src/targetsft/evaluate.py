@@ -990,7 +990,7 @@ def evaluate_generation(
             "max_new_tokens": max_new_tokens,
             "batch_size": batch_size,
             "seed": seed,
-            "stop_on_answer": stop_on_answer and not boxed,
+            "stop_on_answer": common["stop_on_answer"],
             "engine": run.settings.get("engine", engine),
             "greedy_pass": greedy_run is not None,
             "prompt": "chat template, add_generation_prompt=True, user message = "

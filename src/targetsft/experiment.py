@@ -237,8 +237,10 @@ def _eval_spec(raw: Any, where: str) -> EvalSpec:
         raise ConfigError(f"{where}: samples > 1 needs temperature > 0 (greedy samples are identical)")
     if spec.normalize not in ("mean", "sum"):
         raise ConfigError(f"{where}: normalize must be 'mean' or 'sum', got {spec.normalize!r}")
-    if spec.prompt not in ("gsm", "boxed"):
-        raise ConfigError(f"{where}: prompt must be 'gsm' or 'boxed', got {spec.prompt!r}")
+    from targetsft.evaluate import PROMPT_STYLES
+
+    if spec.prompt not in PROMPT_STYLES:
+        raise ConfigError(f"{where}: prompt must be one of {PROMPT_STYLES}, got {spec.prompt!r}")
     if spec.dtype not in EVAL_DTYPES:
         raise ConfigError(f"{where}: dtype must be one of {EVAL_DTYPES}, got {spec.dtype!r}")
     generation = ["greedy", f"average@{spec.samples}", f"pass@{spec.samples}"]
