@@ -11,6 +11,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -390,6 +391,59 @@ def test_experiments_sharing_runs_dir_share_runs(tiny_setup, tmp_path, monkeypat
     assert not (tmp_path / "a" / "runs").exists()
 
 
+def test_records_outlive_the_models(tiny_setup, tmp_path, monkeypatch):
+    """With ``records_dir`` a run's record (run.json, summary.json, metrics.csv, gamma_probe.jsonl, eval/, DONE.json)
+    lives apart from its models: finished runs stay finished when the runs folder is lost (a new machine), a run
+    whose model is needed again is retrained, and a teacher is retrained only when its cache is gone too."""
+    from targetsft import trainer
+
+    model, qa, mc = tiny_setup
+    runs, records, caches = tmp_path / "runs", tmp_path / "records", tmp_path / "caches"
+    raw = _tiny_experiment(tmp_path / "exp", model, qa, mc, runs_dir=str(runs), records_dir=str(records))
+    raw.update(teacher_cache_k=4, teacher_cache_dir=str(caches), baseline=False)
+    raw["base"]["train"]["max_steps"] = 2
+    raw["base"]["teacher"] = {"model": "@teach-s0"}
+    raw["grid"] = [{"name": "teach", "method": "sft", "seeds": [0]}, {"method": "kd", "seeds": [0]}]
+    raw["eval"] = raw["eval"][1:]  # mc
+    real_train, trained = trainer.train, []
+    monkeypatch.setattr(
+        trainer, "train", lambda cfg, **kw: trained.append(Path(cfg.output_dir).name) or real_train(cfg, **kw)
+    )
+    exp = X.experiment_from_dict(raw)
+    X.run_experiment(exp, progress=False)
+    assert trained == ["teach-s0", "kd-s0"]
+    for rid in ("teach-s0", "kd-s0"):
+        names = {p.relative_to(records / rid).as_posix() for p in (records / rid).rglob("*") if p.is_file()}
+        assert {"run.json", "summary.json", "metrics.csv", "gamma_probe.jsonl", "DONE.json"} <= names
+        assert any(n.startswith("eval/mc/") for n in names) and not any(n.startswith("final") for n in names)
+        assert (runs / rid / "final").is_dir() and not (runs / rid / "DONE.json").exists()
+    assert len(list(caches.glob("*/COMPLETE"))) == 1
+    before = X.aggregate(exp, plots=False)["summary"]
+
+    shutil.rmtree(runs)  # a new machine: the committed records and the teacher cache, no models
+    assert [X.run_status(exp, r) for r in X.expand_grid(exp)] == ["done", "done"]
+    X.run_experiment(exp, progress=False)
+    assert trained == ["teach-s0", "kd-s0"]  # nothing retrained
+    assert X.aggregate(exp, plots=False)["summary"] == before
+
+    # a new eval set needs the students' model again: retrained, the old set's result kept
+    mc_result = (records / "kd-s0" / "eval" / "mc" / "result.json").stat().st_mtime_ns
+    raw["eval"].append({"name": "mc2", "set": str(mc), "batch_size": 2})
+    exp = X.experiment_from_dict(raw)
+    assert [X.run_status(exp, r) for r in X.expand_grid(exp)] == ["retrain", "retrain"]
+    X.run_experiment(exp, progress=False, only="kd-s0")
+    assert trained[2:] == ["kd-s0"]  # its teacher is cached: not retrained
+    assert (records / "kd-s0" / "eval" / "mc" / "result.json").stat().st_mtime_ns == mc_result
+    assert set(json.loads((records / "kd-s0" / "DONE.json").read_text())["sets"]) == {"mc", "mc2"}
+
+    # without the cache the teacher is retrained for the student that needs it
+    shutil.rmtree(runs)
+    shutil.rmtree(caches)
+    raw["grid"].append({"method": "kd", "train": {"learning_rate": 1e-3}, "seeds": [0]})
+    X.run_experiment(X.experiment_from_dict(raw), progress=False, only="kd-lr*")
+    assert trained[3:] == ["teach-s0", "kd-lr0.001-s0"]
+
+
 # ----------------------------------------------------------------------------------------- aggregation by hand
 
 
@@ -507,6 +561,7 @@ def test_experiments_sharing_a_runs_dir_agree():
             by_dir.setdefault(exp.runs_dir, []).append(exp)
     assert [len(v) for v in by_dir.values()] == [5]
     for exps in by_dir.values():
+        assert len({(e.records_dir, e.teacher_cache_dir) for e in exps}) == 1  # one record and cache per run
         configs, specs = {}, {}
         for exp in exps:
             for run in X.expand_grid(exp):

@@ -31,6 +31,12 @@ Schema (strict: an unknown key anywhere is an error that names it and lists the 
 * ``runs_dir``: where the runs live (default ``<output_dir>/runs``). Experiments that name the same ``runs_dir``
   share the runs they have in common (same id and configuration: trained once, each evaluated on the union of
   their sets; ``DONE.json`` keeps every set). Give a set label the same spec in all of them.
+* ``records_dir``: where each run's *record* lives, apart from its models (default: in the run folder itself).
+  The record is the small text a finished run is judged by: ``run.json``, ``summary.json``, ``metrics.csv``,
+  ``gamma_probe.jsonl``, ``eval/`` and ``DONE.json``; ``runs_dir`` keeps ``final/`` and the checkpoints. Commit
+  the records and a finished run stays finished on another machine, without its gigabytes of weights; a run whose
+  model is needed again (a new eval set, a teacher without its cache) and is gone is retrained from scratch.
+* ``teacher_cache_dir``: where the teacher caches live (default ``teacher_cache/`` beside ``runs_dir``).
 * ``gamma_probe``: training examples on which p_θ(y) (γ of dft and target_sft) is recorded as a distribution at
   the start and every tenth of training (default 16; 0: off).
 
@@ -45,13 +51,16 @@ partial results are already paired. Every run's TrainConfig is built with
 
 Resume
 ------
-``<runs_dir>/<id>/`` (default ``runs_dir``: ``<output_dir>/runs``) holds the trainer's outputs, ``eval/<label>/``
-the evaluation files and ``DONE.json`` (the metrics, written atomically when the run is complete). A run is
-skipped when ``DONE.json`` exists for the same configuration (a fingerprint of its TrainConfig; a different one is
-an error, never silently reused) and covers the current eval sets. Otherwise training is skipped if
-``summary.json`` exists (written last by the trainer), resumed from the newest complete ``checkpoint-N`` (one
-holding ``trainer_state.json``, which the Trainer writes last; incomplete ones are removed), or started from
-scratch; each eval set whose ``result.json`` matches its spec is reused.
+``<runs_dir>/<id>/`` (default ``runs_dir``: ``<output_dir>/runs``) holds the trainer's outputs;
+``<records_dir>/<id>/`` (default: the same folder) the run's record: ``run.json``, the trainer's ``summary.json``
+and ``metrics.csv`` (copied there when training ends), ``eval/<label>/`` the evaluation files and ``DONE.json``
+(the metrics, written atomically when the run is complete). A run is skipped when ``DONE.json`` exists for the
+same configuration (a fingerprint of its TrainConfig; a different one is an error, never silently reused) and
+covers the current eval sets. Otherwise training is skipped if the run folder holds ``summary.json`` (written last
+by the trainer) and ``final/``, resumed from the newest complete ``checkpoint-N`` (one holding
+``trainer_state.json``, which the Trainer writes last; incomplete ones are removed), or started from scratch
+(``retrain`` when the record says it was trained before but the model is gone); each eval set whose
+``result.json`` matches its spec is reused.
 
 Statistics
 ----------
@@ -193,6 +202,8 @@ class Experiment:
     keep_checkpoints: bool = False
     teacher_cache_k: int = 0
     runs_dir: str | None = None
+    records_dir: str | None = None
+    teacher_cache_dir: str | None = None
     compare: list[list[str]] = field(default_factory=lambda: [list(p) for p in DEFAULT_COMPARE])
 
 
@@ -431,7 +442,23 @@ def _runs_root(exp: Experiment) -> Path:
 
 
 def _run_dir(exp: Experiment, run: Run) -> Path:
+    """The run's models and checkpoints (the trainer's ``output_dir``)."""
     return _runs_root(exp) / run.id
+
+
+def _records_root(exp: Experiment) -> Path:
+    return Path(exp.records_dir) if exp.records_dir else _runs_root(exp)
+
+
+def _record_dir(exp: Experiment, run: Run) -> Path:
+    """The run's record: run.json, summary.json, metrics.csv, gamma_probe.jsonl, eval/, DONE.json."""
+    return _records_root(exp) / run.id
+
+
+def _trained(exp: Experiment, run: Run) -> bool:
+    """Whether the run folder holds a finished training: the trainer's ``summary.json`` and ``final/``."""
+    out = _run_dir(exp, run)
+    return (out / "summary.json").is_file() and (out / "final").is_dir()
 
 
 # ------------------------------------------------------------------------------------------------------ runner
@@ -468,19 +495,22 @@ def _same_spec(recorded: dict[str, Any] | None, spec: EvalSpec) -> bool:
 
 def run_status(exp: Experiment, run: Run) -> str:
     """``new``, ``started`` (no checkpoint yet), ``resume`` (a checkpoint), ``evaluate`` (trained, sets missing),
-    ``done``, or ``stale`` (the folder belongs to another configuration)."""
-    out = _run_dir(exp, run)
-    started = _read_json(out / "run.json")
+    ``retrain`` (the record says trained, the model is gone), ``done``, or ``stale`` (the folder belongs to another
+    configuration)."""
+    out, record = _run_dir(exp, run), _record_dir(exp, run)
+    started = _read_json(record / "run.json")
     if started is not None and started.get("fingerprint") != run_fingerprint(run):
         return "stale"
-    done = _read_json(out / DONE_FILE)
+    done = _read_json(record / DONE_FILE)
     if done is not None and all(_same_spec(done["sets"].get(s.label, {}).get("spec"), s) for s in exp.eval):
         return "done"
-    if not out.exists():
-        return "new"
-    if run.is_baseline or (out / "summary.json").is_file():
+    if run.is_baseline or _trained(exp, run):
         return "evaluate"
-    return "resume" if _complete_checkpoints(out) else "started"
+    if _complete_checkpoints(out):
+        return "resume"
+    if (record / "summary.json").is_file():
+        return "retrain"
+    return "started" if out.exists() or started is not None else "new"
 
 
 def _complete_checkpoints(out: Path) -> list[Path]:
@@ -499,35 +529,64 @@ def _train(exp: Experiment, run: Run, log: Callable[[str], None]) -> dict[str, A
     """Train the run (from scratch, or resumed from its newest complete checkpoint); its trainer summary."""
     from targetsft import trainer
 
-    out = _run_dir(exp, run)
-    summary = _read_json(out / "summary.json")
-    if summary is not None:
-        return summary
-    config = json.loads(json.dumps(run.config))
-    ref = _teacher_ref(run)
-    if ref is not None:
-        teacher_dir = out.parent / ref
-        if not (teacher_dir / DONE_FILE).is_file():
-            raise ExperimentError(f"run {run.id}: its teacher run {ref!r} is not done ({teacher_dir})")
-        config["teacher"]["model"] = str(teacher_dir / "final")
-    if exp.teacher_cache_k and (config.get("teacher") or {}).get("model"):
-        config["teacher"] = {**config["teacher"], "model": None, "cache": str(_teacher_cache(exp, config, log))}
-    _drop_incomplete_checkpoints(out, log)
-    resume = bool(_complete_checkpoints(out))
-    if not resume:
-        (out / PROBE_FILE).unlink(missing_ok=True)
-    cfg = config_from_dict(config)
-    probe = [_gamma_probe(cfg, exp.gamma_probe, out / PROBE_FILE)] if exp.gamma_probe else []
-    return trainer.train(cfg, resume=resume, callbacks=probe)
+    out, record = _run_dir(exp, run), _record_dir(exp, run)
+    if _trained(exp, run):
+        summary = json.loads((out / "summary.json").read_text())
+    else:
+        config = json.loads(json.dumps(run.config))
+        ref = _teacher_ref(run)
+        if ref is not None:
+            config["teacher"]["model"] = str(_teacher_model(exp, run, ref, log))
+        if exp.teacher_cache_k and (config.get("teacher") or {}).get("model"):
+            config["teacher"] = {**config["teacher"], "model": None, "cache": str(_teacher_cache(exp, config, log))}
+        _drop_incomplete_checkpoints(out, log)
+        resume = bool(_complete_checkpoints(out))
+        if not resume:
+            (record / PROBE_FILE).unlink(missing_ok=True)
+        cfg = config_from_dict(config)
+        probe = [_gamma_probe(cfg, exp.gamma_probe, record / PROBE_FILE)] if exp.gamma_probe else []
+        summary = trainer.train(cfg, resume=resume, callbacks=probe)
+    if record != out:  # the trainer's part of the record
+        for name in ("summary.json", "metrics.csv"):
+            if (out / name).is_file():
+                atomic_write_text(record / name, (out / name).read_text())
+    return summary
+
+
+def _teacher_model(exp: Experiment, run: Run, ref: str, log: Callable[[str], None]) -> Path:
+    """The final model folder of the teacher run ``ref``, which must be done; retrained first when its model is
+    gone and its cache (if the experiment caches teachers) is not already built."""
+    teacher = next(r for r in expand_grid(exp) if r.id == ref)
+    if not (_record_dir(exp, teacher) / DONE_FILE).is_file():
+        raise ExperimentError(f"run {run.id}: its teacher run {ref!r} is not done ({_record_dir(exp, teacher)})")
+    final = _run_dir(exp, teacher) / "final"
+    config = {**run.config, "teacher": {**run.config["teacher"], "model": str(final)}}
+    cached = exp.teacher_cache_k and (_teacher_cache_folder(exp, config) / "COMPLETE").is_file()
+    if not cached and not _trained(exp, teacher):
+        log(f"training {teacher.id} (retrain: the teacher of {run.id}; its model is gone)")
+        _train(exp, teacher, log)
+    return final
+
+
+def _teacher_key(config: dict[str, Any]) -> dict[str, Any]:
+    """What a teacher cache depends on: the teacher section (with its model), the student model and the data."""
+    return {k: config.get(k) for k in ("model", "data", "teacher")}
+
+
+def _teacher_cache_folder(exp: Experiment, config: dict[str, Any]) -> Path:
+    """``<teacher_cache_dir>/<hash of the teacher, its prompt, the model, the data and k>``."""
+    from targetsft.teacher_cache import _sha256_json
+
+    key = _teacher_key(config)
+    root = Path(exp.teacher_cache_dir) if exp.teacher_cache_dir else _runs_root(exp).parent / "teacher_cache"
+    return root / _sha256_json({**key, "k": exp.teacher_cache_k})[:16]
 
 
 def _teacher_cache(exp: Experiment, config: dict[str, Any], log: Callable[[str], None]) -> Path:
     """The top-k cache of the run's teacher over its training data, built on first use (resumable)."""
     from targetsft import trainer
-    from targetsft.teacher_cache import _sha256_json
 
-    key = {k: config.get(k) for k in ("model", "data", "teacher")}
-    folder = _runs_root(exp).parent / "teacher_cache" / _sha256_json({**key, "k": exp.teacher_cache_k})[:16]
+    folder, key = _teacher_cache_folder(exp, config), _teacher_key(config)
     if not (folder / "COMPLETE").is_file():
         log(f"teacher cache: building {folder} (teacher {config['teacher']['model']}, k={exp.teacher_cache_k})")
         t0 = time.time()
@@ -644,12 +703,12 @@ def _evaluate(exp: Experiment, run: Run, log: Callable[[str], None], progress: b
 
     from targetsft.models import load_model, load_tokenizer, resolve_model
 
-    out = _run_dir(exp, run)
+    out, record = _run_dir(exp, run), _record_dir(exp, run)
     results: dict[str, Any] = {}
     model = tokenizer = None
     loaded = None  # the dtype of the loaded model
     for spec in exp.eval:
-        folder = out / "eval" / spec.label
+        folder = record / "eval" / spec.label
         old = _read_json(folder / "result.json")
         if old is not None and _same_spec(old["spec"], spec):
             results[spec.label] = {**old, "items": f"eval/{spec.label}/{old['items']}"}
@@ -688,32 +747,32 @@ def _record(run: Run, fingerprint: str, train_summary: dict | None, sets: dict, 
 
 def run_one(exp: Experiment, run: Run, log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
     """Train (or resume), evaluate and record one run; returns its ``DONE.json`` record."""
-    out = _run_dir(exp, run)
+    out, record = _run_dir(exp, run), _record_dir(exp, run)
     status = run_status(exp, run)
     if status == "stale":
         raise ExperimentError(
-            f"{out} was started with another configuration than run {run.id} has now; delete the folder or use "
+            f"{record} was started with another configuration than run {run.id} has now; delete the folder or use "
             "another runs_dir"
         )
     if status == "done":
-        return json.loads((out / DONE_FILE).read_text())
+        return json.loads((record / DONE_FILE).read_text())
     t0 = time.perf_counter()
     fingerprint = run_fingerprint(run)
-    _write_json(out / "run.json", {"run": run.id, "fingerprint": fingerprint, "config": run.config})
+    _write_json(record / "run.json", {"run": run.id, "fingerprint": fingerprint, "config": run.config})
     train_summary = None
     if not run.is_baseline:
         if status != "evaluate":
             log(f"training {run.id} ({status})")
         train_summary = _train(exp, run, log)
     sets = _evaluate(exp, run, log, progress)
-    earlier = (_read_json(out / DONE_FILE) or {}).get("sets", {})  # sets of other experiments sharing runs_dir
+    earlier = (_read_json(record / DONE_FILE) or {}).get("sets", {})  # sets of other experiments sharing runs_dir
     sets = {**{k: v for k, v in earlier.items() if k not in sets}, **sets}
-    record = _record(run, fingerprint, train_summary, sets, time.perf_counter() - t0)
-    _write_json(out / DONE_FILE, record)
+    done = _record(run, fingerprint, train_summary, sets, time.perf_counter() - t0)
+    _write_json(record / DONE_FILE, done)
     if not exp.keep_checkpoints:  # only a resume needs them; final/ stays
         for checkpoint in out.glob("checkpoint-*"):
             shutil.rmtree(checkpoint)
-    return record
+    return done
 
 
 def _duration(seconds: float) -> str:
@@ -869,7 +928,7 @@ def done_records(exp: Experiment) -> list[dict[str, Any]]:
     """The ``DONE.json`` records of the experiment's runs that are finished, in grid order."""
     out = []
     for run in expand_grid(exp):
-        record = _read_json(_run_dir(exp, run) / DONE_FILE)
+        record = _read_json(_record_dir(exp, run) / DONE_FILE)
         if record is not None:
             out.append(record)
     return out
@@ -1091,7 +1150,7 @@ def aggregate(exp: Experiment, *, plots: bool = True) -> dict[str, Any]:
     root = Path(exp.output_dir)
     records = done_records(exp)
     summary = summary_rows(exp, records)
-    comparisons = comparison_rows(exp, records, _runs_root(exp))
+    comparisons = comparison_rows(exp, records, _records_root(exp))
     paths = {name: root / name for name in ("results.csv", "summary.csv", "comparisons.csv", "results.md")}
     _write_csv(paths["results.csv"], result_rows(records, [s.label for s in exp.eval]))
     _write_csv(
@@ -1234,7 +1293,7 @@ def write_plots(exp: Experiment, records: Sequence[dict], summary: Sequence[dict
     import matplotlib
 
     matplotlib.use("Agg")
-    root, plots = _runs_root(exp), Path(exp.output_dir) / "plots"
+    root, plots = _records_root(exp), Path(exp.output_dir) / "plots"
     safe = lambda s: re.sub(r"[^A-Za-z0-9._-]+", "_", s)  # noqa: E731
     out = []
     for label, metric in dict.fromkeys((r["set"], r["metric"]) for r in summary):

@@ -77,6 +77,13 @@ class TokenState:
         """``p_θ(y)`` per token ``[n]``."""
         return self.logp_y.exp()
 
+    def plogp(self) -> Tensor:
+        """``Σ_a p(a)·log p(a)`` per row ``[n]`` (cached: the loss, the tail sums and the entropy statistic read
+        it)."""
+        if "plogp" not in self._cache:
+            self._cache["plogp"] = _rowdot(self.probs(), self.logp)
+        return self._cache["plogp"]
+
     def tail(self, ids: Tensor) -> tuple[Tensor, Tensor]:
         """Over the tokens *not* in ``ids`` ``[n, k]``: ``log Σ p`` and ``Σ p·log p`` per row.
 
@@ -87,7 +94,7 @@ class TokenState:
         if key not in self._cache:
             lp = self.logp.gather(-1, ids)
             log_mass = torch.log((-torch.expm1(torch.logsumexp(lp, -1).clamp(max=0.0))).clamp(min=0.0))
-            plogp = _rowdot(self.probs(), self.logp) - (lp.exp() * lp).sum(-1)
+            plogp = self.plogp() - (lp.exp() * lp).sum(-1)
             rows = (log_mass < math.log(TAIL_EXACT_BELOW)).nonzero().squeeze(-1)
             if rows.numel():
                 masked = self.logp[rows].scatter(-1, ids[rows], torch.finfo(lp.dtype).min)
@@ -193,7 +200,7 @@ class Residual:
             return -torch.special.xlogy(self.uniform, self.uniform / state.vocab_size)
         if parts == {"self_coef"}:
             c = self.self_coef
-            return -c * _rowdot(state.probs(), state.logp) - torch.special.xlogy(c, c)
+            return -c * state.plogp() - torch.special.xlogy(c, c)
         ids = self.self_skip
         if parts == {"self_coef", "sparse_ids", "self_skip"} and self.sparse_ids is ids:
             sorted_ids = ids.sort(-1).values
@@ -204,12 +211,12 @@ class Residual:
                 return -tail - torch.special.xlogy(self.sparse_values, self.sparse_values).sum(-1)
         return _entropy(self.to_dense(state))
 
-    def cross_entropy(self, state: TokenState, p: Tensor | None) -> Tensor:
-        """``−Σ_a π̃(a) log p(a)`` per row; ``p = exp(logp)`` is needed only when ``self_coef`` is set."""
+    def cross_entropy(self, state: TokenState) -> Tensor:
+        """``−Σ_a π̃(a) log p(a)`` per row."""
         logp = state.logp
         out = torch.zeros(logp.shape[0], dtype=logp.dtype, device=logp.device)
         if self.self_coef is not None:
-            plogp = _rowdot(p, logp) if self.self_skip is None else state.tail(self.self_skip)[1]
+            plogp = state.plogp() if self.self_skip is None else state.tail(self.self_skip)[1]
             out = out - self.self_coef * plogp
         if self.uniform is not None:
             out = out - self.uniform * logp.mean(-1)
@@ -357,10 +364,10 @@ def loss_and_grad(
     q_res = residual.scaled(1.0 - gamma) if residual is not None else None
 
     if p is None and q_res is not None and q_res.self_coef is not None and q_res.self_skip is None:
-        p = torch.exp(logp, out=p_out)
+        state.p = torch.exp(logp, out=p_out)  # Σ p log p needs p: into the spare storage, if any
     loss = -gamma * state.logp_y
     if q_res is not None:
-        loss = loss + q_res.cross_entropy(state, p)
+        loss = loss + q_res.cross_entropy(state)
     row_scale = target.scale(state).to(logp.dtype) if target.scale is not None else None
     if row_scale is not None:
         loss = loss * row_scale
