@@ -9,6 +9,7 @@ import copy
 import csv
 import dataclasses
 import importlib.util
+import io
 import json
 import math
 import shutil
@@ -391,6 +392,39 @@ def test_experiments_sharing_runs_dir_share_runs(tiny_setup, tmp_path, monkeypat
     assert not (tmp_path / "a" / "runs").exists()
 
 
+def test_experiments_run_together_evaluate_a_shared_run_while_its_model_is_at_hand(tiny_setup, tmp_path, monkeypatch):
+    """``run_experiments`` goes run-major: a run two experiments share is trained once and evaluated on both their
+    sets before the next run, so both records are complete when the models are lost afterwards."""
+    from targetsft import trainer
+
+    model, qa, mc = tiny_setup
+    runs, records = tmp_path / "runs", tmp_path / "records"
+    first = _tiny_experiment(
+        tmp_path / "a", model, qa, mc, baseline=False, gamma_probe=0, runs_dir=str(runs), records_dir=str(records)
+    )
+    first["base"]["train"]["max_steps"] = 2
+    first["grid"] = [{"method": "sft", "seeds": [0]}, {"method": "dft", "seeds": [0]}]
+    first["eval"] = first["eval"][1:]  # mc
+    second = copy.deepcopy(first)
+    second["output_dir"] = str(tmp_path / "b")
+    second["grid"] = [{"method": "sft", "seeds": [0]}]
+    second["eval"] = _tiny_experiment(tmp_path, model, qa, mc)["eval"][:1]  # qa
+    exps = [X.experiment_from_dict(first), X.experiment_from_dict(second)]
+    real_train, events = trainer.train, []
+    monkeypatch.setattr(
+        trainer, "train", lambda cfg, **kw: events.append(Path(cfg.output_dir).name) or real_train(cfg, **kw)
+    )
+    out = X.run_experiments(exps, progress=False, stream=io.StringIO())
+    assert events == ["sft-s0", "dft-s0"]  # sft-s0 trained once
+    assert [[r["run"] for r in recs] for recs in out] == [["sft-s0", "dft-s0"], ["sft-s0"]]
+    assert set(out[1][0]["sets"]) == {"mc", "qa"}
+    logs = [(tmp_path / name / "progress.log").read_text() for name in ("a", "b")]
+    assert "evaluating sft-s0 on qa" in logs[1] and "finished sft-s0" in logs[1].splitlines()[-1]
+    assert logs[0].index("finished sft-s0") < logs[0].index("training dft-s0")
+    shutil.rmtree(runs)
+    assert [X.run_status(e, r) for e in exps for r in X.expand_grid(e)] == ["done"] * 3
+
+
 def test_records_outlive_the_models(tiny_setup, tmp_path, monkeypatch):
     """With ``records_dir`` a run's record (run.json, summary.json, metrics.csv, gamma_probe.jsonl, eval/, DONE.json)
     lives apart from its models: finished runs stay finished when the runs folder is lost (a new machine), a run
@@ -628,6 +662,10 @@ def test_cli_dry_run_only_and_errors(tmp_path, capsys):
     bad.write_text(json.dumps({**copy.deepcopy(_raw()), "seed": 1}))
     assert X.run_experiment_from_args(parser.parse_args(["--config", str(bad)])) == 2
     assert "unknown key 'seed' in the experiment" in capsys.readouterr().err
+    both = ["--config", str(ROOT / "experiments" / "smoke.yaml"), "--config", str(ROOT / "experiments" / "main.yaml")]
+    assert X.run_experiment_from_args(parser.parse_args([*both, "--dry-run"])) == 0
+    out = capsys.readouterr().out
+    assert "experiment smoke: 3 runs" in out and "experiment main: 14 runs" in out
 
 
 def test_recorded_spec_without_a_later_option_is_the_same_spec():

@@ -116,6 +116,7 @@ __all__ = [
     "mcnemar_exact",
     "paired_comparison",
     "run_experiment",
+    "run_experiments",
     "run_experiment_from_args",
     "t_interval",
     "t_quantile",
@@ -798,34 +799,57 @@ def _select(runs: Sequence[Run], only: str | None) -> list[Run]:
     return [r for r in runs if fnmatch.fnmatchcase(r.id, pattern)]
 
 
+class _Progress:
+    """One experiment's progress line, on ``stream`` and in ``<output_dir>/progress.log``."""
+
+    def __init__(self, exp: Experiment, total: int, stream: Any) -> None:
+        self.exp, self.total, self.stream = exp, total, stream
+        self.done, self.durations, self.t0 = 0, [], time.perf_counter()
+        root = Path(exp.output_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        self.logfile = root / "progress.log"
+
+    def log(self, message: str) -> None:
+        line = format_progress(self.done, self.total, time.perf_counter() - self.t0, self.durations, message)
+        print(line, file=self.stream or sys.stderr, flush=True)
+        with self.logfile.open("a") as fh:
+            fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {self.exp.name} {line}\n")
+
+
+def run_experiments(
+    exps: Sequence[Experiment], *, only: str | None = None, progress: bool = True, stream: Any = None
+) -> list[list[dict[str, Any]]]:
+    """Run several experiments together, run-major: each run id (in order of first appearance) is trained once and
+    evaluated for every experiment that has it before the next run starts, so a run shared through ``runs_dir`` is
+    evaluated on all their sets while its model is at hand (records outlive models; see ``records_dir``).
+    Finished runs are skipped; a progress line per experiment (see :func:`run_experiment`). Returns each
+    experiment's ``DONE.json`` records."""
+    plans = [(exp, _select(expand_grid(exp), only)) for exp in exps]
+    meters = [_Progress(exp, len(runs), stream) for exp, runs in plans]
+    by_id: dict[str, list[tuple[int, Run]]] = {}
+    for i, (_, runs) in enumerate(plans):
+        for run in runs:
+            by_id.setdefault(run.id, []).append((i, run))
+    records: list[list[dict[str, Any]]] = [[] for _ in exps]
+    for entries in by_id.values():
+        for i, run in entries:
+            exp, meter = plans[i][0], meters[i]
+            skip = run_status(exp, run) == "done"
+            started = time.perf_counter()
+            records[i].append(run_one(exp, run, meter.log, progress))
+            if not skip:
+                meter.durations.append(time.perf_counter() - started)
+            meter.done += 1
+            meter.log(f"{'skipped (done)' if skip else 'finished'} {run.id}")
+    return records
+
+
 def run_experiment(
     exp: Experiment, *, only: str | None = None, progress: bool = True, stream: Any = None
 ) -> list[dict[str, Any]]:
     """Run every (selected) run in order, skipping finished ones; a progress line on ``stream`` (default stderr)
     and in ``<output_dir>/progress.log``. Returns the ``DONE.json`` records."""
-    runs = _select(expand_grid(exp), only)
-    root = Path(exp.output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    logfile = root / "progress.log"
-    t0 = time.perf_counter()
-    durations: list[float] = []
-
-    def log(message: str) -> None:
-        line = format_progress(done, len(runs), time.perf_counter() - t0, durations, message)
-        print(line, file=stream or sys.stderr, flush=True)
-        with logfile.open("a") as fh:
-            fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {exp.name} {line}\n")
-
-    done, records = 0, []
-    for run in runs:
-        skip = run_status(exp, run) == "done"
-        started = time.perf_counter()
-        records.append(run_one(exp, run, log, progress))
-        if not skip:
-            durations.append(time.perf_counter() - started)
-        done += 1
-        log(f"{'skipped (done)' if skip else 'finished'} {run.id}")
-    return records
+    return run_experiments([exp], only=only, progress=progress, stream=stream)[0]
 
 
 # -------------------------------------------------------------------------------------------------- statistics
@@ -1327,7 +1351,13 @@ def format_plan(exp: Experiment, runs: Sequence[Run]) -> str:
 
 def add_experiment_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``target-sft experiment`` options to ``parser`` (then call :func:`run_experiment_from_args`)."""
-    parser.add_argument("--config", required=True, help="experiment YAML (see experiments/)")
+    parser.add_argument(
+        "--config",
+        required=True,
+        action="append",
+        help="experiment YAML (see experiments/); repeat it to run several together, run-major (a shared run is "
+        "trained once and evaluated for all of them while its model is at hand)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="list the runs and their status; run nothing")
     parser.add_argument("--only", metavar="PATTERN", help="run only the runs whose id matches (glob or substring)")
     parser.add_argument("--aggregate-only", action="store_true", help="only rebuild the results and plots")
@@ -1339,12 +1369,12 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
 def run_experiment_from_args(args: argparse.Namespace) -> int:
     """Run ``target-sft experiment`` from parsed options; 0 on success, 2 on a configuration error."""
     try:
-        exp = load_experiment(args.config)
+        exps = [load_experiment(path) for path in args.config]
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"target-sft experiment: config error: {err}", file=sys.stderr)
         return 2
     if args.dry_run:
-        print(format_plan(exp, _select(expand_grid(exp), args.only)))
+        print("\n".join(format_plan(exp, _select(expand_grid(exp), args.only)) for exp in exps))
         return 0
     if getattr(args, "threads", None):
         import torch
@@ -1352,10 +1382,11 @@ def run_experiment_from_args(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if not args.aggregate_only:
         try:
-            run_experiment(exp, only=args.only, progress=args.progress)
+            run_experiments(exps, only=args.only, progress=args.progress)
         except ExperimentError as err:
             print(f"target-sft experiment: {err}", file=sys.stderr)
             return 1
-    result = aggregate(exp)
-    print(Path(result["paths"]["results.md"]).read_text())
+    for exp in exps:
+        result = aggregate(exp)
+        print(Path(result["paths"]["results.md"]).read_text())
     return 0
