@@ -363,6 +363,19 @@ def test_teacher_cache_built_once_and_used_by_every_teacher_run(tiny_setup, tmp_
     ]
     manifest = json.loads((builds[0] / "manifest.json").read_text())
     assert manifest["k"] == 8 and manifest["num_examples"] == 8
+    # how the teacher scores the training labels: next to its cache, in each teacher run's record, in results.md
+    stats = json.loads((builds[0] / trainer.LABEL_STATS_FILE).read_text())
+    assert stats["tokens"] == manifest["total_tokens"] and 0 <= stats["top1"] <= stats["in_topk"] <= 1
+    assert 0 <= stats["p_label"] <= stats["topk_mass"] <= 1 + 1e-6
+    records = X.done_records(X.experiment_from_dict(raw))
+    assert [r["train"].get("teacher", {}).get("label_stats") for r in records] == [None, stats, stats]
+    result = X.aggregate(X.experiment_from_dict(raw), plots=False)
+    assert [(t["prompt"], t["configs"], t["tokens"]) for t in result["teachers"]] == [
+        ("answer_hint", ["target_sft"], stats["tokens"])
+    ]
+    assert f"| answer_hint | target_sft | {stats['tokens']} | {100 * stats['top1']:.1f} |" in (
+        result["paths"]["results.md"].read_text()
+    )
 
 
 def test_experiments_sharing_runs_dir_share_runs(tiny_setup, tmp_path, monkeypatch):

@@ -250,6 +250,36 @@ def test_rows_are_the_compact_teacher_topk_of_a_batch(model, tokenizer, tmp_path
     torch.testing.assert_close(from_cache, dense, rtol=2e-3, atol=2e-3)
 
 
+def test_label_stats_against_the_dense_teacher(model, tokenizer, tmp_path):
+    """Top-1 agreement, label in top-k, mean π_T(y) (0 outside the top-k) and top-k mass, from full log-probs."""
+    k = 32
+    examples = make_examples(n=12, seed=3)
+    cache = TeacherCache.open(build(model, examples, tmp_path / "c", tokenizer, k=k))
+    top1 = in_topk = p_label = mass = n = 0.0
+    for ex in examples:
+        ref = reference_logprobs(model, ex["input_ids"], ex["labels"], 1.0)
+        y = torch.tensor([t for t in ex["labels"][1:] if t != -100])
+        top = ref.topk(k, dim=-1)
+        hit = top.indices == y[:, None]
+        top1 += (ref.argmax(-1) == y).sum().item()
+        in_topk += hit.any(-1).sum().item()
+        p_label += (top.values.exp() * hit).sum().item()
+        mass += top.values.exp().sum().item()
+        n += y.numel()
+    stats = cache.label_stats(examples)
+    assert stats["tokens"] == n == cache.tokens
+    assert 0 < in_topk < n  # the check below is not vacuous: some labels in the top-k, some outside
+    assert stats["top1"] == pytest.approx(top1 / n, abs=1e-12)
+    assert stats["in_topk"] == pytest.approx(in_topk / n, abs=1e-12)
+    assert stats["p_label"] == pytest.approx(p_label / n, rel=2e-3)  # float16 storage
+    assert stats["topk_mass"] == pytest.approx(mass / n, rel=2e-3)
+    with pytest.raises(CacheMismatchError, match="holds 12 examples, 11 were given"):
+        cache.label_stats(examples[:11])
+    shifted = [{**ex, "labels": [-100, *ex["labels"][1:-1], -100]} if i == 4 else ex for i, ex in enumerate(examples)]
+    with pytest.raises(CacheMismatchError, match="example 4 has"):
+        cache.label_stats(shifted)
+
+
 class FullLogitsOnly(torch.nn.Module):
     """A teacher whose forward has no ``logits_to_keep``: the builder must take the rows from the full logits."""
 

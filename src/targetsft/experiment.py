@@ -739,7 +739,8 @@ def _record(run: Run, fingerprint: str, train_summary: dict | None, sets: dict, 
         "learning_rate": run.learning_rate,
         "seed": run.seed,
         "fingerprint": fingerprint,
-        "train": train_summary and {"data": train_summary.get("data"), "metrics": train_summary.get("metrics")},
+        "train": train_summary
+        and {k: train_summary.get(k) for k in ("data", "metrics", "teacher") if k in train_summary},
         "sets": sets,
         "seconds": round(seconds, 1),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -1102,8 +1103,15 @@ def _pct(x: float | None) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
 
-def format_markdown(exp: Experiment, summary: Sequence[dict], comparisons: Sequence[dict], n_runs: int) -> str:
-    """``results.md``: a table per set (configs × metrics, mean ± interval in %) and the paired comparisons."""
+def format_markdown(
+    exp: Experiment,
+    summary: Sequence[dict],
+    comparisons: Sequence[dict],
+    n_runs: int,
+    teachers: Sequence[dict] = (),
+) -> str:
+    """``results.md``: a table per set (configs × metrics, mean ± interval in %), the teachers' scores on the
+    training labels (:func:`teacher_rows`) and the paired comparisons."""
     done = len({r["config"] for r in summary})
     lines = [
         f"# {exp.name}",
@@ -1137,6 +1145,23 @@ def format_markdown(exp: Experiment, summary: Sequence[dict], comparisons: Seque
                     cells.append(f"{_pct(r['mean'])} ± {_pct(r['half'])} [{_pct(r['lo'])}, {_pct(r['hi'])}]")
             lines.append(f"| {cid} | {n} | " + " | ".join(cells) + " |")
         lines.append("")
+    if teachers:
+        lines += [
+            "## Teachers on the training labels",
+            "",
+            "Per supervised token of the training data, from each teacher's top-k cache: how often its top token is "
+            "the label, how often the label is in its top-k, and its mean probability of the label (0 counted where "
+            "the label is outside the top-k: a lower bound).",
+            "",
+            "| teacher | prompt | used by | tokens | top-1 = label | label in top-k | mean π_T(label) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for t in teachers:
+            lines.append(
+                f"| {t['teacher']} | {t['prompt']} | {', '.join(t['configs'])} | {t['tokens']} | {_pct(t['top1'])} | "
+                f"{_pct(t['in_topk'])} | {_pct(t['p_label'])} |"
+            )
+        lines.append("")
     if comparisons:
         lines += [
             "## Paired comparisons (A − B, same problems and seeds)",
@@ -1157,6 +1182,29 @@ def format_markdown(exp: Experiment, summary: Sequence[dict], comparisons: Seque
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def teacher_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per teacher cache the runs trained from: the teacher, its prompt, the configs that used it and how
+    it scores their training labels (``label_stats``: top-1 agreement, label in top-k, mean π_T(y))."""
+    rows: dict[str, dict[str, Any]] = {}
+    for r in records:
+        info = (r.get("train") or {}).get("teacher")
+        if not info:
+            continue
+        row = rows.setdefault(
+            info["cache"],
+            {
+                "teacher": info["name"],
+                "prompt": info["prompt"],
+                "cache": info["cache"],
+                "configs": [],
+                **info["label_stats"],
+            },
+        )
+        if r["config_id"] not in row["configs"]:
+            row["configs"].append(r["config_id"])
+    return list(rows.values())
 
 
 def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
@@ -1182,9 +1230,17 @@ def aggregate(exp: Experiment, *, plots: bool = True) -> dict[str, Any]:
         [{**r, "params": json.dumps(r["params"]), "values": json.dumps(r["values"])} for r in summary],
     )
     _write_csv(paths["comparisons.csv"], comparisons)
-    atomic_write_text(paths["results.md"], format_markdown(exp, summary, comparisons, len(records)))
+    teachers = teacher_rows(records)
+    atomic_write_text(paths["results.md"], format_markdown(exp, summary, comparisons, len(records), teachers))
     figures = write_plots(exp, records, summary) if plots else []
-    return {"paths": paths, "plots": figures, "summary": summary, "comparisons": comparisons, "records": records}
+    return {
+        "paths": paths,
+        "plots": figures,
+        "summary": summary,
+        "comparisons": comparisons,
+        "teachers": teachers,
+        "records": records,
+    }
 
 
 # ------------------------------------------------------------------------------------------------------- plots

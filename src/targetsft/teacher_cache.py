@@ -911,6 +911,36 @@ class TeacherCache:
             return torch.zeros(0, self.k, dtype=torch.long), torch.zeros(0, self.k)
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
+    def label_stats(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+        """How the cached teacher scores the labels of the ``examples`` it was built on, per supervised token:
+        ``top1`` = P[argmax π_T = y], ``in_topk`` = P[y ∈ top-k], ``p_label`` = mean π_T(y) counting 0 where y is
+        outside the top-k (a lower bound), ``topk_mass`` = mean Σ_topk π_T (all at the cache's temperature)."""
+        if len(examples) != len(self):
+            raise CacheMismatchError(f"the cache holds {len(self)} examples, {len(examples)} were given")
+        top1 = in_topk = p_label = mass = 0.0
+        for i, example in enumerate(examples):
+            labels = _as_int_array(example["labels"])
+            y = torch.from_numpy(labels[_supervised_positions(labels)]).long()
+            ids, lps = self.example(i)
+            if y.shape[0] != ids.shape[0]:
+                raise CacheMismatchError(
+                    f"example {i} has {y.shape[0]} supervised tokens, the cache holds {ids.shape[0]} rows for it"
+                )
+            hit = ids == y[:, None]
+            probs = lps.double().exp()
+            top1 += (ids[:, 0] == y).sum().item()  # rows are sorted by decreasing log-prob
+            in_topk += hit.any(-1).sum().item()
+            p_label += (probs * hit).sum().item()
+            mass += probs.sum().item()
+        n = max(self.tokens, 1)
+        return {
+            "tokens": self.tokens,
+            "top1": top1 / n,
+            "in_topk": in_topk / n,
+            "p_label": p_label / n,
+            "topk_mass": mass / n,
+        }
+
     def close(self) -> None:
         """Drop the open shard handles."""
         self._open.clear()

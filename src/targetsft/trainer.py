@@ -8,6 +8,7 @@ makes accumulation and data parallelism exact.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import io
@@ -26,6 +27,8 @@ from targetsft.files import atomic_write_text
 from targetsft.integration import IGNORE_INDEX, patch_fused_forward
 from targetsft.methods import get_method
 from targetsft.target import TargetStats
+
+LABEL_STATS_FILE = "label_stats.json"  # beside a teacher cache: :func:`teacher_label_stats`
 
 STAT_KEYS = ("gamma", "p_label", "nll", "q_label", "residual_entropy", "accuracy")
 
@@ -287,7 +290,7 @@ def cache_teacher(
     _load_same_tokenizer(teacher_path, tokenizer, "teacher")
     items, counts = build_dataset(cfg, tokenizer)
     print(f"examples: {counts}")
-    return build_teacher_cache(
+    folder = build_teacher_cache(
         load_model(teacher_path),
         items,
         out,
@@ -300,6 +303,39 @@ def cache_teacher(
         device=device,
         overwrite=overwrite,
     )
+    stats = teacher_label_stats(cfg, folder, tokenizer=tokenizer, items=items, refresh=True)
+    print(_label_stats_line(stats))
+    return folder
+
+
+def _label_stats_line(stats: dict[str, float]) -> str:
+    return "teacher on the training labels: " + ", ".join(f"{k} {v:.4g}" for k, v in stats.items())
+
+
+def teacher_label_stats(
+    cfg: TrainConfig,
+    cache: str | Path,
+    *,
+    tokenizer: Any = None,
+    items: list[dict[str, Any]] | None = None,
+    refresh: bool = False,
+) -> dict[str, float]:
+    """How the cached teacher scores the training labels of ``cfg`` (top-1 agreement, label in top-k, mean π_T(y);
+    see :meth:`~targetsft.teacher_cache.TeacherCache.label_stats`), kept in ``<cache>/label_stats.json``: read
+    from there unless ``refresh``, else computed from the cache alone (no teacher model) and written."""
+    from targetsft.models import load_tokenizer, resolve_model
+    from targetsft.teacher_cache import TeacherCache
+
+    path = Path(cache) / LABEL_STATS_FILE
+    if path.is_file() and not refresh:
+        return json.loads(path.read_text())
+    tokenizer = tokenizer or load_tokenizer(resolve_model(cfg.model))
+    if items is None:
+        items, _ = build_dataset(cfg, tokenizer)
+    with contextlib.closing(TeacherCache.open(cache, tokenizer=tokenizer, examples=items, verify=False)) as opened:
+        stats = opened.label_stats(items)
+    atomic_write_text(path, json.dumps(stats, indent=2) + "\n")
+    return stats
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
@@ -327,7 +363,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: list[TrainerCall
             ref_model = load_model(resolve_model(cfg.reference.model))
         else:
             ref_model = copy.deepcopy(model)
-    teacher_model, teacher_cache = None, None
+    teacher_model, teacher_cache, teacher_info = None, None, None
     if cfg.teacher.model:
         teacher_path = resolve_model(cfg.teacher.model)
         _load_same_tokenizer(teacher_path, tokenizer, "teacher")
@@ -338,6 +374,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: list[TrainerCall
         teacher_cache = TeacherCache.open(cfg.teacher.cache, tokenizer=tokenizer, examples=items)
         if teacher_cache.vocab_size != model.get_output_embeddings().weight.shape[0]:
             raise ValueError("the teacher cache's vocabulary size differs from the student's")
+        stats = teacher_label_stats(cfg, cfg.teacher.cache, tokenizer=tokenizer, items=items)
+        print(_label_stats_line(stats))
+        teacher_info = {
+            "cache": str(cfg.teacher.cache),
+            "name": teacher_cache.teacher_name,
+            "prompt": cfg.teacher.prompt,
+            "label_stats": stats,
+        }
     if cfg.lora is not None:
         import peft
 
@@ -378,5 +422,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: list[TrainerCall
         metrics.update({f"last_{k}": v for k, v in last[-1].items() if k in (*STAT_KEYS, "loss")})
     atomic_write_text(final / "README.md", _model_card(cfg, counts, metrics))
     summary = {"output_dir": str(out), "final_model": str(final), "data": counts, "metrics": metrics}
+    if teacher_info is not None:
+        summary["teacher"] = teacher_info
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
