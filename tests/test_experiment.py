@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from targetsft import experiment as X
-from targetsft.config import ConfigError, _yaml
+from targetsft.config import ConfigError, _yaml, config_from_dict
+from targetsft.files import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
@@ -365,6 +366,7 @@ def test_teacher_cache_built_once_and_used_by_every_teacher_run(tiny_setup, tmp_
     assert manifest["k"] == 8 and manifest["num_examples"] == 8
     # how the teacher scores the training labels: next to its cache, in each teacher run's record, in results.md
     stats = json.loads((builds[0] / trainer.LABEL_STATS_FILE).read_text())
+    assert stats.pop("manifest_sha256") == sha256_file(builds[0] / "manifest.json")
     assert stats["tokens"] == manifest["total_tokens"] and 0 <= stats["top1"] <= stats["in_topk"] <= 1
     assert 0 <= stats["p_label"] <= stats["topk_mass"] <= 1 + 1e-6
     records = X.done_records(X.experiment_from_dict(raw))
@@ -376,6 +378,14 @@ def test_teacher_cache_built_once_and_used_by_every_teacher_run(tiny_setup, tmp_
     assert f"| answer_hint | target_sft | {stats['tokens']} | {100 * stats['top1']:.1f} |" in (
         result["paths"]["results.md"].read_text()
     )
+    # kept while the cache is the same; a file left by another cache (another manifest) is recomputed
+    cfg = config_from_dict(
+        next(r for r in X.expand_grid(X.experiment_from_dict(raw)) if r.id == "target_sft-s0").config
+    )
+    assert trainer.teacher_label_stats(cfg, builds[0]) == stats
+    stale = builds[0] / trainer.LABEL_STATS_FILE
+    stale.write_text(json.dumps({**stats, "top1": 2.0, "manifest_sha256": "another cache"}))
+    assert trainer.teacher_label_stats(cfg, builds[0]) == pytest.approx(stats)
 
 
 def test_experiments_sharing_runs_dir_share_runs(tiny_setup, tmp_path, monkeypatch):

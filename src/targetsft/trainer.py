@@ -303,7 +303,7 @@ def cache_teacher(
         device=device,
         overwrite=overwrite,
     )
-    stats = teacher_label_stats(cfg, folder, tokenizer=tokenizer, items=items, refresh=True)
+    stats = teacher_label_stats(cfg, folder, tokenizer=tokenizer, items=items)
     print(_label_stats_line(stats))
     return folder
 
@@ -313,28 +313,26 @@ def _label_stats_line(stats: dict[str, float]) -> str:
 
 
 def teacher_label_stats(
-    cfg: TrainConfig,
-    cache: str | Path,
-    *,
-    tokenizer: Any = None,
-    items: list[dict[str, Any]] | None = None,
-    refresh: bool = False,
+    cfg: TrainConfig, cache: str | Path, *, tokenizer: Any = None, items: list[dict[str, Any]] | None = None
 ) -> dict[str, float]:
     """How the cached teacher scores the training labels of ``cfg`` (top-1 agreement, label in top-k, mean π_T(y);
-    see :meth:`~targetsft.teacher_cache.TeacherCache.label_stats`), kept in ``<cache>/label_stats.json``: read
-    from there unless ``refresh``, else computed from the cache alone (no teacher model) and written."""
+    see :meth:`~targetsft.teacher_cache.TeacherCache.label_stats`), kept in ``<cache>/label_stats.json`` with the
+    sha256 of the manifest it was computed for: read from there while the cache is the same, else computed from
+    the cache alone (no teacher model) and written."""
+    from targetsft.files import sha256_file
     from targetsft.models import load_tokenizer, resolve_model
-    from targetsft.teacher_cache import TeacherCache
+    from targetsft.teacher_cache import MANIFEST_NAME, TeacherCache
 
-    path = Path(cache) / LABEL_STATS_FILE
-    if path.is_file() and not refresh:
-        return json.loads(path.read_text())
+    path, manifest = Path(cache) / LABEL_STATS_FILE, sha256_file(Path(cache) / MANIFEST_NAME)
+    kept = json.loads(path.read_text()) if path.is_file() else {}
+    if kept.pop("manifest_sha256", None) == manifest:
+        return kept
     tokenizer = tokenizer or load_tokenizer(resolve_model(cfg.model))
     if items is None:
         items, _ = build_dataset(cfg, tokenizer)
     with contextlib.closing(TeacherCache.open(cache, tokenizer=tokenizer, examples=items, verify=False)) as opened:
         stats = opened.label_stats(items)
-    atomic_write_text(path, json.dumps(stats, indent=2) + "\n")
+    atomic_write_text(path, json.dumps({**stats, "manifest_sha256": manifest}, indent=2) + "\n")
     return stats
 
 
