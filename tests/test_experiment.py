@@ -404,6 +404,7 @@ def test_experiments_sharing_runs_dir_share_runs(tiny_setup, tmp_path, monkeypat
     real_train, trained = trainer.train, []
     monkeypatch.setattr(trainer, "train", lambda cfg, **kw: trained.append(cfg.output_dir) or real_train(cfg, **kw))
     X.run_experiment(X.experiment_from_dict(first), progress=False)
+    assert X.done_records(X.experiment_from_dict(second)) == []  # sft-s0 is done for `first` only: no qa yet
     X.run_experiment(X.experiment_from_dict(second), progress=False)
     assert trained == [str(shared / "sft-s0"), str(shared / "dft-s0")]  # sft-s0 trained once
     assert set(json.loads((shared / "sft-s0" / "DONE.json").read_text())["sets"]) == {"mc", "qa"}
