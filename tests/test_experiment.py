@@ -442,6 +442,7 @@ def test_experiments_run_together_evaluate_a_shared_run_while_its_model_is_at_ha
     assert events == ["sft-s0", "dft-s0"]  # sft-s0 trained once
     assert [[r["run"] for r in recs] for recs in out] == [["sft-s0", "dft-s0"], ["sft-s0"]]
     assert set(out[1][0]["sets"]) == {"mc", "qa"}
+    assert out[1][0]["seconds"] > out[0][0]["seconds"] > 0  # wall time summed over both experiments' parts
     logs = [(tmp_path / name / "progress.log").read_text() for name in ("a", "b")]
     assert "evaluating sft-s0 on qa" in logs[1] and "finished sft-s0" in logs[1].splitlines()[-1]
     assert logs[0].index("finished sft-s0") < logs[0].index("training dft-s0")

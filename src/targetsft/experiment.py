@@ -729,7 +729,7 @@ def _evaluate(exp: Experiment, run: Run, log: Callable[[str], None], progress: b
 
 
 def _record(run: Run, fingerprint: str, train_summary: dict | None, sets: dict, seconds: float) -> dict[str, Any]:
-    """The content of ``DONE.json``."""
+    """The content of ``DONE.json``; ``seconds``: the run's wall time summed over the experiments that used it."""
     return {
         "run": run.id,
         "config_id": run.config_id,
@@ -766,9 +766,10 @@ def run_one(exp: Experiment, run: Run, log: Callable[[str], None] = print, progr
             log(f"training {run.id} ({status})")
         train_summary = _train(exp, run, log)
     sets = _evaluate(exp, run, log, progress)
-    earlier = (_read_json(record / DONE_FILE) or {}).get("sets", {})  # sets of other experiments sharing runs_dir
-    sets = {**{k: v for k, v in earlier.items() if k not in sets}, **sets}
-    done = _record(run, fingerprint, train_summary, sets, time.perf_counter() - t0)
+    earlier = _read_json(record / DONE_FILE) or {}  # the record of other experiments sharing runs_dir, if any
+    sets = {**{k: v for k, v in earlier.get("sets", {}).items() if k not in sets}, **sets}
+    seconds = earlier.get("seconds", 0.0) + time.perf_counter() - t0
+    done = _record(run, fingerprint, train_summary, sets, seconds)
     _write_json(record / DONE_FILE, done)
     if not exp.keep_checkpoints:  # only a resume needs them; final/ stays
         for checkpoint in out.glob("checkpoint-*"):

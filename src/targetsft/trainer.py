@@ -16,7 +16,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -27,6 +27,9 @@ from targetsft.files import atomic_write_text
 from targetsft.integration import IGNORE_INDEX, patch_fused_forward
 from targetsft.methods import get_method
 from targetsft.target import TargetStats
+
+if TYPE_CHECKING:
+    from targetsft.teacher_cache import TeacherCache
 
 LABEL_STATS_FILE = "label_stats.json"  # beside a teacher cache: :func:`teacher_label_stats`
 
@@ -313,12 +316,17 @@ def _label_stats_line(stats: dict[str, float]) -> str:
 
 
 def teacher_label_stats(
-    cfg: TrainConfig, cache: str | Path, *, tokenizer: Any = None, items: list[dict[str, Any]] | None = None
+    cfg: TrainConfig,
+    cache: str | Path,
+    *,
+    tokenizer: Any = None,
+    items: list[dict[str, Any]] | None = None,
+    opened: TeacherCache | None = None,
 ) -> dict[str, float]:
     """How the cached teacher scores the training labels of ``cfg`` (top-1 agreement, label in top-k, mean π_T(y);
     see :meth:`~targetsft.teacher_cache.TeacherCache.label_stats`), kept in ``<cache>/label_stats.json`` with the
     sha256 of the manifest it was computed for: read from there while the cache is the same, else computed from
-    the cache alone (no teacher model) and written."""
+    the cache alone (no teacher model; ``opened``, that cache already open, if given) and written."""
     from targetsft.files import sha256_file
     from targetsft.models import load_tokenizer, resolve_model
     from targetsft.teacher_cache import MANIFEST_NAME, TeacherCache
@@ -330,8 +338,11 @@ def teacher_label_stats(
     tokenizer = tokenizer or load_tokenizer(resolve_model(cfg.model))
     if items is None:
         items, _ = build_dataset(cfg, tokenizer)
-    with contextlib.closing(TeacherCache.open(cache, tokenizer=tokenizer, examples=items, verify=False)) as opened:
+    if opened is not None:
         stats = opened.label_stats(items)
+    else:
+        with contextlib.closing(TeacherCache.open(cache, tokenizer=tokenizer, examples=items, verify=False)) as fresh:
+            stats = fresh.label_stats(items)
     atomic_write_text(path, json.dumps({**stats, "manifest_sha256": manifest}, indent=2) + "\n")
     return stats
 
@@ -372,7 +383,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: list[TrainerCall
         teacher_cache = TeacherCache.open(cfg.teacher.cache, tokenizer=tokenizer, examples=items)
         if teacher_cache.vocab_size != model.get_output_embeddings().weight.shape[0]:
             raise ValueError("the teacher cache's vocabulary size differs from the student's")
-        stats = teacher_label_stats(cfg, cfg.teacher.cache, tokenizer=tokenizer, items=items)
+        stats = teacher_label_stats(cfg, cfg.teacher.cache, tokenizer=tokenizer, items=items, opened=teacher_cache)
         print(_label_stats_line(stats))
         teacher_info = {
             "cache": str(cfg.teacher.cache),
