@@ -506,8 +506,11 @@ def test_records_outlive_the_models(tiny_setup, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------- aggregation by hand
 
 
-def _fake_run(runs: Path, rid: str, cid: str, method: str, seed, gen: list[int], mc: list[int]) -> None:
-    """A finished run written by hand: DONE.json plus the per-problem files the comparisons read."""
+def _fake_run(
+    exp: X.Experiment, runs: Path, rid: str, cid: str, method: str, seed, gen: list[int], mc: list[int]
+) -> None:
+    """A finished run of ``exp`` (its sets ``toy`` and ``mcq``) written by hand: DONE.json plus the per-problem files
+    the comparisons read."""
     folder = runs / rid
     (folder / "eval" / "toy").mkdir(parents=True)
     (folder / "eval" / "mcq").mkdir(parents=True)
@@ -521,6 +524,8 @@ def _fake_run(runs: Path, rid: str, cid: str, method: str, seed, gen: list[int],
     def metric(values):
         return {"value": sum(values) / len(values), "lo": 0.0, "hi": 1.0, "n": len(values), "ci": "wilson"}
 
+    specs = {spec.label: dataclasses.asdict(spec) for spec in exp.eval}
+
     record = {
         "run": rid,
         "config_id": cid,
@@ -533,10 +538,16 @@ def _fake_run(runs: Path, rid: str, cid: str, method: str, seed, gen: list[int],
         "sets": {
             "toy": {
                 "kind": "generation",
+                "spec": specs["toy"],
                 "items": "eval/toy/toy.generations.jsonl",
                 "metrics": {"average@1": metric(gen), "greedy": metric(gen)},
             },
-            "mcq": {"kind": "multiple_choice", "items": "eval/mcq/mcq.mc.jsonl", "metrics": {"accuracy": metric(mc)}},
+            "mcq": {
+                "kind": "multiple_choice",
+                "spec": specs["mcq"],
+                "items": "eval/mcq/mcq.mc.jsonl",
+                "metrics": {"accuracy": metric(mc)},
+            },
         },
     }
     (folder / "DONE.json").write_text(json.dumps(record))
@@ -556,9 +567,12 @@ def test_aggregation_against_hand_computation(tmp_path):
     sft = [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]]  # 0.2, 0.4, 0.6
     tsft = [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]]  # 0.4, 0.6, 0.8
     for s in range(3):
-        _fake_run(runs, f"sft-s{s}", "sft", "sft", s, sft[s], [1, 0])
-        _fake_run(runs, f"target_sft-s{s}", "target_sft", "target_sft", s, tsft[s], [1, 1])
-    _fake_run(runs, "base", "base", "base", None, [0, 0, 0, 0, 0], [0, 0])
+        _fake_run(exp, runs, f"sft-s{s}", "sft", "sft", s, sft[s], [1, 0])
+        _fake_run(exp, runs, f"target_sft-s{s}", "target_sft", "target_sft", s, tsft[s], [1, 1])
+    _fake_run(exp, runs, "base", "base", "base", None, [0, 0, 0, 0, 0], [0, 0])
+    # a record of the same sets evaluated another way (fewer problems) is not this experiment's: left out
+    resized = X.experiment_from_dict({**raw, "eval": [{"name": "toy", "set": "toy.jsonl", "size": 3}, raw["eval"][1]]})
+    assert X.done_records(resized) == []
     result = X.aggregate(exp, plots=False)
 
     row = next(r for r in result["summary"] if (r["config"], r["set"], r["metric"]) == ("sft", "toy", "greedy"))

@@ -494,6 +494,11 @@ def _same_spec(recorded: dict[str, Any] | None, spec: EvalSpec) -> bool:
     return {**defaults, **recorded} == _spec_dict(spec)
 
 
+def _holds_every_set(done: dict[str, Any] | None, exp: Experiment) -> bool:
+    """Whether a ``DONE.json`` record has every eval set of ``exp``, each evaluated with the spec ``exp`` has now."""
+    return done is not None and all(_same_spec(done["sets"].get(s.label, {}).get("spec"), s) for s in exp.eval)
+
+
 def run_status(exp: Experiment, run: Run) -> str:
     """``new``, ``started`` (no checkpoint yet), ``resume`` (a checkpoint), ``evaluate`` (trained, sets missing),
     ``retrain`` (the record says trained, the model is gone), ``done``, or ``stale`` (the folder belongs to another
@@ -502,8 +507,7 @@ def run_status(exp: Experiment, run: Run) -> str:
     started = _read_json(record / "run.json")
     if started is not None and started.get("fingerprint") != run_fingerprint(run):
         return "stale"
-    done = _read_json(record / DONE_FILE)
-    if done is not None and all(_same_spec(done["sets"].get(s.label, {}).get("spec"), s) for s in exp.eval):
+    if _holds_every_set(_read_json(record / DONE_FILE), exp):
         return "done"
     if run.is_baseline or _trained(exp, run):
         return "evaluate"
@@ -955,7 +959,7 @@ def done_records(exp: Experiment) -> list[dict[str, Any]]:
     out = []
     for run in expand_grid(exp):
         record = _read_json(_record_dir(exp, run) / DONE_FILE)
-        if record is not None and all(spec.label in record["sets"] for spec in exp.eval):
+        if _holds_every_set(record, exp):
             out.append(record)
     return out
 
