@@ -955,7 +955,8 @@ def paired_comparison(
 
 def done_records(exp: Experiment) -> list[dict[str, Any]]:
     """The ``DONE.json`` records of the experiment's finished runs, in grid order: those evaluated on every set of
-    the experiment (a run shared through ``runs_dir`` may be done for another experiment and not yet for this one)."""
+    the experiment with its current spec (a run shared through ``runs_dir`` may be done for another experiment and
+    not yet for this one)."""
     out = []
     for run in expand_grid(exp):
         record = _read_json(_record_dir(exp, run) / DONE_FILE)
