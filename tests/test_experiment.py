@@ -507,13 +507,24 @@ def test_records_outlive_the_models(tiny_setup, tmp_path, monkeypatch):
 
 
 def _fake_run(
-    exp: X.Experiment, runs: Path, rid: str, cid: str, method: str, seed, gen: list[int], mc: list[int]
+    exp: X.Experiment,
+    runs: Path,
+    rid: str,
+    cid: str,
+    method: str,
+    seed,
+    gen: list[int],
+    mc: list[int],
+    probe: dict[int, list[float]] | None = None,
 ) -> None:
     """A finished run of ``exp`` (its sets ``toy`` and ``mcq``) written by hand: DONE.json plus the per-problem files
-    the comparisons read."""
+    the comparisons read, and ``probe`` ({step: p_θ(y) values}) as its gamma_probe.jsonl."""
     folder = runs / rid
     (folder / "eval" / "toy").mkdir(parents=True)
     (folder / "eval" / "mcq").mkdir(parents=True)
+    if probe:
+        rows = [{"step": k, **X.distribution(v)} for k, v in probe.items()]
+        (folder / X.PROBE_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
     gen_rows = [
         {"id": f"q{i}", "samples": [{"correct": bool(c)}], "greedy": {"correct": bool(c)}} for i, c in enumerate(gen)
     ]
@@ -566,10 +577,13 @@ def test_aggregation_against_hand_computation(tmp_path):
     runs = tmp_path / "runs"
     sft = [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]]  # 0.2, 0.4, 0.6
     tsft = [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]]  # 0.4, 0.6, 0.8
+    start = [0.01, 0.3, 0.6, 0.97]  # the probe at step 0, the same for every run; the last step per seed:
+    end = [[0.02, 0.5, 0.96, 0.99], [0.2, 0.7, 0.98, 0.99], [0.04, 0.04, 0.9, 0.97]]
     for s in range(3):
-        _fake_run(exp, runs, f"sft-s{s}", "sft", "sft", s, sft[s], [1, 0])
+        probe = {0: start, 10: end[s]}
+        _fake_run(exp, runs, f"sft-s{s}", "sft", "sft", s, sft[s], [1, 0], probe)
         _fake_run(exp, runs, f"target_sft-s{s}", "target_sft", "target_sft", s, tsft[s], [1, 1])
-    _fake_run(exp, runs, "base", "base", "base", None, [0, 0, 0, 0, 0], [0, 0])
+    _fake_run(exp, runs, "base", "base", "base", None, [0, 0, 0, 0, 0], [0, 0], {0: start})
     # a record of the same sets evaluated another way (fewer problems) is not this experiment's: left out
     resized = X.experiment_from_dict({**raw, "eval": [{"name": "toy", "set": "toy.jsonl", "size": 3}, raw["eval"][1]]})
     assert X.done_records(resized) == []
@@ -595,6 +609,19 @@ def test_aggregation_against_hand_computation(tmp_path):
     assert pairs == {("target_sft", "sft")}  # the default pairs that exist here ("*" leaves the baseline out)
     rows = (tmp_path / "results.csv").read_text().splitlines()
     assert len(rows) == 1 + 7 * 3  # header + 7 runs × (average@1, greedy, accuracy)
+
+    (probe,) = result["probes"]  # sft only: target_sft has no probe files, the base model is not trained
+    assert (probe["config"], probe["n_runs"], probe["tokens"], probe["step"], probe["bin"]) == ("sft", 3, 4, 10, 0.05)
+    assert probe["mean_start"] == pytest.approx(1.88 / 4) and probe["low_start"] == pytest.approx(0.25)
+    assert probe["mean_end"] == pytest.approx((2.47 + 2.87 + 1.95) / 12)
+    # nearest-rank quantiles of 4 values: the 10% one is the smallest, the median the third
+    assert probe["q10_end"] == pytest.approx(0.26 / 3) and probe["q50_end"] == pytest.approx((0.96 + 0.98 + 0.9) / 3)
+    # p < 0.05: 1, 0 and 2 of 4 tokens; p ≥ 0.95: 2, 2 and 1 of 4
+    assert probe["low_end"] == pytest.approx(0.25) and probe["high_end"] == pytest.approx(5 / 12)
+    assert (
+        "| sft | 3 | 4 | 10 | 47.0 → 60.8 | 1.0 → 8.7 | 60.0 → 94.7 | 25.0 → 25.0 | 25.0 → 41.7 |"
+        in (tmp_path / "results.md").read_text()
+    )
 
 
 # --------------------------------------------------------------------------------------- shipped experiments

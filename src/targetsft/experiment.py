@@ -73,7 +73,8 @@ Statistics
   A difference is a ``win``/``loss`` only when its interval excludes 0, else a ``tie``.
 
 Outputs: ``results.csv`` (one row per run × set × metric), ``summary.csv`` and ``results.md`` (mean ± interval
-over seeds), ``comparisons.csv``, ``plots/*.png``, ``progress.log``.
+over seeds), ``comparisons.csv``, ``probe.csv`` (p_θ(y) on the probe examples, start and end of training),
+``plots/*.png``, ``progress.log``.
 """
 
 from __future__ import annotations
@@ -1115,9 +1116,11 @@ def format_markdown(
     comparisons: Sequence[dict],
     n_runs: int,
     teachers: Sequence[dict] = (),
+    probes: Sequence[dict] = (),
 ) -> str:
     """``results.md``: a table per set (configs × metrics, mean ± interval in %), the teachers' scores on the
-    training labels (:func:`teacher_rows`) and the paired comparisons."""
+    training labels (:func:`teacher_rows`), p_θ(y) on the probe examples (:func:`probe_rows`) and the paired
+    comparisons."""
     done = len({r["config"] for r in summary})
     lines = [
         f"# {exp.name}",
@@ -1168,6 +1171,22 @@ def format_markdown(
                 f"{_pct(t['in_topk'])} | {_pct(t['p_label'])} |"
             )
         lines.append("")
+    if probes:
+        lines += [
+            "## p_θ(label) on the probe examples, start → end of training",
+            "",
+            "Per supervised token of the first training examples (`gamma_probe`), the model's probability of the "
+            "label: γ itself for the γ = p_θ(y) methods, and for every method how well it fits its training labels. "
+            "Mean over seeds.",
+            "",
+            f"| config | runs | tokens | last step | mean | 10% quantile | median | p < {probes[0]['bin']:g} "
+            f"| p ≥ {1 - probes[0]['bin']:g} |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for p in probes:
+            cells = " | ".join(f"{_pct(p[f'{k}_start'])} → {_pct(p[f'{k}_end'])}" for k in PROBE_KEYS)
+            lines.append(f"| {p['config']} | {p['n_runs']} | {p['tokens']} | {p['step']} | {cells} |")
+        lines.append("")
     if comparisons:
         lines += [
             "## Paired comparisons (A − B, same problems and seeds)",
@@ -1213,6 +1232,36 @@ def teacher_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(rows.values())
 
 
+PROBE_KEYS = ("mean", "q10", "q50", "low", "high")
+
+
+def probe_rows(records: Sequence[dict[str, Any]], root: Path) -> list[dict[str, Any]]:
+    """One row per trained config with probe files: p_θ(y) on its probe examples at the first and the last recorded
+    step (``<key>_start``, ``<key>_end``), each the mean over seeds of the run's mean, 10% quantile, median and the
+    shares in the histogram's lowest (``low``: p < 1/bins) and highest (``high``: p ≥ 1 − 1/bins) bins."""
+
+    def stats(d: dict[str, Any]) -> dict[str, float]:
+        n, hist = d["n"], d["hist"]
+        return {"mean": d["mean"], "q10": d["q10"], "q50": d["q50"], "low": hist[0] / n, "high": hist[-1] / n}
+
+    groups: dict[str, list[tuple[dict[str, float], dict[str, float]]]] = {}
+    meta: dict[str, dict[str, Any]] = {}
+    for r in records:
+        probe = _read_probe(root / r["run"] / PROBE_FILE)
+        if not probe or r["method"] == BASELINE_ID:
+            continue
+        first, last = probe[min(probe)], probe[max(probe)]
+        groups.setdefault(r["config_id"], []).append((stats(first), stats(last)))
+        meta.setdefault(r["config_id"], {"tokens": last["n"], "step": max(probe), "bin": 1 / len(last["hist"])})
+    rows = []
+    for cid, runs in groups.items():
+        row: dict[str, Any] = {"config": cid, "n_runs": len(runs), **meta[cid]}
+        for i, when in enumerate(("start", "end")):
+            row |= {f"{k}_{when}": math.fsum(run[i][k] for run in runs) / len(runs) for k in PROBE_KEYS}
+        rows.append(row)
+    return rows
+
+
 def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     buf = io.StringIO()
     fields = list(dict.fromkeys(k for r in rows for k in r)) or ["empty"]
@@ -1223,21 +1272,25 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def aggregate(exp: Experiment, *, plots: bool = True) -> dict[str, Any]:
-    """Write ``results.csv``, ``summary.csv``, ``comparisons.csv``, ``results.md`` and the plots from the finished
-    runs; returns the paths and the rows."""
+    """Write ``results.csv``, ``summary.csv``, ``comparisons.csv``, ``probe.csv``, ``results.md`` and the plots from
+    the finished runs; returns the paths and the rows."""
     root = Path(exp.output_dir)
     records = done_records(exp)
     summary = summary_rows(exp, records)
     comparisons = comparison_rows(exp, records, _records_root(exp))
-    paths = {name: root / name for name in ("results.csv", "summary.csv", "comparisons.csv", "results.md")}
+    probes = probe_rows(records, _records_root(exp))
+    names = ("results.csv", "summary.csv", "comparisons.csv", "probe.csv", "results.md")
+    paths = {name: root / name for name in names}
     _write_csv(paths["results.csv"], result_rows(records, [s.label for s in exp.eval]))
     _write_csv(
         paths["summary.csv"],
         [{**r, "params": json.dumps(r["params"]), "values": json.dumps(r["values"])} for r in summary],
     )
     _write_csv(paths["comparisons.csv"], comparisons)
+    _write_csv(paths["probe.csv"], probes)
     teachers = teacher_rows(records)
-    atomic_write_text(paths["results.md"], format_markdown(exp, summary, comparisons, len(records), teachers))
+    markdown = format_markdown(exp, summary, comparisons, len(records), teachers, probes)
+    atomic_write_text(paths["results.md"], markdown)
     figures = write_plots(exp, records, summary) if plots else []
     return {
         "paths": paths,
@@ -1245,6 +1298,7 @@ def aggregate(exp: Experiment, *, plots: bool = True) -> dict[str, Any]:
         "summary": summary,
         "comparisons": comparisons,
         "teachers": teachers,
+        "probes": probes,
         "records": records,
     }
 
