@@ -1277,8 +1277,9 @@ def aggregate(exp: Experiment, *, plots: bool = True) -> dict[str, Any]:
     root = Path(exp.output_dir)
     records = done_records(exp)
     summary = summary_rows(exp, records)
-    comparisons = comparison_rows(exp, records, _records_root(exp))
-    probes = probe_rows(records, _records_root(exp))
+    records_root = _records_root(exp)
+    comparisons = comparison_rows(exp, records, records_root)
+    probes = probe_rows(records, records_root)
     names = ("results.csv", "summary.csv", "comparisons.csv", "probe.csv", "results.md")
     paths = {name: root / name for name in names}
     _write_csv(paths["results.csv"], result_rows(records, [s.label for s in exp.eval]))
