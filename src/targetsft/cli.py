@@ -132,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_induced_targets_arguments(p)
     p.set_defaults(func=run_induced_targets_from_args)
+    from targetsft.noise_fit import add_noise_fit_arguments, run_noise_fit_from_args
+
+    p = sub.add_parser(
+        "noise-fit", help="how much runs trained with label noise prefer the wrong answers they saw to the true ones"
+    )
+    add_noise_fit_arguments(p)
+    p.set_defaults(func=run_noise_fit_from_args)
     p = sub.add_parser(
         "quickstart",
         help="the main job: fine-tune the embedded SmolLM2 with sft and target_sft, evaluate both and the base model",

@@ -84,7 +84,6 @@ import csv
 import dataclasses
 import fnmatch
 import gc
-import io
 import itertools
 import json
 import math
@@ -98,7 +97,7 @@ from pathlib import Path
 from typing import Any
 
 from targetsft.config import TRAIN_DEFAULTS, ConfigError, _build, _unknown, _yaml, config_from_dict
-from targetsft.files import atomic_write_text
+from targetsft.files import atomic_write_csv, atomic_write_text
 from targetsft.methods import get_method
 
 __all__ = [
@@ -604,27 +603,9 @@ def _teacher_cache(exp: Experiment, config: dict[str, Any], log: Callable[[str],
 def label_probabilities(model: Any, items: Sequence[dict[str, Any]]) -> list[float]:
     """p_θ(y_t) of every supervised token of tokenized examples (one forward pass each, no grad): γ_t itself for
     the γ = sg p_θ(y) methods (dft, target_sft, ...)."""
-    import torch
+    from targetsft.integration import label_logprobs
 
-    from targetsft.integration import IGNORE_INDEX, unwrap
-
-    inner = unwrap(model)
-    device = next(inner.parameters()).device
-    was_training = inner.training
-    inner.eval()
-    out: list[float] = []
-    try:
-        with torch.no_grad():
-            for item in items:
-                ids = torch.tensor([item["input_ids"]], device=device)
-                labels = torch.tensor(item["labels"][1:], device=device)
-                keep = labels != IGNORE_INDEX
-                logits = inner(input_ids=ids).logits[0, :-1][keep].float()
-                logp = torch.log_softmax(logits, -1).gather(-1, labels[keep][:, None])
-                out += logp.exp().flatten().tolist()
-    finally:
-        inner.train(was_training)
-    return out
+    return [p for logp, keep in label_logprobs(model, items) for p in logp[keep].exp().tolist()]
 
 
 def distribution(values: Sequence[float], bins: int = 20) -> dict[str, Any]:
@@ -1262,15 +1243,6 @@ def probe_rows(records: Sequence[dict[str, Any]], root: Path) -> list[dict[str, 
     return rows
 
 
-def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    fields = list(dict.fromkeys(k for r in rows for k in r)) or ["empty"]
-    writer = csv.DictWriter(buf, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
-
-
 def aggregate(exp: Experiment, *, plots: bool = True) -> dict[str, Any]:
     """Write ``results.csv``, ``summary.csv``, ``comparisons.csv``, ``probe.csv``, ``results.md`` and the plots from
     the finished runs; returns the paths and the rows."""
@@ -1282,13 +1254,13 @@ def aggregate(exp: Experiment, *, plots: bool = True) -> dict[str, Any]:
     probes = probe_rows(records, records_root)
     names = ("results.csv", "summary.csv", "comparisons.csv", "probe.csv", "results.md")
     paths = {name: root / name for name in names}
-    _write_csv(paths["results.csv"], result_rows(records, [s.label for s in exp.eval]))
-    _write_csv(
+    atomic_write_csv(paths["results.csv"], result_rows(records, [s.label for s in exp.eval]))
+    atomic_write_csv(
         paths["summary.csv"],
         [{**r, "params": json.dumps(r["params"]), "values": json.dumps(r["values"])} for r in summary],
     )
-    _write_csv(paths["comparisons.csv"], comparisons)
-    _write_csv(paths["probe.csv"], probes)
+    atomic_write_csv(paths["comparisons.csv"], comparisons)
+    atomic_write_csv(paths["probe.csv"], probes)
     teachers = teacher_rows(records)
     markdown = format_markdown(exp, summary, comparisons, len(records), teachers, probes)
     atomic_write_text(paths["results.md"], markdown)

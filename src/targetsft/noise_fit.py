@@ -1,0 +1,154 @@
+"""Did a run learn the wrong labels it was trained on? Its preference for the corrupted answers over the true ones.
+
+A run trained with ``data.label_noise`` saw some solutions with a wrong answer
+(:func:`targetsft.data.noise.corrupt_records`). For each of those training examples the corrupted and the clean
+record are tokenized as in training; after their common token prefix ``c`` the model scores both tails:
+
+    Δ = log p_θ(tail_wrong | c) − log p_θ(tail_true | c)
+
+``Δ > 0``: the model prefers the wrong answer it was shown to the true one (it memorised the noise); ``σ(Δ)`` is
+the wrong tail's share of the two. ``target-sft noise-fit`` scores finished runs (and, with ``--base``, the model
+they started from on the same examples) and writes ``noise_fit.csv`` (one row per model and run) and
+``noise_fit.json`` (with every example's Δ).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "corrupted_pairs",
+    "tail_logprobs",
+    "noise_fit_summary",
+    "add_noise_fit_arguments",
+    "run_noise_fit_from_args",
+]
+
+
+def corrupted_pairs(cfg: Any, tokenizer: Any, limit: int | None = None) -> tuple[list[dict[str, Any]], int]:
+    """``(pairs, skipped)``: the first ``limit`` corrupted training examples of ``cfg`` (a TrainConfig with
+    ``data.label_noise > 0``), each ``{"index", "wrong", "true"}`` with both records tokenized as in training.
+    Skipped: examples dropped, or truncated before their end (their answer is cut off)."""
+    from targetsft.data.noise import corrupt_records
+    from targetsft.data.sft import load_records, to_prompt_completion, tokenize_record
+
+    if not cfg.data.label_noise:
+        raise ValueError("the run was trained on clean data (data.label_noise = 0): it has no corrupted examples")
+    records = load_records(cfg.data.train, size=cfg.data.size, seed=cfg.data.seed)
+    noisy, chosen = corrupt_records(records, cfg.data.label_noise, cfg.data.noise_kind, cfg.data.seed)
+    pairs: list[dict[str, Any]] = []
+    skipped = 0
+    for i in chosen[:limit]:
+        wrong, true = (
+            tokenize_record(tokenizer, r, cfg.data.max_length, overflow=cfg.data.overflow)
+            for r in (noisy[i], to_prompt_completion(records[i], index=i))
+        )
+        if any(item is None or item["input_ids"][-1] != tokenizer.eos_token_id for item in (wrong, true)):
+            skipped += 1
+            continue
+        pairs.append({"index": i, "wrong": wrong, "true": true})
+    return pairs, skipped
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def tail_logprobs(model: Any, pairs: Sequence[dict[str, Any]]) -> list[tuple[float, float]]:
+    """``(log p_θ(tail_wrong | c), log p_θ(tail_true | c))`` per pair: the sums over the supervised tokens after
+    the two sequences' common prefix ``c``."""
+    from targetsft.integration import label_logprobs
+
+    out = []
+    for pair in pairs:
+        c = _common_prefix(pair["wrong"]["input_ids"], pair["true"]["input_ids"])
+        # position j of the shifted arrays predicts token j + 1: the tail starts at j = c − 1
+        sums = [
+            float(logp[c - 1 :][keep[c - 1 :]].sum())
+            for logp, keep in label_logprobs(model, [pair["wrong"], pair["true"]])
+        ]
+        out.append((sums[0], sums[1]))
+    return out
+
+
+def noise_fit_summary(scores: Sequence[tuple[float, float]], confidence: float = 0.95) -> dict[str, float]:
+    """Means over examples of ``log p(tail_wrong)``, ``log p(tail_true)``, ``Δ`` (with its normal interval),
+    the fraction with ``Δ > 0`` and the mean ``σ(Δ)``."""
+    from targetsft.evaluate import mean_ci
+
+    deltas = [w - t for w, t in scores]
+    n = len(deltas)
+    mean, lo, hi = mean_ci(deltas, confidence)
+
+    def avg(values: Sequence[float]) -> float:
+        return math.fsum(values) / n if n else math.nan
+
+    return {
+        "n": n,
+        "logp_wrong": avg([w for w, _ in scores]),
+        "logp_true": avg([t for _, t in scores]),
+        "delta": mean,
+        "delta_lo": lo,
+        "delta_hi": hi,
+        "prefer_wrong": avg([float(d > 0) for d in deltas]),
+        "wrong_share": avg([1 / (1 + math.exp(-d)) if d > -700 else 0.0 for d in deltas]),
+    }
+
+
+def add_noise_fit_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("records", nargs="+", help="finished runs' record folders (with run.json), trained with label noise")
+    p.add_argument("--base", action="store_true", help="also score the model each run started from")
+    p.add_argument("--examples", type=int, default=None, help="the first N corrupted examples of a run (default all)")
+    p.add_argument("--out", required=True, help="folder for noise_fit.csv and noise_fit.json")
+    return p
+
+
+def run_noise_fit_from_args(args: argparse.Namespace) -> int:
+    from targetsft.config import config_from_dict
+    from targetsft.files import atomic_write_csv, atomic_write_text
+    from targetsft.models import load_model, load_tokenizer, resolve_model
+
+    runs = []
+    for folder in map(Path, args.records):
+        if not (folder / "run.json").is_file():
+            raise SystemExit(f"error: {folder} has no run.json (not a run record)")
+        raw = json.loads((folder / "run.json").read_text())
+        cfg = config_from_dict(raw["config"])
+        final = Path(cfg.output_dir) / "final"
+        if not final.is_dir():
+            raise SystemExit(f"error: run {raw['run']}: its model {final} is gone")
+        runs.append((raw["run"], cfg, final))
+    rows: list[dict[str, Any]] = []
+    per_example: dict[str, Any] = {}
+    base_scores: dict[str, list[tuple[float, float]]] = {}  # runs with the same data share the base model's scores
+    for run_id, cfg, final in runs:
+        tokenizer = load_tokenizer(resolve_model(cfg.model))
+        pairs, skipped = corrupted_pairs(cfg, tokenizer, args.examples)
+        scored = [(run_id, tail_logprobs(load_model(final), pairs))]
+        if args.base:
+            key = json.dumps([cfg.model, dataclasses.asdict(cfg.data), args.examples], default=str)
+            if key not in base_scores:
+                base_scores[key] = tail_logprobs(load_model(resolve_model(cfg.model)), pairs)
+            scored.append(("base", base_scores[key]))
+        for name, scores in scored:
+            row = {"model": name, "run": run_id, "label_noise": cfg.data.label_noise, "skipped": skipped}
+            rows.append(row | noise_fit_summary(scores))
+            per_example[f"{name}@{run_id}"] = [
+                {"index": p["index"], "logp_wrong": w, "logp_true": t} for p, (w, t) in zip(pairs, scores, strict=True)
+            ]
+            r = rows[-1]
+            print(
+                f"{name} on {run_id}: n {r['n']}, Δ {r['delta']:+.2f} [{r['delta_lo']:+.2f}, {r['delta_hi']:+.2f}],"
+                f" prefers the wrong answer on {r['prefer_wrong']:.1%}"
+            )
+    out = Path(args.out)
+    atomic_write_text(out / "noise_fit.json", json.dumps({"rows": rows, "examples": per_example}, indent=1) + "\n")
+    atomic_write_csv(out / "noise_fit.csv", rows)
+    print(f"wrote {out / 'noise_fit.csv'}")
+    return 0

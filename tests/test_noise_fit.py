@@ -1,0 +1,131 @@
+"""Noise fit: the corrupted/clean pairs are the run's corrupted training examples, the tail log-probabilities match
+an independent computation, the summary's math, and the CLI's files and errors."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from targetsft.config import config_from_dict  # noqa: E402
+from targetsft.data.noise import corrupt_records  # noqa: E402
+from targetsft.data.sft import load_records  # noqa: E402
+from targetsft.noise_fit import (  # noqa: E402
+    add_noise_fit_arguments,
+    corrupted_pairs,
+    noise_fit_summary,
+    run_noise_fit_from_args,
+    tail_logprobs,
+)
+
+DATA = {"train": "gsm-train", "size": 12, "seed": 3, "max_length": 1024, "label_noise": 0.5}
+
+
+@pytest.fixture(scope="module")
+def pairs(tiny_tokenizer):
+    cfg = config_from_dict({"data": DATA})
+    return corrupted_pairs(cfg, tiny_tokenizer)
+
+
+def test_pairs_are_the_corrupted_examples(pairs, tiny_tokenizer):
+    got, skipped = pairs
+    records = load_records("gsm-train", size=12, seed=3)
+    noisy, chosen = corrupt_records(records, 0.5, "answer", 3)
+    assert skipped == 0 and [p["index"] for p in got] == chosen and len(chosen) == 6
+    for p in got:
+        eos = tiny_tokenizer.eos_token
+        assert tiny_tokenizer.decode(p["wrong"]["input_ids"]).endswith(f"#### {noisy[p['index']]['answer']}{eos}")
+        assert tiny_tokenizer.decode(p["true"]["input_ids"]).endswith(f"#### {records[p['index']]['answer']}{eos}")
+        wrong, true = p["wrong"]["input_ids"], p["true"]["input_ids"]
+        assert wrong != true and wrong[-1] == true[-1] == tiny_tokenizer.eos_token_id
+        prompt = p["true"]["labels"].index(next(x for x in p["true"]["labels"] if x != -100))
+        assert wrong[:prompt] == true[:prompt]  # same prompt: only the completion differs
+
+
+def test_limit_and_clean_data(tiny_tokenizer):
+    cfg = config_from_dict({"data": DATA})
+    assert len(corrupted_pairs(cfg, tiny_tokenizer, limit=2)[0]) == 2
+    with pytest.raises(ValueError, match="clean data"):
+        corrupted_pairs(config_from_dict({"data": {**DATA, "label_noise": 0.0}}), tiny_tokenizer)
+
+
+def test_truncated_examples_are_skipped(tiny_tokenizer):
+    cfg = config_from_dict({"data": {**DATA, "max_length": 80}})
+    got, skipped = corrupted_pairs(cfg, tiny_tokenizer)
+    assert skipped == 6 and got == []
+
+
+def _tail_reference(model, seq: list[int], c: int) -> float:
+    """Σ_{t ≥ c} log p(seq[t] | seq[:t]) in float64, from the full log-softmax."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([seq])).logits[0].double(), -1)
+    return sum(float(logp[t - 1, seq[t]]) for t in range(c, len(seq)))
+
+
+def test_tail_logprobs_match_an_independent_sum(pairs, tiny_llama):
+    mode = tiny_llama.training
+    got = tail_logprobs(tiny_llama, pairs[0])
+    assert tiny_llama.training is mode  # the model's mode is restored
+    for p, (w, t) in zip(pairs[0], got, strict=True):
+        a, b = p["wrong"]["input_ids"], p["true"]["input_ids"]
+        c = next(k for k, (x, y) in enumerate(zip(a, b)) if x != y)
+        assert w == pytest.approx(_tail_reference(tiny_llama, a, c), abs=1e-4)
+        assert t == pytest.approx(_tail_reference(tiny_llama, b, c), abs=1e-4)
+        assert w < 0 and t < 0
+
+
+def test_summary_math():
+    s = noise_fit_summary([(-1.0, -3.0), (-4.0, -2.0), (-2.0, -2.0)])
+    assert s["n"] == 3
+    assert s["logp_wrong"] == pytest.approx(-7 / 3) and s["logp_true"] == pytest.approx(-7 / 3)
+    assert s["delta"] == pytest.approx(0.0) and s["delta_lo"] < 0 < s["delta_hi"]
+    assert s["prefer_wrong"] == pytest.approx(1 / 3)  # Δ = 2, −2, 0: only Δ > 0 counts
+    sig = [1 / (1 + math.exp(-d)) for d in (2.0, -2.0, 0.0)]
+    assert s["wrong_share"] == pytest.approx(sum(sig) / 3)
+    assert noise_fit_summary([(-1000.0, 0.0)])["wrong_share"] == 0.0  # no overflow
+
+
+def _record(tmp_path, tiny_tokenizer, tiny_llama, label_noise=0.5, name="run-a"):
+    model_dir = tmp_path / name / "model" / "final"
+    tiny_llama.save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    record = tmp_path / name / "record"
+    record.mkdir(parents=True)
+    data = {**DATA, "label_noise": label_noise}
+    config = {"model": str(model_dir), "data": data, "output_dir": str(model_dir.parent)}
+    (record / "run.json").write_text(json.dumps({"run": name, "config": config}))
+    return record
+
+
+def _args(*argv):
+    return add_noise_fit_arguments(argparse.ArgumentParser()).parse_args([str(a) for a in argv])
+
+
+def test_cli_writes_rows_for_runs_and_base(tmp_path, tiny_tokenizer, tiny_llama, capsys):
+    record = _record(tmp_path, tiny_tokenizer, tiny_llama)
+    assert run_noise_fit_from_args(_args(record, "--base", "--examples", 3, "--out", tmp_path / "out")) == 0
+    rows = list(csv.DictReader((tmp_path / "out" / "noise_fit.csv").open()))
+    assert [(r["model"], r["run"], r["n"]) for r in rows] == [("run-a", "run-a", "3"), ("base", "run-a", "3")]
+    assert rows[0]["delta"] == rows[1]["delta"]  # here the run's model is its base model
+    examples = json.loads((tmp_path / "out" / "noise_fit.json").read_text())["examples"]
+    assert len(examples["run-a@run-a"]) == 3 and "prefers the wrong answer" in capsys.readouterr().out
+
+
+def test_cli_errors(tmp_path, tiny_tokenizer, tiny_llama):
+    with pytest.raises(SystemExit, match="no run.json"):
+        run_noise_fit_from_args(_args(tmp_path, "--out", tmp_path / "out"))
+    clean = _record(tmp_path, tiny_tokenizer, tiny_llama, label_noise=0.0, name="clean")
+    with pytest.raises(ValueError, match="clean data"):
+        run_noise_fit_from_args(_args(clean, "--out", tmp_path / "out"))
+    gone = _record(tmp_path, tiny_tokenizer, tiny_llama, name="gone")
+    for f in (tmp_path / "gone" / "model" / "final").iterdir():
+        f.unlink()
+    (tmp_path / "gone" / "model" / "final").rmdir()
+    with pytest.raises(SystemExit, match="is gone"):
+        run_noise_fit_from_args(_args(gone, "--out", tmp_path / "out"))
