@@ -92,13 +92,15 @@ def test_summary_math():
 
 
 def _record(tmp_path, tiny_tokenizer, tiny_llama, label_noise=0.5, name="run-a"):
-    model_dir = tmp_path / name / "model" / "final"
-    tiny_llama.save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
+    """A run record whose final model and base model (shared by the records of one test) are both the tiny model."""
+    for folder in (tmp_path / "base", tmp_path / name / "model" / "final"):
+        if not folder.is_dir():
+            tiny_llama.save_pretrained(folder)
+            tiny_tokenizer.save_pretrained(folder)
     record = tmp_path / name / "record"
     record.mkdir(parents=True)
     data = {**DATA, "label_noise": label_noise}
-    config = {"model": str(model_dir), "data": data, "output_dir": str(model_dir.parent)}
+    config = {"model": str(tmp_path / "base"), "data": data, "output_dir": str(tmp_path / name / "model")}
     (record / "run.json").write_text(json.dumps({"run": name, "config": config}))
     return record
 
@@ -129,3 +131,20 @@ def test_cli_errors(tmp_path, tiny_tokenizer, tiny_llama):
     (tmp_path / "gone" / "model" / "final").rmdir()
     with pytest.raises(SystemExit, match="is gone"):
         run_noise_fit_from_args(_args(gone, "--out", tmp_path / "out"))
+
+
+def test_cli_adds_to_its_output_and_shares_the_base_scores(tmp_path, tiny_tokenizer, tiny_llama):
+    first, second = (_record(tmp_path, tiny_tokenizer, tiny_llama, name=n) for n in ("run-a", "run-b"))
+    out = tmp_path / "out"
+    run_noise_fit_from_args(_args(first, "--base", "--examples", 2, "--out", out))
+    state = json.loads((out / "noise_fit.json").read_text())
+    for e in state["examples"]["base@run-a"]:  # mark the stored base scores: a rescoring would not reproduce them
+        e["logp_wrong"], e["logp_true"] = -1.0, -4.0
+    (out / "noise_fit.json").write_text(json.dumps(state))
+    run_noise_fit_from_args(_args(first, second, "--base", "--examples", 2, "--out", out))
+    rows = {(r["model"], r["run"]): r for r in csv.DictReader((out / "noise_fit.csv").open())}
+    assert sorted(rows) == [("base", "run-a"), ("base", "run-b"), ("run-a", "run-a"), ("run-b", "run-b")]
+    assert float(rows[("base", "run-b")]["delta"]) == pytest.approx(3.0)  # taken from run-a's (same data)
+    assert rows[("run-b", "run-b")]["delta"] == rows[("run-a", "run-a")]["delta"]  # same model, same examples
+    with pytest.raises(SystemExit, match="--examples 2, not 3"):
+        run_noise_fit_from_args(_args(second, "--examples", 3, "--out", out))

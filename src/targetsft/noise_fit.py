@@ -8,8 +8,10 @@ record are tokenized as in training; after their common token prefix ``c`` the m
 
 ``Δ > 0``: the model prefers the wrong answer it was shown to the true one (it memorised the noise); ``σ(Δ)`` is
 the wrong tail's share of the two. ``target-sft noise-fit`` scores finished runs (and, with ``--base``, the model
-they started from on the same examples) and writes ``noise_fit.csv`` (one row per model and run) and
-``noise_fit.json`` (with every example's Δ).
+they started from on the same examples) into ``noise_fit.csv`` (one row per model and run) and ``noise_fit.json``
+(with every example's scores). Scores accumulate in the output folder: a model already scored on a run is not
+scored again, and the base model's scores are shared by the runs on the same data, so runs can be added as they
+finish.
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ def add_noise_fit_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentPars
     p.add_argument("records", nargs="+", help="finished runs' record folders (with run.json), trained with label noise")
     p.add_argument("--base", action="store_true", help="also score the model each run started from")
     p.add_argument("--examples", type=int, default=None, help="the first N corrupted examples of a run (default all)")
-    p.add_argument("--out", required=True, help="folder for noise_fit.csv and noise_fit.json")
+    p.add_argument("--out", required=True, help="folder for noise_fit.csv and .json (added to)")
     return p
 
 
@@ -124,31 +126,53 @@ def run_noise_fit_from_args(args: argparse.Namespace) -> int:
         if not final.is_dir():
             raise SystemExit(f"error: run {raw['run']}: its model {final} is gone")
         runs.append((raw["run"], cfg, final))
-    rows: list[dict[str, Any]] = []
-    per_example: dict[str, Any] = {}
-    base_scores: dict[str, list[tuple[float, float]]] = {}  # runs with the same data share the base model's scores
+    out = Path(args.out)
+    state = _read_state(out / "noise_fit.json", args.examples)
     for run_id, cfg, final in runs:
+        data_key = json.dumps([cfg.model, dataclasses.asdict(cfg.data)], default=str)
+        wanted = [(run_id, final)] + ([("base", Path(resolve_model(cfg.model)))] if args.base else [])
+        todo = [(name, path) for name, path in wanted if f"{name}@{run_id}" not in state["examples"]]
+        if not todo:
+            print(f"{run_id}: already scored in {out}")
+            continue
         tokenizer = load_tokenizer(resolve_model(cfg.model))
         pairs, skipped = corrupted_pairs(cfg, tokenizer, args.examples)
-        scored = [(run_id, tail_logprobs(load_model(final), pairs))]
-        if args.base:
-            key = json.dumps([cfg.model, dataclasses.asdict(cfg.data), args.examples], default=str)
-            if key not in base_scores:
-                base_scores[key] = tail_logprobs(load_model(resolve_model(cfg.model)), pairs)
-            scored.append(("base", base_scores[key]))
-        for name, scores in scored:
+        for name, path in todo:
+            # the base model's scores are shared by every run on the same data (same corrupted examples)
+            same = [k for k, v in state["data"].items() if v == data_key and k.startswith(f"{name}@")]
+            if name == "base" and same:
+                ex = state["examples"][same[0]]
+                scores = [(e["logp_wrong"], e["logp_true"]) for e in ex]
+            else:
+                scores = tail_logprobs(load_model(path), pairs)
+            key = f"{name}@{run_id}"
             row = {"model": name, "run": run_id, "label_noise": cfg.data.label_noise, "skipped": skipped}
-            rows.append(row | noise_fit_summary(scores))
-            per_example[f"{name}@{run_id}"] = [
+            state["rows"] = [r for r in state["rows"] if f"{r['model']}@{r['run']}" != key]
+            state["rows"].append(row | noise_fit_summary(scores))
+            state["data"][key] = data_key
+            state["examples"][key] = [
                 {"index": p["index"], "logp_wrong": w, "logp_true": t} for p, (w, t) in zip(pairs, scores, strict=True)
             ]
-            r = rows[-1]
+            # written after every model: an interrupted call keeps what it scored
+            atomic_write_text(out / "noise_fit.json", json.dumps(state, indent=1) + "\n")
+            atomic_write_csv(out / "noise_fit.csv", state["rows"])
+            r = state["rows"][-1]
             print(
                 f"{name} on {run_id}: n {r['n']}, Δ {r['delta']:+.2f} [{r['delta_lo']:+.2f}, {r['delta_hi']:+.2f}],"
                 f" prefers the wrong answer on {r['prefer_wrong']:.1%}"
             )
-    out = Path(args.out)
-    atomic_write_text(out / "noise_fit.json", json.dumps({"rows": rows, "examples": per_example}, indent=1) + "\n")
-    atomic_write_csv(out / "noise_fit.csv", rows)
     print(f"wrote {out / 'noise_fit.csv'}")
     return 0
+
+
+def _read_state(path: Path, examples: int | None) -> dict[str, Any]:
+    """What an earlier call wrote to ``path`` (kept and added to), or a new state; the ``--examples`` must match."""
+    if not path.is_file():
+        return {"examples_limit": examples, "rows": [], "data": {}, "examples": {}}
+    state = json.loads(path.read_text())
+    if state.get("examples_limit") != examples:
+        raise SystemExit(
+            f"error: {path} was written with --examples {state.get('examples_limit')}, not {examples}: "
+            "use the same number or another --out"
+        )
+    return state
