@@ -114,9 +114,10 @@ def test_cli_writes_rows_for_runs_and_base(tmp_path, tiny_tokenizer, tiny_llama,
     assert run_noise_fit_from_args(_args(record, "--base", "--examples", 3, "--out", tmp_path / "out")) == 0
     rows = list(csv.DictReader((tmp_path / "out" / "noise_fit.csv").open()))
     assert [(r["model"], r["run"], r["n"]) for r in rows] == [("run-a", "run-a", "3"), ("base", "run-a", "3")]
+    assert {r["label_noise"] for r in rows} == {"0.5"}
     assert rows[0]["delta"] == rows[1]["delta"]  # here the run's model is its base model
     examples = json.loads((tmp_path / "out" / "noise_fit.json").read_text())["examples"]
-    assert len(examples["run-a@run-a"]) == 3 and "prefers the wrong answer" in capsys.readouterr().out
+    assert len(examples["run-a@run-a@0.5"]) == 3 and "prefers the wrong answer" in capsys.readouterr().out
 
 
 def test_cli_errors(tmp_path, tiny_tokenizer, tiny_llama):
@@ -125,6 +126,8 @@ def test_cli_errors(tmp_path, tiny_tokenizer, tiny_llama):
     clean = _record(tmp_path, tiny_tokenizer, tiny_llama, label_noise=0.0, name="clean")
     with pytest.raises(ValueError, match="clean data"):
         run_noise_fit_from_args(_args(clean, "--out", tmp_path / "out"))
+    with pytest.raises(SystemExit, match="must be in"):
+        run_noise_fit_from_args(_args(clean, "--label-noise", 0, "--out", tmp_path / "out"))
     gone = _record(tmp_path, tiny_tokenizer, tiny_llama, name="gone")
     for f in (tmp_path / "gone" / "model" / "final").iterdir():
         f.unlink()
@@ -138,7 +141,7 @@ def test_cli_adds_to_its_output_and_shares_the_base_scores(tmp_path, tiny_tokeni
     out = tmp_path / "out"
     run_noise_fit_from_args(_args(first, "--base", "--examples", 2, "--out", out))
     state = json.loads((out / "noise_fit.json").read_text())
-    for e in state["examples"]["base@run-a"]:  # mark the stored base scores: a rescoring would not reproduce them
+    for e in state["examples"]["base@run-a@0.5"]:  # mark the stored base scores: a rescoring would not reproduce them
         e["logp_wrong"], e["logp_true"] = -1.0, -4.0
     (out / "noise_fit.json").write_text(json.dumps(state))
     run_noise_fit_from_args(_args(first, second, "--base", "--examples", 2, "--out", out))
@@ -148,3 +151,18 @@ def test_cli_adds_to_its_output_and_shares_the_base_scores(tmp_path, tiny_tokeni
     assert rows[("run-b", "run-b")]["delta"] == rows[("run-a", "run-a")]["delta"]  # same model, same examples
     with pytest.raises(SystemExit, match="--examples 2, not 3"):
         run_noise_fit_from_args(_args(second, "--examples", 3, "--out", out))
+
+
+def test_clean_run_scored_on_a_noise_levels_examples(tmp_path, tiny_tokenizer, tiny_llama):
+    noisy = _record(tmp_path, tiny_tokenizer, tiny_llama, label_noise=0.5, name="noisy")
+    clean = _record(tmp_path, tiny_tokenizer, tiny_llama, label_noise=0.0, name="clean")
+    out = tmp_path / "out"
+    run_noise_fit_from_args(_args(noisy, "--out", out))
+    run_noise_fit_from_args(_args(clean, "--label-noise", 0.5, "--out", out))
+    run_noise_fit_from_args(_args(clean, "--label-noise", 0.25, "--out", out))
+    state = json.loads((out / "noise_fit.json").read_text())
+    got = {(r["run"], r["label_noise"]): r for r in state["rows"]}
+    assert sorted(got) == [("clean", 0.25), ("clean", 0.5), ("noisy", 0.5)]
+    # same model, same corrupted examples: the clean run's control row equals the noisy run's
+    assert got[("clean", 0.5)]["delta"] == got[("noisy", 0.5)]["delta"]
+    assert got[("clean", 0.25)]["n"] == 3 and got[("clean", 0.5)]["n"] == 6

@@ -7,9 +7,12 @@ record are tokenized as in training; after their common token prefix ``c`` the m
     Δ = log p_θ(tail_wrong | c) − log p_θ(tail_true | c)
 
 ``Δ > 0``: the model prefers the wrong answer it was shown to the true one (it memorised the noise); ``σ(Δ)`` is
-the wrong tail's share of the two. ``target-sft noise-fit`` scores finished runs (and, with ``--base``, the model
-they started from on the same examples) into ``noise_fit.csv`` (one row per model and run) and ``noise_fit.json``
-(with every example's scores). Scores accumulate in the output folder: a model already scored on a run is not
+the wrong tail's share of the two. A run trained on clean data, scored on the examples a given noise level
+corrupts (``--label-noise``), is the control: the same examples, learned with their true answers.
+
+``target-sft noise-fit`` scores finished runs (and, with ``--base``, the model they started from on the same
+examples) into ``noise_fit.csv`` (one row per model, run and noise level) and ``noise_fit.json`` (with every
+example's scores). Scores accumulate in the output folder: a model already scored on a run is not
 scored again, and the base model's scores are shared by the runs on the same data, so runs can be added as they
 finish.
 """
@@ -17,6 +20,7 @@ finish.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -62,20 +66,54 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
+def _tail_sum(inner: Any, last: Any, cache: tuple[str, Any], item: dict[str, Any], c: int) -> float:
+    """Σ log p(labels[t] | tokens[:t]) over the supervised t ≥ c, continuing a forward pass over ``tokens[:c]``
+    (``last``: its last logits; ``cache``: the forward keyword and the key/value cache it filled)."""
+    import torch
+
+    from targetsft.integration import IGNORE_INDEX
+
+    labels = torch.tensor(item["labels"][c:])
+    if labels.numel() == 0:
+        return 0.0
+    logits = last
+    if labels.numel() > 1:  # the tail's own tokens but the last predict its next ones
+        key, past = cache[0], copy.deepcopy(cache[1])  # a forward pass extends the cache in place
+        tail = torch.tensor([item["input_ids"][c:-1]], device=logits.device)
+        logits = torch.cat([logits, inner(input_ids=tail, use_cache=True, **{key: past}).logits[0].float()])
+    keep = (labels != IGNORE_INDEX).to(logits.device)
+    logp = torch.log_softmax(logits[keep], -1).gather(-1, labels.to(logits.device)[keep][:, None])
+    return float(logp.sum())
+
+
 def tail_logprobs(model: Any, pairs: Sequence[dict[str, Any]]) -> list[tuple[float, float]]:
     """``(log p_θ(tail_wrong | c), log p_θ(tail_true | c))`` per pair: the sums over the supervised tokens after
-    the two sequences' common prefix ``c``."""
-    from targetsft.integration import label_logprobs
+    the two sequences' common prefix ``c`` (one pass over the prefix, its cache reused for both tails)."""
+    import torch
+    from transformers import DynamicCache
 
+    from targetsft.evaluate import _forward_params
+    from targetsft.integration import unwrap
+
+    inner = unwrap(model)
+    key = "cache" if "cache" in _forward_params(inner) else "past_key_values"
+    device = next(inner.parameters()).device
+    was_training = inner.training
+    inner.eval()
     out = []
-    for pair in pairs:
-        c = _common_prefix(pair["wrong"]["input_ids"], pair["true"]["input_ids"])
-        # position j of the shifted arrays predicts token j + 1: the tail starts at j = c − 1
-        sums = [
-            float(logp[c - 1 :][keep[c - 1 :]].sum())
-            for logp, keep in label_logprobs(model, [pair["wrong"], pair["true"]])
-        ]
-        out.append((sums[0], sums[1]))
+    try:
+        with torch.no_grad():
+            for pair in pairs:
+                wrong, true = pair["wrong"], pair["true"]
+                c = _common_prefix(wrong["input_ids"], true["input_ids"])
+                if c == 0:
+                    raise ValueError(f"example {pair.get('index')}: the two sequences share no prefix")
+                cache = (key, DynamicCache(config=inner.config))
+                ids = torch.tensor([wrong["input_ids"][:c]], device=device)
+                last = inner(input_ids=ids, use_cache=True, **{key: cache[1]}).logits[0, -1:].float()
+                out.append((_tail_sum(inner, last, cache, wrong, c), _tail_sum(inner, last, cache, true, c)))
+    finally:
+        inner.train(was_training)
     return out
 
 
@@ -105,6 +143,13 @@ def noise_fit_summary(scores: Sequence[tuple[float, float]], confidence: float =
 
 def add_noise_fit_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("records", nargs="+", help="finished runs' record folders (with run.json), trained with label noise")
+    p.add_argument(
+        "--label-noise",
+        type=float,
+        default=None,
+        help="score on the examples this label noise corrupts in each run's data (default: the run's own; "
+        "a clean run then gives the control: the same examples, learned with their true answers)",
+    )
     p.add_argument("--base", action="store_true", help="also score the model each run started from")
     p.add_argument("--examples", type=int, default=None, help="the first N corrupted examples of a run (default all)")
     p.add_argument("--out", required=True, help="folder for noise_fit.csv and .json (added to)")
@@ -125,13 +170,18 @@ def run_noise_fit_from_args(args: argparse.Namespace) -> int:
         final = Path(cfg.output_dir) / "final"
         if not final.is_dir():
             raise SystemExit(f"error: run {raw['run']}: its model {final} is gone")
+        if args.label_noise is not None:
+            if not 0 < args.label_noise <= 1:
+                raise SystemExit(f"error: --label-noise must be in (0, 1], got {args.label_noise}")
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, label_noise=args.label_noise))
         runs.append((raw["run"], cfg, final))
     out = Path(args.out)
     state = _read_state(out / "noise_fit.json", args.examples)
     for run_id, cfg, final in runs:
         data_key = json.dumps([cfg.model, dataclasses.asdict(cfg.data)], default=str)
         wanted = [(run_id, final)] + ([("base", Path(resolve_model(cfg.model)))] if args.base else [])
-        todo = [(name, path) for name, path in wanted if f"{name}@{run_id}" not in state["examples"]]
+        noise = cfg.data.label_noise
+        todo = [(name, path) for name, path in wanted if f"{name}@{run_id}@{noise}" not in state["examples"]]
         if not todo:
             print(f"{run_id}: already scored in {out}")
             continue
@@ -145,9 +195,9 @@ def run_noise_fit_from_args(args: argparse.Namespace) -> int:
                 scores = [(e["logp_wrong"], e["logp_true"]) for e in ex]
             else:
                 scores = tail_logprobs(load_model(path), pairs)
-            key = f"{name}@{run_id}"
-            row = {"model": name, "run": run_id, "label_noise": cfg.data.label_noise, "skipped": skipped}
-            state["rows"] = [r for r in state["rows"] if f"{r['model']}@{r['run']}" != key]
+            key = f"{name}@{run_id}@{noise}"
+            row = {"model": name, "run": run_id, "label_noise": noise, "skipped": skipped}
+            state["rows"] = [r for r in state["rows"] if f"{r['model']}@{r['run']}@{r['label_noise']}" != key]
             state["rows"].append(row | noise_fit_summary(scores))
             state["data"][key] = data_key
             state["examples"][key] = [
@@ -158,8 +208,8 @@ def run_noise_fit_from_args(args: argparse.Namespace) -> int:
             atomic_write_csv(out / "noise_fit.csv", state["rows"])
             r = state["rows"][-1]
             print(
-                f"{name} on {run_id}: n {r['n']}, Δ {r['delta']:+.2f} [{r['delta_lo']:+.2f}, {r['delta_hi']:+.2f}],"
-                f" prefers the wrong answer on {r['prefer_wrong']:.1%}"
+                f"{name} on {run_id}'s examples at label noise {noise}: n {r['n']}, Δ {r['delta']:+.2f} "
+                f"[{r['delta_lo']:+.2f}, {r['delta_hi']:+.2f}], prefers the wrong answer on {r['prefer_wrong']:.1%}"
             )
     print(f"wrote {out / 'noise_fit.csv'}")
     return 0
