@@ -161,6 +161,8 @@ def run_noise_fit_from_args(args: argparse.Namespace) -> int:
     from targetsft.files import atomic_write_csv, atomic_write_text
     from targetsft.models import load_model, load_tokenizer, resolve_model
 
+    if args.label_noise is not None and not 0 < args.label_noise <= 1:
+        raise SystemExit(f"error: --label-noise must be in (0, 1], got {args.label_noise}")
     runs = []
     for folder in map(Path, args.records):
         if not (folder / "run.json").is_file():
@@ -171,8 +173,6 @@ def run_noise_fit_from_args(args: argparse.Namespace) -> int:
         if not final.is_dir():
             raise SystemExit(f"error: run {raw['run']}: its model {final} is gone")
         if args.label_noise is not None:
-            if not 0 < args.label_noise <= 1:
-                raise SystemExit(f"error: --label-noise must be in (0, 1], got {args.label_noise}")
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, label_noise=args.label_noise))
         runs.append((raw["run"], cfg, final))
     out = Path(args.out)
@@ -189,10 +189,9 @@ def run_noise_fit_from_args(args: argparse.Namespace) -> int:
         pairs, skipped = corrupted_pairs(cfg, tokenizer, args.examples)
         for name, path in todo:
             # the base model's scores are shared by every run on the same data (same corrupted examples)
-            same = [k for k, v in state["data"].items() if v == data_key and k.startswith(f"{name}@")]
+            same = [k for k, v in state["data"].items() if v == data_key and k.startswith("base@")]
             if name == "base" and same:
-                ex = state["examples"][same[0]]
-                scores = [(e["logp_wrong"], e["logp_true"]) for e in ex]
+                scores = [(e["logp_wrong"], e["logp_true"]) for e in state["examples"][same[0]]]
             else:
                 scores = tail_logprobs(load_model(path), pairs)
             key = f"{name}@{run_id}@{noise}"
