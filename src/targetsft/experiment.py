@@ -603,9 +603,27 @@ def _teacher_cache(exp: Experiment, config: dict[str, Any], log: Callable[[str],
 def label_probabilities(model: Any, items: Sequence[dict[str, Any]]) -> list[float]:
     """p_θ(y_t) of every supervised token of tokenized examples (one forward pass each, no grad): γ_t itself for
     the γ = sg p_θ(y) methods (dft, target_sft, ...)."""
-    from targetsft.integration import label_logprobs
+    import torch
 
-    return [p for logp, keep in label_logprobs(model, items) for p in logp[keep].exp().tolist()]
+    from targetsft.integration import IGNORE_INDEX, unwrap
+
+    inner = unwrap(model)
+    device = next(inner.parameters()).device
+    was_training = inner.training
+    inner.eval()
+    out: list[float] = []
+    try:
+        with torch.no_grad():
+            for item in items:
+                ids = torch.tensor([item["input_ids"]], device=device)
+                labels = torch.tensor(item["labels"][1:], device=device)
+                keep = labels != IGNORE_INDEX
+                logits = inner(input_ids=ids).logits[0, :-1][keep].float()
+                logp = torch.log_softmax(logits, -1).gather(-1, labels[keep][:, None])
+                out += logp.exp().flatten().tolist()
+    finally:
+        inner.train(was_training)
+    return out
 
 
 def distribution(values: Sequence[float], bins: int = 20) -> dict[str, Any]:

@@ -9,7 +9,6 @@ own ``forward`` so that wrappers that must see the forward call (DDP, FSDP, Deep
 from __future__ import annotations
 
 import types
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,29 +71,6 @@ def hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | 
     inner = unwrap(model)
     out = inner.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
     return out[0]
-
-
-def label_logprobs(model: nn.Module, items: Sequence[dict[str, Any]]) -> list[tuple[Tensor, Tensor]]:
-    """Per tokenized example: ``log p_θ(labels[t] | input_ids[:t])`` for ``t = 1 … L−1`` (0 where unsupervised) and
-    the mask of supervised positions; one no-grad forward pass each, in eval mode (the mode is restored)."""
-    inner = unwrap(model)
-    device = next(inner.parameters()).device
-    was_training = inner.training
-    inner.eval()
-    out: list[tuple[Tensor, Tensor]] = []
-    try:
-        with torch.no_grad():
-            for item in items:
-                ids = torch.tensor([item["input_ids"]], device=device)
-                labels = torch.tensor(item["labels"][1:], device=device)
-                keep = labels != IGNORE_INDEX
-                logits = inner(input_ids=ids).logits[0, :-1][keep].float()
-                logp = torch.zeros(labels.shape, device=device)
-                logp[keep] = torch.log_softmax(logits, -1).gather(-1, labels[keep][:, None]).squeeze(-1)
-                out.append((logp.cpu(), keep.cpu()))
-    finally:
-        inner.train(was_training)
-    return out
 
 
 def shift_labels(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
