@@ -91,7 +91,7 @@ def test_summary_math():
     assert noise_fit_summary([(-1000.0, 0.0)])["wrong_share"] == 0.0  # no overflow
 
 
-def _record(tmp_path, tiny_tokenizer, tiny_llama, label_noise=0.5, name="run-a"):
+def _record(tmp_path, tiny_tokenizer, tiny_llama, label_noise=0.5, name="run-a", **extra):
     """A run record whose final model and base model (shared by the records of one test) are both the tiny model."""
     for folder in (tmp_path / "base", tmp_path / name / "model" / "final"):
         if not folder.is_dir():
@@ -100,7 +100,7 @@ def _record(tmp_path, tiny_tokenizer, tiny_llama, label_noise=0.5, name="run-a")
     record = tmp_path / name / "record"
     record.mkdir(parents=True)
     data = {**DATA, "label_noise": label_noise}
-    config = {"model": str(tmp_path / "base"), "data": data, "output_dir": str(tmp_path / name / "model")}
+    config = {"model": str(tmp_path / "base"), "data": data, "output_dir": str(tmp_path / name / "model"), **extra}
     (record / "run.json").write_text(json.dumps({"run": name, "config": config}))
     return record
 
@@ -166,3 +166,33 @@ def test_clean_run_scored_on_a_noise_levels_examples(tmp_path, tiny_tokenizer, t
     # same model, same corrupted examples: the clean run's control row equals the noisy run's
     assert got[("clean", 0.5)]["delta"] == got[("noisy", 0.5)]["delta"]
     assert got[("clean", 0.25)]["n"] == 3 and got[("clean", 0.5)]["n"] == 6
+
+
+def test_cli_scores_the_teacher_an_experiment_run_names(tmp_path, tiny_tokenizer, tiny_llama, pairs):
+    """``teacher.model: "@<run id>"`` is that run's final model beside the run's folder (the run's model is in
+    tmp_path/a/model, so its teacher in tmp_path/a/teach/final); its scores are that model's on the run's examples."""
+    teacher = {"loss": {"method": "target_sft"}, "teacher": {"model": "@teach"}}
+    record = _record(tmp_path, tiny_tokenizer, tiny_llama, name="a", **teacher)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match="teacher run's model .* is gone"):
+        run_noise_fit_from_args(_args(record, "--teacher", "--out", out))
+    tiny_llama.save_pretrained(tmp_path / "a" / "teach" / "final")
+    run_noise_fit_from_args(_args(record, "--teacher", "--examples", 2, "--out", out))
+    state = json.loads((out / "noise_fit.json").read_text())
+    got = [x for e in state["examples"]["teacher@a@0.5"] for x in (e["logp_wrong"], e["logp_true"])]
+    want = [x for pair in tail_logprobs(tiny_llama, pairs[0][:2]) for x in pair]
+    assert got == pytest.approx(want, abs=1e-5)
+    assert json.loads(state["data"]["teacher@a@0.5"])[0] == str(tmp_path / "a" / "teach" / "final")
+    hint = _record(
+        tmp_path,
+        tiny_tokenizer,
+        tiny_llama,
+        name="hint",
+        **{**teacher, "teacher": {"model": "@teach", "prompt": "answer_hint"}},
+    )
+    with pytest.raises(SystemExit, match="another prompt"):
+        run_noise_fit_from_args(_args(hint, "--teacher", "--examples", 2, "--out", out))
+    with pytest.raises(SystemExit, match="no teacher model"):
+        run_noise_fit_from_args(
+            _args(_record(tmp_path, tiny_tokenizer, tiny_llama, name="sft"), "--teacher", "--examples", 2, "--out", out)
+        )

@@ -10,11 +10,11 @@ record are tokenized as in training; after their common token prefix ``c`` the m
 the wrong tail's share of the two. A run trained on clean data, scored on the examples a given noise level
 corrupts (``--label-noise``), is the control: the same examples, learned with their true answers.
 
-``target-sft noise-fit`` scores finished runs (and, with ``--base``, the model they started from on the same
-examples) into ``noise_fit.csv`` (one row per model, run and noise level) and ``noise_fit.json`` (with every
-example's scores). Scores accumulate in the output folder: a model already scored on a run is not
-scored again, and the base model's scores are shared by the runs on the same data, so runs can be added as they
-finish.
+``target-sft noise-fit`` scores finished runs (and, with ``--base``, the model they started from, with
+``--teacher`` the teacher they were trained against, on the same examples) into ``noise_fit.csv`` (one row per
+model, run and noise level) and ``noise_fit.json`` (with every example's scores). Scores accumulate in the output
+folder: a model already scored on a run is not scored again, and a model's scores are shared by the runs on the
+same data (the base model, a common teacher), so runs can be added as they finish.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from typing import Any
 
 __all__ = [
     "corrupted_pairs",
+    "teacher_path",
     "tail_logprobs",
     "noise_fit_summary",
     "add_noise_fit_arguments",
@@ -141,6 +142,24 @@ def noise_fit_summary(scores: Sequence[tuple[float, float]], confidence: float =
     }
 
 
+def teacher_path(cfg: Any) -> Path:
+    """The model a run's teacher scores came from: ``teacher.model``, where ``@<run id>`` (an experiment's
+    reference to an earlier run) is that run's ``final`` model beside the run's own folder."""
+    from targetsft.models import resolve_model
+
+    model = cfg.teacher.model
+    if not model:
+        raise SystemExit("error: --teacher: the run has no teacher model (none, or only a teacher.cache)")
+    if cfg.teacher.prompt != "same":
+        raise SystemExit(f"error: --teacher: the teacher saw another prompt ({cfg.teacher.prompt!r}) than is scored")
+    if not model.startswith("@"):
+        return Path(resolve_model(model))
+    path = Path(cfg.output_dir).parent / model[1:] / "final"
+    if not path.is_dir():
+        raise SystemExit(f"error: --teacher: the teacher run's model {path} is gone")
+    return path
+
+
 def add_noise_fit_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("records", nargs="+", help="finished runs' record folders (with run.json), trained with label noise")
     p.add_argument(
@@ -151,6 +170,7 @@ def add_noise_fit_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentPars
         "a clean run then gives the control: the same examples, learned with their true answers)",
     )
     p.add_argument("--base", action="store_true", help="also score the model each run started from")
+    p.add_argument("--teacher", action="store_true", help="also score the teacher each run was trained against")
     p.add_argument("--examples", type=int, default=None, help="the first N corrupted examples of a run (default all)")
     p.add_argument("--out", required=True, help="folder for noise_fit.csv and .json (added to)")
     return p
@@ -180,6 +200,7 @@ def run_noise_fit_from_args(args: argparse.Namespace) -> int:
     for run_id, cfg, final in runs:
         data_key = json.dumps([cfg.model, dataclasses.asdict(cfg.data)], default=str)
         wanted = [(run_id, final)] + ([("base", Path(resolve_model(cfg.model)))] if args.base else [])
+        wanted += [("teacher", teacher_path(cfg))] if args.teacher else []
         noise = cfg.data.label_noise
         todo = [(name, path) for name, path in wanted if f"{name}@{run_id}@{noise}" not in state["examples"]]
         if not todo:
@@ -188,9 +209,10 @@ def run_noise_fit_from_args(args: argparse.Namespace) -> int:
         tokenizer = load_tokenizer(resolve_model(cfg.model))
         pairs, skipped = corrupted_pairs(cfg, tokenizer, args.examples)
         for name, path in todo:
-            # the base model's scores are shared by every run on the same data (same corrupted examples)
-            same = [k for k, v in state["data"].items() if v == data_key and k.startswith("base@")]
-            if name == "base" and same:
+            # a model's scores are shared by every run on the same data (the same corrupted examples)
+            source = json.dumps([str(path), data_key])
+            same = [k for k, v in state["data"].items() if v == source]
+            if same:
                 scores = [(e["logp_wrong"], e["logp_true"]) for e in state["examples"][same[0]]]
             else:
                 scores = tail_logprobs(load_model(path), pairs)
@@ -198,7 +220,7 @@ def run_noise_fit_from_args(args: argparse.Namespace) -> int:
             row = {"model": name, "run": run_id, "label_noise": noise, "skipped": skipped}
             state["rows"] = [r for r in state["rows"] if f"{r['model']}@{r['run']}@{r['label_noise']}" != key]
             state["rows"].append(row | noise_fit_summary(scores))
-            state["data"][key] = data_key
+            state["data"][key] = source
             state["examples"][key] = [
                 {"index": p["index"], "logp_wrong": w, "logp_true": t} for p, (w, t) in zip(pairs, scores, strict=True)
             ]
