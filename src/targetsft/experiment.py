@@ -423,9 +423,13 @@ def expand_grid(exp: Experiment) -> list[Run]:
     return [dataclasses.replace(r, config={**r.config, "output_dir": str(_run_dir(exp, r))}) for r in ordered]
 
 
-def _teacher_ref(run: Run) -> str | None:
-    model = (run.config.get("teacher") or {}).get("model")
+def run_reference(model: Any) -> str | None:
+    """The run id in a ``teacher.model: "@<run id>"`` reference to an earlier run of the grid, else ``None``."""
     return model[1:] if isinstance(model, str) and model.startswith("@") else None
+
+
+def _teacher_ref(run: Run) -> str | None:
+    return run_reference((run.config.get("teacher") or {}).get("model"))
 
 
 def _check_teacher_refs(runs: Sequence[Run]) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 
 __all__ = [
     "corrupted_pairs",
-    "teacher_path",
+    "teacher_model",
     "tail_logprobs",
     "noise_fit_summary",
     "add_noise_fit_arguments",
@@ -142,22 +142,23 @@ def noise_fit_summary(scores: Sequence[tuple[float, float]], confidence: float =
     }
 
 
-def teacher_path(cfg: Any) -> Path:
+def teacher_model(cfg: Any) -> str:
     """The model a run's teacher scores came from: ``teacher.model``, where ``@<run id>`` (an experiment's
     reference to an earlier run) is that run's ``final`` model beside the run's own folder."""
-    from targetsft.models import resolve_model
+    from targetsft.experiment import run_reference
 
     model = cfg.teacher.model
     if not model:
         raise SystemExit("error: --teacher: the run has no teacher model (none, or only a teacher.cache)")
     if cfg.teacher.prompt != "same":
         raise SystemExit(f"error: --teacher: the teacher saw another prompt ({cfg.teacher.prompt!r}) than is scored")
-    if not model.startswith("@"):
-        return Path(resolve_model(model))
-    path = Path(cfg.output_dir).parent / model[1:] / "final"
+    ref = run_reference(model)
+    if ref is None:
+        return model
+    path = Path(cfg.output_dir).parent / ref / "final"
     if not path.is_dir():
         raise SystemExit(f"error: --teacher: the teacher run's model {path} is gone")
-    return path
+    return str(path)
 
 
 def add_noise_fit_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -198,24 +199,24 @@ def run_noise_fit_from_args(args: argparse.Namespace) -> int:
     out = Path(args.out)
     state = _read_state(out / "noise_fit.json", args.examples)
     for run_id, cfg, final in runs:
-        data_key = json.dumps([cfg.model, dataclasses.asdict(cfg.data)], default=str)
-        wanted = [(run_id, final)] + ([("base", Path(resolve_model(cfg.model)))] if args.base else [])
-        wanted += [("teacher", teacher_path(cfg))] if args.teacher else []
+        # each model as configured (not resolved: no machine's install path goes into the output)
+        wanted = [(run_id, str(final))] + ([("base", cfg.model)] if args.base else [])
+        wanted += [("teacher", teacher_model(cfg))] if args.teacher else []
         noise = cfg.data.label_noise
-        todo = [(name, path) for name, path in wanted if f"{name}@{run_id}@{noise}" not in state["examples"]]
+        todo = [(name, model) for name, model in wanted if f"{name}@{run_id}@{noise}" not in state["examples"]]
         if not todo:
             print(f"{run_id}: already scored in {out}")
             continue
         tokenizer = load_tokenizer(resolve_model(cfg.model))
         pairs, skipped = corrupted_pairs(cfg, tokenizer, args.examples)
-        for name, path in todo:
+        for name, model in todo:
             # a model's scores are shared by every run on the same data (the same corrupted examples)
-            source = json.dumps([str(path), data_key])
+            source = json.dumps([model, cfg.model, dataclasses.asdict(cfg.data)], default=str)
             same = [k for k, v in state["data"].items() if v == source]
             if same:
                 scores = [(e["logp_wrong"], e["logp_true"]) for e in state["examples"][same[0]]]
             else:
-                scores = tail_logprobs(load_model(path), pairs)
+                scores = tail_logprobs(load_model(resolve_model(model)), pairs)
             key = f"{name}@{run_id}@{noise}"
             row = {"model": name, "run": run_id, "label_noise": noise, "skipped": skipped}
             state["rows"] = [r for r in state["rows"] if f"{r['model']}@{r['run']}@{r['label_noise']}" != key]
