@@ -13,7 +13,6 @@ section of ``docs/benchmarks.md``.
 from __future__ import annotations
 
 import csv
-import statistics
 import time
 from pathlib import Path
 
@@ -23,20 +22,11 @@ from docsection import write_section
 from targetsft.fused import auto_chunk_size
 from targetsft.methods import get_method
 from targetsft.target import Distribution, loss_and_grad
+from timing import median_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 CSV_PATH = ROOT / "bench" / "results" / "compile.csv"
 H, V, REPS = 576, 49152, 20
-
-
-def _time(fn, reps: int = REPS) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -50,7 +40,7 @@ def main() -> None:
     lps = torch.log_softmax(torch.randn(n, 64), -1) - 0.1
     teacher = Distribution(topk_ids=ids, topk_logprobs=lps)
     rows = []
-    gemms = _time(lambda: (h @ w.t(), z0 @ w, z0.t() @ h), 5)
+    gemms = median_seconds(lambda: (h @ w.t(), z0 @ w, z0.t() @ h), 5)
     rows.append({"what": "3 matmuls of one chunk", "eager_ms": 1000 * gemms, "compiled_ms": "", "speedup": ""})
 
     for name, kw in (("sft", {}), ("target_sft", {"teacher": teacher})):
@@ -60,12 +50,12 @@ def main() -> None:
             return loss_and_grad([z], y, target, **kw)
 
         compiled = torch.compile(kernel, dynamic=False)
-        eager_ms = 1000 * _time(lambda: kernel(z0.clone()))
+        eager_ms = 1000 * median_seconds(lambda: kernel(z0.clone()), REPS)
         t0 = time.perf_counter()
         compiled(z0.clone())
         compile_s = time.perf_counter() - t0
-        comp_ms = 1000 * _time(lambda: compiled(z0.clone()))
-        clone_ms = 1000 * _time(lambda: z0.clone())
+        comp_ms = 1000 * median_seconds(lambda: compiled(z0.clone()), REPS)
+        clone_ms = 1000 * median_seconds(lambda: z0.clone(), REPS)
         e, c = eager_ms - clone_ms, comp_ms - clone_ms
         loss_e, grad_e = kernel(z0.clone())
         loss_c, grad_c = compiled(z0.clone())

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from docsection import write_section
+from timing import append_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -178,18 +179,6 @@ def _done() -> set[tuple]:
         return {(r["device"], r["shape"], int(r["n"]), r["impl"]) for r in csv.DictReader(f)}
 
 
-def _append(row: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    new = not CSV_PATH.exists()
-    with CSV_PATH.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        w.writerow(row)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def run_grid(device: str, quick: bool, impls: list[str], shapes: list[str]) -> None:
     import torch
 
@@ -221,7 +210,7 @@ def run_grid(device: str, quick: bool, impls: list[str], shapes: list[str]) -> N
                     "torch": torch.__version__,
                     "date": time.strftime("%Y-%m-%d"),
                 }
-                _append(row)
+                append_rows(CSV_PATH, FIELDS, [row])
                 t, mb = row["time_s"] or "-", row["peak_mb"] or "-"
                 print(f"{shape} N={n} {impl:<24} {t:>9} s {mb:>9} MB {row['error']}", flush=True)
 

@@ -1,8 +1,9 @@
 """Greedy GSM generation: ``model.generate`` with and without early stop, and the compact decode loop.
 
-On the embedded SmolLM2-135M-Instruct (fp32, CPU) and on any ``--model`` folders (e.g. a fine-tuned
-``runs/quickstart/sft/final``), ``--n`` problems of ``gsm-intemplate`` are generated greedily in batches of
-``--batch-size`` (prompts sorted by length, as :func:`targetsft.evaluate.generate` does) in three modes:
+On the embedded SmolLM2-135M-Instruct (CPU, weights in ``--precision``, by capability by default) and on any
+``--model`` folders (e.g. a fine-tuned ``runs/quickstart/sft/final``), ``--n`` problems of ``gsm-intemplate`` are
+generated greedily in batches of ``--batch-size`` (prompts sorted by length, as :func:`targetsft.evaluate.generate`
+does) in three modes:
 
 - ``hf-plain``: ``model.generate`` stopping only at eos (``<|im_end|>``) or ``--max-new-tokens``;
 - ``hf-early``: the same plus :class:`targetsft.evaluate.AnswerStoppingCriteria` (a row is finished at a complete
@@ -76,6 +77,8 @@ FIELDS = [
     "speedup",
     "threads",
     "load_avg",
+    "cpu_capability",
+    "precision",
     "torch",
     "transformers",
 ]
@@ -88,10 +91,10 @@ def _batches(tokenizer, prompts: list[str], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _model_label(model: str | None) -> str:
+def _model_label(model: str | None, precision: str) -> str:
     if model is None or str(model).lower() in ("default", "smollm2-135m-instruct"):
-        return "SmolLM2-135M-Instruct (fp32, CPU)"
-    return f"{model} (fp32, CPU)"
+        return f"SmolLM2-135M-Instruct ({precision}, CPU)"
+    return f"{model} ({precision}, CPU)"
 
 
 def run_model(args: argparse.Namespace, model_arg: str | None) -> list[dict]:
@@ -102,9 +105,11 @@ def run_model(args: argparse.Namespace, model_arg: str | None) -> list[dict]:
     from targetsft.data.eval_sets import load_eval_set
     from targetsft.evaluate import answer_complete, build_prompts, cut_at_answer, generate_detailed
     from targetsft.models import load_model, load_tokenizer, resolve_model
+    from targetsft.precision import resolve_precision
 
     path = resolve_model(model_arg)
-    model = load_model(path, dtype=torch.float32)
+    precision = resolve_precision(args.precision, "cpu")
+    model = load_model(path, dtype=precision.dtype)
     tok = load_tokenizer(path, padding_side="left")
     rows = load_eval_set(args.set, args.n)
     prompts = build_prompts(tok, [r["question"] for r in rows])
@@ -119,7 +124,7 @@ def run_model(args: argparse.Namespace, model_arg: str | None) -> list[dict]:
     steps = dict.fromkeys(MODES, 0)
     row_steps = dict.fromkeys(MODES, 0)
     loads = [os.getloadavg()[0]]
-    label = _model_label(model_arg)
+    label = _model_label(model_arg, precision.name)
     for b, idx in enumerate(_batches(tok, prompts, args.batch_size)):
         for mode in MODES[b % len(MODES) :] + MODES[: b % len(MODES)]:
             engine, stop = SETUP[mode]
@@ -149,6 +154,8 @@ def run_model(args: argparse.Namespace, model_arg: str | None) -> list[dict]:
         "max_new_tokens": args.max_new_tokens,
         "threads": torch.get_num_threads(),
         "load_avg": f"{min(loads):.1f}-{max(loads):.1f}",
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "precision": precision.name,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
@@ -331,6 +338,7 @@ def main() -> None:
         help="torch threads (default 1: on a shared 2-core machine, 2 threads next to another busy process ran "
         "15-25x slower than 1 in a probe; 0 = torch's default)",
     )
+    p.add_argument("--precision", default="auto", help="weights' dtype (targetsft.precision; default auto)")
     p.add_argument("--no-doc", action="store_true", help="do not write the CSV or docs/benchmarks.md")
     p.add_argument("--report", action="store_true", help="only rewrite the docs section from the CSV")
     args = p.parse_args()

@@ -86,3 +86,21 @@ def tiny_llama(tiny_tokenizer):
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg)
+
+
+@pytest.fixture
+def capability(monkeypatch):
+    """``set(cpu_bf16=..., cuda=None | "bf16" | "fp16")`` forces what the machine answers."""
+    import torch
+
+    from targetsft import precision as P
+
+    P._warn_slow.cache_clear()
+
+    def set_(cpu_bf16: bool = False, cuda: str | None = None) -> None:
+        monkeypatch.setattr(P, "_cpu_native", lambda name: cpu_bf16 if name == "bf16" else False)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda is not None)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda == "bf16")
+
+    yield set_
+    P._warn_slow.cache_clear()

@@ -743,3 +743,37 @@ def test_recorded_spec_without_a_later_option_is_the_same_spec():
     assert not X._same_spec({**older, "size": 6}, spec)
     assert not X._same_spec(older, X._eval_spec({"set": "asdiv", "size": 5, "prompt": "boxed"}, "eval[0]"))
     assert not X._same_spec(None, spec)
+
+
+def test_runs_of_two_precisions_are_never_mixed(tiny_setup, tmp_path, capability):
+    """A grid recorded at fp32 is refused, before anything starts, on a machine where its ``auto`` means bf16;
+    records of two precisions are not aggregated; a record from before precision was recorded is read from its
+    explicit ``train.bf16``."""
+    model, qa, mc = tiny_setup
+    raw = _tiny_experiment(tmp_path / "exp", model, qa, mc, grid=[{"method": "sft", "seeds": [0, 1]}])
+    del raw["base"]["train"]["bf16"]  # precision: auto
+    exp = X.experiment_from_dict(raw)
+    capability(cpu_bf16=False)
+    first = X.run_experiment(exp, only="sft-s0", progress=False)[0]
+    assert first["precision"] == "fp32" and first["train"]["environment"]["cpu_native_bf16"] is False
+    assert first["eval_environment"]["cpu_capability"]
+    runs = {r.id: r for r in X.expand_grid(exp)}
+    assert X.run_status(exp, runs["sft-s0"]) == "done"
+    capability(cpu_bf16=True)  # the same grid resumed on a machine with native bf16
+    assert X.run_status(exp, runs["sft-s0"]) == "precision" and X.run_status(exp, runs["sft-s1"]) == "new"
+    with pytest.raises(
+        X.ExperimentError, match=r"recorded at precision fp32, and this machine would train them at bf16"
+    ):
+        X.run_experiment(exp, progress=False)
+    assert not (tmp_path / "exp" / "runs" / "sft-s1").exists(), "a run started before the refusal"
+    capability(cpu_bf16=False)
+    X.run_experiment(exp, progress=False)
+    assert "Training precision: fp32." in X.aggregate(exp, plots=False)["paths"]["results.md"].read_text()
+    done = tmp_path / "exp" / "runs" / "sft-s1" / X.DONE_FILE
+    record = json.loads(done.read_text())
+    done.write_text(json.dumps({**record, "precision": "bf16"}))
+    with pytest.raises(X.ExperimentError, match=r"different precisions \(sft-s0 at fp32; sft-s1 at bf16\)"):
+        X.aggregate(exp, plots=False)
+    legacy = {k: v for k, v in record.items() if k not in ("precision", "train")}
+    assert X.recorded_precision(legacy, {**runs["sft-s1"].config, "train": {"bf16": True}}) == "bf16"
+    assert X.recorded_precision(legacy, runs["sft-s1"].config) is None  # auto, unrecorded: unknown

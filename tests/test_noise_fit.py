@@ -23,6 +23,7 @@ from targetsft.noise_fit import (  # noqa: E402
     run_noise_fit_from_args,
     tail_logprobs,
 )
+from targetsft.preflight import InputError  # noqa: E402
 
 DATA = {"train": "gsm-train", "size": 12, "seed": 3, "max_length": 1024, "label_noise": 0.5}
 
@@ -121,18 +122,18 @@ def test_cli_writes_rows_for_runs_and_base(tmp_path, tiny_tokenizer, tiny_llama,
 
 
 def test_cli_errors(tmp_path, tiny_tokenizer, tiny_llama):
-    with pytest.raises(SystemExit, match="no run.json"):
+    with pytest.raises(InputError, match="no run.json"):
         run_noise_fit_from_args(_args(tmp_path, "--out", tmp_path / "out"))
     clean = _record(tmp_path, tiny_tokenizer, tiny_llama, label_noise=0.0, name="clean")
     with pytest.raises(ValueError, match="clean data"):
         run_noise_fit_from_args(_args(clean, "--out", tmp_path / "out"))
-    with pytest.raises(SystemExit, match="must be in"):
+    with pytest.raises(InputError, match="must be in"):
         run_noise_fit_from_args(_args(clean, "--label-noise", 0, "--out", tmp_path / "out"))
     gone = _record(tmp_path, tiny_tokenizer, tiny_llama, name="gone")
     for f in (tmp_path / "gone" / "model" / "final").iterdir():
         f.unlink()
     (tmp_path / "gone" / "model" / "final").rmdir()
-    with pytest.raises(SystemExit, match="is gone"):
+    with pytest.raises(InputError, match="is gone"):
         run_noise_fit_from_args(_args(gone, "--out", tmp_path / "out"))
 
 
@@ -149,7 +150,7 @@ def test_cli_adds_to_its_output_and_shares_the_base_scores(tmp_path, tiny_tokeni
     assert sorted(rows) == [("base", "run-a"), ("base", "run-b"), ("run-a", "run-a"), ("run-b", "run-b")]
     assert float(rows[("base", "run-b")]["delta"]) == pytest.approx(3.0)  # taken from run-a's (same data)
     assert rows[("run-b", "run-b")]["delta"] == rows[("run-a", "run-a")]["delta"]  # same model, same examples
-    with pytest.raises(SystemExit, match="--examples 2, not 3"):
+    with pytest.raises(InputError, match="--examples 2, not 3"):
         run_noise_fit_from_args(_args(second, "--examples", 3, "--out", out))
 
 
@@ -174,7 +175,7 @@ def test_cli_scores_the_teacher_an_experiment_run_names(tmp_path, tiny_tokenizer
     teacher = {"loss": {"method": "target_sft"}, "teacher": {"model": "@teach"}}
     record = _record(tmp_path, tiny_tokenizer, tiny_llama, name="a", **teacher)
     out = tmp_path / "out"
-    with pytest.raises(SystemExit, match="teacher run's model .* is gone"):
+    with pytest.raises(InputError, match="teacher run's model .* is gone"):
         run_noise_fit_from_args(_args(record, "--teacher", "--out", out))
     tiny_llama.save_pretrained(tmp_path / "a" / "teach" / "final")
     run_noise_fit_from_args(_args(record, "--teacher", "--examples", 2, "--out", out))
@@ -190,9 +191,9 @@ def test_cli_scores_the_teacher_an_experiment_run_names(tmp_path, tiny_tokenizer
         name="hint",
         **{**teacher, "teacher": {"model": "@teach", "prompt": "answer_hint"}},
     )
-    with pytest.raises(SystemExit, match="another prompt"):
+    with pytest.raises(InputError, match="another prompt"):
         run_noise_fit_from_args(_args(hint, "--teacher", "--examples", 2, "--out", out))
-    with pytest.raises(SystemExit, match="no teacher model"):
+    with pytest.raises(InputError, match="no teacher model"):
         run_noise_fit_from_args(
             _args(_record(tmp_path, tiny_tokenizer, tiny_llama, name="sft"), "--teacher", "--examples", 2, "--out", out)
         )

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from typing import Any
 
 from targetsft import __version__
 from targetsft.methods import METHODS
+from targetsft.precision import PRECISIONS
 
 
 def _methods(args: argparse.Namespace) -> int:
@@ -40,7 +43,10 @@ def _train(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if cfg is None:
         return 2
+    from targetsft.preflight import check_train_inputs
     from targetsft.trainer import train
+
+    check_train_inputs(cfg)
 
     summary = train(cfg, resume=args.resume)
     print(f"final model: {summary['final_model']}")
@@ -48,7 +54,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _cache_teacher(args: argparse.Namespace) -> int:
-    from targetsft.teacher_cache import TeacherCacheError
+    from targetsft.preflight import check_model, check_train_inputs
     from targetsft.trainer import cache_teacher
 
     cfg = _config(args)
@@ -59,21 +65,20 @@ def _cache_teacher(args: argparse.Namespace) -> int:
     if not teacher or not out:
         print("cache-teacher needs --teacher (or teacher.model) and --out (or teacher.cache)", file=sys.stderr)
         return 2
-    try:
-        path = cache_teacher(
-            cfg,
-            out,
-            teacher=teacher,
-            k=args.k,
-            temperature=args.temperature,
-            batch_size=args.batch_size,
-            shard_examples=args.shard_examples,
-            device=args.device,
-            overwrite=args.overwrite,
-        )
-    except TeacherCacheError as err:
-        print(f"teacher cache error: {err}", file=sys.stderr)
-        return 1
+    check_train_inputs(dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, cache=None)))
+    check_model(teacher, "teacher")
+    path = cache_teacher(
+        cfg,
+        out,
+        teacher=teacher,
+        k=args.k,
+        temperature=args.temperature,
+        batch_size=args.batch_size,
+        shard_examples=args.shard_examples,
+        device=args.device,
+        overwrite=args.overwrite,
+        precision=args.precision,
+    )
     print(f"teacher cache: {path}")
     return 0
 
@@ -81,26 +86,41 @@ def _cache_teacher(args: argparse.Namespace) -> int:
 def _quickstart(args: argparse.Namespace) -> int:
     from targetsft.quickstart import run_quickstart
 
-    run_quickstart(args.out, steps=args.steps, eval_size=args.eval_size, learning_rate=args.learning_rate)
+    run_quickstart(
+        args.out,
+        steps=args.steps,
+        learning_rate=args.learning_rate,
+        label_noise=args.label_noise,
+        probe_size=args.probe_size,
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an input error"
+    )
     parser = argparse.ArgumentParser(
         prog="target-sft",
+        parents=[debug],
         description="Fine-tune language models with designed target distributions Q = γ·onehot(y) + (1 − γ)·π̃.",
     )
     parser.add_argument("--version", action="version", version=f"targetsft {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    p = sub.add_parser("methods", help="list the registered methods with γ, π̃ and their parameters")
+
+    def command(name: str, **kwargs: Any) -> argparse.ArgumentParser:  # --debug before or after the command
+        return sub.add_parser(name, parents=[debug], **kwargs)
+
+    p = command("methods", help="list the registered methods with γ, π̃ and their parameters")
     p.add_argument("name", nargs="?", help="show one method only")
     p.set_defaults(func=_methods)
-    p = sub.add_parser("train", help="fine-tune a causal LM with a target method (transformers.Trainer)")
+    p = command("train", help="fine-tune a causal LM with a target method (transformers.Trainer)")
     p.add_argument("--config", help="YAML config (see configs/); without it the defaults are used")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. loss.method=dft train.max_steps=50")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
     p.set_defaults(func=_train)
-    p = sub.add_parser(
+    p = command(
         "cache-teacher",
         help="store a teacher's top-k log-probs for every supervised token of the training data (resumable)",
     )
@@ -114,43 +134,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-examples", type=int, default=256, help="examples per shard (the unit of resume)")
     p.add_argument("--device", default=None, help="e.g. cuda; default: where the model loads")
     p.add_argument("--overwrite", action="store_true", help="replace a cache built for something else")
+    p.add_argument("--precision", choices=PRECISIONS, help="teacher autocast (default: the config's, auto)")
     p.set_defaults(func=_cache_teacher)
     from targetsft.evaluate import add_eval_arguments, run_eval_from_args
 
-    p = sub.add_parser("eval", help="evaluate a model: GSM-style generation (Average@k, pass@k, greedy) and MC sets")
+    p = command("eval", help="evaluate a model: GSM-style generation (Average@k, pass@k, greedy) and MC sets")
     add_eval_arguments(p)
     p.set_defaults(func=run_eval_from_args)
     from targetsft.experiment import add_experiment_arguments, run_experiment_from_args
 
-    p = sub.add_parser("experiment", help="run a resumable grid of train + eval runs and aggregate the results")
+    p = command("experiment", help="run a resumable grid of train + eval runs and aggregate the results")
     add_experiment_arguments(p)
     p.set_defaults(func=run_experiment_from_args)
     from targetsft.analysis import add_induced_targets_arguments, run_induced_targets_from_args
 
-    p = sub.add_parser(
+    p = command(
         "induced-targets", help="the targets Q = p − ∂ℓ/∂z that several losses induce on the same training tokens"
     )
     add_induced_targets_arguments(p)
     p.set_defaults(func=run_induced_targets_from_args)
     from targetsft.noise_fit import add_noise_fit_arguments, run_noise_fit_from_args
 
-    p = sub.add_parser(
+    p = command(
         "noise-fit", help="how much runs trained with label noise prefer the wrong answers they saw to the true ones"
     )
     add_noise_fit_arguments(p)
     p.set_defaults(func=run_noise_fit_from_args)
-    p = sub.add_parser(
+    p = command(
         "quickstart",
-        help="the main job: fine-tune the embedded SmolLM2 with sft and target_sft, evaluate both and the base model",
+        help="the main job: fine-tune the embedded SmolLM2 with sft and target_sft, score both and the base model",
     )
     p.add_argument("--out", default="runs/quickstart")
-    p.add_argument("--steps", type=int, default=30, help="training steps of batch 8 per method")
+    p.add_argument("--steps", type=int, default=16, help="training steps of batch 8 per method")
     p.add_argument("--learning-rate", type=float, default=5e-5)
-    p.add_argument("--eval-size", type=int, default=50, help="gsm-intemplate problems evaluated (greedy)")
+    p.add_argument("--label-noise", type=float, default=0.2, help="fraction of training answers made wrong")
+    p.add_argument("--probe-size", type=int, default=50, help="reference solutions scored per probe set")
     p.set_defaults(func=_quickstart)
-    p = sub.add_parser("demo", help="run every method on a synthetic batch and check ∂loss/∂z = w·(p − Q)")
+    p = command("demo", help="run every method on a synthetic batch and check ∂loss/∂z = w·(p − Q)")
     p.set_defaults(func=_demo)
     return parser
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean the user's input is wrong (printed as one line, exit status 2)."""
+    from targetsft.config import ConfigError
+    from targetsft.preflight import InputError
+    from targetsft.teacher_cache import TeacherCacheError
+
+    return (ConfigError, InputError, TeacherCacheError, FileNotFoundError, NotADirectoryError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,7 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    return args.func(args)
+    try:
+        return args.func(args)
+    except _input_errors() as err:
+        if getattr(args, "debug", False):
+            raise
+        print(f"target-sft {args.command}: error: {err} (--debug for the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

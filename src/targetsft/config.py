@@ -17,6 +17,7 @@ import yaml
 
 from targetsft.data.noise import NOISE_KINDS
 from targetsft.methods import get_method
+from targetsft.precision import Precision, normalize, resolve_precision
 
 # TrainingArguments values targetsft sets unless the config says otherwise (pilot-sized, CPU friendly).
 TRAIN_DEFAULTS: dict[str, Any] = {
@@ -28,7 +29,6 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "warmup_steps": 10,
     "weight_decay": 0.0,
     "max_grad_norm": 1.0,
-    "bf16": True,
     "seed": 0,
     "logging_steps": 5,
     "save_steps": 50,
@@ -122,9 +122,15 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    """Everything ``target-sft train`` needs. ``model: null`` is the embedded SmolLM2-135M-Instruct."""
+    """Everything ``target-sft train`` needs. ``model: null`` is the embedded SmolLM2-135M-Instruct.
+
+    ``precision``: ``auto`` (bf16 where the device runs it natively, fp16 on a GPU with only that, else fp32; see
+    :mod:`targetsft.precision`), ``bf16``, ``fp16`` or ``fp32``. ``train.bf16``/``train.fp16`` are still read as
+    an explicit choice when ``precision`` is ``auto``.
+    """
 
     model: str | None = None
+    precision: str = "auto"
     output_dir: str = "runs/train"
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -133,12 +139,31 @@ class TrainConfig:
     lora: LoraConfig | None = None
     train: dict[str, Any] = field(default_factory=dict)
 
-    def training_arguments(self) -> dict[str, Any]:
-        """Keyword arguments for ``transformers.TrainingArguments`` (``use_cpu`` when no accelerator is present, so
-        that bf16 autocast also runs on CPU)."""
+    def requested_precision(self) -> str:
+        """``precision``, or what ``train.bf16``/``train.fp16`` ask for when it is ``auto``."""
+        if self.precision != "auto":
+            return self.precision
+        if self.train.get("bf16"):
+            return "bf16"
+        if self.train.get("fp16"):
+            return "fp16"
+        return "fp32" if "bf16" in self.train or "fp16" in self.train else "auto"
+
+    def resolved_precision(self) -> Precision:
+        """The precision this config trains at on this machine (:func:`targetsft.precision.resolve_precision`)."""
         import torch
 
+        cpu = self.train.get("use_cpu") or not torch.cuda.is_available()
+        return resolve_precision(self.requested_precision(), "cpu" if cpu else "cuda")
+
+    def training_arguments(self, precision: Precision | None = None) -> dict[str, Any]:
+        """Keyword arguments for ``transformers.TrainingArguments``: ``bf16``/``fp16`` from the resolved precision,
+        ``use_cpu`` when no accelerator is present (so that bf16 autocast also runs on a CPU)."""
+        import torch
+
+        precision = precision or self.resolved_precision()
         args = {**TRAIN_DEFAULTS, **self.train, "output_dir": self.output_dir, "remove_unused_columns": False}
+        args.update(precision.training_flags)
         if "use_cpu" not in self.train and not (torch.cuda.is_available() or torch.backends.mps.is_available()):
             args["use_cpu"] = True
         return args
@@ -195,7 +220,18 @@ def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
     if not isinstance(cfg.train, dict):
         raise ConfigError("train must be a mapping of transformers.TrainingArguments fields")
     _check_train_args(cfg.train)
-    spec = get_method(cfg.loss.method)
+    try:
+        cfg.precision = normalize(cfg.precision)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if cfg.precision != "auto" and ("bf16" in cfg.train or "fp16" in cfg.train):
+        raise ConfigError(f"precision {cfg.precision!r} and train.bf16/train.fp16 both set: keep one of them")
+    if cfg.train.get("bf16") and cfg.train.get("fp16"):
+        raise ConfigError("train.bf16 and train.fp16 are both true: choose one (or set precision)")
+    try:
+        spec = get_method(cfg.loss.method)
+    except ValueError as err:
+        raise ConfigError(f"loss.method: {err}") from None
     try:
         spec.target(**cfg.loss.params)
     except (TypeError, ValueError) as err:

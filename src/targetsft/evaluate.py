@@ -87,6 +87,7 @@ import torch
 from targetsft.answers import extract_answer, extract_boxed, is_correct, is_correct_boxed
 from targetsft.data.gsm import gsm_user_message
 from targetsft.files import atomic_write_text
+from targetsft.precision import PRECISIONS, environment, resolve_precision
 
 __all__ = [
     "AnswerStoppingCriteria",
@@ -1207,7 +1208,7 @@ def evaluate(
     mc_normalize: Literal["mean", "sum"] = "mean",
     seed: int = 0,
     out_dir: str | os.PathLike | None = None,
-    dtype: str = "float32",
+    precision: str = "auto",
     device: str | None = None,
     progress: bool = True,
     print_table: bool = True,
@@ -1217,16 +1218,17 @@ def evaluate(
 
     Returns ``{"model", "results": [summary per set], "table"}``; prints the table when ``print_table``. With
     ``out_dir``, each set writes its files there (see the two functions) plus an overall ``summary.json``.
+    ``precision``: the weights' dtype, by :func:`targetsft.precision.resolve_precision` (``auto``: bf16 where the
+    device runs it natively, else float32; ``bfloat16``/``float32`` spellings are accepted); recorded in the
+    summary with the machine's :func:`~targetsft.precision.environment`.
     """
     from targetsft.models import load_model, load_tokenizer, resolve_model
 
     kinds = {s: _set_kind(s) for s in sets}  # fail on a bad name before loading the model
     path = resolve_model(model_path)
-    torch_dtype = getattr(torch, dtype, None)
-    if not isinstance(torch_dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_model(path, dtype=torch_dtype).to(dev)
+    resolved = resolve_precision(precision, dev)
+    model = load_model(path, dtype=resolved.dtype).to(dev)
     tokenizer = load_tokenizer(path, padding_side="left")
     results = []
     for s in sets:
@@ -1268,7 +1270,9 @@ def evaluate(
         if print_table and progress:
             print(format_table([res]), file=sys.stderr)
     table = format_table(results)
-    report = {"model": path, "dtype": dtype, "device": str(dev), "results": results, "table": table}
+    dtype = str(resolved.dtype).removeprefix("torch.")
+    report = {"model": path, "dtype": dtype, "device": str(dev), "environment": environment(resolved)}
+    report.update(results=results, table=table)
     if out_dir is not None:
         atomic_write_text(Path(out_dir) / "summary.json", json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     if print_table:
@@ -1358,7 +1362,13 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         help="generation prompt and scoring: 'gsm' ('#### <number>', default) or 'boxed' (MATH-style \\boxed{})",
     )
     parser.add_argument("--out", default=None, metavar="DIR", help="write generations and summaries here")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument(
+        "--precision",
+        choices=(*PRECISIONS, "float32", "bfloat16", "float16"),
+        default="auto",
+        help="weights' dtype: auto (bf16 where the device runs it natively, else fp32; default), bf16, fp16, fp32",
+    )
+    parser.add_argument("--dtype", dest="precision", choices=("float32", "bfloat16", "float16"), help=argparse.SUPPRESS)
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     parser.add_argument(
@@ -1373,9 +1383,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 def run_eval_from_args(args: argparse.Namespace) -> int:
     """Run :func:`evaluate` from parsed :func:`add_eval_arguments` options; 0 on success, 2 on a usage error."""
+    from targetsft.preflight import check_model
+
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     try:
+        check_model(args.model)
         evaluate(
             args.model,
             args.data,
@@ -1394,7 +1407,7 @@ def run_eval_from_args(args: argparse.Namespace) -> int:
             mc_normalize=args.mc_normalize,
             seed=args.seed,
             out_dir=args.out,
-            dtype=args.dtype,
+            precision=args.precision,
             device=args.device,
             progress=args.progress,
         )

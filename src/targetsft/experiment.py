@@ -15,11 +15,16 @@ Schema (strict: an unknown key anywhere is an error that names it and lists the 
   (the cartesian product of all lists; write ``[[a, b]]`` for a list value). ``teacher.model: "@<run id>"`` is the
   final model of an earlier run of the experiment (a trained teacher).
 * ``eval``: sets ``{set, name?, size?, data_seed?, batch_size?, metrics?, dtype?}`` (``dtype``: the weights'
-  dtype during evaluation, ``float32`` by default; ``bfloat16`` generates about twice as fast on a CPU with
-  AVX512-BF16 but changes greedy outputs) plus, for generation, ``samples``, ``temperature``, ``top_p``,
+  dtype during evaluation, ``float32`` by default, explicit so that a set's spec means the same on every machine;
+  ``bfloat16`` generates about twice as fast on a CPU with native bf16, tens of times slower on an AVX2-only one,
+  and changes greedy outputs) plus, for generation, ``samples``, ``temperature``, ``top_p``,
   ``greedy``, ``max_new_tokens``, ``seed``, ``prompt`` (``gsm`` or ``boxed``), and for multiple choice ``normalize``
   (:func:`targetsft.evaluate.evaluate`); ``name`` labels the set, ``metrics`` are those tabulated and compared.
 * ``baseline: true``: also evaluate the untrained model once (run ``base``).
+* ``base.precision`` (or ``base.train.bf16``): the training precision (:mod:`targetsft.precision`; ``auto`` by
+  default, resolved on the machine that trains). Each record keeps the precision its run was trained at; runs of
+  two precisions are never pooled or compared (:func:`check_one_precision`), and a grid whose records were trained
+  at another precision than this machine would use is refused before anything starts (status ``precision``).
 * ``compare``: pairs ``[A, B]`` of method names or globs over config ids (default: every config against ``sft``,
   ``target_sft`` against ``dft``; ``*`` leaves the baseline out, ``base`` names it).
 * ``keep_checkpoints``: keep ``checkpoint-N`` folders of finished runs (default false: removed once ``DONE.json``
@@ -99,6 +104,7 @@ from typing import Any
 from targetsft.config import TRAIN_DEFAULTS, ConfigError, _build, _unknown, _yaml, config_from_dict
 from targetsft.files import atomic_write_csv, atomic_write_text
 from targetsft.methods import get_method
+from targetsft.precision import environment
 
 __all__ = [
     "EvalSpec",
@@ -477,6 +483,31 @@ def run_fingerprint(run: Run) -> str:
     return _sha256_json({k: v for k, v in run.config.items() if k != "output_dir"})
 
 
+def run_precision(run: Run) -> str | None:
+    """The training precision the run gets on this machine (:meth:`~targetsft.config.TrainConfig.resolved_precision`);
+    ``None`` for the baseline (untrained)."""
+    if run.is_baseline:
+        return None
+    import warnings
+
+    with warnings.catch_warnings():  # the slow-bf16 warning is for the run itself, not for a status check
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return config_from_dict(run.config).resolved_precision().name
+
+
+def recorded_precision(record: dict[str, Any] | None, config: dict[str, Any] | None = None) -> str | None:
+    """The training precision a ``DONE.json`` or ``run.json`` record says its run used; for a record written before
+    precision was recorded, the explicit precision of its ``config`` (every committed record: ``train.bf16: true``),
+    else ``None`` (unknown)."""
+    record = record or {}
+    envs = (record.get("environment"), (record.get("train") or {}).get("environment"))
+    found = record.get("precision") or next((e["precision"] for e in envs if e and e.get("precision")), None)
+    if found or config is None:
+        return found
+    requested = config_from_dict(config).requested_precision()
+    return None if requested == "auto" else requested
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -505,12 +536,17 @@ def _holds_every_set(done: dict[str, Any] | None, exp: Experiment) -> bool:
 
 def run_status(exp: Experiment, run: Run) -> str:
     """``new``, ``started`` (no checkpoint yet), ``resume`` (a checkpoint), ``evaluate`` (trained, sets missing),
-    ``retrain`` (the record says trained, the model is gone), ``done``, or ``stale`` (the folder belongs to another
-    configuration)."""
+    ``retrain`` (the record says trained, the model is gone), ``done``, ``stale`` (the folder belongs to another
+    configuration) or ``precision`` (recorded at another training precision than the run gets on this machine)."""
     out, record = _run_dir(exp, run), _record_dir(exp, run)
     started = _read_json(record / "run.json")
     if started is not None and started.get("fingerprint") != run_fingerprint(run):
         return "stale"
+    if started is not None and not run.is_baseline:
+        done = _read_json(record / DONE_FILE)
+        was = recorded_precision(done, run.config) if done else recorded_precision(started, run.config)
+        if was is not None and was != run_precision(run):
+            return "precision"
     if _holds_every_set(_read_json(record / DONE_FILE), exp):
         return "done"
     if run.is_baseline or _trained(exp, run):
@@ -604,9 +640,8 @@ def _teacher_cache(exp: Experiment, config: dict[str, Any], log: Callable[[str],
     return folder
 
 
-def label_probabilities(model: Any, items: Sequence[dict[str, Any]]) -> list[float]:
-    """p_θ(y_t) of every supervised token of tokenized examples (one forward pass each, no grad): γ_t itself for
-    the γ = sg p_θ(y) methods (dft, target_sft, ...)."""
+def label_logprobs(model: Any, items: Sequence[dict[str, Any]]) -> list[list[float]]:
+    """Per tokenized example, ``log p_θ(y_t)`` of each supervised token (one forward pass each, no grad)."""
     import torch
 
     from targetsft.integration import IGNORE_INDEX, unwrap
@@ -615,7 +650,7 @@ def label_probabilities(model: Any, items: Sequence[dict[str, Any]]) -> list[flo
     device = next(inner.parameters()).device
     was_training = inner.training
     inner.eval()
-    out: list[float] = []
+    out: list[list[float]] = []
     try:
         with torch.no_grad():
             for item in items:
@@ -623,11 +658,16 @@ def label_probabilities(model: Any, items: Sequence[dict[str, Any]]) -> list[flo
                 labels = torch.tensor(item["labels"][1:], device=device)
                 keep = labels != IGNORE_INDEX
                 logits = inner(input_ids=ids).logits[0, :-1][keep].float()
-                logp = torch.log_softmax(logits, -1).gather(-1, labels[keep][:, None])
-                out += logp.exp().flatten().tolist()
+                out.append(torch.log_softmax(logits, -1).gather(-1, labels[keep][:, None]).flatten().tolist())
     finally:
         inner.train(was_training)
     return out
+
+
+def label_probabilities(model: Any, items: Sequence[dict[str, Any]]) -> list[float]:
+    """p_θ(y_t) of every supervised token of tokenized examples: γ_t itself for the γ = sg p_θ(y) methods (dft,
+    target_sft, ...)."""
+    return [math.exp(v) for lp in label_logprobs(model, items) for v in lp]
 
 
 def distribution(values: Sequence[float], bins: int = 20) -> dict[str, Any]:
@@ -747,7 +787,10 @@ def _record(run: Run, fingerprint: str, train_summary: dict | None, sets: dict, 
         "learning_rate": run.learning_rate,
         "seed": run.seed,
         "fingerprint": fingerprint,
-        "train": train_summary and {k: train_summary[k] for k in ("data", "metrics", "teacher") if k in train_summary},
+        "train": train_summary
+        and {k: train_summary[k] for k in ("data", "metrics", "teacher", "environment") if k in train_summary},
+        "precision": recorded_precision(train_summary),
+        "eval_environment": environment(),
         "sets": sets,
         "seconds": round(seconds, 1),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -763,11 +806,14 @@ def run_one(exp: Experiment, run: Run, log: Callable[[str], None] = print, progr
             f"{record} was started with another configuration than run {run.id} has now; delete the folder or use "
             "another runs_dir"
         )
+    if status == "precision":
+        raise ExperimentError(_precision_message(exp, [run]))
     if status == "done":
         return json.loads((record / DONE_FILE).read_text())
     t0 = time.perf_counter()
     fingerprint = run_fingerprint(run)
-    _write_json(record / "run.json", {"run": run.id, "fingerprint": fingerprint, "config": run.config})
+    started = {"run": run.id, "fingerprint": fingerprint, "config": run.config, "precision": run_precision(run)}
+    _write_json(record / "run.json", started)
     train_summary = None
     if not run.is_baseline:
         if status != "evaluate":
@@ -783,6 +829,19 @@ def run_one(exp: Experiment, run: Run, log: Callable[[str], None] = print, progr
         for checkpoint in out.glob("checkpoint-*"):
             shutil.rmtree(checkpoint)
     return done
+
+
+def _precision_message(exp: Experiment, runs: Sequence[Run]) -> str:
+    """Why runs recorded at another precision are not continued here, and the two ways on."""
+    record = _record_dir(exp, runs[0])
+    was = recorded_precision(_read_json(record / DONE_FILE) or _read_json(record / "run.json"), runs[0].config)
+    now = run_precision(runs[0])
+    names = ", ".join(r.id for r in runs[:4]) + (f" and {len(runs) - 4} more" if len(runs) > 4 else "")
+    return (
+        f"{len(runs)} run(s) ({names}) of {exp.name} were recorded at precision {was}, and this machine would train "
+        f"them at {now}: results of the two are not mixed. Set precision: {was} in the experiment's base to "
+        f"continue them at {was}, or give it another records_dir and runs_dir to rerun everything at {now}"
+    )
 
 
 def _duration(seconds: float) -> str:
@@ -834,6 +893,10 @@ def run_experiments(
     Finished runs are skipped; a progress line per experiment (see :func:`run_experiment`). Returns each
     experiment's ``DONE.json`` records."""
     plans = [(exp, _select(expand_grid(exp), only)) for exp in exps]
+    for exp, runs in plans:  # before anything starts: never a grid of two precisions
+        other = [r for r in runs if run_status(exp, r) == "precision"]
+        if other:
+            raise ExperimentError(_precision_message(exp, other))
     meters = [_Progress(exp, len(runs), stream) for exp, runs in plans]
     by_id: dict[str, list[tuple[int, Run]]] = {}
     for i, (_, runs) in enumerate(plans):
@@ -967,6 +1030,25 @@ def done_records(exp: Experiment) -> list[dict[str, Any]]:
         if _holds_every_set(record, exp):
             out.append(record)
     return out
+
+
+def check_one_precision(exp: Experiment, records: Sequence[dict[str, Any]]) -> list[str]:
+    """The training precisions of the finished runs' records (``unknown`` where a record says none); more than one
+    is an :class:`ExperimentError` naming a run of each: runs trained at two precisions are never pooled or
+    compared."""
+    configs = {r.id: r.config for r in expand_grid(exp)}
+    by_precision: dict[str, str] = {}
+    for record in records:
+        if record["run"] != BASELINE_ID:
+            precision = recorded_precision(record, configs.get(record["run"])) or "unknown"
+            by_precision.setdefault(precision, record["run"])
+    if len(by_precision) > 1:
+        named = "; ".join(f"{run} at {p}" for p, run in by_precision.items())
+        raise ExperimentError(
+            f"{exp.name}: its finished runs were trained at different precisions ({named}); results of different "
+            "precisions are not pooled or compared: rerun the odd ones at one precision (see the precision key)"
+        )
+    return sorted(by_precision)
 
 
 def primary_metrics(spec: EvalSpec, kind: str) -> list[str]:
@@ -1120,15 +1202,17 @@ def format_markdown(
     n_runs: int,
     teachers: Sequence[dict] = (),
     probes: Sequence[dict] = (),
+    precisions: Sequence[str] = (),
 ) -> str:
     """``results.md``: a table per set (configs × metrics, mean ± interval in %), the teachers' scores on the
     training labels (:func:`teacher_rows`), p_θ(y) on the probe examples (:func:`probe_rows`) and the paired
-    comparisons."""
+    comparisons; ``precisions``: the training precision of the runs (:func:`check_one_precision`)."""
     done = len({r["config"] for r in summary})
+    trained = f" Training precision: {', '.join(precisions)}." if precisions else ""
     lines = [
         f"# {exp.name}",
         "",
-        f"{n_runs} runs finished, {done} configurations. Values in %; mean over seeds "
+        f"{n_runs} runs finished, {done} configurations.{trained} Values in %; mean over seeds "
         "± the 95% t-interval half-width [interval]; `*`: one run, its 95% interval over problems.",
         "",
     ]
@@ -1267,9 +1351,11 @@ def probe_rows(records: Sequence[dict[str, Any]], root: Path) -> list[dict[str, 
 
 def aggregate(exp: Experiment, *, plots: bool = True) -> dict[str, Any]:
     """Write ``results.csv``, ``summary.csv``, ``comparisons.csv``, ``probe.csv``, ``results.md`` and the plots from
-    the finished runs; returns the paths and the rows."""
+    the finished runs (all trained at one precision, else :class:`ExperimentError`); returns the paths and the
+    rows."""
     root = Path(exp.output_dir)
     records = done_records(exp)
+    precisions = check_one_precision(exp, records)
     summary = summary_rows(exp, records)
     records_root = _records_root(exp)
     comparisons = comparison_rows(exp, records, records_root)
@@ -1284,7 +1370,7 @@ def aggregate(exp: Experiment, *, plots: bool = True) -> dict[str, Any]:
     atomic_write_csv(paths["comparisons.csv"], comparisons)
     atomic_write_csv(paths["probe.csv"], probes)
     teachers = teacher_rows(records)
-    markdown = format_markdown(exp, summary, comparisons, len(records), teachers, probes)
+    markdown = format_markdown(exp, summary, comparisons, len(records), teachers, probes, precisions)
     atomic_write_text(paths["results.md"], markdown)
     figures = write_plots(exp, records, summary) if plots else []
     return {
@@ -1479,11 +1565,22 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
 
 def run_experiment_from_args(args: argparse.Namespace) -> int:
     """Run ``target-sft experiment`` from parsed options; 0 on success, 2 on a configuration error."""
+    from targetsft.preflight import check_data, check_model
+
     try:
         exps = [load_experiment(path) for path in args.config]
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"target-sft experiment: config error: {err}", file=sys.stderr)
         return 2
+    if not args.aggregate_only:
+        checked = set()
+        for run in (r for exp in exps for r in expand_grid(exp) if not r.is_baseline):
+            model, data = run.config.get("model"), run.config.get("data") or {}
+            key = json.dumps([model, data], default=str)
+            if key not in checked:  # an InputError: one line and status 2 from the console script
+                check_model(model)
+                check_data(data.get("train", "gsm-train"), data.get("size"), data.get("seed"))
+                checked.add(key)
     if args.dry_run:
         print("\n".join(format_plan(exp, _select(expand_grid(exp), args.only)) for exp in exps))
         return 0

@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from targetsft.preflight import InputError
+
 __all__ = [
     "corrupted_pairs",
     "teacher_model",
@@ -149,15 +151,15 @@ def teacher_model(cfg: Any) -> str:
 
     model = cfg.teacher.model
     if not model:
-        raise SystemExit("error: --teacher: the run has no teacher model (none, or only a teacher.cache)")
+        raise InputError("--teacher: the run has no teacher model (none, or only a teacher.cache)")
     if cfg.teacher.prompt != "same":
-        raise SystemExit(f"error: --teacher: the teacher saw another prompt ({cfg.teacher.prompt!r}) than is scored")
+        raise InputError(f"--teacher: the teacher saw another prompt ({cfg.teacher.prompt!r}) than is scored")
     ref = run_reference(model)
     if ref is None:
         return model
     path = Path(cfg.output_dir).parent / ref / "final"
     if not path.is_dir():
-        raise SystemExit(f"error: --teacher: the teacher run's model {path} is gone")
+        raise InputError(f"--teacher: the teacher run's model {path} is gone")
     return str(path)
 
 
@@ -183,16 +185,16 @@ def run_noise_fit_from_args(args: argparse.Namespace) -> int:
     from targetsft.models import load_model, load_tokenizer, resolve_model
 
     if args.label_noise is not None and not 0 < args.label_noise <= 1:
-        raise SystemExit(f"error: --label-noise must be in (0, 1], got {args.label_noise}")
+        raise InputError(f"--label-noise must be in (0, 1], got {args.label_noise}")
     runs = []
     for folder in map(Path, args.records):
         if not (folder / "run.json").is_file():
-            raise SystemExit(f"error: {folder} has no run.json (not a run record)")
+            raise InputError(f"{folder} has no run.json (not a run record)")
         raw = json.loads((folder / "run.json").read_text())
         cfg = config_from_dict(raw["config"])
         final = Path(cfg.output_dir) / "final"
         if not final.is_dir():
-            raise SystemExit(f"error: run {raw['run']}: its model {final} is gone")
+            raise InputError(f"run {raw['run']}: its model {final} is gone")
         if args.label_noise is not None:
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, label_noise=args.label_noise))
         runs.append((raw["run"], cfg, final))
@@ -243,8 +245,8 @@ def _read_state(path: Path, examples: int | None) -> dict[str, Any]:
         return {"examples_limit": examples, "rows": [], "data": {}, "examples": {}}
     state = json.loads(path.read_text())
     if state.get("examples_limit") != examples:
-        raise SystemExit(
-            f"error: {path} was written with --examples {state.get('examples_limit')}, not {examples}: "
+        raise InputError(
+            f"{path} was written with --examples {state.get('examples_limit')}, not {examples}: "
             "use the same number or another --out"
         )
     return state

@@ -60,6 +60,7 @@ import torch
 from torch import Tensor
 
 from targetsft.files import atomic_write_bytes, sha256_file
+from targetsft.precision import Precision, autocast, resolve_precision
 
 __all__ = [
     "FORMAT_NAME",
@@ -598,6 +599,7 @@ def build_teacher_cache(
     device: str | torch.device | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    precision: str = "auto",
 ) -> Path:
     """Run ``teacher_model`` over ``examples`` and store its top-k log-probs per supervised token in ``out_dir``.
 
@@ -617,6 +619,9 @@ def build_teacher_cache(
         device: move the teacher there first (default: leave it where it is and feed inputs to its device).
         progress: show a tqdm bar in tokens (with tokens/s).
         overwrite: replace a cache built for something else instead of raising :class:`CacheMismatchError`.
+        precision: autocast of the teacher's forward (:func:`targetsft.precision.resolve_precision` on its device;
+            the weights keep their dtype); recorded in the manifest's ``build``. A partial cache resumes only at the
+            precision its first shards were built at (a build without the record was float32).
 
     Returns:
         ``Path(out_dir)``.
@@ -647,7 +652,10 @@ def build_teacher_cache(
     with _build_lock(folder):
         _remove(folder.glob(_TMP_PREFIX + "*"))  # temp files of a killed build
         manifest = _prepare_folder(folder, identity, overwrite)
-        _run_shards(teacher_model, examples, folder, manifest, counts, tokenizer, batch_size, shard_examples, progress)
+        resolved = resolve_precision(precision, _model_device(teacher_model))
+        _run_shards(
+            teacher_model, examples, folder, manifest, counts, tokenizer, batch_size, shard_examples, progress, resolved
+        )
     return folder
 
 
@@ -661,6 +669,7 @@ def _run_shards(
     batch_size: int,
     shard_examples: int,
     progress: bool,
+    precision: Precision,
 ) -> None:
     """Build the shards after the last finished one, rewriting the manifest after each; mark it complete."""
     from safetensors.torch import save as st_save
@@ -682,7 +691,14 @@ def _run_shards(
         vocab=manifest["vocab_size"],
     )
     build = manifest["build"]
+    built_at = build.get("precision", "fp32")
+    if start > 0 and built_at != precision.name:
+        raise CacheMismatchError(
+            f"{folder}: its first {start} examples were built at precision {built_at}, this build runs at "
+            f"{precision.name}; resume at {built_at} (precision={built_at!r}) or pass overwrite=True to rebuild"
+        )
     build.update(sessions=build.get("sessions", 0) + 1, device=str(spec.device), batch_size=batch_size)
+    build["precision"] = precision.name
     manifest["complete"] = False
     _write_manifest(folder, manifest)
     was_training = bool(getattr(model, "training", False))
@@ -696,7 +712,7 @@ def _run_shards(
         disable=not progress,
     )
     try:
-        with torch.no_grad():
+        with torch.no_grad(), autocast(precision):
             while start < n:
                 end = min(start + shard_examples, n)
                 t0 = time.perf_counter()

@@ -26,6 +26,7 @@ from targetsft.config import TrainConfig
 from targetsft.files import atomic_write_text
 from targetsft.integration import IGNORE_INDEX, patch_fused_forward
 from targetsft.methods import get_method
+from targetsft.precision import environment
 from targetsft.target import TargetStats
 
 if TYPE_CHECKING:
@@ -231,7 +232,7 @@ class Collator:
         return batch
 
 
-def _model_card(cfg: TrainConfig, counts: dict[str, int], metrics: dict[str, Any]) -> str:
+def _model_card(cfg: TrainConfig, counts: dict[str, int], metrics: dict[str, Any], env: dict[str, Any]) -> str:
     spec = get_method(cfg.loss.method)
     params = {**spec.defaults, **cfg.loss.params}
     lines = [
@@ -249,6 +250,8 @@ def _model_card(cfg: TrainConfig, counts: dict[str, int], metrics: dict[str, Any
         f"examples kept {counts.get('kept')}, truncated {counts.get('truncated')}, dropped {counts.get('dropped')}.",
         f"Teacher: {cfg.teacher.model or cfg.teacher.cache or '—'} (prompt: {cfg.teacher.prompt}).",
         f"LoRA: {json.dumps(cfg.lora.__dict__) if cfg.lora else 'no (full fine-tuning)'}",
+        f"Precision: {env['precision']} (asked: {env['requested_precision']}) on {env['device']}; "
+        f"CPU capability {env['cpu_capability']}, native CPU bf16: {env['cpu_native_bf16']}.",
         "",
         "## Final training metrics",
         "",
@@ -278,10 +281,11 @@ def cache_teacher(
     shard_examples: int = 256,
     device: str | None = None,
     overwrite: bool = False,
+    precision: str | None = None,
 ) -> Path:
     """Build (or resume, or find complete) the top-k cache of ``teacher`` (default ``cfg.teacher.model``) over the
-    training examples of ``cfg`` (its data section and ``teacher.prompt``) in ``out``; train with
-    ``teacher.cache: <out>`` and the same data section to use it."""
+    training examples of ``cfg`` (its data section and ``teacher.prompt``) in ``out``, at ``precision`` (default:
+    the config's); train with ``teacher.cache: <out>`` and the same data section to use it."""
     from targetsft.models import load_model, load_tokenizer, resolve_model
     from targetsft.teacher_cache import build_teacher_cache
 
@@ -305,6 +309,7 @@ def cache_teacher(
         teacher_name=teacher,
         device=device,
         overwrite=overwrite,
+        precision=precision or cfg.requested_precision(),
     )
     stats = teacher_label_stats(cfg, folder, tokenizer=tokenizer, items=items)
     print(_label_stats_line(stats))
@@ -354,6 +359,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: list[TrainerCall
     """
     from targetsft.models import load_model, load_tokenizer, resolve_model
 
+    precision = cfg.resolved_precision()
+    env = environment(precision)
+    print(
+        f"precision: {precision.name} ({precision.reason}); CPU {env['cpu_capability']}, "
+        f"{env['torch_threads']} torch threads",
+        flush=True,
+    )
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2, default=str))
@@ -402,7 +414,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: list[TrainerCall
             task_type="CAUSAL_LM",
         )
         model = peft.get_peft_model(model, lora)
-    args = TrainingArguments(**cfg.training_arguments())
+    args = TrainingArguments(**cfg.training_arguments(precision))
     from datasets import Dataset
 
     trainer = TargetTrainer(
@@ -429,8 +441,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: list[TrainerCall
     last = [h for h in trainer.state.log_history if "loss" in h]
     if last:
         metrics.update({f"last_{k}": v for k, v in last[-1].items() if k in (*STAT_KEYS, "loss")})
-    atomic_write_text(final / "README.md", _model_card(cfg, counts, metrics))
+    atomic_write_text(final / "README.md", _model_card(cfg, counts, metrics, env))
     summary = {"output_dir": str(out), "final_model": str(final), "data": counts, "metrics": metrics}
+    summary["environment"] = env
     if teacher_info is not None:
         summary["teacher"] = teacher_info
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
