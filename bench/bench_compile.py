@@ -3,8 +3,8 @@
 The per-chunk work of ``fused_target_loss`` is three matrix products plus elementwise passes over the
 ``[chunk, V]`` logits (log-softmax, exp, the target's corrections). Only the elementwise part can gain from
 compilation (fusion into one pass); this script times that part for SFT and for Target-SFT with a top-64 teacher,
-eager (the library's own kernel, ``targetsft.target.loss_and_grad``) against ``torch.compile`` of the same kernel,
-and the matrix products of the chunk for scale. Results: ``bench/results/compile.csv`` and the ``compile``
+eager (the library's own kernel, ``targetsft.losses.target.loss_and_grad``) against ``torch.compile`` of the same
+kernel, and the matrix products of the chunk for scale. Results: ``bench/results/compile.csv`` and the ``compile``
 section of ``docs/benchmarks.md``.
 
     python bench/bench_compile.py
@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from docsection import write_section
-from targetsft.fused import auto_chunk_size
-from targetsft.methods import get_method
-from targetsft.target import Distribution, loss_and_grad
+from targetsft.losses.fused import auto_chunk_size
+from targetsft.losses.methods import get_method
+from targetsft.losses.target import Distribution, loss_and_grad
 from timing import median_seconds
 
 ROOT = Path(__file__).resolve().parents[1]

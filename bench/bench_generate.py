@@ -2,12 +2,12 @@
 
 On the embedded SmolLM2-135M-Instruct (CPU, weights in ``--precision``, by capability by default) and on any
 ``--model`` folders (e.g. a fine-tuned ``runs/quickstart/sft/final``), ``--n`` problems of ``gsm-intemplate`` are
-generated greedily in batches of ``--batch-size`` (prompts sorted by length, as :func:`targetsft.evaluate.generate`
-does) in three modes:
+generated greedily in batches of ``--batch-size`` (prompts sorted by length, as
+:func:`targetsft.evaluation.generation.generate` does) in three modes:
 
 - ``hf-plain``: ``model.generate`` stopping only at eos (``<|im_end|>``) or ``--max-new-tokens``;
-- ``hf-early``: the same plus :class:`targetsft.evaluate.AnswerStoppingCriteria` (a row is finished at a complete
-  ``#### n`` or eos), finished rows staying in the batch (padded) until its slowest row ends;
+- ``hf-early``: the same plus :class:`targetsft.evaluation.prompts.AnswerStoppingCriteria` (a row is finished at a
+  complete ``#### n`` or eos), finished rows staying in the batch (padded) until its slowest row ends;
 - ``compact``: the library's default engine, the same stopping rule in a decode loop that drops finished rows from
   the batch (KV cache, mask, positions), so a row that loops to the cap costs its own row only.
 
@@ -101,11 +101,11 @@ def run_model(args: argparse.Namespace, model_arg: str | None) -> list[dict]:
     import torch
     import transformers
 
-    from targetsft.answers import is_correct
     from targetsft.data.eval_sets import load_eval_set
-    from targetsft.evaluate import answer_complete, build_prompts, cut_at_answer, generate_detailed
-    from targetsft.models import load_model, load_tokenizer, resolve_model
-    from targetsft.precision import resolve_precision
+    from targetsft.evaluation import answer_complete, build_prompts, cut_at_answer, generate_detailed
+    from targetsft.evaluation.answers import is_correct
+    from targetsft.runtime.models import load_model, load_tokenizer, resolve_model
+    from targetsft.runtime.precision import resolve_precision
 
     path = resolve_model(model_arg)
     precision = resolve_precision(args.precision, "cpu")
@@ -269,7 +269,8 @@ def section(rows: list[dict]) -> str:
         f"shared machine), torch {first['torch']}, transformers {first['transformers']}. Three modes, run batch by "
         "batch in rotating order: `hf-plain` = `model.generate` stopping at eos only; `hf-early` = the same plus "
         "the early-stop criterion (a row is finished at a complete `#### n` or eos), finished rows staying in the "
-        "batch (padded) until its slowest row ends; compact = `targetsft.evaluate`'s default engine, the same "
+        "batch (padded) until its slowest row ends; compact = `targetsft.evaluation.generation`'s default engine, the "
+        "same "
         "criterion in a decode loop that drops finished rows from the KV cache and the batch. Decode steps = "
         "forward passes; row-steps = rows summed over the forward passes (the compute spent).",
         "",
@@ -338,7 +339,7 @@ def main() -> None:
         help="torch threads (default 1: on a shared 2-core machine, 2 threads next to another busy process ran "
         "15-25x slower than 1 in a probe; 0 = torch's default)",
     )
-    p.add_argument("--precision", default="auto", help="weights' dtype (targetsft.precision; default auto)")
+    p.add_argument("--precision", default="auto", help="weights' dtype (targetsft.runtime.precision; default auto)")
     p.add_argument("--no-doc", action="store_true", help="do not write the CSV or docs/benchmarks.md")
     p.add_argument("--report", action="store_true", help="only rewrite the docs section from the CSV")
     args = p.parse_args()

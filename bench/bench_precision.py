@@ -1,6 +1,6 @@
 """What each precision costs on this CPU: one matmul of SmolLM2-135M's MLP shape and one training step.
 
-The figures behind ``precision: auto`` (:mod:`targetsft.precision`): on a CPU with native bf16 kernels
+The figures behind ``precision: auto`` (:mod:`targetsft.runtime.precision`): on a CPU with native bf16 kernels
 (AVX512-BF16 / AMX) bf16 autocast is the faster choice; on an AVX2-only CPU PyTorch falls back to a reference bf16
 GEMM, tens of times slower than float32. Measured side by side in one run, as ratios to float32:
 
@@ -50,7 +50,7 @@ def _matmul(threads: int, dtype, reps: int) -> float:
 def _train_step(model, tokens: int, name: str, reps: int) -> float:
     import torch
 
-    from targetsft.precision import resolve_precision
+    from targetsft.runtime.precision import resolve_precision
 
     precision = resolve_precision(name, "cpu")
     ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
@@ -69,8 +69,8 @@ def measure(args: argparse.Namespace) -> list[dict]:
 
     import torch
 
-    from targetsft.models import load_model, resolve_model
-    from targetsft.precision import environment
+    from targetsft.runtime.models import load_model, resolve_model
+    from targetsft.runtime.precision import environment
 
     env = environment()
     names = ["fp32", "bf16", "fp16"]

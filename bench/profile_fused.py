@@ -102,7 +102,7 @@ def main() -> None:
         return
     import torch
 
-    from targetsft.fused import auto_chunk_size
+    from targetsft.losses.fused import auto_chunk_size
 
     auto = auto_chunk_size(args.n, v, torch.device("cpu"), h)
     base = ["--n", str(args.n), "--shape", args.shape, "--reps", str(args.reps), "--worker"]

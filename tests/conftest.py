@@ -93,7 +93,7 @@ def capability(monkeypatch):
     """``set(cpu_bf16=..., cuda=None | "bf16" | "fp16")`` forces what the machine answers."""
     import torch
 
-    from targetsft import precision as P
+    from targetsft.runtime import precision as P
 
     P._warn_slow.cache_clear()
 

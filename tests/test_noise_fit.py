@@ -13,17 +13,17 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from targetsft.config import config_from_dict  # noqa: E402
 from targetsft.data.noise import corrupt_records  # noqa: E402
 from targetsft.data.sft import load_records  # noqa: E402
-from targetsft.noise_fit import (  # noqa: E402
+from targetsft.experiments.noise_fit import (  # noqa: E402
     add_noise_fit_arguments,
     corrupted_pairs,
     noise_fit_summary,
     run_noise_fit_from_args,
     tail_logprobs,
 )
-from targetsft.preflight import InputError  # noqa: E402
+from targetsft.runtime.inputs import InputError  # noqa: E402
+from targetsft.training.config import config_from_dict  # noqa: E402
 
 DATA = {"train": "gsm-train", "size": 12, "seed": 3, "max_length": 1024, "label_noise": 0.5}
 

@@ -10,8 +10,8 @@ import warnings
 import pytest
 import torch
 
-from targetsft import precision as P
-from targetsft.config import ConfigError, load_config
+from targetsft.runtime import precision as P
+from targetsft.training.config import ConfigError, load_config
 
 
 @pytest.mark.parametrize(
@@ -84,7 +84,7 @@ def test_config_refuses_two_precisions():
 
 
 def test_the_evaluator_loads_the_model_in_the_chosen_dtype(capability, tiny_llama, tiny_tokenizer, tmp_path):
-    from targetsft.evaluate import evaluate
+    from targetsft.evaluation import evaluate
 
     folder = tmp_path / "model"
     tiny_llama.save_pretrained(folder)
@@ -103,7 +103,7 @@ def test_the_teacher_cache_build_runs_and_records_the_chosen_precision(
     capability, tiny_llama, tiny_tokenizer, tmp_path
 ):
     from targetsft.data.sft import tokenize_record
-    from targetsft.teacher_cache import CacheMismatchError, build_teacher_cache
+    from targetsft.training.teacher_cache import CacheMismatchError, build_teacher_cache
 
     records = [{"prompt": f"{i} + {i}?", "completion": f"#### {2 * i}"} for i in range(4)]
     examples = [tokenize_record(tiny_tokenizer, r, 1024) for r in records]

@@ -25,8 +25,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
 from targetsft import target_loss  # noqa: E402
-from targetsft import validation as V  # noqa: E402
-from targetsft.teacher_cache import (  # noqa: E402
+from targetsft.losses import validation as V  # noqa: E402
+from targetsft.training.teacher_cache import (  # noqa: E402
     MANIFEST_NAME,
     CacheCorruptError,
     CacheIncompleteError,
@@ -338,7 +338,7 @@ _CRASH_SCRIPT = textwrap.dedent(
     """
     import json, os, signal, sys
     from transformers import AutoTokenizer, LlamaForCausalLM
-    from targetsft.teacher_cache import build_teacher_cache
+    from targetsft.training.teacher_cache import build_teacher_cache
 
     model_dir, tok_dir, data, out, mode = sys.argv[1:]
     real_replace = os.replace

@@ -12,8 +12,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from targetsft.config import ConfigError, load_config  # noqa: E402
-from targetsft.trainer import Collator, TargetTrainer, build_dataset, train  # noqa: E402
+from targetsft.training.config import ConfigError, load_config  # noqa: E402
+from targetsft.training.trainer import Collator, TargetTrainer, build_dataset, train  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -3,15 +3,17 @@
 Every supported loss is cross-entropy against ``Q_t = γ_t·onehot(y_t) + (1 − γ_t)·π̃_t`` (arXiv 2606.11189).
 """
 
-from targetsft import functional
-from targetsft.compute_loss import TargetLoss
-from targetsft.fused import fused_target_loss
-from targetsft.induced import InducedTarget, induced_target
-from targetsft.loss import build_target, target_loss
-from targetsft.methods import METHODS, MethodSpec, Param, get_method, methods_table, register_method
-from targetsft.target import Target
+from targetsft import _compat, functional
+from targetsft.losses.fused import fused_target_loss
+from targetsft.losses.induced import InducedTarget, induced_target
+from targetsft.losses.loss import build_target, target_loss
+from targetsft.losses.methods import METHODS, MethodSpec, Param, get_method, methods_table, register_method
+from targetsft.losses.target import Target
+from targetsft.training.compute_loss import TargetLoss
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+_compat.install()
 
 __all__ = [
     "METHODS",

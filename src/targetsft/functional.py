@@ -10,7 +10,7 @@ Any callable with a ``needs`` attribute that maps a :class:`TokenState` to ``γ`
 :class:`Residual`) works as a rule.
 """
 
-from targetsft import residual, trust
-from targetsft.target import Distribution, Residual, Target, TokenState
+from targetsft.losses import residual, trust
+from targetsft.losses.target import Distribution, Residual, Target, TokenState
 
 __all__ = ["Distribution", "Residual", "Target", "TokenState", "residual", "trust"]

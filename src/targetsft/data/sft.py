@@ -171,6 +171,24 @@ def load_records(
     return records
 
 
+def check_source(source: str, size: int | None = None, seed: int | None = None) -> None:
+    """A local training data file (or folder) loads and every record has a supported format, else an
+    :class:`~targetsft.runtime.inputs.InputError` naming it; built-in and hub names are left to the loader."""
+    from targetsft.runtime.inputs import InputError, looks_like_path
+
+    if source == "gsm-train":
+        return
+    path = Path(source)
+    if not path.exists():
+        if path.suffix.lower() in (".jsonl", ".json", ".parquet") or looks_like_path(source):
+            raise InputError(f"data {source!r}: no such file")
+        return  # a datasets hub name
+    try:
+        load_records(source, size=size, seed=seed)
+    except (ValueError, OSError) as err:
+        raise InputError(str(err)) from None
+
+
 # ------------------------------------------------------------------------------------------- record formats
 
 

@@ -1,0 +1,52 @@
+"""Old import paths, for one release (0.2): ``targetsft.loss`` is ``targetsft.losses.loss`` and so on.
+
+Up to 0.1 the library was one flat package; its modules now live in one subpackage per layer. Importing an old
+path gives the module at its new path (the same object) with a ``DeprecationWarning``; nothing is copied.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+import warnings
+from types import ModuleType
+
+MOVED = {
+    **{f"targetsft.{m}": f"targetsft.losses.{m}" for m in ("target", "trust", "residual", "methods", "loss")},
+    **{f"targetsft.{m}": f"targetsft.losses.{m}" for m in ("fused", "induced", "inputs", "validation")},
+    **{f"targetsft.{m}": f"targetsft.training.{m}" for m in ("config", "trainer", "integration", "compute_loss")},
+    "targetsft.teacher_cache": "targetsft.training.teacher_cache",
+    "targetsft.answers": "targetsft.evaluation.answers",
+    "targetsft.evaluate": "targetsft.evaluation",
+    "targetsft.experiment": "targetsft.experiments",
+    "targetsft.analysis": "targetsft.experiments.induced_targets",
+    "targetsft.noise_fit": "targetsft.experiments.noise_fit",
+    **{f"targetsft.{m}": f"targetsft.runtime.{m}" for m in ("files", "precision", "models")},
+    "targetsft.quickstart": "targetsft.cli.quickstart",
+    "targetsft.demo": "targetsft.cli.demo",
+}
+
+
+class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Finds an old path and loads it as the module at its new path."""
+
+    def find_spec(self, name: str, path=None, target=None):
+        return importlib.util.spec_from_loader(name, self) if name in MOVED else None
+
+    def create_module(self, spec) -> ModuleType:
+        new = MOVED[spec.name]
+        warnings.warn(f"{spec.name} moved to {new}; the old path goes in 0.3", DeprecationWarning, stacklevel=2)
+        module = importlib.import_module(new)
+        self._spec = module.__spec__  # importlib rebinds __spec__ to the old name's: put it back in exec_module
+        return module
+
+    def exec_module(self, module: ModuleType) -> None:
+        module.__spec__ = self._spec
+
+
+def install() -> None:
+    """Put the finder on ``sys.meta_path`` (once)."""
+    if not any(isinstance(f, _MovedModules) for f in sys.meta_path):
+        sys.meta_path.append(_MovedModules())

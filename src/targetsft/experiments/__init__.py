@@ -1,0 +1,57 @@
+"""The experiment layer: resumable grids of train + eval runs (:mod:`~targetsft.experiments.grid`,
+:mod:`~targetsft.experiments.runner`), their statistics, tables and plots (:mod:`~targetsft.experiments.statistics`,
+:mod:`~targetsft.experiments.report`, :mod:`~targetsft.experiments.plots`), the ``target-sft experiment`` command
+(:mod:`~targetsft.experiments.command`) and the studies built on finished runs (:mod:`~targetsft.experiments.noise_fit`,
+:mod:`~targetsft.experiments.induced_targets`). Imports every layer below it; its grid API is re-exported here."""
+
+from __future__ import annotations
+
+from targetsft.experiments.command import add_experiment_arguments, run_experiment_from_args
+from targetsft.experiments.grid import (
+    DONE_FILE,
+    PROBE_FILE,
+    EvalSpec,
+    Experiment,
+    ExperimentError,
+    Run,
+    RunGroup,
+    expand_grid,
+    experiment_from_dict,
+    load_experiment,
+    recorded_precision,
+    run_precision,
+)
+from targetsft.experiments.plots import write_plots
+from targetsft.experiments.report import aggregate, check_one_precision, done_records
+from targetsft.experiments.runner import format_progress, run_experiment, run_experiments, run_one, run_status
+from targetsft.experiments.statistics import mcnemar_exact, paired_comparison, t_interval, t_quantile
+
+__all__ = [
+    "DONE_FILE",
+    "EvalSpec",
+    "Experiment",
+    "ExperimentError",
+    "PROBE_FILE",
+    "Run",
+    "RunGroup",
+    "add_experiment_arguments",
+    "aggregate",
+    "check_one_precision",
+    "done_records",
+    "expand_grid",
+    "experiment_from_dict",
+    "format_progress",
+    "load_experiment",
+    "mcnemar_exact",
+    "paired_comparison",
+    "recorded_precision",
+    "run_experiment",
+    "run_experiment_from_args",
+    "run_experiments",
+    "run_one",
+    "run_precision",
+    "run_status",
+    "t_interval",
+    "t_quantile",
+    "write_plots",
+]

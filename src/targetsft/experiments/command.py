@@ -1,0 +1,77 @@
+"""``target-sft experiment``: its options, the dry-run plan, and the command itself."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from targetsft.experiments.grid import Experiment, ExperimentError, Run, expand_grid, load_experiment, run_dir
+from targetsft.experiments.report import aggregate
+from targetsft.experiments.runner import run_experiments, run_status, select_runs
+from targetsft.training.config import ConfigError
+
+
+def format_plan(exp: Experiment, runs: Sequence[Run]) -> str:
+    """The runs of a dry run: index, id, method, status, folder."""
+    lines = [f"experiment {exp.name}: {len(runs)} runs, eval sets {[s.label for s in exp.eval]}"]
+    for i, run in enumerate(runs, 1):
+        lines.append(f"{i:4d}  {run.id:<48s} {run.method:<20s} {run_status(exp, run):<9s} {run_dir(exp, run)}")
+    return "\n".join(lines)
+
+
+def add_experiment_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``target-sft experiment`` options to ``parser`` (then call :func:`run_experiment_from_args`)."""
+    parser.add_argument(
+        "--config",
+        required=True,
+        action="append",
+        help="experiment YAML (see experiments/); repeat it to run several together, run-major (a shared run is "
+        "trained once and evaluated for all of them while its model is at hand)",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and their status; run nothing")
+    parser.add_argument("--only", metavar="PATTERN", help="run only the runs whose id matches (glob or substring)")
+    parser.add_argument("--aggregate-only", action="store_true", help="only rebuild the results and plots")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no per-batch progress bars")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    return parser
+
+
+def run_experiment_from_args(args: argparse.Namespace) -> int:
+    """Run ``target-sft experiment`` from parsed options; 0 on success, 2 on a configuration error."""
+    from targetsft.data.sft import check_source
+    from targetsft.runtime.inputs import check_model
+
+    try:
+        exps = [load_experiment(path) for path in args.config]
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"target-sft experiment: config error: {err}", file=sys.stderr)
+        return 2
+    if not args.aggregate_only:
+        checked = set()
+        for run in (r for exp in exps for r in expand_grid(exp) if not r.is_baseline):
+            model, data = run.config.get("model"), run.config.get("data") or {}
+            key = json.dumps([model, data], default=str)
+            if key not in checked:  # an InputError: one line and status 2 from the console script
+                check_model(model)
+                check_source(data.get("train", "gsm-train"), data.get("size"), data.get("seed"))
+                checked.add(key)
+    if args.dry_run:
+        print("\n".join(format_plan(exp, select_runs(expand_grid(exp), args.only)) for exp in exps))
+        return 0
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if not args.aggregate_only:
+        try:
+            run_experiments(exps, only=args.only, progress=args.progress)
+        except ExperimentError as err:
+            print(f"target-sft experiment: {err}", file=sys.stderr)
+            return 1
+    for exp in exps:
+        result = aggregate(exp)
+        print(Path(result["paths"]["results.md"]).read_text())
+    return 0

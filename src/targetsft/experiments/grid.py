@@ -1,0 +1,488 @@
+"""Experiment grids (``target-sft experiment --config experiments/<name>.yaml``): the schema, the runs it expands
+to, and where each run's folders and record are.
+
+An experiment is a grid of runs (methods × parameters × seeds) over one model and data setup. Each run trains
+(:func:`targetsft.training.trainer.train`), evaluates (:func:`targetsft.evaluation.generative.evaluate_generation` /
+:func:`~targetsft.evaluation.multiple_choice.evaluate_multiple_choice`) and records; the results are aggregated over
+seeds, compared pairwise over the same problems and seeds, and plotted.
+
+Schema (strict: an unknown key anywhere is an error that names it and lists the valid ones)
+-------------------------------------------------------------------------------------------
+* ``name``, ``output_dir``.
+* ``base``: a :class:`~targetsft.training.config.TrainConfig` dict applied to every run (``model``, ``data``,
+  ``teacher``, ``reference``, ``lora``, ``train``, ``loss.chunk_size``; not ``output_dir``, the method, its params or
+  the seed). ``teacher`` goes only to the methods that use one.
+* ``grid``: run groups ``{name?, method, params?, train?, data?, teacher?, seeds}``; every **list** value is swept
+  (the cartesian product of all lists; write ``[[a, b]]`` for a list value). ``teacher.model: "@<run id>"`` is the
+  final model of an earlier run of the experiment (a trained teacher).
+* ``eval``: sets ``{set, name?, size?, data_seed?, batch_size?, metrics?, dtype?}`` (``dtype``: the weights'
+  dtype during evaluation, ``float32`` by default, explicit so that a set's spec means the same on every machine;
+  ``bfloat16`` generates about twice as fast on a CPU with native bf16, tens of times slower on an AVX2-only one,
+  and changes greedy outputs) plus, for generation, ``samples``, ``temperature``, ``top_p``,
+  ``greedy``, ``max_new_tokens``, ``seed``, ``prompt`` (``gsm`` or ``boxed``), and for multiple choice ``normalize``
+  (:func:`targetsft.evaluation.suite.evaluate`); ``name`` labels the set, ``metrics`` are those tabulated and
+  compared.
+* ``baseline: true``: also evaluate the untrained model once (run ``base``).
+* ``base.precision`` (or ``base.train.bf16``): the training precision (:mod:`targetsft.runtime.precision`; ``auto`` by
+  default, resolved on the machine that trains). Each record keeps the precision its run was trained at; runs of
+  two precisions are never pooled or compared (:func:`check_one_precision`), and a grid whose records were trained
+  at another precision than this machine would use is refused before anything starts (status ``precision``).
+* ``compare``: pairs ``[A, B]`` of method names or globs over config ids (default: every config against ``sft``,
+  ``target_sft`` against ``dft``; ``*`` leaves the baseline out, ``base`` names it).
+* ``keep_checkpoints``: keep ``checkpoint-N`` folders of finished runs (default false: removed once ``DONE.json``
+  is written, ``final/`` stays; a 135M-parameter checkpoint with its optimizer state is about 1.6 GB).
+* ``teacher_cache_k``: k > 0 caches each distinct teacher's top-k log-probs once per training set (teacher,
+  its prompt, model and data section) in ``teacher_cache/`` beside the runs folder
+  (:func:`~targetsft.training.trainer.cache_teacher`; resumable) and trains every teacher run from that cache instead of
+  running the teacher at each step; 0 (default): teacher online.
+* ``runs_dir``: where the runs live (default ``<output_dir>/runs``). Experiments that name the same ``runs_dir``
+  share the runs they have in common (same id and configuration: trained once, each evaluated on the union of
+  their sets; ``DONE.json`` keeps every set). Give a set label the same spec in all of them.
+* ``records_dir``: where each run's *record* lives, apart from its models (default: in the run folder itself).
+  The record is the small text a finished run is judged by: ``run.json``, ``summary.json``, ``metrics.csv``,
+  ``gamma_probe.jsonl``, ``eval/`` and ``DONE.json``; ``runs_dir`` keeps ``final/`` and the checkpoints. Commit
+  the records and a finished run stays finished on another machine, without its gigabytes of weights; a run whose
+  model is needed again (a new eval set, a teacher without its cache) and is gone is retrained from scratch.
+* ``teacher_cache_dir``: where the teacher caches live (default ``teacher_cache/`` beside ``runs_dir``).
+* ``gamma_probe``: training examples on which p_θ(y) (γ of dft and target_sft) is recorded as a distribution at
+  the start and every tenth of training (default 16; 0: off).
+
+Runs and ids
+------------
+A run's id is its content: ``<group name or method>-<params>-<swept data/teacher/train values and lr>-s<seed>``,
+e.g. ``target_sft-eta0.5-lr5e-05-s1``; its config id drops ``-s<seed>``. **Seeds set ``train.seed`` only**
+(data order, LoRA init, sampling); ``data.seed`` stays as in ``base``, so every method and seed trains on the same
+examples and the comparison is paired on the data. Runs go seed-major (all configs of the first seed first), so
+partial results are already paired. Every run's TrainConfig is built with
+:func:`~targetsft.training.config.config_from_dict` when the experiment is loaded, before anything starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from targetsft.losses.methods import get_method
+from targetsft.runtime.files import atomic_write_text
+from targetsft.training.config import TRAIN_DEFAULTS, ConfigError, _build, _unknown, _yaml, config_from_dict
+
+DONE_FILE = "DONE.json"
+
+
+EVAL_DTYPES = ("float32", "bfloat16", "float16")
+
+
+PROBE_FILE = "gamma_probe.jsonl"
+
+
+BASELINE_ID = "base"
+
+
+DEFAULT_COMPARE = (("*", "sft"), ("target_sft", "dft"))
+
+
+_ABBREV = {"learning_rate": "lr", "max_steps": "steps", "per_device_train_batch_size": "bs", "label_noise": "noise"}
+
+
+_GEN_KEYS = ("samples", "temperature", "top_p", "greedy", "max_new_tokens", "seed", "prompt")
+
+
+_MC_KEYS = ("normalize",)
+
+
+_MC_METRICS = ["accuracy", "accuracy_mean", "accuracy_sum"]
+
+
+BINARY_METRICS = ("greedy", "average@1", *_MC_METRICS)
+
+
+class ExperimentError(RuntimeError):
+    """A run folder that cannot be used as it is (another configuration, a missing teacher run)."""
+
+
+@dataclass
+class EvalSpec:
+    """One evaluation set and its options (see :func:`targetsft.evaluation.suite.evaluate`); ``name`` labels it
+    (default: the set's name), ``metrics`` picks the metrics tabulated and compared (default: :func:`primary_metrics`).
+    """
+
+    set: str
+    name: str | None = None
+    size: int | str | None = None
+    data_seed: int | None = None
+    samples: int = 1
+    temperature: float | None = None
+    top_p: float = 1.0
+    greedy: bool = True
+    max_new_tokens: int = 256
+    batch_size: int | None = None
+    seed: int = 0
+    normalize: str = "mean"
+    metrics: list[str] | None = None
+    dtype: str = "float32"
+    prompt: str = "gsm"
+
+    @property
+    def label(self) -> str:
+        from targetsft.evaluation.generative import set_label
+
+        return self.name or set_label(self.set)
+
+    @property
+    def kind(self) -> str | None:
+        """``generation`` or ``multiple_choice`` for a named set; None for a ``.jsonl`` file (known when read)."""
+        from targetsft.data.eval_sets import EVAL_SETS, MC_SETS
+
+        return "generation" if self.set in EVAL_SETS else "multiple_choice" if self.set in MC_SETS else None
+
+
+@dataclass
+class RunGroup:
+    """A group of runs of one method; list values in ``params``/``train``/``data``/``teacher`` are swept."""
+
+    method: str
+    name: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    teacher: dict[str, Any] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=lambda: [0])
+
+
+@dataclass
+class Experiment:
+    """A checked experiment: see the module docstring for the schema."""
+
+    name: str
+    output_dir: str
+    grid: list[RunGroup]
+    eval: list[EvalSpec]
+    base: dict[str, Any] = field(default_factory=dict)
+    baseline: bool = False
+    gamma_probe: int = 16
+    keep_checkpoints: bool = False
+    teacher_cache_k: int = 0
+    runs_dir: str | None = None
+    records_dir: str | None = None
+    teacher_cache_dir: str | None = None
+    compare: list[list[str]] = field(default_factory=lambda: [list(p) for p in DEFAULT_COMPARE])
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run: its id, config id (the id without the seed), method, effective params, seed and TrainConfig dict
+    (``config``; for the baseline only ``model``)."""
+
+    id: str
+    config_id: str
+    group: str
+    method: str
+    params: dict[str, Any]
+    seed: int | None
+    config: dict[str, Any]
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.method == BASELINE_ID
+
+    @property
+    def learning_rate(self) -> float | None:
+        return None if self.is_baseline else {**TRAIN_DEFAULTS, **self.config.get("train", {})}["learning_rate"]
+
+
+def eval_spec(raw: Any, where: str) -> EvalSpec:
+    spec = _build(EvalSpec, raw, where)
+    kind = spec.kind
+    if kind is None and not str(spec.set).lower().endswith(".jsonl"):
+        from targetsft.data.eval_sets import EVAL_SETS, MC_SETS
+
+        raise ConfigError(
+            f"{where}: unknown set {spec.set!r}; choose from generation sets {sorted(EVAL_SETS)}, multiple-choice "
+            f"sets {sorted(MC_SETS)}, or a .jsonl file"
+        )
+    wrong = _MC_KEYS if kind == "generation" else _GEN_KEYS if kind == "multiple_choice" else ()
+    for key in raw:
+        if key in wrong:
+            valid = [f.name for f in dataclasses.fields(EvalSpec) if f.name not in wrong]
+            raise _unknown(f"{where} ({kind} set {spec.set!r})", key, valid)
+    if spec.samples > 1 and spec.temperature == 0:
+        raise ConfigError(f"{where}: samples > 1 needs temperature > 0 (greedy samples are identical)")
+    if spec.normalize not in ("mean", "sum"):
+        raise ConfigError(f"{where}: normalize must be 'mean' or 'sum', got {spec.normalize!r}")
+    from targetsft.evaluation.prompts import PROMPT_STYLES
+
+    if spec.prompt not in PROMPT_STYLES:
+        raise ConfigError(f"{where}: prompt must be one of {PROMPT_STYLES}, got {spec.prompt!r}")
+    if spec.dtype not in EVAL_DTYPES:
+        raise ConfigError(f"{where}: dtype must be one of {EVAL_DTYPES}, got {spec.dtype!r}")
+    generation = ["greedy", f"average@{spec.samples}", f"pass@{spec.samples}"]
+    allowed = {"generation": generation, "multiple_choice": list(_MC_METRICS)}.get(kind, generation + _MC_METRICS)
+    for metric in spec.metrics or []:
+        if metric not in allowed:
+            raise ConfigError(f"{where}: metric {metric!r} has no per-problem values to compare; choose from {allowed}")
+    return spec
+
+
+def experiment_from_dict(raw: dict[str, Any]) -> Experiment:
+    """A checked :class:`Experiment` from plain data; every run's TrainConfig is built (and so checked) here."""
+    if not isinstance(raw, dict):
+        raise ConfigError("an experiment must be a mapping")
+    valid = [f.name for f in dataclasses.fields(Experiment)]
+    for key in raw:
+        if key not in valid:
+            raise _unknown("the experiment", key, valid)
+    for key in ("name", "output_dir", "grid", "eval"):
+        if raw.get(key) is None:
+            raise ConfigError(f"the experiment needs {key!r}")
+    if not isinstance(raw["grid"], list) or not raw["grid"]:
+        raise ConfigError("grid must be a non-empty list of run groups")
+    if not isinstance(raw["eval"], list) or not raw["eval"]:
+        raise ConfigError("eval must be a non-empty list of evaluation sets")
+    for where, items, key in (("grid", raw["grid"], "method"), ("eval", raw["eval"], "set")):
+        for i, item in enumerate(items):
+            if not isinstance(item, dict) or key not in item:
+                raise ConfigError(f"{where}[{i}] must be a mapping with {key!r}, got {item!r}")
+    grid = [_build(RunGroup, g, f"grid[{i}]") for i, g in enumerate(raw["grid"])]
+    specs = [eval_spec(e, f"eval[{i}]") for i, e in enumerate(raw["eval"])]
+    exp = Experiment(**{**raw, "grid": grid, "eval": specs, "base": raw.get("base") or {}})
+    _check_experiment(exp)
+    return exp
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Read and check an experiment YAML (see the module docstring)."""
+    import yaml
+
+    try:
+        raw = _yaml(Path(path).read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    try:
+        return experiment_from_dict(raw)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def _check_experiment(exp: Experiment) -> None:
+    base = exp.base
+    if not isinstance(base, dict):
+        raise ConfigError("base must be a mapping (a TrainConfig)")
+    k = exp.teacher_cache_k
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ConfigError(f"teacher_cache_k must be an int >= 0 (0: teacher online), got {k!r}")
+    if "output_dir" in base:
+        raise ConfigError("base.output_dir: every run gets <output_dir>/runs/<run id>; set the top-level output_dir")
+    if set(base.get("loss") or {}) - {"chunk_size"}:
+        raise ConfigError("base.loss may only hold chunk_size; set method and params in each grid group")
+    if "seed" in (base.get("train") or {}) or any("seed" in g.train for g in exp.grid):
+        raise ConfigError("train.seed comes from each group's seeds; do not set it")
+    for i, g in enumerate(exp.grid):
+        try:
+            get_method(g.method)
+        except ValueError as err:
+            raise ConfigError(f"grid[{i}]: {err}") from None
+        if not isinstance(g.seeds, list) or not g.seeds or not all(isinstance(s, int) for s in g.seeds):
+            raise ConfigError(f"grid[{i}].seeds must be a non-empty list of ints, got {g.seeds!r}")
+        for section in ("params", "train", "data", "teacher"):
+            if not isinstance(getattr(g, section), dict):
+                raise ConfigError(f"grid[{i}].{section} must be a mapping")
+    labels = [s.label for s in exp.eval]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"eval sets need distinct labels (give 'name'), got {labels}")
+    if not all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in exp.compare):
+        raise ConfigError(f"compare must be a list of [A, B] pairs of names or patterns, got {exp.compare!r}")
+    runs = expand_grid(exp)
+    for run in runs:
+        if not run.is_baseline:
+            try:
+                config_from_dict(run.config)
+            except (ConfigError, ValueError) as err:
+                raise ConfigError(f"run {run.id}: {err}") from None
+    _check_teacher_refs(runs)
+
+
+def _fmt(value: Any) -> str:
+    """A value as an id fragment: ``5e-05``, ``0.5``, ``true``, ``answer_hint``."""
+    if isinstance(value, bool):
+        text = str(value).lower()
+    elif isinstance(value, float):
+        text = f"{value:g}"
+    else:
+        text = str(value)
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text)
+
+
+def _combos(group: RunGroup) -> list[dict[str, dict[str, Any]]]:
+    """The cartesian product of the group's list values: one ``{section: {key: value}}`` per combination."""
+    sections = ("params", "data", "teacher", "train")
+    axes = [(s, k, v if isinstance(v, list) else [v]) for s in sections for k, v in getattr(group, s).items()]
+    out = []
+    for values in itertools.product(*(vals for _, _, vals in axes)):
+        combo: dict[str, dict[str, Any]] = {s: {} for s in sections}
+        for (s, k, _), v in zip(axes, values, strict=True):
+            combo[s][k] = v
+        out.append(combo)
+    return out
+
+
+def _config_id(group: RunGroup, combo: dict[str, dict[str, Any]]) -> str:
+    """``<name or method>`` + every param + the data/teacher/train values swept over 2+ values + the learning rate
+    when the group sets it."""
+    parts = [group.name or group.method]
+    parts += [f"{_ABBREV.get(k, k)}{_fmt(v)}" for k, v in combo["params"].items()]
+    for section in ("data", "teacher", "train"):
+        for k, v in combo[section].items():
+            given = getattr(group, section)[k]
+            if (isinstance(given, list) and len(given) > 1) or (section == "train" and k == "learning_rate"):
+                parts.append(f"{_ABBREV.get(k, k)}{_fmt(v)}")
+    return "-".join(parts)
+
+
+def _run_config(exp: Experiment, group: RunGroup, combo: dict[str, dict[str, Any]], seed: int) -> dict[str, Any]:
+    """The run's TrainConfig dict: ``base`` with the group's values on top; the base teacher only for methods that
+    use one."""
+    base = json.loads(json.dumps(exp.base))
+    cfg = {k: v for k, v in base.items() if k not in ("teacher", "loss", "data", "train")}
+    cfg["loss"] = {**(base.get("loss") or {}), "method": group.method, "params": combo["params"]}
+    cfg["data"] = {**(base.get("data") or {}), **combo["data"]}
+    cfg["train"] = {**(base.get("train") or {}), **combo["train"], "seed": seed}
+    if "teacher" in get_method(group.method).needs or combo["teacher"]:
+        cfg["teacher"] = {**(base.get("teacher") or {}), **combo["teacher"]}
+    return cfg
+
+
+def expand_grid(exp: Experiment) -> list[Run]:
+    """Every run of the experiment, baseline first, then seed-major (all configs of a seed before the next seed)."""
+    runs: list[tuple[int, int, Run]] = []
+    for group in exp.grid:
+        method_defaults = get_method(group.method).defaults
+        for combo in _combos(group):
+            cid = _config_id(group, combo)
+            for seed in group.seeds:
+                run = Run(
+                    id=f"{cid}-s{seed}",
+                    config_id=cid,
+                    group=group.name or group.method,
+                    method=group.method,
+                    params={**method_defaults, **combo["params"]},
+                    seed=seed,
+                    config=_run_config(exp, group, combo, seed),
+                )
+                runs.append((seed, len(runs), run))
+    ordered = [r for _, _, r in sorted(runs, key=lambda t: (t[0], t[1]))]
+    if exp.baseline:
+        model = exp.base.get("model")
+        ordered.insert(0, Run(BASELINE_ID, BASELINE_ID, BASELINE_ID, BASELINE_ID, {}, None, {"model": model}))
+    ids = [r.id for r in ordered]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise ConfigError(f"runs with the same id {dupes}: give the groups distinct names")
+    return [dataclasses.replace(r, config={**r.config, "output_dir": str(run_dir(exp, r))}) for r in ordered]
+
+
+def run_reference(model: Any) -> str | None:
+    """The run id in a ``teacher.model: "@<run id>"`` reference to an earlier run of the grid, else ``None``."""
+    return model[1:] if isinstance(model, str) and model.startswith("@") else None
+
+
+def teacher_ref(run: Run) -> str | None:
+    return run_reference((run.config.get("teacher") or {}).get("model"))
+
+
+def _check_teacher_refs(runs: Sequence[Run]) -> None:
+    """A ``teacher.model: "@<run id>"`` must name a run that comes earlier in the grid."""
+    position = {r.id: i for i, r in enumerate(runs)}
+    for i, run in enumerate(runs):
+        ref = teacher_ref(run)
+        if ref is not None and not position.get(ref, i) < i:
+            where = "comes later" if ref in position else "is not in the grid"
+            raise ConfigError(f"run {run.id}: its teacher run {ref!r} {where}; list the teacher's group first")
+
+
+def runs_root(exp: Experiment) -> Path:
+    return Path(exp.runs_dir) if exp.runs_dir else Path(exp.output_dir) / "runs"
+
+
+def run_dir(exp: Experiment, run: Run) -> Path:
+    """The run's models and checkpoints (the trainer's ``output_dir``)."""
+    return runs_root(exp) / run.id
+
+
+def records_root(exp: Experiment) -> Path:
+    return Path(exp.records_dir) if exp.records_dir else runs_root(exp)
+
+
+def record_dir(exp: Experiment, run: Run) -> Path:
+    """The run's record: run.json, summary.json, metrics.csv, gamma_probe.jsonl, eval/, DONE.json."""
+    return records_root(exp) / run.id
+
+
+def trained(exp: Experiment, run: Run) -> bool:
+    """Whether the run folder holds a finished training: the trainer's ``summary.json`` and ``final/``."""
+    out = run_dir(exp, run)
+    return (out / "summary.json").is_file() and (out / "final").is_dir()
+
+
+def run_fingerprint(run: Run) -> str:
+    """What a finished run must match to be reused: sha256 of its TrainConfig (canonical JSON) without the output
+    folder."""
+    from targetsft.runtime.files import sha256_json
+
+    return sha256_json({k: v for k, v in run.config.items() if k != "output_dir"})
+
+
+def run_precision(run: Run) -> str | None:
+    """The training precision the run gets on this machine
+    (:meth:`~targetsft.training.config.TrainConfig.resolved_precision`); ``None`` for the baseline (untrained)."""
+    if run.is_baseline:
+        return None
+    import warnings
+
+    with warnings.catch_warnings():  # the slow-bf16 warning is for the run itself, not for a status check
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return config_from_dict(run.config).resolved_precision().name
+
+
+def recorded_precision(record: dict[str, Any] | None, config: dict[str, Any] | None = None) -> str | None:
+    """The training precision a ``DONE.json`` or ``run.json`` record says its run used; for a record written before
+    precision was recorded, the explicit precision of its ``config`` (every committed record: ``train.bf16: true``),
+    else ``None`` (unknown)."""
+    record = record or {}
+    envs = (record.get("environment"), (record.get("train") or {}).get("environment"))
+    found = record.get("precision") or next((e["precision"] for e in envs if e and e.get("precision")), None)
+    if found or config is None:
+        return found
+    requested = config_from_dict(config).requested_precision()
+    return None if requested == "auto" else requested
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=1, ensure_ascii=False, default=str) + "\n")
+
+
+def spec_dict(spec: EvalSpec) -> dict[str, Any]:
+    return dataclasses.asdict(spec)
+
+
+def same_spec(recorded: dict[str, Any] | None, spec: EvalSpec) -> bool:
+    """Whether a recorded spec is ``spec``; an option added to :class:`EvalSpec` after the record was written counts
+    as its default (so adding an option never re-evaluates finished sets)."""
+    if recorded is None:
+        return False
+    defaults = {f.name: f.default for f in dataclasses.fields(EvalSpec) if f.default is not dataclasses.MISSING}
+    return {**defaults, **recorded} == spec_dict(spec)
+
+
+def holds_every_set(done: dict[str, Any] | None, exp: Experiment) -> bool:
+    """Whether a ``DONE.json`` record has every eval set of ``exp``, each evaluated with the spec ``exp`` has now."""
+    return done is not None and all(same_spec(done["sets"].get(s.label, {}).get("spec"), s) for s in exp.eval)

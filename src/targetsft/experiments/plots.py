@@ -1,0 +1,161 @@
+"""The plots of an experiment: accuracy with intervals, training curves, γ over training, accuracy vs a swept value."""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from targetsft.experiments.grid import BASELINE_ID, PROBE_FILE, Experiment, records_root
+from targetsft.experiments.runner import read_probe
+
+
+def _read_metrics_csv(path: Path) -> list[dict[str, float]]:
+    """The trainer's ``metrics.csv`` as float rows (empty cells dropped)."""
+    if not path.is_file():
+        return []
+    with path.open() as fh:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(fh)]
+
+
+def _colors(names: Iterable[str]) -> dict[str, Any]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10"]
+    return {n: cmap(i % 10) for i, n in enumerate(dict.fromkeys(names))}
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _plot_accuracy(rows: Sequence[dict], label: str, metric: str, path: Path) -> Path:
+    """Mean per config with its interval (error bars), coloured by method."""
+    import matplotlib.pyplot as plt
+
+    colors = _colors(r["method"] for r in rows)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(rows) + 2), 3.8))
+    for i, r in enumerate(rows):
+        lo, hi = (r["lo"], r["hi"]) if r["lo"] is not None and not math.isnan(r["lo"]) else (r["mean"], r["mean"])
+        ax.bar(i, 100 * r["mean"], color=colors[r["method"]], alpha=0.8)
+        ax.errorbar(
+            i, 100 * r["mean"], yerr=[[100 * (r["mean"] - lo)], [100 * (hi - r["mean"])]], color="black", capsize=4
+        )
+    ax.set_xticks(range(len(rows)), [r["config"] for r in rows], rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_title(f"{label}: {metric}, mean and 95% interval over seeds (one run: over problems)", fontsize=8)
+    return _save(fig, path)
+
+
+def _plot_curves(records: Sequence[dict], root: Path, keys: Sequence[str], path: Path) -> Path | None:
+    """``keys`` (columns of metrics.csv) against the step, one line per run, coloured by config."""
+    import matplotlib.pyplot as plt
+
+    series = [(r, _read_metrics_csv(root / r["run"] / "metrics.csv")) for r in records]
+    series = [(r, rows) for r, rows in series if rows and all(k in rows[0] for k in keys)]
+    if not series:
+        return None
+    colors = _colors(r["config_id"] for r, _ in series)
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.8), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        labelled: set[str] = set()
+        for r, rows in series:
+            cid = r["config_id"]
+            ax.plot(
+                [x["step"] for x in rows],
+                [x[key] for x in rows],
+                color=colors[cid],
+                lw=1,
+                label=None if cid in labelled else cid,
+            )
+            labelled.add(cid)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+    axes[0][0].legend(fontsize=6)
+    return _save(fig, path)
+
+
+def _plot_gamma_distribution(records: Sequence[dict], root: Path, path: Path) -> Path | None:
+    """γ = p_θ(y) on the probe examples against the step: median, 25–75% and 10–90% bands, one panel per config
+    (its first seed)."""
+    import matplotlib.pyplot as plt
+
+    first: dict[str, tuple[dict, dict]] = {}
+    for r in records:
+        probe = read_probe(root / r["run"] / PROBE_FILE)
+        if probe and r["config_id"] not in first:
+            first[r["config_id"]] = (r, probe)
+    if not first:
+        return None
+    fig, axes = plt.subplots(1, len(first), figsize=(4.5 * len(first), 3.8), squeeze=False, sharey=True)
+    for ax, (cid, (r, probe)) in zip(axes[0], first.items(), strict=True):
+        steps = sorted(probe)
+        q = {k: [probe[s][k] for s in steps] for k in ("q10", "q25", "q50", "q75", "q90", "mean")}
+        ax.fill_between(steps, q["q10"], q["q90"], alpha=0.2, label="10–90%")
+        ax.fill_between(steps, q["q25"], q["q75"], alpha=0.4, label="25–75%")
+        ax.plot(steps, q["q50"], label="median")
+        ax.plot(steps, q["mean"], ls="--", label="mean")
+        ax.set_title(f"{cid} (seed {r['seed']})", fontsize=9)
+        ax.set_xlabel("step")
+    axes[0][0].set_ylabel("γ = p(label) on probe examples")
+    axes[0][0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _plot_vs(rows: Sequence[dict], key: str, path: Path, log_x: bool = False) -> Path:
+    """Accuracy (mean over seeds, interval) against a parameter, one line per method × metric."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.8))
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["metric"]), []).append(r)
+    for (method, metric), rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["x"])
+        ys = [100 * r["mean"] for r in rs]
+        lo = [100 * (r["mean"] - r["lo"]) if r["lo"] is not None and not math.isnan(r["lo"]) else 0 for r in rs]
+        hi = [100 * (r["hi"] - r["mean"]) if r["hi"] is not None and not math.isnan(r["hi"]) else 0 for r in rs]
+        ax.errorbar([r["x"] for r in rs], ys, yerr=[lo, hi], marker="o", capsize=3, label=f"{method} {metric}")
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(key)
+    ax.set_ylabel("accuracy (%)")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def write_plots(exp: Experiment, records: Sequence[dict], summary: Sequence[dict]) -> list[Path]:
+    """PNGs in ``<output_dir>/plots/``: accuracy per config and set (with intervals); training curves (loss, NLL);
+    for dft vs target_sft the mean γ per logging step (metrics.csv) and its distribution on the probe examples
+    (``gamma_probe.jsonl``); accuracy vs η (target_sft) and vs learning rate, where the grid varies them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    root, plots = records_root(exp), Path(exp.output_dir) / "plots"
+    safe = lambda s: re.sub(r"[^A-Za-z0-9._-]+", "_", s)  # noqa: E731
+    out = []
+    for label, metric in dict.fromkeys((r["set"], r["metric"]) for r in summary):
+        rows = [r for r in summary if (r["set"], r["metric"]) == (label, metric)]
+        out.append(_plot_accuracy(rows, label, metric, plots / f"accuracy_{safe(label)}_{safe(metric)}.png"))
+    trained = [r for r in records if r["method"] != BASELINE_ID]
+    out.append(_plot_curves(trained, root, ("loss", "nll"), plots / "training_curves.png"))
+    gamma_runs = [r for r in trained if r["method"] in ("dft", "target_sft")]
+    out.append(_plot_curves(gamma_runs, root, ("gamma",), plots / "gamma.png"))
+    out.append(_plot_gamma_distribution(gamma_runs, root, plots / "gamma_distribution.png"))
+    for label in dict.fromkeys(r["set"] for r in summary):
+        eta = [{**r, "x": r["params"]["eta"]} for r in summary if r["set"] == label and r["method"] == "target_sft"]
+        if len({r["x"] for r in eta}) > 1:
+            out.append(_plot_vs(eta, "η (target_sft)", plots / f"accuracy_vs_eta_{safe(label)}.png"))
+        lr = [{**r, "x": r["learning_rate"]} for r in summary if r["set"] == label and r["learning_rate"]]
+        if any(len({r["x"] for r in lr if r["method"] == m}) > 1 for m in {r["method"] for r in lr}):
+            out.append(_plot_vs(lr, "learning rate", plots / f"accuracy_vs_lr_{safe(label)}.png", log_x=True))
+    return [p for p in out if p is not None]

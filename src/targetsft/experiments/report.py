@@ -1,0 +1,399 @@
+"""Aggregating finished runs into tables.
+
+Outputs: ``results.csv`` (one row per run × set × metric), ``summary.csv`` and ``results.md`` (mean ± interval
+over seeds), ``comparisons.csv``, ``probe.csv`` (p_θ(y) on the probe examples, start and end of training),
+``plots/*.png``, ``progress.log``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from targetsft.experiments.grid import (
+    BASELINE_ID,
+    BINARY_METRICS,
+    DONE_FILE,
+    PROBE_FILE,
+    EvalSpec,
+    Experiment,
+    ExperimentError,
+    expand_grid,
+    holds_every_set,
+    read_json,
+    record_dir,
+    recorded_precision,
+    records_root,
+)
+from targetsft.experiments.plots import write_plots
+from targetsft.experiments.runner import read_probe
+from targetsft.experiments.statistics import paired_comparison, t_interval
+from targetsft.runtime.files import atomic_write_csv, atomic_write_text
+
+
+def done_records(exp: Experiment) -> list[dict[str, Any]]:
+    """The ``DONE.json`` records of the experiment's finished runs, in grid order: those evaluated on every set of
+    the experiment with its current spec (a run shared through ``runs_dir`` may be done for another experiment and
+    not yet for this one)."""
+    out = []
+    for run in expand_grid(exp):
+        record = read_json(record_dir(exp, run) / DONE_FILE)
+        if holds_every_set(record, exp):
+            out.append(record)
+    return out
+
+
+def check_one_precision(exp: Experiment, records: Sequence[dict[str, Any]]) -> list[str]:
+    """The training precisions of the finished runs' records (``unknown`` where a record says none); more than one
+    is an :class:`ExperimentError` naming a run of each: runs trained at two precisions are never pooled or
+    compared."""
+    configs = {r.id: r.config for r in expand_grid(exp)}
+    by_precision: dict[str, str] = {}
+    for record in records:
+        if record["run"] != BASELINE_ID:
+            precision = recorded_precision(record, configs.get(record["run"])) or "unknown"
+            by_precision.setdefault(precision, record["run"])
+    if len(by_precision) > 1:
+        named = "; ".join(f"{run} at {p}" for p, run in by_precision.items())
+        raise ExperimentError(
+            f"{exp.name}: its finished runs were trained at different precisions ({named}); results of different "
+            "precisions are not pooled or compared: rerun the odd ones at one precision (see the precision key)"
+        )
+    return sorted(by_precision)
+
+
+def primary_metrics(spec: EvalSpec, kind: str) -> list[str]:
+    """The metrics tabulated and compared: ``spec.metrics``, else Average@k (k > 1) and greedy for generation
+    (``average@1`` when sampling once without greedy), ``accuracy`` for multiple choice."""
+    if spec.metrics:
+        return list(spec.metrics)
+    if kind == "multiple_choice":
+        return ["accuracy"]
+    out = [f"average@{spec.samples}"] if spec.samples > 1 or (spec.temperature or 0) > 0 else []
+    return out + ["greedy"] if spec.greedy else out or ["average@1"]
+
+
+def per_problem_values(path: Path, metric: str, normalize: str = "mean") -> dict[str, float]:
+    """``{problem id: value}`` of ``metric`` from an evaluation JSONL (``<set>.generations.jsonl``: greedy,
+    average@k, pass@k; ``<set>.mc.jsonl``: accuracy, accuracy_mean, accuracy_sum)."""
+    from targetsft.data.sft import read_jsonl
+
+    out = {}
+    for rec in read_jsonl(path):
+        if "answer_index" in rec:
+            by_sum = metric == "accuracy_sum" or (metric, normalize) == ("accuracy", "sum")
+            out[rec["id"]] = float(rec["pred_sum" if by_sum else "pred_mean"] == rec["answer_index"])
+        elif metric == "greedy":
+            out[rec["id"]] = float(rec["greedy"]["correct"])
+        elif metric.startswith("average@"):
+            out[rec["id"]] = sum(s["correct"] for s in rec["samples"]) / len(rec["samples"])
+        elif metric == f"pass@{len(rec['samples'])}":
+            out[rec["id"]] = float(any(s["correct"] for s in rec["samples"]))
+        else:
+            raise ValueError(f"{path}: no per-problem values for metric {metric!r}")
+    return out
+
+
+def _configs(records: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Records grouped by config id, in order."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        out.setdefault(r["config_id"], []).append(r)
+    return out
+
+
+def result_rows(records: Sequence[dict[str, Any]], labels: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """One row per run × set × metric (``results.csv``), for the sets ``labels`` (default all)."""
+    rows = []
+    for r in records:
+        for label, res in r["sets"].items():
+            if labels is not None and label not in labels:
+                continue
+            for metric, m in res["metrics"].items():
+                rows.append(
+                    {
+                        "run": r["run"],
+                        "config": r["config_id"],
+                        "method": r["method"],
+                        "params": json.dumps(r["params"], sort_keys=True),
+                        "learning_rate": r["learning_rate"],
+                        "seed": r["seed"],
+                        "set": label,
+                        "metric": metric,
+                        **{k: m.get(k) for k in ("value", "lo", "hi", "n")},
+                    }
+                )
+    return rows
+
+
+def summary_rows(exp: Experiment, records: Sequence[dict[str, Any]], confidence: float = 0.95) -> list[dict]:
+    """Per config × set × primary metric: mean over seeds with its t-interval (``half``; ``lo``/``hi`` clipped to
+    [0, 1]); with one run, that run's interval over problems (``interval = "problems"``)."""
+    rows = []
+    for spec in exp.eval:
+        for cid, runs in _configs(records).items():
+            res = [r["sets"][spec.label] for r in runs if spec.label in r["sets"]]
+            if not res:
+                continue
+            for metric in primary_metrics(spec, res[0]["kind"]):
+                ms = [x["metrics"][metric] for x in res if x["metrics"].get(metric, {}).get("value") is not None]
+                if not ms:
+                    continue
+                mean, lo, hi = t_interval([m["value"] for m in ms], confidence)
+                half, lo, hi, kind = hi - mean, max(0.0, lo), min(1.0, hi), "seeds"  # metrics are fractions
+                if len(ms) == 1:
+                    half, lo, hi, kind = math.nan, ms[0]["lo"], ms[0]["hi"], "problems"
+                first = runs[0]
+                rows.append(
+                    {
+                        "set": spec.label,
+                        "metric": metric,
+                        "config": cid,
+                        "method": first["method"],
+                        "params": first["params"],
+                        "learning_rate": first["learning_rate"],
+                        "mean": mean,
+                        "half": half,
+                        "lo": lo,
+                        "hi": hi,
+                        "n_runs": len(ms),
+                        "interval": kind,
+                        "values": [m["value"] for m in ms],
+                    }
+                )
+    return rows
+
+
+def _matches(entry: str, cid: str, method: str) -> bool:
+    """A compare entry names a method, or is a glob over config ids (``*`` leaves the baseline out)."""
+    if method == BASELINE_ID:
+        return entry == BASELINE_ID
+    return entry == method or fnmatch.fnmatchcase(cid, entry)
+
+
+def _seed_values(root: Path, runs: Sequence[dict], spec: EvalSpec, metric: str) -> dict[Any, dict[str, float]]:
+    """``{seed: {problem id: value}}`` of one config's runs on one set."""
+    return {
+        r["seed"]: per_problem_values(root / r["run"] / r["sets"][spec.label]["items"], metric, spec.normalize)
+        for r in runs
+    }
+
+
+def comparison_rows(exp: Experiment, records: Sequence[dict[str, Any]], root: Path) -> list[dict[str, Any]]:
+    """Paired comparisons (:func:`paired_comparison`) of the ``compare`` pairs on every set's primary metrics."""
+    configs = _configs(records)
+    pairs: list[tuple[str, str]] = []
+    for a_entry, b_entry in exp.compare:
+        for a, ra in configs.items():
+            for b, rb in configs.items():
+                new = a != b and (a, b) not in pairs and (b, a) not in pairs
+                if new and _matches(a_entry, a, ra[0]["method"]) and _matches(b_entry, b, rb[0]["method"]):
+                    pairs.append((a, b))
+    rows = []
+    for spec in exp.eval:
+        for a, b in pairs:
+            sides = [[r for r in configs[c] if spec.label in r["sets"]] for c in (a, b)]
+            if not all(sides):
+                continue
+            for metric in primary_metrics(spec, sides[0][0]["sets"][spec.label]["kind"]):
+                a_values, b_values = (_seed_values(root, side, spec, metric) for side in sides)
+                stats = paired_comparison(a_values, b_values, binary=metric in BINARY_METRICS)
+                rows.append({"set": spec.label, "metric": metric, "a": a, "b": b, **stats})
+    return rows
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def format_markdown(
+    exp: Experiment,
+    summary: Sequence[dict],
+    comparisons: Sequence[dict],
+    n_runs: int,
+    teachers: Sequence[dict] = (),
+    probes: Sequence[dict] = (),
+    precisions: Sequence[str] = (),
+) -> str:
+    """``results.md``: a table per set (configs × metrics, mean ± interval in %), the teachers' scores on the
+    training labels (:func:`teacher_rows`), p_θ(y) on the probe examples (:func:`probe_rows`) and the paired
+    comparisons; ``precisions``: the training precision of the runs (:func:`check_one_precision`)."""
+    done = len({r["config"] for r in summary})
+    trained = f" Training precision: {', '.join(precisions)}." if precisions else ""
+    lines = [
+        f"# {exp.name}",
+        "",
+        f"{n_runs} runs finished, {done} configurations.{trained} Values in %; mean over seeds "
+        "± the 95% t-interval half-width [interval]; `*`: one run, its 95% interval over problems.",
+        "",
+    ]
+    for spec in exp.eval:
+        rows = [r for r in summary if r["set"] == spec.label]
+        if not rows:
+            continue
+        metrics = list(dict.fromkeys(r["metric"] for r in rows))
+        lines += [
+            f"## {spec.label} ({spec.set})",
+            "",
+            "| config | runs | " + " | ".join(metrics) + " |",
+            "|---|---|" + "---|" * len(metrics),
+        ]
+        for cid in dict.fromkeys(r["config"] for r in rows):
+            cells, n = [], 0
+            for metric in metrics:
+                r = next((x for x in rows if x["config"] == cid and x["metric"] == metric), None)
+                if r is None:
+                    cells.append("—")
+                    continue
+                n = r["n_runs"]
+                if r["interval"] == "problems":
+                    cells.append(f"{_pct(r['mean'])} [{_pct(r['lo'])}, {_pct(r['hi'])}]*")
+                else:
+                    cells.append(f"{_pct(r['mean'])} ± {_pct(r['half'])} [{_pct(r['lo'])}, {_pct(r['hi'])}]")
+            lines.append(f"| {cid} | {n} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if teachers:
+        lines += [
+            "## Teachers on the training labels",
+            "",
+            "Per supervised token of the training data, from each teacher's top-k cache: how often its top token is "
+            "the label, how often the label is in its top-k, and its mean probability of the label (0 counted where "
+            "the label is outside the top-k: a lower bound).",
+            "",
+            "| teacher | prompt | used by | tokens | top-1 = label | label in top-k | mean π_T(label) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for t in teachers:
+            lines.append(
+                f"| {t['teacher']} | {t['prompt']} | {', '.join(t['configs'])} | {t['tokens']} | {_pct(t['top1'])} | "
+                f"{_pct(t['in_topk'])} | {_pct(t['p_label'])} |"
+            )
+        lines.append("")
+    if probes:
+        lines += [
+            "## p_θ(label) on the probe examples, start → end of training",
+            "",
+            "Per supervised token of the first training examples (`gamma_probe`), the model's probability of the "
+            "label: γ itself for the γ = p_θ(y) methods, and for every method how well it fits its training labels. "
+            "Mean over seeds.",
+            "",
+            f"| config | runs | tokens | last step | mean | 10% quantile | median | p < {probes[0]['bin']:g} "
+            f"| p ≥ {1 - probes[0]['bin']:g} |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for p in probes:
+            cells = " | ".join(f"{_pct(p[f'{k}_start'])} → {_pct(p[f'{k}_end'])}" for k in PROBE_KEYS)
+            lines.append(f"| {p['config']} | {p['n_runs']} | {p['tokens']} | {p['step']} | {cells} |")
+        lines.append("")
+    if comparisons:
+        lines += [
+            "## Paired comparisons (A − B, same problems and seeds)",
+            "",
+            "Difference in points with its 95% t-interval over problems (per problem: mean over seeds); "
+            "McNemar exact p on the discordant (seed, problem) pairs for 0/1 metrics. A win or loss only when "
+            "the interval excludes 0.",
+            "",
+            "| set | metric | A | B | A − B [95%] | problems × seeds | A only / B only | p (McNemar) | verdict |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for c in comparisons:
+            p = "—" if c["p_mcnemar"] is None else f"{c['p_mcnemar']:.3g}"
+            lines.append(
+                f"| {c['set']} | {c['metric']} | {c['a']} | {c['b']} | {_pct(c['diff'])} [{_pct(c['lo'])}, "
+                f"{_pct(c['hi'])}] | {c['n_problems']} × {c['n_seeds']} | {c['a_better']} / {c['b_better']} | {p} | "
+                f"**{c['verdict']}** |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def teacher_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per teacher cache the runs trained from: the teacher, its prompt, the configs that used it and how
+    it scores their training labels (``label_stats``: top-1 agreement, label in top-k, mean π_T(y))."""
+    rows: dict[str, dict[str, Any]] = {}
+    for r in records:
+        info = (r.get("train") or {}).get("teacher")
+        if not info:
+            continue
+        row = rows.setdefault(
+            info["cache"],
+            {
+                "teacher": info["name"],
+                "prompt": info["prompt"],
+                "cache": info["cache"],
+                "configs": [],
+                **info["label_stats"],
+            },
+        )
+        if r["config_id"] not in row["configs"]:
+            row["configs"].append(r["config_id"])
+    return list(rows.values())
+
+
+PROBE_KEYS = ("mean", "q10", "q50", "low", "high")
+
+
+def probe_rows(records: Sequence[dict[str, Any]], root: Path) -> list[dict[str, Any]]:
+    """One row per trained config with probe files: p_θ(y) on its probe examples at the first and the last recorded
+    step (``<key>_start``, ``<key>_end``), each the mean over seeds of the run's mean, 10% quantile, median and the
+    shares in the histogram's lowest (``low``: p < 1/bins) and highest (``high``: p ≥ 1 − 1/bins) bins."""
+
+    def stats(d: dict[str, Any]) -> dict[str, float]:
+        n, hist = d["n"], d["hist"]
+        return {"mean": d["mean"], "q10": d["q10"], "q50": d["q50"], "low": hist[0] / n, "high": hist[-1] / n}
+
+    groups: dict[str, list[tuple[dict[str, float], dict[str, float]]]] = {}
+    meta: dict[str, dict[str, Any]] = {}
+    for r in records:
+        probe = read_probe(root / r["run"] / PROBE_FILE)
+        if not probe or r["method"] == BASELINE_ID:
+            continue
+        first, last = probe[min(probe)], probe[max(probe)]
+        groups.setdefault(r["config_id"], []).append((stats(first), stats(last)))
+        meta.setdefault(r["config_id"], {"tokens": last["n"], "step": max(probe), "bin": 1 / len(last["hist"])})
+    rows = []
+    for cid, runs in groups.items():
+        row: dict[str, Any] = {"config": cid, "n_runs": len(runs), **meta[cid]}
+        for i, when in enumerate(("start", "end")):
+            row |= {f"{k}_{when}": math.fsum(run[i][k] for run in runs) / len(runs) for k in PROBE_KEYS}
+        rows.append(row)
+    return rows
+
+
+def aggregate(exp: Experiment, *, plots: bool = True) -> dict[str, Any]:
+    """Write ``results.csv``, ``summary.csv``, ``comparisons.csv``, ``probe.csv``, ``results.md`` and the plots from
+    the finished runs (all trained at one precision, else :class:`ExperimentError`); returns the paths and the
+    rows."""
+    root = Path(exp.output_dir)
+    records = done_records(exp)
+    precisions = check_one_precision(exp, records)
+    summary = summary_rows(exp, records)
+    records_at = records_root(exp)
+    comparisons = comparison_rows(exp, records, records_at)
+    probes = probe_rows(records, records_at)
+    names = ("results.csv", "summary.csv", "comparisons.csv", "probe.csv", "results.md")
+    paths = {name: root / name for name in names}
+    atomic_write_csv(paths["results.csv"], result_rows(records, [s.label for s in exp.eval]))
+    atomic_write_csv(
+        paths["summary.csv"],
+        [{**r, "params": json.dumps(r["params"]), "values": json.dumps(r["values"])} for r in summary],
+    )
+    atomic_write_csv(paths["comparisons.csv"], comparisons)
+    atomic_write_csv(paths["probe.csv"], probes)
+    teachers = teacher_rows(records)
+    markdown = format_markdown(exp, summary, comparisons, len(records), teachers, probes, precisions)
+    atomic_write_text(paths["results.md"], markdown)
+    figures = write_plots(exp, records, summary) if plots else []
+    return {
+        "paths": paths,
+        "plots": figures,
+        "summary": summary,
+        "comparisons": comparisons,
+        "teachers": teachers,
+        "probes": probes,
+        "records": records,
+    }

@@ -1,0 +1,323 @@
+"""Fused lm_head + target loss that never builds the ``[tokens, V]`` logits or target.
+
+Ignored tokens are dropped before the projection; the remaining rows are processed in chunks. Each chunk's
+logits ``z = h·Wᵀ``, target and gradient ``p − Q`` are computed in one pass and turned at once into the
+gradients ``∂/∂h = (p − Q)·W`` and ``∂/∂W += (p − Q)ᵀ·h``, so nothing of size ``[tokens, V]`` outlives its
+chunk: three matrix products per chunk, as for the logits alone in an unfused forward + backward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from targetsft.losses import validation as V
+from targetsft.losses.inputs import SideInputs, _select, denominator, prepare
+from targetsft.losses.loss import compute_dtype
+from targetsft.losses.target import Distribution, Target, TargetStats, loss_and_grad
+
+# Bytes of one float32 [chunk, V] buffer when the chunk size is chosen automatically (a chunk holds ~3 of them).
+CHUNK_BYTES_CPU = 32 << 20
+CHUNK_BYTES_CUDA = 256 << 20
+
+
+def auto_chunk_size(n_rows: int, vocab_size: int, device: torch.device, hidden_size: int = 0) -> int:
+    """Rows per chunk so that one float32 ``[chunk, V]`` buffer takes about ``CHUNK_BYTES_*`` (at most a
+    sixteenth of free memory on CUDA), rounded to a multiple of 8 and at most ``n_rows``.
+
+    On CPU the budget grows to a quarter of the float32 ``[V, H]`` weight-gradient buffer when that is larger:
+    each chunk reads the whole weight three times, so a large vocabulary needs more rows per chunk to keep the
+    matrix products efficient (``bench/profile_fused.py``), and the chunk then stays small beside the weight
+    gradient that every implementation holds.
+    """
+    budget = max(CHUNK_BYTES_CPU, vocab_size * hidden_size)  # V·H·4 bytes / 4
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = min(CHUNK_BYTES_CUDA, free // 16)
+    rows = max(8, (budget // (4 * vocab_size)) // 8 * 8)
+    return max(1, min(rows, n_rows))
+
+
+@dataclass
+class _Head:
+    """A projection to the vocabulary: ``z = transform(h·Wᵀ + b)`` for the rows that carry a loss."""
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None
+
+    def logits(
+        self, s: int, e: int, cdt: torch.dtype, logit_scale: float, softcap: float | None, out: Tensor | None = None
+    ) -> Tensor:
+        """The logits of rows ``s:e`` in ``cdt``, written into ``out`` ``[e − s, V]`` when given."""
+        h = self.hidden[s:e]
+        same = h.dtype == self.weight.dtype == cdt
+        z = torch.mm(h, self.weight.t(), out=out if same else None)
+        if self.bias is not None:
+            z += self.bias
+        if z.dtype != cdt:
+            z = out.copy_(z) if out is not None else z.to(cdt)
+        if logit_scale != 1.0:
+            z.mul_(logit_scale)
+        if softcap is not None:
+            z.div_(softcap).tanh_().mul_(softcap)
+        return z
+
+
+@dataclass
+class _Plan:
+    """Everything one fused call needs, shared by the forward pass and the recomputing backward."""
+
+    target: Target
+    labels: Tensor
+    side: SideInputs
+    teacher_head: _Head | None
+    ref_head: _Head | None
+    chunk: int
+    logit_scale: float
+    softcap: float | None
+
+    def run(
+        self,
+        student: _Head,
+        *,
+        need_h: bool,
+        need_w: bool,
+        need_b: bool,
+        row_weight: Tensor | None = None,
+        stats: TargetStats | None = None,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        """Per-row losses and, where asked, the gradients of ``Σ_t row_weight_t·ℓ_t`` for h, W and b."""
+        h, w = student.hidden, student.weight
+        cdt = compute_dtype(h.dtype)
+        n = h.shape[0]
+        need_grad = need_h or need_w or need_b
+        grad_h = torch.empty(h.shape, dtype=cdt, device=h.device) if need_h else None
+        grad_w = torch.zeros(w.shape, dtype=cdt, device=w.device) if need_w else None
+        grad_b = torch.zeros(w.shape[0], dtype=cdt, device=w.device) if need_b else None
+        w_mm = w if w.dtype == cdt else None  # weight used for dh = g·W, in the matmul dtype
+        # Two [chunk, V] buffers reused by every chunk: the logits (then p, then the gradient) and log p.
+        buffers = torch.empty((2, min(self.chunk, n), w.shape[0]), dtype=cdt, device=h.device)
+        losses = []
+        for s in range(0, n, self.chunk):
+            e = min(s + self.chunk, n)
+            z = student.logits(s, e, cdt, self.logit_scale, self.softcap, out=buffers[0, : e - s])
+            dcap = 1.0 - (z / self.softcap).square() if (need_grad and self.softcap is not None) else None
+            side = self.side.rows(slice(s, e))
+            if self.teacher_head is not None:
+                side.teacher = Distribution(logits=self.teacher_head.logits(s, e, cdt, self.logit_scale, self.softcap))
+            if self.ref_head is not None:
+                side.ref = Distribution(logits=self.ref_head.logits(s, e, cdt, self.logit_scale, self.softcap))
+            box = [z]
+            del z
+            loss, g = loss_and_grad(
+                box,
+                self.labels[s:e],
+                self.target,
+                **vars(side),
+                need_grad=need_grad,
+                stats=stats,
+                workspace=buffers[1, : e - s],
+            )
+            losses.append(loss)
+            if not need_grad:
+                continue
+            if dcap is not None:
+                g.mul_(dcap)
+                del dcap
+            if self.logit_scale != 1.0:
+                g.mul_(self.logit_scale)
+            if row_weight is not None:
+                g.mul_(row_weight[s:e, None].to(cdt))
+            if grad_b is not None:
+                grad_b += g.sum(0)
+            hc = h[s:e]
+            if w_mm is not None:  # float32/float64 weights: accumulate in place
+                if grad_h is not None:
+                    torch.mm(g, w_mm, out=grad_h[s:e])
+                if grad_w is not None:
+                    grad_w.addmm_(g.t(), hc)
+            else:  # low-precision weights: matmuls in their dtype, accumulation in float32
+                g_lp = g.to(w.dtype)
+                del g
+                if grad_h is not None:
+                    grad_h[s:e] = g_lp @ w
+                if grad_w is not None:
+                    grad_w += g_lp.t() @ hc
+        loss_rows = torch.cat(losses) if losses else h.new_zeros(0, dtype=cdt)
+        return loss_rows, grad_h, grad_w, grad_b
+
+
+class _FusedLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan, per_row: bool, stats):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        student = _Head(hidden, weight, bias)
+        ctx.plan, ctx.per_row, ctx.needs = plan, per_row, (need_h, need_w, need_b)
+        if per_row:  # per-token upstream gradients: recompute chunk by chunk in backward
+            loss_rows, *_ = plan.run(student, need_h=False, need_w=False, need_b=False, stats=stats)
+            ctx.save_for_backward(hidden, weight, bias)
+            return loss_rows
+        loss_rows, gh, gw, gb = plan.run(student, need_h=need_h, need_w=need_w, need_b=need_b, stats=stats)
+        ctx.grads = (gh, gw, gb)
+        return loss_rows.sum()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        if ctx.per_row:
+            hidden, weight, bias = ctx.saved_tensors
+            need_h, need_w, need_b = ctx.needs
+            _, gh, gw, gb = ctx.plan.run(
+                _Head(hidden, weight, bias), need_h=need_h, need_w=need_w, need_b=need_b, row_weight=grad_out
+            )
+            grads = (gh, gw, gb)
+        else:
+            grads = tuple(None if g is None else g.mul_(grad_out.to(g.dtype)) for g in ctx.grads)
+            ctx.grads = None
+        return *grads, None, None, None
+
+
+def _teacher_head(
+    name: str, hidden: Tensor | None, weight: Tensor | None, bias: Tensor | None, lead, rows, vocab: int
+) -> _Head | None:
+    if hidden is None and weight is None:
+        return None
+    if hidden is None or weight is None:
+        raise ValueError(f"give both {name}_hidden and {name}_lm_head_weight")
+    V.check_float(f"{name}_hidden", hidden)
+    V.check_float(f"{name}_lm_head_weight", weight)
+    if weight.dim() != 2 or weight.shape[0] != vocab:
+        raise ValueError(
+            f"{name}_lm_head_weight has shape {tuple(weight.shape)}; expected [{vocab}, H] (the student's vocabulary): "
+            "the teacher must share the student's tokenizer and vocabulary"
+        )
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{name}_hidden has size {hidden.shape[-1]} but {name}_lm_head_weight expects {weight.shape[1]}"
+        )
+    h = _select(hidden.detach(), lead, rows, rows.numel(), f"{name}_hidden")
+    V.check_finite(f"{name}_hidden", h)
+    return _Head(h, weight.detach(), None if bias is None else bias.detach())
+
+
+def fused_target_loss(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    labels: Tensor,
+    *,
+    method: str | Target = "sft",
+    lm_head_bias: Tensor | None = None,
+    chunk_size: int | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | Tensor | None = None,
+    teacher_topk: tuple[Tensor, Tensor] | None = None,
+    teacher_hidden: Tensor | None = None,
+    teacher_lm_head_weight: Tensor | None = None,
+    teacher_lm_head_bias: Tensor | None = None,
+    ref_topk: tuple[Tensor, Tensor] | None = None,
+    ref_hidden: Tensor | None = None,
+    ref_lm_head_weight: Tensor | None = None,
+    ref_lm_head_bias: Tensor | None = None,
+    token_weights: Tensor | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    return_stats: bool = False,
+    **params: Any,
+) -> Tensor | tuple[Tensor, dict[str, float]]:
+    """``target_loss(softcap·tanh(logit_scale·(h·Wᵀ + b)/softcap), labels, ...)`` without the ``[N, V]`` logits.
+
+    Args:
+        hidden: ``[N, H]`` or ``[B, T, H]`` final hidden states (any float dtype; float32 accumulation).
+        lm_head_weight: ``[V, H]`` output projection (tied or not); ``lm_head_bias``: ``[V]`` or None.
+        labels: ``[N]`` or ``[B, T]``, already shifted, ``ignore_index`` where there is no loss.
+        chunk_size: rows per chunk; chosen from ``V`` and free memory when None.
+        teacher_topk / ref_topk: ``(ids, logprobs)`` per position ``[..., k]`` or per loss token ``[n, k]``.
+        teacher_hidden + teacher_lm_head_weight (+ bias): a teacher sharing the vocabulary, projected chunk by
+            chunk the same way (same ``logit_scale``/``softcap``); likewise ``ref_*`` for a reference model.
+        logit_scale, softcap: logit scaling and Gemma-style soft-capping applied to every projection.
+        The rest is as in :func:`targetsft.target_loss`.
+
+    Under autocast the projections run in the autocast dtype (as autocast would run ``h·Wᵀ``); the target and
+    its gradient are always computed in float32.
+    """
+    V.check_float("hidden", hidden)
+    V.check_float("lm_head_weight", lm_head_weight)
+    if lm_head_weight.dim() != 2:
+        raise ValueError(f"lm_head_weight must be [V, H], got shape {tuple(lm_head_weight.shape)}")
+    vocab, width = lm_head_weight.shape
+    if hidden.shape[-1] != width:
+        raise ValueError(f"hidden has size {hidden.shape[-1]} but lm_head_weight is [V={vocab}, H={width}]")
+    if not isinstance(labels, Tensor) or labels.shape != hidden.shape[:-1]:
+        shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+        raise ValueError(f"labels has shape {shape}, expected {tuple(hidden.shape[:-1])} (hidden without H)")
+    if lm_head_bias is not None and lm_head_bias.shape != (vocab,):
+        raise ValueError(f"lm_head_bias must have shape [{vocab}], got {tuple(lm_head_bias.shape)}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 or None, got {softcap}")
+    if not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale) and logit_scale != 0):
+        raise ValueError(f"logit_scale must be a finite non-zero number, got {logit_scale}")
+    if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    target, rows, side = prepare(
+        method,
+        params,
+        labels,
+        vocab,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        num_items_in_batch=num_items_in_batch,
+        teacher_topk=teacher_topk,
+        ref_topk=ref_topk,
+        token_weights=token_weights,
+        teacher_given=teacher_hidden is not None or teacher_lm_head_weight is not None,
+        ref_given=ref_hidden is not None or ref_lm_head_weight is not None,
+    )
+    teacher_head = _teacher_head(
+        "teacher", teacher_hidden, teacher_lm_head_weight, teacher_lm_head_bias, labels.shape, rows, vocab
+    )
+    if teacher_head is not None and side.teacher is not None:
+        raise ValueError("give either teacher_topk or teacher_hidden, not both")
+    ref_head = _teacher_head("ref", ref_hidden, ref_lm_head_weight, ref_lm_head_bias, labels.shape, rows, vocab)
+    if ref_head is not None and side.ref is not None:
+        raise ValueError("give either ref_topk or ref_hidden, not both")
+    h = hidden.reshape(-1, width)[rows]
+    V.check_finite("hidden", h)
+    V.check_finite("lm_head_weight", lm_head_weight)
+    n = rows.numel()
+    plan = _Plan(
+        target=target,
+        labels=labels.reshape(-1)[rows],
+        side=side,
+        teacher_head=teacher_head,
+        ref_head=ref_head,
+        chunk=int(chunk_size) if chunk_size else auto_chunk_size(n, vocab, hidden.device, hidden.shape[-1]),
+        logit_scale=float(logit_scale),
+        softcap=None if softcap is None else float(softcap),
+    )
+    stats = TargetStats() if return_stats else None
+    per_row = reduction == "none"
+    weight, bias = lm_head_weight, lm_head_bias
+    device_type = h.device.type
+    if torch.is_autocast_enabled(device_type):  # run the projections in the autocast dtype, explicitly
+        low = torch.get_autocast_dtype(device_type)
+        h, weight = h.to(low), weight.to(low)
+        bias = None if bias is None else bias.to(low)
+        for head in (teacher_head, ref_head):
+            if head is not None:
+                head.hidden, head.weight = head.hidden.to(low), head.weight.to(low)
+                head.bias = None if head.bias is None else head.bias.to(low)
+    with torch.autocast(device_type, enabled=False):
+        out = _FusedLoss.apply(h, weight, bias, plan, per_row, stats)
+    if per_row:
+        out = out.new_zeros(labels.numel()).index_put((rows,), out).view(labels.shape)
+    else:
+        out = out / denominator(reduction, num_items_in_batch, n)
+    return (out, stats.means()) if return_stats else out

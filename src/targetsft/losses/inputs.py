@@ -1,0 +1,146 @@
+"""Validation and row selection shared by the logits-level and the fused losses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from targetsft.losses import validation as V
+from targetsft.losses.methods import resolve_target
+from targetsft.losses.target import Distribution, Target
+
+
+@dataclass
+class SideInputs:
+    """Per-token inputs besides logits and labels, restricted to the rows that carry a loss (in row order)."""
+
+    teacher: Distribution | None = None
+    ref: Distribution | None = None
+    token_weights: Tensor | None = None
+
+    def rows(self, index: Tensor | slice) -> SideInputs:
+        return SideInputs(
+            teacher=None if self.teacher is None else self.teacher.rows(index),
+            ref=None if self.ref is None else self.ref.rows(index),
+            token_weights=None if self.token_weights is None else self.token_weights[index],
+        )
+
+
+def _rules(target: Target) -> list[Any]:
+    return [r for r in (target.trust, target.residual, target.scale) if r is not None]
+
+
+def _select(x: Tensor, lead: torch.Size, rows: Tensor, n_valid: int, name: str) -> Tensor:
+    """Rows of a per-token tensor ``[..., k]``: given for every position (``lead``) or only for loss rows."""
+    if x.shape[:-1] == lead:
+        return x.reshape(-1, x.shape[-1])[rows]
+    if x.dim() == 2 and x.shape[0] == n_valid:
+        return x
+    raise ValueError(
+        f"{name} has leading shape {tuple(x.shape[:-1])}; expected {tuple(lead)} (one row per label) "
+        f"or ({n_valid},) (one row per label that is not ignore_index)"
+    )
+
+
+def distribution(
+    name: str, logits: Tensor | None, topk: Any, lead: torch.Size, rows: Tensor, vocab_size: int
+) -> Distribution | None:
+    """A teacher or reference from dense logits ``[..., V]`` or top-k ``(ids, logprobs)``, at the loss rows."""
+    if logits is not None and topk is not None:
+        raise ValueError(f"give either {name}_logits or {name}_topk, not both")
+    n_valid = rows.numel()
+    if logits is not None:
+        V.check_float(f"{name}_logits", logits)
+        if logits.shape[-1] != vocab_size:
+            raise ValueError(
+                f"{name}_logits has vocabulary size {logits.shape[-1]} but the student has {vocab_size}: "
+                "the teacher must share the student's tokenizer and vocabulary"
+            )
+        dense = _select(logits, lead, rows, n_valid, f"{name}_logits")
+        V.check_finite(f"{name}_logits", dense, allow_neg_inf=True)
+        if bool((dense.amax(-1) == float("-inf")).any()):
+            raise ValueError(f"{name}_logits has a row where every logit is -inf")
+        return Distribution(logits=dense)
+    if topk is not None:
+        if not (isinstance(topk, (tuple, list)) and len(topk) == 2):
+            raise TypeError(f"{name}_topk must be a pair (token_ids, logprobs)")
+        ids, logprobs = topk
+        V.check_int(f"{name}_topk[0] (token ids)", ids)
+        V.check_float(f"{name}_topk[1] (logprobs)", logprobs)
+        if ids.shape != logprobs.shape:
+            raise ValueError(f"{name}_topk: ids shape {tuple(ids.shape)} != logprobs shape {tuple(logprobs.shape)}")
+        if ids.dim() == 0 or ids.shape[-1] == 0:
+            raise ValueError(f"{name}_topk must hold at least one token per position (k >= 1)")
+        ids = _select(ids, lead, rows, n_valid, f"{name}_topk")
+        logprobs = _select(logprobs, lead, rows, n_valid, f"{name}_topk")
+        V.check_topk(f"{name}_topk", ids, logprobs, vocab_size)
+        return Distribution(topk_ids=ids.long(), topk_logprobs=logprobs)
+    return None
+
+
+def prepare(
+    method: str | Target,
+    params: dict[str, Any],
+    labels: Tensor,
+    vocab_size: int,
+    *,
+    ignore_index: int,
+    reduction: str,
+    num_items_in_batch: Any,
+    teacher_logits: Tensor | None = None,
+    teacher_topk: Any = None,
+    ref_logits: Tensor | None = None,
+    ref_topk: Any = None,
+    token_weights: Tensor | None = None,
+    teacher_given: bool = False,
+    ref_given: bool = False,
+) -> tuple[Target, Tensor, SideInputs]:
+    """Validate everything but the student's logits; return the target, the flat loss-row indices and side inputs.
+
+    ``teacher_given``/``ref_given`` say that the caller supplies that distribution another way (hidden states).
+    """
+    V.check_reduction(reduction, num_items_in_batch)
+    target = resolve_target(method, params)
+    valid = V.check_labels(labels, vocab_size, ignore_index)
+    rows = valid.reshape(-1).nonzero().squeeze(-1)
+    lead = labels.shape
+    side = SideInputs(
+        teacher=distribution("teacher", teacher_logits, teacher_topk, lead, rows, vocab_size),
+        ref=distribution("ref", ref_logits, ref_topk, lead, rows, vocab_size),
+    )
+    has = {
+        "teacher": side.teacher is not None or teacher_given,
+        "ref": side.ref is not None or ref_given,
+        "token_weights": token_weights is not None,
+    }
+    for need in ("teacher", "ref", "token_weights"):
+        if need in target.needs and not has[need]:
+            hint = {"teacher": "teacher_logits or teacher_topk", "ref": "ref_logits or ref_topk"}.get(need, need)
+            raise ValueError(f"this method needs {hint}")
+        if need not in target.needs and has[need]:
+            raise ValueError(f"{need} was given but this method does not use it")
+    if token_weights is not None:
+        binary = bool(getattr(target.trust, "binary", False))
+        V.check_token_weights(token_weights, lead, binary=binary)
+        side.token_weights = token_weights.reshape(-1)[rows]
+    for dist in (side.teacher, side.ref):
+        if dist is not None and dist.is_topk:
+            for rule in _rules(target):
+                if getattr(rule, "temperature", 1.0) != 1.0:
+                    raise ValueError(
+                        "a top-k teacher is used at the temperature it was cached at; got temperature="
+                        f"{rule.temperature}. Build the cache at that temperature and pass temperature=1.0"
+                    )
+    return target, rows, side
+
+
+def denominator(reduction: str, num_items_in_batch: Any, n_valid: int) -> Any:
+    """What the summed loss is divided by: ``num_items_in_batch``, the number of loss tokens, or 1."""
+    if reduction == "mean":
+        if num_items_in_batch is not None:
+            return num_items_in_batch
+        return max(n_valid, 1)
+    return 1

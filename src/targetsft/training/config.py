@@ -1,0 +1,307 @@
+"""Training configuration: a YAML file plus ``key=value`` overrides, checked strictly.
+
+Unknown keys anywhere (including the method's parameters and ``train:``, which holds
+``transformers.TrainingArguments`` fields) are errors that name the key and list the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from targetsft.data.noise import NOISE_KINDS
+from targetsft.losses.methods import get_method
+from targetsft.runtime.precision import Precision, normalize, resolve_precision
+
+# TrainingArguments values targetsft sets unless the config says otherwise (pilot-sized, CPU friendly).
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "max_steps": 100,
+    "per_device_train_batch_size": 8,
+    "gradient_accumulation_steps": 1,
+    "learning_rate": 2.0e-5,
+    "lr_scheduler_type": "constant_with_warmup",
+    "warmup_steps": 10,
+    "weight_decay": 0.0,
+    "max_grad_norm": 1.0,
+    "seed": 0,
+    "logging_steps": 5,
+    "save_steps": 50,
+    "save_total_limit": 2,
+    "report_to": ["tensorboard"],
+}
+# TrainingArguments that the trainer owns and a config may not set.
+TRAIN_RESERVED = ("output_dir", "remove_unused_columns", "label_names")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-5`` as a string; read it as a float, as YAML 1.2 and every user does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that is not accepted."""
+
+
+def _unknown(where: str, key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown key {key!r} in {where}{hint}; valid keys: {', '.join(valid)}")
+
+
+@dataclass
+class DataConfig:
+    """Training data: a built-in name (``gsm-train``), a local JSONL/Parquet file, or a ``datasets`` name.
+
+    ``label_noise``: fraction of the records whose final answer is made wrong (robustness studies; ``noise_kind``
+    ``answer`` or ``carried``, see :mod:`targetsft.data.noise`), chosen deterministically from ``seed``.
+    """
+
+    train: str = "gsm-train"
+    size: int | None = 1000
+    seed: int = 0
+    max_length: int = 384
+    overflow: str = "truncate"
+    label_noise: float = 0.0
+    noise_kind: str = "answer"
+
+
+@dataclass
+class LossConfig:
+    """The target: a registered method and its parameters; ``chunk_size`` of the fused loss (None: automatic)."""
+
+    method: str = "sft"
+    params: dict[str, Any] = field(default_factory=dict)
+    chunk_size: int | None = None
+
+
+@dataclass
+class TeacherConfig:
+    """Teacher for kd / hybrid_kd / target_sft: a model run online, or a top-k cache from ``cache-teacher``.
+
+    ``prompt``: ``same`` (the student's prompt) or ``answer_hint`` (the prompt plus the final answer: a
+    privileged teacher; the supervised tokens stay aligned with the student's).
+    """
+
+    model: str | None = None
+    cache: str | None = None
+    prompt: str = "same"
+
+
+@dataclass
+class ReferenceConfig:
+    """Reference model for asft / sft_kl: a path, or None for a frozen copy of the initial model."""
+
+    model: str | None = None
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (peft); ``target_modules`` as in ``peft.LoraConfig`` (``all-linear`` by default)."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: Any = "all-linear"
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``target-sft train`` needs. ``model: null`` is the embedded SmolLM2-135M-Instruct.
+
+    ``precision``: ``auto`` (bf16 where the device runs it natively, fp16 on a GPU with only that, else fp32; see
+    :mod:`targetsft.runtime.precision`), ``bf16``, ``fp16`` or ``fp32``. ``train.bf16``/``train.fp16`` are still read as
+    an explicit choice when ``precision`` is ``auto``.
+    """
+
+    model: str | None = None
+    precision: str = "auto"
+    output_dir: str = "runs/train"
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    lora: LoraConfig | None = None
+    train: dict[str, Any] = field(default_factory=dict)
+
+    def requested_precision(self) -> str:
+        """``precision``, or what ``train.bf16``/``train.fp16`` ask for when it is ``auto``."""
+        if self.precision != "auto":
+            return self.precision
+        if self.train.get("bf16"):
+            return "bf16"
+        if self.train.get("fp16"):
+            return "fp16"
+        return "fp32" if "bf16" in self.train or "fp16" in self.train else "auto"
+
+    def resolved_precision(self) -> Precision:
+        """The precision this config trains at on this machine
+        (:func:`targetsft.runtime.precision.resolve_precision`)."""
+        import torch
+
+        cpu = self.train.get("use_cpu") or not torch.cuda.is_available()
+        return resolve_precision(self.requested_precision(), "cpu" if cpu else "cuda")
+
+    def training_arguments(self, precision: Precision | None = None) -> dict[str, Any]:
+        """Keyword arguments for ``transformers.TrainingArguments``: ``bf16``/``fp16`` from the resolved precision,
+        ``use_cpu`` when no accelerator is present (so that bf16 autocast also runs on a CPU)."""
+        import torch
+
+        precision = precision or self.resolved_precision()
+        args = {**TRAIN_DEFAULTS, **self.train, "output_dir": self.output_dir, "remove_unused_columns": False}
+        args.update(precision.training_flags)
+        if "use_cpu" not in self.train and not (torch.cuda.is_available() or torch.backends.mps.is_available()):
+            args["use_cpu"] = True
+        return args
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {
+    "data": DataConfig,
+    "loss": LossConfig,
+    "teacher": TeacherConfig,
+    "reference": ReferenceConfig,
+    "lora": LoraConfig,
+}
+
+
+def _build(cls: type, values: Any, where: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a mapping, got {values!r}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            raise _unknown(where, key, names)
+    return cls(**values)
+
+
+def _check_train_args(train: dict[str, Any]) -> None:
+    from transformers import TrainingArguments
+
+    valid = sorted(f.name for f in dataclasses.fields(TrainingArguments) if f.init)
+    for key in train:
+        if key in TRAIN_RESERVED:
+            raise ConfigError(f"train.{key} is set by targetsft; use the top-level output_dir for the output folder")
+        if key not in valid:
+            raise _unknown("train (transformers.TrainingArguments)", key, valid)
+
+
+def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
+    """A checked :class:`TrainConfig` from plain data (what a YAML file holds)."""
+    if raw is None:
+        raw = {}
+    top = [f.name for f in dataclasses.fields(TrainConfig)]
+    for key in raw:
+        if key not in top:
+            raise _unknown("the config", key, top)
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in _SECTIONS:
+            kwargs[key] = None if (key == "lora" and value is None) else _build(_SECTIONS[key], value or {}, key)
+        else:
+            kwargs[key] = value
+    cfg = TrainConfig(**kwargs)
+    if not isinstance(cfg.train, dict):
+        raise ConfigError("train must be a mapping of transformers.TrainingArguments fields")
+    _check_train_args(cfg.train)
+    try:
+        cfg.precision = normalize(cfg.precision)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if cfg.precision != "auto" and ("bf16" in cfg.train or "fp16" in cfg.train):
+        raise ConfigError(f"precision {cfg.precision!r} and train.bf16/train.fp16 both set: keep one of them")
+    if cfg.train.get("bf16") and cfg.train.get("fp16"):
+        raise ConfigError("train.bf16 and train.fp16 are both true: choose one (or set precision)")
+    try:
+        spec = get_method(cfg.loss.method)
+    except ValueError as err:
+        raise ConfigError(f"loss.method: {err}") from None
+    try:
+        spec.target(**cfg.loss.params)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"loss.params: {err}") from None
+    if cfg.data.overflow not in ("truncate", "drop"):
+        raise ConfigError(f"data.overflow must be 'truncate' or 'drop', got {cfg.data.overflow!r}")
+    noise = cfg.data.label_noise
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0.0 <= noise <= 1.0:
+        raise ConfigError(f"data.label_noise must be a fraction in [0, 1], got {noise!r}")
+    if cfg.data.noise_kind not in NOISE_KINDS:
+        raise ConfigError(f"data.noise_kind must be one of {NOISE_KINDS}, got {cfg.data.noise_kind!r}")
+    if cfg.teacher.prompt not in ("same", "answer_hint"):
+        raise ConfigError(f"teacher.prompt must be 'same' or 'answer_hint', got {cfg.teacher.prompt!r}")
+    if cfg.teacher.model and cfg.teacher.cache:
+        raise ConfigError("give teacher.model or teacher.cache, not both")
+    needs = spec.needs
+    if "teacher" in needs and not (cfg.teacher.model or cfg.teacher.cache):
+        raise ConfigError(f"method {cfg.loss.method!r} needs a teacher: set teacher.model or teacher.cache")
+    if "teacher" not in needs and (cfg.teacher.model or cfg.teacher.cache):
+        raise ConfigError(f"method {cfg.loss.method!r} does not use a teacher; remove teacher.model/teacher.cache")
+    if "token_weights" in needs:
+        raise ConfigError(f"method {cfg.loss.method!r} needs per-token weights, which the trainer does not provide yet")
+    return cfg
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """Everything a training config points to, before any model loads: its models, its data and its teacher cache
+    (an :class:`~targetsft.runtime.inputs.InputError` naming the first that cannot be used)."""
+    from targetsft.data.sft import check_source
+    from targetsft.runtime.inputs import check_model
+    from targetsft.training.teacher_cache import check_cache_folder
+
+    check_model(cfg.model)
+    check_model(cfg.teacher.model, "teacher.model")
+    check_model(cfg.reference.model, "reference.model")
+    if cfg.teacher.cache:
+        check_cache_folder(cfg.teacher.cache)
+    check_source(cfg.data.train, cfg.data.size, cfg.data.seed)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` → (["a", "b", "c"], YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value (e.g. loss.params.eta=0.25)")
+    key, value = text.split("=", 1)
+    path = key.strip().split(".")
+    if not all(path):
+        raise ConfigError(f"override {text!r} has an empty key")
+    return path, _yaml(value) if value.strip() else None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a YAML config (or start from the defaults) and apply ``key=value`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = _yaml(Path(path).read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            if node.get(k) is None:
+                node[k] = {}
+            node = node[k]
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {k!r} is not a section")
+        node[keys[-1]] = value
+    return config_from_dict(raw)

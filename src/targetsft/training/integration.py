@@ -1,0 +1,184 @@
+"""Feeding a transformers causal LM to the fused loss: hidden states in, no ``[tokens, V]`` logits out.
+
+:func:`lm_head` finds the (possibly tied, possibly PEFT-wrapped) output projection and the logit transforms
+of the model's config; :func:`hidden_states` runs the model without its lm_head; :func:`causal_lm_target_loss`
+puts both together with the usual label shift. :func:`patch_fused_forward` installs that path as the model's
+own ``forward`` so that wrappers that must see the forward call (DDP, FSDP, DeepSpeed) keep working.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from targetsft.losses.fused import fused_target_loss
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LMHead:
+    """The output projection ``z = softcap·tanh(logit_scale·(h·Wᵀ + b)/softcap)`` of a causal LM."""
+
+    weight: Tensor
+    bias: Tensor | None = None
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside DDP/accelerate (``.module``) and PEFT (``get_base_model``) wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def _lora_weight(head: nn.Module) -> Tensor:
+    """Effective weight of a PEFT LoRA-wrapped linear layer: base weight plus the active adapters' deltas."""
+    weight = head.base_layer.weight
+    for name in head.active_adapters:
+        if name in getattr(head, "lora_A", {}):
+            weight = weight + head.get_delta_weight(name)
+    return weight
+
+
+def lm_head(model: nn.Module) -> LMHead:
+    """The model's output projection and logit transforms (Cohere ``logit_scale``, Granite ``logits_scaling``,
+    Gemma ``final_logit_softcapping``)."""
+    inner = unwrap(model)
+    head = inner.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(inner).__name__} has no output embeddings (lm_head)")
+    weight = _lora_weight(head) if hasattr(head, "base_layer") else head.weight
+    bias = getattr(getattr(head, "base_layer", head), "bias", None)
+    cfg = getattr(inner, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    scale = float(getattr(cfg, "logit_scale", None) or 1.0)
+    if getattr(cfg, "logits_scaling", None):
+        scale /= float(cfg.logits_scaling)
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    return LMHead(weight=weight, bias=bias, logit_scale=scale, softcap=float(softcap) if softcap else None)
+
+
+def hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
+    """Final hidden states ``[B, T, H]`` (after the last norm) without running the lm_head."""
+    inner = unwrap(model)
+    out = inner.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+    return out[0]
+
+
+def shift_labels(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """``labels[:, 1:]`` padded with ``ignore_index``: position t then predicts token t + 1 (HF convention)."""
+    return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=ignore_index)
+
+
+def causal_lm_target_loss(
+    model: nn.Module,
+    input_ids: Tensor,
+    labels: Tensor,
+    *,
+    attention_mask: Tensor | None = None,
+    method: Any = "sft",
+    teacher_model: nn.Module | None = None,
+    teacher_input_ids: Tensor | None = None,
+    teacher_attention_mask: Tensor | None = None,
+    teacher_labels: Tensor | None = None,
+    ref_model: nn.Module | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    **loss_kwargs: Any,
+):
+    """The fused target loss of a causal LM on a batch with unshifted HF ``labels`` (−100 = no loss).
+
+    ``teacher_model`` (and ``ref_model``) run without gradient on the same inputs, or on ``teacher_input_ids``
+    (e.g. a prompt with privileged context) when given with ``teacher_labels``: then the teacher's rows are
+    taken at its own supervised positions, whose label tokens must equal the student's, in order.
+    Other keyword arguments go to :func:`targetsft.fused_target_loss` (``num_items_in_batch``,
+    ``teacher_topk``, ``return_stats``, method parameters, ...).
+    """
+    head = lm_head(model)
+    hidden = hidden_states(model, input_ids, attention_mask, **(model_kwargs or {}))
+    shifted = shift_labels(labels)
+    extra: dict[str, Any] = {}
+    for role, other in (("teacher", teacher_model), ("ref", ref_model)):
+        if other is None:
+            continue
+        other_head = lm_head(other)
+        if role == "teacher" and teacher_input_ids is not None:
+            if teacher_labels is None:
+                raise ValueError("teacher_input_ids needs teacher_labels to align the supervised tokens")
+            t_shift = shift_labels(teacher_labels)
+            if not torch.equal(t_shift[t_shift != IGNORE_INDEX], shifted[shifted != IGNORE_INDEX]):
+                raise ValueError("the teacher's supervised tokens differ from the student's; they must be identical")
+            with torch.no_grad():
+                t_hidden = hidden_states(other, teacher_input_ids, teacher_attention_mask)[t_shift != IGNORE_INDEX]
+        else:
+            with torch.no_grad():
+                t_hidden = hidden_states(other, input_ids, attention_mask)
+        extra[f"{role}_hidden"] = t_hidden
+        extra[f"{role}_lm_head_weight"] = other_head.weight.detach()
+        extra[f"{role}_lm_head_bias"] = None if other_head.bias is None else other_head.bias.detach()
+    return fused_target_loss(
+        hidden,
+        head.weight,
+        shifted,
+        method=method,
+        lm_head_bias=head.bias,
+        logit_scale=head.logit_scale,
+        softcap=head.softcap,
+        **extra,
+        **loss_kwargs,
+    )
+
+
+def _output_class():
+    """``CausalLMOutputWithPast`` plus ``target_stats`` (a declared field, so DDP can rebuild the output)."""
+    from dataclasses import dataclass as _dataclass
+
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    global _TargetLMOutput
+    if _TargetLMOutput is None:
+
+        @_dataclass
+        class TargetLMOutput(CausalLMOutputWithPast):
+            target_stats: dict | None = None
+
+        _TargetLMOutput = TargetLMOutput
+    return _TargetLMOutput
+
+
+_TargetLMOutput = None
+
+
+def patch_fused_forward(model: nn.Module, **defaults: Any) -> nn.Module:
+    """Make ``model(input_ids, labels=..., ...)`` return ``CausalLMOutput(loss=fused loss, logits=None)``.
+
+    Calls without labels, or in eval mode without ``target_loss_kwargs``, use the original forward. Per-batch
+    loss arguments (``num_items_in_batch``, ``teacher_topk``, ``token_weights``, ...) travel in the keyword
+    ``target_loss_kwargs``; ``defaults`` (method, parameters, teacher model) apply to every call.
+    """
+    inner = unwrap(model)
+    output_cls = _output_class()
+    original = inner.forward
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, target_loss_kwargs=None, **kwargs):
+        if labels is None or (not self.training and target_loss_kwargs is None):
+            return original(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        kwargs.pop("num_items_in_batch", None)
+        kwargs.pop("use_cache", None)
+        options = {**defaults, **(target_loss_kwargs or {})}
+        out = causal_lm_target_loss(
+            self, input_ids, labels, attention_mask=attention_mask, model_kwargs=kwargs, **options
+        )
+        loss, stats = out if isinstance(out, tuple) else (out, None)
+        return output_cls(loss=loss, logits=None, target_stats=stats)
+
+    inner.forward = types.MethodType(forward, inner)
+    inner._targetsft_original_forward = original
+    return model

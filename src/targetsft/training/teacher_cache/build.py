@@ -1,0 +1,388 @@
+"""Building a teacher cache: one teacher forward per batch, the top-k of every supervised token, a shard at a time
+(resumable, atomic, at one precision).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from targetsft.runtime.files import atomic_write_bytes
+from targetsft.runtime.precision import Precision, autocast, resolve_precision
+from targetsft.training.teacher_cache.storage import (
+    _SHARD_GLOB,
+    _TMP_PREFIX,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    IGNORE_INDEX,
+    MANIFEST_NAME,
+    CacheMismatchError,
+    _build_lock,
+    _identity_diff,
+    _now,
+    _read_manifest,
+    _remove,
+    _scan_examples,
+    _teacher_input,
+    _TeacherInput,
+    _valid_prefix,
+    _write_manifest,
+    model_fingerprint,
+    shard_name,
+    tokenizer_fingerprint,
+)
+
+logger = logging.getLogger(__name__)
+
+
+_SOFTMAX_ELEMS = 1 << 24  # float32 elements per log_softmax chunk (64 MiB)
+
+
+def _vocab_size(model: Any) -> int:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, Tensor) and weight.dim() == 2:
+        return int(weight.shape[0])
+    config = model.config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(config.vocab_size)
+
+
+def _model_device(model: Any) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return next(model.parameters()).device
+
+
+def _model_dtype(model: Any) -> str:
+    param = next(iter(model.parameters()), None)
+    return str(param.dtype).removeprefix("torch.") if param is not None else "unknown"
+
+
+def _accepts_logits_to_keep(model: Any) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _round_down_fp16(x: Tensor) -> Tensor:
+    """float32 → float16 rounded toward −∞, so that ``exp`` of the stored values never exceeds the true ones."""
+    h = x.to(torch.float16)
+    up = h.to(torch.float32) > x
+    if bool(up.any()):
+        h = torch.where(up, torch.nextafter(h, torch.full_like(h, float("-inf"))), h)
+    return h
+
+
+def _topk_rows(logits: Tensor, k: int, temperature: float) -> tuple[Tensor, Tensor]:
+    """Top-k of ``log_softmax(logits / T)`` (float32) per row: ids int32 and log-probs float32, on the CPU."""
+    step = max(1, _SOFTMAX_ELEMS // max(1, logits.shape[-1]))
+    ids, lps = [], []
+    for s in range(0, logits.shape[0], step):
+        lp = torch.log_softmax(logits[s : s + step].float() / temperature, dim=-1)
+        v, i = lp.topk(k, dim=-1, largest=True, sorted=True)
+        ids.append(i.to(torch.int32).cpu())
+        lps.append(v.clamp(max=0.0).cpu())
+    if not ids:
+        return torch.zeros(0, k, dtype=torch.int32), torch.zeros(0, k)
+    return torch.cat(ids), torch.cat(lps)
+
+
+def _teacher_logits_rows(
+    model: Any, batch: list[_TeacherInput], *, pad_id: int, device: torch.device, keep_ok: bool, vocab: int
+) -> Tensor:
+    """One right-padded forward; the logits rows ``[Σ n_i, V]`` at every example's positions, in batch order."""
+    length = max(int(x.input_ids.size) for x in batch)
+    ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), length), dtype=torch.long)
+    for b, x in enumerate(batch):
+        ids[b, : x.input_ids.size] = torch.from_numpy(x.input_ids)
+        mask[b, : x.input_ids.size] = 1
+    keep = np.unique(np.concatenate([x.positions for x in batch]))
+    kwargs: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": False}
+    if keep_ok and keep.size < length:
+        kwargs["logits_to_keep"] = torch.from_numpy(keep).to(device)
+    logits = model(**kwargs).logits
+    if logits.shape[-1] != vocab:
+        raise RuntimeError(f"the teacher returned {logits.shape[-1]} logits per token, expected {vocab}")
+    if logits.shape[1] == length:
+        cols = [x.positions for x in batch]
+    elif logits.shape[1] == keep.size:
+        cols = [np.searchsorted(keep, x.positions) for x in batch]
+    else:
+        raise RuntimeError(f"the teacher returned logits of shape {tuple(logits.shape)} for inputs of length {length}")
+    b_idx = torch.from_numpy(np.concatenate([np.full(c.size, b) for b, c in enumerate(cols)])).to(logits.device)
+    c_idx = torch.from_numpy(np.concatenate(cols)).to(logits.device)
+    return logits[b_idx, c_idx]
+
+
+@dataclass
+class _RunSpec:
+    model: Any
+    k: int
+    temperature: float
+    batch_size: int
+    pad_id: int
+    device: torch.device
+    keep_ok: bool
+    vocab: int
+
+
+def _compute_shard(
+    spec: _RunSpec, examples: Sequence[Mapping[str, Any]], start: int, end: int, bar: Any
+) -> dict[str, Tensor]:
+    """The shard tensors (``ids``, ``logprobs``, ``offsets``) for examples ``[start, end)``.
+
+    Examples are batched by decreasing teacher length (less padding); rows are put back in example order.
+    """
+    inputs = {i: _teacher_input(i, examples[i], spec.vocab) for i in range(start, end)}
+    order = sorted((i for i in inputs if inputs[i].positions.size), key=lambda i: -inputs[i].input_ids.size)
+    rows: dict[int, tuple[Tensor, Tensor]] = {}
+    for s in range(0, len(order), spec.batch_size):
+        idx = order[s : s + spec.batch_size]
+        batch = [inputs[i] for i in idx]
+        logits = _teacher_logits_rows(
+            spec.model, batch, pad_id=spec.pad_id, device=spec.device, keep_ok=spec.keep_ok, vocab=spec.vocab
+        )
+        ids, lps = _topk_rows(logits, spec.k, spec.temperature)
+        if bool(torch.isnan(lps).any()):
+            raise RuntimeError(f"the teacher produced NaN log-probs in examples {sorted(idx)}")
+        split = [x.positions.size for x in batch]
+        for i, a, b in zip(idx, ids.split(split), lps.split(split), strict=True):
+            rows[i] = (a, b)
+        bar.update(sum(split))
+    empty = (torch.zeros(0, spec.k, dtype=torch.int32), torch.zeros(0, spec.k))
+    parts = [rows.get(i, empty) for i in range(start, end)]
+    counts = torch.tensor([0] + [p[0].shape[0] for p in parts], dtype=torch.int64)
+    return {
+        "ids": torch.cat([p[0] for p in parts]).contiguous(),
+        "logprobs": _round_down_fp16(torch.cat([p[1] for p in parts])).contiguous(),
+        "offsets": counts.cumsum(0),
+    }
+
+
+def _check_build_args(k: int, temperature: float, batch_size: int, shard_examples: int, vocab: int) -> None:
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if k > vocab:
+        raise ValueError(f"k={k} is larger than the teacher's vocabulary ({vocab} tokens)")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    for name, v in (("batch_size", batch_size), ("shard_examples", shard_examples)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+
+def _prepare_folder(folder: Path, identity: dict[str, Any], overwrite: bool) -> dict[str, Any]:
+    """The manifest to continue from: the existing one (same identity, shards verified) or a fresh one."""
+    old = _read_manifest(folder) if not overwrite else None
+    if overwrite:
+        _remove([folder / MANIFEST_NAME, *folder.glob(_SHARD_GLOB)])
+    elif old is None and any(folder.glob(_SHARD_GLOB)):
+        raise CacheMismatchError(
+            f"{folder} holds shard files but no {MANIFEST_NAME}; pass overwrite=True to replace them"
+        )
+    if old is not None:
+        diff = _identity_diff(old, identity)
+        if diff:
+            raise CacheMismatchError(
+                f"{folder} holds a teacher cache for something else ({'; '.join(diff)}); "
+                "use another folder or pass overwrite=True to replace it"
+            )
+        shards = _valid_prefix(folder, old)
+        keep = {s["file"] for s in shards}
+        _remove(p for p in folder.glob(_SHARD_GLOB) if p.name not in keep)  # orphans of an interrupted shard
+        manifest = dict(old)
+        manifest["shards"] = shards
+        if shards:
+            logger.info("teacher cache %s: resuming after example %d", folder, shards[-1]["end"])
+        return manifest
+    manifest = dict(identity)
+    manifest.update(
+        complete=False,
+        storage={
+            "ids": "int32",
+            "logprobs": "float16 (rounded toward -inf)",
+            "offsets": "int64",
+            "bytes_per_token": identity["k"] * 6,
+        },
+        shards=[],
+        build={"seconds": 0.0, "tokens": 0, "tokens_per_second": None, "sessions": 0, "started_at": _now()},
+    )
+    return manifest
+
+
+def build_teacher_cache(
+    teacher_model: Any,
+    examples: Sequence[Mapping[str, Any]],
+    out_dir: str | os.PathLike[str],
+    *,
+    tokenizer: Any,
+    k: int = 64,
+    temperature: float = 1.0,
+    batch_size: int = 8,
+    shard_examples: int = 256,
+    teacher_name: str | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    precision: str = "auto",
+) -> Path:
+    """Run ``teacher_model`` over ``examples`` and store its top-k log-probs per supervised token in ``out_dir``.
+
+    Args:
+        teacher_model: a causal LM with a transformers config whose forward takes ``input_ids``/``attention_mask``
+            and returns ``.logits``; run in eval mode under ``torch.no_grad`` (its mode is restored afterwards).
+        examples: indexable sequence (list, ``datasets.Dataset``) of dicts with ``input_ids`` and ``labels``
+            (-100 = no loss, unshifted), optionally ``teacher_input_ids`` + ``teacher_labels`` (see the module doc).
+        out_dir: cache folder (created). If it holds a cache with the same identity (teacher name and config,
+            tokenizer, dataset, ``k``, temperature, teacher dtype) the build resumes, or does nothing if complete.
+        tokenizer: the tokenizer of the examples (only its fingerprint and pad id are used).
+        k: tokens kept per position (≤ vocabulary size).
+        temperature: the cached rows are ``log_softmax(logits / temperature)``; the loss uses them as they are.
+        batch_size: examples per teacher forward (right-padded, attention mask).
+        shard_examples: examples per shard file (the unit of resume and of checksum verification).
+        teacher_name: recorded name of the teacher (default ``config._name_or_path``); part of the identity.
+        device: move the teacher there first (default: leave it where it is and feed inputs to its device).
+        progress: show a tqdm bar in tokens (with tokens/s).
+        overwrite: replace a cache built for something else instead of raising :class:`CacheMismatchError`.
+        precision: autocast of the teacher's forward (:func:`targetsft.runtime.precision.resolve_precision` on its
+            device; the weights keep their dtype); recorded in the manifest's ``build``. A partial cache resumes only
+            at the precision its first shards were built at (a build without the record was float32).
+
+    Returns:
+        ``Path(out_dir)``.
+    """
+    if device is not None:
+        teacher_model.to(device)
+    vocab = _vocab_size(teacher_model)
+    _check_build_args(k, temperature, batch_size, shard_examples, vocab)
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    counts, dfp = _scan_examples(examples, vocab)
+    name = teacher_name if teacher_name is not None else str(getattr(teacher_model.config, "_name_or_path", "") or "")
+    identity = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "teacher_name": name,
+        "teacher_config_hash": model_fingerprint(teacher_model),
+        "teacher_dtype": _model_dtype(teacher_model),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "vocab_size": vocab,
+        "k": k,
+        "temperature": float(temperature),
+        "dataset_fingerprint": dfp,
+        "num_examples": len(counts),
+        "total_tokens": int(sum(counts)),
+        "ignore_index": IGNORE_INDEX,
+    }
+    with _build_lock(folder):
+        _remove(folder.glob(_TMP_PREFIX + "*"))  # temp files of a killed build
+        manifest = _prepare_folder(folder, identity, overwrite)
+        resolved = resolve_precision(precision, _model_device(teacher_model))
+        _run_shards(
+            teacher_model, examples, folder, manifest, counts, tokenizer, batch_size, shard_examples, progress, resolved
+        )
+    return folder
+
+
+def _run_shards(
+    model: Any,
+    examples: Sequence[Mapping[str, Any]],
+    folder: Path,
+    manifest: dict[str, Any],
+    counts: list[int],
+    tokenizer: Any,
+    batch_size: int,
+    shard_examples: int,
+    progress: bool,
+    precision: Precision,
+) -> None:
+    """Build the shards after the last finished one, rewriting the manifest after each; mark it complete."""
+    from safetensors.torch import save as st_save
+    from tqdm.auto import tqdm
+
+    n = len(counts)
+    start = manifest["shards"][-1]["end"] if manifest["shards"] else 0
+    if start >= n and manifest.get("complete"):
+        return  # nothing to do: same arguments, complete and verified
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    spec = _RunSpec(
+        model=model,
+        k=manifest["k"],
+        temperature=manifest["temperature"],
+        batch_size=batch_size,
+        pad_id=pad_id if isinstance(pad_id, int) and 0 <= pad_id < manifest["vocab_size"] else 0,
+        device=_model_device(model),
+        keep_ok=_accepts_logits_to_keep(model),
+        vocab=manifest["vocab_size"],
+    )
+    build = manifest["build"]
+    built_at = build.get("precision", "fp32")
+    if start > 0 and built_at != precision.name:
+        raise CacheMismatchError(
+            f"{folder}: its first {start} examples were built at precision {built_at}, this build runs at "
+            f"{precision.name}; resume at {built_at} (precision={built_at!r}) or pass overwrite=True to rebuild"
+        )
+    build.update(sessions=build.get("sessions", 0) + 1, device=str(spec.device), batch_size=batch_size)
+    build["precision"] = precision.name
+    manifest["complete"] = False
+    _write_manifest(folder, manifest)
+    was_training = bool(getattr(model, "training", False))
+    model.eval()
+    bar = tqdm(
+        total=manifest["total_tokens"],
+        initial=sum(counts[:start]),
+        unit="tok",
+        unit_scale=True,
+        desc="teacher top-k",
+        disable=not progress,
+    )
+    try:
+        with torch.no_grad(), autocast(precision):
+            while start < n:
+                end = min(start + shard_examples, n)
+                t0 = time.perf_counter()
+                tensors = _compute_shard(spec, examples, start, end, bar)
+                meta = {"format": FORMAT_NAME, "start": str(start), "end": str(end), "k": str(spec.k)}
+                data = st_save(tensors, metadata=meta)
+                path = folder / shard_name(len(manifest["shards"]))
+                atomic_write_bytes(path, data, tmp_prefix=_TMP_PREFIX)
+                tokens = int(tensors["ids"].shape[0])
+                manifest["shards"].append(
+                    {
+                        "file": path.name,
+                        "start": start,
+                        "end": end,
+                        "tokens": tokens,
+                        "bytes": len(data),
+                        "sha256": hashlib.sha256(data).hexdigest(),
+                    }
+                )
+                build["seconds"] = round(build.get("seconds", 0.0) + time.perf_counter() - t0, 4)
+                build["tokens"] = build.get("tokens", 0) + tokens
+                build["tokens_per_second"] = round(build["tokens"] / build["seconds"], 1) if build["seconds"] else None
+                build["updated_at"] = _now()
+                manifest["complete"] = end >= n
+                _write_manifest(folder, manifest)
+                start = end
+        if not manifest["complete"]:  # zero examples: nothing was written in the loop
+            manifest["complete"] = True
+            _write_manifest(folder, manifest)
+    finally:
+        bar.close()
+        model.train(was_training)

@@ -1,0 +1,450 @@
+"""``TargetTrainer``: ``transformers.Trainer`` with the fused target loss, and the ``target-sft train`` recipe.
+
+The loss goes through the model's own forward (patched by :func:`targetsft.training.integration.patch_fused_forward`),
+so DDP/FSDP/DeepSpeed wrappers see the call they expect, and is divided by the Trainer's
+``num_items_in_batch`` (supervised tokens over the whole gradient-accumulation window, summed over ranks), which
+makes accumulation and data parallelism exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import io
+import json
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from targetsft.losses.methods import get_method
+from targetsft.losses.target import TargetStats
+from targetsft.runtime.files import atomic_write_text
+from targetsft.runtime.precision import environment
+from targetsft.training.config import TrainConfig
+from targetsft.training.integration import IGNORE_INDEX, patch_fused_forward
+
+if TYPE_CHECKING:
+    from targetsft.training.teacher_cache import TeacherCache
+
+LABEL_STATS_FILE = "label_stats.json"  # beside a teacher cache: :func:`teacher_label_stats`
+
+STAT_KEYS = ("gamma", "p_label", "nll", "q_label", "residual_entropy", "accuracy")
+
+
+class TargetTrainer(Trainer):
+    """A Trainer whose loss is ``targetsft.fused_target_loss`` of a registered method (or a ``Target``).
+
+    Args:
+        method, method_params: the target (see ``targetsft.METHODS``).
+        teacher_model: a teacher run online (no grad, eval mode) on each batch; or ``teacher_cache``: a
+            :class:`targetsft.training.teacher_cache.TeacherCache` whose rows are looked up by the batch's
+            ``example_index`` column.
+        ref_model: the reference model of ``asft`` / ``sft_kl``.
+        chunk_size: rows per chunk of the fused loss (None: automatic).
+    """
+
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        *args: Any,
+        method: Any = "sft",
+        method_params: dict[str, Any] | None = None,
+        teacher_model: nn.Module | None = None,
+        teacher_cache: Any = None,
+        ref_model: nn.Module | None = None,
+        chunk_size: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.teacher_cache = teacher_cache
+        self._stats = TargetStats()
+        self._tokens = 0
+        self._clock = time.perf_counter()
+        for other in (teacher_model, ref_model):
+            if other is not None:
+                other.eval().requires_grad_(False).to(self.args.device)
+        defaults: dict[str, Any] = {"method": method, "chunk_size": chunk_size, **(method_params or {})}
+        if teacher_model is not None:
+            defaults["teacher_model"] = teacher_model
+        if ref_model is not None:
+            defaults["ref_model"] = ref_model
+        patch_fused_forward(self.model, **defaults)
+        # the patched forward takes num_items_in_batch through target_loss_kwargs: have the Trainer count it
+        self.model_accepts_loss_kwargs = True
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        index = inputs.pop("example_index", None)
+        options: dict[str, Any] = {"return_stats": True}
+        if num_items_in_batch is not None:
+            options["num_items_in_batch"] = num_items_in_batch
+        for key in ("teacher_input_ids", "teacher_attention_mask", "teacher_labels"):
+            if key in inputs:
+                options[key] = inputs.pop(key)
+        if self.teacher_cache is not None:
+            if index is None:
+                raise ValueError("a teacher cache needs the dataset's example_index column in every batch")
+            ids, logprobs = self.teacher_cache.rows(index.tolist())
+            expected = int((labels[:, 1:] != IGNORE_INDEX).sum())
+            if ids.shape[0] != expected:
+                raise ValueError(
+                    f"the teacher cache has {ids.shape[0]} rows for this batch but it supervises {expected} tokens: "
+                    "the cache was built for other data, other max_length or other truncation"
+                )
+            options["teacher_topk"] = (ids.to(labels.device), logprobs.to(labels.device))
+        outputs = model(**inputs, labels=labels, target_loss_kwargs=options)
+        loss = outputs.loss
+        if model.training:
+            stats = outputs.get("target_stats")
+            if stats:
+                block = TargetStats(count=stats["tokens"], **{k: stats[k] * stats["tokens"] for k in STAT_KEYS})
+                self._stats.add(block)
+            self._tokens += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else labels.numel()
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # DDP averages gradients over ranks while num_items_in_batch is the global count: undo the average
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs and self._stats.count:
+            means = self._stats.means()
+            logs.update({k: round(means[k], 6) for k in STAT_KEYS})
+            elapsed = time.perf_counter() - self._clock
+            logs["tokens_per_second"] = round(self._tokens * self.args.world_size / max(elapsed, 1e-9), 1)
+            self._stats, self._tokens, self._clock = TargetStats(), 0, time.perf_counter()
+        super().log(logs, *args, **kwargs)
+
+
+class CsvMetricsCallback(TrainerCallback):
+    """Appends every training log to ``<output_dir>/metrics.csv``; on resume, rows past the checkpoint are
+    dropped first so the file has each step once."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero or not self.path.exists():
+            return
+        with self.path.open() as f:
+            rows = list(csv.DictReader(f))
+        keep = [r for r in rows if int(float(r.get("step") or 0)) <= state.global_step]
+        if len(keep) != len(rows):
+            self._write(keep, list(rows[0].keys()))
+
+    def _write(self, rows: list[dict[str, Any]], fields: list[str]) -> None:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write_text(self.path, buf.getvalue())
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        row = {"step": state.global_step, "epoch": state.epoch, **logs}
+        rows, fields = [], list(row)
+        if self.path.exists():
+            with self.path.open() as f:
+                rows = list(csv.DictReader(f))
+            if rows:
+                fields = list(rows[0].keys()) + [k for k in row if k not in rows[0]]
+        self._write(rows + [row], fields)
+
+
+def _privileged_prompt(record: dict[str, Any]) -> dict[str, Any]:
+    """The record as a teacher with the final answer in its prompt sees it (``teacher.prompt: answer_hint``)."""
+    from targetsft.data.sft import to_prompt_completion
+
+    pc = to_prompt_completion(record)
+    answer = record.get("answer")
+    if answer is None:
+        raise ValueError("teacher.prompt=answer_hint needs an 'answer' field in every training record")
+    hint = f"\n(For reference, the correct final answer is {answer}.)"
+    prompt = pc["prompt"]
+    if isinstance(prompt, str):
+        prompt = prompt + hint
+    else:
+        prompt = [dict(m) for m in prompt]
+        prompt[-1]["content"] = prompt[-1]["content"] + hint
+    return {"prompt": prompt, "completion": pc["completion"]}
+
+
+def build_dataset(cfg: TrainConfig, tokenizer: Any) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Tokenized training examples (``input_ids``, ``labels``, ``attention_mask``, ``example_index`` and, for a
+    privileged teacher, ``teacher_input_ids``/``teacher_labels``) plus counts of kept/truncated/dropped records.
+
+    The privileged teacher's sequence is its own prompt followed by exactly the student's completion tokens, so
+    the supervised tokens align by construction.
+    """
+    from targetsft.data.sft import load_records, tokenize_record
+
+    records = load_records(cfg.data.train, size=cfg.data.size, seed=cfg.data.seed)
+    items: list[dict[str, Any]] = []
+    counts = {"records": len(records), "kept": 0, "truncated": 0, "dropped": 0}
+    if cfg.data.label_noise:
+        from targetsft.data.noise import corrupt_records
+
+        records, corrupted = corrupt_records(records, cfg.data.label_noise, cfg.data.noise_kind, cfg.data.seed)
+        counts["corrupted"] = len(corrupted)
+    for record in records:
+        item = tokenize_record(tokenizer, record, cfg.data.max_length, overflow=cfg.data.overflow)
+        if item is None:
+            counts["dropped"] += 1
+            continue
+        counts["kept"] += 1
+        counts["truncated"] += int(item["input_ids"][-1] != tokenizer.eos_token_id)
+        if cfg.teacher.prompt == "answer_hint":
+            hinted = tokenize_record(tokenizer, _privileged_prompt(record), 1 << 30)
+            t_prompt = [t for t, l in zip(hinted["input_ids"], hinted["labels"]) if l == IGNORE_INDEX]
+            start = next(i for i, l in enumerate(item["labels"]) if l != IGNORE_INDEX)
+            item["teacher_input_ids"] = t_prompt + item["input_ids"][start:]
+            item["teacher_labels"] = [IGNORE_INDEX] * len(t_prompt) + item["labels"][start:]
+        item["example_index"] = len(items)
+        items.append(item)
+    return items, counts
+
+
+class Collator:
+    """Pads the student's and (if present) the privileged teacher's sequences; keeps ``example_index``."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        from targetsft.data.sft import DataCollatorForCompletion
+
+        self.pad = DataCollatorForCompletion(pad_token_id=pad_token_id)
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.pad(features)
+        if "teacher_input_ids" in features[0]:
+            teacher = self.pad([{"input_ids": f["teacher_input_ids"], "labels": f["teacher_labels"]} for f in features])
+            batch["teacher_input_ids"] = teacher["input_ids"]
+            batch["teacher_labels"] = teacher["labels"]
+            batch["teacher_attention_mask"] = teacher["attention_mask"]
+        if "example_index" in features[0]:
+            batch["example_index"] = torch.tensor([f["example_index"] for f in features], dtype=torch.long)
+        return batch
+
+
+def _model_card(cfg: TrainConfig, counts: dict[str, int], metrics: dict[str, Any], env: dict[str, Any]) -> str:
+    spec = get_method(cfg.loss.method)
+    params = {**spec.defaults, **cfg.loss.params}
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [targetsft, " + cfg.loss.method + "]",
+        "---",
+        f"# Fine-tuned with targetsft: `{cfg.loss.method}`",
+        "",
+        f"Target: γ = {spec.gamma}; π̃ = {spec.residual} ({spec.reference}).",
+        f"Parameters: {json.dumps(params)}",
+        f"Base model: {cfg.model or 'SmolLM2-135M-Instruct (embedded default)'}",
+        f"Training data: {cfg.data.train} (size {cfg.data.size}, seed {cfg.data.seed}, "
+        f"max_length {cfg.data.max_length}); "
+        f"examples kept {counts.get('kept')}, truncated {counts.get('truncated')}, dropped {counts.get('dropped')}.",
+        f"Teacher: {cfg.teacher.model or cfg.teacher.cache or '—'} (prompt: {cfg.teacher.prompt}).",
+        f"LoRA: {json.dumps(cfg.lora.__dict__) if cfg.lora else 'no (full fine-tuning)'}",
+        f"Precision: {env['precision']} (asked: {env['requested_precision']}) on {env['device']}; "
+        f"CPU capability {env['cpu_capability']}, native CPU bf16: {env['cpu_native_bf16']}.",
+        "",
+        "## Final training metrics",
+        "",
+    ]
+    lines += [f"- {k}: {v}" for k, v in metrics.items()]
+    lines += ["", "## Configuration", "", "```json", json.dumps(cfg.to_dict(), indent=2, default=str), "```", ""]
+    return "\n".join(lines)
+
+
+def _load_same_tokenizer(path: str, tokenizer: Any, role: str) -> None:
+    from targetsft.runtime.models import load_tokenizer
+    from targetsft.training.teacher_cache import tokenizer_fingerprint
+
+    other = load_tokenizer(path)
+    if tokenizer_fingerprint(other) != tokenizer_fingerprint(tokenizer):
+        raise ValueError(f"the {role} model {path!r} has another tokenizer than the student; they must be identical")
+
+
+def cache_teacher(
+    cfg: TrainConfig,
+    out: str | Path,
+    *,
+    teacher: str | None = None,
+    k: int = 64,
+    temperature: float = 1.0,
+    batch_size: int = 8,
+    shard_examples: int = 256,
+    device: str | None = None,
+    overwrite: bool = False,
+    precision: str | None = None,
+) -> Path:
+    """Build (or resume, or find complete) the top-k cache of ``teacher`` (default ``cfg.teacher.model``) over the
+    training examples of ``cfg`` (its data section and ``teacher.prompt``) in ``out``, at ``precision`` (default:
+    the config's); train with ``teacher.cache: <out>`` and the same data section to use it."""
+    from targetsft.runtime.models import load_model, load_tokenizer, resolve_model
+    from targetsft.training.teacher_cache import build_teacher_cache
+
+    teacher = teacher or cfg.teacher.model
+    if not teacher:
+        raise ValueError("cache_teacher needs a teacher model (argument or teacher.model)")
+    tokenizer = load_tokenizer(resolve_model(cfg.model))
+    teacher_path = resolve_model(teacher)
+    _load_same_tokenizer(teacher_path, tokenizer, "teacher")
+    items, counts = build_dataset(cfg, tokenizer)
+    print(f"examples: {counts}")
+    folder = build_teacher_cache(
+        load_model(teacher_path),
+        items,
+        out,
+        tokenizer=tokenizer,
+        k=k,
+        temperature=temperature,
+        batch_size=batch_size,
+        shard_examples=shard_examples,
+        teacher_name=teacher,
+        device=device,
+        overwrite=overwrite,
+        precision=precision or cfg.requested_precision(),
+    )
+    stats = teacher_label_stats(cfg, folder, tokenizer=tokenizer, items=items)
+    print(_label_stats_line(stats))
+    return folder
+
+
+def _label_stats_line(stats: dict[str, float]) -> str:
+    return "teacher on the training labels: " + ", ".join(f"{k} {v:.4g}" for k, v in stats.items())
+
+
+def teacher_label_stats(
+    cfg: TrainConfig,
+    cache: str | Path,
+    *,
+    tokenizer: Any = None,
+    items: list[dict[str, Any]] | None = None,
+    opened: TeacherCache | None = None,
+) -> dict[str, float]:
+    """How the cached teacher scores the training labels of ``cfg`` (top-1 agreement, label in top-k, mean π_T(y);
+    see :meth:`~targetsft.training.teacher_cache.TeacherCache.label_stats`), kept in ``<cache>/label_stats.json`` with
+    the sha256 of the manifest it was computed for: read from there while the cache is the same, else computed from
+    the cache alone (no teacher model; ``opened``, that cache already open, if given) and written."""
+    from targetsft.runtime.files import sha256_file
+    from targetsft.runtime.models import load_tokenizer, resolve_model
+    from targetsft.training.teacher_cache import MANIFEST_NAME, TeacherCache
+
+    path, manifest = Path(cache) / LABEL_STATS_FILE, sha256_file(Path(cache) / MANIFEST_NAME)
+    kept = json.loads(path.read_text()) if path.is_file() else {}
+    if kept.pop("manifest_sha256", None) == manifest:
+        return kept
+    tokenizer = tokenizer or load_tokenizer(resolve_model(cfg.model))
+    if items is None:
+        items, _ = build_dataset(cfg, tokenizer)
+    if opened is not None:
+        stats = opened.label_stats(items)
+    else:
+        with contextlib.closing(TeacherCache.open(cache, tokenizer=tokenizer, examples=items, verify=False)) as fresh:
+            stats = fresh.label_stats(items)
+    atomic_write_text(path, json.dumps({**stats, "manifest_sha256": manifest}, indent=2) + "\n")
+    return stats
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
+    """Run ``target-sft train``: load, tokenize, train with :class:`TargetTrainer`, save the final model and card.
+
+    Returns a summary (paths, counts, final metrics).
+    """
+    from targetsft.runtime.models import load_model, load_tokenizer, resolve_model
+
+    precision = cfg.resolved_precision()
+    env = environment(precision)
+    print(
+        f"precision: {precision.name} ({precision.reason}); CPU {env['cpu_capability']}, "
+        f"{env['torch_threads']} torch threads",
+        flush=True,
+    )
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2, default=str))
+    model_path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(model_path)
+    model = load_model(model_path)
+    items, counts = build_dataset(cfg, tokenizer)
+    if not items:
+        raise ValueError(f"no training examples left from {cfg.data.train!r} after tokenization ({counts})")
+    print(f"training data: {counts}")
+    spec = get_method(cfg.loss.method)
+    ref_model = None
+    if "ref" in spec.needs:
+        if cfg.reference.model:
+            _load_same_tokenizer(resolve_model(cfg.reference.model), tokenizer, "reference")
+            ref_model = load_model(resolve_model(cfg.reference.model))
+        else:
+            ref_model = copy.deepcopy(model)
+    teacher_model, teacher_cache, teacher_info = None, None, None
+    if cfg.teacher.model:
+        teacher_path = resolve_model(cfg.teacher.model)
+        _load_same_tokenizer(teacher_path, tokenizer, "teacher")
+        teacher_model = load_model(teacher_path)
+    elif cfg.teacher.cache:
+        from targetsft.training.teacher_cache import TeacherCache
+
+        teacher_cache = TeacherCache.open(cfg.teacher.cache, tokenizer=tokenizer, examples=items)
+        if teacher_cache.vocab_size != model.get_output_embeddings().weight.shape[0]:
+            raise ValueError("the teacher cache's vocabulary size differs from the student's")
+        stats = teacher_label_stats(cfg, cfg.teacher.cache, tokenizer=tokenizer, items=items, opened=teacher_cache)
+        print(_label_stats_line(stats))
+        teacher_info = {
+            "cache": str(cfg.teacher.cache),
+            "name": teacher_cache.teacher_name,
+            "prompt": cfg.teacher.prompt,
+            "label_stats": stats,
+        }
+    if cfg.lora is not None:
+        import peft
+
+        lora = peft.LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=cfg.lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        model = peft.get_peft_model(model, lora)
+    args = TrainingArguments(**cfg.training_arguments(precision))
+    from datasets import Dataset
+
+    trainer = TargetTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(items),
+        data_collator=Collator(tokenizer.pad_token_id),
+        method=cfg.loss.method,
+        method_params=cfg.loss.params,
+        teacher_model=teacher_model,
+        teacher_cache=teacher_cache,
+        ref_model=ref_model,
+        chunk_size=cfg.loss.chunk_size,
+        callbacks=[CsvMetricsCallback(out / "metrics.csv"), *(callbacks or [])],
+    )
+    result = trainer.train(resume_from_checkpoint=resume or None)
+    final = out / "final"
+    save_model = trainer.model
+    if cfg.lora is not None:
+        save_model = save_model.merge_and_unload()
+    save_model.save_pretrained(final)
+    tokenizer.save_pretrained(final)
+    metrics = {k: round(v, 6) if isinstance(v, float) else v for k, v in result.metrics.items()}
+    last = [h for h in trainer.state.log_history if "loss" in h]
+    if last:
+        metrics.update({f"last_{k}": v for k, v in last[-1].items() if k in (*STAT_KEYS, "loss")})
+    atomic_write_text(final / "README.md", _model_card(cfg, counts, metrics, env))
+    summary = {"output_dir": str(out), "final_model": str(final), "data": counts, "metrics": metrics}
+    summary["environment"] = env
+    if teacher_info is not None:
+        summary["teacher"] = teacher_info
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return summary

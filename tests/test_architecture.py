@@ -1,0 +1,95 @@
+"""The package is its architecture: one subpackage per layer, imports only downwards, and the README's Layout
+table names exactly the modules that exist."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "src" / "targetsft"
+# layer → the layers its modules may import (every import counts, function-level ones included)
+ALLOWED = {
+    "runtime": {"runtime"},
+    "losses": {"losses"},
+    "data": {"data", "runtime"},
+    "training": {"training", "losses", "data", "runtime"},
+    "evaluation": {"evaluation", "data", "runtime"},
+    "experiments": {"experiments", "training", "evaluation", "losses", "data", "runtime"},
+    "cli": {"cli", "experiments", "training", "evaluation", "losses", "data", "runtime", "<root>"},
+}
+MAX_LINES = 600
+
+
+def _modules() -> dict[str, Path]:
+    return {
+        ".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in PACKAGE.rglob("*.py")
+    }
+
+
+def _layer(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in ALLOWED) else "<root>"
+
+
+def _imports(path: Path) -> set[str]:
+    """Every ``targetsft...`` module a file imports (``from targetsft import x`` counts as ``targetsft.x``)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("targetsft")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("targetsft"):
+            out |= {f"{node.module}.{a.name}" if node.module == "targetsft" else node.module for a in node.names}
+    return out
+
+
+def test_no_layer_imports_a_higher_one():
+    bad = []
+    for module, path in _modules().items():
+        layer = _layer(module)
+        if layer == "<root>":
+            continue  # the public API (targetsft, functional) and the old-path aliases re-export the layers
+        for imported in _imports(path):
+            target = "<root>" if imported == "targetsft.__version__" else _layer(imported)
+            if target not in ALLOWED[layer]:
+                bad.append(f"{module} ({layer}) imports {imported} ({target})")
+    assert not bad, "\n".join(bad)
+
+
+def test_no_module_over_600_lines():
+    long = {m: n for m, p in _modules().items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"split these by job: {long}"
+
+
+def test_readme_layout_names_every_module():
+    """Each row of the Layout table names a subpackage and its modules; together they are exactly the tree."""
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("## Layout") :]
+    listed = set()
+    for package, modules in re.findall(r"^\| `targetsft(?:\.([a-z_.]+))?` \| ([^|]+) \|", table, flags=re.M):
+        for name in re.findall(r"`([a-z_]+)`", modules):
+            listed.add(f"targetsft.{package}.{name}" if package else f"targetsft.{name}")
+    actual = {m for m in _modules() if not m.endswith("__main__") and m.count(".") >= 1}
+    actual -= {m for m in actual if m.split(".")[-1] in ALLOWED or m == "targetsft._compat"}  # package inits
+    assert listed == actual, f"missing from README: {sorted(actual - listed)}; gone: {sorted(listed - actual)}"
+
+
+def test_old_import_paths_still_work_for_one_release():
+    """``targetsft.loss`` and the other flat paths of 0.1 give the very module at its new path, with a warning."""
+    import importlib
+    import sys
+    import warnings
+
+    from targetsft import _compat
+
+    for old, new in _compat.MOVED.items():
+        sys.modules.pop(old, None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            module = importlib.import_module(old)
+        assert module is importlib.import_module(new), old
+        assert any(issubclass(w.category, DeprecationWarning) and new in str(w.message) for w in caught), old
+        assert module.__spec__.name == new  # the real module keeps its own spec
+    from targetsft.teacher_cache import TeacherCache  # noqa: F401  a name through an old path
