@@ -158,6 +158,11 @@ def _logp_y(z, y):
     return label_of(_logp(z), y)
 
 
+def _clipped(r, eps):
+    """PPO's clipped objective at advantage +1: ``min(r, clip(r, 1 − ε, 1 + ε))``."""
+    return torch.minimum(r, r.clamp(1 - eps, 1 + eps))
+
+
 def _original_losses(b):
     """name, params, side inputs, per-token original loss ℓ(z) (stop-gradients as detach) for 'mean'."""
     y = b.labels
@@ -197,13 +202,25 @@ def _original_losses(b):
             {},
             lambda z: -0.75 * _logp_y(z, y),
         ),
+        *[
+            (  # Proximal SFT as written: −min(r, clip(r, 1 − ε, 1 + ε)), r = p_θ(y)/π_old(y), π_old fixed
+                "proximal_sft",
+                {"epsilon": eps, "scale": "original"},
+                {"ref_logits": b.ref_logits},
+                lambda z, eps=eps: (
+                    -torch.minimum(r := _logp_y(z, y).exp() / label_of(pr, y), r.clamp(1 - eps, 1 + eps))
+                ),
+            )
+            for eps in (0.2, 0.05, 1.0)
+        ],
     ]
 
 
-@pytest.mark.parametrize("index", range(9))
+@pytest.mark.parametrize("index", range(12))
 def test_gradient_equals_original_loss_gradient(index):
-    """Beyond-log ((1 − p_y^α)/α), ProFiT, iw-SFT, CFT, SFT+KL, ASFT (original scale), hybrid KD and
-    self-smoothing: the library's gradient equals the autograd gradient of the method's original loss."""
+    """Beyond-log ((1 − p_y^α)/α), ProFiT, iw-SFT, CFT, SFT+KL, ASFT (original scale), hybrid KD,
+    self-smoothing and Proximal SFT (original scale, three ε): the library's gradient equals the autograd gradient of
+    the method's original loss."""
     b = make_batch(17)
     method, params, side, original = _original_losses(b)[index]
     _, go = _grad(lambda z: targetsft.target_loss(z, b.labels, method=method, **side, **params), b.logits)
@@ -223,3 +240,21 @@ def test_sft_kl_original_loss_value():
     h = -(pr * pr.log()).sum(-1)
     expected = _mean_over_kept(-_logp_y(b.logits, b.labels) + lam * (kl + h), b.labels)
     torch.testing.assert_close(loss, expected, rtol=0, atol=ATOL)
+
+
+def test_proximal_sft_clips_past_the_trust_region_and_needs_full_reference_logits():
+    """Default scale: ∂ℓ/∂z = 1{r ≤ 1 + ε}·(p − onehot)/n; both clipped and kept tokens occur; a top-k π_old is
+    refused with a clear error (a label outside its ids has no probability there)."""
+    b = make_batch(19)
+    z, y = _flat(b)
+    ref = b.ref_logits.reshape(z.shape)
+    _, g = _grad(lambda t: targetsft.target_loss(t, y, method="proximal_sft", epsilon=0.2, ref_logits=ref), z)
+    p, valid = torch.softmax(z, -1), y != IGNORE
+    ratio = label_of(p, y.clamp(min=0)) / label_of(torch.softmax(ref, -1), y.clamp(min=0))
+    keep = ((ratio <= 1.2) & valid).double()
+    assert 0 < keep.sum() < valid.sum()
+    expected = keep[:, None] * (p - onehot(y.clamp(min=0), z.shape[-1], p.dtype)) / valid.sum()
+    torch.testing.assert_close(g, expected, rtol=0, atol=ATOL)
+    top = torch.log_softmax(ref, -1).topk(3, -1)
+    with pytest.raises(ValueError, match="full logits"):
+        targetsft.target_loss(z, y, method="proximal_sft", ref_topk=(top.indices, top.values))

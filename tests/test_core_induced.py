@@ -27,7 +27,17 @@ from test_core_reference import (
 
 ATOL = 1e-10
 
-SELF_REFERENCE = {"sft", "dft", "beyond_log", "profit", "eaft", "critical", "weighted", "self_smoothing"}
+SELF_REFERENCE = {
+    "sft",
+    "dft",
+    "beyond_log",
+    "profit",
+    "eaft",
+    "critical",
+    "weighted",
+    "self_smoothing",
+    "proximal_sft",
+}
 UNIFORM_REFERENCE = {"label_smoothing", "confidence_smoothing"}
 DENSE_RESIDUAL = {"asft", "sft_kl", "kd", "hybrid_kd", "target_sft", "confidence_kd", "guided_kd"}
 

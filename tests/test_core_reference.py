@@ -32,6 +32,7 @@ DEFAULTS: dict[str, dict] = {
     "weighted": {},
     "asft": {"lam": 0.1, "scale": "target", "tail": "student"},
     "sft_kl": {"lam": 0.1, "scale": "target", "tail": "student"},
+    "proximal_sft": {"epsilon": 0.2, "refresh": 1, "scale": "target"},
     "kd": {"temperature": 1.0, "tail": "student"},
     "hybrid_kd": {"lam": 0.5, "temperature": 1.0, "tail": "student"},
     "target_sft": {"eta": 0.5, "temperature": 1.0, "tail": "student", "exclude_label": False},
@@ -47,6 +48,7 @@ NEEDS.update(
     weighted=frozenset({"token_weights"}),
     asft=frozenset({"ref"}),
     sft_kl=frozenset({"ref"}),
+    proximal_sft=frozenset({"ref"}),
     kd=frozenset({"teacher"}),
     hybrid_kd=frozenset({"teacher"}),
     target_sft=frozenset({"teacher"}),
@@ -66,6 +68,7 @@ PARAM_GRID: dict[str, list[dict]] = {
     "weighted": [],
     "asft": [{"lam": 0.0}, {"lam": 0.5}, {"lam": 2.0, "scale": "original"}, {"scale": "original"}],
     "sft_kl": [{"lam": 0.0}, {"lam": 1.0}, {"lam": 0.3, "scale": "original"}],
+    "proximal_sft": [{"epsilon": 0.05}, {"epsilon": 1.0, "scale": "original"}, {"scale": "original"}],
     "kd": [{"temperature": 0.5}, {"temperature": 2.0}],
     "hybrid_kd": [{"lam": 0.0}, {"lam": 0.2}, {"lam": 1.0}, {"lam": 0.3, "temperature": 2.0}],
     "target_sft": [
@@ -264,6 +267,11 @@ def reference_target(
         gamma, res = ones / (1 + lam), reference()
         if P["scale"] == "original":
             scale = ones * (1 + lam)
+    elif method == "proximal_sft":  # r = p(y)/π_old(y); tokens past 1 + ε are not updated (Q = p)
+        ratio = p_y / label_of(reference(), y)
+        gamma, res = (ratio <= 1 + P["epsilon"]).to(p.dtype), p
+        if P["scale"] == "original":
+            scale = ratio
     elif method == "kd":
         gamma, res = 0 * ones, teacher()
     elif method == "hybrid_kd":

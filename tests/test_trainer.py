@@ -80,6 +80,7 @@ TRAINABLE = [
     "self_smoothing",
     "confidence_kd",
     "guided_kd",
+    "proximal_sft",
 ]
 
 
@@ -158,12 +159,20 @@ class _StopAt(transformers.TrainerCallback):
 
 
 @pytest.mark.parametrize(
-    "method,sampling", [("sft", "random"), ("target_sft", "random"), ("target_sft", "group_by_length")]
+    "method,sampling,extra",
+    [
+        ("sft", "random", ()),
+        ("target_sft", "random", ()),
+        ("target_sft", "group_by_length", ()),
+        ("proximal_sft", "random", ("loss.params.refresh=2", "loss.params.epsilon=0.05")),  # π_old restored
+    ],
 )
-def test_resume_is_exact(method, sampling, model_dirs, tmp_path):
+def test_resume_is_exact(method, sampling, extra, model_dirs, tmp_path):
     """Stopped after the step-3 checkpoint (mid-epoch) and resumed, a run ends with the same weights as an
-    uninterrupted one (also with batches of similar lengths, whose sampler draws from the restored random state)."""
+    uninterrupted one (also with batches of similar lengths, whose sampler draws from the restored random state,
+    and with proximal_sft, whose π_old of step 2 comes back from the checkpoint)."""
     options = (
+        *extra,
         "train.lr_scheduler_type=linear",
         "train.per_device_train_batch_size=2",  # 4 batches per epoch: their order matters
         "train.save_steps=3",  # the checkpoint falls inside the first epoch
@@ -181,6 +190,44 @@ def test_resume_is_exact(method, sampling, model_dirs, tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert _losses(part) == pytest.approx(_losses(full), abs=0, rel=0)
+
+
+def test_policy_snapshot_refreshes_pi_old_and_survives_a_checkpoint(tmp_path):
+    """π_old takes the student's weights right before every refresh-th optimizer step, and a checkpoint restores
+    the π_old it had, not the current student."""
+    from types import SimpleNamespace
+
+    from targetsft.training.trainer import PolicySnapshot
+
+    torch.manual_seed(0)
+    student, pi_old = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    snap = PolicySnapshot(student, pi_old, refresh=2)
+    args, state = SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(global_step=0, is_world_process_zero=True)
+    seen = []
+    for step in range(4):
+        state.global_step = step
+        snap.on_pre_optimizer_step(args, state, None)
+        seen.append(torch.equal(pi_old.weight, student.weight))
+        with torch.no_grad():
+            student.weight.add_(1.0)  # the optimizer step
+    assert seen == [True, False, True, False]  # copied before steps 0 and 2 only
+    state.global_step = 3
+    (tmp_path / "checkpoint-3").mkdir()
+    snap.on_save(args, state, None)
+    kept = pi_old.weight.detach().clone()
+    with torch.no_grad():
+        pi_old.weight.zero_()
+    snap.on_train_begin(args, state, None)
+    assert torch.equal(pi_old.weight, kept) and not torch.equal(pi_old.weight, student.weight)
+
+
+def test_proximal_sft_config_checks():
+    with pytest.raises(ConfigError, match="π_old, a snapshot of the student"):
+        load_config(None, ["loss.method=proximal_sft", "reference.model=other"])
+    with pytest.raises(ConfigError, match="LoRA"):
+        load_config(None, ["loss.method=proximal_sft", "lora.r=4"])
+    with pytest.raises(ConfigError, match="refresh"):
+        load_config(None, ["loss.method=proximal_sft", "loss.params.refresh=0"])
 
 
 def test_config_is_strict(tmp_path):

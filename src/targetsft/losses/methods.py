@@ -275,6 +275,28 @@ def _sft_kl(lam: float, scale: str, tail: str) -> Target:
 
 
 @_spec(
+    "proximal_sft",
+    "1{r ≤ 1 + ε}, r = p_θ(y)/π_old(y)",
+    "sg π_θ",
+    "Proximal SFT, arXiv 2508.17784",
+    "ℓ = −min(r, clip(r, 1 − ε, 1 + ε)) with π_old the policy before the update (give it as the reference: "
+    "ref_logits; the trainer snapshots the student every `refresh` optimizer steps). Its gradient is "
+    "r·1{r ≤ 1 + ε}·(p − onehot): a token past the trust region gets no update (Q = p), the others SFT's target "
+    "scaled by r. scale='target' (default) drops the factor r so that ∂ℓ/∂z = p − Q; scale='original' keeps it "
+    "(exactly the paper's gradient). The paper's π̃ = π_old names the anchor; the gradient has no π_old term.",
+    {
+        "epsilon": Param(0.2, "clip range ε of the ratio r", _positive, "> 0"),
+        "refresh": Param(
+            1, "optimizer steps between snapshots of π_old (trainer)", lambda v: int(v) == v >= 1, "an integer >= 1"
+        ),
+        "scale": _SCALE,
+    },
+)
+def _proximal_sft(epsilon: float, refresh: int, scale: str) -> Target:
+    return Target(trust=T.ClipRatio(epsilon), residual=R.Self(), scale=T.RefRatio() if scale == "original" else None)
+
+
+@_spec(
     "kd",
     "0",
     "π_T at temperature T",

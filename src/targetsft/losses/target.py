@@ -77,6 +77,17 @@ class TokenState:
         """``p_θ(y)`` per token ``[n]``."""
         return self.logp_y.exp()
 
+    @property
+    def ref_logp_y(self) -> Tensor:
+        """``log π_ref(y)`` per token ``[n]`` from the reference's full logits (a top-k reference cannot give the
+        probability of a label outside its ids, so it is refused)."""
+        if "ref_logp_y" not in self._cache:
+            if self.ref is None or self.ref.is_topk:
+                raise ValueError("this method needs the reference's full logits (ref_logits), not a top-k form")
+            ref = torch.log_softmax(self.ref.logits.to(self.logp.dtype), dim=-1)
+            self._cache["ref_logp_y"] = ref.gather(-1, self.labels[:, None]).squeeze(-1)
+        return self._cache["ref_logp_y"]
+
     def plogp(self) -> Tensor:
         """``Σ_a p(a)·log p(a)`` per row ``[n]`` (cached: the loss, the tail sums and the entropy statistic read
         it)."""

@@ -95,6 +95,28 @@ class TokenWeights:
 
 
 @dataclass(frozen=True)
+class ClipRatio:
+    """``γ = 1{r ≤ 1 + ε}`` with ``r = p_θ(y)/π_old(y)`` (Proximal SFT, ``ℓ = −min(r, clip(r, 1 − ε, 1 + ε))``): a
+    token whose probability has already risen past the trust region gets no update; ``π_old`` is the reference."""
+
+    epsilon: float = 0.2
+    needs: ClassVar[frozenset[str]] = frozenset({"ref"})
+
+    def __call__(self, state: TokenState) -> Tensor:
+        return (state.logp_y - state.ref_logp_y <= math.log1p(self.epsilon)).to(state.logp.dtype)
+
+
+@dataclass(frozen=True)
+class RefRatio:
+    """``r = p_θ(y)/π_ref(y)``: the per-token scale of Proximal SFT's original loss, ``∂ℓ/∂z = r·(p − Q)``."""
+
+    needs: ClassVar[frozenset[str]] = frozenset({"ref"})
+
+    def __call__(self, state: TokenState) -> Tensor:
+        return (state.logp_y - state.ref_logp_y).exp()
+
+
+@dataclass(frozen=True)
 class LabelProbPlus:
     """``p_θ(y) + λ``: the per-token scale of ASFT's original loss, ``∂ℓ/∂z = (p_y + λ)·(p − Q)``."""
 

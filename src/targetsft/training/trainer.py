@@ -159,6 +159,33 @@ class CsvMetricsCallback(TrainerCallback):
         self._write(rows + [row], fields)
 
 
+class PolicySnapshot(TrainerCallback):
+    """π_old of ``proximal_sft``: the student's weights copied into the reference model right before every
+    ``refresh``-th optimizer step, so the loss of step t sees the model of 1 to ``refresh`` updates before; saved in
+    each checkpoint (``pi_old.safetensors``) and restored on resume, so an interrupted run continues exactly."""
+
+    FILE = "pi_old.safetensors"
+
+    def __init__(self, model: nn.Module, pi_old: nn.Module, refresh: int) -> None:
+        self.model, self.pi_old, self.refresh = model, pi_old, int(refresh)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step > 0:  # resumed: π_old as it was when the checkpoint was written
+            from safetensors.torch import load_model
+
+            load_model(self.pi_old, Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.FILE)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if state.global_step % self.refresh == 0:
+            self.pi_old.load_state_dict(self.model.state_dict())
+
+    def on_save(self, args, state, control, **kwargs):
+        from safetensors.torch import save_model
+
+        if state.is_world_process_zero:
+            save_model(self.pi_old, str(Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.FILE))
+
+
 def _privileged_prompt(record: dict[str, Any]) -> dict[str, Any]:
     """The record as a teacher with the final answer in its prompt sees it (``teacher.prompt: answer_hint``)."""
     from targetsft.data.sft import to_prompt_completion
@@ -417,6 +444,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: list[TrainerCall
     args = TrainingArguments(**cfg.training_arguments(precision))
     from datasets import Dataset
 
+    snapshots = []
+    if cfg.loss.method == "proximal_sft":  # π_old is the reference: a copy of the student, refreshed as it trains
+        refresh = {**spec.defaults, **cfg.loss.params}["refresh"]
+        snapshots.append(PolicySnapshot(model, ref_model, refresh))
     trainer = TargetTrainer(
         model=model,
         args=args,
@@ -428,7 +459,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: list[TrainerCall
         teacher_cache=teacher_cache,
         ref_model=ref_model,
         chunk_size=cfg.loss.chunk_size,
-        callbacks=[CsvMetricsCallback(out / "metrics.csv"), *(callbacks or [])],
+        callbacks=[CsvMetricsCallback(out / "metrics.csv"), *snapshots, *(callbacks or [])],
     )
     result = trainer.train(resume_from_checkpoint=resume or None)
     final = out / "final"
