@@ -17,6 +17,7 @@ import targetsft
 from test_core_reference import (
     DEFAULTS,
     IGNORE,
+    SIGNED,
     all_cases,
     case_id,
     label_of,
@@ -39,7 +40,7 @@ SELF_REFERENCE = {
     "proximal_sft",
 }
 UNIFORM_REFERENCE = {"label_smoothing", "confidence_smoothing"}
-DENSE_RESIDUAL = {"asft", "sft_kl", "kd", "hybrid_kd", "target_sft", "confidence_kd", "guided_kd"}
+DENSE_RESIDUAL = {"asft", "sft_kl", "kd", "hybrid_kd", "target_sft", "confidence_kd", "guided_kd", "gem"}
 
 
 def test_reference_groups_cover_registry():
@@ -57,7 +58,29 @@ def _reference_for(method, r, params):
     return r.residual  # the method's own residual distribution, from the independent reference
 
 
-ROUND_TRIP = [c for c in all_cases() if c[1].get("scale", "target") == "target"]
+ROUND_TRIP = [c for c in all_cases() if c[1].get("scale", "target") == "target" and c[0] not in SIGNED]
+
+
+@pytest.mark.parametrize("beta", [0.3, 0.7, 2.0])
+def test_gem_induces_its_signed_target(beta):
+    """GEM's original loss CE(onehot, p) − CE(q, p), written with autograd, induces Q = onehot(y) + p − q: what
+    build_target gives, summing to one, negative somewhere, and so not a distribution."""
+    b = make_batch(71)
+
+    def gem(z, y):
+        logp = torch.log_softmax(z, -1)
+        q = torch.softmax(logp.detach() / beta, -1)
+        keep = y != IGNORE
+        yy = y.clamp(min=0)
+        per = -logp.gather(-1, yy[..., None]).squeeze(-1) + (q * logp).sum(-1)
+        return (per * keep).sum() / keep.sum()
+
+    ind = targetsft.induced_target(gem, b.logits, b.labels, reference="self")
+    q = targetsft.build_target(b.logits, b.labels, method="gem", beta=beta)
+    v = b.valid
+    torch.testing.assert_close(ind.q[v], q[v], rtol=0, atol=ATOL)
+    torch.testing.assert_close(q.sum(-1)[v], torch.ones(int(v.sum()), dtype=q.dtype), rtol=0, atol=ATOL)
+    assert (q[v] < 0).any() and not ind.is_distribution[v].any()
 
 
 @pytest.mark.parametrize("case", ROUND_TRIP, ids=case_id)

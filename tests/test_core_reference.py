@@ -33,6 +33,7 @@ DEFAULTS: dict[str, dict] = {
     "asft": {"lam": 0.1, "scale": "target", "tail": "student"},
     "sft_kl": {"lam": 0.1, "scale": "target", "tail": "student"},
     "proximal_sft": {"epsilon": 0.2, "refresh": 1, "scale": "target"},
+    "gem": {"beta": 0.7},
     "kd": {"temperature": 1.0, "tail": "student"},
     "hybrid_kd": {"lam": 0.5, "temperature": 1.0, "tail": "student"},
     "target_sft": {"eta": 0.5, "temperature": 1.0, "tail": "student", "exclude_label": False},
@@ -56,6 +57,9 @@ NEEDS.update(
     guided_kd=frozenset({"teacher"}),
 )
 
+# Methods whose target is signed (sums to 1, not a distribution): GEM's Q = onehot(y) + p − q.
+SIGNED = frozenset({"gem"})
+
 # Non-default parameter values exercised for each method (on top of the defaults).
 PARAM_GRID: dict[str, list[dict]] = {
     "sft": [],
@@ -69,6 +73,7 @@ PARAM_GRID: dict[str, list[dict]] = {
     "asft": [{"lam": 0.0}, {"lam": 0.5}, {"lam": 2.0, "scale": "original"}, {"scale": "original"}],
     "sft_kl": [{"lam": 0.0}, {"lam": 1.0}, {"lam": 0.3, "scale": "original"}],
     "proximal_sft": [{"epsilon": 0.05}, {"epsilon": 1.0, "scale": "original"}, {"scale": "original"}],
+    "gem": [{"beta": 0.3}, {"beta": 1.0}, {"beta": 2.0}],
     "kd": [{"temperature": 0.5}, {"temperature": 2.0}],
     "hybrid_kd": [{"lam": 0.0}, {"lam": 0.2}, {"lam": 1.0}, {"lam": 0.3, "temperature": 2.0}],
     "target_sft": [
@@ -272,6 +277,8 @@ def reference_target(
         gamma, res = (ratio <= 1 + P["epsilon"]).to(p.dtype), p
         if P["scale"] == "original":
             scale = ratio
+    elif method == "gem":  # ∂ℓ/∂z = q − onehot(y), q ∝ p^(1/β): Q = onehot(y) + p − q, signed
+        gamma, res = 0 * ones, onehot(y, V, p.dtype) + p - torch.softmax(z.log_softmax(-1) / P["beta"], -1)
     elif method == "kd":
         gamma, res = 0 * ones, teacher()
     elif method == "hybrid_kd":
@@ -343,11 +350,12 @@ def test_reference_sft_kl_scale_identity():
 
 @pytest.mark.parametrize("case", all_cases(), ids=case_id)
 def test_reference_targets_are_distributions(case):
-    """Every reference Q is non-negative and sums to one on kept tokens (so the reference itself is sane)."""
+    """Every reference Q sums to one on kept tokens and, but for GEM's signed one, is non-negative (so the
+    reference itself is sane); GEM's has negative entries indeed."""
     method, params = case
     b = make_batch(3)
     r = reference_target(method, b.logits, b.labels, **side_kwargs(method, b), **params)
-    assert (r.q >= 0).all()
+    assert (r.q < 0).any() if method in SIGNED else (r.q >= 0).all()
     torch.testing.assert_close(r.q.sum(-1)[b.valid], torch.ones(b.n_valid, dtype=torch.float64))
     assert (r.q[~b.valid] == 0).all()
 

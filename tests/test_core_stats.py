@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import targetsft
-from test_core_reference import IGNORE, all_cases, case_id, label_of, make_batch, reference_target, side_kwargs
+from test_core_reference import IGNORE, SIGNED, all_cases, case_id, label_of, make_batch, reference_target, side_kwargs
 
 KEYS = {"gamma", "p_label", "nll", "q_label", "residual_entropy", "accuracy", "tokens"}
 
@@ -46,7 +48,9 @@ def test_stats_match_reference_for_every_method(case):
     v = b.valid
     assert stats["gamma"] == pytest.approx(r.gamma.expand(b.labels.shape)[v].mean().item(), abs=1e-10)
     assert stats["q_label"] == pytest.approx(label_of(r.q, b.labels)[v].mean().item(), abs=1e-10)
-    if r.residual is not None:
+    if method in SIGNED:  # a signed residual has no entropy
+        assert math.isnan(stats["residual_entropy"])
+    elif r.residual is not None:
         h = -torch.special.xlogy(r.residual, r.residual).sum(-1)[v]
         assert stats["residual_entropy"] == pytest.approx(h.mean().item(), abs=1e-10)
 

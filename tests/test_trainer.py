@@ -81,6 +81,7 @@ TRAINABLE = [
     "confidence_kd",
     "guided_kd",
     "proximal_sft",
+    "gem",
 ]
 
 

@@ -297,6 +297,21 @@ def _proximal_sft(epsilon: float, refresh: int, scale: str) -> Target:
 
 
 @_spec(
+    "gem",
+    "0 (GEM's label and negative weights are both 1)",
+    "signed: onehot(y) + sg π_θ − q, q ∝ sg π_θ^(1/β)",
+    "GEM, arXiv 2408.16673",
+    "ℓ = CE(onehot(y), π_θ) − CE(q, π_θ): its logit gradient is q − onehot(y), so Q = onehot(y) + p − q. That Q sums "
+    "to 1 but is signed (negative where the sharpened q exceeds p); it is stored as γ = 0 with that signed residual, "
+    "so the logged γ is 0, Q(label) = 1 + p_y − q_y and H(π̃) is not defined (NaN). The loss value is CE(Q, p) = "
+    "GEM's loss + H(sg π_θ), the same gradient. β = 0.7 as in the authors' Llama-3 training script (linear h only).",
+    {"beta": Param(0.7, "temperature β of the sharpened student q (β < 1 sharpens)", _positive, "> 0")},
+)
+def _gem(beta: float) -> Target:
+    return Target(trust=T.Constant(0.0), residual=R.Entropic(beta))
+
+
+@_spec(
     "kd",
     "0",
     "π_T at temperature T",

@@ -139,3 +139,18 @@ class Guided:
         self_coef = (eta * log_c - log_z).exp()
         values = (inside - log_z[:, None]).exp()
         return Residual(self_coef=self_coef, self_skip=ids, sparse_ids=ids, sparse_values=values)
+
+
+@dataclass(frozen=True)
+class Entropic:
+    """GEM's signed residual ``π̃ = onehot(y) + sg π_θ − q`` with ``q ∝ sg π_θ^(1/β)`` (the student sharpened at
+    temperature β): used with γ = 0, ``Q = π̃`` sums to 1 but is negative where ``q > p``, and ``p − Q = q −
+    onehot(y)`` is exactly GEM's logit gradient. Its entropy is not defined (logged as NaN)."""
+
+    beta: float = 0.7
+    needs: ClassVar[frozenset[str]] = _NONE
+
+    def __call__(self, state: TokenState) -> Residual:
+        ones = torch.ones_like(state.logp_y)
+        q = torch.softmax(state.logp / self.beta, dim=-1)
+        return Residual(self_coef=ones, dense=q.neg_(), sparse_ids=state.labels[:, None], sparse_values=ones[:, None])
