@@ -334,3 +334,75 @@ def test_cache_teacher_cli_then_train_from_cache(model_dirs, tmp_path):
     assert sum(cached[-2:]) < sum(cached[:2])
     with pytest.raises(ValueError, match="(?i)dataset"):
         train(_cfg(model_dirs, tmp_path / "bad", "kd", f"teacher.cache={cache}", "data.size=6"))
+
+
+def _weighted_data(path: Path, tokenizer, make) -> Path:
+    """8 records of prompt/completion, each with what ``make(record, n_completion_tokens)`` adds."""
+    import json
+
+    from targetsft.data.sft import tokenize_record
+
+    lines = []
+    for i in range(8):
+        record = {"prompt": f"What is {i} + {i}?", "completion": f"{i} + {i} = {2 * i}.\n#### {2 * i}"}
+        n = sum(label != -100 for label in tokenize_record(tokenizer, record, 1 << 30)["labels"])
+        lines.append(json.dumps({**record, **make(i, n)}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_token_weights_from_the_data_align_with_the_labels(model_dirs, tiny_tokenizer, tmp_path):
+    """Per-token weights in the records land on exactly the supervised tokens, in order, and stay aligned with the
+    labels after padding and the shift the fused loss applies."""
+    data = _weighted_data(
+        tmp_path / "w.jsonl", tiny_tokenizer, lambda i, n: {"token_weights": [(k + 1) / n for k in range(n)]}
+    )
+    cfg = _cfg(model_dirs, tmp_path / "out", "weighted", f"data.train={data}")
+    items, _ = build_dataset(cfg, tiny_tokenizer)
+    for item in items:
+        supervised = [w for w, label in zip(item["token_weights"], item["labels"]) if label != -100]
+        n = len(supervised)
+        assert supervised == pytest.approx([(k + 1) / n for k in range(n)])
+        assert all(w == 0 for w, label in zip(item["token_weights"], item["labels"]) if label == -100)
+    batch = Collator(tiny_tokenizer.pad_token_id)(items[:4])
+    shifted_w = torch.nn.functional.pad(batch["token_weights"][:, 1:], (0, 1))
+    shifted_y = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)
+    assert torch.equal(shifted_w > 0, shifted_y != -100)
+
+
+def test_weighted_methods_train_from_the_data(model_dirs, tiny_tokenizer, tmp_path):
+    """`weighted` with weight 1 on every record is SFT exactly; `critical` with every flag 0 leaves the model as it
+    was (Q = p: no update)."""
+    ones = _weighted_data(tmp_path / "ones.jsonl", tiny_tokenizer, lambda i, n: {"weight": 1.0})
+    zeros = _weighted_data(tmp_path / "zeros.jsonl", tiny_tokenizer, lambda i, n: {"token_weights": [0] * n})
+    train(_cfg(model_dirs, tmp_path / "w", "weighted", f"data.train={ones}"))
+    train(_cfg(model_dirs, tmp_path / "sft", "sft", f"data.train={ones}"))
+    a, b = _weights(tmp_path / "w" / "final"), _weights(tmp_path / "sft" / "final")
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+    train(_cfg(model_dirs, tmp_path / "c", "critical", f"data.train={zeros}"))
+    c, start = _weights(tmp_path / "c" / "final"), _weights(model_dirs[0])
+    assert all(torch.equal(c[k], start[k]) for k in start)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (
+            lambda i, n: {"token_weights": [0.5] * (n - 1)},
+            r"record 0: token_weights must hold one value per completion",
+        ),
+        (
+            lambda i, n: {"token_weights": [0.5] * n} if i < 3 else {},
+            r"record 3: method 'weighted' needs token_weights",
+        ),
+        (lambda i, n: {"token_weights": [1.5] + [0.5] * (n - 1)}, r"record 0: .*in \[0, 1\], got 1.5"),
+        (lambda i, n: {"weight": float("nan")}, r"record 0: .*got nan"),
+        (lambda i, n: {"weight": 0.5, "token_weights": [0.5] * n}, r"not both"),
+    ],
+)
+def test_bad_token_weights_name_the_record(make, message, model_dirs, tiny_tokenizer, tmp_path):
+    from targetsft.runtime.inputs import InputError
+
+    data = _weighted_data(tmp_path / "bad.jsonl", tiny_tokenizer, make)
+    with pytest.raises(InputError, match=message):
+        build_dataset(_cfg(model_dirs, tmp_path / "out", "weighted", f"data.train={data}"), tiny_tokenizer)

@@ -189,6 +189,38 @@ def check_source(source: str, size: int | None = None, seed: int | None = None) 
         raise InputError(str(err)) from None
 
 
+def aligned_token_weights(
+    record: Mapping[str, Any], labels: Sequence[int], supervised: int, where: str
+) -> list[float] | None:
+    """A record's per-token weights as one value per position of ``labels`` (0 where no loss), or None if it has
+    none. ``token_weights``: one value per supervised (completion) token of the whole record, ``supervised`` of them
+    (a truncated example keeps the first ones); ``weight``: one value for every token (a trajectory weight, iw-SFT).
+    Values must be finite and in [0, 1]; anything else is an :class:`~targetsft.runtime.inputs.InputError` naming
+    ``where``."""
+    import math
+
+    from targetsft.runtime.inputs import InputError
+
+    if "token_weights" in record and "weight" in record:
+        raise InputError(f"{where}: give token_weights or weight, not both")
+    if "weight" in record:
+        values = [record["weight"]] * supervised
+    elif "token_weights" in record:
+        values = record["token_weights"]
+        if not isinstance(values, (list, tuple)) or len(values) != supervised:
+            got = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
+            raise InputError(
+                f"{where}: token_weights must hold one value per completion token: {supervised}, got {got}"
+            )
+    else:
+        return None
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= 1:
+            raise InputError(f"{where}: token weights must be finite numbers in [0, 1], got {v!r}")
+    kept = iter(values)
+    return [0.0 if label == IGNORE_INDEX else float(next(kept)) for label in labels]
+
+
 # ------------------------------------------------------------------------------------------- record formats
 
 

@@ -25,6 +25,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from targetsft.losses.methods import get_method
 from targetsft.losses.target import TargetStats
 from targetsft.runtime.files import atomic_write_text
+from targetsft.runtime.inputs import InputError
 from targetsft.runtime.precision import environment
 from targetsft.training.config import TrainConfig
 from targetsft.training.integration import IGNORE_INDEX, patch_fused_forward
@@ -89,6 +90,8 @@ class TargetTrainer(Trainer):
         for key in ("teacher_input_ids", "teacher_attention_mask", "teacher_labels"):
             if key in inputs:
                 options[key] = inputs.pop(key)
+        if "token_weights" in inputs:  # shifted like the labels: position t carries the weight of token t + 1
+            options["token_weights"] = torch.nn.functional.pad(inputs.pop("token_weights")[:, 1:], (0, 1))
         if self.teacher_cache is not None:
             if index is None:
                 raise ValueError("a teacher cache needs the dataset's example_index column in every batch")
@@ -211,8 +214,9 @@ def build_dataset(cfg: TrainConfig, tokenizer: Any) -> tuple[list[dict[str, Any]
     The privileged teacher's sequence is its own prompt followed by exactly the student's completion tokens, so
     the supervised tokens align by construction.
     """
-    from targetsft.data.sft import load_records, tokenize_record
+    from targetsft.data.sft import aligned_token_weights, load_records, tokenize_record
 
+    weighted = "token_weights" in get_method(cfg.loss.method).needs
     records = load_records(cfg.data.train, size=cfg.data.size, seed=cfg.data.seed)
     items: list[dict[str, Any]] = []
     counts = {"records": len(records), "kept": 0, "truncated": 0, "dropped": 0}
@@ -228,6 +232,14 @@ def build_dataset(cfg: TrainConfig, tokenizer: Any) -> tuple[list[dict[str, Any]
             continue
         counts["kept"] += 1
         counts["truncated"] += int(item["input_ids"][-1] != tokenizer.eos_token_id)
+        if weighted:
+            where = f"{cfg.data.train}: record {len(items) + counts['dropped']}"
+            full = tokenize_record(tokenizer, record, 1 << 30)["labels"]
+            supervised = sum(label != IGNORE_INDEX for label in full)
+            weights = aligned_token_weights(record, item["labels"], supervised, where)
+            if weights is None:
+                raise InputError(f"{where}: method {cfg.loss.method!r} needs token_weights (or weight) in every record")
+            item["token_weights"] = weights
         if cfg.teacher.prompt == "answer_hint":
             hinted = tokenize_record(tokenizer, _privileged_prompt(record), 1 << 30)
             t_prompt = [t for t, l in zip(hinted["input_ids"], hinted["labels"]) if l == IGNORE_INDEX]
@@ -254,6 +266,10 @@ class Collator:
             batch["teacher_input_ids"] = teacher["input_ids"]
             batch["teacher_labels"] = teacher["labels"]
             batch["teacher_attention_mask"] = teacher["attention_mask"]
+        if "token_weights" in features[0]:
+            n = batch["labels"].shape[1]
+            rows = [f["token_weights"] + [0.0] * (n - len(f["token_weights"])) for f in features]
+            batch["token_weights"] = torch.tensor(rows, dtype=torch.float32)
         if "example_index" in features[0]:
             batch["example_index"] = torch.tensor([f["example_index"] for f in features], dtype=torch.long)
         return batch
@@ -398,8 +414,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: list[TrainerCall
     atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2, default=str))
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
+    items, counts = build_dataset(cfg, tokenizer)  # bad data is found before the model loads
     model = load_model(model_path)
-    items, counts = build_dataset(cfg, tokenizer)
     if not items:
         raise ValueError(f"no training examples left from {cfg.data.train!r} after tokenization ({counts})")
     print(f"training data: {counts}")
