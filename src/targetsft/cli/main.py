@@ -161,6 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_noise_fit_arguments(p)
     p.set_defaults(func=run_noise_fit_from_args)
+    from targetsft.experiments.critical_tokens import add_mark_critical_arguments, run_mark_critical_from_args
+
+    p = command(
+        "mark-critical",
+        help="mark the critical tokens of GSM solutions by counterfactual rollouts (CFT), for loss.method=critical",
+    )
+    add_mark_critical_arguments(p)
+    p.set_defaults(func=run_mark_critical_from_args)
     p = command(
         "quickstart",
         help="the main job: fine-tune the embedded SmolLM2 with sft and target_sft, score both and the base model",
