@@ -162,6 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_noise_fit_arguments(p)
     p.set_defaults(func=run_noise_fit_from_args)
     from targetsft.experiments.critical_tokens import add_mark_critical_arguments, run_mark_critical_from_args
+    from targetsft.experiments.importance_weights import (
+        add_importance_weights_arguments,
+        run_importance_weights_from_args,
+    )
+
+    p = command("importance-weights", help="iw-SFT's trajectory weights q(τ)/π_ref(τ) for loss.method=weighted")
+    add_importance_weights_arguments(p)
+    p.set_defaults(func=run_importance_weights_from_args)
 
     p = command(
         "mark-critical",
