@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.abc
+import importlib.machinery
 import importlib.util
 import sys
 import warnings
@@ -35,15 +36,18 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(self, name: str, path=None, target=None):
         return importlib.util.spec_from_loader(name, self) if name in MOVED else None
 
+    def __init__(self) -> None:
+        self._real_specs: dict[str, importlib.machinery.ModuleSpec] = {}  # old name → the module's own spec
+
     def create_module(self, spec) -> ModuleType:
         new = MOVED[spec.name]
         warnings.warn(f"{spec.name} moved to {new}; the old path goes in 0.3", DeprecationWarning, stacklevel=2)
         module = importlib.import_module(new)
-        self._spec = module.__spec__  # importlib rebinds __spec__ to the old name's: put it back in exec_module
+        self._real_specs[spec.name] = module.__spec__  # importlib rebinds __spec__ to the old name's
         return module
 
     def exec_module(self, module: ModuleType) -> None:
-        module.__spec__ = self._spec
+        module.__spec__ = self._real_specs.pop(module.__spec__.name)  # keyed by name: safe if imports nest
 
 
 def install() -> None:

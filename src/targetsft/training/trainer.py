@@ -230,12 +230,13 @@ def build_dataset(cfg: TrainConfig, tokenizer: Any) -> tuple[list[dict[str, Any]
         if item is None:
             counts["dropped"] += 1
             continue
+        truncated = item["input_ids"][-1] != tokenizer.eos_token_id
         counts["kept"] += 1
-        counts["truncated"] += int(item["input_ids"][-1] != tokenizer.eos_token_id)
+        counts["truncated"] += int(truncated)
         if weighted:
             where = f"{cfg.data.train}: record {len(items) + counts['dropped']}"
-            full = tokenize_record(tokenizer, record, 1 << 30)["labels"]
-            supervised = sum(label != IGNORE_INDEX for label in full)
+            full = tokenize_record(tokenizer, record, 1 << 30)["labels"] if truncated else item["labels"]
+            supervised = sum(label != IGNORE_INDEX for label in full)  # of the whole record, before truncation
             weights = aligned_token_weights(record, item["labels"], supervised, where)
             if weights is None:
                 raise InputError(f"{where}: method {cfg.loss.method!r} needs token_weights (or weight) in every record")
