@@ -56,6 +56,8 @@ def test_malformed_training_data_before_the_model_loads(folder):
         (["train", "model=/nonexistent/model"], ["model '/nonexistent/model': no such model folder"]),
         (["train", "model=./record"], ["no config.json"]),
         (["train", "model=model", "data.train=missing.jsonl"], ["data 'missing.jsonl': no such file"]),
+        (["train", "model=model", "data.eval=held.jsonl"], ["data 'held.jsonl': no such file"]),
+        (["train", "model=model", "data.eval=2"], ["data.eval must be a file, a dataset name or a fraction"]),
         (["train", "model=model", "loss.method=kd", "teacher.cache=nocache"], ["teacher cache 'nocache'"]),
         (["train", "model=model", "loss.method=kd", "teacher.model=../gone/teacher"], ["teacher.model"]),
         (["train", "loss.method=nope"], ["config error", "nope"]),

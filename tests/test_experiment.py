@@ -626,6 +626,52 @@ def test_aggregation_against_hand_computation(tmp_path):
     )
 
 
+def _tables(folder: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_aggregate_writes_to_output_dir_and_only_update_results_to_results_dir(tmp_path):
+    """The tables and plots go to ``output_dir``; the committed ``results_dir`` is written only with
+    ``update_results``, and then with the same tables."""
+    out, results = tmp_path / "out", tmp_path / "results"
+    raw = {
+        "name": "tables",
+        "output_dir": str(out),
+        "results_dir": str(results),
+        "runs_dir": str(tmp_path / "runs"),
+        "grid": [{"method": "sft", "seeds": [0, 1]}, {"method": "dft", "seeds": [0, 1]}],
+        "eval": [{"name": "toy", "set": "toy.jsonl"}, {"name": "mcq", "set": "mcq.jsonl"}],
+    }
+    exp = X.experiment_from_dict(raw)
+    for s in range(2):
+        _fake_run(exp, tmp_path / "runs", f"sft-s{s}", "sft", "sft", s, [1, 0, s, 0, 0], [1, 0], {0: [0.1, 0.9]})
+        _fake_run(exp, tmp_path / "runs", f"dft-s{s}", "dft", "dft", s, [1, 1, s, 0, 0], [1, 1], {0: [0.2, 0.8]})
+    results.mkdir()
+    (results / "results.md").write_text("the committed tables\n")
+    committed = _tables(results)
+
+    result = X.aggregate(exp)
+    assert X.tables_dir(exp) == out and _tables(results) == committed  # the committed folder is left as it is
+    assert {p.parent for p in result["paths"].values()} == {out}
+    assert result["plots"] and {p.parent for p in result["plots"]} == {out / "plots"}
+    tables = _tables(out)
+    assert {"results.csv", "summary.csv", "comparisons.csv", "probe.csv", "results.md"} <= set(tables)
+    assert "the committed tables" not in tables["results.md"].decode()
+
+    updated = X.aggregate(exp, update_results=True)
+    assert X.tables_dir(exp, update_results=True) == results
+    assert {p.parent for p in updated["paths"].values()} == {results}
+    assert {p.parent for p in updated["plots"]} == {results / "plots"}
+    assert _tables(results) == tables  # the same tables and plots, now in results_dir
+    assert _tables(out) == tables  # output_dir untouched by the update
+
+    with pytest.raises(ConfigError, match="results_dir"):
+        X.experiment_from_dict({**raw, "results_dir": 3})
+    no_results = X.experiment_from_dict({k: v for k, v in raw.items() if k != "results_dir"})
+    with pytest.raises(ConfigError, match=r"--update-results: experiment 'tables' has no results_dir"):
+        X.aggregate(no_results, update_results=True)
+
+
 # --------------------------------------------------------------------------------------- shipped experiments
 
 
@@ -633,9 +679,12 @@ def test_aggregation_against_hand_computation(tmp_path):
 def test_shipped_experiments_validate(path):
     exp = X.load_experiment(path)
     runs = X.expand_grid(exp)
-    counts = {"smoke": 3, "main": 14, "lr_sweep": 9, "eta_sweep": 6, "ablation": 12, "noise": 10, "gpu_paper_cell": 4}
+    counts = {"smoke": 3, "main": 14, "lr_sweep": 9, "eta_sweep": 6, "ablation": 12, "noise": 10}
+    counts |= {"new_methods": 6, "gpu_paper_cell": 4}
     assert len(runs) == counts[exp.name]
-    assert not Path(exp.output_dir).is_absolute()
+    # running an experiment writes its tables under runs/ (git-ignored), never into the committed results/<name>
+    assert Path(exp.output_dir).parts[:2] == ("runs", "experiments")
+    assert exp.results_dir in (None, f"results/{exp.name}")
 
 
 def test_main_has_every_method_and_three_seeds():
@@ -661,6 +710,7 @@ def test_experiments_sharing_a_runs_dir_agree():
         exp = X.load_experiment(path)
         if exp.runs_dir:
             by_dir.setdefault(exp.runs_dir, []).append(exp)
+    by_dir = {d: exps for d, exps in by_dir.items() if len(exps) > 1}  # a runs_dir of one experiment shares nothing
     assert [len(v) for v in by_dir.values()] == [5]
     for exps in by_dir.values():
         assert len({(e.records_dir, e.teacher_cache_dir) for e in exps}) == 1  # one record and cache per run
@@ -734,6 +784,38 @@ def test_cli_dry_run_only_and_errors(tmp_path, capsys):
     assert X.run_experiment_from_args(parser.parse_args([*both, "--dry-run"])) == 0
     out = capsys.readouterr().out
     assert "experiment smoke: 3 runs" in out and "experiment main: 14 runs" in out
+    assert "tables in runs/experiments/main" in out
+    # --update-results names the committed tables; an experiment without results_dir is refused before anything runs
+    assert X.run_experiment_from_args(parser.parse_args([*both[2:], "--dry-run", "--update-results"])) == 0
+    assert "tables in results/main" in capsys.readouterr().out
+    for extra in (["--update-results"], ["--aggregate-only", "--update-results"]):
+        assert X.run_experiment_from_args(parser.parse_args([*both, *extra])) == 2
+        err = capsys.readouterr().err
+        assert "--update-results: experiment 'smoke' has no results_dir" in err and "runs/experiments/smoke" in err
+
+
+def test_cli_aggregate_only_writes_output_dir_unless_update_results(tmp_path, capsys):
+    raw = {
+        "name": "cli",
+        "output_dir": str(tmp_path / "out"),
+        "results_dir": str(tmp_path / "results"),
+        "runs_dir": str(tmp_path / "runs"),
+        "grid": [{"method": "sft", "seeds": [0, 1]}],
+        "eval": [{"name": "toy", "set": "toy.jsonl"}, {"name": "mcq", "set": "mcq.jsonl"}],
+    }
+    exp = X.experiment_from_dict(raw)
+    for s in range(2):
+        _fake_run(exp, tmp_path / "runs", f"sft-s{s}", "sft", "sft", s, [1, s, 0], [1, 0])
+    config = tmp_path / "cli.yaml"
+    config.write_text(json.dumps(raw))
+    parser = X.add_experiment_arguments(argparse.ArgumentParser())
+    assert X.run_experiment_from_args(parser.parse_args(["--config", str(config), "--aggregate-only"])) == 0
+    assert (tmp_path / "out" / "results.md").is_file() and not (tmp_path / "results").exists()
+    assert "## toy" in capsys.readouterr().out
+    args = parser.parse_args(["--config", str(config), "--aggregate-only", "--update-results"])
+    assert X.run_experiment_from_args(args) == 0
+    assert (tmp_path / "results" / "results.md").read_text() == (tmp_path / "out" / "results.md").read_text()
+    assert f"tables and plots in {tmp_path / 'results'}" in capsys.readouterr().err
 
 
 def test_recorded_spec_without_a_later_option_is_the_same_spec():

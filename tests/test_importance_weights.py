@@ -27,7 +27,7 @@ def test_cli_writes_records_that_train_weighted(tmp_path, tiny_llama, tiny_token
     """q = π_ref: every log-ratio is 0 and every weight 1; the records load as `weighted` training data."""
     from targetsft.cli import main
     from targetsft.training.config import load_config
-    from targetsft.training.trainer import build_dataset
+    from targetsft.training.dataset import build_dataset
 
     model = tmp_path / "model"
     tiny_llama.save_pretrained(model)

@@ -13,7 +13,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from targetsft.training.config import ConfigError, load_config  # noqa: E402
-from targetsft.training.trainer import Collator, TargetTrainer, build_dataset, train  # noqa: E402
+from targetsft.training.dataset import Collator, build_dataset  # noqa: E402
+from targetsft.training.trainer import TargetTrainer, train  # noqa: E402
 
 
 @pytest.fixture(scope="module")

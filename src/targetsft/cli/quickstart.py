@@ -96,7 +96,7 @@ def run_quickstart(
     for method in METHODS:
         t = time.perf_counter()
         configs[method] = config_from_dict(_train_config(method, out, steps, learning_rate, label_noise))
-        summary = train(configs[method])
+        summary = train(configs[method], keep_checkpoints=False)  # final models only: no optimizer state
         models[method] = summary["final_model"]
         seconds[method] = round(time.perf_counter() - t)
         print(f"[quickstart] trained {method} in {seconds[method]} s", flush=True)

@@ -20,6 +20,7 @@ from targetsft.experiments.grid import (
     load_experiment,
     recorded_precision,
     run_precision,
+    tables_dir,
 )
 from targetsft.experiments.plots import write_plots
 from targetsft.experiments.report import aggregate, check_one_precision, done_records
@@ -53,5 +54,6 @@ __all__ = [
     "run_status",
     "t_interval",
     "t_quantile",
+    "tables_dir",
     "write_plots",
 ]

@@ -1,4 +1,8 @@
-"""``target-sft experiment``: its options, the dry-run plan, and the command itself."""
+"""``target-sft experiment``: its options, the dry-run plan, and the command itself.
+
+The tables and plots go to the experiment's ``output_dir``; ``--update-results`` writes them to its committed
+``results_dir`` instead (:func:`~targetsft.experiments.grid.tables_dir`): ``--aggregate-only --update-results``
+refreshes the committed tables from the records."""
 
 from __future__ import annotations
 
@@ -8,15 +12,26 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from targetsft.experiments.grid import Experiment, ExperimentError, Run, expand_grid, load_experiment, run_dir
+from targetsft.experiments.grid import (
+    Experiment,
+    ExperimentError,
+    Run,
+    expand_grid,
+    load_experiment,
+    run_dir,
+    tables_dir,
+)
 from targetsft.experiments.report import aggregate
 from targetsft.experiments.runner import run_experiments, run_status, select_runs
 from targetsft.training.config import ConfigError
 
 
-def format_plan(exp: Experiment, runs: Sequence[Run]) -> str:
-    """The runs of a dry run: index, id, method, status, folder."""
-    lines = [f"experiment {exp.name}: {len(runs)} runs, eval sets {[s.label for s in exp.eval]}"]
+def format_plan(exp: Experiment, runs: Sequence[Run], update_results: bool = False) -> str:
+    """The runs of a dry run: index, id, method, status, folder; the header says where the tables would go."""
+    lines = [
+        f"experiment {exp.name}: {len(runs)} runs, eval sets {[s.label for s in exp.eval]}, "
+        f"tables in {tables_dir(exp, update_results)}"
+    ]
     for i, run in enumerate(runs, 1):
         lines.append(f"{i:4d}  {run.id:<48s} {run.method:<20s} {run_status(exp, run):<9s} {run_dir(exp, run)}")
     return "\n".join(lines)
@@ -33,7 +48,13 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
     )
     parser.add_argument("--dry-run", action="store_true", help="list the runs and their status; run nothing")
     parser.add_argument("--only", metavar="PATTERN", help="run only the runs whose id matches (glob or substring)")
-    parser.add_argument("--aggregate-only", action="store_true", help="only rebuild the results and plots")
+    parser.add_argument("--aggregate-only", action="store_true", help="only rebuild the tables and plots")
+    parser.add_argument(
+        "--update-results",
+        action="store_true",
+        help="write the tables and plots to the experiment's committed results_dir instead of its output_dir "
+        "(with --aggregate-only: refresh the committed tables from the records)",
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no per-batch progress bars")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return parser
@@ -46,6 +67,9 @@ def run_experiment_from_args(args: argparse.Namespace) -> int:
 
     try:
         exps = [load_experiment(path) for path in args.config]
+        update = getattr(args, "update_results", False)
+        for exp in exps:  # before anything runs: --update-results needs every experiment's results_dir
+            tables_dir(exp, update)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"target-sft experiment: config error: {err}", file=sys.stderr)
         return 2
@@ -59,7 +83,7 @@ def run_experiment_from_args(args: argparse.Namespace) -> int:
                 check_source(data.get("train", "gsm-train"), data.get("size"), data.get("seed"))
                 checked.add(key)
     if args.dry_run:
-        print("\n".join(format_plan(exp, select_runs(expand_grid(exp), args.only)) for exp in exps))
+        print("\n".join(format_plan(exp, select_runs(expand_grid(exp), args.only), update) for exp in exps))
         return 0
     if getattr(args, "threads", None):
         import torch
@@ -72,6 +96,7 @@ def run_experiment_from_args(args: argparse.Namespace) -> int:
             print(f"target-sft experiment: {err}", file=sys.stderr)
             return 1
     for exp in exps:
-        result = aggregate(exp)
+        result = aggregate(exp, update_results=update)
         print(Path(result["paths"]["results.md"]).read_text())
+        print(f"target-sft experiment: {exp.name}: tables and plots in {tables_dir(exp, update)}", file=sys.stderr)
     return 0

@@ -8,7 +8,12 @@ seeds, compared pairwise over the same problems and seeds, and plotted.
 
 Schema (strict: an unknown key anywhere is an error that names it and lists the valid ones)
 -------------------------------------------------------------------------------------------
-* ``name``, ``output_dir``.
+* ``name``, ``output_dir``: the experiment's tables (``results.csv``, ``summary.csv``, ``comparisons.csv``,
+  ``probe.csv``, ``results.md``), ``plots/`` and ``progress.log`` (:func:`tables_dir`).
+* ``results_dir``: the folder of the experiment's committed tables and plots (optional). They are written there
+  instead of ``output_dir`` only when asked (``target-sft experiment --update-results``; a maintainer refreshes
+  them from the records with ``--aggregate-only --update-results``), so running an experiment leaves the committed
+  tables as they are. ``progress.log`` always stays in ``output_dir``.
 * ``base``: a :class:`~targetsft.training.config.TrainConfig` dict applied to every run (``model``, ``data``,
   ``teacher``, ``reference``, ``lora``, ``train``, ``loss.chunk_size``; not ``output_dir``, the method, its params or
   the seed). ``teacher`` goes only to the methods that use one.
@@ -168,6 +173,7 @@ class Experiment:
     gamma_probe: int = 16
     keep_checkpoints: bool = False
     teacher_cache_k: int = 0
+    results_dir: str | None = None
     runs_dir: str | None = None
     records_dir: str | None = None
     teacher_cache_dir: str | None = None
@@ -276,6 +282,9 @@ def _check_experiment(exp: Experiment) -> None:
     k = exp.teacher_cache_k
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise ConfigError(f"teacher_cache_k must be an int >= 0 (0: teacher online), got {k!r}")
+    for key, folder in (("output_dir", exp.output_dir), ("results_dir", exp.results_dir)):
+        if folder is not None and not (isinstance(folder, str) and folder):
+            raise ConfigError(f"{key} must be a folder path, got {folder!r}")
     if "output_dir" in base:
         raise ConfigError("base.output_dir: every run gets <output_dir>/runs/<run id>; set the top-level output_dir")
     if set(base.get("loss") or {}) - {"chunk_size"}:
@@ -403,6 +412,20 @@ def _check_teacher_refs(runs: Sequence[Run]) -> None:
         if ref is not None and not position.get(ref, i) < i:
             where = "comes later" if ref in position else "is not in the grid"
             raise ConfigError(f"run {run.id}: its teacher run {ref!r} {where}; list the teacher's group first")
+
+
+def tables_dir(exp: Experiment, update_results: bool = False) -> Path:
+    """Where the experiment's tables, plots and progress log are written: ``output_dir``; with ``update_results``
+    the tables and plots go to the committed ``results_dir`` instead (a :class:`ConfigError` if it has none)."""
+    if not update_results:
+        return Path(exp.output_dir)
+    if not exp.results_dir:
+        raise ConfigError(
+            f"--update-results: experiment {exp.name!r} has no results_dir (the folder of its committed tables) to "
+            f"update; set results_dir in its YAML, or leave out --update-results to write to its output_dir "
+            f"({exp.output_dir})"
+        )
+    return Path(exp.results_dir)
 
 
 def runs_root(exp: Experiment) -> Path:

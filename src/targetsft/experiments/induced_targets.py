@@ -173,7 +173,8 @@ def add_induced_targets_arguments(p: argparse.ArgumentParser) -> argparse.Argume
 def run_induced_targets_from_args(args: argparse.Namespace) -> int:
     from targetsft.runtime.models import load_model, load_tokenizer, resolve_model
     from targetsft.training.config import load_config
-    from targetsft.training.trainer import _load_same_tokenizer, build_dataset
+    from targetsft.training.dataset import build_dataset
+    from targetsft.training.trainer import _load_same_tokenizer
 
     overrides = [f"data.train={args.data}", f"data.size={args.examples}", f"teacher.prompt={args.teacher_prompt}"]
     cfg = load_config(None, overrides + ([f"model={args.model}"] if args.model else []))

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from targetsft.experiments.grid import BASELINE_ID, PROBE_FILE, Experiment, records_root
+from targetsft.experiments.grid import BASELINE_ID, PROBE_FILE, Experiment, records_root, tables_dir
 from targetsft.experiments.runner import read_probe
 
 
@@ -133,14 +133,17 @@ def _plot_vs(rows: Sequence[dict], key: str, path: Path, log_x: bool = False) ->
     return _save(fig, path)
 
 
-def write_plots(exp: Experiment, records: Sequence[dict], summary: Sequence[dict]) -> list[Path]:
-    """PNGs in ``<output_dir>/plots/``: accuracy per config and set (with intervals); training curves (loss, NLL);
+def write_plots(
+    exp: Experiment, records: Sequence[dict], summary: Sequence[dict], *, update_results: bool = False
+) -> list[Path]:
+    """PNGs in ``plots/`` of :func:`~targetsft.experiments.grid.tables_dir` (``output_dir``; ``results_dir`` with
+    ``update_results``): accuracy per config and set (with intervals); training curves (loss, NLL);
     for dft vs target_sft the mean γ per logging step (metrics.csv) and its distribution on the probe examples
     (``gamma_probe.jsonl``); accuracy vs η (target_sft) and vs learning rate, where the grid varies them."""
     import matplotlib
 
     matplotlib.use("Agg")
-    root, plots = records_root(exp), Path(exp.output_dir) / "plots"
+    root, plots = records_root(exp), tables_dir(exp, update_results) / "plots"
     safe = lambda s: re.sub(r"[^A-Za-z0-9._-]+", "_", s)  # noqa: E731
     out = []
     for label, metric in dict.fromkeys((r["set"], r["metric"]) for r in summary):

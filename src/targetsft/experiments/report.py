@@ -1,8 +1,9 @@
 """Aggregating finished runs into tables.
 
-Outputs: ``results.csv`` (one row per run × set × metric), ``summary.csv`` and ``results.md`` (mean ± interval
-over seeds), ``comparisons.csv``, ``probe.csv`` (p_θ(y) on the probe examples, start and end of training),
-``plots/*.png``, ``progress.log``.
+Outputs, in :func:`~targetsft.experiments.grid.tables_dir` (the experiment's ``output_dir``; its committed
+``results_dir`` with ``update_results``): ``results.csv`` (one row per run × set × metric), ``summary.csv`` and
+``results.md`` (mean ± interval over seeds), ``comparisons.csv``, ``probe.csv`` (p_θ(y) on the probe examples, start
+and end of training), ``plots/*.png``; the runner's ``progress.log`` is in ``output_dir``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from targetsft.experiments.grid import (
     record_dir,
     recorded_precision,
     records_root,
+    tables_dir,
 )
 from targetsft.experiments.plots import write_plots
 from targetsft.experiments.runner import read_probe
@@ -364,11 +366,12 @@ def probe_rows(records: Sequence[dict[str, Any]], root: Path) -> list[dict[str, 
     return rows
 
 
-def aggregate(exp: Experiment, *, plots: bool = True) -> dict[str, Any]:
+def aggregate(exp: Experiment, *, plots: bool = True, update_results: bool = False) -> dict[str, Any]:
     """Write ``results.csv``, ``summary.csv``, ``comparisons.csv``, ``probe.csv``, ``results.md`` and the plots from
-    the finished runs (all trained at one precision, else :class:`ExperimentError`); returns the paths and the
-    rows."""
-    root = Path(exp.output_dir)
+    the finished runs (all trained at one precision, else :class:`ExperimentError`) into the experiment's
+    ``output_dir``, or with ``update_results`` into its committed ``results_dir`` (:func:`tables_dir`); returns the
+    paths and the rows."""
+    root = tables_dir(exp, update_results)
     records = done_records(exp)
     precisions = check_one_precision(exp, records)
     summary = summary_rows(exp, records)
@@ -387,7 +390,7 @@ def aggregate(exp: Experiment, *, plots: bool = True) -> dict[str, Any]:
     teachers = teacher_rows(records)
     markdown = format_markdown(exp, summary, comparisons, len(records), teachers, probes, precisions)
     atomic_write_text(paths["results.md"], markdown)
-    figures = write_plots(exp, records, summary) if plots else []
+    figures = write_plots(exp, records, summary, update_results=update_results) if plots else []
     return {
         "paths": paths,
         "plots": figures,

@@ -46,6 +46,7 @@ from targetsft.experiments.grid import (
     runs_root,
     same_spec,
     spec_dict,
+    tables_dir,
     teacher_ref,
     trained,
     write_json,
@@ -208,7 +209,7 @@ def _gamma_probe(cfg: Any, examples: int, path: Path) -> Any:
     from transformers import TrainerCallback
 
     from targetsft.runtime.models import load_tokenizer, resolve_model
-    from targetsft.training.trainer import build_dataset
+    from targetsft.training.dataset import build_dataset
 
     small = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, size=min(examples, cfg.data.size or examples)))
     items, _ = build_dataset(small, load_tokenizer(resolve_model(cfg.model)))
@@ -394,7 +395,7 @@ class _Progress:
     def __init__(self, exp: Experiment, total: int, stream: Any) -> None:
         self.exp, self.total, self.stream = exp, total, stream
         self.done, self.durations, self.t0 = 0, [], time.perf_counter()
-        root = Path(exp.output_dir)
+        root = tables_dir(exp)
         root.mkdir(parents=True, exist_ok=True)
         self.logfile = root / "progress.log"
 

@@ -373,7 +373,7 @@ def _confidence_smoothing() -> Target:
     "sg π_θ",
     "this library (fixed γ, π̃ of DFT)",
     "A fixed share λ of the target is the model's own distribution: gradient (1 − λ)·(p − onehot).",
-    {"lam": _LAM_MIX},
+    {"lam": Param(0.5, "share λ of the target given to the model's own distribution", _unit, "in [0, 1]")},
 )
 def _self_smoothing(lam: float) -> Target:
     return Target(trust=T.Constant(1.0 - lam), residual=R.Self())

@@ -1,13 +1,15 @@
 """``TargetLoss``: a drop-in ``compute_loss_func`` for ``transformers.Trainer`` and TRL's ``SFTTrainer``.
 
-    loss_fn = targetsft.TargetLoss("target_sft", eta=0.5, teacher=teacher_model).bind(model)
+    loss_fn = targetsft.TargetLoss("target_sft", eta=0.5, teacher=teacher_model).bind(model, tokenizer)
     trainer = SFTTrainer(model=model, args=..., train_dataset=..., compute_loss_func=loss_fn)
 
 It receives the model's full logits (that is what ``compute_loss_func`` gets), shifts the labels, and divides
 the summed loss by ``num_items_in_batch``, so gradient accumulation and data parallelism stay exact. A teacher
 or reference model needs the batch's inputs, which ``compute_loss_func`` does not receive: :meth:`bind` hooks
-the student's forward to see them. For long sequences and large vocabularies prefer ``target-sft train``
-(:class:`targetsft.training.trainer.TargetTrainer`), whose fused loss never builds the logits.
+the student's forward to see them, puts the teacher on the student's device (unless it was loaded with a
+``device_map``) and checks that it shares the student's vocabulary and, given the tokenizers, its tokenizer. For
+long sequences and large vocabularies prefer ``target-sft train`` (:class:`targetsft.training.trainer.TargetTrainer`),
+whose fused loss never builds the logits.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch import Tensor, nn
 
 from targetsft.losses.loss import target_loss
 from targetsft.losses.target import Target
-from targetsft.training.integration import IGNORE_INDEX, shift_labels, unwrap
+from targetsft.training.integration import IGNORE_INDEX, input_device, place_frozen, shift_labels, unwrap
 
 
 class TargetLoss:
@@ -27,7 +29,8 @@ class TargetLoss:
 
     Args:
         method: a registered method name or a :class:`targetsft.Target`; ``**params`` its parameters.
-        teacher: a model sharing the student's vocabulary, run without gradient on the same inputs.
+        teacher: a model sharing the student's vocabulary, run without gradient on the same inputs (on the device
+            it sits on: its logits come back to the student's).
         ref: the reference model of ``asft`` / ``sft_kl``, likewise.
     """
 
@@ -48,16 +51,30 @@ class TargetLoss:
             if other is not None:
                 other.eval().requires_grad_(False)
 
-    def bind(self, model: nn.Module) -> TargetLoss:
-        """Record each forward's ``input_ids``/``attention_mask`` so the teacher/reference see the same batch."""
+    def bind(self, model: nn.Module, tokenizer: Any = None, teacher_tokenizer: Any = None) -> TargetLoss:
+        """Record each forward's ``input_ids``/``attention_mask`` so the teacher/reference see the same batch; move
+        them to the student's device (not one loaded with a ``device_map``) and check them against the student: the
+        same vocabulary size always, the same tokenizer when ``tokenizer`` (the student's) is given — compared with
+        ``teacher_tokenizer`` or, without it, with the tokenizer saved beside the teacher (its ``name_or_path``)."""
         if self._hook is not None:
             self._hook.remove()
+        student = unwrap(model)
+        vocab = student.get_output_embeddings().weight.shape[0]
+        for role, other in (("teacher", self.teacher), ("reference", self.ref)):
+            if other is None:
+                continue
+            other_vocab = unwrap(other).get_output_embeddings().weight.shape[0]
+            if other_vocab != vocab:
+                raise ValueError(f"the {role} has a vocabulary of {other_vocab} tokens, the student {vocab}")
+            place_frozen(other, input_device(student))
+            if tokenizer is not None:
+                _check_same_tokenizer(tokenizer, teacher_tokenizer if role == "teacher" else None, other, role)
 
         def capture(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
             ids = kwargs.get("input_ids", args[0] if args else None)
             self._inputs = {"input_ids": ids, "attention_mask": kwargs.get("attention_mask")}
 
-        self._hook = unwrap(model).register_forward_pre_hook(capture, with_kwargs=True)
+        self._hook = student.register_forward_pre_hook(capture, with_kwargs=True)
         return self
 
     def _logits_of(self, model: nn.Module | None) -> Tensor | None:
@@ -65,18 +82,36 @@ class TargetLoss:
             return None
         if self._inputs is None:
             raise RuntimeError("TargetLoss with a teacher or reference needs .bind(student_model) before training")
+        at = input_device(model)
+        inputs = {k: None if v is None else v.to(at) for k, v in self._inputs.items()}
         with torch.no_grad():
-            return model(**self._inputs).logits
+            return model(**inputs).logits
 
     def __call__(self, outputs: Any, labels: Tensor, num_items_in_batch: int | Tensor | None = None) -> Tensor:
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
         shifted = shift_labels(labels, self.ignore_index)
         kwargs: dict[str, Any] = {}
-        teacher_logits, ref_logits = self._logits_of(self.teacher), self._logits_of(self.ref)
-        if teacher_logits is not None:
-            kwargs["teacher_logits"] = teacher_logits
-        if ref_logits is not None:
-            kwargs["ref_logits"] = ref_logits
+        for role, other in (("teacher", self.teacher), ("ref", self.ref)):
+            other_logits = self._logits_of(other)
+            if other_logits is not None:
+                kwargs[f"{role}_logits"] = other_logits.to(logits.device)
         if num_items_in_batch is not None:
             kwargs["num_items_in_batch"] = torch.as_tensor(num_items_in_batch, device=logits.device)
         return target_loss(logits, shifted, method=self.method, ignore_index=self.ignore_index, **kwargs, **self.params)
+
+
+def _check_same_tokenizer(tokenizer: Any, other_tokenizer: Any, other: nn.Module, role: str) -> None:
+    """``other_tokenizer`` (or the one saved with ``other``) tokenizes exactly as ``tokenizer``, else ValueError."""
+    from targetsft.runtime.models import load_tokenizer
+    from targetsft.training.teacher_cache import check_same_tokenizer
+
+    if other_tokenizer is None:
+        path = getattr(unwrap(other), "name_or_path", None) or getattr(unwrap(other).config, "_name_or_path", "")
+        try:
+            other_tokenizer = load_tokenizer(path)
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"cannot load the {role}'s tokenizer from {path!r} to compare it with the student's: pass it as "
+                f"bind(..., teacher_tokenizer=...) ({err})"
+            ) from None
+    check_same_tokenizer(tokenizer, other_tokenizer, role)

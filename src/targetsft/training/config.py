@@ -68,12 +68,17 @@ def _unknown(where: str, key: str, valid: list[str]) -> ConfigError:
 class DataConfig:
     """Training data: a built-in name (``gsm-train``), a local JSONL/Parquet file, or a ``datasets`` name.
 
+    ``size``: the first ``size`` records; None (the default) keeps every record of a file or dataset (``gsm-train``
+    then generates its default 2,000). ``eval``: held-out records for ``eval_loss`` and the target statistics on
+    them every ``train.eval_steps``: a file or dataset name, or a fraction in (0, 1) of the training records split off
+    before training (chosen from ``seed``).
     ``label_noise``: fraction of the records whose final answer is made wrong (robustness studies; ``noise_kind``
     ``answer`` or ``carried``, see :mod:`targetsft.data.noise`), chosen deterministically from ``seed``.
     """
 
     train: str = "gsm-train"
-    size: int | None = 1000
+    size: int | None = None
+    eval: str | float | None = None
     seed: int = 0
     max_length: int = 384
     overflow: str = "truncate"
@@ -90,12 +95,41 @@ class LossConfig:
     chunk_size: int | None = None
 
 
-@dataclass
-class TeacherConfig:
-    """Teacher for kd / hybrid_kd / target_sft: a model run online, or a top-k cache from ``cache-teacher``.
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
-    ``prompt``: ``same`` (the student's prompt) or ``answer_hint`` (the prompt plus the final answer: a
-    privileged teacher; the supervised tokens stay aligned with the student's).
+
+@dataclass
+class ModelInit:
+    """How a model is loaded (``from_pretrained`` keywords). ``dtype``: ``auto`` is float32 for the student (master
+    weights; the training precision is autocast) and the training precision's dtype for a frozen teacher or
+    reference (bf16 where the device runs it natively, see :mod:`targetsft.runtime.precision`); or ``float32``,
+    ``bfloat16``, ``float16``. ``attn_implementation``: e.g. ``sdpa``, ``eager``, ``flash_attention_2``.
+    ``device_map``: where a frozen model sits (e.g. ``cuda:1``, ``auto``); the student is placed by the Trainer."""
+
+    dtype: str = "auto"
+    attn_implementation: str | None = None
+    device_map: Any = None
+
+    def from_pretrained_kwargs(self, auto_dtype: Any) -> dict[str, Any]:
+        """``from_pretrained`` keywords: ``dtype`` (``auto_dtype`` for ``auto``), then ``attn_implementation`` and
+        ``device_map`` when set."""
+        import torch
+
+        kwargs: dict[str, Any] = {"dtype": auto_dtype if self.dtype == "auto" else getattr(torch, self.dtype)}
+        if self.attn_implementation is not None:
+            kwargs["attn_implementation"] = self.attn_implementation
+        if self.device_map is not None:
+            kwargs["device_map"] = self.device_map
+        return kwargs
+
+
+@dataclass
+class TeacherConfig(ModelInit):
+    """Teacher for kd / hybrid_kd / target_sft: a model run online, or a top-k cache from ``cache-teacher``; loaded
+    as :class:`ModelInit` says.
+
+    ``prompt``: ``same`` (the student's prompt) or ``answer_hint`` (the prompt plus the final answer, read from each
+    record's ``answer`` field: a privileged teacher; the supervised tokens stay aligned with the student's).
     """
 
     model: str | None = None
@@ -104,8 +138,8 @@ class TeacherConfig:
 
 
 @dataclass
-class ReferenceConfig:
-    """Reference model for asft / sft_kl: a path, or None for a frozen copy of the initial model."""
+class ReferenceConfig(ModelInit):
+    """Reference model for asft / sft_kl: a path, or None for a frozen copy of the initial model (in ``dtype``)."""
 
     model: str | None = None
 
@@ -126,10 +160,12 @@ class TrainConfig:
 
     ``precision``: ``auto`` (bf16 where the device runs it natively, fp16 on a GPU with only that, else fp32; see
     :mod:`targetsft.runtime.precision`), ``bf16``, ``fp16`` or ``fp32``. ``train.bf16``/``train.fp16`` are still read as
-    an explicit choice when ``precision`` is ``auto``.
+    an explicit choice when ``precision`` is ``auto``. ``model_init``: how the student loads (:class:`ModelInit`,
+    no ``device_map``).
     """
 
     model: str | None = None
+    model_init: ModelInit = field(default_factory=ModelInit)
     precision: str = "auto"
     output_dir: str = "runs/train"
     data: DataConfig = field(default_factory=DataConfig)
@@ -163,7 +199,13 @@ class TrainConfig:
         import torch
 
         precision = precision or self.resolved_precision()
-        args = {**TRAIN_DEFAULTS, **self.train, "output_dir": self.output_dir, "remove_unused_columns": False}
+        defaults = dict(TRAIN_DEFAULTS)
+        if "num_train_epochs" in self.train and "max_steps" not in self.train:
+            del defaults["max_steps"]  # epochs asked for: the step cap would override them
+        args = {**defaults, **self.train, "output_dir": self.output_dir, "remove_unused_columns": False}
+        if self.data.eval is not None:
+            args.setdefault("eval_strategy", "steps")
+            args.setdefault("prediction_loss_only", True)
         args.update(precision.training_flags)
         if "use_cpu" not in self.train and not (torch.cuda.is_available() or torch.backends.mps.is_available()):
             args["use_cpu"] = True
@@ -174,6 +216,7 @@ class TrainConfig:
 
 
 _SECTIONS = {
+    "model_init": ModelInit,
     "data": DataConfig,
     "loss": LossConfig,
     "teacher": TeacherConfig,
@@ -237,6 +280,21 @@ def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
         spec.target(**cfg.loss.params)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"loss.params: {err}") from None
+    for where, init in (("model_init", cfg.model_init), ("teacher", cfg.teacher), ("reference", cfg.reference)):
+        if init.dtype not in MODEL_DTYPES:
+            raise ConfigError(f"{where}.dtype must be one of {MODEL_DTYPES}, got {init.dtype!r}")
+    if cfg.model_init.device_map is not None:
+        raise ConfigError("model_init.device_map: the Trainer places the student (use accelerate for several devices)")
+    size, held_out = cfg.data.size, cfg.data.eval
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ConfigError(f"data.size must be a positive integer or null (every record), got {size!r}")
+    fraction = isinstance(held_out, (int, float)) and not isinstance(held_out, bool)
+    if held_out is not None and not isinstance(held_out, str) and not (fraction and 0.0 < held_out < 1.0):
+        raise ConfigError(f"data.eval must be a file, a dataset name or a fraction in (0, 1), got {held_out!r}")
+    if held_out is not None and cfg.teacher.cache:
+        raise ConfigError(
+            "data.eval with teacher.cache: the cache holds the training examples only; use teacher.model for eval_loss"
+        )
     if cfg.data.overflow not in ("truncate", "drop"):
         raise ConfigError(f"data.overflow must be 'truncate' or 'drop', got {cfg.data.overflow!r}")
     noise = cfg.data.label_noise
@@ -274,6 +332,8 @@ def check_inputs(cfg: TrainConfig) -> None:
     if cfg.teacher.cache:
         check_cache_folder(cfg.teacher.cache)
     check_source(cfg.data.train, cfg.data.size, cfg.data.seed)
+    if isinstance(cfg.data.eval, str):
+        check_source(cfg.data.eval)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

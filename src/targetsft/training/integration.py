@@ -73,6 +73,27 @@ def hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | 
     return out[0]
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model takes its inputs: the device of its input embeddings (the first of a ``device_map``)."""
+    return unwrap(model).get_input_embeddings().weight.device
+
+
+KEEP_DEVICE = "_targetsft_keep_device"  # set on a model loaded with an explicit device_map
+
+
+def place_frozen(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """A teacher or reference: eval mode, no gradients, and on ``device`` if it is on the CPU; one already on an
+    accelerator, spread by a ``device_map`` or loaded with one stays where it was put (the loss moves its inputs
+    there and its outputs back)."""
+    model.eval().requires_grad_(False)
+    placed = getattr(model, KEEP_DEVICE, False) or getattr(model, "hf_device_map", None)
+    return model if placed or input_device(model).type != "cpu" else model.to(device)
+
+
+def _moved(device: torch.device, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    return tuple(None if t is None else t.to(device) for t in tensors)
+
+
 def shift_labels(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """``labels[:, 1:]`` padded with ``ignore_index``: position t then predicts token t + 1 (HF convention)."""
     return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=ignore_index)
@@ -109,6 +130,7 @@ def causal_lm_target_loss(
         if other is None:
             continue
         other_head = lm_head(other)
+        at = input_device(other)  # a teacher may sit on another device (device_map): inputs there, rows back here
         if role == "teacher" and teacher_input_ids is not None:
             if teacher_labels is None:
                 raise ValueError("teacher_input_ids needs teacher_labels to align the supervised tokens")
@@ -116,13 +138,14 @@ def causal_lm_target_loss(
             if not torch.equal(t_shift[t_shift != IGNORE_INDEX], shifted[shifted != IGNORE_INDEX]):
                 raise ValueError("the teacher's supervised tokens differ from the student's; they must be identical")
             with torch.no_grad():
-                t_hidden = hidden_states(other, teacher_input_ids, teacher_attention_mask)[t_shift != IGNORE_INDEX]
+                t_hidden = hidden_states(other, *_moved(at, teacher_input_ids, teacher_attention_mask))
+                t_hidden = t_hidden[t_shift.to(at) != IGNORE_INDEX]
         else:
             with torch.no_grad():
-                t_hidden = hidden_states(other, input_ids, attention_mask)
-        extra[f"{role}_hidden"] = t_hidden
-        extra[f"{role}_lm_head_weight"] = other_head.weight.detach()
-        extra[f"{role}_lm_head_bias"] = None if other_head.bias is None else other_head.bias.detach()
+                t_hidden = hidden_states(other, *_moved(at, input_ids, attention_mask))
+        extra[f"{role}_hidden"] = t_hidden.to(hidden.device)
+        extra[f"{role}_lm_head_weight"] = other_head.weight.detach().to(hidden.device)
+        extra[f"{role}_lm_head_bias"] = None if other_head.bias is None else other_head.bias.detach().to(hidden.device)
     return fused_target_loss(
         hidden,
         head.weight,

@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,10 +26,10 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from targetsft.losses.methods import get_method
 from targetsft.losses.target import TargetStats
 from targetsft.runtime.files import atomic_write_text
-from targetsft.runtime.inputs import InputError
 from targetsft.runtime.precision import environment
-from targetsft.training.config import TrainConfig
-from targetsft.training.integration import IGNORE_INDEX, patch_fused_forward
+from targetsft.training.config import ModelInit, TrainConfig
+from targetsft.training.dataset import Collator, build_dataset, build_eval_dataset, data_notes
+from targetsft.training.integration import IGNORE_INDEX, KEEP_DEVICE, patch_fused_forward, place_frozen
 
 if TYPE_CHECKING:
     from targetsft.training.teacher_cache import TeacherCache
@@ -65,12 +66,12 @@ class TargetTrainer(Trainer):
     ) -> None:
         super().__init__(*args, **kwargs)
         self.teacher_cache = teacher_cache
-        self._stats = TargetStats()
+        self._stats, self._eval_stats = TargetStats(), TargetStats()
         self._tokens = 0
         self._clock = time.perf_counter()
         for other in (teacher_model, ref_model):
             if other is not None:
-                other.eval().requires_grad_(False).to(self.args.device)
+                place_frozen(other, self.args.device)
         defaults: dict[str, Any] = {"method": method, "chunk_size": chunk_size, **(method_params or {})}
         if teacher_model is not None:
             defaults["teacher_model"] = teacher_model
@@ -105,11 +106,11 @@ class TargetTrainer(Trainer):
             options["teacher_topk"] = (ids.to(labels.device), logprobs.to(labels.device))
         outputs = model(**inputs, labels=labels, target_loss_kwargs=options)
         loss = outputs.loss
+        stats = outputs.get("target_stats")
+        if stats:
+            block = TargetStats(count=stats["tokens"], **{k: stats[k] * stats["tokens"] for k in STAT_KEYS})
+            (self._stats if model.training else self._eval_stats).add(block)
         if model.training:
-            stats = outputs.get("target_stats")
-            if stats:
-                block = TargetStats(count=stats["tokens"], **{k: stats[k] * stats["tokens"] for k in STAT_KEYS})
-                self._stats.add(block)
             self._tokens += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else labels.numel()
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # DDP averages gradients over ranks while num_items_in_batch is the global count: undo the average
@@ -123,12 +124,17 @@ class TargetTrainer(Trainer):
             elapsed = time.perf_counter() - self._clock
             logs["tokens_per_second"] = round(self._tokens * self.args.world_size / max(elapsed, 1e-9), 1)
             self._stats, self._tokens, self._clock = TargetStats(), 0, time.perf_counter()
+        if "eval_loss" in logs and self._eval_stats.count:  # the held-out set's target statistics, as in training
+            means = self._eval_stats.means()
+            logs.update({f"eval_{k}": round(means[k], 6) for k in STAT_KEYS})
+            self._eval_stats = TargetStats()
         super().log(logs, *args, **kwargs)
 
 
 class CsvMetricsCallback(TrainerCallback):
-    """Appends every training log to ``<output_dir>/metrics.csv``; on resume, rows past the checkpoint are
-    dropped first so the file has each step once."""
+    """Appends every training log and every evaluation (``eval_loss``, ``eval_gamma``, ...) to
+    ``<output_dir>/metrics.csv``; on resume, rows past the checkpoint are dropped first so the file has each step
+    once."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -150,7 +156,7 @@ class CsvMetricsCallback(TrainerCallback):
         atomic_write_text(self.path, buf.getvalue())
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs or "loss" not in logs:
+        if not state.is_world_process_zero or not logs or not ("loss" in logs or "eval_loss" in logs):
             return
         row = {"step": state.global_step, "epoch": state.epoch, **logs}
         rows, fields = [], list(row)
@@ -189,94 +195,9 @@ class PolicySnapshot(TrainerCallback):
             save_model(self.pi_old, str(Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.FILE))
 
 
-def _privileged_prompt(record: dict[str, Any]) -> dict[str, Any]:
-    """The record as a teacher with the final answer in its prompt sees it (``teacher.prompt: answer_hint``)."""
-    from targetsft.data.sft import to_prompt_completion
-
-    pc = to_prompt_completion(record)
-    answer = record.get("answer")
-    if answer is None:
-        raise ValueError("teacher.prompt=answer_hint needs an 'answer' field in every training record")
-    hint = f"\n(For reference, the correct final answer is {answer}.)"
-    prompt = pc["prompt"]
-    if isinstance(prompt, str):
-        prompt = prompt + hint
-    else:
-        prompt = [dict(m) for m in prompt]
-        prompt[-1]["content"] = prompt[-1]["content"] + hint
-    return {"prompt": prompt, "completion": pc["completion"]}
-
-
-def build_dataset(cfg: TrainConfig, tokenizer: Any) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Tokenized training examples (``input_ids``, ``labels``, ``attention_mask``, ``example_index`` and, for a
-    privileged teacher, ``teacher_input_ids``/``teacher_labels``) plus counts of kept/truncated/dropped records.
-
-    The privileged teacher's sequence is its own prompt followed by exactly the student's completion tokens, so
-    the supervised tokens align by construction.
-    """
-    from targetsft.data.sft import aligned_token_weights, load_records, tokenize_record
-
-    weighted = "token_weights" in get_method(cfg.loss.method).needs
-    records = load_records(cfg.data.train, size=cfg.data.size, seed=cfg.data.seed)
-    items: list[dict[str, Any]] = []
-    counts = {"records": len(records), "kept": 0, "truncated": 0, "dropped": 0}
-    if cfg.data.label_noise:
-        from targetsft.data.noise import corrupt_records
-
-        records, corrupted = corrupt_records(records, cfg.data.label_noise, cfg.data.noise_kind, cfg.data.seed)
-        counts["corrupted"] = len(corrupted)
-    for record in records:
-        item = tokenize_record(tokenizer, record, cfg.data.max_length, overflow=cfg.data.overflow)
-        if item is None:
-            counts["dropped"] += 1
-            continue
-        truncated = item["input_ids"][-1] != tokenizer.eos_token_id
-        counts["kept"] += 1
-        counts["truncated"] += int(truncated)
-        if weighted:
-            where = f"{cfg.data.train}: record {len(items) + counts['dropped']}"
-            full = tokenize_record(tokenizer, record, 1 << 30)["labels"] if truncated else item["labels"]
-            supervised = sum(label != IGNORE_INDEX for label in full)  # of the whole record, before truncation
-            weights = aligned_token_weights(record, item["labels"], supervised, where)
-            if weights is None:
-                raise InputError(f"{where}: method {cfg.loss.method!r} needs token_weights (or weight) in every record")
-            item["token_weights"] = weights
-        if cfg.teacher.prompt == "answer_hint":
-            hinted = tokenize_record(tokenizer, _privileged_prompt(record), 1 << 30)
-            t_prompt = [t for t, l in zip(hinted["input_ids"], hinted["labels"]) if l == IGNORE_INDEX]
-            start = next(i for i, l in enumerate(item["labels"]) if l != IGNORE_INDEX)
-            item["teacher_input_ids"] = t_prompt + item["input_ids"][start:]
-            item["teacher_labels"] = [IGNORE_INDEX] * len(t_prompt) + item["labels"][start:]
-        item["example_index"] = len(items)
-        items.append(item)
-    return items, counts
-
-
-class Collator:
-    """Pads the student's and (if present) the privileged teacher's sequences; keeps ``example_index``."""
-
-    def __init__(self, pad_token_id: int) -> None:
-        from targetsft.data.sft import DataCollatorForCompletion
-
-        self.pad = DataCollatorForCompletion(pad_token_id=pad_token_id)
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = self.pad(features)
-        if "teacher_input_ids" in features[0]:
-            teacher = self.pad([{"input_ids": f["teacher_input_ids"], "labels": f["teacher_labels"]} for f in features])
-            batch["teacher_input_ids"] = teacher["input_ids"]
-            batch["teacher_labels"] = teacher["labels"]
-            batch["teacher_attention_mask"] = teacher["attention_mask"]
-        if "token_weights" in features[0]:
-            n = batch["labels"].shape[1]
-            rows = [f["token_weights"] + [0.0] * (n - len(f["token_weights"])) for f in features]
-            batch["token_weights"] = torch.tensor(rows, dtype=torch.float32)
-        if "example_index" in features[0]:
-            batch["example_index"] = torch.tensor([f["example_index"] for f in features], dtype=torch.long)
-        return batch
-
-
-def _model_card(cfg: TrainConfig, counts: dict[str, int], metrics: dict[str, Any], env: dict[str, Any]) -> str:
+def _model_card(
+    cfg: TrainConfig, counts: dict[str, int], metrics: dict[str, Any], env: dict[str, Any], notes: list[str]
+) -> str:
     spec = get_method(cfg.loss.method)
     params = {**spec.defaults, **cfg.loss.params}
     lines = [
@@ -289,9 +210,11 @@ def _model_card(cfg: TrainConfig, counts: dict[str, int], metrics: dict[str, Any
         f"Target: γ = {spec.gamma}; π̃ = {spec.residual} ({spec.reference}).",
         f"Parameters: {json.dumps(params)}",
         f"Base model: {cfg.model or 'SmolLM2-135M-Instruct (embedded default)'}",
-        f"Training data: {cfg.data.train} (size {cfg.data.size}, seed {cfg.data.seed}, "
+        f"Training data: {cfg.data.train} (size {cfg.data.size or 'all'}, seed {cfg.data.seed}, "
         f"max_length {cfg.data.max_length}); "
-        f"examples kept {counts.get('kept')}, truncated {counts.get('truncated')}, dropped {counts.get('dropped')}.",
+        f"examples kept {counts.get('kept')}, truncated {counts.get('truncated')}, dropped {counts.get('dropped')}"
+        + (f"; held out for eval_loss: {cfg.data.eval}." if cfg.data.eval is not None else "."),
+        *(f"Note: {note}." for note in notes),
         f"Teacher: {cfg.teacher.model or cfg.teacher.cache or '—'} (prompt: {cfg.teacher.prompt}).",
         f"LoRA: {json.dumps(cfg.lora.__dict__) if cfg.lora else 'no (full fine-tuning)'}",
         f"Precision: {env['precision']} (asked: {env['requested_precision']}) on {env['device']}; "
@@ -307,11 +230,9 @@ def _model_card(cfg: TrainConfig, counts: dict[str, int], metrics: dict[str, Any
 
 def _load_same_tokenizer(path: str, tokenizer: Any, role: str) -> None:
     from targetsft.runtime.models import load_tokenizer
-    from targetsft.training.teacher_cache import tokenizer_fingerprint
+    from targetsft.training.teacher_cache import check_same_tokenizer
 
-    other = load_tokenizer(path)
-    if tokenizer_fingerprint(other) != tokenizer_fingerprint(tokenizer):
-        raise ValueError(f"the {role} model {path!r} has another tokenizer than the student; they must be identical")
+    check_same_tokenizer(tokenizer, load_tokenizer(path), f"{role} model {path!r}")
 
 
 def cache_teacher(
@@ -330,19 +251,20 @@ def cache_teacher(
     """Build (or resume, or find complete) the top-k cache of ``teacher`` (default ``cfg.teacher.model``) over the
     training examples of ``cfg`` (its data section and ``teacher.prompt``) in ``out``, at ``precision`` (default:
     the config's); train with ``teacher.cache: <out>`` and the same data section to use it."""
-    from targetsft.runtime.models import load_model, load_tokenizer, resolve_model
+    from targetsft.runtime.models import load_tokenizer, resolve_model
     from targetsft.training.teacher_cache import build_teacher_cache
 
     teacher = teacher or cfg.teacher.model
     if not teacher:
         raise ValueError("cache_teacher needs a teacher model (argument or teacher.model)")
     tokenizer = load_tokenizer(resolve_model(cfg.model))
-    teacher_path = resolve_model(teacher)
-    _load_same_tokenizer(teacher_path, tokenizer, "teacher")
+    # the teacher section's loading keys; dtype auto keeps float32 weights (the forward runs in autocast at
+    # `precision`, and the cache's identity records the weights' dtype, so caches built before stay valid)
+    model = load_frozen(teacher, cfg.teacher, torch.float32, tokenizer, "teacher")
     items, counts = build_dataset(cfg, tokenizer)
     print(f"examples: {counts}")
     folder = build_teacher_cache(
-        load_model(teacher_path),
+        model,
         items,
         out,
         tokenizer=tokenizer,
@@ -396,10 +318,35 @@ def teacher_label_stats(
     return stats
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
+def load_frozen(path: str, init: ModelInit, auto_dtype: torch.dtype, tokenizer: Any, role: str) -> nn.Module:
+    """A teacher or reference model: its tokenizer checked identical to the student's, loaded as ``init`` says
+    (``dtype: auto``: ``auto_dtype``; training gives its precision's, so bf16 where the device runs it natively)."""
+    from targetsft.runtime.models import load_model, resolve_model
+
+    path = resolve_model(path)
+    _load_same_tokenizer(path, tokenizer, role)
+    model = load_model(path, **init.from_pretrained_kwargs(auto_dtype))
+    if init.device_map is not None:
+        setattr(model, KEEP_DEVICE, True)  # the Trainer leaves it where its device_map put it
+    return model
+
+
+def _as_frozen_copy(model: nn.Module, init: ModelInit, auto_dtype: torch.dtype) -> nn.Module:
+    """The default reference: a copy of the initial student in the reference's dtype."""
+    return copy.deepcopy(model).to(init.from_pretrained_kwargs(auto_dtype)["dtype"])
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    callbacks: list[TrainerCallback] | None = None,
+    keep_checkpoints: bool = True,
+) -> dict[str, Any]:
     """Run ``target-sft train``: load, tokenize, train with :class:`TargetTrainer`, save the final model and card.
 
-    Returns a summary (paths, counts, final metrics).
+    ``keep_checkpoints=False`` deletes the ``checkpoint-N`` folders (weights and optimizer state) once the final
+    model is saved. Returns a summary (paths, counts, final metrics, the notes on where the data was cut).
     """
     from targetsft.runtime.models import load_model, load_tokenizer, resolve_model
 
@@ -416,23 +363,26 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: list[TrainerCall
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
     items, counts = build_dataset(cfg, tokenizer)  # bad data is found before the model loads
-    model = load_model(model_path)
+    held_out = build_eval_dataset(cfg, tokenizer)
     if not items:
         raise ValueError(f"no training examples left from {cfg.data.train!r} after tokenization ({counts})")
-    print(f"training data: {counts}")
+    args = TrainingArguments(**cfg.training_arguments(precision))
+    seen = args.max_steps * args.train_batch_size * args.gradient_accumulation_steps * args.world_size
+    notes = data_notes(cfg, counts, seen if args.max_steps > 0 else None)
+    print(f"training data: {counts}" + (f"; held-out: {held_out[1]}" if held_out else ""))
+    for note in notes:
+        print(f"note: {note}", flush=True)
+    model = load_model(model_path, **cfg.model_init.from_pretrained_kwargs(torch.float32))
     spec = get_method(cfg.loss.method)
     ref_model = None
     if "ref" in spec.needs:
         if cfg.reference.model:
-            _load_same_tokenizer(resolve_model(cfg.reference.model), tokenizer, "reference")
-            ref_model = load_model(resolve_model(cfg.reference.model))
+            ref_model = load_frozen(cfg.reference.model, cfg.reference, precision.dtype, tokenizer, "reference")
         else:
-            ref_model = copy.deepcopy(model)
+            ref_model = _as_frozen_copy(model, cfg.reference, precision.dtype)
     teacher_model, teacher_cache, teacher_info = None, None, None
     if cfg.teacher.model:
-        teacher_path = resolve_model(cfg.teacher.model)
-        _load_same_tokenizer(teacher_path, tokenizer, "teacher")
-        teacher_model = load_model(teacher_path)
+        teacher_model = load_frozen(cfg.teacher.model, cfg.teacher, precision.dtype, tokenizer, "teacher")
     elif cfg.teacher.cache:
         from targetsft.training.teacher_cache import TeacherCache
 
@@ -458,7 +408,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: list[TrainerCall
             task_type="CAUSAL_LM",
         )
         model = peft.get_peft_model(model, lora)
-    args = TrainingArguments(**cfg.training_arguments(precision))
     from datasets import Dataset
 
     snapshots = []
@@ -469,6 +418,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: list[TrainerCall
         model=model,
         args=args,
         train_dataset=Dataset.from_list(items),
+        eval_dataset=Dataset.from_list(held_out[0]) if held_out else None,
         data_collator=Collator(tokenizer.pad_token_id),
         method=cfg.loss.method,
         method_params=cfg.loss.params,
@@ -479,20 +429,33 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: list[TrainerCall
         callbacks=[CsvMetricsCallback(out / "metrics.csv"), *snapshots, *(callbacks or [])],
     )
     result = trainer.train(resume_from_checkpoint=resume or None)
+    evaluations = [h for h in trainer.state.log_history if "eval_loss" in h]
+    if held_out and not (evaluations and evaluations[-1]["step"] == trainer.state.global_step):
+        trainer.evaluate()  # the final model on the held-out set, unless the last step already did
+        evaluations = [h for h in trainer.state.log_history if "eval_loss" in h]
     final = out / "final"
-    save_model = trainer.model
-    if cfg.lora is not None:
-        save_model = save_model.merge_and_unload()
-    save_model.save_pretrained(final)
-    tokenizer.save_pretrained(final)
     metrics = {k: round(v, 6) if isinstance(v, float) else v for k, v in result.metrics.items()}
     last = [h for h in trainer.state.log_history if "loss" in h]
     if last:
         metrics.update({f"last_{k}": v for k, v in last[-1].items() if k in (*STAT_KEYS, "loss")})
-    atomic_write_text(final / "README.md", _model_card(cfg, counts, metrics, env))
-    summary = {"output_dir": str(out), "final_model": str(final), "data": counts, "metrics": metrics}
+    if evaluations:
+        metrics.update({k: v for k, v in evaluations[-1].items() if k.startswith("eval_")})
+    summary = {"output_dir": str(out), "final_model": str(final), "steps": trainer.state.global_step}
+    summary.update(data=counts, metrics=metrics)
+    if held_out:
+        summary["eval_data"] = held_out[1]
+    summary["data_notes"] = notes
     summary["environment"] = env
     if teacher_info is not None:
         summary["teacher"] = teacher_info
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    if trainer.is_world_process_zero():  # one writer: every rank holds the same weights after the last step
+        save_model = trainer.model.merge_and_unload() if cfg.lora is not None else trainer.model
+        save_model.save_pretrained(final)
+        tokenizer.save_pretrained(final)
+        atomic_write_text(final / "README.md", _model_card(cfg, counts, metrics, env, notes))
+        if not keep_checkpoints:
+            for checkpoint in out.glob("checkpoint-*"):
+                shutil.rmtree(checkpoint)
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    trainer.accelerator.wait_for_everyone()
     return summary

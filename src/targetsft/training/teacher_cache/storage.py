@@ -128,6 +128,12 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return sha256_json({"vocab": vocab, "special_tokens": _special_tokens(tokenizer)})
 
 
+def check_same_tokenizer(tokenizer: Any, other: Any, role: str) -> None:
+    """ValueError unless ``other`` (the ``role``'s tokenizer) has the student ``tokenizer``'s fingerprint."""
+    if tokenizer_fingerprint(other) != tokenizer_fingerprint(tokenizer):
+        raise ValueError(f"the {role} has another tokenizer than the student; they must be identical")
+
+
 def _as_int_array(value: Any) -> np.ndarray:
     if isinstance(value, Tensor):
         value = value.detach().cpu().numpy()

@@ -1,0 +1,181 @@
+"""The trainer's examples: a config's records, split into training and held-out parts, tokenized, and batched.
+
+:func:`build_dataset` gives the training examples (what the teacher cache is built over), :func:`build_eval_dataset`
+the held-out ones of ``data.eval``, both through one tokenization (token weights, privileged teacher prompt);
+:func:`data_notes` says, in lines a user reads at start, where a default or a setting cuts or caps their data.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+
+from targetsft.losses.methods import get_method
+from targetsft.runtime.inputs import InputError
+from targetsft.training.config import TrainConfig
+from targetsft.training.integration import IGNORE_INDEX
+
+
+def _privileged_prompt(record: dict[str, Any]) -> dict[str, Any]:
+    """The record as a teacher with the final answer in its prompt sees it (``teacher.prompt: answer_hint``)."""
+    from targetsft.data.sft import to_prompt_completion
+
+    pc = to_prompt_completion(record)
+    answer = record.get("answer")
+    if answer is None:
+        raise ValueError("teacher.prompt=answer_hint needs an 'answer' field in every training record")
+    hint = f"\n(For reference, the correct final answer is {answer}.)"
+    prompt = pc["prompt"]
+    if isinstance(prompt, str):
+        prompt = prompt + hint
+    else:
+        prompt = [dict(m) for m in prompt]
+        prompt[-1]["content"] = prompt[-1]["content"] + hint
+    return {"prompt": prompt, "completion": pc["completion"]}
+
+
+def split_records(cfg: TrainConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, int]:
+    """(training records, held-out records or None, records available before ``data.size``).
+
+    A fractional ``data.eval`` takes that share of the records (at least one), chosen from ``data.seed``, out of
+    the training set; a name loads that file or dataset whole."""
+    from targetsft.data.sft import load_records
+
+    data = cfg.data
+    if data.train == "gsm-train":  # a generator: it makes as many as asked
+        records = load_records(data.train, size=data.size, seed=data.seed)
+        available = len(records)
+    else:
+        records = load_records(data.train, seed=data.seed)
+        available = len(records)
+        records = records if data.size is None else records[: data.size]
+    if data.eval is None:
+        return records, None, available
+    if isinstance(data.eval, str):
+        return records, load_records(data.eval, seed=data.seed), available
+    n = max(1, round(data.eval * len(records)))
+    if n >= len(records):
+        raise InputError(f"data.eval={data.eval} of {len(records)} records leaves nothing to train on")
+    held = set(random.Random(data.seed).sample(range(len(records)), n))
+    train = [r for i, r in enumerate(records) if i not in held]
+    return train, [r for i, r in enumerate(records) if i in held], available
+
+
+def tokenize_examples(
+    cfg: TrainConfig, tokenizer: Any, records: list[dict[str, Any]], source: str
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Tokenized examples (``input_ids``, ``labels``, ``attention_mask``, ``example_index`` and, for a privileged
+    teacher, ``teacher_input_ids``/``teacher_labels``; ``token_weights`` for the weighted methods) plus counts of
+    kept/truncated/dropped records.
+
+    The privileged teacher's sequence is its own prompt followed by exactly the student's completion tokens, so
+    the supervised tokens align by construction.
+    """
+    from targetsft.data.sft import aligned_token_weights, tokenize_record
+
+    weighted = "token_weights" in get_method(cfg.loss.method).needs
+    items: list[dict[str, Any]] = []
+    counts = {"records": len(records), "kept": 0, "truncated": 0, "dropped": 0}
+    for record in records:
+        item = tokenize_record(tokenizer, record, cfg.data.max_length, overflow=cfg.data.overflow)
+        if item is None:
+            counts["dropped"] += 1
+            continue
+        truncated = item["input_ids"][-1] != tokenizer.eos_token_id
+        counts["kept"] += 1
+        counts["truncated"] += int(truncated)
+        if weighted:
+            where = f"{source}: record {len(items) + counts['dropped']}"
+            full = tokenize_record(tokenizer, record, 1 << 30)["labels"] if truncated else item["labels"]
+            supervised = sum(label != IGNORE_INDEX for label in full)  # of the whole record, before truncation
+            weights = aligned_token_weights(record, item["labels"], supervised, where)
+            if weights is None:
+                raise InputError(f"{where}: method {cfg.loss.method!r} needs token_weights (or weight) in every record")
+            item["token_weights"] = weights
+        if cfg.teacher.prompt == "answer_hint":
+            hinted = tokenize_record(tokenizer, _privileged_prompt(record), 1 << 30)
+            t_prompt = [t for t, l in zip(hinted["input_ids"], hinted["labels"]) if l == IGNORE_INDEX]
+            start = next(i for i, l in enumerate(item["labels"]) if l != IGNORE_INDEX)
+            item["teacher_input_ids"] = t_prompt + item["input_ids"][start:]
+            item["teacher_labels"] = [IGNORE_INDEX] * len(t_prompt) + item["labels"][start:]
+        item["example_index"] = len(items)
+        items.append(item)
+    return items, counts
+
+
+def build_dataset(cfg: TrainConfig, tokenizer: Any) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The training examples of ``cfg`` (after ``data.size``, the ``data.eval`` split and ``data.label_noise``) and
+    their counts (``available``: records before ``data.size``; ``corrupted`` with label noise)."""
+    records, _, available = split_records(cfg)
+    corrupted = None
+    if cfg.data.label_noise:
+        from targetsft.data.noise import corrupt_records
+
+        records, corrupted = corrupt_records(records, cfg.data.label_noise, cfg.data.noise_kind, cfg.data.seed)
+    items, counts = tokenize_examples(cfg, tokenizer, records, cfg.data.train)
+    counts["available"] = available
+    if corrupted is not None:
+        counts["corrupted"] = len(corrupted)
+    return items, counts
+
+
+def build_eval_dataset(cfg: TrainConfig, tokenizer: Any) -> tuple[list[dict[str, Any]], dict[str, int]] | None:
+    """The held-out examples of ``data.eval`` (never corrupted by label noise) and their counts, or None."""
+    _, held_out, _ = split_records(cfg)
+    if held_out is None:
+        return None
+    source = cfg.data.eval if isinstance(cfg.data.eval, str) else f"{cfg.data.train} (eval split)"
+    return tokenize_examples(cfg, tokenizer, held_out, source)
+
+
+def data_notes(cfg: TrainConfig, counts: dict[str, int], examples_seen: int | None) -> list[str]:
+    """Where the data is cut or capped, each with the key that changes it (printed at start, kept in summary)."""
+    notes = []
+    data = cfg.data
+    if data.size is None and data.train == "gsm-train":
+        notes.append(f"data.size unset: gsm-train generates {counts['records']} examples (set data.size for more)")
+    elif data.size is not None and counts["available"] > data.size:
+        notes.append(
+            f"data.size {data.size}: training on the first {data.size} of {counts['available']} records "
+            "(data.size: null keeps all)"
+        )
+    if counts["truncated"] or counts["dropped"]:
+        what = "truncated" if data.overflow == "truncate" else "dropped"
+        n = counts["truncated"] or counts["dropped"]
+        notes.append(
+            f"data.max_length {data.max_length}: {n} of {counts['records']} examples {what} (raise data.max_length, "
+            "or data.overflow: drop)"
+        )
+    if examples_seen is not None and examples_seen < counts["kept"]:
+        capped = "the default" if "max_steps" not in cfg.train else "set"
+        notes.append(
+            f"train.max_steps ({capped}) covers {examples_seen} of {counts['kept']} training examples: set "
+            "train.num_train_epochs (and no max_steps) or a larger train.max_steps to use them all"
+        )
+    return notes
+
+
+class Collator:
+    """Pads the student's and (if present) the privileged teacher's sequences; keeps ``example_index``."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        from targetsft.data.sft import DataCollatorForCompletion
+
+        self.pad = DataCollatorForCompletion(pad_token_id=pad_token_id)
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.pad(features)
+        if "teacher_input_ids" in features[0]:
+            teacher = self.pad([{"input_ids": f["teacher_input_ids"], "labels": f["teacher_labels"]} for f in features])
+            batch["teacher_input_ids"] = teacher["input_ids"]
+            batch["teacher_labels"] = teacher["labels"]
+            batch["teacher_attention_mask"] = teacher["attention_mask"]
+        if "token_weights" in features[0]:
+            n = batch["labels"].shape[1]
+            rows = [f["token_weights"] + [0.0] * (n - len(f["token_weights"])) for f in features]
+            batch["token_weights"] = torch.tensor(rows, dtype=torch.float32)
+        if "example_index" in features[0]:
+            batch["example_index"] = torch.tensor([f["example_index"] for f in features], dtype=torch.long)
+        return batch
