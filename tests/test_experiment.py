@@ -680,7 +680,7 @@ def test_shipped_experiments_validate(path):
     exp = X.load_experiment(path)
     runs = X.expand_grid(exp)
     counts = {"smoke": 3, "main": 14, "lr_sweep": 9, "eta_sweep": 6, "ablation": 12, "noise": 10}
-    counts |= {"new_methods": 6, "gpu_paper_cell": 4}
+    counts |= {"new_methods": 6, "teacher_study": 11, "gpu_paper_cell": 4}
     assert len(runs) == counts[exp.name]
     # running an experiment writes its tables under runs/ (git-ignored), never into the committed results/<name>
     assert Path(exp.output_dir).parts[:2] == ("runs", "experiments")
@@ -711,8 +711,12 @@ def test_experiments_sharing_a_runs_dir_agree():
         if exp.runs_dir:
             by_dir.setdefault(exp.runs_dir, []).append(exp)
     by_dir = {d: exps for d, exps in by_dir.items() if len(exps) > 1}  # a runs_dir of one experiment shares nothing
-    assert [len(v) for v in by_dir.values()] == [5]
-    for exps in by_dir.values():
+    assert {d: len(v) for d, v in by_dir.items()} == {"runs/experiments/gsm": 5, "runs/experiments/gsm-fp32": 2}
+    expected_shared = {
+        "runs/experiments/gsm": {"target_sft-eta0.5-lr5e-05-s0", "target_sft-eta1-lr5e-05-s0", "teacher-lr5e-05-s0"},
+        "runs/experiments/gsm-fp32": {"sft-lr5e-05-s0", "dft-lr5e-05-s0"},  # new_methods' baselines, teacher_study's
+    }
+    for folder, exps in by_dir.items():
         assert len({(e.records_dir, e.teacher_cache_dir) for e in exps}) == 1  # one record and cache per run
         configs, specs = {}, {}
         for exp in exps:
@@ -721,7 +725,7 @@ def test_experiments_sharing_a_runs_dir_agree():
             for spec in exp.eval:
                 assert specs.setdefault(spec.label, spec) == spec, (exp.name, spec.label)
         shared = [rid for rid in configs if sum(rid in {r.id for r in X.expand_grid(e)} for e in exps) > 1]
-        assert {"target_sft-eta0.5-lr5e-05-s0", "target_sft-eta1-lr5e-05-s0", "teacher-lr5e-05-s0"} <= set(shared)
+        assert expected_shared[folder] <= set(shared)
 
 
 def _has(pkg: str) -> bool:
@@ -861,3 +865,64 @@ def test_runs_of_two_precisions_are_never_mixed(tiny_setup, tmp_path, capability
     legacy = {k: v for k, v in record.items() if k not in ("precision", "train")}
     assert X.recorded_precision(legacy, {**runs["sft-s1"].config, "train": {"bf16": True}}) == "bf16"
     assert X.recorded_precision(legacy, runs["sft-s1"].config) is None  # auto, unrecorded: unknown
+
+
+def test_teacher_snapshots_and_temperature(tiny_setup, tmp_path):
+    """Issue 26's teachers: ``"@teach-s0@2"`` is the teacher run's model after 2 of its 4 steps (kept by its group's
+    ``snapshot_steps``), and a student's ``temperature`` is the temperature its teacher cache is built at; each
+    (snapshot, temperature) pair gets a cache of its own, and the records name the temperature and the entropy."""
+    import torch
+    from safetensors.torch import load_file
+
+    model, qa, mc = tiny_setup
+    out, caches = tmp_path / "exp", tmp_path / "caches"
+    raw = _tiny_experiment(out, model, qa, mc, baseline=False, gamma_probe=0)
+    raw.update(teacher_cache_k=4, teacher_cache_dir=str(caches))
+    raw["base"]["train"]["max_steps"] = 4
+    raw["grid"] = [
+        {"name": "teach", "method": "sft", "seeds": [0], "snapshot_steps": [2]},
+        {"method": "kd", "params": {"temperature": [1.0, 2.0]}, "teacher": {"model": "@teach-s0@2"}, "seeds": [0]},
+        {"name": "kdfinal", "method": "kd", "teacher": {"model": "@teach-s0"}, "seeds": [0]},
+    ]
+    raw["eval"] = raw["eval"][1:]
+    exp = X.experiment_from_dict(raw)
+    X.run_experiment(exp, progress=False)
+    snapshot = out / "runs" / "teach-s0" / "snapshots" / "step-2"
+    assert (snapshot / "model.safetensors").is_file() and (snapshot / "tokenizer.json").is_file()
+    at_2, final = (
+        load_file(snapshot / "model.safetensors"),
+        load_file(out / "runs" / "teach-s0" / "final" / "model.safetensors"),
+    )
+    assert any(not torch.equal(at_2[k], final[k]) for k in at_2)  # two more steps moved it
+    manifests = [json.loads(p.read_text()) for p in sorted(caches.glob("*/manifest.json"))]
+    assert len(manifests) == 3
+    assert sorted((m["teacher_name"].endswith("step-2"), m["temperature"]) for m in manifests) == [
+        (False, 1.0),
+        (True, 1.0),
+        (True, 2.0),
+    ]
+    result = X.aggregate(exp, plots=False)
+    temps = {t["configs"][0]: (t["temperature"], t["topk_entropy"]) for t in result["teachers"]}
+    assert temps["kd-temperature2"][0] == 2.0 and temps["kd-temperature1"][0] == 1.0
+    assert temps["kd-temperature2"][1] > temps["kd-temperature1"][1] > 0  # a hotter teacher is flatter
+    assert "| T | H(top-k), nats |" in (out / "results.md").read_text()
+
+
+def test_a_snapshot_teacher_must_be_kept_by_its_run():
+    raw = {
+        "name": "x",
+        "output_dir": "o",
+        "grid": [
+            {"name": "teach", "method": "sft", "snapshot_steps": [25]},
+            {"method": "kd", "teacher": {"model": "@teach-s0@50"}},
+        ],
+        "eval": [{"set": "asdiv"}],
+    }
+    with pytest.raises(ConfigError, match="keeps no snapshot there; add 50 to its group's snapshot_steps"):
+        X.experiment_from_dict(raw)
+    raw["grid"][1]["teacher"]["model"] = "@teach-s0@x"
+    with pytest.raises(ConfigError, match="must be a step number"):
+        X.experiment_from_dict(raw)
+    raw["grid"][1]["teacher"]["model"] = "@teach-s0@25"
+    runs = X.expand_grid(X.experiment_from_dict(raw))
+    assert runs[0].config["snapshot_steps"] == [25] and "snapshot_steps" not in runs[1].config

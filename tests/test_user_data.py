@@ -278,3 +278,41 @@ def test_quickstart_keeps_only_its_final_models(model_dirs, tmp_path, monkeypatc
         assert (folder / "final" / "model.safetensors").is_file()
         assert not list(folder.glob("checkpoint-*")) and not list(folder.rglob("optimizer.pt"))
     assert (tmp_path / "qs" / "results.md").is_file() and len(result["rows"]) == 3
+
+
+def test_snapshot_steps_keep_the_model_of_those_steps(model_dirs, tmp_path):
+    """snapshot_steps: [1, 2]: snapshots/step-N hold the weights of the checkpoint of that step, without optimizer
+    state, and stay when the checkpoints go."""
+    data = _jsonl(tmp_path / "train.jsonl", _records(16))
+    out = tmp_path / "out"
+    extra = ("train.max_steps=3", "train.save_steps=2", "snapshot_steps=[1, 2]")
+    train(load_config(None, _overrides(model_dirs, out, data, *extra)), keep_checkpoints=False)
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["step-1", "step-2"]
+    assert not list((out / "snapshots").rglob("optimizer.pt"))
+    assert (out / "snapshots" / "step-2" / "tokenizer.json").is_file()
+    with pytest.raises(ConfigError, match="snapshot_steps must be a list of positive step numbers"):
+        load_config(None, ["snapshot_steps=[0]"])
+
+
+def test_a_snapshot_equals_the_checkpoint_of_its_step(model_dirs, tmp_path):
+    from safetensors.torch import load_file
+
+    data = _jsonl(tmp_path / "train.jsonl", _records(16))
+    out = tmp_path / "out"
+    train(
+        load_config(
+            None,
+            _overrides(
+                model_dirs,
+                out,
+                data,
+                "train.max_steps=3",
+                "train.save_steps=2",
+                "train.save_total_limit=3",
+                "snapshot_steps=[2]",
+            ),
+        )
+    )
+    snap = load_file(out / "snapshots" / "step-2" / "model.safetensors")
+    ckpt = load_file(out / "checkpoint-2" / "model.safetensors")
+    assert snap.keys() == ckpt.keys() and all(torch.equal(snap[k], ckpt[k]) for k in snap)

@@ -19,7 +19,10 @@ Schema (strict: an unknown key anywhere is an error that names it and lists the 
   the seed). ``teacher`` goes only to the methods that use one.
 * ``grid``: run groups ``{name?, method, params?, train?, data?, teacher?, seeds}``; every **list** value is swept
   (the cartesian product of all lists; write ``[[a, b]]`` for a list value). ``teacher.model: "@<run id>"`` is the
-  final model of an earlier run of the experiment (a trained teacher).
+  final model of an earlier run of the experiment (a trained teacher), ``"@<run id>@<step>"`` its model after
+  ``step`` optimizer steps, which that run's group must keep with ``snapshot_steps: [..]`` (not swept: the model
+  saved at each of those steps, :class:`~targetsft.training.config.TrainConfig`). A teacher method's
+  ``temperature`` parameter is also the temperature its teacher cache is built at.
 * ``eval``: sets ``{set, name?, size?, data_seed?, batch_size?, metrics?, dtype?}`` (``dtype``: the weights'
   dtype during evaluation, ``float32`` by default, explicit so that a set's spec means the same on every machine;
   ``bfloat16`` generates about twice as fast on a CPU with native bf16, tens of times slower on an AVX2-only one,
@@ -158,6 +161,7 @@ class RunGroup:
     data: dict[str, Any] = field(default_factory=dict)
     teacher: dict[str, Any] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: [0])
+    snapshot_steps: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -363,6 +367,8 @@ def _run_config(exp: Experiment, group: RunGroup, combo: dict[str, dict[str, Any
     cfg["train"] = {**(base.get("train") or {}), **combo["train"], "seed": seed}
     if "teacher" in get_method(group.method).needs or combo["teacher"]:
         cfg["teacher"] = {**(base.get("teacher") or {}), **combo["teacher"]}
+    if group.snapshot_steps:  # only when asked for: the configs (hence fingerprints) of other runs stay as they were
+        cfg["snapshot_steps"] = list(group.snapshot_steps)
     return cfg
 
 
@@ -396,8 +402,29 @@ def expand_grid(exp: Experiment) -> list[Run]:
 
 
 def run_reference(model: Any) -> str | None:
-    """The run id in a ``teacher.model: "@<run id>"`` reference to an earlier run of the grid, else ``None``."""
-    return model[1:] if isinstance(model, str) and model.startswith("@") else None
+    """The run id in a ``teacher.model: "@<run id>"`` (or ``"@<run id>@<step>"``) reference to an earlier run of the
+    grid, else ``None``."""
+    return model[1:].split("@")[0] if isinstance(model, str) and model.startswith("@") else None
+
+
+def reference_step(model: Any) -> int | None:
+    """The step of a ``"@<run id>@<step>"`` reference (that run's snapshot after ``step`` optimizer steps; it must
+    list the step in its ``snapshot_steps``), else ``None`` (its final model)."""
+    if run_reference(model) is None or model.count("@") < 2:
+        return None
+    step = model.rsplit("@", 1)[1]
+    if not step.isdigit() or int(step) < 1:
+        raise ConfigError(f"teacher.model {model!r}: the part after the second @ must be a step number")
+    return int(step)
+
+
+def reference_model_dir(run_folder: Path, model: str) -> Path:
+    """The model folder a ``"@<run id>[@<step>]"`` reference names inside that run's folder: ``final`` or its
+    snapshot after the step (:func:`targetsft.training.trainer.snapshot_dir`)."""
+    from targetsft.training.trainer import snapshot_dir
+
+    step = reference_step(model)
+    return run_folder / "final" if step is None else snapshot_dir(run_folder, step)
 
 
 def teacher_ref(run: Run) -> str | None:
@@ -412,6 +439,12 @@ def _check_teacher_refs(runs: Sequence[Run]) -> None:
         if ref is not None and not position.get(ref, i) < i:
             where = "comes later" if ref in position else "is not in the grid"
             raise ConfigError(f"run {run.id}: its teacher run {ref!r} {where}; list the teacher's group first")
+        step = reference_step((run.config.get("teacher") or {}).get("model"))
+        if step is not None and step not in runs[position[ref]].config.get("snapshot_steps", []):
+            raise ConfigError(
+                f"run {run.id}: its teacher is {ref!r} after {step} steps, but that run keeps no snapshot there; "
+                f"add {step} to its group's snapshot_steps"
+            )
 
 
 def tables_dir(exp: Experiment, update_results: bool = False) -> Path:

@@ -146,8 +146,9 @@ def noise_fit_summary(scores: Sequence[tuple[float, float]], confidence: float =
 
 def teacher_model(cfg: Any) -> str:
     """The model a run's teacher scores came from: ``teacher.model``, where ``@<run id>`` (an experiment's
-    reference to an earlier run) is that run's ``final`` model beside the run's own folder."""
-    from targetsft.experiments.grid import run_reference
+    reference to an earlier run) is that run's ``final`` model (or ``@<run id>@<step>``: its snapshot) beside the run's
+    own folder."""
+    from targetsft.experiments.grid import reference_model_dir, run_reference
 
     model = cfg.teacher.model
     if not model:
@@ -157,7 +158,7 @@ def teacher_model(cfg: Any) -> str:
     ref = run_reference(model)
     if ref is None:
         return model
-    path = Path(cfg.output_dir).parent / ref / "final"
+    path = reference_model_dir(Path(cfg.output_dir).parent / ref, model)
     if not path.is_dir():
         raise InputError(f"--teacher: the teacher run's model {path} is gone")
     return str(path)

@@ -258,6 +258,9 @@ def format_markdown(
                     cells.append(f"{_pct(r['mean'])} ± {_pct(r['half'])} [{_pct(r['lo'])}, {_pct(r['hi'])}]")
             lines.append(f"| {cid} | {n} | " + " | ".join(cells) + " |")
         lines.append("")
+    # the teacher's temperature and the entropy of its top-k, for records that have them (runs since they were
+    # recorded; a table of older records keeps its columns)
+    sharpness = bool(teachers) and all("topk_entropy" in t for t in teachers)
     if teachers:
         lines += [
             "## Teachers on the training labels",
@@ -266,13 +269,15 @@ def format_markdown(
             "the label, how often the label is in its top-k, and its mean probability of the label (0 counted where "
             "the label is outside the top-k: a lower bound).",
             "",
-            "| teacher | prompt | used by | tokens | top-1 = label | label in top-k | mean π_T(label) |",
-            "|---|---|---|---|---|---|---|",
+            "| teacher | prompt | used by | tokens | top-1 = label | label in top-k | mean π_T(label) |"
+            + (" T | H(top-k), nats |" if sharpness else ""),
+            "|---|---|---|---|---|---|---|" + ("---|---|" if sharpness else ""),
         ]
         for t in teachers:
+            extra = f" {t.get('temperature', 1.0):g} | {t['topk_entropy']:.3f} |" if sharpness else ""
             lines.append(
                 f"| {t['teacher']} | {t['prompt']} | {', '.join(t['configs'])} | {t['tokens']} | {_pct(t['top1'])} | "
-                f"{_pct(t['in_topk'])} | {_pct(t['p_label'])} |"
+                f"{_pct(t['in_topk'])} | {_pct(t['p_label'])} |{extra}"
             )
         lines.append("")
     if probes:
@@ -328,6 +333,7 @@ def teacher_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "prompt": info["prompt"],
                 "cache": info["cache"],
                 "configs": [],
+                **({"temperature": info["temperature"]} if "temperature" in info else {}),
                 **info["label_stats"],
             },
         )

@@ -40,6 +40,7 @@ from targetsft.experiments.grid import (
     read_json,
     record_dir,
     recorded_precision,
+    reference_model_dir,
     run_dir,
     run_fingerprint,
     run_precision,
@@ -51,6 +52,7 @@ from targetsft.experiments.grid import (
     trained,
     write_json,
 )
+from targetsft.losses.methods import get_method
 from targetsft.runtime.files import atomic_write_text
 from targetsft.runtime.precision import environment
 from targetsft.training.config import config_from_dict
@@ -126,18 +128,27 @@ def _teacher_model(exp: Experiment, run: Run, ref: str, log: Callable[[str], Non
     teacher = next(r for r in expand_grid(exp) if r.id == ref)
     if not (record_dir(exp, teacher) / DONE_FILE).is_file():
         raise ExperimentError(f"run {run.id}: its teacher run {ref!r} is not done ({record_dir(exp, teacher)})")
-    final = run_dir(exp, teacher) / "final"
-    config = {**run.config, "teacher": {**run.config["teacher"], "model": str(final)}}
+    model = reference_model_dir(run_dir(exp, teacher), run.config["teacher"]["model"])
+    config = {**run.config, "teacher": {**run.config["teacher"], "model": str(model)}}
     cached = exp.teacher_cache_k and (_teacher_cache_folder(exp, config) / "COMPLETE").is_file()
-    if not cached and not trained(exp, teacher):
+    if not cached and not (trained(exp, teacher) and model.is_dir()):
         log(f"training {teacher.id} (retrain: the teacher of {run.id}; its model is gone)")
+        shutil.rmtree(run_dir(exp, teacher) / "snapshots", ignore_errors=True)  # rewritten by the new training
         _train(exp, teacher, log)
-    return final
+    return model
 
 
 def _teacher_key(config: dict[str, Any]) -> dict[str, Any]:
-    """What a teacher cache depends on: the teacher section (with its model), the student model and the data."""
-    return {k: config.get(k) for k in ("model", "data", "teacher")}
+    """What a teacher cache depends on: the teacher section (with its model), the student model, the data and the
+    method's teacher temperature (named only when it is not 1, so that caches built before it was keep their key)."""
+    key = {k: config.get(k) for k in ("model", "data", "teacher")}
+    temperature = _teacher_temperature(config)
+    return key if temperature == 1.0 else {**key, "temperature": temperature}
+
+
+def _teacher_temperature(config: dict[str, Any]) -> float:
+    method = config["loss"]["method"]
+    return float({**get_method(method).defaults, **config["loss"].get("params", {})}.get("temperature", 1.0))
 
 
 def _teacher_cache_folder(exp: Experiment, config: dict[str, Any]) -> Path:
@@ -157,7 +168,8 @@ def _teacher_cache(exp: Experiment, config: dict[str, Any], log: Callable[[str],
     if not (folder / "COMPLETE").is_file():
         log(f"teacher cache: building {folder} (teacher {config['teacher']['model']}, k={exp.teacher_cache_k})")
         t0 = time.time()
-        trainer.cache_teacher(config_from_dict(config), folder, k=exp.teacher_cache_k)
+        temperature = _teacher_temperature(config)
+        trainer.cache_teacher(config_from_dict(config), folder, k=exp.teacher_cache_k, temperature=temperature)
         atomic_write_text(folder / "COMPLETE", json.dumps({**key, "seconds": round(time.time() - t0, 1)}, default=str))
     return folder
 

@@ -161,7 +161,8 @@ class TrainConfig:
     ``precision``: ``auto`` (bf16 where the device runs it natively, fp16 on a GPU with only that, else fp32; see
     :mod:`targetsft.runtime.precision`), ``bf16``, ``fp16`` or ``fp32``. ``train.bf16``/``train.fp16`` are still read as
     an explicit choice when ``precision`` is ``auto``. ``model_init``: how the student loads (:class:`ModelInit`,
-    no ``device_map``).
+    no ``device_map``). ``snapshot_steps``: optimizer steps after which the model (weights and tokenizer, no optimizer
+    state) is saved to ``<output_dir>/snapshots/step-N`` and kept, e.g. to use it later as a teacher.
     """
 
     model: str | None = None
@@ -174,6 +175,7 @@ class TrainConfig:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     lora: LoraConfig | None = None
     train: dict[str, Any] = field(default_factory=dict)
+    snapshot_steps: list[int] = field(default_factory=list)
 
     def requested_precision(self) -> str:
         """``precision``, or what ``train.bf16``/``train.fp16`` ask for when it is ``auto``."""
@@ -285,6 +287,9 @@ def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
             raise ConfigError(f"{where}.dtype must be one of {MODEL_DTYPES}, got {init.dtype!r}")
     if cfg.model_init.device_map is not None:
         raise ConfigError("model_init.device_map: the Trainer places the student (use accelerate for several devices)")
+    steps = cfg.snapshot_steps
+    if not isinstance(steps, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in steps):
+        raise ConfigError(f"snapshot_steps must be a list of positive step numbers, got {steps!r}")
     size, held_out = cfg.data.size, cfg.data.eval
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
         raise ConfigError(f"data.size must be a positive integer or null (every record), got {size!r}")

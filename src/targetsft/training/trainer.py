@@ -168,6 +168,33 @@ class CsvMetricsCallback(TrainerCallback):
         self._write(rows + [row], fields)
 
 
+class ModelSnapshots(TrainerCallback):
+    """Saves the model (merged if LoRA) and tokenizer to ``<output_dir>/snapshots/step-N`` after each optimizer step
+    N of ``steps``: written to a temporary folder and renamed, so a snapshot folder is always complete; one a
+    resumed run has already written is kept."""
+
+    def __init__(self, steps: list[int], tokenizer: Any) -> None:
+        self.steps, self.tokenizer = set(steps), tokenizer
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        target = snapshot_dir(args.output_dir, state.global_step)
+        if state.global_step not in self.steps or not state.is_world_process_zero or target.is_dir():
+            return
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        inner = model.module if hasattr(model, "module") else model
+        if hasattr(inner, "merge_and_unload"):  # LoRA: a full model, the adapters left in place
+            inner = copy.deepcopy(inner).merge_and_unload()
+        inner.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+
+
+def snapshot_dir(output_dir: str | os.PathLike, step: int) -> Path:
+    """Where :class:`ModelSnapshots` keeps the model after optimizer step ``step``."""
+    return Path(output_dir) / "snapshots" / f"step-{step}"
+
+
 class PolicySnapshot(TrainerCallback):
     """π_old of ``proximal_sft``: the student's weights copied into the reference model right before every
     ``refresh``-th optimizer step, so the loss of step t sees the model of 1 to ``refresh`` updates before; saved in
@@ -304,7 +331,7 @@ def teacher_label_stats(
 
     path, manifest = Path(cache) / LABEL_STATS_FILE, sha256_file(Path(cache) / MANIFEST_NAME)
     kept = json.loads(path.read_text()) if path.is_file() else {}
-    if kept.pop("manifest_sha256", None) == manifest:
+    if kept.pop("manifest_sha256", None) == manifest and "topk_entropy" in kept:  # else written before entropy was
         return kept
     tokenizer = tokenizer or load_tokenizer(resolve_model(cfg.model))
     if items is None:
@@ -381,6 +408,7 @@ def train(
         else:
             ref_model = _as_frozen_copy(model, cfg.reference, precision.dtype)
     teacher_model, teacher_cache, teacher_info = None, None, None
+    method_params = dict(cfg.loss.params)
     if cfg.teacher.model:
         teacher_model = load_frozen(cfg.teacher.model, cfg.teacher, precision.dtype, tokenizer, "teacher")
     elif cfg.teacher.cache:
@@ -389,12 +417,21 @@ def train(
         teacher_cache = TeacherCache.open(cfg.teacher.cache, tokenizer=tokenizer, examples=items)
         if teacher_cache.vocab_size != model.get_output_embeddings().weight.shape[0]:
             raise ValueError("the teacher cache's vocabulary size differs from the student's")
+        wanted = float({**spec.defaults, **cfg.loss.params}.get("temperature", 1.0))
+        if teacher_cache.temperature != wanted:
+            raise ValueError(
+                f"loss.params.temperature is {wanted} but the teacher cache holds log-probs at temperature "
+                f"{teacher_cache.temperature}: build one with cache-teacher --temperature {wanted}"
+            )
+        if "temperature" in spec.defaults:  # the cached log-probs are already at it: the loss uses them as they are
+            method_params["temperature"] = 1.0
         stats = teacher_label_stats(cfg, cfg.teacher.cache, tokenizer=tokenizer, items=items, opened=teacher_cache)
         print(_label_stats_line(stats))
         teacher_info = {
             "cache": str(cfg.teacher.cache),
             "name": teacher_cache.teacher_name,
             "prompt": cfg.teacher.prompt,
+            "temperature": teacher_cache.temperature,
             "label_stats": stats,
         }
     if cfg.lora is not None:
@@ -410,7 +447,7 @@ def train(
         model = peft.get_peft_model(model, lora)
     from datasets import Dataset
 
-    snapshots = []
+    snapshots: list[TrainerCallback] = [ModelSnapshots(cfg.snapshot_steps, tokenizer)] if cfg.snapshot_steps else []
     if cfg.loss.method == "proximal_sft":  # π_old is the reference: a copy of the student, refreshed as it trains
         refresh = {**spec.defaults, **cfg.loss.params}["refresh"]
         snapshots.append(PolicySnapshot(model, ref_model, refresh))
@@ -421,7 +458,7 @@ def train(
         eval_dataset=Dataset.from_list(held_out[0]) if held_out else None,
         data_collator=Collator(tokenizer.pad_token_id),
         method=cfg.loss.method,
-        method_params=cfg.loss.params,
+        method_params=method_params,
         teacher_model=teacher_model,
         teacher_cache=teacher_cache,
         ref_model=ref_model,

@@ -220,10 +220,11 @@ class TeacherCache:
     def label_stats(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         """How the cached teacher scores the labels of the ``examples`` it was built on, per supervised token:
         ``top1`` = P[argmax π_T = y], ``in_topk`` = P[y ∈ top-k], ``p_label`` = mean π_T(y) counting 0 where y is
-        outside the top-k (a lower bound), ``topk_mass`` = mean Σ_topk π_T (all at the cache's temperature)."""
+        outside the top-k (a lower bound), ``topk_mass`` = mean Σ_topk π_T, ``topk_entropy`` = mean entropy (nats) of
+        the top-k renormalised, a sharpness measure (all at the cache's temperature)."""
         if len(examples) != len(self):
             raise CacheMismatchError(f"the cache holds {len(self)} examples, {len(examples)} were given")
-        top1 = in_topk = p_label = mass = 0.0
+        top1 = in_topk = p_label = mass = entropy = 0.0
         for i, example in enumerate(examples):
             labels = _as_int_array(example["labels"])
             y = torch.from_numpy(labels[_supervised_positions(labels)]).long()
@@ -238,6 +239,8 @@ class TeacherCache:
             in_topk += hit.any(-1).sum().item()
             p_label += (probs * hit).sum().item()
             mass += probs.sum().item()
+            renormed = torch.log_softmax(lps.double(), -1)
+            entropy += -(renormed.exp() * renormed).sum().item()
         n = max(self.tokens, 1)
         return {
             "tokens": self.tokens,
@@ -245,6 +248,7 @@ class TeacherCache:
             "in_topk": in_topk / n,
             "p_label": p_label / n,
             "topk_mass": mass / n,
+            "topk_entropy": entropy / n,
         }
 
     def close(self) -> None:
