@@ -224,8 +224,9 @@ def test_policy_snapshot_refreshes_pi_old_and_survives_a_checkpoint(tmp_path):
 
 
 def test_proximal_sft_config_checks():
-    with pytest.raises(ConfigError, match="π_old, a snapshot of the student"):
-        load_config(None, ["loss.method=proximal_sft", "reference.model=other"])
+    for section in ("reference.model=other", "reference.dtype=bfloat16"):
+        with pytest.raises(ConfigError, match="π_old, an exact copy of the student"):
+            load_config(None, ["loss.method=proximal_sft", section])
     with pytest.raises(ConfigError, match="LoRA"):
         load_config(None, ["loss.method=proximal_sft", "lora.r=4"])
     with pytest.raises(ConfigError, match="refresh"):

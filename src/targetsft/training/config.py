@@ -317,8 +317,10 @@ def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
     if "teacher" not in needs and (cfg.teacher.model or cfg.teacher.cache):
         raise ConfigError(f"method {cfg.loss.method!r} does not use a teacher; remove teacher.model/teacher.cache")
     if cfg.loss.method == "proximal_sft":
-        if cfg.reference.model:
-            raise ConfigError("proximal_sft's reference is π_old, a snapshot of the student: remove reference.model")
+        if cfg.reference.model or cfg.reference != ReferenceConfig():
+            raise ConfigError(
+                "proximal_sft's reference is π_old, an exact copy of the student: remove the reference section"
+            )
         if cfg.lora is not None:
             raise ConfigError("proximal_sft with LoRA is not supported yet (π_old would need the merged weights)")
     return cfg

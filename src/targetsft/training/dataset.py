@@ -105,10 +105,14 @@ def tokenize_examples(
     return items, counts
 
 
-def build_dataset(cfg: TrainConfig, tokenizer: Any) -> tuple[list[dict[str, Any]], dict[str, int]]:
+Split = tuple[list[dict[str, Any]], list[dict[str, Any]] | None, int]  # what split_records returns
+
+
+def build_dataset(cfg: TrainConfig, tokenizer: Any, split: Split | None = None) -> tuple[list[dict[str, Any]], dict]:
     """The training examples of ``cfg`` (after ``data.size``, the ``data.eval`` split and ``data.label_noise``) and
-    their counts (``available``: records before ``data.size``; ``corrupted`` with label noise)."""
-    records, _, available = split_records(cfg)
+    their counts (``available``: records before ``data.size``; ``corrupted`` with label noise); ``split``: the
+    :func:`split_records` of ``cfg`` when the caller has it already."""
+    records, _, available = split or split_records(cfg)
     corrupted = None
     if cfg.data.label_noise:
         from targetsft.data.noise import corrupt_records
@@ -121,9 +125,11 @@ def build_dataset(cfg: TrainConfig, tokenizer: Any) -> tuple[list[dict[str, Any]
     return items, counts
 
 
-def build_eval_dataset(cfg: TrainConfig, tokenizer: Any) -> tuple[list[dict[str, Any]], dict[str, int]] | None:
+def build_eval_dataset(
+    cfg: TrainConfig, tokenizer: Any, split: Split | None = None
+) -> tuple[list[dict[str, Any]], dict[str, int]] | None:
     """The held-out examples of ``data.eval`` (never corrupted by label noise) and their counts, or None."""
-    _, held_out, _ = split_records(cfg)
+    _, held_out, _ = split or split_records(cfg)
     if held_out is None:
         return None
     source = cfg.data.eval if isinstance(cfg.data.eval, str) else f"{cfg.data.train} (eval split)"

@@ -28,7 +28,7 @@ from targetsft.losses.target import TargetStats
 from targetsft.runtime.files import atomic_write_text
 from targetsft.runtime.precision import environment
 from targetsft.training.config import ModelInit, TrainConfig
-from targetsft.training.dataset import Collator, build_dataset, build_eval_dataset, data_notes
+from targetsft.training.dataset import Collator, build_dataset, build_eval_dataset, data_notes, split_records
 from targetsft.training.integration import IGNORE_INDEX, KEEP_DEVICE, patch_fused_forward, place_frozen
 
 if TYPE_CHECKING:
@@ -389,8 +389,9 @@ def train(
     atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2, default=str))
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
-    items, counts = build_dataset(cfg, tokenizer)  # bad data is found before the model loads
-    held_out = build_eval_dataset(cfg, tokenizer)
+    split = split_records(cfg)  # bad data is found before the model loads
+    items, counts = build_dataset(cfg, tokenizer, split)
+    held_out = build_eval_dataset(cfg, tokenizer, split)
     if not items:
         raise ValueError(f"no training examples left from {cfg.data.train!r} after tokenization ({counts})")
     args = TrainingArguments(**cfg.training_arguments(precision))
@@ -405,6 +406,8 @@ def train(
     if "ref" in spec.needs:
         if cfg.reference.model:
             ref_model = load_frozen(cfg.reference.model, cfg.reference, precision.dtype, tokenizer, "reference")
+        elif cfg.loss.method == "proximal_sft":  # π_old: an exact copy of the student, refreshed from its weights
+            ref_model = copy.deepcopy(model)
         else:
             ref_model = _as_frozen_copy(model, cfg.reference, precision.dtype)
     teacher_model, teacher_cache, teacher_info = None, None, None
