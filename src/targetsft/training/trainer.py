@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from targetsft.losses.methods import get_method
 from targetsft.losses.target import TargetStats
@@ -29,7 +29,13 @@ from targetsft.runtime.files import atomic_write_text
 from targetsft.runtime.precision import environment
 from targetsft.training.config import ModelInit, TrainConfig
 from targetsft.training.dataset import Collator, build_dataset, build_eval_dataset, data_notes, split_records
-from targetsft.training.integration import IGNORE_INDEX, KEEP_DEVICE, patch_fused_forward, place_frozen
+from targetsft.training.integration import (
+    IGNORE_INDEX,
+    KEEP_DEVICE,
+    patch_fused_forward,
+    place_frozen,
+    shard_frozen,
+)
 
 if TYPE_CHECKING:
     from targetsft.training.teacher_cache import TeacherCache
@@ -62,6 +68,8 @@ class TargetTrainer(Trainer):
         teacher_cache: Any = None,
         ref_model: nn.Module | None = None,
         chunk_size: int | None = None,
+        teacher_placement: str = "auto",
+        ref_placement: str = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -69,9 +77,8 @@ class TargetTrainer(Trainer):
         self._stats, self._eval_stats = TargetStats(), TargetStats()
         self._tokens = 0
         self._clock = time.perf_counter()
-        for other in (teacher_model, ref_model):
-            if other is not None:
-                place_frozen(other, self.args.device)
+        teacher_model = self._place(teacher_model, teacher_placement, "teacher")
+        ref_model = self._place(ref_model, ref_placement, "reference")
         defaults: dict[str, Any] = {"method": method, "chunk_size": chunk_size, **(method_params or {})}
         if teacher_model is not None:
             defaults["teacher_model"] = teacher_model
@@ -80,6 +87,22 @@ class TargetTrainer(Trainer):
         patch_fused_forward(self.model, **defaults)
         # the patched forward takes num_items_in_batch through target_loss_kwargs: have the Trainer count it
         self.model_accepts_loss_kwargs = True
+
+    def _place(self, model: nn.Module | None, placement: str, role: str) -> nn.Module | None:
+        """A frozen model ``replicated`` on every rank's device or ``sharded`` by the student's ZeRO-3 config
+        (``auto``: sharded under ZeRO-3)."""
+        if model is None:
+            return None
+        plugin = self.accelerator.state.deepspeed_plugin if self.is_deepspeed_enabled else None
+        zero3 = plugin is not None and plugin.zero_stage == 3
+        if placement == "sharded" and not zero3:
+            raise ValueError(
+                f"{role}.placement 'sharded' needs DeepSpeed ZeRO-3 (accelerate launch --config_file "
+                "configs/accelerate/zero3.yaml); otherwise every rank holds a replica: lower its dtype or cache it"
+            )
+        if placement == "sharded" or (placement == "auto" and zero3):
+            return shard_frozen(model, plugin.deepspeed_config)
+        return place_frozen(model, self.args.device, role)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
@@ -345,6 +368,64 @@ def teacher_label_stats(
     return stats
 
 
+def _with_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    import peft
+
+    lora = cfg.lora
+    return peft.get_peft_model(
+        model,
+        peft.LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            task_type="CAUSAL_LM",
+        ),
+    )
+
+
+def sharded(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters are split across ranks: FSDP2 ``DTensor`` s or DeepSpeed ZeRO-3 partitions."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) or hasattr(p, "ds_numel") for p in model.parameters())
+
+
+def _whole_model(trainer: Trainer, cfg: TrainConfig, model_path: str) -> nn.Module | None:
+    """The trained model, whole, on rank 0 (None on the others); called by every rank.
+
+    Unsharded (one process, DDP, ZeRO-1/2): the model itself. Sharded (FSDP2, ZeRO-3): accelerate gathers the full
+    state dict (a collective; ZeRO-3 needs ``stage3_gather_16bit_weights_on_model_save``), which rank 0 loads into a
+    fresh CPU copy of the model (LoRA included, so it can be merged).
+    """
+    if not sharded(trainer.model):
+        return trainer.model
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if not trainer.is_world_process_zero():
+        return None
+    from targetsft.runtime.models import load_model
+
+    with _no_zero3_init():
+        model = load_model(model_path, **cfg.model_init.from_pretrained_kwargs(torch.float32))
+    if cfg.lora is not None:
+        model = _with_lora(model, cfg)
+    model.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()})
+    return model
+
+
+@contextlib.contextmanager
+def _no_zero3_init():
+    """``from_pretrained`` as on one process even where a ZeRO-3 config makes it partition at load (zero3_init)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = ref
+
+
 def load_frozen(path: str, init: ModelInit, auto_dtype: torch.dtype, tokenizer: Any, role: str) -> nn.Module:
     """A teacher or reference model: its tokenizer checked identical to the student's, loaded as ``init`` says
     (``dtype: auto``: ``auto_dtype``; training gives its precision's, so bf16 where the device runs it natively)."""
@@ -352,7 +433,8 @@ def load_frozen(path: str, init: ModelInit, auto_dtype: torch.dtype, tokenizer: 
 
     path = resolve_model(path)
     _load_same_tokenizer(path, tokenizer, role)
-    model = load_model(path, **init.from_pretrained_kwargs(auto_dtype))
+    with _no_zero3_init():  # whole on every rank: the trainer shards it (placement) where ZeRO-3 runs
+        model = load_model(path, **init.from_pretrained_kwargs(auto_dtype))
     if init.device_map is not None:
         setattr(model, KEEP_DEVICE, True)  # the Trainer leaves it where its device_map put it
     return model
@@ -360,6 +442,8 @@ def load_frozen(path: str, init: ModelInit, auto_dtype: torch.dtype, tokenizer: 
 
 def _as_frozen_copy(model: nn.Module, init: ModelInit, auto_dtype: torch.dtype) -> nn.Module:
     """The default reference: a copy of the initial student in the reference's dtype."""
+    if sharded(model):
+        raise ValueError("the student was loaded partitioned (ZeRO-3 zero3_init): give reference.model to load one")
     return copy.deepcopy(model).to(init.from_pretrained_kwargs(auto_dtype)["dtype"])
 
 
@@ -400,6 +484,7 @@ def train(
     print(f"training data: {counts}" + (f"; held-out: {held_out[1]}" if held_out else ""))
     for note in notes:
         print(f"note: {note}", flush=True)
+    set_seed(args.seed)  # what the model's creation draws (LoRA's initial A) is the same on every launch
     model = load_model(model_path, **cfg.model_init.from_pretrained_kwargs(torch.float32))
     spec = get_method(cfg.loss.method)
     ref_model = None
@@ -438,16 +523,7 @@ def train(
             "label_stats": stats,
         }
     if cfg.lora is not None:
-        import peft
-
-        lora = peft.LoraConfig(
-            r=cfg.lora.r,
-            lora_alpha=cfg.lora.alpha,
-            lora_dropout=cfg.lora.dropout,
-            target_modules=cfg.lora.target_modules,
-            task_type="CAUSAL_LM",
-        )
-        model = peft.get_peft_model(model, lora)
+        model = _with_lora(model, cfg)
     from datasets import Dataset
 
     snapshots: list[TrainerCallback] = [ModelSnapshots(cfg.snapshot_steps, tokenizer)] if cfg.snapshot_steps else []
@@ -466,8 +542,15 @@ def train(
         teacher_cache=teacher_cache,
         ref_model=ref_model,
         chunk_size=cfg.loss.chunk_size,
+        teacher_placement=cfg.teacher.placement,
+        ref_placement="replicated" if cfg.loss.method == "proximal_sft" else cfg.reference.placement,
         callbacks=[CsvMetricsCallback(out / "metrics.csv"), *snapshots, *(callbacks or [])],
     )
+    if cfg.loss.method == "proximal_sft" and sharded(trainer.model_wrapped):
+        raise ValueError(
+            "proximal_sft copies the student's weights into π_old at every refresh, which needs them whole on each "
+            "rank: train it on one process, with DDP or with ZeRO-1/2, not with FSDP or ZeRO-3"
+        )
     result = trainer.train(resume_from_checkpoint=resume or None)
     evaluations = [h for h in trainer.state.log_history if "eval_loss" in h]
     if held_out and not (evaluations and evaluations[-1]["step"] == trainer.state.global_step):
@@ -486,11 +569,16 @@ def train(
         summary["eval_data"] = held_out[1]
     summary["data_notes"] = notes
     summary["environment"] = env
+    summary["distributed"] = {
+        "type": str(trainer.accelerator.distributed_type).split(".")[-1],
+        "processes": trainer.accelerator.num_processes,
+        "sharded": sharded(trainer.model_wrapped),
+    }
     if teacher_info is not None:
         summary["teacher"] = teacher_info
-    if trainer.is_world_process_zero():  # one writer: every rank holds the same weights after the last step
-        save_model = trainer.model.merge_and_unload() if cfg.lora is not None else trainer.model
-        save_model.save_pretrained(final)
+    whole = _whole_model(trainer, cfg, model_path)  # every rank: sharded weights are gathered collectively
+    if trainer.is_world_process_zero():  # one writer
+        (whole.merge_and_unload() if cfg.lora is not None else whole).save_pretrained(final)
         tokenizer.save_pretrained(final)
         atomic_write_text(final / "README.md", _model_card(cfg, counts, metrics, env, notes))
         if not keep_checkpoints:
