@@ -33,8 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 CSV_PATH = RESULTS / "fused.csv"
 FIELDS = ["device", "shape", "n", "h", "v", "impl", "time_s", "peak_mb", "error", "torch", "date"]
-SHAPES = {"smollm2": (576, 49152), "qwen": (1536, 151936)}
-GRID = {"smollm2": [1024, 2048, 4096, 8192, 16384], "qwen": [1024]}
+SHAPES = {"smollm2": (576, 49152), "qwen": (1536, 151936), "llama3_8b": (4096, 128256)}
+GRID = {"smollm2": [1024, 2048, 4096, 8192, 16384], "qwen": [1024], "llama3_8b": [4096]}
+DEFAULT_SHAPES = ["smollm2", "qwen"]  # llama3_8b (bench/gpu_check.sh) on request
 IMPLS = [
     "gemm",
     "naive",
@@ -45,6 +46,7 @@ IMPLS = [
     "fused_dft",
     "fused_kd_top64",
     "fused_target_sft_top64",
+    "liger",  # Triton: a GPU's only (on a CPU its row records the error)
 ]
 TOPK = 64
 # glibc keeps freed buffers resident, so peak RSS would measure the allocator's cache rather than what an
@@ -102,7 +104,13 @@ def _step(impl: str, hidden, weight, labels, ids, logprobs):
     if impl == "cce":
         from cut_cross_entropy import linear_cross_entropy
 
-        return lambda: linear_cross_entropy(hidden, weight, labels, impl="torch_compile").backward()
+        kernel = "cce" if hidden.is_cuda else "torch_compile"  # its Triton kernel where there is one
+        return lambda: linear_cross_entropy(hidden, weight, labels, impl=kernel).backward()
+    if impl == "liger":
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss()
+        return lambda: liger(weight, hidden, labels).backward()
     from targetsft import fused_target_loss
 
     method = impl.removeprefix("fused_").removesuffix(f"_top{TOPK}")
@@ -253,6 +261,8 @@ def report() -> None:
             lines.append("| impl | " + " | ".join(f"N={n} time s / MB" for n in ns) + " |")
             lines.append("|---|" + "---|" * len(ns))
             for impl in IMPLS:
+                if not any(r["impl"] == impl for r in cell):
+                    continue
                 out = []
                 for n in ns:
                     r = next((r for r in cell if int(r["n"]) == n and r["impl"] == impl), None)
@@ -326,8 +336,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--report", action="store_true", help="only redraw the plot and table from the CSV")
-    ap.add_argument("--impls", nargs="*", default=IMPLS)
-    ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    ap.add_argument("--impls", nargs="*", default=[i for i in IMPLS if i != "liger"])
+    ap.add_argument("--shapes", nargs="*", default=DEFAULT_SHAPES, choices=list(SHAPES))
     args = ap.parse_args()
     if args.worker:
         impl, n, h, v = args.worker

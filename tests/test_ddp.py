@@ -17,15 +17,16 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
+SFT_WORKER = Path(__file__).with_name("sft_worker.py")
 
 
-def _run(nproc: int, overrides: list[str], cwd: Path) -> None:
+def _run(nproc: int, overrides: list[str], cwd: Path, worker: Path = WORKER) -> None:
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", str(nproc), "--num_machines", "1"]
     if nproc == 1:
         cmd = [sys.executable]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([*cmd, str(WORKER), *overrides], cwd=cwd, env=env, capture_output=True, text=True)
+    proc = subprocess.run([*cmd, str(worker), *overrides], cwd=cwd, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -63,3 +64,25 @@ def test_two_processes_equal_one(method, tmp_path, tiny_tokenizer, tiny_llama):
     assert moved > 1e-4  # training did change the weights
     for k in one:
         torch.testing.assert_close(one[k], two[k], rtol=0, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("method", ["dft", "target_sft"])
+def test_target_sft_trainer_two_processes_equal_one(method, tmp_path, tiny_tokenizer, tiny_llama):
+    """TRL's SFTTrainer with the fused loss (TargetSFTTrainer) under DDP: the weights of one process."""
+    pytest.importorskip("trl")
+    student = tmp_path / "student"
+    tiny_llama.save_pretrained(student)
+    tiny_tokenizer.save_pretrained(student)
+    teacher = []
+    if method == "target_sft":
+        torch.manual_seed(7)
+        transformers.LlamaForCausalLM(copy.deepcopy(tiny_llama.config)).save_pretrained(tmp_path / "teacher")
+        teacher = [str(tmp_path / "teacher")]
+    _run(1, [str(student), str(tmp_path / "one"), "4", method, *teacher], tmp_path, SFT_WORKER)
+    _run(2, [str(student), str(tmp_path / "two"), "2", method, *teacher], tmp_path, SFT_WORKER)
+    one = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "final").state_dict()
+    two = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "final").state_dict()
+    start = tiny_llama.state_dict()
+    assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-4
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-5, msg=k)

@@ -30,8 +30,8 @@ def test_readme_python_examples_run():
 
 
 def test_readme_trl_example_runs(tiny_llama, tiny_tokenizer, tmp_path, monkeypatch):
-    """The TRL snippet, with a tiny student, teacher and dataset standing in for the user's, builds an SFTTrainer that
-    trains its 2 steps on this CPU (TRL's bf16 default would refuse to start here)."""
+    """The TRL snippet, with a tiny student, teacher and dataset standing in for the user's, builds a
+    TargetSFTTrainer that trains its 2 steps on this CPU with the fused loss (the lm_head module never runs)."""
     import copy
 
     pytest.importorskip("trl")
@@ -49,9 +49,11 @@ def test_readme_trl_example_runs(tiny_llama, tiny_tokenizer, tmp_path, monkeypat
         "tokenizer": tiny_tokenizer,
         "dataset": Dataset.from_list(rows),
     }
+    head_calls = []
+    namespace["model"].lm_head.register_forward_hook(lambda module, args, out: head_calls.append(out.shape))
     exec(compile(block, str(README), "exec"), namespace)
     result = namespace["trainer"].train()
-    assert result.global_step == 2 and result.training_loss > 0
+    assert result.global_step == 2 and result.training_loss > 0 and head_calls == []
 
 
 def test_readme_method_table_matches_registry():

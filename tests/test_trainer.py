@@ -310,11 +310,73 @@ def test_target_loss_in_trl_sft_trainer_matches_target_trainer(method, model_dir
     )
     theirs.train()
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    full_logits = []
+    theirs.lm_head.register_forward_hook(lambda module, args, out: full_logits.append(out.shape))
     sft.compute_loss(theirs, inputs, num_items_in_batch=n_items).backward()
+    assert full_logits  # the compute_loss_func hook runs the lm_head on every position
     g1, g2 = _grads(ours), _grads(theirs)
     assert g1.keys() == g2.keys() and g1
     for k in g1:
         torch.testing.assert_close(g1[k], g2[k], rtol=1e-4, atol=1e-6)
+
+    # the subclass: the same gradients through the fused path, and the lm_head module never runs
+    from targetsft.training.sft_trainer import TargetSFTTrainer
+
+    fused = transformers.AutoModelForCausalLM.from_pretrained(student)
+    head_calls = []
+    fused.lm_head.register_forward_hook(lambda module, args, out: head_calls.append(out.shape))
+    sub = TargetSFTTrainer(
+        model=fused,
+        args=trl.SFTConfig(str(tmp_path / "c"), report_to=[], use_cpu=True, max_length=None),
+        train_dataset=Dataset.from_list([{"prompt": "a", "completion": "b"}]),
+        processing_class=tiny_tokenizer,
+        method=method,
+        method_params=params,
+        teacher_model=teacher,
+    )
+    fused.train()
+    sub.compute_loss(fused, dict(inputs), num_items_in_batch=n_items).backward()
+    g3 = _grads(fused)
+    assert g3.keys() == g1.keys() and head_calls == []
+    for k in g1:
+        torch.testing.assert_close(g3[k], g1[k], rtol=1e-5, atol=1e-7)
+
+
+def test_target_sft_trainer_trains_on_trl_data(model_dirs, tiny_tokenizer, tmp_path):
+    """TargetSFTTrainer end to end on a prompt/completion dataset that TRL tokenizes and masks itself: the loss
+    falls, the target statistics are logged, no [tokens, V] logits are built (the lm_head never runs in training)."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    from targetsft.training.sft_trainer import TargetSFTTrainer
+
+    student, _ = model_dirs
+    model = transformers.AutoModelForCausalLM.from_pretrained(student)
+    head_calls = []
+    model.lm_head.register_forward_hook(lambda module, args, out: head_calls.append(out.shape))
+    rows = [{"prompt": f"What is {i} plus {i}?", "completion": f" It is {2 * i}."} for i in range(16)]
+    trainer = TargetSFTTrainer(
+        model=model,
+        args=trl.SFTConfig(
+            str(tmp_path / "out"),
+            report_to=[],
+            use_cpu=True,
+            max_steps=6,
+            per_device_train_batch_size=4,
+            learning_rate=5e-3,
+            logging_steps=1,
+            save_strategy="no",
+            max_length=None,
+        ),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tiny_tokenizer,
+        method="dft",
+    )
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 6 and all(0 < h["gamma"] < 1 for h in logs)
+    assert logs[-1]["nll"] < logs[0]["nll"]
+    assert head_calls == []
 
 
 def test_cache_teacher_cli_then_train_from_cache(model_dirs, tmp_path):

@@ -1,15 +1,17 @@
-"""``TargetLoss``: a drop-in ``compute_loss_func`` for ``transformers.Trainer`` and TRL's ``SFTTrainer``.
+"""``TargetLoss``: a ``compute_loss_func`` for ``transformers.Trainer`` (and, deprecated, TRL's ``SFTTrainer``).
 
     loss_fn = targetsft.TargetLoss("target_sft", eta=0.5, teacher=teacher_model).bind(model, tokenizer)
-    trainer = SFTTrainer(model=model, args=..., train_dataset=..., compute_loss_func=loss_fn)
+    trainer = Trainer(model=model, args=..., train_dataset=..., compute_loss_func=loss_fn)
 
 It receives the model's full logits (that is what ``compute_loss_func`` gets), shifts the labels, and divides
 the summed loss by ``num_items_in_batch``, so gradient accumulation and data parallelism stay exact. A teacher
 or reference model needs the batch's inputs, which ``compute_loss_func`` does not receive: :meth:`bind` hooks
 the student's forward to see them, puts the teacher on the student's device (unless it was loaded with a
-``device_map``) and checks that it shares the student's vocabulary and, given the tokenizers, its tokenizer. For
-long sequences and large vocabularies prefer ``target-sft train`` (:class:`targetsft.training.trainer.TargetTrainer`),
-whose fused loss never builds the logits.
+``device_map``) and checks that it shares the student's vocabulary and, given the tokenizers, its tokenizer. TRL
+1.16 deprecates ``compute_loss_func`` and runs an extra forward for it: with TRL use
+:class:`targetsft.training.sft_trainer.TargetSFTTrainer`, and for long sequences and large vocabularies
+``target-sft train`` (:class:`targetsft.training.trainer.TargetTrainer`); both run the fused loss, which never
+builds the logits.
 """
 
 from __future__ import annotations
@@ -59,16 +61,10 @@ class TargetLoss:
         if self._hook is not None:
             self._hook.remove()
         student = unwrap(model)
-        vocab = student.get_output_embeddings().weight.shape[0]
         for role, other in (("teacher", self.teacher), ("reference", self.ref)):
-            if other is None:
-                continue
-            other_vocab = unwrap(other).get_output_embeddings().weight.shape[0]
-            if other_vocab != vocab:
-                raise ValueError(f"the {role} has a vocabulary of {other_vocab} tokens, the student {vocab}")
-            place_frozen(other, input_device(student))
-            if tokenizer is not None:
-                _check_same_tokenizer(tokenizer, teacher_tokenizer if role == "teacher" else None, other, role)
+            if other is not None:
+                check_frozen_model(student, other, role, tokenizer, teacher_tokenizer if role == "teacher" else None)
+                place_frozen(other, input_device(student), role)
 
         def capture(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
             ids = kwargs.get("input_ids", args[0] if args else None)
@@ -98,6 +94,23 @@ class TargetLoss:
         if num_items_in_batch is not None:
             kwargs["num_items_in_batch"] = torch.as_tensor(num_items_in_batch, device=logits.device)
         return target_loss(logits, shifted, method=self.method, ignore_index=self.ignore_index, **kwargs, **self.params)
+
+
+def check_frozen_model(
+    student: nn.Module, other: nn.Module, role: str, tokenizer: Any = None, other_tokenizer: Any = None
+) -> None:
+    """A teacher or reference has the student's vocabulary size and, given the student's ``tokenizer``, the same
+    tokenizer (``other_tokenizer``, or the one saved beside ``other``); else ValueError."""
+    vocab, other_vocab = (_vocab_size(m) for m in (student, other))
+    if other_vocab != vocab:
+        raise ValueError(f"the {role} has a vocabulary of {other_vocab} tokens, the student {vocab}")
+    if tokenizer is not None:
+        _check_same_tokenizer(tokenizer, other_tokenizer, other, role)
+
+
+def _vocab_size(model: nn.Module) -> int:
+    weight = unwrap(model).get_output_embeddings().weight
+    return int(getattr(weight, "ds_shape", weight.shape)[0])  # a ZeRO-3 partition knows its full shape
 
 
 def _check_same_tokenizer(tokenizer: Any, other_tokenizer: Any, other: nn.Module, role: str) -> None:

@@ -1,10 +1,6 @@
-"""``TargetTrainer``: ``transformers.Trainer`` with the fused target loss, and the ``target-sft train`` recipe.
-
-The loss goes through the model's own forward (patched by :func:`targetsft.training.integration.patch_fused_forward`),
-so DDP/FSDP/DeepSpeed wrappers see the call they expect, and is divided by the Trainer's
-``num_items_in_batch`` (supervised tokens over the whole gradient-accumulation window, summed over ranks), which
-makes accumulation and data parallelism exact.
-"""
+"""``TargetTrainer`` (``transformers.Trainer`` with the fused target loss of
+:class:`~targetsft.training.fused_trainer.FusedLossMixin`) and the ``target-sft train`` recipe: loading, the
+teacher cache, snapshots, π_old, the metrics file and the final model."""
 
 from __future__ import annotations
 
@@ -15,7 +11,6 @@ import io
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,134 +19,22 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from targetsft.losses.methods import get_method
-from targetsft.losses.target import TargetStats
 from targetsft.runtime.files import atomic_write_text
 from targetsft.runtime.precision import environment
 from targetsft.training.config import ModelInit, TrainConfig
 from targetsft.training.dataset import Collator, build_dataset, build_eval_dataset, data_notes, split_records
-from targetsft.training.integration import (
-    IGNORE_INDEX,
-    KEEP_DEVICE,
-    patch_fused_forward,
-    place_frozen,
-    shard_frozen,
-)
+from targetsft.training.fused_trainer import STAT_KEYS, FusedLossMixin
+from targetsft.training.integration import KEEP_DEVICE
 
 if TYPE_CHECKING:
     from targetsft.training.teacher_cache import TeacherCache
 
 LABEL_STATS_FILE = "label_stats.json"  # beside a teacher cache: :func:`teacher_label_stats`
 
-STAT_KEYS = ("gamma", "p_label", "nll", "q_label", "residual_entropy", "accuracy")
 
-
-class TargetTrainer(Trainer):
-    """A Trainer whose loss is ``targetsft.fused_target_loss`` of a registered method (or a ``Target``).
-
-    Args:
-        method, method_params: the target (see ``targetsft.METHODS``).
-        teacher_model: a teacher run online (no grad, eval mode) on each batch; or ``teacher_cache``: a
-            :class:`targetsft.training.teacher_cache.TeacherCache` whose rows are looked up by the batch's
-            ``example_index`` column.
-        ref_model: the reference model of ``asft`` / ``sft_kl``.
-        chunk_size: rows per chunk of the fused loss (None: automatic).
-    """
-
-    loss_is_scaled_for_ga = True
-
-    def __init__(
-        self,
-        *args: Any,
-        method: Any = "sft",
-        method_params: dict[str, Any] | None = None,
-        teacher_model: nn.Module | None = None,
-        teacher_cache: Any = None,
-        ref_model: nn.Module | None = None,
-        chunk_size: int | None = None,
-        teacher_placement: str = "auto",
-        ref_placement: str = "auto",
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self.teacher_cache = teacher_cache
-        self._stats, self._eval_stats = TargetStats(), TargetStats()
-        self._tokens = 0
-        self._clock = time.perf_counter()
-        teacher_model = self._place(teacher_model, teacher_placement, "teacher")
-        ref_model = self._place(ref_model, ref_placement, "reference")
-        defaults: dict[str, Any] = {"method": method, "chunk_size": chunk_size, **(method_params or {})}
-        if teacher_model is not None:
-            defaults["teacher_model"] = teacher_model
-        if ref_model is not None:
-            defaults["ref_model"] = ref_model
-        patch_fused_forward(self.model, **defaults)
-        # the patched forward takes num_items_in_batch through target_loss_kwargs: have the Trainer count it
-        self.model_accepts_loss_kwargs = True
-
-    def _place(self, model: nn.Module | None, placement: str, role: str) -> nn.Module | None:
-        """A frozen model ``replicated`` on every rank's device or ``sharded`` by the student's ZeRO-3 config
-        (``auto``: sharded under ZeRO-3)."""
-        if model is None:
-            return None
-        plugin = self.accelerator.state.deepspeed_plugin if self.is_deepspeed_enabled else None
-        zero3 = plugin is not None and plugin.zero_stage == 3
-        if placement == "sharded" and not zero3:
-            raise ValueError(
-                f"{role}.placement 'sharded' needs DeepSpeed ZeRO-3 (accelerate launch --config_file "
-                "configs/accelerate/zero3.yaml); otherwise every rank holds a replica: lower its dtype or cache it"
-            )
-        if placement == "sharded" or (placement == "auto" and zero3):
-            return shard_frozen(model, plugin.deepspeed_config)
-        return place_frozen(model, self.args.device, role)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = dict(inputs)
-        labels = inputs.pop("labels")
-        index = inputs.pop("example_index", None)
-        options: dict[str, Any] = {"return_stats": True}
-        if num_items_in_batch is not None:
-            options["num_items_in_batch"] = num_items_in_batch
-        for key in ("teacher_input_ids", "teacher_attention_mask", "teacher_labels"):
-            if key in inputs:
-                options[key] = inputs.pop(key)
-        if "token_weights" in inputs:  # shifted like the labels: position t carries the weight of token t + 1
-            options["token_weights"] = torch.nn.functional.pad(inputs.pop("token_weights")[:, 1:], (0, 1))
-        if self.teacher_cache is not None:
-            if index is None:
-                raise ValueError("a teacher cache needs the dataset's example_index column in every batch")
-            ids, logprobs = self.teacher_cache.rows(index.tolist())
-            expected = int((labels[:, 1:] != IGNORE_INDEX).sum())
-            if ids.shape[0] != expected:
-                raise ValueError(
-                    f"the teacher cache has {ids.shape[0]} rows for this batch but it supervises {expected} tokens: "
-                    "the cache was built for other data, other max_length or other truncation"
-                )
-            options["teacher_topk"] = (ids.to(labels.device), logprobs.to(labels.device))
-        outputs = model(**inputs, labels=labels, target_loss_kwargs=options)
-        loss = outputs.loss
-        stats = outputs.get("target_stats")
-        if stats:
-            block = TargetStats(count=stats["tokens"], **{k: stats[k] * stats["tokens"] for k in STAT_KEYS})
-            (self._stats if model.training else self._eval_stats).add(block)
-        if model.training:
-            self._tokens += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else labels.numel()
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            # DDP averages gradients over ranks while num_items_in_batch is the global count: undo the average
-            loss = loss * self.accelerator.num_processes
-        return (loss, outputs) if return_outputs else loss
-
-    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        if "loss" in logs and self._stats.count:
-            means = self._stats.means()
-            logs.update({k: round(means[k], 6) for k in STAT_KEYS})
-            elapsed = time.perf_counter() - self._clock
-            logs["tokens_per_second"] = round(self._tokens * self.args.world_size / max(elapsed, 1e-9), 1)
-            self._stats, self._tokens, self._clock = TargetStats(), 0, time.perf_counter()
-        if "eval_loss" in logs and self._eval_stats.count:  # the held-out set's target statistics, as in training
-            means = self._eval_stats.means()
-            logs.update({f"eval_{k}": round(means[k], 6) for k in STAT_KEYS})
-            self._eval_stats = TargetStats()
-        super().log(logs, *args, **kwargs)
+class TargetTrainer(FusedLossMixin, Trainer):
+    """A ``transformers.Trainer`` whose loss is ``targetsft.fused_target_loss`` of a registered method (or a
+    ``Target``); the keyword arguments are :class:`~targetsft.training.fused_trainer.FusedLossMixin` 's."""
 
 
 class CsvMetricsCallback(TrainerCallback):

@@ -1,0 +1,38 @@
+"""``TargetSFTTrainer``: TRL's ``SFTTrainer`` with the fused target loss, for users of TRL's data handling.
+
+    trainer = TargetSFTTrainer(model=model, args=SFTConfig(...), train_dataset=..., processing_class=tokenizer,
+                               method="target_sft", method_params={"eta": 0.5}, teacher_model=teacher)
+
+TRL 1.16 deprecates ``compute_loss_func`` (the hook :class:`targetsft.TargetLoss` plugs into), and that hook needs
+the full ``[tokens, V]`` logits, which costs TRL an extra forward pass per step. This subclass overrides
+``compute_loss`` instead: the loss runs inside the model's patched forward, as in ``target-sft train``, with the
+same keyword arguments as :class:`targetsft.training.trainer.TargetTrainer`. TRL prepares the data (prompt and
+completion masks, chat templates, packing off); the loss is divided by ``num_items_in_batch``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trl import SFTTrainer
+
+from targetsft.training.compute_loss import check_frozen_model
+from targetsft.training.fused_trainer import FusedLossMixin
+
+
+class TargetSFTTrainer(FusedLossMixin, SFTTrainer):
+    """``trl.SFTTrainer`` whose loss is ``targetsft.fused_target_loss`` of ``method``; the keyword arguments are
+    :class:`~targetsft.training.fused_trainer.FusedLossMixin` 's (``method``, ``method_params``, ``teacher_model``,
+    ``ref_model``, ``chunk_size``, placements). TRL's logits-based metrics (entropy, token accuracy) are replaced by
+    the target statistics (``accuracy`` is the top-1 accuracy on supervised tokens). A teacher or reference is
+    checked against the student as :meth:`targetsft.TargetLoss.bind` checks it: the same vocabulary size, and the
+    same tokenizer as ``processing_class`` (``teacher_tokenizer``, or the one saved beside the teacher)."""
+
+    def __init__(self, *args: Any, teacher_tokenizer: Any = None, **kwargs: Any) -> None:
+        model = kwargs.get("model", args[0] if args else None)
+        if not isinstance(model, str):
+            tokenizer = kwargs.get("processing_class")
+            for role, other in (("teacher", kwargs.get("teacher_model")), ("reference", kwargs.get("ref_model"))):
+                if other is not None:
+                    check_frozen_model(model, other, role, tokenizer, teacher_tokenizer if role == "teacher" else None)
+        super().__init__(*args, **kwargs)
