@@ -88,3 +88,22 @@ def test_train_runs_on_cuda_in_bf16(tmp_path, tiny_llama, tiny_tokenizer):
     summary = train(load_config(None, overrides))
     assert summary["steps"] == 4 and summary["environment"]["precision"] == "bf16"
     assert torch.isfinite(torch.tensor(summary["metrics"]["train_loss"]))
+
+
+def test_teacher_on_another_device_has_its_head_copied_once(tiny_llama):
+    """A teacher left on the CPU (its own device_map) beside a CUDA student: the loss equals the all-CUDA one, and
+    the teacher's lm_head weight is copied to the GPU once, not at every step."""
+    from targetsft.training.integration import causal_lm_target_loss
+
+    model = copy.deepcopy(tiny_llama).cuda()
+    teacher = copy.deepcopy(tiny_llama).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 30), device="cuda")
+    labels = ids.clone()
+    labels[:, :5] = -100
+    first = causal_lm_target_loss(model, ids, labels, method="kd", teacher_model=teacher)
+    copy_1 = teacher._targetsft_head_copy[1]
+    second = causal_lm_target_loss(model, ids, labels, method="kd", teacher_model=teacher)
+    assert teacher._targetsft_head_copy[1] is copy_1 and copy_1.device.type == "cuda"
+    expected = causal_lm_target_loss(model, ids, labels, method="kd", teacher_model=copy.deepcopy(teacher).cuda())
+    torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second, first)

@@ -77,6 +77,7 @@ def test_target_sft_trainer_two_processes_equal_one(method, tmp_path, tiny_token
     if method == "target_sft":
         torch.manual_seed(7)
         transformers.LlamaForCausalLM(copy.deepcopy(tiny_llama.config)).save_pretrained(tmp_path / "teacher")
+        tiny_tokenizer.save_pretrained(tmp_path / "teacher")  # compared with the student's by TargetSFTTrainer
         teacher = [str(tmp_path / "teacher")]
     _run(1, [str(student), str(tmp_path / "one"), "4", method, *teacher], tmp_path, SFT_WORKER)
     _run(2, [str(student), str(tmp_path / "two"), "2", method, *teacher], tmp_path, SFT_WORKER)

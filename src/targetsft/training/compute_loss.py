@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from targetsft.losses.loss import target_loss
 from targetsft.losses.target import Target
-from targetsft.training.integration import IGNORE_INDEX, input_device, place_frozen, shift_labels, unwrap
+from targetsft.training.integration import IGNORE_INDEX, input_device, moved_to, place_frozen, shift_labels, unwrap
 
 
 class TargetLoss:
@@ -55,7 +55,8 @@ class TargetLoss:
 
     def bind(self, model: nn.Module, tokenizer: Any = None, teacher_tokenizer: Any = None) -> TargetLoss:
         """Record each forward's ``input_ids``/``attention_mask`` so the teacher/reference see the same batch; move
-        them to the student's device (not one loaded with a ``device_map``) and check them against the student: the
+        one that sits on the CPU to the student's device (one on an accelerator, or loaded with a ``device_map``,
+        stays where it is and gets the batch there) and check them against the student: the
         same vocabulary size always, the same tokenizer when ``tokenizer`` (the student's) is given — compared with
         ``teacher_tokenizer`` or, without it, with the tokenizer saved beside the teacher (its ``name_or_path``)."""
         if self._hook is not None:
@@ -78,10 +79,9 @@ class TargetLoss:
             return None
         if self._inputs is None:
             raise RuntimeError("TargetLoss with a teacher or reference needs .bind(student_model) before training")
-        at = input_device(model)
-        inputs = {k: None if v is None else v.to(at) for k, v in self._inputs.items()}
+        ids, mask = moved_to(input_device(model), self._inputs["input_ids"], self._inputs["attention_mask"])
         with torch.no_grad():
-            return model(**inputs).logits
+            return model(input_ids=ids, attention_mask=mask).logits
 
     def __call__(self, outputs: Any, labels: Tensor, num_items_in_batch: int | Tensor | None = None) -> Tensor:
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
@@ -125,6 +125,6 @@ def _check_same_tokenizer(tokenizer: Any, other_tokenizer: Any, other: nn.Module
         except (OSError, ValueError) as err:
             raise ValueError(
                 f"cannot load the {role}'s tokenizer from {path!r} to compare it with the student's: pass it as "
-                f"bind(..., teacher_tokenizer=...) ({err})"
+                f"teacher_tokenizer=... ({err})"
             ) from None
     check_same_tokenizer(tokenizer, other_tokenizer, role)

@@ -165,8 +165,26 @@ def shard_frozen(model: nn.Module, deepspeed_config: dict[str, Any]) -> nn.Modul
     return engine
 
 
-def _moved(device: torch.device, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+def moved_to(device: torch.device, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Each tensor on ``device`` (None stays None)."""
     return tuple(None if t is None else t.to(device) for t in tensors)
+
+
+_HEAD_COPY = "_targetsft_head_copy"  # a frozen model's output projection, copied to the student's device
+
+
+def _frozen_head_on(model: nn.Module, head: LMHead, device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """A frozen model's lm_head weight and bias on ``device``: as they are when already there, else copied once and
+    kept (the copy is redone only if the weights change place or version, e.g. a ZeRO-3 gather)."""
+    weight, bias = head.weight.detach(), None if head.bias is None else head.bias.detach()
+    if weight.device == device:
+        return weight, bias
+    key = (weight.data_ptr(), weight._version, device)
+    cached = getattr(model, _HEAD_COPY, None)
+    if cached is None or cached[0] != key:
+        cached = (key, weight.to(device), None if bias is None else bias.to(device))
+        object.__setattr__(model, _HEAD_COPY, cached)
+    return cached[1], cached[2]
 
 
 def shift_labels(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
@@ -212,11 +230,11 @@ def causal_lm_target_loss(
             if not torch.equal(t_shift[t_shift != IGNORE_INDEX], shifted[shifted != IGNORE_INDEX]):
                 raise ValueError("the teacher's supervised tokens differ from the student's; they must be identical")
             with torch.no_grad():
-                t_hidden = hidden_states(other, *_moved(at, teacher_input_ids, teacher_attention_mask))
+                t_hidden = hidden_states(other, *moved_to(at, teacher_input_ids, teacher_attention_mask))
                 t_hidden = t_hidden[t_shift.to(at) != IGNORE_INDEX]
         else:
             with torch.no_grad():
-                t_hidden = hidden_states(other, *_moved(at, input_ids, attention_mask))
+                t_hidden = hidden_states(other, *moved_to(at, input_ids, attention_mask))
         extra[f"{role}_hidden"] = t_hidden.to(hidden.device)
     if loss_kwargs.get("reduction") == "none" and any(_partitioned(p) for p in _head_params(model)):
         raise ValueError("reduction='none' needs the lm_head weight in backward, which ZeRO-3 has partitioned by then")
@@ -225,10 +243,8 @@ def causal_lm_target_loss(
         for role, other in others.items():
             if other is not None:
                 other_head = lm_head(other)
-                extra[f"{role}_lm_head_weight"], extra[f"{role}_lm_head_bias"] = _moved(
-                    hidden.device,
-                    other_head.weight.detach(),
-                    None if other_head.bias is None else other_head.bias.detach(),
+                extra[f"{role}_lm_head_weight"], extra[f"{role}_lm_head_bias"] = _frozen_head_on(
+                    other, other_head, hidden.device
                 )
         return fused_target_loss(
             hidden,
