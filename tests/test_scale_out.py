@@ -228,3 +228,28 @@ def test_sharded_placement_needs_zero3(tmp_path, tiny_llama, tiny_tokenizer):
             teacher_model=copy.deepcopy(tiny_llama),
             teacher_placement="sharded",
         )
+
+
+def test_auto_placement_under_zero3_shards_unless_the_teacher_has_a_device_map(tiny_llama, monkeypatch):
+    from types import SimpleNamespace
+
+    from targetsft.training import fused_trainer
+    from targetsft.training.integration import KEEP_DEVICE
+
+    sharded = []
+    monkeypatch.setattr(fused_trainer, "shard_frozen", lambda model, config: sharded.append(model) or model)
+    plugin = SimpleNamespace(zero_stage=3, deepspeed_config={"zero_optimization": {"stage": 3}})
+    trainer = SimpleNamespace(
+        is_deepspeed_enabled=True,
+        accelerator=SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)),
+        args=SimpleNamespace(device=torch.device("cpu")),
+    )
+    teacher = copy.deepcopy(tiny_llama)
+    assert fused_trainer.FusedLossMixin._place(trainer, teacher, "auto", "teacher") is teacher
+    assert sharded == [teacher]
+    own = copy.deepcopy(tiny_llama)
+    setattr(own, KEEP_DEVICE, True)
+    assert fused_trainer.FusedLossMixin._place(trainer, own, "auto", "teacher") is own
+    assert sharded == [teacher] and not own.training  # replicated where its device_map put it
+    assert fused_trainer.FusedLossMixin._place(trainer, copy.deepcopy(tiny_llama), "replicated", "teacher")
+    assert len(sharded) == 1

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from targetsft.losses.target import TargetStats
-from targetsft.training.integration import IGNORE_INDEX, patch_fused_forward, place_frozen, shard_frozen
+from targetsft.training.integration import IGNORE_INDEX, KEEP_DEVICE, patch_fused_forward, place_frozen, shard_frozen
 
 STAT_KEYS = ("gamma", "p_label", "nll", "q_label", "residual_entropy", "accuracy")
 
@@ -69,7 +69,7 @@ class FusedLossMixin:
 
     def _place(self, model: nn.Module | None, placement: str, role: str) -> nn.Module | None:
         """A frozen model ``replicated`` on every rank's device or ``sharded`` by the student's ZeRO-3 config
-        (``auto``: sharded under ZeRO-3)."""
+        (``auto``: sharded under ZeRO-3 unless it was loaded with a ``device_map``)."""
         if model is None:
             return None
         plugin = self.accelerator.state.deepspeed_plugin if self.is_deepspeed_enabled else None
@@ -79,7 +79,8 @@ class FusedLossMixin:
                 f"{role}.placement 'sharded' needs DeepSpeed ZeRO-3 (accelerate launch --config_file "
                 "configs/accelerate/zero3.yaml); otherwise every rank holds a replica: lower its dtype or cache it"
             )
-        if placement == "sharded" or (placement == "auto" and zero3):
+        placed = getattr(model, KEEP_DEVICE, False)  # its own device_map: left where the user put it
+        if placement == "sharded" or (placement == "auto" and zero3 and not placed):
             return shard_frozen(model, plugin.deepspeed_config)
         return place_frozen(model, self.args.device, role)
 
