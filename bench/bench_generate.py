@@ -9,7 +9,9 @@ generated greedily in batches of ``--batch-size`` (prompts sorted by length, as
 - ``hf-early``: the same plus :class:`targetsft.evaluation.prompts.AnswerStoppingCriteria` (a row is finished at a
   complete ``#### n`` or eos), finished rows staying in the batch (padded) until its slowest row ends;
 - ``compact``: the library's default engine, the same stopping rule in a decode loop that drops finished rows from
-  the batch (KV cache, mask, positions), so a row that loops to the cap costs its own row only.
+  the batch (KV cache, mask, positions), so a row that loops to the cap costs its own row only;
+- ``vllm`` (when vLLM is installed; ``--no-vllm`` leaves it out): a :class:`targetsft.runtime.vllm_engine.VLLMEngine`
+  given all prompts at once, after the other modes; its start-up is timed apart.
 
 The modes run batch by batch, in rotating order, so that load from other processes on a shared machine hits all
 alike. Reported per mode: wall time, decode steps (forward passes: a batch runs until its slowest row ends),
@@ -40,16 +42,18 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 CSV_PATH = RESULTS / "generate.csv"
 START, END = markers("generate")
-MODES = ("hf-plain", "hf-early", "compact")
+MODES = ("hf-plain", "hf-early", "compact")  # run batch by batch; "vllm" runs all prompts at once, after them
 SETUP = {  # mode: (engine, stop_on_answer)
     "hf-plain": ("hf", False),
     "hf-early": ("hf", True),
     "compact": ("compact", True),
+    "vllm": ("vllm", True),
 }
 NAMES = {
     "hf-plain": "`model.generate`, stop at eos only",
     "hf-early": "`model.generate` + early stop (`#### n` complete, or eos)",
     "compact": "compact loop + early stop (finished rows dropped)",
+    "vllm": "vLLM, all prompts at once (stops at eos; the answer stop replayed on its tokens)",
 }
 FIELDS = [
     "date",
@@ -75,6 +79,7 @@ FIELDS = [
     "identical_scored",
     "identical_tokens",
     "speedup",
+    "startup_s",
     "threads",
     "load_avg",
     "cpu_capability",
@@ -144,7 +149,11 @@ def run_model(args: argparse.Namespace, model_arg: str | None) -> list[dict]:
                 flush=True,
             )
 
-    scored = {m: [cut_at_answer(g.text) for g in gens[m]] for m in MODES}
+    startup = None
+    if not args.no_vllm:
+        startup = _run_vllm(args, path, precision, tok, prompts, kw, gens, wall, steps, row_steps)
+    modes = [m for m in SETUP if m in gens]
+    scored = {m: [cut_at_answer(g.text) for g in gens[m]] for m in modes}
     common = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "model": label,
@@ -159,9 +168,12 @@ def run_model(args: argparse.Namespace, model_arg: str | None) -> list[dict]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
-    same_tokens = sum(a.token_ids == c.token_ids for a, c in zip(gens["hf-early"], gens["compact"], strict=True))
+
+    def same_tokens(a: str, b: str) -> int:
+        return sum(x.token_ids == y.token_ids for x, y in zip(gens[a], gens[b], strict=True))
+
     out = []
-    for mode in MODES:
+    for mode in modes:
         g = gens[mode]
         correct = sum(is_correct(t, y) for t, y in zip(scored[mode], gold, strict=True))
         toks = sum(x.n_tokens for x in g)
@@ -185,11 +197,42 @@ def run_model(args: argparse.Namespace, model_arg: str | None) -> list[dict]:
                 "hit_cap": sum(x.finish_reason == "length" for x in g),
                 "cap_after_answer": sum(x.finish_reason == "length" and answer_complete(x.text) for x in g),
                 "identical_scored": sum(a == b for a, b in zip(scored[mode], scored["hf-plain"], strict=True)),
-                "identical_tokens": same_tokens if mode == "compact" else "",
+                "identical_tokens": same_tokens(mode, "hf-early" if mode == "compact" else "compact")
+                if mode in ("compact", "vllm")
+                else "",
                 "speedup": round(wall["hf-plain"] / wall[mode], 3),
+                "startup_s": round(startup, 1) if mode == "vllm" and startup is not None else "",
             }
         )
     return out
+
+
+def _run_vllm(args, path, precision, tok, prompts, kw, gens, wall, steps, row_steps) -> float | None:
+    """The ``vllm`` mode: start an engine on ``path`` (timed apart: start-up), warm it up on a short request, then
+    generate every prompt in one call; its OpenMP threads are bound to ``--threads`` CPUs. Returns the start-up
+    seconds (None when vLLM is not installed: the mode is left out)."""
+    from targetsft.evaluation import generate_detailed
+    from targetsft.runtime.vllm_engine import VLLMEngine, vllm_unavailable
+
+    reason = vllm_unavailable()
+    if reason is not None:
+        print(f"vllm mode skipped: {reason}")
+        return None
+    if args.threads:
+        cpus = sorted(os.sched_getaffinity(0))[: args.threads]
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cpus)))
+    t0 = time.perf_counter()
+    engine = VLLMEngine(path, dtype=str(precision.dtype).removeprefix("torch."))
+    startup = time.perf_counter() - t0
+    try:
+        generate_detailed(engine, tok, prompts[:2], max_new_tokens=8, progress=False)
+        r = generate_detailed(engine, tok, prompts, stop_on_answer=True, cut=True, **kw)
+    finally:
+        engine.close()
+    gens["vllm"] = [outs[0] for outs in r.outputs]
+    wall["vllm"], steps["vllm"], row_steps["vllm"] = r.seconds, r.decode_steps, r.row_steps
+    print(f"vllm: start-up {startup:.1f}s, {r.seconds:.1f}s, {r.generated_tokens} tokens", flush=True)
+    return startup
 
 
 def write_csv(rows: list[dict]) -> None:
@@ -206,7 +249,7 @@ def write_csv(rows: list[dict]) -> None:
 def _model_block(rows: list[dict]) -> list[str]:
     """Table and findings for one model's three rows."""
     by = {r["mode"]: r for r in rows}
-    plain, early, comp = by["hf-plain"], by["hf-early"], by["compact"]
+    plain, early, comp, vllm = by["hf-plain"], by["hf-early"], by["compact"], by.get("vllm")
     n = plain["n"]
     threads = plain["threads"]
     lines = [
@@ -219,7 +262,9 @@ def _model_block(rows: list[dict]) -> list[str]:
         "| ended with `####` | hit the cap |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in (plain, early, comp):
+    for r in (plain, early, comp, vllm):
+        if r is None:
+            continue
         lines.append(
             f"| {NAMES[r['mode']]} | {r['wall_s']:.1f} s | {r['speedup']:.2f}× | {r['decode_steps']} "
             f"| {r['row_steps']} | {r['generated_tokens']} | {r['tokens_per_s']:.0f} "
@@ -243,6 +288,17 @@ def _model_block(rows: list[dict]) -> list[str]:
         f"written a complete `#### n` (loops early stop can cut); {comp['hit_cap']} rows still ran to the cap with "
         "early stop: in `model.generate` each holds its whole batch, in the compact loop only its own row.",
     ]
+    if vllm is not None:
+        lines.append(
+            f"- vLLM (`--engine vllm`): {vllm['wall_s']:.1f} s for all {n} prompts after a start-up of "
+            f"{vllm['startup_s']:.1f} s (engine process, weights, KV cache; eager mode on CPU), "
+            f"{comp['wall_s'] / vllm['wall_s']:.2f}× the compact loop's speed without the start-up and "
+            f"{comp['wall_s'] / (vllm['wall_s'] + vllm['startup_s']):.2f}× with it; greedy accuracy "
+            f"{vllm['correct']}/{n}; tokens equal to the compact loop's token for token in "
+            f"{vllm['identical_tokens']}/{n}, scored texts equal to `hf-plain`'s in {vllm['identical_scored']}/{n}. "
+            "Its decode steps are its longest continuation and its row-steps all the tokens it generated, "
+            "including those after a complete answer (it stops at eos only)."
+        )
     if plain["row_steps"] == early["row_steps"]:
         lines.append(
             f"- `hf-plain` and `hf-early` did the same work (same row-steps), so their wall-time ratio "
@@ -266,8 +322,10 @@ def section(rows: list[dict]) -> str:
         f"`bench/bench_generate.py`: greedy, {first['n']} problems of `{first['set']}`, batch "
         f"{first['batch_size']}, at most {first['max_new_tokens']} new tokens, left padding, KV cache, fp32, "
         f"{threads} torch thread{'s' if threads != 1 else ''} on {platform.machine()} ({os.cpu_count()} cores, "
-        f"shared machine), torch {first['torch']}, transformers {first['transformers']}. Three modes, run batch by "
-        "batch in rotating order: `hf-plain` = `model.generate` stopping at eos only; `hf-early` = the same plus "
+        f"shared machine, CPU capability {first['cpu_capability']}), torch {first['torch']}, transformers "
+        f"{first['transformers']}. Three modes run batch by batch in rotating order, and vLLM after them where it is "
+        "installed (its OpenMP threads bound to as many CPUs as the torch threads): `hf-plain` = `model.generate` "
+        "stopping at eos only; `hf-early` = the same plus "
         "the early-stop criterion (a row is finished at a complete `#### n` or eos), finished rows staying in the "
         "batch (padded) until its slowest row ends; compact = `targetsft.evaluation.generation`'s default engine, the "
         "same "
@@ -340,6 +398,7 @@ def main() -> None:
         "15-25x slower than 1 in a probe; 0 = torch's default)",
     )
     p.add_argument("--precision", default="auto", help="weights' dtype (targetsft.runtime.precision; default auto)")
+    p.add_argument("--no-vllm", action="store_true", help="leave out the vllm mode (run when vLLM is installed)")
     p.add_argument("--no-doc", action="store_true", help="do not write the CSV or docs/benchmarks.md")
     p.add_argument("--report", action="store_true", help="only rewrite the docs section from the CSV")
     args = p.parse_args()

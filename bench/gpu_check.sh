@@ -8,8 +8,10 @@
 #      tables and plots to docs/benchmarks.md;
 #   3. 20 steps of `target-sft train` in bf16 on a random-weight Qwen2.5-1.5B-shaped student with an online
 #      teacher of the same shape; its summary (steps/s, tokens/s, peak memory) goes to bench/results/gpu_check.csv;
-#   4. a vLLM evaluation smoke test: not yet possible, because `target-sft eval` has no vLLM engine (issue 23).
-#      The step says so rather than pretending.
+#   4. vLLM on the GPU (install the CUDA build first: VLLM_EXTRA=vllm TORCH_SPEC=torch bash setup.sh): the vLLM
+#      tests (tests/test_vllm.py: greedy answers equal to the compact loop's, reproducible sampling, multiple choice,
+#      noise-fit and the teacher cache equal to transformers') and bench/bench_generate.py with its vllm mode
+#      (printed, not written to the CPU benchmark's CSV). Skipped, saying so, where vLLM is not installed.
 #
 #   bash bench/gpu_check.sh              # on a GPU machine, from the repository root
 #   bash bench/gpu_check.sh --dry-run    # anywhere: list the steps and check what each needs; runs nothing heavy
@@ -41,7 +43,7 @@ if [ "$DRY" = 1 ]; then
   step 2 "BENCH_CUDA=1 $PY bench/bench_fused.py --device cuda --shapes qwen llama3_8b --impls naive torch_lce trl liger cce fused_sft fused_dft fused_target_sft_top64"
   step 3 "$PY bench/gpu_train_check.py --steps 20   (random-weight Qwen2.5-1.5B shape, online teacher, bf16)"
   "$PY" bench/gpu_train_check.py --dry-run
-  step 4 "vLLM evaluation smoke: pending (target-sft eval has no vLLM engine yet, issue 23)"
+  step 4 "$PY -m pytest tests/test_vllm.py -m vllm; $PY bench/bench_generate.py --n 64 --threads 0 --no-doc"
   exit 0
 fi
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: run with --dry-run')"
@@ -52,5 +54,11 @@ BENCH_CUDA=1 "$PY" bench/bench_fused.py --device cuda --shapes qwen llama3_8b \
   --impls naive torch_lce trl liger cce fused_sft fused_dft fused_target_sft_top64
 step 3 "20 bf16 steps, Qwen2.5-1.5B shape, online teacher"
 "$PY" bench/gpu_train_check.py --steps 20
-step 4 "vLLM evaluation smoke: pending (target-sft eval has no vLLM engine yet, issue 23)"
+step 4 "vLLM on the GPU"
+if "$PY" -c "import vllm" 2>/dev/null; then
+  "$PY" -m pytest tests/test_vllm.py -m vllm -q -p no:cacheprovider
+  "$PY" bench/bench_generate.py --n 64 --threads 0 --no-doc
+else
+  echo "  skipped: vLLM does not import here (VLLM_EXTRA=vllm TORCH_SPEC=torch bash setup.sh installs the CUDA build)"
+fi
 echo "done: $OUT/fused.csv, $OUT/gpu_check.csv, docs/benchmarks.md"

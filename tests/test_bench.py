@@ -24,4 +24,4 @@ def test_gpu_check_dry_run_lists_every_step():
     assert "tests/test_cuda.py" in out and "--shapes qwen llama3_8b" in out and "liger" in out
     assert re.search(r"transformers +found", out)  # the import check ran
     assert "Qwen2 shape, 1.54B parameters each, V=151936" in out  # the student is built (on the meta device)
-    assert "pending" in out  # the vLLM step says it cannot run yet
+    assert "tests/test_vllm.py -m vllm" in out and "bench_generate.py" in out  # the vLLM step

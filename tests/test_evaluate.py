@@ -581,6 +581,8 @@ def test_engine_choice_and_fallback(tiny_llama, tiny_tokenizer, monkeypatch):
     prompts = E.build_prompts(tiny_tokenizer, ["Q"])
     kw = {"max_new_tokens": 3, "progress": False}
     with pytest.raises(ValueError, match="engine"):
+        E.generate_detailed(tiny_llama, tiny_tokenizer, prompts, engine="turbo", **kw)
+    with pytest.raises(TypeError, match="needs a targetsft.runtime.vllm_engine.VLLMEngine"):
         E.generate_detailed(tiny_llama, tiny_tokenizer, prompts, engine="vllm", **kw)
     with pytest.raises(ValueError, match="logits_processor only|takes only"):
         E.generate_detailed(tiny_llama, tiny_tokenizer, prompts, generation_kwargs={"num_beams": 2}, **kw)

@@ -79,6 +79,7 @@ def _cache_teacher(args: argparse.Namespace) -> int:
         device=args.device,
         overwrite=args.overwrite,
         precision=args.precision,
+        engine=args.engine,
     )
     print(f"teacher cache: {path}")
     return 0
@@ -136,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="e.g. cuda; default: where the model loads")
     p.add_argument("--overwrite", action="store_true", help="replace a cache built for something else")
     p.add_argument("--precision", choices=PRECISIONS, help="teacher autocast (default: the config's, auto)")
+    p.add_argument(
+        "--engine",
+        choices=("transformers", "vllm"),
+        default="transformers",
+        help="score with the transformers teacher (default) or vLLM's prompt log-probs (temperature 1)",
+    )
     p.set_defaults(func=_cache_teacher)
     from targetsft.evaluation.suite import add_eval_arguments, run_eval_from_args
 

@@ -7,7 +7,9 @@ Generative sets (:data:`targetsft.data.eval_sets.EVAL_SETS` or a ``.jsonl`` file
   ``add_special_tokens=False`` (the template already holds the special tokens), as in training.
 * **Generation** (:func:`generate`): prompts sorted by length into batches (longest first), left padded, KV
   cache; results put back in the input order. Greedy when ``temperature == 0``, else sampling with ``temperature``
-  and ``top_p`` (``top_k`` disabled; the model's own generation defaults are not used). Two engines:
+  and ``top_p`` (``top_k`` disabled; the model's own generation defaults are not used). Two engines over a
+  transformers model, and vLLM (``vllm``: ``model`` is a :class:`~targetsft.runtime.vllm_engine.VLLMEngine`; it
+  batches all prompts itself and stops at eos only, the answer stop is replayed on its tokens: :func:`_run_vllm`):
 
   - ``compact`` (default, :func:`_run_batch_compact`): a decode loop over the model's forward with a
     ``DynamicCache`` that **drops finished rows from the batch** (cache, attention mask, positions), so a row that
@@ -42,11 +44,12 @@ from typing import Any, Literal
 import torch
 
 from targetsft.evaluation.prompts import AnswerStoppingCriteria, FinishReason, cut_at_answer
+from targetsft.runtime.vllm_engine import is_vllm
 
-Engine = Literal["compact", "hf"]
+Engine = Literal["compact", "hf", "vllm", "auto"]
 
 
-ENGINES: tuple[str, ...] = ("compact", "hf")
+ENGINES: tuple[str, ...] = ("compact", "hf", "vllm", "auto")
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,24 @@ def _check_decoding(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def resolve_engine(engine: str, model: Any) -> str:
+    """The engine that runs ``model``: ``auto`` is ``vllm`` for a :class:`~targetsft.runtime.vllm_engine.VLLMEngine`,
+    else ``compact``; ``vllm`` needs a VLLMEngine and the others a transformers model."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    vllm = is_vllm(model)
+    if engine == "auto":
+        return "vllm" if vllm else "compact"
+    if vllm != (engine == "vllm"):
+        raise TypeError(
+            "engine='vllm' needs a targetsft.runtime.vllm_engine.VLLMEngine (built on a model folder; evaluate() and "
+            "the experiment harness build it)"
+            if engine == "vllm"
+            else f"engine={engine!r} runs a transformers model, not a VLLMEngine (use engine='vllm' or 'auto')"
+        )
+    return engine
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -358,6 +379,57 @@ def _run_batch_compact(
     return _generations(tokenizer, crit, tokens[:, :steps], steps, cut), steps, row_steps
 
 
+def request_seed(seed: int, prompt: int, sample: int) -> int:
+    """The vLLM engine's seed of sample ``sample`` of prompt ``prompt`` (a function of the three only, so a draw
+    does not depend on what else is in the engine's batch)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, prompt, sample]).generate_state(1)[0])
+
+
+def _run_vllm(
+    engine: Any,
+    tokenizer: Any,
+    seqs: list[list[int]],
+    seeds: list[int],
+    *,
+    eos_ids: list[int],
+    pad_id: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    stop_on_answer: bool,
+    cut: bool,
+) -> tuple[list[Generation], int, int]:
+    """All prompts through :meth:`VLLMEngine.generate` (vLLM batches them itself); returns the generations, the
+    longest continuation vLLM generated and the tokens it generated in all.
+
+    vLLM stops at eos only; the answer stop is replayed afterwards over each continuation's tokens by the same
+    :class:`AnswerStoppingCriteria` the other engines run, so a row's tokens, ``n_tokens`` and finish reason are
+    those the compact loop records for the same tokens (the tokens vLLM generated after the answer are dropped)."""
+    done = engine.generate(
+        seqs, seeds, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, eos_ids=eos_ids
+    )
+    steps = max((len(c.token_ids) for c in done), default=0)
+    new = torch.full((len(done), steps), pad_id, dtype=torch.long)
+    for i, c in enumerate(done):
+        new[i, : len(c.token_ids)] = torch.tensor(c.token_ids, dtype=torch.long)
+    crit = AnswerStoppingCriteria(
+        tokenizer, 0, eos_token_ids=eos_ids, stop_on_answer=stop_on_answer, batch_size=len(done)
+    )
+    lengths = torch.tensor([len(c.token_ids) for c in done], dtype=torch.long)
+    for step in range(steps):
+        assert crit.done is not None
+        rows = ((~crit.done) & (lengths > step)).nonzero().flatten()
+        if rows.numel() == 0:
+            break
+        crit.update(new[rows, : step + 1], rows.tolist())
+    for row, n in enumerate(lengths.tolist()):  # rows that ran to max_new_tokens: their own length
+        if crit.n_tokens[row] is None:
+            crit.n_tokens[row] = n
+    return _generations(tokenizer, crit, new, steps, cut), steps, int(lengths.sum())
+
+
 def generate_detailed(
     model: Any,
     tokenizer: Any,
@@ -374,18 +446,21 @@ def generate_detailed(
     progress: bool = True,
     desc: str = "generate",
     generation_kwargs: dict[str, Any] | None = None,
-    engine: Engine = "compact",
+    engine: Engine = "auto",
 ) -> GenerationRun:
     """:func:`generate` with token counts, finish reasons and timing (see :class:`GenerationRun`).
 
     ``cut``: cut each text right after its first complete ``#### n`` (default; :func:`cut_at_answer`).
-    ``engine``: ``"compact"`` (default) runs :func:`_run_batch_compact`, a decode loop that drops finished rows
+    ``engine``: ``"compact"`` runs :func:`_run_batch_compact`, a decode loop that drops finished rows
     from the batch; ``"hf"`` runs ``model.generate``, where finished rows stay (padded) until the batch's slowest
-    row ends. Greedy outputs are the same. Sampled outputs differ between the engines (each is deterministic for
-    a seed): ``hf`` samples from the global RNG under ``torch.manual_seed(seed + b)``, ``compact`` from its own
-    generator seeded with ``seed + b``. A model the compact loop cannot run (encoder-decoder, no
-    ``position_ids`` / cache argument, cache layers without row selection) falls back to ``hf`` with a warning;
-    ``settings["engine"]`` records the engine used.
+    row ends; ``"vllm"`` runs a :class:`~targetsft.runtime.vllm_engine.VLLMEngine` passed as ``model`` (all
+    prompts at once, :func:`_run_vllm`); ``"auto"`` (default) is ``vllm`` for a VLLMEngine, else ``compact``.
+    Greedy outputs are the same (up to floating-point ties). Sampled outputs differ between the engines (each is
+    deterministic for a seed): ``hf`` samples from the global RNG under ``torch.manual_seed(seed + b)``,
+    ``compact`` from its own generator seeded with ``seed + b``, ``vllm`` with one seed per request
+    (:func:`request_seed`: a function of ``seed``, the prompt and the sample, not of the batch). A model the
+    compact loop cannot run (encoder-decoder, no ``position_ids`` / cache argument, cache layers without row
+    selection) falls back to ``hf`` with a warning; ``settings["engine"]`` records the engine used.
     ``generation_kwargs``: extra ``model.generate`` arguments (e.g. ``logits_processor``); the compact engine takes
     ``logits_processor`` only. With ``temperature == 0`` the ``samples`` outputs of a prompt are one greedy
     generation repeated.
@@ -393,7 +468,10 @@ def generate_detailed(
     _check_decoding(samples, temperature, top_p, max_new_tokens, batch_size, engine)
     from tqdm.auto import tqdm
 
+    engine = resolve_engine(engine, model)  # type: ignore[assignment]
     generation_kwargs = dict(generation_kwargs or {})
+    if engine == "vllm" and generation_kwargs:
+        raise ValueError(f"engine='vllm' takes no generation_kwargs, got {sorted(generation_kwargs)}")
     if engine == "compact":
         extra = sorted(set(generation_kwargs) - {"logits_processor"})
         if extra:
@@ -412,46 +490,63 @@ def generate_detailed(
     jobs = [(p, s) for p in range(len(ids)) for s in range(draws)]
     order = sorted(range(len(jobs)), key=lambda j: -len(ids[jobs[j][0]]))  # longest first; stable
     results: dict[tuple[int, int], Generation] = {}
-    was_training = model.training
-    model.eval()
     t0 = time.perf_counter()
     steps = row_steps = batches = tokens = 0
-    try:
-        with tqdm(total=len(jobs), desc=desc, unit="seq", disable=not progress, leave=False) as bar:
-            for b, start in enumerate(range(0, len(order), batch_size)):
-                chunk = [jobs[j] for j in order[start : start + batch_size]]
-                seqs = [ids[p] for p, _ in chunk]
-                common = {"eos_ids": eos_ids, "pad_id": pad_id, "seed": seed + b, "stop_on_answer": stop_on_answer}
-                with torch.inference_mode():
-                    if engine == "compact":
-                        gens, n_steps, n_rows = _run_batch_compact(
-                            model,
-                            tokenizer,
-                            seqs,
-                            temperature=temperature,
-                            top_p=top_p,
-                            max_new_tokens=max_new_tokens,
-                            cut=cut,
-                            logits_processor=generation_kwargs.get("logits_processor"),
-                            **common,
-                        )
-                    else:
-                        gens, n_steps, n_rows = _run_batch(
-                            model,
-                            tokenizer,
-                            seqs,
-                            gen_config=gen_config,
-                            cut=cut,
-                            generation_kwargs=dict(generation_kwargs),
-                            **common,
-                        )
-                results.update(zip(chunk, gens, strict=True))
-                steps, row_steps = steps + n_steps, row_steps + n_rows
-                batches, tokens = batches + 1, tokens + sum(g.n_tokens for g in gens)
-                bar.update(len(chunk))
-                bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
-    finally:
-        model.train(was_training)
+    if engine == "vllm":
+        gens, steps, row_steps = _run_vllm(
+            model,
+            tokenizer,
+            [ids[p] for p, _ in jobs],
+            [request_seed(seed, p, s) for p, s in jobs],
+            eos_ids=eos_ids,
+            pad_id=pad_id,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            stop_on_answer=stop_on_answer,
+            cut=cut,
+        )
+        results.update(zip(jobs, gens, strict=True))
+        batches = 1
+    else:
+        was_training = model.training
+        model.eval()
+        try:
+            with tqdm(total=len(jobs), desc=desc, unit="seq", disable=not progress, leave=False) as bar:
+                for b, start in enumerate(range(0, len(order), batch_size)):
+                    chunk = [jobs[j] for j in order[start : start + batch_size]]
+                    seqs = [ids[p] for p, _ in chunk]
+                    common = {"eos_ids": eos_ids, "pad_id": pad_id, "seed": seed + b, "stop_on_answer": stop_on_answer}
+                    with torch.inference_mode():
+                        if engine == "compact":
+                            gens, n_steps, n_rows = _run_batch_compact(
+                                model,
+                                tokenizer,
+                                seqs,
+                                temperature=temperature,
+                                top_p=top_p,
+                                max_new_tokens=max_new_tokens,
+                                cut=cut,
+                                logits_processor=generation_kwargs.get("logits_processor"),
+                                **common,
+                            )
+                        else:
+                            gens, n_steps, n_rows = _run_batch(
+                                model,
+                                tokenizer,
+                                seqs,
+                                gen_config=gen_config,
+                                cut=cut,
+                                generation_kwargs=dict(generation_kwargs),
+                                **common,
+                            )
+                    results.update(zip(chunk, gens, strict=True))
+                    steps, row_steps = steps + n_steps, row_steps + n_rows
+                    batches, tokens = batches + 1, tokens + sum(g.n_tokens for g in gens)
+                    bar.update(len(chunk))
+                    bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
+        finally:
+            model.train(was_training)
     outputs = [[results[(p, s if temperature > 0 else 0)] for s in range(samples)] for p in range(len(ids))]
     settings = {
         "samples": samples,
@@ -476,7 +571,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], **options: Any)
     length; batch ``b`` runs under ``torch.manual_seed(seed + b)`` in a forked RNG, so the output is a function of
     the inputs, ``batch_size`` and ``seed``. ``stop_on_answer``: finish a row at its complete ``#### n`` (else only
     at eos / ``max_new_tokens``). ``progress``: a tqdm bar. ``engine``: ``"compact"`` (a decode loop that drops
-    finished rows) or ``"hf"`` (``model.generate``). ``options``: those of :func:`generate_detailed`, which this
-    returns the texts of.
+    finished rows), ``"hf"`` (``model.generate``), ``"vllm"`` (``model`` is a VLLMEngine) or ``"auto"``.
+    ``options``: those of :func:`generate_detailed`, which this returns the texts of.
     """
     return [[g.text for g in outs] for outs in generate_detailed(model, tokenizer, prompts, **options).outputs]

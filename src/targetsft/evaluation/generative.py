@@ -124,7 +124,7 @@ def evaluate_generation(
     model_name: str | None = None,
     confidence: float = 0.95,
     progress: bool = True,
-    engine: Engine = "compact",
+    engine: Engine = "auto",
     prompt: str = "gsm",
 ) -> dict[str, Any]:
     """Generate answers for a GSM-style set and score them; returns the summary dict (also written to ``out_dir``).

@@ -22,6 +22,7 @@ import torch
 from targetsft.evaluation.generation import model_device
 from targetsft.evaluation.generative import _jsonl, _model_name, _versions, _write_outputs, set_label
 from targetsft.evaluation.metrics import _metric
+from targetsft.runtime.vllm_engine import is_vllm
 
 
 def mc_context(question: str) -> str:
@@ -40,7 +41,8 @@ def score_continuations(
 ) -> list[tuple[float, int]]:
     """``(sum of log p(continuation tokens | context), number of continuation tokens)`` for each ``(context,
     continuation)``. Context and continuation are tokenized separately without special tokens and concatenated;
-    batches of ``batch_size`` sequences sorted by length, right padded; one forward pass per batch."""
+    batches of ``batch_size`` sequences sorted by length, right padded; one forward pass per batch. ``model`` may be a
+    :class:`~targetsft.runtime.vllm_engine.VLLMEngine`: then vLLM's prompt log-probs, one request per sequence."""
     from tqdm.auto import tqdm
 
     if batch_size < 1:
@@ -51,6 +53,9 @@ def score_continuations(
         if not c or not k:
             raise ValueError(f"pair {i}: context and continuation must both be non-empty after tokenization")
     seqs = [list(c) + list(k) for c, k in zip(ctx, cont, strict=True)]
+    if is_vllm(model):  # the log-prob of every token after the first, from vLLM's prompt log-probs
+        rows = model.prompt_logprobs(seqs, 0)
+        return [(sum(r[2] for r in rows[i][len(c) - 1 :]), len(k)) for i, (c, k) in enumerate(zip(ctx, cont))]
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = model_device(model)
@@ -144,6 +149,7 @@ def evaluate_multiple_choice(
         "model": model_name or _model_name(model),
         "data": {"size": size, "data_seed": data_seed},
         "batch_size": batch_size,
+        "engine": "vllm" if is_vllm(model) else "transformers",
         "seconds": seconds,
         "versions": _versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

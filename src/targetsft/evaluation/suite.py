@@ -70,6 +70,28 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def open_model(path: str, engine: str, dtype: torch.dtype, device: torch.device) -> tuple[Any, str]:
+    """The model folder ``path`` ready for ``engine``: a started :class:`~targetsft.runtime.vllm_engine.VLLMEngine`
+    for ``vllm`` (and for ``auto`` where vLLM runs it), else the transformers model on ``device``; and the engine
+    that will run it."""
+    from targetsft.runtime.models import load_model
+    from targetsft.runtime.vllm_engine import start_engine
+
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    vllm = start_engine(path, engine, dtype=str(dtype).removeprefix("torch."))
+    if vllm is not None:
+        return vllm, "vllm"
+    return load_model(path, dtype=dtype).to(device), "compact" if engine == "auto" else engine
+
+
+def close_model(model: Any) -> None:
+    """Stop a VLLMEngine's process (a transformers model is left to the garbage collector)."""
+    close = getattr(model, "close", None)
+    if callable(close):
+        close()
+
+
 def evaluate(
     model_path: str | os.PathLike | None,
     sets: Sequence[str],
@@ -101,58 +123,64 @@ def evaluate(
     ``out_dir``, each set writes its files there (see the two functions) plus an overall ``summary.json``.
     ``precision``: the weights' dtype, by :func:`targetsft.runtime.precision.resolve_precision` (``auto``: bf16 where
     the device runs it natively, else float32; ``bfloat16``/``float32`` spellings are accepted); recorded in the
-    summary with the machine's :func:`~targetsft.runtime.precision.environment`.
+    summary with the machine's :func:`~targetsft.runtime.precision.environment`. ``engine``: ``compact``, ``hf``,
+    ``vllm`` (one engine started for all the sets; multiple-choice sets are scored by its prompt log-probs) or
+    ``auto`` (vLLM where it is installed and starts on the model, else compact); the report names the one that ran.
     """
-    from targetsft.runtime.models import load_model, load_tokenizer, resolve_model
+    from targetsft.runtime.models import load_tokenizer, resolve_model
 
     kinds = {s: set_kind(s) for s in sets}  # fail on a bad name before loading the model
     path = resolve_model(model_path)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     resolved = resolve_precision(precision, dev)
-    model = load_model(path, dtype=resolved.dtype).to(dev)
     tokenizer = load_tokenizer(path, padding_side="left")
+    model, engine = open_model(path, engine, resolved.dtype, dev)
     results = []
-    for s in sets:
-        if kinds[s] == "generation":
-            res = evaluate_generation(
-                model,
-                tokenizer,
-                s,
-                size=size,
-                seed=seed,
-                data_seed=data_seed,
-                samples=samples,
-                temperature=temperature,
-                top_p=top_p,
-                greedy=greedy,
-                max_new_tokens=max_new_tokens,
-                batch_size=batch_size,
-                stop_on_answer=stop_on_answer,
-                out_dir=out_dir,
-                model_name=path,
-                progress=progress,
-                engine=engine,
-                prompt=prompt,
-            )
-        else:
-            res = evaluate_multiple_choice(
-                model,
-                tokenizer,
-                s,
-                size=size,
-                data_seed=data_seed,
-                batch_size=mc_batch_size,
-                normalize=mc_normalize,
-                out_dir=out_dir,
-                model_name=path,
-                progress=progress,
-            )
-        results.append(res)
-        if print_table and progress:
-            print(format_table([res]), file=sys.stderr)
+    try:
+        for s in sets:
+            if kinds[s] == "generation":
+                res = evaluate_generation(
+                    model,
+                    tokenizer,
+                    s,
+                    size=size,
+                    seed=seed,
+                    data_seed=data_seed,
+                    samples=samples,
+                    temperature=temperature,
+                    top_p=top_p,
+                    greedy=greedy,
+                    max_new_tokens=max_new_tokens,
+                    batch_size=batch_size,
+                    stop_on_answer=stop_on_answer,
+                    out_dir=out_dir,
+                    model_name=path,
+                    progress=progress,
+                    engine=engine,
+                    prompt=prompt,
+                )
+            else:
+                res = evaluate_multiple_choice(
+                    model,
+                    tokenizer,
+                    s,
+                    size=size,
+                    data_seed=data_seed,
+                    batch_size=mc_batch_size,
+                    normalize=mc_normalize,
+                    out_dir=out_dir,
+                    model_name=path,
+                    progress=progress,
+                )
+            results.append(res)
+            if print_table and progress:
+                print(format_table([res]), file=sys.stderr)
+    finally:
+        close_model(model)
     table = format_table(results)
     dtype = str(resolved.dtype).removeprefix("torch.")
-    report = {"model": path, "dtype": dtype, "device": str(dev), "environment": environment(resolved)}
+    report = {"model": path, "dtype": dtype, "device": str(dev), "engine": engine}
+    report["environment"] = environment(resolved)
     report.update(results=results, table=table)
     if out_dir is not None:
         atomic_write_text(Path(out_dir) / "summary.json", json.dumps(report, indent=1, ensure_ascii=False) + "\n")
@@ -231,7 +259,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "--engine",
         choices=ENGINES,
         default="compact",
-        help="decode loop: 'compact' drops finished rows from the batch (default), 'hf' runs model.generate",
+        help="decode loop: 'compact' drops finished rows from the batch (default), 'hf' runs model.generate, "
+        "'vllm' runs vLLM (also for multiple-choice scoring), 'auto' picks vLLM where it runs the model, else compact",
     )
     parser.add_argument(
         "--prompt",

@@ -26,10 +26,11 @@ Schema (strict: an unknown key anywhere is an error that names it and lists the 
 * ``eval``: sets ``{set, name?, size?, data_seed?, batch_size?, metrics?, dtype?}`` (``dtype``: the weights'
   dtype during evaluation, ``float32`` by default, explicit so that a set's spec means the same on every machine;
   ``bfloat16`` generates about twice as fast on a CPU with native bf16, tens of times slower on an AVX2-only one,
-  and changes greedy outputs) plus, for generation, ``samples``, ``temperature``, ``top_p``,
-  ``greedy``, ``max_new_tokens``, ``seed``, ``prompt`` (``gsm`` or ``boxed``), and for multiple choice ``normalize``
-  (:func:`targetsft.evaluation.suite.evaluate`); ``name`` labels the set, ``metrics`` are those tabulated and
-  compared.
+  and changes greedy outputs), ``engine`` (``compact`` by default, ``hf``, ``vllm`` or ``auto``; successive sets
+  with one engine and dtype share one loaded model, one started vLLM engine) plus, for generation, ``samples``,
+  ``temperature``, ``top_p``, ``greedy``, ``max_new_tokens``, ``seed``, ``prompt`` (``gsm`` or ``boxed``), and for
+  multiple choice ``normalize`` (:func:`targetsft.evaluation.suite.evaluate`); ``name`` labels the set, ``metrics``
+  are those tabulated and compared.
 * ``baseline: true``: also evaluate the untrained model once (run ``base``).
 * ``base.precision`` (or ``base.train.bf16``): the training precision (:mod:`targetsft.runtime.precision`; ``auto`` by
   default, resolved on the machine that trains). Each record keeps the precision its run was trained at; runs of
@@ -135,6 +136,7 @@ class EvalSpec:
     metrics: list[str] | None = None
     dtype: str = "float32"
     prompt: str = "gsm"
+    engine: str = "compact"
 
     @property
     def label(self) -> str:
@@ -229,6 +231,10 @@ def eval_spec(raw: Any, where: str) -> EvalSpec:
 
     if spec.prompt not in PROMPT_STYLES:
         raise ConfigError(f"{where}: prompt must be one of {PROMPT_STYLES}, got {spec.prompt!r}")
+    from targetsft.evaluation.generation import ENGINES
+
+    if spec.engine not in ENGINES:
+        raise ConfigError(f"{where}: engine must be one of {ENGINES}, got {spec.engine!r}")
     if spec.dtype not in EVAL_DTYPES:
         raise ConfigError(f"{where}: dtype must be one of {EVAL_DTYPES}, got {spec.dtype!r}")
     generation = ["greedy", f"average@{spec.samples}", f"pass@{spec.samples}"]

@@ -89,10 +89,42 @@ def _tail_sum(inner: Any, last: Any, cache: tuple[str, Any], item: dict[str, Any
     return float(logp.sum())
 
 
+def _tail_logprobs_vllm(engine: Any, pairs: Sequence[dict[str, Any]]) -> list[tuple[float, float]]:
+    """:func:`tail_logprobs` from a VLLMEngine's prompt log-probs of the two whole sequences (its prefix cache
+    shares the common prefix)."""
+    from targetsft.training.integration import IGNORE_INDEX
+
+    items = [p[side] for p in pairs for side in ("wrong", "true")]
+    rows = engine.prompt_logprobs([it["input_ids"] for it in items], 0)
+    sums = []
+    for n, (item, lp) in enumerate(zip(items, rows, strict=True)):
+        pair = pairs[n // 2]
+        c = _common_prefix(pair["wrong"]["input_ids"], pair["true"]["input_ids"])
+        total = 0.0
+        for t in range(max(c, 1), len(item["labels"])):
+            label = item["labels"][t]
+            if label == IGNORE_INDEX:
+                continue
+            if label != item["input_ids"][t]:
+                raise ValueError(f"example {pair.get('index')}: label {t} is not its input token (labels unshifted)")
+            total += lp[t - 1][2]
+        sums.append(total)
+    return [(sums[2 * i], sums[2 * i + 1]) for i in range(len(pairs))]
+
+
 def tail_logprobs(model: Any, pairs: Sequence[dict[str, Any]]) -> list[tuple[float, float]]:
     """``(log p_θ(tail_wrong | c), log p_θ(tail_true | c))`` per pair: the sums over the supervised tokens after
-    the two sequences' common prefix ``c`` (one pass over the prefix, its cache reused for both tails)."""
+    the two sequences' common prefix ``c`` (one pass over the prefix, its cache reused for both tails; a
+    :class:`~targetsft.runtime.vllm_engine.VLLMEngine`: its prompt log-probs of both sequences)."""
     import torch
+
+    from targetsft.runtime.vllm_engine import is_vllm
+
+    for pair in pairs:
+        if _common_prefix(pair["wrong"]["input_ids"], pair["true"]["input_ids"]) == 0:
+            raise ValueError(f"example {pair.get('index')}: the two sequences share no prefix")
+    if is_vllm(model):
+        return _tail_logprobs_vllm(model, pairs)
     from transformers import DynamicCache
 
     from targetsft.evaluation.generation import forward_params
@@ -109,8 +141,6 @@ def tail_logprobs(model: Any, pairs: Sequence[dict[str, Any]]) -> list[tuple[flo
             for pair in pairs:
                 wrong, true = pair["wrong"], pair["true"]
                 c = _common_prefix(wrong["input_ids"], true["input_ids"])
-                if c == 0:
-                    raise ValueError(f"example {pair.get('index')}: the two sequences share no prefix")
                 cache = (key, DynamicCache(config=inner.config))
                 ids = torch.tensor([wrong["input_ids"][:c]], device=device)
                 last = inner(input_ids=ids, use_cache=True, **{key: cache[1]}).logits[0, -1:].float()
@@ -177,12 +207,19 @@ def add_noise_fit_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentPars
     p.add_argument("--teacher", action="store_true", help="also score the teacher each run was trained against")
     p.add_argument("--examples", type=int, default=None, help="the first N corrupted examples of a run (default all)")
     p.add_argument("--out", required=True, help="folder for noise_fit.csv and .json (added to)")
+    p.add_argument(
+        "--engine",
+        choices=("transformers", "vllm"),
+        default="transformers",
+        help="score with the transformers model (default; float32) or vLLM's prompt log-probs (float32)",
+    )
     return p
 
 
 def run_noise_fit_from_args(args: argparse.Namespace) -> int:
     from targetsft.runtime.files import atomic_write_csv, atomic_write_text
     from targetsft.runtime.models import load_model, load_tokenizer, resolve_model
+    from targetsft.runtime.vllm_engine import VLLMEngine
     from targetsft.training.config import config_from_dict
 
     if args.label_noise is not None and not 0 < args.label_noise <= 1:
@@ -218,6 +255,9 @@ def run_noise_fit_from_args(args: argparse.Namespace) -> int:
             same = [k for k, v in state["data"].items() if v == source]
             if same:
                 scores = [(e["logp_wrong"], e["logp_true"]) for e in state["examples"][same[0]]]
+            elif args.engine == "vllm":
+                with VLLMEngine(resolve_model(model)) as engine:
+                    scores = tail_logprobs(engine, pairs)
             else:
                 scores = tail_logprobs(load_model(resolve_model(model)), pairs)
             key = f"{name}@{run_id}@{noise}"

@@ -251,7 +251,9 @@ def read_probe(path: Path) -> dict[int, dict[str, Any]]:
     return {r["step"]: {k: v for k, v in r.items() if k != "step"} for r in read_jsonl(path)} if path.is_file() else {}
 
 
-def _evaluate_set(model: Any, tokenizer: Any, spec: EvalSpec, out: Path, name: str, progress: bool) -> dict[str, Any]:
+def _evaluate_set(
+    model: Any, tokenizer: Any, spec: EvalSpec, out: Path, name: str, progress: bool, engine: str = "compact"
+) -> dict[str, Any]:
     """Evaluate one set into ``out``; the harness's record of it (spec, metrics, items file relative to ``out``)."""
     from targetsft import evaluation as E
 
@@ -270,6 +272,7 @@ def _evaluate_set(model: Any, tokenizer: Any, spec: EvalSpec, out: Path, name: s
             max_new_tokens=spec.max_new_tokens,
             batch_size=spec.batch_size or 32,
             prompt=spec.prompt,
+            engine=engine,
             **common,
         )
     else:
@@ -284,29 +287,37 @@ def _evaluate(exp: Experiment, run: Run, log: Callable[[str], None], progress: b
     """Every eval set of the run (reusing the sets whose ``result.json`` matches their spec)."""
     import torch
 
-    from targetsft.runtime.models import load_model, load_tokenizer, resolve_model
+    from targetsft.evaluation.suite import close_model, open_model
+    from targetsft.runtime.models import load_tokenizer, resolve_model
 
     out, record = run_dir(exp, run), record_dir(exp, run)
     results: dict[str, Any] = {}
     model = tokenizer = None
-    loaded = None  # the dtype of the loaded model
-    for spec in exp.eval:
-        folder = record / "eval" / spec.label
-        old = read_json(folder / "result.json")
-        if old is not None and same_spec(old["spec"], spec):
-            results[spec.label] = {**old, "items": f"eval/{spec.label}/{old['items']}"}
-            continue
-        if model is None or loaded != spec.dtype:
-            path = resolve_model(run.config.get("model")) if run.is_baseline else str(out / "final")
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            model = load_model(path, dtype=getattr(torch, spec.dtype)).to(device)
-            tokenizer, loaded = load_tokenizer(path, padding_side="left"), spec.dtype
-        log(f"evaluating {run.id} on {spec.label}")
-        result = _evaluate_set(model, tokenizer, spec, folder, run.id, progress)
-        write_json(folder / "result.json", result)
-        results[spec.label] = {**result, "items": f"eval/{spec.label}/{result['items']}"}
-    del model
-    gc.collect()
+    loaded = None  # (dtype, requested engine) of the open model; one model (one vLLM engine) serves successive sets
+    engine = "compact"
+    try:
+        for spec in exp.eval:
+            folder = record / "eval" / spec.label
+            old = read_json(folder / "result.json")
+            if old is not None and same_spec(old["spec"], spec):
+                results[spec.label] = {**old, "items": f"eval/{spec.label}/{old['items']}"}
+                continue
+            if model is None or loaded != (spec.dtype, spec.engine):
+                close_model(model)
+                model = None
+                gc.collect()
+                path = resolve_model(run.config.get("model")) if run.is_baseline else str(out / "final")
+                device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+                model, engine = open_model(path, spec.engine, getattr(torch, spec.dtype), device)
+                tokenizer, loaded = load_tokenizer(path, padding_side="left"), (spec.dtype, spec.engine)
+            log(f"evaluating {run.id} on {spec.label}" + (f" ({engine})" if engine != "compact" else ""))
+            result = _evaluate_set(model, tokenizer, spec, folder, run.id, progress, engine)
+            write_json(folder / "result.json", result)
+            results[spec.label] = {**result, "items": f"eval/{spec.label}/{result['items']}"}
+    finally:
+        close_model(model)
+        del model
+        gc.collect()
     return results
 
 

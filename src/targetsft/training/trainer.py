@@ -20,7 +20,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from targetsft.losses.methods import get_method
 from targetsft.runtime.files import atomic_write_text
-from targetsft.runtime.precision import environment
+from targetsft.runtime.precision import environment, resolve_precision
 from targetsft.training.config import ModelInit, TrainConfig
 from targetsft.training.dataset import Collator, build_dataset, build_eval_dataset, data_notes, split_records
 from targetsft.training.fused_trainer import STAT_KEYS, FusedLossMixin
@@ -180,10 +180,13 @@ def cache_teacher(
     device: str | None = None,
     overwrite: bool = False,
     precision: str | None = None,
+    engine: str = "transformers",
 ) -> Path:
     """Build (or resume, or find complete) the top-k cache of ``teacher`` (default ``cfg.teacher.model``) over the
     training examples of ``cfg`` (its data section and ``teacher.prompt``) in ``out``, at ``precision`` (default:
-    the config's); train with ``teacher.cache: <out>`` and the same data section to use it."""
+    the config's); train with ``teacher.cache: <out>`` and the same data section to use it. ``engine``:
+    ``transformers`` (the teacher's forward under autocast) or ``vllm`` (a :class:`VLLMEngine` on the teacher's
+    folder with weights at ``precision``'s dtype; temperature 1 only)."""
     from targetsft.runtime.models import load_tokenizer, resolve_model
     from targetsft.training.teacher_cache import build_teacher_cache
 
@@ -193,23 +196,36 @@ def cache_teacher(
     tokenizer = load_tokenizer(resolve_model(cfg.model))
     # the teacher section's loading keys; dtype auto keeps float32 weights (the forward runs in autocast at
     # `precision`, and the cache's identity records the weights' dtype, so caches built before stay valid)
-    model = load_frozen(teacher, cfg.teacher, torch.float32, tokenizer, "teacher")
-    items, counts = build_dataset(cfg, tokenizer)
-    print(f"examples: {counts}")
-    folder = build_teacher_cache(
-        model,
-        items,
-        out,
-        tokenizer=tokenizer,
-        k=k,
-        temperature=temperature,
-        batch_size=batch_size,
-        shard_examples=shard_examples,
-        teacher_name=teacher,
-        device=device,
-        overwrite=overwrite,
-        precision=precision or cfg.requested_precision(),
-    )
+    precision = precision or cfg.requested_precision()
+    if engine == "vllm":
+        from targetsft.runtime.vllm_engine import VLLMEngine
+
+        dtype = str(resolve_precision(precision, device).dtype).removeprefix("torch.")
+        model: Any = VLLMEngine(resolve_model(teacher), dtype=dtype, max_logprobs=max(k, 1))
+    elif engine == "transformers":
+        model = load_frozen(teacher, cfg.teacher, torch.float32, tokenizer, "teacher")
+    else:
+        raise ValueError(f"engine must be 'transformers' or 'vllm', got {engine!r}")
+    try:
+        items, counts = build_dataset(cfg, tokenizer)
+        print(f"examples: {counts}")
+        folder = build_teacher_cache(
+            model,
+            items,
+            out,
+            tokenizer=tokenizer,
+            k=k,
+            temperature=temperature,
+            batch_size=batch_size,
+            shard_examples=shard_examples,
+            teacher_name=teacher,
+            device=device,
+            overwrite=overwrite,
+            precision=precision,
+        )
+    finally:
+        if engine == "vllm":
+            model.close()
     stats = teacher_label_stats(cfg, folder, tokenizer=tokenizer, items=items)
     print(_label_stats_line(stats))
     return folder

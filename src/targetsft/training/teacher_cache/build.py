@@ -21,6 +21,7 @@ from torch import Tensor
 
 from targetsft.runtime.files import atomic_write_bytes
 from targetsft.runtime.precision import Precision, autocast, resolve_precision
+from targetsft.runtime.vllm_engine import is_vllm
 from targetsft.training.teacher_cache.storage import (
     _SHARD_GLOB,
     _TMP_PREFIX,
@@ -61,6 +62,8 @@ def _vocab_size(model: Any) -> int:
 
 
 def _model_device(model: Any) -> torch.device:
+    if is_vllm(model):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = getattr(model, "device", None)
     if isinstance(device, torch.device):
         return device
@@ -68,11 +71,15 @@ def _model_device(model: Any) -> torch.device:
 
 
 def _model_dtype(model: Any) -> str:
+    if is_vllm(model):
+        return model.dtype
     param = next(iter(model.parameters()), None)
     return str(param.dtype).removeprefix("torch.") if param is not None else "unknown"
 
 
 def _accepts_logits_to_keep(model: Any) -> bool:
+    if is_vllm(model):
+        return False
     try:
         return "logits_to_keep" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
@@ -130,6 +137,17 @@ def _teacher_logits_rows(
     return logits[b_idx, c_idx]
 
 
+def _teacher_topk_vllm(engine: Any, batch: list[_TeacherInput], k: int) -> tuple[Tensor, Tensor]:
+    """The top-k rows of every example's positions from vLLM's prompt log-probs (position ``p`` is the
+    distribution of token ``p + 1``), in batch order: ids int32, log-probs float32 (temperature 1)."""
+    out = engine.prompt_logprobs([x.input_ids.tolist() for x in batch], k)
+    rows = [rows[p] for x, rows in zip(batch, out, strict=True) for p in x.positions.tolist()]
+    if not rows:
+        return torch.zeros(0, k, dtype=torch.int32), torch.zeros(0, k)
+    ids = torch.tensor([r[0] for r in rows], dtype=torch.int32)
+    return ids, torch.tensor([r[1] for r in rows], dtype=torch.float32).clamp(max=0.0)
+
+
 @dataclass
 class _RunSpec:
     model: Any
@@ -155,10 +173,13 @@ def _compute_shard(
     for s in range(0, len(order), spec.batch_size):
         idx = order[s : s + spec.batch_size]
         batch = [inputs[i] for i in idx]
-        logits = _teacher_logits_rows(
-            spec.model, batch, pad_id=spec.pad_id, device=spec.device, keep_ok=spec.keep_ok, vocab=spec.vocab
-        )
-        ids, lps = _topk_rows(logits, spec.k, spec.temperature)
+        if is_vllm(spec.model):
+            ids, lps = _teacher_topk_vllm(spec.model, batch, spec.k)
+        else:
+            logits = _teacher_logits_rows(
+                spec.model, batch, pad_id=spec.pad_id, device=spec.device, keep_ok=spec.keep_ok, vocab=spec.vocab
+            )
+            ids, lps = _topk_rows(logits, spec.k, spec.temperature)
         if bool(torch.isnan(lps).any()):
             raise RuntimeError(f"the teacher produced NaN log-probs in examples {sorted(idx)}")
         split = [x.positions.size for x in batch]
@@ -247,6 +268,9 @@ def build_teacher_cache(
     Args:
         teacher_model: a causal LM with a transformers config whose forward takes ``input_ids``/``attention_mask``
             and returns ``.logits``; run in eval mode under ``torch.no_grad`` (its mode is restored afterwards).
+            Or a :class:`~targetsft.runtime.vllm_engine.VLLMEngine`: the rows are then vLLM's prompt log-probs
+            (``temperature`` 1 only, ``k`` up to its ``max_logprobs``), the same rows up to float rounding; the
+            manifest's ``build.engine`` records which, and a partial cache resumes only with the engine it began with.
         examples: indexable sequence (list, ``datasets.Dataset``) of dicts with ``input_ids`` and ``labels``
             (-100 = no loss, unshifted), optionally ``teacher_input_ids`` + ``teacher_labels`` (see the module doc).
         out_dir: cache folder (created). If it holds a cache with the same identity (teacher name and config,
@@ -267,10 +291,17 @@ def build_teacher_cache(
     Returns:
         ``Path(out_dir)``.
     """
-    if device is not None:
+    vllm = is_vllm(teacher_model)
+    if device is not None and not vllm:
         teacher_model.to(device)
     vocab = _vocab_size(teacher_model)
     _check_build_args(k, temperature, batch_size, shard_examples, vocab)
+    if vllm and (temperature != 1.0 or k > teacher_model.max_logprobs):
+        raise ValueError(
+            "a vLLM teacher gives the top-k of log_softmax(logits) at temperature 1 for k <= "
+            f"{teacher_model.max_logprobs} (its max_logprobs); got temperature={temperature}, k={k}: build this cache "
+            "with the transformers teacher"
+        )
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     counts, dfp = _scan_examples(examples, vocab)
@@ -293,7 +324,8 @@ def build_teacher_cache(
     with _build_lock(folder):
         _remove(folder.glob(_TMP_PREFIX + "*"))  # temp files of a killed build
         manifest = _prepare_folder(folder, identity, overwrite)
-        resolved = resolve_precision(precision, _model_device(teacher_model))
+        # a vLLM engine runs at its weights' dtype (no autocast): that is the precision recorded
+        resolved = resolve_precision(teacher_model.dtype if vllm else precision, _model_device(teacher_model))
         _run_shards(
             teacher_model, examples, folder, manifest, counts, tokenizer, batch_size, shard_examples, progress, resolved
         )
@@ -338,12 +370,19 @@ def _run_shards(
             f"{folder}: its first {start} examples were built at precision {built_at}, this build runs at "
             f"{precision.name}; resume at {built_at} (precision={built_at!r}) or pass overwrite=True to rebuild"
         )
+    engine = "vllm" if is_vllm(model) else "transformers"
+    if start > 0 and build.get("engine", "transformers") != engine:
+        raise CacheMismatchError(
+            f"{folder}: its first {start} examples were built with the {build.get('engine', 'transformers')} teacher, "
+            f"this build runs the {engine} one; resume with that engine or pass overwrite=True to rebuild"
+        )
     build.update(sessions=build.get("sessions", 0) + 1, device=str(spec.device), batch_size=batch_size)
-    build["precision"] = precision.name
+    build.update(precision=precision.name, engine=engine)
     manifest["complete"] = False
     _write_manifest(folder, manifest)
     was_training = bool(getattr(model, "training", False))
-    model.eval()
+    if not is_vllm(model):
+        model.eval()
     bar = tqdm(
         total=manifest["total_tokens"],
         initial=sum(counts[:start]),
@@ -385,4 +424,5 @@ def _run_shards(
             _write_manifest(folder, manifest)
     finally:
         bar.close()
-        model.train(was_training)
+        if not is_vllm(model):
+            model.train(was_training)
