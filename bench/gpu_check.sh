@@ -10,8 +10,10 @@
 #      teacher of the same shape; its summary (steps/s, tokens/s, peak memory) goes to bench/results/gpu_check.csv;
 #   4. vLLM on the GPU (install the CUDA build first: VLLM_EXTRA=vllm TORCH_SPEC=torch bash setup.sh): the vLLM
 #      tests (tests/test_vllm.py: greedy answers equal to the compact loop's, reproducible sampling, multiple choice,
-#      noise-fit and the teacher cache equal to transformers') and bench/bench_generate.py with its vllm mode
-#      (printed, not written to the CPU benchmark's CSV). Skipped, saying so, where vLLM is not installed.
+#      noise-fit and the teacher cache equal to transformers'), bench/bench_generate.py with its vllm mode
+#      (printed, not written to the CPU benchmark's CSV) and bench/gpu_vllm_check.py: the paper cell's sampling load
+#      (128 prompts × 16 samples, up to 1,024 new tokens) on a random-weight Qwen2.5-1.5B shape, with tokens/s against
+#      the compact loop, to bench/results/gpu_vllm.csv. Skipped, saying so, where vLLM is not installed.
 #
 #   bash bench/gpu_check.sh              # on a GPU machine, from the repository root
 #   bash bench/gpu_check.sh --dry-run    # anywhere: list the steps and check what each needs; runs nothing heavy
@@ -43,7 +45,8 @@ if [ "$DRY" = 1 ]; then
   step 2 "BENCH_CUDA=1 $PY bench/bench_fused.py --device cuda --shapes qwen llama3_8b --impls naive torch_lce trl liger cce fused_sft fused_dft fused_target_sft_top64"
   step 3 "$PY bench/gpu_train_check.py --steps 20   (random-weight Qwen2.5-1.5B shape, online teacher, bf16)"
   "$PY" bench/gpu_train_check.py --dry-run
-  step 4 "$PY -m pytest tests/test_vllm.py -m vllm; $PY bench/bench_generate.py --n 64 --threads 0 --no-doc"
+  step 4 "$PY -m pytest tests/test_vllm.py -m vllm; $PY bench/bench_generate.py --n 64 --threads 0 --no-doc; $PY bench/gpu_vllm_check.py"
+  "$PY" bench/gpu_vllm_check.py --dry-run
   exit 0
 fi
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: run with --dry-run')"
@@ -58,6 +61,7 @@ step 4 "vLLM on the GPU"
 if "$PY" -c "import vllm" 2>/dev/null; then
   "$PY" -m pytest tests/test_vllm.py -m vllm -q -p no:cacheprovider
   "$PY" bench/bench_generate.py --n 64 --threads 0 --no-doc
+  "$PY" bench/gpu_vllm_check.py
 else
   echo "  skipped: vLLM does not import here (VLLM_EXTRA=vllm TORCH_SPEC=torch bash setup.sh installs the CUDA build)"
 fi

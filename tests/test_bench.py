@@ -25,3 +25,4 @@ def test_gpu_check_dry_run_lists_every_step():
     assert re.search(r"transformers +found", out)  # the import check ran
     assert "Qwen2 shape, 1.54B parameters each, V=151936" in out  # the student is built (on the meta device)
     assert "tests/test_vllm.py -m vllm" in out and "bench_generate.py" in out  # the vLLM step
+    assert "128 prompts × 16 samples, up to 1024 new tokens, on a random Qwen2 shape of 1.54B" in out

@@ -34,6 +34,7 @@ CASES = [
     ("fsdp2", "lora"),
     ("fsdp2", "teacher"),
     ("fsdp2", "cache"),
+    ("fsdp2", "reference"),
     ("zero2", "teacher"),
     ("zero3", "tied"),
     ("zero3", "untied"),
@@ -79,7 +80,7 @@ def _common(paths: dict[str, Path], variant: str) -> list[str]:
         "train.save_steps=100",
         "train.disable_tqdm=true",
         "train.dataloader_drop_last=true",
-        "loss.method=" + ("target_sft" if variant in ("teacher", "cache") else "sft"),
+        "loss.method=" + {"teacher": "target_sft", "cache": "target_sft", "reference": "sft_kl"}.get(variant, "sft"),
     ]
     if variant == "teacher":
         overrides.append(f"teacher.model={paths['teacher']}")

@@ -137,7 +137,10 @@ class VLLMEngine:
         import torch
 
         on_gpu = torch.cuda.is_available()
-        if not on_gpu:
+        if on_gpu:  # memory this process's allocator caches (a model trained before) is not free to vLLM's process
+            gc.collect()
+            torch.cuda.empty_cache()
+        else:
             _cpu_environment()
             llm_kwargs.setdefault("kv_cache_memory_bytes", int(kv_cache_gib * (1 << 30)))
         from vllm import LLM
