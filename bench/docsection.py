@@ -13,6 +13,21 @@ def markers(name: str) -> tuple[str, str]:
     return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
 
 
+def write_csv_section(name: str, intro: str, csv_path: Path, fields: list[str]) -> None:
+    """Section ``name``: ``intro``, then the rows of ``csv_path`` as a table of ``fields`` (or a line saying no GPU
+    machine has run it yet, when there are none)."""
+    import csv
+
+    rows = list(csv.DictReader(csv_path.open())) if csv_path.exists() else []
+    lines = [intro, ""]
+    if not rows:
+        lines.append("Pending: no GPU machine has run it yet.")
+    else:
+        lines += ["| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
+        lines += ["| " + " | ".join(str(r[k]) for k in fields) + " |" for r in rows]
+    write_section(name, "\n".join(lines))
+
+
 def write_section(name: str, body: str, doc: Path = DOC) -> None:
     """Replace section ``name`` of ``doc`` with ``body`` (append it, or create the file, when missing); atomic."""
     start, end = markers(name)

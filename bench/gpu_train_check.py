@@ -14,13 +14,12 @@ for the engine (speed, memory, that bf16 training runs and its loss stays finite
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import math
 import tempfile
 from pathlib import Path
 
-from docsection import write_section
+from docsection import write_csv_section
 from timing import append_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,19 +106,16 @@ def run(steps: int) -> dict:
 
 
 def report() -> None:
-    rows = list(csv.DictReader(CSV_PATH.open())) if CSV_PATH.exists() else []
-    lines = [
-        "GPU acceptance run (`bash bench/gpu_check.sh`, step 3): `target-sft train`, Target-SFT with an online "
-        "teacher, bf16, random weights of Qwen2.5-1.5B's shape (student and teacher), gradient checkpointing on. "
-        "Engine figures only; no accuracy.",
-        "",
-    ]
-    if not rows:
-        lines.append("Pending: no GPU machine has run it yet.")
-    else:
-        lines += ["| " + " | ".join(FIELDS) + " |", "|" + "---|" * len(FIELDS)]
-        lines += ["| " + " | ".join(str(r[k]) for k in FIELDS) + " |" for r in rows]
-    write_section("gpu_check", "\n".join(lines))
+    write_csv_section(
+        "gpu_check",
+        (
+            "GPU acceptance run (`bash bench/gpu_check.sh`, step 3): `target-sft train`, Target-SFT with an online "
+            "teacher, bf16, random weights of Qwen2.5-1.5B's shape (student and teacher), gradient checkpointing on. "
+            "Engine figures only; no accuracy."
+        ),
+        CSV_PATH,
+        FIELDS,
+    )
 
 
 def main() -> None:

@@ -15,13 +15,12 @@ new tokens) with the two engines' greedy tokens compared there. Rows go to ``ben
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import tempfile
 import time
 from pathlib import Path
 
-from docsection import write_section
+from docsection import write_csv_section
 from gpu_train_check import _params, qwen_like_config
 from timing import append_rows
 
@@ -100,20 +99,17 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def report() -> None:
-    rows = list(csv.DictReader(CSV_PATH.open())) if CSV_PATH.exists() else []
-    lines = [
-        "GPU evaluation load (`bash bench/gpu_check.sh`, step 4, `bench/gpu_vllm_check.py`): vLLM sampling at "
-        "temperature 1 on a random-weight Qwen2.5-1.5B-shaped model in bf16 (most rows run to the cap), and the "
-        "compact loop's greedy throughput on a subset of the prompts. Engine figures only; no accuracy. bf16 greedy "
-        "tokens of two engines may part at near-ties, so `greedy_equal` is a check, not a requirement.",
-        "",
-    ]
-    if not rows:
-        lines.append("Pending: no GPU machine has run it yet.")
-    else:
-        lines += ["| " + " | ".join(FIELDS) + " |", "|" + "---|" * len(FIELDS)]
-        lines += ["| " + " | ".join(str(r[k]) for k in FIELDS) + " |" for r in rows]
-    write_section("gpu_vllm", "\n".join(lines))
+    write_csv_section(
+        "gpu_vllm",
+        (
+            "GPU evaluation load (`bash bench/gpu_check.sh`, step 4, `bench/gpu_vllm_check.py`): vLLM sampling at "
+            "temperature 1 on a random-weight Qwen2.5-1.5B-shaped model in bf16 (most rows run to the cap), and the "
+            "compact loop's greedy throughput on a subset of the prompts. Engine figures only; no accuracy. bf16 "
+            "greedy tokens of two engines may part at near-ties, so `greedy_equal` is a check, not a requirement."
+        ),
+        CSV_PATH,
+        FIELDS,
+    )
 
 
 def main() -> None:
