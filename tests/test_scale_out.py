@@ -3,8 +3,10 @@
 
 Each case trains the tiny model 3 steps with the same global batch (2 × 2 against 1 × 4) and compares the final
 weights to 1e-5: full fine-tuning with a tied and an untied head, LoRA, and Target-SFT with an online teacher and
-with a cached one. Under ZeRO-3 the student's lm_head weight is partitioned (the fused loss gathers it) and the
-online teacher is sharded too; the summary says which engine ran and whether the weights were sharded.
+with a cached one; SFT+KL with the default reference; and TRL's trainer with the fused loss (``TargetSFTTrainer``,
+run by a TRL user's script, ``tests/sft_worker.py``). Under ZeRO-3 the student's lm_head weight is partitioned (the
+fused loss gathers it) and the online teacher is sharded too; the summary says which engine ran and whether the
+weights were sharded.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ pytest.importorskip("accelerate")
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("ddp_worker.py")
+SFT_WORKER = Path(__file__).with_name("sft_worker.py")
 CONFIGS = ROOT / "configs" / "accelerate"
 ENGINES = {"fsdp2": "fsdp.yaml", "zero2": "zero2.yaml", "zero3": "zero3.yaml"}
 CASES = [
@@ -91,20 +94,24 @@ def _common(paths: dict[str, Path], variant: str) -> list[str]:
     return overrides
 
 
-def _run(engine: str | None, overrides: list[str], cwd: Path) -> dict:
+def _launch(engine: str | None, worker: Path, args: list[str], cwd: Path) -> None:
+    """``worker`` with ``args`` in one plain process (``engine`` None) or in two under the shipped config."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}
-    if engine is None:
-        cmd = [sys.executable, str(WORKER), *overrides, "train.per_device_train_batch_size=4"]
-    else:
+    cmd = [sys.executable, str(worker), *args]
+    if engine is not None:
         accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
         cmd = [accelerate, "launch", "--config_file", str(CONFIGS / ENGINES[engine])]
-        cmd += ["--num_processes", "2", "--mixed_precision", "no", str(WORKER), *overrides]
-        cmd += ["train.per_device_train_batch_size=2"]
+        cmd += ["--num_processes", "2", "--mixed_precision", "no", str(worker), *args]
         if engine == "fsdp2":
             env["TARGETSFT_TEST_FSDP_ON_CPU"] = "1"
-            cmd.append("train.use_cpu=false")
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def _run(engine: str | None, overrides: list[str], cwd: Path) -> dict:
+    batch = "train.per_device_train_batch_size=" + ("4" if engine is None else "2")
+    use_cpu = ["train.use_cpu=false"] if engine == "fsdp2" else []
+    _launch(engine, WORKER, [*overrides, batch, *use_cpu], cwd)
     out = next(o.split("=", 1)[1] for o in overrides if o.startswith("output_dir="))
     return json.loads((Path(out) / "summary.json").read_text())
 
@@ -139,6 +146,24 @@ def test_sharded_equals_one_process(engine, variant, models, one_process, tmp_pa
     start = _weights(models["untied" if variant == "untied" else "tied"])
     assert one.keys() == two.keys() == start.keys()
     assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-4  # training did change the weights
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_target_sft_trainer_sharded_equals_one_process(engine, models, tmp_path):
+    """TRL's SFTTrainer with the fused loss and an online teacher, both loaded by a plain ``from_pretrained`` in
+    the user's script: under FSDP2 (``cpu_ram_efficient_loading`` leaves the teacher empty off rank 0 until the
+    trainer places it) and ZeRO-3 (the lm_head partitioned) the weights are one process's."""
+    pytest.importorskip("trl")
+    if engine == "zero3":
+        pytest.importorskip("deepspeed")
+    student, teacher = str(models["untied"]), str(models["teacher"])
+    _launch(None, SFT_WORKER, [student, str(tmp_path / "one"), "4", "target_sft", teacher], tmp_path)
+    _launch(engine, SFT_WORKER, [student, str(tmp_path / "two"), "2", "target_sft", teacher], tmp_path)
+    one, two = _weights(tmp_path / "one" / "final"), _weights(tmp_path / "two" / "final")
+    start = _weights(models["untied"])
+    assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-4
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-5, msg=k)
 
@@ -242,6 +267,7 @@ def test_auto_placement_under_zero3_shards_unless_the_teacher_has_a_device_map(t
     plugin = SimpleNamespace(zero_stage=3, deepspeed_config={"zero_optimization": {"stage": 3}})
     trainer = SimpleNamespace(
         is_deepspeed_enabled=True,
+        is_fsdp_enabled=False,
         accelerator=SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)),
         args=SimpleNamespace(device=torch.device("cpu")),
     )

@@ -484,7 +484,7 @@ def generate_detailed(
             engine = "hf"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_ids = _eos_ids(model, tokenizer)
-    gen_config = _generation_config(temperature, top_p, max_new_tokens, eos_ids, pad_id)
+    gen_config = _generation_config(temperature, top_p, max_new_tokens, eos_ids, pad_id) if engine == "hf" else None
     ids = [list(x) for x in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]] if prompts else []
     draws = samples if temperature > 0 else 1
     jobs = [(p, s) for p in range(len(ids)) for s in range(draws)]

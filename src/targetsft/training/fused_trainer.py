@@ -16,7 +16,14 @@ import torch
 from torch import nn
 
 from targetsft.losses.target import TargetStats
-from targetsft.training.integration import IGNORE_INDEX, KEEP_DEVICE, patch_fused_forward, place_frozen, shard_frozen
+from targetsft.training.integration import (
+    IGNORE_INDEX,
+    KEEP_DEVICE,
+    patch_fused_forward,
+    place_frozen,
+    shard_frozen,
+    with_rank0_weights,
+)
 
 STAT_KEYS = ("gamma", "p_label", "nll", "q_label", "residual_entropy", "accuracy")
 
@@ -82,7 +89,8 @@ class FusedLossMixin:
         placed = getattr(model, KEEP_DEVICE, False)  # its own device_map: left where the user put it
         if placement == "sharded" or (placement == "auto" and zero3 and not placed):
             return shard_frozen(model, plugin.deepspeed_config)
-        return place_frozen(model, self.args.device, role)
+        fsdp = self.accelerator.state.fsdp_plugin if self.is_fsdp_enabled else None
+        return with_rank0_weights(place_frozen(model, self.args.device, role), fsdp)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)

@@ -150,6 +150,18 @@ def place_frozen(model: nn.Module, device: torch.device | str, role: str = "teac
     return model.to(device)
 
 
+def with_rank0_weights(model: nn.Module, fsdp_plugin: Any) -> nn.Module:
+    """``model`` with rank 0's weights and buffers on every rank, under FSDP's ``cpu_ram_efficient_loading``:
+    there ``from_pretrained`` (once the process group exists) reads them on rank 0 only, zeros elsewhere, and FSDP
+    broadcasts rank 0's into the model it wraps, the student; a frozen model gets them here."""
+    if fsdp_plugin is None or not fsdp_plugin.cpu_ram_efficient_loading:
+        return model
+    from accelerate.utils import broadcast
+
+    broadcast([t.data for t in (*model.parameters(), *model.buffers())], from_process=0)
+    return model
+
+
 def shard_frozen(model: nn.Module, deepspeed_config: dict[str, Any]) -> nn.Module:
     """A frozen model partitioned over the ranks by DeepSpeed ZeRO-3, with no optimizer: each rank keeps 1/N of its
     weights and gathers a layer's as the layer runs (the student's ZeRO-3 config, optimizer and scheduler dropped)."""

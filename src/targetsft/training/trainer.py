@@ -304,7 +304,7 @@ def _whole_model(trainer: Trainer, cfg: TrainConfig, model_path: str) -> nn.Modu
         return None
     from targetsft.runtime.models import load_model
 
-    with _whole_on_every_rank():
+    with _without_zero3_init():
         model = load_model(model_path, **cfg.model_init.from_pretrained_kwargs(torch.float32))
     if cfg.lora is not None:
         model = _with_lora(model, cfg)
@@ -313,32 +313,18 @@ def _whole_model(trainer: Trainer, cfg: TrainConfig, model_path: str) -> nn.Modu
 
 
 @contextlib.contextmanager
-def _whole_on_every_rank():
-    """``from_pretrained`` as on one process, with every weight read on every rank: neither partitioned at load by a
-    ZeRO-3 config (zero3_init) nor left empty off rank 0 by FSDP's ``cpu_ram_efficient_loading`` (which expects
-    FSDP to broadcast rank 0's weights, as it does for the student only: a frozen teacher would keep empty ones)."""
+def _without_zero3_init():
+    """``from_pretrained`` with every weight on this rank, not partitioned at load by a ZeRO-3 config (zero3_init).
+    (Under FSDP's ``cpu_ram_efficient_loading`` a frozen model reads its weights on rank 0 only; the trainer gives
+    it rank 0's: :func:`~targetsft.training.integration.with_rank0_weights`.)"""
     from transformers.integrations import deepspeed as hf_deepspeed
 
     ref = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
-    efficient = os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING")
-    hf_deepspeed._hf_deepspeed_config_weak_ref = None
-    os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
+    hf_deepspeed.unset_hf_deepspeed_config()
     try:
         yield
     finally:
         hf_deepspeed._hf_deepspeed_config_weak_ref = ref
-        if efficient is None:
-            os.environ.pop("FSDP_CPU_RAM_EFFICIENT_LOADING", None)
-        else:
-            os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = efficient
-
-
-def _loaded_empty_off_rank0() -> bool:
-    """Whether ``from_pretrained`` leaves the weights empty on ranks other than 0 (FSDP with
-    ``cpu_ram_efficient_loading``: FSDP broadcasts rank 0's when it wraps the model)."""
-    from transformers.integrations import is_fsdp_enabled
-
-    return bool(is_fsdp_enabled())
 
 
 def load_frozen(path: str, init: ModelInit, auto_dtype: torch.dtype, tokenizer: Any, role: str) -> nn.Module:
@@ -348,7 +334,7 @@ def load_frozen(path: str, init: ModelInit, auto_dtype: torch.dtype, tokenizer: 
 
     path = resolve_model(path)
     _load_same_tokenizer(path, tokenizer, role)
-    with _whole_on_every_rank():  # the trainer shards it (placement) where ZeRO-3 runs
+    with _without_zero3_init():  # the trainer shards it (placement) where ZeRO-3 runs
         model = load_model(path, **init.from_pretrained_kwargs(auto_dtype))
     if init.device_map is not None:
         setattr(model, KEEP_DEVICE, True)  # the Trainer leaves it where its device_map put it
@@ -408,8 +394,6 @@ def train(
             ref_model = load_frozen(cfg.reference.model, cfg.reference, precision.dtype, tokenizer, "reference")
         elif cfg.loss.method == "proximal_sft":  # π_old: an exact copy of the student, refreshed from its weights
             ref_model = copy.deepcopy(model)
-        elif _loaded_empty_off_rank0():  # the student's weights arrive from rank 0 when FSDP wraps it: no copy yet
-            ref_model = load_frozen(model_path, cfg.reference, precision.dtype, tokenizer, "reference")
         else:
             ref_model = _as_frozen_copy(model, cfg.reference, precision.dtype)
     teacher_model, teacher_cache, teacher_info = None, None, None
