@@ -901,11 +901,32 @@ def test_teacher_snapshots_and_temperature(tiny_setup, tmp_path):
         (True, 1.0),
         (True, 2.0),
     ]
-    result = X.aggregate(exp, plots=False)
+    result = X.aggregate(exp)
     temps = {t["configs"][0]: (t["temperature"], t["topk_entropy"]) for t in result["teachers"]}
     assert temps["kd-temperature2"][0] == 2.0 and temps["kd-temperature1"][0] == 1.0
     assert temps["kd-temperature2"][1] > temps["kd-temperature1"][1] > 0  # a hotter teacher is flatter
-    assert "| T | H(top-k), nats |" in (out / "results.md").read_text()
+    markdown = (out / "results.md").read_text()
+    assert "| T | H(top-k), nats |" in markdown
+    # issue 26's outputs: each student beside its teacher's agreement and entropy, plotted with SFT as a band
+    students = {p["config"]: p for p in result["students"]}
+    assert sorted(students) == ["kd-temperature1", "kd-temperature2", "kdfinal"]
+    by_config = {c: t for t in result["teachers"] for c in t["configs"]}
+    for cid, p in students.items():
+        row = next(r for r in result["summary"] if r["config"] == cid and r["metric"] == p["metric"])
+        assert (p["mean"], p["lo"], p["hi"]) == (row["mean"], row["lo"], row["hi"])
+        assert (p["top1"], p["topk_entropy"]) == (by_config[cid]["top1"], by_config[cid]["topk_entropy"])
+    assert students["kd-temperature2"]["teacher_label"] == "step-2 T=2"
+    assert "## Students by teacher" in markdown and "| mc | step-2 T=2 |" in markdown
+    assert (out / "plots" / "accuracy_vs_teacher_mc.png").is_file()
+    # the target statistics over training: the mean of each run's logged values (one seed each here)
+    for t in result["training"]:
+        with (out / "runs" / f"{t['config']}-s0" / "metrics.csv").open() as fh:
+            logged = [row for row in csv.DictReader(fh) if row.get("gamma")]
+        assert t["n_runs"] == 1 and len(logged) == 4
+        for key in ("gamma", "q_label", "p_label"):
+            assert t[key] == pytest.approx(sum(float(row[key]) for row in logged) / len(logged), rel=1e-12)
+    assert {t["config"] for t in result["training"]} == {"teach", *students}
+    assert "## Target statistics over training" in markdown
 
 
 def test_a_snapshot_teacher_must_be_kept_by_its_run():

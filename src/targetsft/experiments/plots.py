@@ -1,4 +1,5 @@
-"""The plots of an experiment: accuracy with intervals, training curves, γ over training, accuracy vs a swept value."""
+"""The plots of an experiment: accuracy with intervals, training curves, γ over training, accuracy vs a swept value,
+students' accuracy vs their teacher's agreement with the labels and its entropy."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from targetsft.experiments.grid import BASELINE_ID, PROBE_FILE, Experiment, reco
 from targetsft.experiments.runner import read_probe
 
 
-def _read_metrics_csv(path: Path) -> list[dict[str, float]]:
+def read_metrics_csv(path: Path) -> list[dict[str, float]]:
     """The trainer's ``metrics.csv`` as float rows (empty cells dropped)."""
     if not path.is_file():
         return []
@@ -60,7 +61,7 @@ def _plot_curves(records: Sequence[dict], root: Path, keys: Sequence[str], path:
     """``keys`` (columns of metrics.csv) against the step, one line per run, coloured by config."""
     import matplotlib.pyplot as plt
 
-    series = [(r, _read_metrics_csv(root / r["run"] / "metrics.csv")) for r in records]
+    series = [(r, read_metrics_csv(root / r["run"] / "metrics.csv")) for r in records]
     series = [(r, rows) for r, rows in series if rows and all(k in rows[0] for k in keys)]
     if not series:
         return None
@@ -111,6 +112,13 @@ def _plot_gamma_distribution(records: Sequence[dict], root: Path, path: Path) ->
     return _save(fig, path)
 
 
+def _interval(r: dict) -> tuple[float, float]:
+    """``r``'s interval in points below and above its mean (0 where it has none)."""
+    if r["lo"] is None or math.isnan(r["lo"]):
+        return 0.0, 0.0
+    return 100 * (r["mean"] - r["lo"]), 100 * (r["hi"] - r["mean"])
+
+
 def _plot_vs(rows: Sequence[dict], key: str, path: Path, log_x: bool = False) -> Path:
     """Accuracy (mean over seeds, interval) against a parameter, one line per method × metric."""
     import matplotlib.pyplot as plt
@@ -122,9 +130,9 @@ def _plot_vs(rows: Sequence[dict], key: str, path: Path, log_x: bool = False) ->
     for (method, metric), rs in groups.items():
         rs = sorted(rs, key=lambda r: r["x"])
         ys = [100 * r["mean"] for r in rs]
-        lo = [100 * (r["mean"] - r["lo"]) if r["lo"] is not None and not math.isnan(r["lo"]) else 0 for r in rs]
-        hi = [100 * (r["hi"] - r["mean"]) if r["hi"] is not None and not math.isnan(r["hi"]) else 0 for r in rs]
-        ax.errorbar([r["x"] for r in rs], ys, yerr=[lo, hi], marker="o", capsize=3, label=f"{method} {metric}")
+        bars = [_interval(r) for r in rs]
+        yerr = [[b[0] for b in bars], [b[1] for b in bars]]
+        ax.errorbar([r["x"] for r in rs], ys, yerr=yerr, marker="o", capsize=3, label=f"{method} {metric}")
     if log_x:
         ax.set_xscale("log")
     ax.set_xlabel(key)
@@ -133,13 +141,46 @@ def _plot_vs(rows: Sequence[dict], key: str, path: Path, log_x: bool = False) ->
     return _save(fig, path)
 
 
+def _plot_vs_teacher(points: Sequence[dict], bands: Sequence[dict], label: str, path: Path) -> Path:
+    """One point per student (its mean and interval) at its teacher's top-1 agreement with the labels, and at the
+    entropy of the teacher's top-k where every teacher has it; ``bands``: configs without a teacher (SFT, DFT) as
+    horizontal bands over their interval."""
+    import matplotlib.pyplot as plt
+
+    axes_keys = [("top1", "teacher's top-1 = label (%)")]
+    if all(p["topk_entropy"] is not None for p in points):
+        axes_keys.append(("topk_entropy", "entropy of the teacher's top-k (nats)"))
+    fig, axes = plt.subplots(1, len(axes_keys), figsize=(5 * len(axes_keys), 3.8), sharey=True, squeeze=False)
+    colors = _colors(b["config"] for b in bands)
+    for ax, (key, xlabel) in zip(axes[0], axes_keys, strict=True):
+        for b in bands:
+            low, high = _interval(b)
+            ax.axhspan(100 * b["mean"] - low, 100 * b["mean"] + high, color=colors[b["config"]], alpha=0.15)
+            ax.axhline(100 * b["mean"], color=colors[b["config"]], lw=1, label=b["config"])
+        for p in points:
+            x = 100 * p[key] if key == "top1" else p[key]
+            ax.errorbar([x], [100 * p["mean"]], yerr=[[v] for v in _interval(p)], marker="o", capsize=3, color="k")
+            ax.annotate(p["teacher_label"], (x, 100 * p["mean"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(xlabel)
+    axes[0][0].set_ylabel(f"{label}: {points[0]['metric']} (%)")
+    axes[0][0].legend(fontsize=6)
+    return _save(fig, path)
+
+
 def write_plots(
-    exp: Experiment, records: Sequence[dict], summary: Sequence[dict], *, update_results: bool = False
+    exp: Experiment,
+    records: Sequence[dict],
+    summary: Sequence[dict],
+    *,
+    teacher_points: Sequence[dict] = (),
+    update_results: bool = False,
 ) -> list[Path]:
     """PNGs in ``plots/`` of :func:`~targetsft.experiments.grid.tables_dir` (``output_dir``; ``results_dir`` with
     ``update_results``): accuracy per config and set (with intervals); training curves (loss, NLL);
     for dft vs target_sft the mean γ per logging step (metrics.csv) and its distribution on the probe examples
-    (``gamma_probe.jsonl``); accuracy vs η (target_sft) and vs learning rate, where the grid varies them."""
+    (``gamma_probe.jsonl``); accuracy vs η (target_sft) and vs learning rate, where the grid varies them; students'
+    accuracy vs their teacher's agreement and entropy (``teacher_points``: :func:`~targetsft.experiments.report.
+    teacher_points`), where a set has students of two teachers or more, with SFT and DFT as bands."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,4 +202,9 @@ def write_plots(
         lr = [{**r, "x": r["learning_rate"]} for r in summary if r["set"] == label and r["learning_rate"]]
         if any(len({r["x"] for r in lr if r["method"] == m}) > 1 for m in {r["method"] for r in lr}):
             out.append(_plot_vs(lr, "learning rate", plots / f"accuracy_vs_lr_{safe(label)}.png", log_x=True))
+        points = [p for p in teacher_points if p["set"] == label]
+        if len({p["cache"] for p in points}) > 1:
+            metric = points[0]["metric"]
+            bands = [r for r in summary if (r["set"], r["metric"]) == (label, metric) and r["method"] in ("sft", "dft")]
+            out.append(_plot_vs_teacher(points, bands, label, plots / f"accuracy_vs_teacher_{safe(label)}.png"))
     return [p for p in out if p is not None]

@@ -3,7 +3,8 @@
 Outputs, in :func:`~targetsft.experiments.grid.tables_dir` (the experiment's ``output_dir``; its committed
 ``results_dir`` with ``update_results``): ``results.csv`` (one row per run × set × metric), ``summary.csv`` and
 ``results.md`` (mean ± interval over seeds), ``comparisons.csv``, ``probe.csv`` (p_θ(y) on the probe examples, start
-and end of training), ``plots/*.png``; the runner's ``progress.log`` is in ``output_dir``.
+and end of training), ``training.csv`` (the target statistics over training), ``teachers.csv`` (each teacher's
+students), ``plots/*.png``; the runner's ``progress.log`` is in ``output_dir``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from targetsft.experiments.grid import (
     records_root,
     tables_dir,
 )
-from targetsft.experiments.plots import write_plots
+from targetsft.experiments.plots import read_metrics_csv, write_plots
 from targetsft.experiments.runner import read_probe
 from targetsft.experiments.statistics import paired_comparison, t_interval
 from targetsft.runtime.files import atomic_write_csv, atomic_write_text
@@ -220,10 +221,13 @@ def format_markdown(
     teachers: Sequence[dict] = (),
     probes: Sequence[dict] = (),
     precisions: Sequence[str] = (),
+    students: Sequence[dict] = (),
+    training: Sequence[dict] = (),
 ) -> str:
     """``results.md``: a table per set (configs × metrics, mean ± interval in %), the teachers' scores on the
-    training labels (:func:`teacher_rows`), p_θ(y) on the probe examples (:func:`probe_rows`) and the paired
-    comparisons; ``precisions``: the training precision of the runs (:func:`check_one_precision`)."""
+    training labels (:func:`teacher_rows`) and their students (:func:`teacher_points`), the target statistics over
+    training (:func:`training_rows`), p_θ(y) on the probe examples (:func:`probe_rows`) and the paired comparisons;
+    ``precisions``: the training precision of the runs (:func:`check_one_precision`)."""
     done = len({r["config"] for r in summary})
     trained = f" Training precision: {', '.join(precisions)}." if precisions else ""
     lines = [
@@ -278,6 +282,43 @@ def format_markdown(
             lines.append(
                 f"| {t['teacher']} | {t['prompt']} | {', '.join(t['configs'])} | {t['tokens']} | {_pct(t['top1'])} | "
                 f"{_pct(t['in_topk'])} | {_pct(t['p_label'])} |{extra}"
+            )
+        lines.append("")
+    if len({p["cache"] for p in students}) > 1:
+        lines += [
+            "## Students by teacher",
+            "",
+            "Each student's accuracy beside its teacher's agreement with the training labels and the entropy of its "
+            "top-k (`plots/accuracy_vs_teacher_<set>.png`, with SFT and DFT as bands).",
+            "",
+            "| set | teacher | top-1 = label | H(top-k), nats | student | runs | metric | accuracy |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for p in students:
+            entropy = "—" if p["topk_entropy"] is None else f"{p['topk_entropy']:.3f}"
+            star = "*" if p["interval"] == "problems" else ""
+            cell = f"{_pct(p['mean'])} [{_pct(p['lo'])}, {_pct(p['hi'])}]{star}"
+            lines.append(
+                f"| {p['set']} | {p['teacher_label']} | {_pct(p['top1'])} | {entropy} | {p['config']} | "
+                f"{p['n_runs']} | {p['metric']} | {cell} |"
+            )
+        lines.append("")
+    if training:
+        lines += [
+            "## Target statistics over training",
+            "",
+            "Per supervised token, the mean over the logged steps (`metrics.csv`), then over seeds: the label trust γ, "
+            "the target's mass on the label Q(label), the model's p_θ(label), and the residual's entropy H(π̃) "
+            "(— where it is undefined: a signed target).",
+            "",
+            "| config | runs | mean γ | mean Q(label) | mean p_θ(label) | mean H(π̃), nats |",
+            "|---|---|---|---|---|---|",
+        ]
+        for t in training:
+            entropy = "—" if math.isnan(t["residual_entropy"]) else f"{t['residual_entropy']:.3f}"
+            lines.append(
+                f"| {t['config']} | {t['n_runs']} | {t['gamma']:.3f} | {t['q_label']:.3f} | {t['p_label']:.3f} | "
+                f"{entropy} |"
             )
         lines.append("")
     if probes:
@@ -342,6 +383,59 @@ def teacher_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(rows.values())
 
 
+def teacher_points(summary: Sequence[dict], teachers: Sequence[dict]) -> list[dict[str, Any]]:
+    """Per set, one row per config trained from a teacher cache: the teacher (``teacher_label``: its name, and its
+    temperature where it is not 1), its top-1 agreement and top-k entropy on the training labels, and the student's
+    mean and interval on the set's first of ``greedy`` or its primary metrics."""
+    by_config = {c: t for t in teachers for c in t["configs"]}
+    rows = []
+    for label in dict.fromkeys(r["set"] for r in summary):
+        at = [r for r in summary if r["set"] == label]
+        metric = "greedy" if any(r["metric"] == "greedy" for r in at) else at[0]["metric"]
+        for r in at:
+            t = by_config.get(r["config"])
+            if r["metric"] != metric or t is None:
+                continue
+            temperature = t.get("temperature", 1.0)
+            name = Path(t["teacher"]).name + (f" T={temperature:g}" if temperature != 1.0 else "")
+            rows.append(
+                {
+                    "set": label,
+                    "metric": metric,
+                    "config": r["config"],
+                    "teacher": t["teacher"],
+                    "teacher_label": name,
+                    "cache": t["cache"],
+                    "temperature": temperature,
+                    "top1": t["top1"],
+                    "p_label": t["p_label"],
+                    "topk_entropy": t.get("topk_entropy"),
+                    **{k: r[k] for k in ("mean", "lo", "hi", "n_runs", "interval")},
+                }
+            )
+    return rows
+
+
+TRAINING_KEYS = ("gamma", "q_label", "p_label", "residual_entropy")
+
+
+def training_rows(records: Sequence[dict[str, Any]], root: Path) -> list[dict[str, Any]]:
+    """One row per trained config with a ``metrics.csv``: the mean over its logged steps of γ, Q(label), p_θ(label)
+    and H(π̃) (``TRAINING_KEYS``), averaged over seeds; a value that is NaN in a run (H(π̃) of a signed target)
+    stays NaN."""
+    groups: dict[str, list[dict[str, float]]] = {}
+    for r in records:
+        logged = [x for x in read_metrics_csv(root / r["run"] / "metrics.csv") if "gamma" in x]
+        if r["method"] == BASELINE_ID or not logged:
+            continue
+        means = {k: math.fsum(x.get(k, math.nan) for x in logged) / len(logged) for k in TRAINING_KEYS}
+        groups.setdefault(r["config_id"], []).append(means)
+    return [
+        {"config": cid, "n_runs": len(runs), **{k: math.fsum(m[k] for m in runs) / len(runs) for k in TRAINING_KEYS}}
+        for cid, runs in groups.items()
+    ]
+
+
 PROBE_KEYS = ("mean", "q10", "q50", "low", "high")
 
 
@@ -384,7 +478,10 @@ def aggregate(exp: Experiment, *, plots: bool = True, update_results: bool = Fal
     records_at = records_root(exp)
     comparisons = comparison_rows(exp, records, records_at)
     probes = probe_rows(records, records_at)
-    names = ("results.csv", "summary.csv", "comparisons.csv", "probe.csv", "results.md")
+    teachers = teacher_rows(records)
+    students = teacher_points(summary, teachers)
+    training = training_rows(records, records_at)
+    names = ("results.csv", "summary.csv", "comparisons.csv", "probe.csv", "training.csv", "teachers.csv", "results.md")
     paths = {name: root / name for name in names}
     atomic_write_csv(paths["results.csv"], result_rows(records, [s.label for s in exp.eval]))
     atomic_write_csv(
@@ -393,16 +490,23 @@ def aggregate(exp: Experiment, *, plots: bool = True, update_results: bool = Fal
     )
     atomic_write_csv(paths["comparisons.csv"], comparisons)
     atomic_write_csv(paths["probe.csv"], probes)
-    teachers = teacher_rows(records)
-    markdown = format_markdown(exp, summary, comparisons, len(records), teachers, probes, precisions)
+    atomic_write_csv(paths["training.csv"], training)
+    atomic_write_csv(paths["teachers.csv"], students)
+    markdown = format_markdown(
+        exp, summary, comparisons, len(records), teachers, probes, precisions, students=students, training=training
+    )
     atomic_write_text(paths["results.md"], markdown)
-    figures = write_plots(exp, records, summary, update_results=update_results) if plots else []
+    figures = (
+        write_plots(exp, records, summary, teacher_points=students, update_results=update_results) if plots else []
+    )
     return {
         "paths": paths,
         "plots": figures,
         "summary": summary,
         "comparisons": comparisons,
         "teachers": teachers,
+        "students": students,
+        "training": training,
         "probes": probes,
         "records": records,
     }
