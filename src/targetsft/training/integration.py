@@ -69,9 +69,14 @@ def lm_head(model: nn.Module) -> LMHead:
     return LMHead(weight=weight, bias=bias, logit_scale=scale, softcap=float(softcap) if softcap else None)
 
 
+def zero3_managed(param: Tensor) -> bool:
+    """Whether DeepSpeed ZeRO-3 manages ``param`` (partitions it and gathers it as its module runs)."""
+    return hasattr(param, "ds_numel")
+
+
 def _partitioned(param: Tensor) -> bool:
     """A DeepSpeed ZeRO-3 parameter whose data is, right now, only this rank's shard."""
-    return hasattr(param, "ds_numel") and param.numel() != param.ds_numel
+    return zero3_managed(param) and param.numel() != param.ds_numel
 
 
 def _head_params(model: nn.Module) -> list[nn.Parameter]:
@@ -103,7 +108,7 @@ def register_head_with_zero3(model: nn.Module) -> None:
     loss (DeepSpeed's ``register_external_parameter``), so DeepSpeed gathers them again in that module's backward,
     where their full-size gradient arrives (the lm_head module itself never runs). No-op otherwise."""
     inner = unwrap(model)
-    params = [p for p in _head_params(model) if hasattr(p, "ds_id")]
+    params = [p for p in _head_params(model) if zero3_managed(p)]
     known = getattr(inner, "_external_params", {})
     missing = [p for p in params if id(p) not in known]
     if missing:

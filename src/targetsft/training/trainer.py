@@ -24,7 +24,7 @@ from targetsft.runtime.precision import environment, resolve_precision
 from targetsft.training.config import ModelInit, TrainConfig
 from targetsft.training.dataset import Collator, build_dataset, build_eval_dataset, data_notes, split_records
 from targetsft.training.fused_trainer import STAT_KEYS, FusedLossMixin
-from targetsft.training.integration import KEEP_DEVICE
+from targetsft.training.integration import KEEP_DEVICE, zero3_managed
 
 if TYPE_CHECKING:
     from targetsft.training.teacher_cache import TeacherCache
@@ -287,7 +287,7 @@ def sharded(model: nn.Module) -> bool:
     """Whether ``model``'s parameters are split across ranks: FSDP2 ``DTensor`` s or DeepSpeed ZeRO-3 partitions."""
     from torch.distributed.tensor import DTensor
 
-    return any(isinstance(p, DTensor) or hasattr(p, "ds_numel") for p in model.parameters())
+    return any(isinstance(p, DTensor) or zero3_managed(p) for p in model.parameters())
 
 
 def _whole_model(trainer: Trainer, cfg: TrainConfig, model_path: str) -> nn.Module | None:
