@@ -163,7 +163,8 @@ def _plot_vs_teacher(points: Sequence[dict], bands: Sequence[dict], label: str, 
             ax.annotate(p["teacher_label"], (x, 100 * p["mean"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel(xlabel)
     axes[0][0].set_ylabel(f"{label}: {points[0]['metric']} (%)")
-    axes[0][0].legend(fontsize=6)
+    if bands:
+        axes[0][0].legend(fontsize=6)
     return _save(fig, path)
 
 
