@@ -124,15 +124,32 @@ def one_process(models, tmp_path_factory):
     def get(variant: str) -> Path:
         if variant not in done:
             out = tmp_path_factory.mktemp(f"one_{variant}")
-            _run(None, [*_common(models, variant), f"output_dir={out}"], out)
+            if variant == "trl":
+                _launch(None, SFT_WORKER, _trl_args(models, out, 4), out)
+            else:
+                _run(None, [*_common(models, variant), f"output_dir={out}"], out)
             done[variant] = out / "final"
         return done[variant]
 
     return get
 
 
+def _trl_args(paths: dict[str, Path], out: Path, batch: int) -> list[str]:
+    """tests/sft_worker.py's arguments: the untied student and the online teacher, Target-SFT."""
+    return [str(paths["untied"]), str(out), str(batch), "target_sft", str(paths["teacher"])]
+
+
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     return transformers.AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+
+def _assert_trained_alike(one: Path, two: Path, start: Path) -> None:
+    """The final weights ``two`` equal ``one`` to 1e-5, and training did move them away from ``start``."""
+    one_w, two_w, start_w = _weights(one), _weights(two), _weights(start)
+    assert one_w.keys() == two_w.keys() == start_w.keys()
+    assert max((one_w[k] - start_w[k]).abs().max().item() for k in one_w) > 1e-4  # training did change the weights
+    for k in one_w:
+        torch.testing.assert_close(two_w[k], one_w[k], rtol=0, atol=1e-5, msg=k)
 
 
 @pytest.mark.parametrize(("engine", "variant"), CASES, ids=[f"{e}-{v}" for e, v in CASES])
@@ -142,30 +159,19 @@ def test_sharded_equals_one_process(engine, variant, models, one_process, tmp_pa
     summary = _run(engine, [*_common(models, variant), f"output_dir={tmp_path}"], tmp_path)
     expected_type = {"fsdp2": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}[engine]
     assert summary["distributed"] == {"type": expected_type, "processes": 2, "sharded": engine != "zero2"}
-    one, two = _weights(one_process(variant)), _weights(tmp_path / "final")
-    start = _weights(models["untied" if variant == "untied" else "tied"])
-    assert one.keys() == two.keys() == start.keys()
-    assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-4  # training did change the weights
-    for k in one:
-        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-5, msg=k)
+    _assert_trained_alike(one_process(variant), tmp_path / "final", models["untied" if variant == "untied" else "tied"])
 
 
 @pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
-def test_target_sft_trainer_sharded_equals_one_process(engine, models, tmp_path):
+def test_target_sft_trainer_sharded_equals_one_process(engine, models, one_process, tmp_path):
     """TRL's SFTTrainer with the fused loss and an online teacher, both loaded by a plain ``from_pretrained`` in
     the user's script: under FSDP2 (``cpu_ram_efficient_loading`` leaves the teacher empty off rank 0 until the
     trainer places it) and ZeRO-3 (the lm_head partitioned) the weights are one process's."""
     pytest.importorskip("trl")
     if engine == "zero3":
         pytest.importorskip("deepspeed")
-    student, teacher = str(models["untied"]), str(models["teacher"])
-    _launch(None, SFT_WORKER, [student, str(tmp_path / "one"), "4", "target_sft", teacher], tmp_path)
-    _launch(engine, SFT_WORKER, [student, str(tmp_path / "two"), "2", "target_sft", teacher], tmp_path)
-    one, two = _weights(tmp_path / "one" / "final"), _weights(tmp_path / "two" / "final")
-    start = _weights(models["untied"])
-    assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-4
-    for k in one:
-        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-5, msg=k)
+    _launch(engine, SFT_WORKER, _trl_args(models, tmp_path, 2), tmp_path)
+    _assert_trained_alike(one_process("trl"), tmp_path / "final", models["untied"])
 
 
 def _untied(tiny_llama) -> transformers.LlamaForCausalLM:
