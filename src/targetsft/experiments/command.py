@@ -2,7 +2,8 @@
 
 The tables and plots go to the experiment's ``output_dir``; ``--update-results`` writes them to its committed
 ``results_dir`` instead (:func:`~targetsft.experiments.grid.tables_dir`): ``--aggregate-only --update-results``
-refreshes the committed tables from the records."""
+refreshes the committed tables from the records; ``--reproduce RUN_ID`` reruns one finished run and compares it
+with its record (:mod:`~targetsft.experiments.reproduce`)."""
 
 from __future__ import annotations
 
@@ -55,6 +56,18 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
         help="write the tables and plots to the experiment's committed results_dir instead of its output_dir "
         "(with --aggregate-only: refresh the committed tables from the records)",
     )
+    parser.add_argument(
+        "--reproduce",
+        metavar="RUN_ID",
+        help="train and evaluate this finished run again in <output_dir>/reproduce/ and compare the new record with "
+        "the committed one (exit status 1 if an eval metric differs by more than --tolerance); nothing else runs",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.0,
+        help="with --reproduce: the largest accepted |recorded - rerun| of an eval metric (default 0: exactly)",
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no per-batch progress bars")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return parser
@@ -89,6 +102,8 @@ def run_experiment_from_args(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if getattr(args, "reproduce", None):
+        return _reproduce(exps, args)
     if not args.aggregate_only:
         try:
             run_experiments(exps, only=args.only, progress=args.progress)
@@ -100,3 +115,21 @@ def run_experiment_from_args(args: argparse.Namespace) -> int:
         print(Path(result["paths"]["results.md"]).read_text())
         print(f"target-sft experiment: {exp.name}: tables and plots in {tables_dir(exp, update)}", file=sys.stderr)
     return 0
+
+
+def _reproduce(exps: Sequence[Experiment], args: argparse.Namespace) -> int:
+    """``--reproduce RUN_ID``: 0 when every eval metric of the rerun is within ``--tolerance`` of the record."""
+    from targetsft.experiments.reproduce import format_comparison, largest_metric_gap, reproduce_run
+
+    if len(exps) != 1 or args.aggregate_only or args.only:
+        message = "--reproduce takes one --config, without --only or --aggregate-only"
+        print(f"target-sft experiment: {message}", file=sys.stderr)
+        return 2
+    try:
+        comparison = reproduce_run(exps[0], args.reproduce, progress=args.progress)
+    except ExperimentError as err:
+        print(f"target-sft experiment: {err}", file=sys.stderr)
+        return 1
+    print(format_comparison(comparison))
+    gap = largest_metric_gap(comparison)
+    return 0 if gap <= args.tolerance else 1

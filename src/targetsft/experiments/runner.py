@@ -94,8 +94,9 @@ def _drop_incomplete_checkpoints(out: Path, log: Callable[[str], None]) -> None:
             shutil.rmtree(p)
 
 
-def _train(exp: Experiment, run: Run, log: Callable[[str], None]) -> dict[str, Any]:
-    """Train the run (from scratch, or resumed from its newest complete checkpoint); its trainer summary."""
+def _train(exp: Experiment, run: Run, log: Callable[[str], None], teachers: Experiment | None = None) -> dict[str, Any]:
+    """Train the run (from scratch, or resumed from its newest complete checkpoint); its trainer summary. A teacher
+    run it names is looked up in ``teachers`` (default: ``exp``)."""
     from targetsft.training import trainer
 
     out, record = run_dir(exp, run), record_dir(exp, run)
@@ -105,7 +106,7 @@ def _train(exp: Experiment, run: Run, log: Callable[[str], None]) -> dict[str, A
         config = json.loads(json.dumps(run.config))
         ref = teacher_ref(run)
         if ref is not None:
-            config["teacher"]["model"] = str(_teacher_model(exp, run, ref, log))
+            config["teacher"]["model"] = str(_teacher_model(teachers or exp, run, ref, log))
         if exp.teacher_cache_k and (config.get("teacher") or {}).get("model"):
             config["teacher"] = {**config["teacher"], "model": None, "cache": str(_teacher_cache(exp, config, log))}
         _drop_incomplete_checkpoints(out, log)
@@ -155,9 +156,12 @@ def _teacher_cache_folder(exp: Experiment, config: dict[str, Any]) -> Path:
     """``<teacher_cache_dir>/<hash of the teacher, its prompt, the model, the data and k>``."""
     from targetsft.runtime.files import sha256_json
 
-    key = _teacher_key(config)
-    root = Path(exp.teacher_cache_dir) if exp.teacher_cache_dir else runs_root(exp).parent / "teacher_cache"
-    return root / sha256_json({**key, "k": exp.teacher_cache_k})[:16]
+    return teacher_cache_root(exp) / sha256_json({**_teacher_key(config), "k": exp.teacher_cache_k})[:16]
+
+
+def teacher_cache_root(exp: Experiment) -> Path:
+    """``teacher_cache_dir``, by default ``teacher_cache/`` beside the runs folder."""
+    return Path(exp.teacher_cache_dir) if exp.teacher_cache_dir else runs_root(exp).parent / "teacher_cache"
 
 
 def _teacher_cache(exp: Experiment, config: dict[str, Any], log: Callable[[str], None]) -> Path:
@@ -342,8 +346,16 @@ def _record(run: Run, fingerprint: str, train_summary: dict | None, sets: dict, 
     }
 
 
-def run_one(exp: Experiment, run: Run, log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
-    """Train (or resume), evaluate and record one run; returns its ``DONE.json`` record."""
+def run_one(
+    exp: Experiment,
+    run: Run,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+    teachers: Experiment | None = None,
+) -> dict[str, Any]:
+    """Train (or resume), evaluate and record one run; returns its ``DONE.json`` record. ``teachers``: the
+    experiment whose runs and records hold the run's teacher runs (default ``exp``; another for a reproduction,
+    :mod:`~targetsft.experiments.reproduce`)."""
     out, record = run_dir(exp, run), record_dir(exp, run)
     status = run_status(exp, run)
     if status == "stale":
@@ -363,7 +375,7 @@ def run_one(exp: Experiment, run: Run, log: Callable[[str], None] = print, progr
     if not run.is_baseline:
         if status != "evaluate":
             log(f"training {run.id} ({status})")
-        train_summary = _train(exp, run, log)
+        train_summary = _train(exp, run, log, teachers)
     sets = _evaluate(exp, run, log, progress)
     earlier = read_json(record / DONE_FILE) or {}  # the record of other experiments sharing runs_dir, if any
     sets = {**{k: v for k, v in earlier.get("sets", {}).items() if k not in sets}, **sets}

@@ -1,0 +1,207 @@
+"""Reproducing a finished run from its committed record (``target-sft experiment --reproduce RUN_ID``).
+
+The run is trained and evaluated again from the configuration its record was made with, in a scratch folder
+(``<output_dir>/reproduce/<run id>/``: ``runs/`` its model, ``records/`` its new record; its teacher runs and teacher
+caches stay the experiment's own), and the new record is compared with the committed one, which is only read:
+
+* every eval set: each tabulated metric, recorded and rerun, and the share of items whose outputs (generated texts,
+  multiple-choice picks) are identical;
+* training: the largest difference of every logged training statistic (loss, grad norm, γ, ...) over the logged
+  steps, |a − b| and |a − b| / max(|a|, |b|).
+
+Both records' environments (CPU capability, threads, torch) are printed beside the figures: a difference between
+two kinds of CPU or two thread counts is expected of floating point, not a fault of the run. A killed reproduction
+resumes like any run (its checkpoints are in the scratch folder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from targetsft.data.sft import read_jsonl
+from targetsft.experiments.grid import (
+    DONE_FILE,
+    Experiment,
+    ExperimentError,
+    expand_grid,
+    read_json,
+    record_dir,
+    recorded_precision,
+    run_fingerprint,
+    run_precision,
+    tables_dir,
+    write_json,
+)
+from targetsft.experiments.plots import read_metrics_csv
+from targetsft.experiments.runner import run_one, teacher_cache_root
+
+#: metrics.csv columns never compared: the step (the key) and the speed (a property of the machine's load)
+NOT_COMPARED = ("step", "tokens_per_second")
+
+
+def scratch_experiment(exp: Experiment, run_id: str) -> Experiment:
+    """``exp`` with its runs and records in ``<output_dir>/reproduce/<run_id>/`` and its own teacher caches."""
+    root = tables_dir(exp) / "reproduce" / run_id
+    return dataclasses.replace(
+        exp,
+        runs_dir=str(root / "runs"),
+        records_dir=str(root / "records"),
+        teacher_cache_dir=str(teacher_cache_root(exp)),
+    )
+
+
+def reproduce_run(
+    exp: Experiment, run_id: str, log: Callable[[str], None] = print, progress: bool = True
+) -> dict[str, Any]:
+    """Rerun ``run_id`` of ``exp`` in :func:`scratch_experiment` and :func:`compare_records` the committed record
+    with the new one; the comparison is also written to ``<scratch>/comparison.json``."""
+    runs = {r.id: r for r in expand_grid(exp)}
+    if run_id not in runs:
+        raise ExperimentError(f"--reproduce: experiment {exp.name} has no run {run_id!r} (runs: {', '.join(runs)})")
+    run = runs[run_id]
+    committed = record_dir(exp, run)
+    done = read_json(committed / DONE_FILE)
+    if done is None:
+        raise ExperimentError(f"--reproduce: run {run_id} has no finished record to compare with ({committed})")
+    if done.get("fingerprint") != run_fingerprint(run):
+        raise ExperimentError(
+            f"--reproduce: the record of {run_id} ({committed}) was made with another configuration than the "
+            "experiment gives the run now"
+        )
+    was, now = recorded_precision(done, run.config), run_precision(run)
+    if not run.is_baseline and was is not None and was != now:
+        raise ExperimentError(
+            f"--reproduce: {run_id} was trained at precision {was} and this machine would train it at {now}; set "
+            f"precision: {was} in the experiment's base to reproduce it"
+        )
+    scratch = scratch_experiment(exp, run_id)
+    rerun = next(r for r in expand_grid(scratch) if r.id == run_id)  # its trainer's output_dir in the scratch folder
+    log(f"reproducing {run_id} in {Path(scratch.runs_dir).parent}")
+    run_one(scratch, rerun, log, progress, teachers=exp)
+    comparison = compare_records(committed, record_dir(scratch, rerun))
+    write_json(Path(scratch.runs_dir).parent / "comparison.json", comparison)
+    return comparison
+
+
+def _same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def _differences(a: float, b: float) -> tuple[float, float]:
+    """(|a − b|, |a − b| / max(|a|, |b|)); (0, 0) for equal values, NaN against NaN included."""
+    if _same(a, b):
+        return 0.0, 0.0
+    gap = abs(a - b)
+    return gap, gap / max(abs(a), abs(b))
+
+
+def _metric_gap(metric: dict[str, float]) -> float:
+    """|recorded − rerun| of one compared metric."""
+    return _differences(metric["recorded"], metric["rerun"])[0]
+
+
+def _item_output(item: dict[str, Any]) -> Any:
+    """What an evaluated item's outputs are: the generated texts, or the multiple-choice picks."""
+    if "greedy" in item or "samples" in item:
+        texts = [s["text"] for s in item.get("samples") or []]
+        return [(item.get("greedy") or {}).get("text"), texts]
+    return {k: v for k, v in item.items() if k.startswith("pred_")}
+
+
+def _compare_set(old_dir: Path, new_dir: Path, old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    metrics = {
+        name: {"recorded": m["value"], "rerun": new["metrics"][name]["value"]}
+        for name, m in old["metrics"].items()
+        if name in new["metrics"]
+    }
+    old_items = {i["id"]: _item_output(i) for i in read_jsonl(old_dir / old["items"])}
+    new_items = {i["id"]: _item_output(i) for i in read_jsonl(new_dir / new["items"])}
+    common = old_items.keys() & new_items.keys()
+    same = sum(old_items[k] == new_items[k] for k in common)
+    return {
+        "metrics": metrics,
+        "items": len(common),
+        "identical_items": same,
+        "identical": same == len(old_items) == len(new_items) and not any(map(_metric_gap, metrics.values())),
+    }
+
+
+def _compare_training(old_dir: Path, new_dir: Path) -> dict[str, Any]:
+    old = {int(r["step"]): r for r in read_metrics_csv(old_dir / "metrics.csv")}
+    new = {int(r["step"]): r for r in read_metrics_csv(new_dir / "metrics.csv")}
+    steps = sorted(old.keys() & new.keys())
+    columns: dict[str, dict[str, float]] = {}
+    for step in steps:
+        for key in old[step].keys() & new[step].keys():
+            if key in NOT_COMPARED:
+                continue
+            gap, rel = _differences(old[step][key], new[step][key])
+            worst = columns.setdefault(key, {"max_abs": 0.0, "max_rel": 0.0})
+            worst["max_abs"], worst["max_rel"] = max(worst["max_abs"], gap), max(worst["max_rel"], rel)
+    return {
+        "steps": len(steps),
+        "recorded_steps": len(old),
+        "rerun_steps": len(new),
+        "columns": dict(sorted(columns.items())),
+        "identical": len(steps) == len(old) == len(new) and all(c["max_abs"] == 0 for c in columns.values()),
+    }
+
+
+def _environment(done: dict[str, Any]) -> dict[str, Any]:
+    return {"train": (done.get("train") or {}).get("environment"), "eval": done.get("eval_environment")}
+
+
+def compare_records(old_dir: Path, new_dir: Path) -> dict[str, Any]:
+    """The comparison of two records of one run (``DONE.json`` and the files it names): per eval set and for
+    training (see the module docstring); ``identical`` when every figure and every output agrees exactly."""
+    old, new = json.loads((old_dir / DONE_FILE).read_text()), json.loads((new_dir / DONE_FILE).read_text())
+    sets = {
+        label: _compare_set(old_dir, new_dir, spec, new["sets"][label])
+        for label, spec in old["sets"].items()
+        if label in new["sets"]
+    }
+    training = _compare_training(old_dir, new_dir) if old.get("train") else None
+    return {
+        "run": old["run"],
+        "recorded": str(old_dir),
+        "rerun": str(new_dir),
+        "environments": {"recorded": _environment(old), "rerun": _environment(new)},
+        "sets": sets,
+        "training": training,
+        "identical": all(s["identical"] for s in sets.values()) and (training is None or training["identical"]),
+    }
+
+
+def largest_metric_gap(comparison: dict[str, Any]) -> float:
+    """The largest |recorded − rerun| of any eval metric (0 when they agree; NaN against NaN agrees)."""
+    return max((_metric_gap(m) for s in comparison["sets"].values() for m in s["metrics"].values()), default=0.0)
+
+
+def format_comparison(comparison: dict[str, Any]) -> str:
+    """The comparison as plain text: environments, one line per eval metric, one per training statistic."""
+    envs = comparison["environments"]
+    lines = [f"reproduction of {comparison['run']}: {'identical' if comparison['identical'] else 'differs'}"]
+    for side in ("recorded", "rerun"):
+        env = envs[side]["train"] or envs[side]["eval"] or {}
+        keys = ("precision", "cpu_capability", "torch_threads", "torch", "device")
+        lines.append(f"  {side:<8s} environment: " + ", ".join(f"{k} {env[k]}" for k in keys if k in env))
+    for label, s in comparison["sets"].items():
+        lines.append(f"  {label}: {s['identical_items']}/{s['items']} items with identical outputs")
+        for name, m in s["metrics"].items():
+            lines.append(
+                f"    {name:<12s} recorded {m['recorded']:.4f}  rerun {m['rerun']:.4f}  |Δ| {_metric_gap(m):.4f}"
+            )
+    training = comparison["training"]
+    if training:
+        lines.append(
+            f"  training: {training['steps']} logged steps compared (recorded {training['recorded_steps']}, "
+            f"rerun {training['rerun_steps']}); largest differences:"
+        )
+        for key, c in training["columns"].items():
+            lines.append(f"    {key:<18s} |Δ| {c['max_abs']:.3g}  relative {c['max_rel']:.3g}")
+    return "\n".join(lines)
