@@ -108,6 +108,9 @@ def test_grid_expansion_ids_count_and_configs():
         ({"teacher_cache_k": -1}, "teacher_cache_k must be an int >= 0"),
         ({"eval": [{"set": "asdiv", "dtype": "int8"}]}, r"eval\[0\]: dtype must be one of"),
         ({"eval": [{"set": "asdiv", "prompt": "latex"}]}, r"eval\[0\]: prompt must be one of \('gsm', 'boxed'\)"),
+        ({"select": {"set": "gsm-val"}}, r"select.set 'gsm-val' is not an eval set"),
+        ({"select": {"set": "asdiv", "by": "nll"}}, r"unknown key 'by' in select"),
+        ({"select": "asdiv"}, r"select must be a mapping"),
     ],
 )
 def test_schema_is_strict(change, message):
@@ -518,6 +521,7 @@ def _fake_run(
     gen: list[int],
     mc: list[int],
     probe: dict[int, list[float]] | None = None,
+    learning_rate: float = 1e-5,
 ) -> None:
     """A finished run of ``exp`` (its sets ``toy`` and ``mcq``) written by hand: DONE.json plus the per-problem files
     the comparisons read, and ``probe`` ({step: p_θ(y) values}) as its gamma_probe.jsonl."""
@@ -545,7 +549,7 @@ def _fake_run(
         "method": method,
         "group": method,
         "params": {},
-        "learning_rate": 1e-5,
+        "learning_rate": learning_rate,
         "seed": seed,
         "train": None,
         "sets": {
@@ -624,6 +628,61 @@ def test_aggregation_against_hand_computation(tmp_path):
         "| sft | 3 | 4 | 10 | 47.0 → 60.8 | 1.0 → 8.7 | 60.0 → 94.7 | 25.0 → 25.0 | 25.0 → 41.7 |"
         in (tmp_path / "results.md").read_text()
     )
+
+
+def test_learning_rate_selection_by_hand(tmp_path):
+    """``select``: the best mean on the validation set wins unless a rate tied with it has the lower training NLL
+    (mean of the last third of the logged steps); a rate that loses to the best is out whatever its NLL; a config
+    with one rate has nothing to select."""
+    raw = {
+        "name": "select",
+        "output_dir": str(tmp_path),
+        "base": {"teacher": {"model": "t"}},
+        "grid": [
+            {"method": "sft", "train": {"learning_rate": [1e-5, 3e-5, 1e-4]}, "seeds": [0]},
+            {"method": "target_sft", "train": {"learning_rate": 1e-5}, "seeds": [0]},
+        ],
+        "eval": [{"name": "toy", "set": "toy.jsonl"}, {"name": "mcq", "set": "mcq.jsonl"}],
+        "select": {"set": "toy"},
+    }
+    exp = X.experiment_from_dict(raw)
+    runs = tmp_path / "runs"
+    solved = {1e-5: 4, 3e-5: 6, 1e-4: 0}  # of 10 problems, the first ones; 3e-5 is the best
+    nll = {1e-5: [3.0, 2.0, 1.0, 0.9, 0.4, 0.2], 3e-5: [3.0, 2.0, 1.0, 0.9, 0.6, 0.4], 1e-4: [1, 1, 1, 1, 0.1, 0.1]}
+    for lr in solved:
+        cid = f"sft-lr{lr:g}"
+        _fake_run(exp, runs, f"{cid}-s0", cid, "sft", 0, [1] * solved[lr] + [0] * (10 - solved[lr]), [1], None, lr)
+        rows = ["step,loss,nll"] + [f"{5 * (i + 1)},1.0,{v}" for i, v in enumerate(nll[lr])]
+        (runs / f"{cid}-s0" / "metrics.csv").write_text("\n".join(rows) + "\n")
+    _fake_run(exp, runs, "target_sft-lr1e-05-s0", "target_sft-lr1e-05", "target_sft", 0, [1] * 10, [1])
+    result = X.aggregate(exp, plots=False)
+    rows = {r["config"]: r for r in result["selection"]}
+    assert sorted(rows) == ["sft-lr0.0001", "sft-lr1e-05", "sft-lr3e-05"]  # target_sft: one rate, nothing to choose
+    assert {r["family"] for r in rows.values()} == {"sft"}
+    # 1e-5 − 3e-5: −1 on 2 of 10 problems: mean −0.2, s = sqrt(1.6 / 9), half-width t(9) s / sqrt(10)
+    half = 2.262157163 * math.sqrt(1.6 / 9) / math.sqrt(10)
+    low = rows["sft-lr1e-05"]
+    assert (low["diff_to_best"], low["lo"], low["hi"]) == pytest.approx((-0.2, -0.2 - half, -0.2 + half))
+    assert low["tied_with_best"] and low["nll"] == pytest.approx(0.3)  # the last two of six logged steps
+    assert rows["sft-lr3e-05"]["lo"] is None and rows["sft-lr3e-05"]["nll"] == pytest.approx(0.5)
+    assert not rows["sft-lr0.0001"]["tied_with_best"] and rows["sft-lr0.0001"]["nll"] == pytest.approx(0.1)
+    assert [c for c, r in rows.items() if r["selected"]] == ["sft-lr1e-05"]
+    md = (tmp_path / "results.md").read_text()
+    assert "## Learning rate chosen on toy (greedy)" in md
+    assert (
+        f"| sft | sft-lr1e-05 | 1 | 40.0 | -20.0 [{-100 * (0.2 + half):.1f}, {100 * (half - 0.2):.1f}] | yes | 0.300 |"
+        in md
+    )
+    assert md.count("**yes**") == 1
+    with (tmp_path / "selection.csv").open() as fh:
+        assert [(r["config"], r["selected"]) for r in csv.DictReader(fh)] == [
+            ("sft-lr1e-05", "True"),
+            ("sft-lr3e-05", "False"),
+            ("sft-lr0.0001", "False"),
+        ]
+    # the metric is the set's first primary one unless named
+    exp = X.experiment_from_dict({**raw, "select": {"set": "toy", "metric": "average@1"}})
+    assert {r["metric"] for r in X.aggregate(exp, plots=False)["selection"]} == {"average@1"}
 
 
 def _tables(folder: Path) -> dict[str, bytes]:

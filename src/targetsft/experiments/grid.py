@@ -38,6 +38,11 @@ Schema (strict: an unknown key anywhere is an error that names it and lists the 
   at another precision than this machine would use is refused before anything starts (status ``precision``).
 * ``compare``: pairs ``[A, B]`` of method names or globs over config ids (default: every config against ``sft``,
   ``target_sft`` against ``dft``; ``*`` leaves the baseline out, ``base`` names it).
+* ``select: {set, metric?}``: choose each config's learning rate on the validation set ``set`` (an eval label) by
+  ``metric`` (default the set's first primary metric): among the configs that differ only in learning rate, the
+  best mean wins, and a rate whose paired difference with it is a tie joins it, the lowest training NLL (the mean
+  ``nll`` of the last third of the logged steps) deciding among them (``selection.csv``, a section of
+  ``results.md``; :func:`~targetsft.experiments.comparisons.selection_rows`).
 * ``keep_checkpoints``: keep ``checkpoint-N`` folders of finished runs (default false: removed once ``DONE.json``
   is written, ``final/`` stays; a 135M-parameter checkpoint with its optimizer state is about 1.6 GB).
 * ``teacher_cache_k``: k > 0 caches each distinct teacher's top-k log-probs once per training set (teacher,
@@ -118,8 +123,8 @@ class ExperimentError(RuntimeError):
 @dataclass
 class EvalSpec:
     """One evaluation set and its options (see :func:`targetsft.evaluation.suite.evaluate`); ``name`` labels it
-    (default: the set's name), ``metrics`` picks the metrics tabulated and compared (default: :func:`primary_metrics`).
-    """
+    (default: the set's name), ``metrics`` picks the metrics tabulated and compared (default:
+    :func:`~targetsft.experiments.comparisons.primary_metrics`)."""
 
     set: str
     name: str | None = None
@@ -184,6 +189,7 @@ class Experiment:
     records_dir: str | None = None
     teacher_cache_dir: str | None = None
     compare: list[list[str]] = field(default_factory=lambda: [list(p) for p in DEFAULT_COMPARE])
+    select: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -314,6 +320,14 @@ def _check_experiment(exp: Experiment) -> None:
     labels = [s.label for s in exp.eval]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"eval sets need distinct labels (give 'name'), got {labels}")
+    if exp.select is not None:
+        if not isinstance(exp.select, dict) or "set" not in exp.select:
+            raise ConfigError(f"select must be a mapping {{set: <eval label>, metric?: <metric>}}, got {exp.select!r}")
+        for key in exp.select:
+            if key not in ("set", "metric"):
+                raise _unknown("select", key, ["set", "metric"])
+        if exp.select["set"] not in labels:
+            raise ConfigError(f"select.set {exp.select['set']!r} is not an eval set of the experiment ({labels})")
     if not all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in exp.compare):
         raise ConfigError(f"compare must be a list of [A, B] pairs of names or patterns, got {exp.compare!r}")
     runs = expand_grid(exp)
@@ -405,6 +419,15 @@ def expand_grid(exp: Experiment) -> list[Run]:
     if dupes:
         raise ConfigError(f"runs with the same id {dupes}: give the groups distinct names")
     return [dataclasses.replace(r, config={**r.config, "output_dir": str(run_dir(exp, r))}) for r in ordered]
+
+
+def rate_family(config_id: str, learning_rate: float | None) -> str:
+    """The config id without its learning rate: configs of one family differ only in their rate."""
+    return (
+        config_id
+        if learning_rate is None
+        else config_id.replace(f"-{_ABBREV['learning_rate']}{_fmt(learning_rate)}", "", 1)
+    )
 
 
 def run_reference(model: Any) -> str | None:

@@ -2,26 +2,25 @@
 
 Outputs, in :func:`~targetsft.experiments.grid.tables_dir` (the experiment's ``output_dir``; its committed
 ``results_dir`` with ``update_results``): ``results.csv`` (one row per run × set × metric), ``summary.csv`` and
-``results.md`` (mean ± interval over seeds), ``comparisons.csv``, ``probe.csv`` (p_θ(y) on the probe examples, start
+``results.md`` (mean ± interval over seeds), ``comparisons.csv``, ``selection.csv`` (the learning rate chosen on
+the validation set, for an experiment with ``select``), ``probe.csv`` (p_θ(y) on the probe examples, start
 and end of training), ``training.csv`` (the target statistics over training), ``teachers.csv`` (each teacher's
 students), ``plots/*.png``; the runner's ``progress.log`` is in ``output_dir``.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from targetsft.experiments.comparisons import by_config, comparison_rows, primary_metrics, selection_rows
 from targetsft.experiments.grid import (
     BASELINE_ID,
-    BINARY_METRICS,
     DONE_FILE,
     PROBE_FILE,
-    EvalSpec,
     Experiment,
     ExperimentError,
     expand_grid,
@@ -34,7 +33,7 @@ from targetsft.experiments.grid import (
 )
 from targetsft.experiments.plots import read_metrics_csv, write_plots
 from targetsft.experiments.runner import read_probe
-from targetsft.experiments.statistics import paired_comparison, t_interval
+from targetsft.experiments.statistics import t_interval
 from targetsft.runtime.files import atomic_write_csv, atomic_write_text
 
 
@@ -69,46 +68,6 @@ def check_one_precision(exp: Experiment, records: Sequence[dict[str, Any]]) -> l
     return sorted(by_precision)
 
 
-def primary_metrics(spec: EvalSpec, kind: str) -> list[str]:
-    """The metrics tabulated and compared: ``spec.metrics``, else Average@k (k > 1) and greedy for generation
-    (``average@1`` when sampling once without greedy), ``accuracy`` for multiple choice."""
-    if spec.metrics:
-        return list(spec.metrics)
-    if kind == "multiple_choice":
-        return ["accuracy"]
-    out = [f"average@{spec.samples}"] if spec.samples > 1 or (spec.temperature or 0) > 0 else []
-    return out + ["greedy"] if spec.greedy else out or ["average@1"]
-
-
-def per_problem_values(path: Path, metric: str, normalize: str = "mean") -> dict[str, float]:
-    """``{problem id: value}`` of ``metric`` from an evaluation JSONL (``<set>.generations.jsonl``: greedy,
-    average@k, pass@k; ``<set>.mc.jsonl``: accuracy, accuracy_mean, accuracy_sum)."""
-    from targetsft.data.sft import read_jsonl
-
-    out = {}
-    for rec in read_jsonl(path):
-        if "answer_index" in rec:
-            by_sum = metric == "accuracy_sum" or (metric, normalize) == ("accuracy", "sum")
-            out[rec["id"]] = float(rec["pred_sum" if by_sum else "pred_mean"] == rec["answer_index"])
-        elif metric == "greedy":
-            out[rec["id"]] = float(rec["greedy"]["correct"])
-        elif metric.startswith("average@"):
-            out[rec["id"]] = sum(s["correct"] for s in rec["samples"]) / len(rec["samples"])
-        elif metric == f"pass@{len(rec['samples'])}":
-            out[rec["id"]] = float(any(s["correct"] for s in rec["samples"]))
-        else:
-            raise ValueError(f"{path}: no per-problem values for metric {metric!r}")
-    return out
-
-
-def _configs(records: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Records grouped by config id, in order."""
-    out: dict[str, list[dict[str, Any]]] = {}
-    for r in records:
-        out.setdefault(r["config_id"], []).append(r)
-    return out
-
-
 def result_rows(records: Sequence[dict[str, Any]], labels: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """One row per run × set × metric (``results.csv``), for the sets ``labels`` (default all)."""
     rows = []
@@ -138,7 +97,7 @@ def summary_rows(exp: Experiment, records: Sequence[dict[str, Any]], confidence:
     [0, 1]); with one run, that run's interval over problems (``interval = "problems"``)."""
     rows = []
     for spec in exp.eval:
-        for cid, runs in _configs(records).items():
+        for cid, runs in by_config(records).items():
             res = [r["sets"][spec.label] for r in runs if spec.label in r["sets"]]
             if not res:
                 continue
@@ -171,44 +130,6 @@ def summary_rows(exp: Experiment, records: Sequence[dict[str, Any]], confidence:
     return rows
 
 
-def _matches(entry: str, cid: str, method: str) -> bool:
-    """A compare entry names a method, or is a glob over config ids (``*`` leaves the baseline out)."""
-    if method == BASELINE_ID:
-        return entry == BASELINE_ID
-    return entry == method or fnmatch.fnmatchcase(cid, entry)
-
-
-def _seed_values(root: Path, runs: Sequence[dict], spec: EvalSpec, metric: str) -> dict[Any, dict[str, float]]:
-    """``{seed: {problem id: value}}`` of one config's runs on one set."""
-    return {
-        r["seed"]: per_problem_values(root / r["run"] / r["sets"][spec.label]["items"], metric, spec.normalize)
-        for r in runs
-    }
-
-
-def comparison_rows(exp: Experiment, records: Sequence[dict[str, Any]], root: Path) -> list[dict[str, Any]]:
-    """Paired comparisons (:func:`paired_comparison`) of the ``compare`` pairs on every set's primary metrics."""
-    configs = _configs(records)
-    pairs: list[tuple[str, str]] = []
-    for a_entry, b_entry in exp.compare:
-        for a, ra in configs.items():
-            for b, rb in configs.items():
-                new = a != b and (a, b) not in pairs and (b, a) not in pairs
-                if new and _matches(a_entry, a, ra[0]["method"]) and _matches(b_entry, b, rb[0]["method"]):
-                    pairs.append((a, b))
-    rows = []
-    for spec in exp.eval:
-        for a, b in pairs:
-            sides = [[r for r in configs[c] if spec.label in r["sets"]] for c in (a, b)]
-            if not all(sides):
-                continue
-            for metric in primary_metrics(spec, sides[0][0]["sets"][spec.label]["kind"]):
-                a_values, b_values = (_seed_values(root, side, spec, metric) for side in sides)
-                stats = paired_comparison(a_values, b_values, binary=metric in BINARY_METRICS)
-                rows.append({"set": spec.label, "metric": metric, "a": a, "b": b, **stats})
-    return rows
-
-
 def _pct(x: float | None) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
@@ -223,10 +144,12 @@ def format_markdown(
     precisions: Sequence[str] = (),
     students: Sequence[dict] = (),
     training: Sequence[dict] = (),
+    selection: Sequence[dict] = (),
 ) -> str:
     """``results.md``: a table per set (configs × metrics, mean ± interval in %), the teachers' scores on the
     training labels (:func:`teacher_rows`) and their students (:func:`teacher_points`), the target statistics over
-    training (:func:`training_rows`), p_θ(y) on the probe examples (:func:`probe_rows`) and the paired comparisons;
+    training (:func:`training_rows`), the learning rates chosen on the validation set (:func:`selection_rows`),
+    p_θ(y) on the probe examples (:func:`probe_rows`) and the paired comparisons;
     ``precisions``: the training precision of the runs (:func:`check_one_precision`)."""
     done = len({r["config"] for r in summary})
     trained = f" Training precision: {', '.join(precisions)}." if precisions else ""
@@ -319,6 +242,24 @@ def format_markdown(
             lines.append(
                 f"| {t['config']} | {t['n_runs']} | {t['gamma']:.3f} | {t['q_label']:.3f} | {t['p_label']:.3f} | "
                 f"{entropy} |"
+            )
+        lines.append("")
+    if selection:
+        lines += [
+            f"## Learning rate chosen on {selection[0]['set']} ({selection[0]['metric']})",
+            "",
+            "Per family of configs that differ only in their rate: the best mean wins; a rate whose paired "
+            "difference with it is a tie (95% interval containing 0) joins it, and the lowest training NLL (the "
+            "mean `nll` of the last third of the logged steps) decides among them.",
+            "",
+            "| family | config | runs | value | − best [95%] | tied with best | training NLL | chosen |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for c in selection:
+            gap = "—" if c["lo"] is None else f"{_pct(c['diff_to_best'])} [{_pct(c['lo'])}, {_pct(c['hi'])}]"
+            lines.append(
+                f"| {c['family']} | {c['config']} | {c['n_runs']} | {_pct(c['mean'])} | {gap} | "
+                f"{'yes' if c['tied_with_best'] else 'no'} | {c['nll']:.3f} | {'**yes**' if c['selected'] else ''} |"
             )
         lines.append("")
     if probes:
@@ -481,8 +422,9 @@ def aggregate(exp: Experiment, *, plots: bool = True, update_results: bool = Fal
     teachers = teacher_rows(records)
     students = teacher_points(summary, teachers)
     training = training_rows(records, records_at)
+    selection = selection_rows(exp, records, records_at)
     names = ("results.csv", "summary.csv", "comparisons.csv", "probe.csv", "training.csv", "teachers.csv", "results.md")
-    paths = {name: root / name for name in names}
+    paths = {name: root / name for name in (*names, *(["selection.csv"] if exp.select else []))}
     atomic_write_csv(paths["results.csv"], result_rows(records, [s.label for s in exp.eval]))
     atomic_write_csv(
         paths["summary.csv"],
@@ -492,8 +434,19 @@ def aggregate(exp: Experiment, *, plots: bool = True, update_results: bool = Fal
     atomic_write_csv(paths["probe.csv"], probes)
     atomic_write_csv(paths["training.csv"], training)
     atomic_write_csv(paths["teachers.csv"], students)
+    if exp.select:
+        atomic_write_csv(paths["selection.csv"], selection)
     markdown = format_markdown(
-        exp, summary, comparisons, len(records), teachers, probes, precisions, students=students, training=training
+        exp,
+        summary,
+        comparisons,
+        len(records),
+        teachers,
+        probes,
+        precisions,
+        students=students,
+        training=training,
+        selection=selection,
     )
     atomic_write_text(paths["results.md"], markdown)
     figures = (
@@ -507,6 +460,7 @@ def aggregate(exp: Experiment, *, plots: bool = True, update_results: bool = Fal
         "teachers": teachers,
         "students": students,
         "training": training,
+        "selection": selection,
         "probes": probes,
         "records": records,
     }
