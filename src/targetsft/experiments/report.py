@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +134,17 @@ def _pct(x: float | None) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
 
+def _section(title: str, note: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    """A section of ``results.md``: ``## title``, a note (none when empty), a table of ``columns`` with its rows."""
+    out = [f"## {title}", "", *([note, ""] if note else [])]
+    out += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return [*out, *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows), ""]
+
+
+def _interval(mean: float, lo: float | None, hi: float | None) -> str:
+    return f"{_pct(mean)} [{_pct(lo)}, {_pct(hi)}]"
+
+
 def format_markdown(
     exp: Experiment,
     summary: Sequence[dict],
@@ -165,12 +176,7 @@ def format_markdown(
         if not rows:
             continue
         metrics = list(dict.fromkeys(r["metric"] for r in rows))
-        lines += [
-            f"## {spec.label} ({spec.set})",
-            "",
-            "| config | runs | " + " | ".join(metrics) + " |",
-            "|---|---|" + "---|" * len(metrics),
-        ]
+        table = []
         for cid in dict.fromkeys(r["config"] for r in rows):
             cells, n = [], 0
             for metric in metrics:
@@ -180,123 +186,97 @@ def format_markdown(
                     continue
                 n = r["n_runs"]
                 if r["interval"] == "problems":
-                    cells.append(f"{_pct(r['mean'])} [{_pct(r['lo'])}, {_pct(r['hi'])}]*")
+                    cells.append(_interval(r["mean"], r["lo"], r["hi"]) + "*")
                 else:
                     cells.append(f"{_pct(r['mean'])} ± {_pct(r['half'])} [{_pct(r['lo'])}, {_pct(r['hi'])}]")
-            lines.append(f"| {cid} | {n} | " + " | ".join(cells) + " |")
-        lines.append("")
+            table.append([cid, n, *cells])
+        lines += _section(f"{spec.label} ({spec.set})", "", ["config", "runs", *metrics], table)
     # the teacher's temperature and the entropy of its top-k, for records that have them (runs since they were
     # recorded; a table of older records keeps its columns)
     sharpness = bool(teachers) and all("topk_entropy" in t for t in teachers)
     if teachers:
-        lines += [
-            "## Teachers on the training labels",
-            "",
+        lines += _section(
+            "Teachers on the training labels",
             "Per supervised token of the training data, from each teacher's top-k cache: how often its top token is "
             "the label, how often the label is in its top-k, and its mean probability of the label (0 counted where "
             "the label is outside the top-k: a lower bound).",
-            "",
-            "| teacher | prompt | used by | tokens | top-1 = label | label in top-k | mean π_T(label) |"
-            + (" T | H(top-k), nats |" if sharpness else ""),
-            "|---|---|---|---|---|---|---|" + ("---|---|" if sharpness else ""),
-        ]
-        for t in teachers:
-            extra = f" {t.get('temperature', 1.0):g} | {t['topk_entropy']:.3f} |" if sharpness else ""
-            lines.append(
-                f"| {t['teacher']} | {t['prompt']} | {', '.join(t['configs'])} | {t['tokens']} | {_pct(t['top1'])} | "
-                f"{_pct(t['in_topk'])} | {_pct(t['p_label'])} |{extra}"
-            )
-        lines.append("")
+            ["teacher", "prompt", "used by", "tokens", "top-1 = label", "label in top-k", "mean π_T(label)"]
+            + (["T", "H(top-k), nats"] if sharpness else []),
+            (
+                [t["teacher"], t["prompt"], ", ".join(t["configs"]), t["tokens"], _pct(t["top1"]), _pct(t["in_topk"])]
+                + [_pct(t["p_label"])]
+                + ([f"{t.get('temperature', 1.0):g}", f"{t['topk_entropy']:.3f}"] if sharpness else [])
+                for t in teachers
+            ),
+        )
     if len({p["cache"] for p in students}) > 1:
-        lines += [
-            "## Students by teacher",
-            "",
+        lines += _section(
+            "Students by teacher",
             "Each student's accuracy beside its teacher's agreement with the training labels and the entropy of its "
             "top-k (`plots/accuracy_vs_teacher_<set>.png`, with SFT and DFT as bands).",
-            "",
-            "| set | teacher | top-1 = label | H(top-k), nats | student | runs | metric | accuracy |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for p in students:
-            entropy = "—" if p["topk_entropy"] is None else f"{p['topk_entropy']:.3f}"
-            star = "*" if p["interval"] == "problems" else ""
-            cell = f"{_pct(p['mean'])} [{_pct(p['lo'])}, {_pct(p['hi'])}]{star}"
-            lines.append(
-                f"| {p['set']} | {p['teacher_label']} | {_pct(p['top1'])} | {entropy} | {p['config']} | "
-                f"{p['n_runs']} | {p['metric']} | {cell} |"
-            )
-        lines.append("")
+            ["set", "teacher", "top-1 = label", "H(top-k), nats", "student", "runs", "metric", "accuracy"],
+            (
+                [p["set"], p["teacher_label"], _pct(p["top1"])]
+                + ["—" if p["topk_entropy"] is None else f"{p['topk_entropy']:.3f}", p["config"], p["n_runs"]]
+                + [p["metric"], _interval(p["mean"], p["lo"], p["hi"]) + ("*" if p["interval"] == "problems" else "")]
+                for p in students
+            ),
+        )
     if training:
-        lines += [
-            "## Target statistics over training",
-            "",
+        lines += _section(
+            "Target statistics over training",
             "Per supervised token, the mean over the logged steps (`metrics.csv`), then over seeds: the label trust γ, "
             "the target's mass on the label Q(label), the model's p_θ(label), and the residual's entropy H(π̃) "
             "(— where it is undefined: a signed target).",
-            "",
-            "| config | runs | mean γ | mean Q(label) | mean p_θ(label) | mean H(π̃), nats |",
-            "|---|---|---|---|---|---|",
-        ]
-        for t in training:
-            entropy = "—" if math.isnan(t["residual_entropy"]) else f"{t['residual_entropy']:.3f}"
-            lines.append(
-                f"| {t['config']} | {t['n_runs']} | {t['gamma']:.3f} | {t['q_label']:.3f} | {t['p_label']:.3f} | "
-                f"{entropy} |"
-            )
-        lines.append("")
+            ["config", "runs", "mean γ", "mean Q(label)", "mean p_θ(label)", "mean H(π̃), nats"],
+            (
+                [t["config"], t["n_runs"], f"{t['gamma']:.3f}", f"{t['q_label']:.3f}", f"{t['p_label']:.3f}"]
+                + ["—" if math.isnan(t["residual_entropy"]) else f"{t['residual_entropy']:.3f}"]
+                for t in training
+            ),
+        )
     if selection:
-        lines += [
-            f"## Learning rate chosen on {selection[0]['set']} ({selection[0]['metric']})",
-            "",
+        lines += _section(
+            f"Learning rate chosen on {selection[0]['set']} ({selection[0]['metric']})",
             "Per family of configs that differ only in their rate: the best mean wins; a rate whose paired "
             "difference with it is a tie (95% interval containing 0) joins it, and the lowest training NLL (the "
             "mean `nll` of the last third of the logged steps) decides among them.",
-            "",
-            "| family | config | runs | value | − best [95%] | tied with best | training NLL | chosen |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for c in selection:
-            gap = "—" if c["lo"] is None else f"{_pct(c['diff_to_best'])} [{_pct(c['lo'])}, {_pct(c['hi'])}]"
-            lines.append(
-                f"| {c['family']} | {c['config']} | {c['n_runs']} | {_pct(c['mean'])} | {gap} | "
-                f"{'yes' if c['tied_with_best'] else 'no'} | {c['nll']:.3f} | {'**yes**' if c['selected'] else ''} |"
-            )
-        lines.append("")
+            ["family", "config", "runs", "value", "− best [95%]", "tied with best", "training NLL", "chosen"],
+            (
+                [c["family"], c["config"], c["n_runs"], _pct(c["mean"])]
+                + ["—" if c["lo"] is None else _interval(c["diff_to_best"], c["lo"], c["hi"])]
+                + ["yes" if c["tied_with_best"] else "no", f"{c['nll']:.3f}", "**yes**" if c["selected"] else ""]
+                for c in selection
+            ),
+        )
     if probes:
-        lines += [
-            "## p_θ(label) on the probe examples, start → end of training",
-            "",
+        lines += _section(
+            "p_θ(label) on the probe examples, start → end of training",
             "Per supervised token of the first training examples (`gamma_probe`), the model's probability of the "
             "label: γ itself for the γ = p_θ(y) methods, and for every method how well it fits its training labels. "
             "Mean over seeds.",
-            "",
-            f"| config | runs | tokens | last step | mean | 10% quantile | median | p < {probes[0]['bin']:g} "
-            f"| p ≥ {1 - probes[0]['bin']:g} |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for p in probes:
-            cells = " | ".join(f"{_pct(p[f'{k}_start'])} → {_pct(p[f'{k}_end'])}" for k in PROBE_KEYS)
-            lines.append(f"| {p['config']} | {p['n_runs']} | {p['tokens']} | {p['step']} | {cells} |")
-        lines.append("")
+            ["config", "runs", "tokens", "last step", "mean", "10% quantile", "median"]
+            + [f"p < {probes[0]['bin']:g}", f"p ≥ {1 - probes[0]['bin']:g}"],
+            (
+                [p["config"], p["n_runs"], p["tokens"], p["step"]]
+                + [f"{_pct(p[f'{k}_start'])} → {_pct(p[f'{k}_end'])}" for k in PROBE_KEYS]
+                for p in probes
+            ),
+        )
     if comparisons:
-        lines += [
-            "## Paired comparisons (A − B, same problems and seeds)",
-            "",
+        lines += _section(
+            "Paired comparisons (A − B, same problems and seeds)",
             "Difference in points with its 95% t-interval over problems (per problem: mean over seeds); "
             "McNemar exact p on the discordant (seed, problem) pairs for 0/1 metrics. A win or loss only when "
             "the interval excludes 0.",
-            "",
-            "| set | metric | A | B | A − B [95%] | problems × seeds | A only / B only | p (McNemar) | verdict |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for c in comparisons:
-            p = "—" if c["p_mcnemar"] is None else f"{c['p_mcnemar']:.3g}"
-            lines.append(
-                f"| {c['set']} | {c['metric']} | {c['a']} | {c['b']} | {_pct(c['diff'])} [{_pct(c['lo'])}, "
-                f"{_pct(c['hi'])}] | {c['n_problems']} × {c['n_seeds']} | {c['a_better']} / {c['b_better']} | {p} | "
-                f"**{c['verdict']}** |"
-            )
-        lines.append("")
+            ["set", "metric", "A", "B", "A − B [95%]", "problems × seeds", "A only / B only", "p (McNemar)", "verdict"],
+            (
+                [c["set"], c["metric"], c["a"], c["b"], _interval(c["diff"], c["lo"], c["hi"])]
+                + [f"{c['n_problems']} × {c['n_seeds']}", f"{c['a_better']} / {c['b_better']}"]
+                + ["—" if c["p_mcnemar"] is None else f"{c['p_mcnemar']:.3g}", f"**{c['verdict']}**"]
+                for c in comparisons
+            ),
+        )
     return "\n".join(lines)
 
 
