@@ -167,6 +167,7 @@ class _StopAt(transformers.TrainerCallback):
         ("target_sft", "random", ()),
         ("target_sft", "group_by_length", ()),
         ("proximal_sft", "random", ("loss.params.refresh=2", "loss.params.epsilon=0.05")),  # π_old restored
+        ("proximal_sft", "random", ("loss.params.refresh=2", "loss.params.epsilon=0.05", "lora.r=4")),  # its adapters
     ],
 )
 def test_resume_is_exact(method, sampling, extra, model_dirs, tmp_path):
@@ -187,6 +188,11 @@ def test_resume_is_exact(method, sampling, extra, model_dirs, tmp_path):
     train(cfg, callbacks=[_StopAt(3)])
     assert (part / "checkpoint-3").is_dir() and not (part / "checkpoint-6").exists()
     train(cfg, resume=True)
+    if "lora.r=4" in extra:  # π_old's checkpoint holds what the student trains: the adapters, not the frozen base
+        from safetensors.torch import load_file
+
+        kept = load_file(sorted(part.glob("checkpoint-*/pi_old.safetensors"))[-1])
+        assert kept and all("lora_" in name for name in kept)
     a, b = _weights(full / "final"), _weights(part / "final")
     assert a.keys() == b.keys()
     for k in a:
@@ -221,14 +227,28 @@ def test_policy_snapshot_refreshes_pi_old_and_survives_a_checkpoint(tmp_path):
         pi_old.weight.zero_()
     snap.on_train_begin(args, state, None)
     assert torch.equal(pi_old.weight, kept) and not torch.equal(pi_old.weight, student.weight)
+    # what the student does not train (a LoRA base) is neither copied nor saved; a file without π_old's trained
+    # weights is refused
+    student.bias.requires_grad_(False)
+    with torch.no_grad():
+        student.bias.fill_(5.0)
+    snap = PolicySnapshot(student, pi_old, refresh=1)
+    snap.on_pre_optimizer_step(args, state, None)
+    assert torch.equal(pi_old.weight, student.weight) and not torch.equal(pi_old.bias, student.bias)
+    snap.on_save(args, state, None)
+    from safetensors.torch import load_file, save_file
+
+    assert set(load_file(tmp_path / "checkpoint-3" / PolicySnapshot.FILE)) == {"weight"}
+    save_file({"bias": pi_old.bias.detach()}, str(tmp_path / "checkpoint-3" / PolicySnapshot.FILE))
+    with pytest.raises(ValueError, match=r"lacks π_old's trained weights \['weight'\]"):
+        snap.on_train_begin(args, state, None)
 
 
 def test_proximal_sft_config_checks():
     for section in ("reference.model=other", "reference.dtype=bfloat16"):
         with pytest.raises(ConfigError, match="π_old, an exact copy of the student"):
             load_config(None, ["loss.method=proximal_sft", section])
-    with pytest.raises(ConfigError, match="LoRA"):
-        load_config(None, ["loss.method=proximal_sft", "lora.r=4"])
+    assert load_config(None, ["loss.method=proximal_sft", "lora.r=4"]).lora.r == 4  # π_old: the adapters' copy
     with pytest.raises(ConfigError, match="refresh"):
         load_config(None, ["loss.method=proximal_sft", "loss.params.refresh=0"])
 

@@ -342,8 +342,6 @@ def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
             raise ConfigError(
                 "proximal_sft's reference is π_old, an exact copy of the student: remove the reference section"
             )
-        if cfg.lora is not None:
-            raise ConfigError("proximal_sft with LoRA is not supported yet (π_old would need the merged weights)")
     return cfg
 
 

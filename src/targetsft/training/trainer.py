@@ -102,30 +102,46 @@ def snapshot_dir(output_dir: str | os.PathLike, step: int) -> Path:
 
 
 class PolicySnapshot(TrainerCallback):
-    """π_old of ``proximal_sft``: the student's weights copied into the reference model right before every
-    ``refresh``-th optimizer step, so the loss of step t sees the model of 1 to ``refresh`` updates before; saved in
-    each checkpoint (``pi_old.safetensors``) and restored on resume, so an interrupted run continues exactly."""
+    """π_old of ``proximal_sft``, a copy of the student (with its LoRA adapters, if any): the weights the student
+    trains (every weight, or only the adapters under LoRA; the frozen base is shared content, never copied again)
+    and its buffers are copied into it right before every ``refresh``-th optimizer step, so the loss of step t sees
+    the model of 1 to ``refresh`` updates before. Those weights are saved in each checkpoint (``pi_old.safetensors``)
+    and restored on resume, so an interrupted run continues exactly."""
 
     FILE = "pi_old.safetensors"
 
     def __init__(self, model: nn.Module, pi_old: nn.Module, refresh: int) -> None:
         self.model, self.pi_old, self.refresh = model, pi_old, int(refresh)
+        self.trained = [name for name, p in model.named_parameters() if p.requires_grad]
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step > 0:  # resumed: π_old as it was when the checkpoint was written
             from safetensors.torch import load_model
 
-            load_model(self.pi_old, Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.FILE)
+            path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.FILE
+            missing, _ = load_model(self.pi_old, path, strict=False)  # the frozen base is not in the file
+            lost = sorted(set(missing) & set(self.trained))
+            if lost:
+                raise ValueError(f"{path} lacks π_old's trained weights {lost[:3]}: the checkpoint is not this run's")
 
+    @torch.no_grad()
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if state.global_step % self.refresh == 0:
-            self.pi_old.load_state_dict(self.model.state_dict())
+            old = dict(self.pi_old.named_parameters())
+            for name, p in self.model.named_parameters():
+                if p.requires_grad:
+                    old[name].copy_(p)
+            old_buffers = dict(self.pi_old.named_buffers())
+            for name, b in self.model.named_buffers():
+                old_buffers[name].copy_(b)
 
     def on_save(self, args, state, control, **kwargs):
-        from safetensors.torch import save_model
+        from safetensors.torch import save_file
 
         if state.is_world_process_zero:
-            save_model(self.pi_old, str(Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.FILE))
+            old = dict(self.pi_old.named_parameters())
+            weights = {name: old[name].detach().contiguous() for name in self.trained}
+            save_file(weights, str(Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.FILE))
 
 
 def _model_card(
@@ -389,11 +405,9 @@ def train(
     model = load_model(model_path, **cfg.model_init.from_pretrained_kwargs(torch.float32))
     spec = get_method(cfg.loss.method)
     ref_model = None
-    if "ref" in spec.needs:
+    if "ref" in spec.needs and cfg.loss.method != "proximal_sft":  # π_old is copied below, adapters included
         if cfg.reference.model:
             ref_model = load_frozen(cfg.reference.model, cfg.reference, precision.dtype, tokenizer, "reference")
-        elif cfg.loss.method == "proximal_sft":  # π_old: an exact copy of the student, refreshed from its weights
-            ref_model = copy.deepcopy(model)
         else:
             ref_model = _as_frozen_copy(model, cfg.reference, precision.dtype)
     teacher_model, teacher_cache, teacher_info = None, None, None
@@ -425,6 +439,8 @@ def train(
         }
     if cfg.lora is not None:
         model = _with_lora(model, cfg)
+    if cfg.loss.method == "proximal_sft":  # π_old: an exact copy of the student, refreshed from its trained weights
+        ref_model = copy.deepcopy(model)
     from datasets import Dataset
 
     snapshots: list[TrainerCallback] = [ModelSnapshots(cfg.snapshot_steps, tokenizer)] if cfg.snapshot_steps else []
