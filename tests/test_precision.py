@@ -134,3 +134,15 @@ def test_the_teacher_cache_build_runs_and_records_the_chosen_precision(
     capability(cpu_bf16=True)
     build_teacher_cache(tiny_llama, examples, part, **kw)  # the same precision resumes
     assert json.loads((part / "manifest.json").read_text())["complete"]
+
+
+def test_records_name_the_library_versions():
+    """Every record names the versions of the libraries that can change its numbers, read from their distributions
+    (so they equal what the imported modules say)."""
+    import accelerate
+    import transformers
+
+    libraries = P.environment()["libraries"]
+    assert libraries["transformers"] == transformers.__version__
+    assert libraries["accelerate"] == accelerate.__version__
+    assert set(libraries) <= set(P._RECORDED_LIBRARIES)

