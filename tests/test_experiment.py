@@ -1051,6 +1051,9 @@ def test_reproduce_a_run_from_its_record(tiny_setup, tmp_path, capsys, monkeypat
     assert comparison["sets"]["qa"]["identical_items"] == comparison["sets"]["qa"]["items"] == 3
     assert comparison["training"]["steps"] == 3 and comparison["training"]["columns"]["loss"]["max_abs"] == 0
     assert "reproduction of target_sft-s0: identical" in printed and "3/3 items with identical outputs" in printed
+    import transformers
+
+    assert f"transformers {transformers.__version__}" in printed  # both environments name the stack
     assert {p: p.read_bytes() for p in committed.rglob("*") if p.is_file()} == before
 
     # a record that the rerun does not match: reported, status 1, status 0 within the tolerance

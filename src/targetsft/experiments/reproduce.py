@@ -9,8 +9,9 @@ caches stay the experiment's own), and the new record is compared with the commi
 * training: the largest difference of every logged training statistic (loss, grad norm, γ, ...) over the logged
   steps, |a − b| and |a − b| / max(|a|, |b|).
 
-Both records' environments (CPU capability, threads, torch) are printed beside the figures: a difference between
-two kinds of CPU or two thread counts is expected of floating point, not a fault of the run. A killed reproduction
+Both records' environments (CPU capability, threads, torch and, where recorded, transformers and the other
+libraries) are printed beside the figures: a difference between two kinds of CPU, two thread counts or two library
+versions is expected of floating point, not a fault of the run. A killed reproduction
 resumes like any run (its checkpoints are in the scratch folder).
 """
 
@@ -189,7 +190,9 @@ def format_comparison(comparison: dict[str, Any]) -> str:
     for side in ("recorded", "rerun"):
         env = envs[side]["train"] or envs[side]["eval"] or {}
         keys = ("precision", "cpu_capability", "torch_threads", "torch", "device")
-        lines.append(f"  {side:<8s} environment: " + ", ".join(f"{k} {env[k]}" for k in keys if k in env))
+        named = [f"{k} {env[k]}" for k in keys if k in env]
+        named += [f"{k} {v}" for k, v in env.get("libraries", {}).items()]  # records since they were kept
+        lines.append(f"  {side:<8s} environment: " + ", ".join(named))
     for label, s in comparison["sets"].items():
         lines.append(f"  {label}: {s['identical_items']}/{s['items']} items with identical outputs")
         for name, m in s["metrics"].items():
