@@ -145,7 +145,10 @@ def assert_rows_match(ids: torch.Tensor, lps: torch.Tensor, ref: torch.Tensor, k
 
 
 def build(model, examples, out, tokenizer, **kw) -> Path:
+    """A small build at float32, the reference's precision (``auto`` would run bf16 autocast on a native-bf16 CPU,
+    whose top-k may reorder near-ties: the precision rule is tested in test_precision.py)."""
     kw = {
+        "precision": "fp32",
         "k": 8,
         "temperature": 1.0,
         "batch_size": 3,
@@ -357,7 +360,7 @@ _CRASH_SCRIPT = textwrap.dedent(
     model = LlamaForCausalLM.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     build_teacher_cache(model, examples, out, tokenizer=tokenizer, k=8, batch_size=3, shard_examples=3,
-                        teacher_name="tiny-llama", progress=False)
+                        teacher_name="tiny-llama", progress=False, precision="fp32")
     """
 )
 
