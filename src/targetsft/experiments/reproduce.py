@@ -191,7 +191,7 @@ def format_comparison(comparison: dict[str, Any]) -> str:
         env = envs[side]["train"] or envs[side]["eval"] or {}
         keys = ("precision", "cpu_capability", "torch_threads", "torch", "device")
         named = [f"{k} {env[k]}" for k in keys if k in env]
-        named += [f"{k} {v}" for k, v in env.get("libraries", {}).items()]  # absent in records made before they were kept
+        named += [f"{k} {v}" for k, v in env.get("libraries", {}).items()]  # older records: none
         lines.append(f"  {side:<8s} environment: " + ", ".join(named))
     for label, s in comparison["sets"].items():
         lines.append(f"  {label}: {s['identical_items']}/{s['items']} items with identical outputs")
