@@ -492,13 +492,22 @@ def test_records_outlive_the_models(tiny_setup, tmp_path, monkeypatch):
 
     # a new eval set needs the students' model again: retrained, the old set's result kept
     mc_result = (records / "kd-s0" / "eval" / "mc" / "result.json").stat().st_mtime_ns
+    before_done = json.loads((records / "kd-s0" / "DONE.json").read_text())
+    assert "earlier_models" not in before_done
     raw["eval"].append({"name": "mc2", "set": str(mc), "batch_size": 2})
     exp = X.experiment_from_dict(raw)
     assert [X.run_status(exp, r) for r in X.expand_grid(exp)] == ["retrain", "retrain"]
     X.run_experiment(exp, progress=False, only="kd-s0")
     assert trained[2:] == ["kd-s0"]  # its teacher is cached: not retrained
     assert (records / "kd-s0" / "eval" / "mc" / "result.json").stat().st_mtime_ns == mc_result
-    assert set(json.loads((records / "kd-s0" / "DONE.json").read_text())["sets"]) == {"mc", "mc2"}
+    done = json.loads((records / "kd-s0" / "DONE.json").read_text())
+    assert set(done["sets"]) == {"mc", "mc2"}
+    # each set names the model it was evaluated on; the kept one's is gone: the record says so, with its training
+    assert done["sets"]["mc2"]["model"] == X.training_id(done["train"]) != X.training_id(before_done["train"])
+    assert done["sets"]["mc"]["model"] == X.training_id(before_done["train"])
+    assert done["earlier_models"] == [{"sets": ["mc"], "train": before_done["train"]}]
+    markdown = X.aggregate(exp, plots=False)["paths"]["results.md"].read_text()
+    assert "Evaluated on an earlier training of the run, retrained since" in markdown and "kd-s0 (mc)." in markdown
 
     # without the cache the teacher is retrained for the student that needs it
     shutil.rmtree(runs)

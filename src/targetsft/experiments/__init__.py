@@ -26,7 +26,14 @@ from targetsft.experiments.grid import (
 )
 from targetsft.experiments.plots import write_plots
 from targetsft.experiments.report import aggregate, check_one_precision, done_records
-from targetsft.experiments.runner import format_progress, run_experiment, run_experiments, run_one, run_status
+from targetsft.experiments.runner import (
+    format_progress,
+    run_experiment,
+    run_experiments,
+    run_one,
+    run_status,
+    training_id,
+)
 from targetsft.experiments.statistics import mcnemar_exact, paired_comparison, t_interval, t_quantile
 
 __all__ = [
@@ -54,6 +61,7 @@ __all__ = [
     "run_one",
     "run_precision",
     "run_status",
+    "training_id",
     "t_interval",
     "t_quantile",
     "tables_dir",

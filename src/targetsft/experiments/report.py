@@ -156,12 +156,14 @@ def format_markdown(
     students: Sequence[dict] = (),
     training: Sequence[dict] = (),
     selection: Sequence[dict] = (),
+    earlier: Sequence[tuple[str, list[str]]] = (),
 ) -> str:
     """``results.md``: a table per set (configs × metrics, mean ± interval in %), the teachers' scores on the
     training labels (:func:`teacher_rows`) and their students (:func:`teacher_points`), the target statistics over
     training (:func:`training_rows`), the learning rates chosen on the validation set (:func:`selection_rows`),
     p_θ(y) on the probe examples (:func:`probe_rows`) and the paired comparisons;
-    ``precisions``: the training precision of the runs (:func:`check_one_precision`)."""
+    ``precisions``: the training precision of the runs (:func:`check_one_precision`); ``earlier``: sets evaluated on
+    a model since retrained (:func:`earlier_model_sets`)."""
     done = len({r["config"] for r in summary})
     trained = f" Training precision: {', '.join(precisions)}." if precisions else ""
     lines = [
@@ -171,6 +173,14 @@ def format_markdown(
         "± the 95% t-interval half-width [interval]; `*`: one run, its 95% interval over problems.",
         "",
     ]
+    if earlier:
+        lines += [
+            "Evaluated on an earlier training of the run, retrained since (its model was gone when another "
+            "experiment needed it; the training statistics here are the new training's): "
+            + "; ".join(f"{run} ({', '.join(sets)})" for run, sets in earlier)
+            + ".",
+            "",
+        ]
     for spec in exp.eval:
         rows = [r for r in summary if r["set"] == spec.label]
         if not rows:
@@ -360,6 +370,13 @@ def training_rows(records: Sequence[dict[str, Any]], root: Path) -> list[dict[st
 PROBE_KEYS = ("mean", "q10", "q50", "low", "high")
 
 
+def earlier_model_sets(exp: Experiment, records: Sequence[dict[str, Any]]) -> list[tuple[str, list[str]]]:
+    """The runs with sets of ``exp`` evaluated on a model since retrained (``DONE.json``'s ``earlier_models``)."""
+    labels = [s.label for s in exp.eval]
+    found = [(r["run"], {k for g in r.get("earlier_models", []) for k in g["sets"]}) for r in records]
+    return [(run, [k for k in labels if k in sets]) for run, sets in found if sets & set(labels)]
+
+
 def probe_rows(records: Sequence[dict[str, Any]], root: Path) -> list[dict[str, Any]]:
     """One row per trained config with probe files: p_θ(y) on its probe examples at the first and the last recorded
     step (``<key>_start``, ``<key>_end``), each the mean over seeds of the run's mean, 10% quantile, median and the
@@ -427,6 +444,7 @@ def aggregate(exp: Experiment, *, plots: bool = True, update_results: bool = Fal
         students=students,
         training=training,
         selection=selection,
+        earlier=earlier_model_sets(exp, records),
     )
     atomic_write_text(paths["results.md"], markdown)
     figures = (

@@ -287,8 +287,11 @@ def _evaluate_set(
     return {"spec": spec_dict(spec), "kind": kind, "n": summary["n"], "metrics": summary["metrics"], "items": items}
 
 
-def _evaluate(exp: Experiment, run: Run, log: Callable[[str], None], progress: bool) -> dict[str, Any]:
-    """Every eval set of the run (reusing the sets whose ``result.json`` matches their spec)."""
+def _evaluate(
+    exp: Experiment, run: Run, log: Callable[[str], None], progress: bool, model_id: str | None
+) -> dict[str, Any]:
+    """Every eval set of the run (reusing the sets whose ``result.json`` matches their spec); a new result names the
+    model it was evaluated on (``model_id``: :func:`training_id`)."""
     import torch
 
     from targetsft.evaluation.suite import close_model, open_model
@@ -315,7 +318,7 @@ def _evaluate(exp: Experiment, run: Run, log: Callable[[str], None], progress: b
                 model, engine = open_model(path, spec.engine, getattr(torch, spec.dtype), device)
                 tokenizer, loaded = load_tokenizer(path, padding_side="left"), (spec.dtype, spec.engine)
             log(f"evaluating {run.id} on {spec.label}" + (f" ({engine})" if engine != "compact" else ""))
-            result = _evaluate_set(model, tokenizer, spec, folder, run.id, progress, engine)
+            result = {**_evaluate_set(model, tokenizer, spec, folder, run.id, progress, engine), "model": model_id}
             write_json(folder / "result.json", result)
             results[spec.label] = {**result, "items": f"eval/{spec.label}/{result['items']}"}
     finally:
@@ -323,6 +326,11 @@ def _evaluate(exp: Experiment, run: Run, log: Callable[[str], None], progress: b
         del model
         gc.collect()
     return results
+
+
+def train_record(summary: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The part of the trainer's summary that a run's record keeps (its data, metrics, teacher and environment)."""
+    return summary and {k: summary[k] for k in ("data", "metrics", "teacher", "environment") if k in summary}
 
 
 def _record(run: Run, fingerprint: str, train_summary: dict | None, sets: dict, seconds: float) -> dict[str, Any]:
@@ -336,8 +344,7 @@ def _record(run: Run, fingerprint: str, train_summary: dict | None, sets: dict, 
         "learning_rate": run.learning_rate,
         "seed": run.seed,
         "fingerprint": fingerprint,
-        "train": train_summary
-        and {k: train_summary[k] for k in ("data", "metrics", "teacher", "environment") if k in train_summary},
+        "train": train_record(train_summary),
         "precision": recorded_precision(train_summary),
         "eval_environment": environment(),
         "sets": sets,
@@ -376,16 +383,41 @@ def run_one(
         if status != "evaluate":
             log(f"training {run.id} ({status})")
         train_summary = _train(exp, run, log, teachers)
-    sets = _evaluate(exp, run, log, progress)
+    sets = _evaluate(exp, run, log, progress, training_id(train_record(train_summary)))
     earlier = read_json(record / DONE_FILE) or {}  # the record of other experiments sharing runs_dir, if any
     sets = {**{k: v for k, v in earlier.get("sets", {}).items() if k not in sets}, **sets}
     seconds = earlier.get("seconds", 0.0) + time.perf_counter() - t0
     done = _record(run, fingerprint, train_summary, sets, seconds)
+    if groups := _earlier_models(earlier, done):
+        done["earlier_models"] = groups
     write_json(record / DONE_FILE, done)
     if not exp.keep_checkpoints:  # only a resume needs them; final/ stays
         for checkpoint in out.glob("checkpoint-*"):
             shutil.rmtree(checkpoint)
     return done
+
+
+def _earlier_models(earlier: dict[str, Any], done: dict[str, Any]) -> list[dict[str, Any]]:
+    """The sets of ``done`` evaluated on a model that is gone (the run was retrained since), grouped by that model,
+    each group with its training record: ``[{"sets": [...], "train": ...}]``, so no set passes for the new model's.
+    A set names its model by :func:`training_id`; one recorded before sets named it was evaluated on the model of
+    the record it comes from (``earlier``)."""
+    trainings = {training_id(g["train"]): g["train"] for g in earlier.get("earlier_models", [])}
+    trainings[training_id(earlier.get("train"))] = earlier.get("train")
+    now, groups = training_id(done["train"]), {}
+    for label, result in done["sets"].items():
+        model = result.get("model", training_id(earlier.get("train")))
+        if model != now:
+            groups.setdefault(model, []).append(label)
+    return [{"sets": labels, "train": trainings.get(model)} for model, labels in groups.items()]
+
+
+def training_id(train: dict[str, Any] | None) -> str | None:
+    """Which training a model came from: a short sha256 of its training record (``DONE.json``'s ``train``: the
+    trainer's data, metrics, teacher and environment, unique per training); ``None`` for an untrained baseline."""
+    from targetsft.runtime.files import sha256_json
+
+    return sha256_json(train)[:16] if train else None
 
 
 def _precision_message(exp: Experiment, runs: Sequence[Run]) -> str:
