@@ -517,6 +517,31 @@ def test_records_outlive_the_models(tiny_setup, tmp_path, monkeypatch):
     assert trained[3:] == ["teach-s0", "kd-lr0.001-s0"]
 
 
+def test_earlier_models_of_sets_kept_across_retrains():
+    """A set recorded before results named their model counts as evaluated on the model of the record it comes from;
+    groups carried from an older retrain stay with their own training; a baseline (no training) has none."""
+    from targetsft.experiments.runner import _earlier_models
+
+    first, second, third = ({"metrics": {"train_loss": x}} for x in (0.5, 0.4, 0.3))
+    ids = [X.training_id(t) for t in (first, second, third)]
+    assert len(set(ids)) == 3 and X.training_id(None) is None
+    # an older experiment's record (no "model" in its sets), the run retrained for a new set
+    earlier = {"train": first, "sets": {"a": {"n": 1}}}
+    done = {"train": second, "sets": {"a": {"n": 1}, "b": {"model": ids[1]}}}
+    assert _earlier_models(earlier, done) == [{"sets": ["a"], "train": first}]
+    # retrained once more for a third set: each kept set keeps the training it came from
+    earlier = {**done, "earlier_models": _earlier_models(earlier, done)}
+    done = {"train": third, "sets": {**earlier["sets"], "c": {"model": ids[2]}}}
+    groups = _earlier_models(earlier, done)
+    assert groups == [{"sets": ["a"], "train": first}, {"sets": ["b"], "train": second}]
+    # a new set on the same model (nothing retrained): the groups stay as they were
+    earlier = {**done, "earlier_models": groups}
+    done = {"train": third, "sets": {**done["sets"], "d": {"model": ids[2]}}}
+    assert _earlier_models(earlier, done) == groups
+    # a baseline (no training) has no earlier model
+    assert _earlier_models({"train": None, "sets": {"a": {}}}, {"train": None, "sets": {"a": {"model": None}}}) == []
+
+
 # ----------------------------------------------------------------------------------------- aggregation by hand
 
 

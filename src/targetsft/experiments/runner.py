@@ -400,13 +400,16 @@ def run_one(
 def _earlier_models(earlier: dict[str, Any], done: dict[str, Any]) -> list[dict[str, Any]]:
     """The sets of ``done`` evaluated on a model that is gone (the run was retrained since), grouped by that model,
     each group with its training record: ``[{"sets": [...], "train": ...}]``, so no set passes for the new model's.
-    A set names its model by :func:`training_id`; one recorded before sets named it was evaluated on the model of
-    the record it comes from (``earlier``)."""
-    trainings = {training_id(g["train"]): g["train"] for g in earlier.get("earlier_models", [])}
-    trainings[training_id(earlier.get("train"))] = earlier.get("train")
+    A set names its model by :func:`training_id`; one recorded before sets named it was evaluated on the model that
+    ``earlier`` lists it under, else on the model of that record."""
+    old = earlier.get("earlier_models", [])
+    trainings = {training_id(g["train"]): g["train"] for g in old}
+    listed = {label: training_id(g["train"]) for g in old for label in g["sets"]}
+    unnamed = training_id(earlier.get("train"))
+    trainings[unnamed] = earlier.get("train")
     now, groups = training_id(done["train"]), {}
     for label, result in done["sets"].items():
-        model = result.get("model", training_id(earlier.get("train")))
+        model = result["model"] if "model" in result else listed.get(label, unnamed)
         if model != now:
             groups.setdefault(model, []).append(label)
     return [{"sets": labels, "train": trainings.get(model)} for model, labels in groups.items()]
