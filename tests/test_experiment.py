@@ -111,6 +111,16 @@ def test_grid_expansion_ids_count_and_configs():
         ({"select": {"set": "gsm-val"}}, r"select.set 'gsm-val' is not an eval set"),
         ({"select": {"set": "asdiv", "by": "nll"}}, r"unknown key 'by' in select"),
         ({"select": "asdiv"}, r"select must be a mapping"),
+        ({"rank": {"set": "asdiv"}}, r"rank must be a mapping \{sets: \[<eval label>, ..\], among\?, top\?"),
+        ({"rank": {"sets": ["piqa"], "by": "sum"}}, r"unknown key 'by' in rank"),
+        ({"rank": {"sets": []}}, r"rank.sets must be a non-empty list of distinct eval labels"),
+        ({"rank": {"sets": ["asdiv", "asdiv"]}}, r"rank.sets must be a non-empty list of distinct"),
+        ({"rank": {"sets": ["gsm-val"]}}, r"rank.sets: 'gsm-val' is not an eval set"),
+        ({"rank": {"sets": ["piqa"], "top": 0}}, r"rank.top must be an int >= 1"),
+        ({"rank": {"sets": ["piqa"], "top": True}}, r"rank.top must be an int >= 1"),
+        ({"rank": {"sets": ["piqa"], "seeds": 0}}, r"rank.seeds must be a non-empty list of ints"),
+        ({"rank": {"sets": ["piqa"], "among": ["sft"]}}, r"rank.among must be a glob"),
+        ({"rank": {"sets": ["piqa"], "metric": 1}}, r"rank.metric must be a metric name"),
     ],
 )
 def test_schema_is_strict(change, message):
@@ -717,6 +727,64 @@ def test_learning_rate_selection_by_hand(tmp_path):
     # the metric is the set's first primary one unless named
     exp = X.experiment_from_dict({**raw, "select": {"set": "toy", "metric": "average@1"}})
     assert {r["metric"] for r in X.aggregate(exp, plots=False)["selection"]} == {"average@1"}
+
+
+def test_ranking_on_validation_sets_by_hand(tmp_path):
+    """``rank``: the configs matching ``among`` ordered by the sum of their means over ``seeds`` on the sets (a tie
+    on the sum goes to the first set), the first ``top`` chosen; runs of other seeds and configs outside the glob
+    are left out."""
+    raw = {
+        "name": "rank",
+        "output_dir": str(tmp_path),
+        "base": {"teacher": {"model": "t"}},
+        "grid": [
+            {"name": "ts-a", "method": "target_sft", "seeds": [0, 1]},
+            {"name": "ts-b", "method": "target_sft", "seeds": [0]},
+            {"name": "ts-c", "method": "target_sft", "seeds": [0]},
+            {"method": "sft", "seeds": [0]},
+        ],
+        "eval": [{"name": "toy", "set": "toy.jsonl"}, {"name": "mcq", "set": "mcq.jsonl"}],
+        "rank": {"sets": ["mcq", "toy"], "among": "ts-*", "top": 2, "seeds": [0]},
+    }
+    exp = X.experiment_from_dict(raw)
+    runs = tmp_path / "runs"
+    # (toy greedy, mcq accuracy) of 4 items each: a 0.25 + 0.75, b 0.75 + 0.25 (the same sum: b loses on mcq),
+    # c 0.5 + 0.75 (the best sum); a's seed 1 (all right) and sft (all right) must not count
+    for rid, cid, seed, toy, mcq in [
+        ("ts-a-s0", "ts-a", 0, [1, 0, 0, 0], [1, 1, 1, 0]),
+        ("ts-a-s1", "ts-a", 1, [1, 1, 1, 1], [1, 1, 1, 1]),
+        ("ts-b-s0", "ts-b", 0, [1, 1, 1, 0], [1, 0, 0, 0]),
+        ("ts-c-s0", "ts-c", 0, [1, 1, 0, 0], [1, 1, 1, 0]),
+        ("sft-s0", "sft", 0, [1, 1, 1, 1], [1, 1, 1, 1]),
+    ]:
+        _fake_run(exp, runs, rid, cid, cid.split("-")[0] if cid == "sft" else "target_sft", seed, toy, mcq)
+    ranking = X.aggregate(exp, plots=False)["ranking"]
+    assert [(r["config"], r["rank"], r["chosen"]) for r in ranking] == [
+        ("ts-c", 1, True),
+        ("ts-a", 2, True),
+        ("ts-b", 3, False),
+    ]
+    assert [(r["n_runs"], r["seeds"], r["mcq"], r["toy"]) for r in ranking][1] == (1, "0", 0.75, 0.25)
+    assert ranking[0]["sum"] == pytest.approx(1.25)
+    md = (tmp_path / "results.md").read_text()
+    assert "## Chosen on mcq + toy" in md and "over seed 0 on" in md and "Not final" not in md
+    assert "| 1 | ts-c | 1 | 75.0 | 50.0 | 125.0 | **yes** |" in md and md.count("**yes**") == 2
+    with (tmp_path / "ranking.csv").open() as fh:
+        assert [r["config"] for r in csv.DictReader(fh)] == ["ts-c", "ts-a", "ts-b"]
+    # every seed without `seeds`: ts-a's two runs average (0.625, 0.875), the best sum now
+    exp = X.experiment_from_dict({**raw, "rank": {"sets": ["mcq", "toy"], "among": "ts-*"}})
+    ranking = X.aggregate(exp, plots=False)["ranking"]
+    assert [(r["config"], r["n_runs"], r["chosen"]) for r in ranking][0] == ("ts-a", 2, True)
+    assert sum(r["chosen"] for r in ranking) == 1
+    assert "over all their seeds" in (tmp_path / "results.md").read_text()
+    # a config of the grid not finished yet: the choice is not final
+    shutil.rmtree(runs / "ts-b-s0")
+    X.aggregate(exp, plots=False)
+    assert "**Not final**: 2 of the 3 have finished." in (tmp_path / "results.md").read_text()
+    # a metric the sets do not have
+    exp = X.experiment_from_dict({**raw, "rank": {"sets": ["toy"], "metric": "pass@4"}})
+    with pytest.raises(X.ExperimentError, match=r"rank.metric 'pass@4': set toy has \['average@1', 'greedy'\]"):
+        X.aggregate(exp, plots=False)
 
 
 def _tables(folder: Path) -> dict[str, bytes]:

@@ -1,6 +1,6 @@
 """Paired comparisons of finished runs: each set's primary metrics and their per-problem values, the experiment's
-``compare`` pairs (:func:`comparison_rows`) and the learning rate chosen on a validation set
-(:func:`selection_rows`)."""
+``compare`` pairs (:func:`comparison_rows`), the learning rate chosen on a validation set (:func:`selection_rows`)
+and the configs chosen on several (:func:`ranking_rows`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from targetsft.experiments.grid import BASELINE_ID, BINARY_METRICS, EvalSpec, Experiment, rate_family
+from targetsft.experiments.grid import (
+    BASELINE_ID,
+    BINARY_METRICS,
+    EvalSpec,
+    Experiment,
+    ExperimentError,
+    expand_grid,
+    rate_family,
+)
 from targetsft.experiments.plots import read_metrics_csv
 from targetsft.experiments.statistics import paired_comparison
 
@@ -154,3 +162,40 @@ def selection_rows(exp: Experiment, records: Sequence[dict[str, Any]], root: Pat
         chosen = min((c for c in candidates if c["tied_with_best"]), key=lambda c: c["nll"])["config"]
         rows += [{**c, "selected": c["config"] == chosen} for c in candidates]
     return rows
+
+
+def ranked_configs(exp: Experiment) -> list[str]:
+    """The config ids of ``exp``'s grid that ``exp.rank`` ranks once they have finished (its ``among`` and
+    ``seeds``)."""
+    among, seeds = exp.rank.get("among", "*"), exp.rank.get("seeds")
+    runs = [r for r in expand_grid(exp) if seeds is None or r.seed in seeds]
+    return list(dict.fromkeys(r.config_id for r in runs if _matches(among, r.config_id, r.method)))
+
+
+def ranking_rows(exp: Experiment, records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The configs matching ``exp.rank``'s ``among``, ranked by ``sum`` = Σ over its validation sets of the config's
+    mean over ``seeds`` (the runs that have every set; ties on the sum: the higher mean on the first set); the first
+    ``top`` are ``chosen``. One row per config: its runs, seeds, each set's mean, the sum and the rank."""
+    if not exp.rank:
+        return []
+    specs = [next(s for s in exp.eval if s.label == label) for label in exp.rank["sets"]]
+    among, seeds = exp.rank.get("among", "*"), exp.rank.get("seeds")
+    rows = []
+    for cid, runs in by_config(records).items():
+        runs = [r for r in runs if all(s.label in r["sets"] for s in specs) and (seeds is None or r["seed"] in seeds)]
+        if not runs or not _matches(among, cid, runs[0]["method"]):
+            continue
+        means = {}
+        for spec in specs:
+            result = runs[0]["sets"][spec.label]
+            metric = exp.rank.get("metric") or primary_metrics(spec, result["kind"])[0]
+            if metric not in result["metrics"]:
+                raise ExperimentError(f"rank.metric {metric!r}: set {spec.label} has {sorted(result['metrics'])}")
+            values = [r["sets"][spec.label]["metrics"][metric]["value"] for r in runs]
+            means[spec.label] = math.fsum(values) / len(values)
+        row = {"config": cid, "n_runs": len(runs), "seeds": " ".join(str(r["seed"]) for r in runs)}
+        rows.append({**row, **means, "sum": math.fsum(means.values())})
+    first = specs[0].label
+    rows.sort(key=lambda r: (-round(r["sum"], 12), -round(r[first], 12)))  # accuracies: rounding errors are no win
+    top = exp.rank.get("top", 1)
+    return [{**r, "rank": i + 1, "chosen": i < top} for i, r in enumerate(rows)]

@@ -36,6 +36,12 @@ Schema (strict: an unknown key anywhere is an error that names it and lists the 
   default, resolved on the machine that trains). Each record keeps the precision its run was trained at; runs of
   two precisions are never pooled or compared (:func:`check_one_precision`), and a grid whose records were trained
   at another precision than this machine would use is refused before anything starts (status ``precision``).
+* ``rank: {sets, among?, top?, seeds?, metric?}``: choose the ``top`` configs (default 1) among those whose id
+  matches the glob ``among`` (default ``*``: all but the baseline) by the sum of their means over ``seeds`` (default
+  all) on the validation sets ``sets`` (eval labels), each by ``metric`` (default its first primary metric); a tie
+  on the sum goes to the higher mean on the first set (``ranking.csv``, a section of ``results.md``;
+  :func:`~targetsft.experiments.comparisons.ranking_rows`). Fixing ``seeds`` to those the choice was made on keeps
+  the table as it was when runs of more seeds are added for the chosen configs.
 * ``compare``: pairs ``[A, B]`` of method names or globs over config ids (default: every config against ``sft``,
   ``target_sft`` against ``dft``; ``*`` leaves the baseline out, ``base`` names it).
 * ``select: {set, metric?}``: choose each config's learning rate on the validation set ``set`` (an eval label) by
@@ -99,6 +105,9 @@ BASELINE_ID = "base"
 
 
 DEFAULT_COMPARE = (("*", "sft"), ("target_sft", "dft"))
+
+
+RANK_KEYS = ("sets", "among", "top", "seeds", "metric")
 
 
 _ABBREV = {"learning_rate": "lr", "max_steps": "steps", "per_device_train_batch_size": "bs", "label_noise": "noise"}
@@ -190,6 +199,7 @@ class Experiment:
     teacher_cache_dir: str | None = None
     compare: list[list[str]] = field(default_factory=lambda: [list(p) for p in DEFAULT_COMPARE])
     select: dict[str, str] | None = None
+    rank: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -277,6 +287,33 @@ def experiment_from_dict(raw: dict[str, Any]) -> Experiment:
     return exp
 
 
+def _check_rank(rank: Any, labels: list[str]) -> None:
+    """``rank: {sets, among?, top?, seeds?, metric?}`` (see the module docstring)."""
+    if not isinstance(rank, dict) or "sets" not in rank:
+        raise ConfigError(
+            f"rank must be a mapping {{sets: [<eval label>, ..], among?, top?, seeds?, metric?}}, got {rank!r}"
+        )
+    for key in rank:
+        if key not in RANK_KEYS:
+            raise _unknown("rank", key, list(RANK_KEYS))
+    sets = rank["sets"]
+    if not isinstance(sets, list) or not sets or len(set(sets)) != len(sets):
+        raise ConfigError(f"rank.sets must be a non-empty list of distinct eval labels, got {sets!r}")
+    for label in sets:
+        if label not in labels:
+            raise ConfigError(f"rank.sets: {label!r} is not an eval set of the experiment ({labels})")
+    if not isinstance(rank.get("among", "*"), str):
+        raise ConfigError(f"rank.among must be a glob over config ids, got {rank['among']!r}")
+    top = rank.get("top", 1)
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise ConfigError(f"rank.top must be an int >= 1, got {top!r}")
+    seeds = rank.get("seeds")
+    if seeds is not None and not (isinstance(seeds, list) and seeds and all(isinstance(x, int) for x in seeds)):
+        raise ConfigError(f"rank.seeds must be a non-empty list of ints, got {seeds!r}")
+    if not isinstance(rank.get("metric", ""), str):
+        raise ConfigError(f"rank.metric must be a metric name, got {rank['metric']!r}")
+
+
 def load_experiment(path: str | Path) -> Experiment:
     """Read and check an experiment YAML (see the module docstring)."""
     import yaml
@@ -328,6 +365,8 @@ def _check_experiment(exp: Experiment) -> None:
                 raise _unknown("select", key, ["set", "metric"])
         if exp.select["set"] not in labels:
             raise ConfigError(f"select.set {exp.select['set']!r} is not an eval set of the experiment ({labels})")
+    if exp.rank is not None:
+        _check_rank(exp.rank, labels)
     if not all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in exp.compare):
         raise ConfigError(f"compare must be a list of [A, B] pairs of names or patterns, got {exp.compare!r}")
     runs = expand_grid(exp)

@@ -3,7 +3,8 @@
 Outputs, in :func:`~targetsft.experiments.grid.tables_dir` (the experiment's ``output_dir``; its committed
 ``results_dir`` with ``update_results``): ``results.csv`` (one row per run × set × metric), ``summary.csv`` and
 ``results.md`` (mean ± interval over seeds), ``comparisons.csv``, ``selection.csv`` (the learning rate chosen on
-the validation set, for an experiment with ``select``), ``probe.csv`` (p_θ(y) on the probe examples, start
+the validation set, for an experiment with ``select``), ``ranking.csv`` (the configs chosen on validation sets,
+for one with ``rank``), ``probe.csv`` (p_θ(y) on the probe examples, start
 and end of training), ``training.csv`` (the target statistics over training), ``teachers.csv`` (each teacher's
 students), ``plots/*.png``; the runner's ``progress.log`` is in ``output_dir``.
 """
@@ -16,7 +17,14 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from targetsft.experiments.comparisons import by_config, comparison_rows, primary_metrics, selection_rows
+from targetsft.experiments.comparisons import (
+    by_config,
+    comparison_rows,
+    primary_metrics,
+    ranked_configs,
+    ranking_rows,
+    selection_rows,
+)
 from targetsft.experiments.grid import (
     BASELINE_ID,
     DONE_FILE,
@@ -156,12 +164,14 @@ def format_markdown(
     students: Sequence[dict] = (),
     training: Sequence[dict] = (),
     selection: Sequence[dict] = (),
+    ranking: Sequence[dict] = (),
     earlier: Sequence[tuple[str, list[str]]] = (),
 ) -> str:
     """``results.md``: a table per set (configs × metrics, mean ± interval in %), the teachers' scores on the
     training labels (:func:`teacher_rows`) and their students (:func:`teacher_points`), the target statistics over
     training (:func:`training_rows`), the learning rates chosen on the validation set (:func:`selection_rows`),
-    p_θ(y) on the probe examples (:func:`probe_rows`) and the paired comparisons;
+    the configs chosen on several (:func:`ranking_rows`), p_θ(y) on the probe examples (:func:`probe_rows`) and the
+    paired comparisons;
     ``precisions``: the training precision of the runs (:func:`check_one_precision`); ``earlier``: sets evaluated on
     a model since retrained (:func:`earlier_model_sets`)."""
     done = len({r["config"] for r in summary})
@@ -257,6 +267,22 @@ def format_markdown(
                 + ["—" if c["lo"] is None else _interval(c["diff_to_best"], c["lo"], c["hi"])]
                 + ["yes" if c["tied_with_best"] else "no", f"{c['nll']:.3f}", "**yes**" if c["selected"] else ""]
                 for c in selection
+            ),
+        )
+    if ranking:
+        sets, seeds, expected = exp.rank["sets"], exp.rank.get("seeds"), len(ranked_configs(exp))
+        over = "all their seeds" if seeds is None else f"seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}"
+        lines += _section(
+            f"Chosen on {' + '.join(sets)}",
+            f"The configs matching `{exp.rank.get('among', '*')}` by the sum of their means over {over} on the "
+            f"validation sets (a tie on the sum goes to the higher {sets[0]}); the first {exp.rank.get('top', 1)} "
+            "chosen."
+            + ("" if len(ranking) >= expected else f" **Not final**: {len(ranking)} of the {expected} have finished."),
+            ["rank", "config", "runs", *sets, "sum", "chosen"],
+            (
+                [r["rank"], r["config"], r["n_runs"], *(_pct(r[label]) for label in sets), _pct(r["sum"])]
+                + ["**yes**" if r["chosen"] else ""]
+                for r in ranking
             ),
         )
     if probes:
@@ -420,8 +446,10 @@ def aggregate(exp: Experiment, *, plots: bool = True, update_results: bool = Fal
     students = teacher_points(summary, teachers)
     training = training_rows(records, records_at)
     selection = selection_rows(exp, records, records_at)
+    ranking = ranking_rows(exp, records)
     names = ("results.csv", "summary.csv", "comparisons.csv", "probe.csv", "training.csv", "teachers.csv", "results.md")
-    paths = {name: root / name for name in (*names, *(["selection.csv"] if exp.select else []))}
+    optional = [name for name, asked in (("selection.csv", exp.select), ("ranking.csv", exp.rank)) if asked]
+    paths = {name: root / name for name in (*names, *optional)}
     atomic_write_csv(paths["results.csv"], result_rows(records, [s.label for s in exp.eval]))
     atomic_write_csv(
         paths["summary.csv"],
@@ -433,6 +461,8 @@ def aggregate(exp: Experiment, *, plots: bool = True, update_results: bool = Fal
     atomic_write_csv(paths["teachers.csv"], students)
     if exp.select:
         atomic_write_csv(paths["selection.csv"], selection)
+    if exp.rank:
+        atomic_write_csv(paths["ranking.csv"], ranking)
     markdown = format_markdown(
         exp,
         summary,
@@ -444,6 +474,7 @@ def aggregate(exp: Experiment, *, plots: bool = True, update_results: bool = Fal
         students=students,
         training=training,
         selection=selection,
+        ranking=ranking,
         earlier=earlier_model_sets(exp, records),
     )
     atomic_write_text(paths["results.md"], markdown)
@@ -459,6 +490,7 @@ def aggregate(exp: Experiment, *, plots: bool = True, update_results: bool = Fal
         "students": students,
         "training": training,
         "selection": selection,
+        "ranking": ranking,
         "probes": probes,
         "records": records,
     }
