@@ -19,6 +19,7 @@ import pytest
 
 from targetsft import experiments as X
 from targetsft.experiments.grid import eval_spec, same_spec, spec_dict
+from targetsft.experiments.plots import baseline_bands
 from targetsft.experiments.runner import distribution
 from targetsft.runtime.files import sha256_file
 from targetsft.training.config import ConfigError, _yaml, config_from_dict
@@ -1079,6 +1080,11 @@ def test_teacher_snapshots_and_temperature(tiny_setup, tmp_path):
     assert students["kd-temperature2"]["teacher_label"] == "step-2 T=2"
     assert "## Students by teacher" in markdown and "| mc | step-2 T=2 |" in markdown
     assert (out / "plots" / "accuracy_vs_teacher_mc.png").is_file()
+    # the teacher is an SFT run, not the SFT baseline: no band; an SFT run that teaches no one is one
+    assert X.teacher_configs(X.expand_grid(exp)) == {"teach"}
+    assert baseline_bands(exp, result["summary"], "mc", students["kdfinal"]["metric"]) == []
+    sft = {"set": "mc", "metric": "accuracy", "method": "sft", "config": "sft"}
+    assert baseline_bands(exp, [*result["summary"], sft], "mc", "accuracy") == [sft]
     # the target statistics over training: the mean of each run's logged values (one seed each here)
     for t in result["training"]:
         with (out / "runs" / f"{t['config']}-s0" / "metrics.csv").open() as fh:

@@ -23,6 +23,7 @@ from targetsft.experiments.grid import (
     recorded_precision,
     run_precision,
     tables_dir,
+    teacher_configs,
 )
 from targetsft.experiments.plots import write_plots
 from targetsft.experiments.report import aggregate, check_one_precision, done_records
@@ -65,5 +66,6 @@ __all__ = [
     "t_interval",
     "t_quantile",
     "tables_dir",
+    "teacher_configs",
     "write_plots",
 ]

@@ -499,6 +499,12 @@ def teacher_ref(run: Run) -> str | None:
     return run_reference((run.config.get("teacher") or {}).get("model"))
 
 
+def teacher_configs(runs: Sequence[Run]) -> set[str]:
+    """The config ids of the runs that another run of ``runs`` takes as its teacher (``"@<run id>[@<step>]"``)."""
+    refs = {teacher_ref(r) for r in runs}
+    return {r.config_id for r in runs if r.id in refs}
+
+
 def _check_teacher_refs(runs: Sequence[Run]) -> None:
     """A ``teacher.model: "@<run id>"`` must name a run that comes earlier in the grid."""
     position = {r.id: i for i, r in enumerate(runs)}

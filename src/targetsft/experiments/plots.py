@@ -10,7 +10,15 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from targetsft.experiments.grid import BASELINE_ID, PROBE_FILE, Experiment, records_root, tables_dir
+from targetsft.experiments.grid import (
+    BASELINE_ID,
+    PROBE_FILE,
+    Experiment,
+    expand_grid,
+    records_root,
+    tables_dir,
+    teacher_configs,
+)
 from targetsft.experiments.runner import read_probe
 
 
@@ -168,6 +176,17 @@ def _plot_vs_teacher(points: Sequence[dict], bands: Sequence[dict], label: str, 
     return _save(fig, path)
 
 
+def baseline_bands(exp: Experiment, summary: Sequence[dict], label: str, metric: str) -> list[dict]:
+    """The summary rows drawn as bands beside the students of :func:`_plot_vs_teacher`: the SFT and DFT configs on
+    ``label`` / ``metric``, except those trained as another run's teacher (an SFT run, but not a baseline)."""
+    teaching = teacher_configs(expand_grid(exp))
+    return [
+        r
+        for r in summary
+        if (r["set"], r["metric"]) == (label, metric) and r["method"] in ("sft", "dft") and r["config"] not in teaching
+    ]
+
+
 def write_plots(
     exp: Experiment,
     records: Sequence[dict],
@@ -181,7 +200,8 @@ def write_plots(
     for dft vs target_sft the mean γ per logging step (metrics.csv) and its distribution on the probe examples
     (``gamma_probe.jsonl``); accuracy vs η (target_sft) and vs learning rate, where the grid varies them; students'
     accuracy vs their teacher's agreement and entropy (``teacher_points``: :func:`~targetsft.experiments.report.
-    teacher_points`), where a set has students of two teachers or more, with SFT and DFT as bands."""
+    teacher_points`), where a set has students of two teachers or more, with SFT and DFT as bands
+    (:func:`baseline_bands`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -206,6 +226,6 @@ def write_plots(
         points = [p for p in teacher_points if p["set"] == label]
         if len({p["cache"] for p in points}) > 1:
             metric = points[0]["metric"]
-            bands = [r for r in summary if (r["set"], r["metric"]) == (label, metric) and r["method"] in ("sft", "dft")]
+            bands = baseline_bands(exp, summary, label, metric)
             out.append(_plot_vs_teacher(points, bands, label, plots / f"accuracy_vs_teacher_{safe(label)}.png"))
     return [p for p in out if p is not None]
