@@ -1077,8 +1077,9 @@ def test_teacher_snapshots_and_temperature(tiny_setup, tmp_path):
         row = next(r for r in result["summary"] if r["config"] == cid and r["metric"] == p["metric"])
         assert (p["mean"], p["lo"], p["hi"]) == (row["mean"], row["lo"], row["hi"])
         assert (p["top1"], p["topk_entropy"]) == (by_config[cid]["top1"], by_config[cid]["topk_entropy"])
-    assert students["kd-temperature2"]["teacher_label"] == "step-2 T=2"
-    assert "## Students by teacher" in markdown and "| mc | step-2 T=2 |" in markdown
+    assert students["kd-temperature2"]["teacher_label"] == "teach-s0@2 T=2"  # the snapshot's reference
+    assert students["kdfinal"]["teacher_label"] == "teach-s0"
+    assert "## Students by teacher" in markdown and "| mc | teach-s0@2 T=2 |" in markdown
     assert (out / "plots" / "accuracy_vs_teacher_mc.png").is_file()
     # the teacher is an SFT run, not the SFT baseline: no band; an SFT run that teaches no one is one
     assert X.teacher_configs(X.expand_grid(exp)) == {"teach"}

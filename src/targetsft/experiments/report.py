@@ -340,10 +340,21 @@ def teacher_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(rows.values())
 
 
+def teacher_label(teacher: str) -> str:
+    """A short name of a teacher: ``<run id>`` for a grid run's final model, ``<run id>@<step>`` for its snapshot
+    (the ``teacher.model`` reference, without the ``@`` in front), else the last part of its name or path."""
+    path = Path(teacher)
+    if path.name == "final" and len(path.parts) > 1:
+        return path.parent.name
+    if path.parent.name == "snapshots" and path.name.startswith("step-"):
+        return f"{path.parent.parent.name}@{path.name.removeprefix('step-')}"
+    return path.name
+
+
 def teacher_points(summary: Sequence[dict], teachers: Sequence[dict]) -> list[dict[str, Any]]:
-    """Per set, one row per config trained from a teacher cache: the teacher (``teacher_label``: its name, and its
-    temperature where it is not 1), its top-1 agreement and top-k entropy on the training labels, and the student's
-    mean and interval on the set's first of ``greedy`` or its primary metrics."""
+    """Per set, one row per config trained from a teacher cache: the teacher (``teacher_label``:
+    :func:`teacher_label`, and its temperature where it is not 1), its top-1 agreement and top-k entropy on the
+    training labels, and the student's mean and interval on the set's first of ``greedy`` or its primary metrics."""
     by_config = {c: t for t in teachers for c in t["configs"]}
     rows = []
     for label in dict.fromkeys(r["set"] for r in summary):
@@ -354,7 +365,7 @@ def teacher_points(summary: Sequence[dict], teachers: Sequence[dict]) -> list[di
             if r["metric"] != metric or t is None:
                 continue
             temperature = t.get("temperature", 1.0)
-            name = Path(t["teacher"]).name + (f" T={temperature:g}" if temperature != 1.0 else "")
+            name = teacher_label(t["teacher"]) + (f" T={temperature:g}" if temperature != 1.0 else "")
             rows.append(
                 {
                     "set": label,
