@@ -161,6 +161,51 @@ def test_mcnemar_exact_by_hand():
     assert X.mcnemar_exact(3, 3) == 1.0 and X.mcnemar_exact(0, 0) == 1.0
 
 
+def _spearman_by_hand(x, y):
+    """Pearson's r of the ranks, ties at their mean rank."""
+
+    def ranks(v):
+        return [sum(w < a for w in v) + (sum(w == a for w in v) + 1) / 2 for a in v]
+
+    rx, ry = ranks(x), ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    return cov / math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+
+
+@pytest.mark.parametrize(
+    "x, y",
+    [
+        ([1, 2, 3, 4, 5], [5, 4, 3, 2, 1]),  # ρ = −1: only the reversal reaches it, and the identity |ρ| = 1
+        ([68.6, 96.6, 97.7, 97.7, 83.3], [2.7, 7.7, 8.3, 6.0, 4.0]),  # a tie in x
+        ([0.1, 0.4, 0.2, 0.9], [3.0, 1.0, 1.0, 2.0]),  # a tie in y
+    ],
+)
+def test_rank_correlation_by_hand(x, y):
+    """Spearman's ρ from the ranks by hand, and the two-sided p from all n! pairings enumerated here."""
+    import itertools
+
+    r = X.rank_correlation(x, y)
+    rho = _spearman_by_hand(x, y)
+    assert r["rho"] == pytest.approx(rho, abs=1e-12) and r["n"] == len(x) and r["exact"]
+    null = [_spearman_by_hand(list(p), y) for p in itertools.permutations(x)]
+    upper = sum(v >= rho - 1e-12 for v in null) / len(null)
+    lower = sum(v <= rho + 1e-12 for v in null) / len(null)
+    assert r["p"] == pytest.approx(min(1.0, 2 * min(upper, lower)))
+    if len(x) == 5 and abs(rho) == pytest.approx(1):
+        assert r["p"] == pytest.approx(2 / 120)  # the smallest p of 5 points
+
+
+def test_rank_correlation_undefined_and_bad_input():
+    for x, y in (([1, 2], [2, 1]), ([1, 1, 1], [1, 2, 3]), ([1, 2, 3], [4, 4, 4])):
+        r = X.rank_correlation(x, y)
+        assert math.isnan(r["rho"]) and math.isnan(r["p"]) and not r["exact"]
+    with pytest.raises(ValueError, match="differ in length"):
+        X.rank_correlation([1, 2, 3], [1, 2])
+    big = X.rank_correlation(list(range(12)), [v * v for v in range(12)])  # 12! pairings: a seeded sample
+    assert big["rho"] == pytest.approx(1.0) and not big["exact"] and big["p"] < 0.01
+
+
 def test_paired_comparison_by_hand():
     a = {0: {"p1": 1, "p2": 1, "p3": 0, "p4": 1}, 1: {"p1": 1, "p2": 0, "p3": 0, "p4": 1}}
     b = {0: {"p1": 0, "p2": 1, "p3": 0, "p4": 0}, 1: {"p1": 0, "p2": 0, "p3": 1, "p4": 0}}
@@ -1080,6 +1125,19 @@ def test_teacher_snapshots_and_temperature(tiny_setup, tmp_path):
     assert students["kd-temperature2"]["teacher_label"] == "teach-s0@2 T=2"  # the snapshot's reference
     assert students["kdfinal"]["teacher_label"] == "teach-s0"
     assert "## Students by teacher" in markdown and "| mc | teach-s0@2 T=2 |" in markdown
+    # what predicts a student: each property of its teacher against its accuracy, one point per teacher
+    at = [p for p in result["students"] if p["set"] == "mc"]
+    predictors = {r["property"]: r for r in result["predictors"] if r["set"] == "mc"}
+    assert set(predictors) == {"top-1 = label", "mean π_T(label)", "H(top-k)", "student's mean Q(label)"}
+    accuracy = [p["mean"] for p in at]
+    expected = X.rank_correlation([p["topk_entropy"] for p in at], accuracy)
+    got = predictors["H(top-k)"]
+    assert got["n"] == 3
+    if len(set(accuracy)) < 2:  # the tiny students may tie: ρ is then undefined
+        assert math.isnan(got["rho"]) and "| mc | accuracy | H(top-k) | 3 | — | — |" in markdown
+    else:
+        assert (got["rho"], got["p"]) == (expected["rho"], expected["p"])
+    assert (out / "predictors.csv").is_file() and "## What predicts a student" in markdown
     assert (out / "plots" / "accuracy_vs_teacher_mc.png").is_file()
     # the teacher is an SFT run, not the SFT baseline: no band; an SFT run that teaches no one is one
     assert X.teacher_configs(X.expand_grid(exp)) == {"teach"}

@@ -35,7 +35,13 @@ from targetsft.experiments.runner import (
     run_status,
     training_id,
 )
-from targetsft.experiments.statistics import mcnemar_exact, paired_comparison, t_interval, t_quantile
+from targetsft.experiments.statistics import (
+    mcnemar_exact,
+    paired_comparison,
+    rank_correlation,
+    t_interval,
+    t_quantile,
+)
 
 __all__ = [
     "DONE_FILE",
@@ -55,6 +61,7 @@ __all__ = [
     "load_experiment",
     "mcnemar_exact",
     "paired_comparison",
+    "rank_correlation",
     "recorded_precision",
     "run_experiment",
     "run_experiment_from_args",

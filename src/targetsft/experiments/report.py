@@ -6,7 +6,8 @@ Outputs, in :func:`~targetsft.experiments.grid.tables_dir` (the experiment's ``o
 the validation set, for an experiment with ``select``), ``ranking.csv`` (the configs chosen on validation sets,
 for one with ``rank``), ``probe.csv`` (p_θ(y) on the probe examples, start
 and end of training), ``training.csv`` (the target statistics over training), ``teachers.csv`` (each teacher's
-students), ``plots/*.png``; the runner's ``progress.log`` is in ``output_dir``.
+students), ``predictors.csv`` (the rank correlation of teacher properties with the students' accuracy, where three
+or more students each had a teacher of their own), ``plots/*.png``; the runner's ``progress.log`` is in ``output_dir``.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from targetsft.experiments.grid import (
 )
 from targetsft.experiments.plots import read_metrics_csv, write_plots
 from targetsft.experiments.runner import read_probe
-from targetsft.experiments.statistics import t_interval
+from targetsft.experiments.statistics import EXACT_PERMUTATIONS_UP_TO, rank_correlation, t_interval
 from targetsft.runtime.files import atomic_write_csv, atomic_write_text
 
 
@@ -162,13 +163,15 @@ def format_markdown(
     probes: Sequence[dict] = (),
     precisions: Sequence[str] = (),
     students: Sequence[dict] = (),
+    predictors: Sequence[dict] = (),
     training: Sequence[dict] = (),
     selection: Sequence[dict] = (),
     ranking: Sequence[dict] = (),
     earlier: Sequence[tuple[str, list[str]]] = (),
 ) -> str:
     """``results.md``: a table per set (configs × metrics, mean ± interval in %), the teachers' scores on the
-    training labels (:func:`teacher_rows`) and their students (:func:`teacher_points`), the target statistics over
+    training labels (:func:`teacher_rows`) and their students (:func:`teacher_points`), what predicts a student
+    (:func:`predictor_rows`), the target statistics over
     training (:func:`training_rows`), the learning rates chosen on the validation set (:func:`selection_rows`),
     the configs chosen on several (:func:`ranking_rows`), p_θ(y) on the probe examples (:func:`probe_rows`) and the
     paired comparisons;
@@ -240,6 +243,20 @@ def format_markdown(
                 + ["—" if p["topk_entropy"] is None else f"{p['topk_entropy']:.3f}", p["config"], p["n_runs"]]
                 + [p["metric"], _interval(p["mean"], p["lo"], p["hi"]) + ("*" if p["interval"] == "problems" else "")]
                 for p in students
+            ),
+        )
+    if predictors:
+        lines += _section(
+            "What predicts a student",
+            "Spearman's ρ between a property of the teacher (or of the student's target) and the student's "
+            "accuracy, one point per teacher (the student's mean over seeds); two-sided p from the permutation test "
+            f"over the pairings, exact for up to {EXACT_PERMUTATIONS_UP_TO} teachers (with n of them the smallest p "
+            "is 2/n!).",
+            ["set", "metric", "property", "teachers", "ρ", "p (permutation)"],
+            (
+                [r["set"], r["metric"], r["property"], r["n"]]
+                + (["—", "—"] if math.isnan(r["rho"]) else [f"{r['rho']:+.2f}", f"{r['p']:.3g}"])
+                for r in predictors
             ),
         )
     if training:
@@ -384,6 +401,34 @@ def teacher_points(summary: Sequence[dict], teachers: Sequence[dict]) -> list[di
     return rows
 
 
+#: the properties ranked against the students' accuracy: (key, name); ``q_label`` is the student's (training.csv)
+PREDICTORS = (
+    ("top1", "top-1 = label"),
+    ("p_label", "mean π_T(label)"),
+    ("topk_entropy", "H(top-k)"),
+    ("q_label", "student's mean Q(label)"),
+)
+
+
+def predictor_rows(points: Sequence[dict], training: Sequence[dict]) -> list[dict[str, Any]]:
+    """Per set whose students each had a teacher cache of their own (one student per teacher, three or more), the
+    rank correlation of each teacher property (``PREDICTORS``) with the student's accuracy, one point per student
+    (:func:`~targetsft.experiments.statistics.rank_correlation`: Spearman's ρ, permutation p)."""
+    q_label = {t["config"]: t["q_label"] for t in training}
+    rows = []
+    for label in dict.fromkeys(p["set"] for p in points):
+        at = [p for p in points if p["set"] == label]
+        if len(at) < 3 or len({p["cache"] for p in at}) < len(at):
+            continue
+        for key, name in PREDICTORS:
+            values = [q_label.get(p["config"]) if key == "q_label" else p[key] for p in at]
+            if any(v is None for v in values):
+                continue
+            test = rank_correlation(values, [p["mean"] for p in at])
+            rows.append({"set": label, "metric": at[0]["metric"], "property": name, **test})
+    return rows
+
+
 TRAINING_KEYS = ("gamma", "q_label", "p_label", "residual_entropy")
 
 
@@ -456,10 +501,12 @@ def aggregate(exp: Experiment, *, plots: bool = True, update_results: bool = Fal
     teachers = teacher_rows(records)
     students = teacher_points(summary, teachers)
     training = training_rows(records, records_at)
+    predictors = predictor_rows(students, training)
     selection = selection_rows(exp, records, records_at)
     ranking = ranking_rows(exp, records)
     names = ("results.csv", "summary.csv", "comparisons.csv", "probe.csv", "training.csv", "teachers.csv", "results.md")
-    optional = [name for name, asked in (("selection.csv", exp.select), ("ranking.csv", exp.rank)) if asked]
+    asked = (("selection.csv", exp.select), ("ranking.csv", exp.rank), ("predictors.csv", predictors))
+    optional = [name for name, wanted in asked if wanted]
     paths = {name: root / name for name in (*names, *optional)}
     atomic_write_csv(paths["results.csv"], result_rows(records, [s.label for s in exp.eval]))
     atomic_write_csv(
@@ -474,6 +521,8 @@ def aggregate(exp: Experiment, *, plots: bool = True, update_results: bool = Fal
         atomic_write_csv(paths["selection.csv"], selection)
     if exp.rank:
         atomic_write_csv(paths["ranking.csv"], ranking)
+    if predictors:
+        atomic_write_csv(paths["predictors.csv"], predictors)
     markdown = format_markdown(
         exp,
         summary,
@@ -483,6 +532,7 @@ def aggregate(exp: Experiment, *, plots: bool = True, update_results: bool = Fal
         probes,
         precisions,
         students=students,
+        predictors=predictors,
         training=training,
         selection=selection,
         ranking=ranking,
@@ -499,6 +549,7 @@ def aggregate(exp: Experiment, *, plots: bool = True, update_results: bool = Fal
         "comparisons": comparisons,
         "teachers": teachers,
         "students": students,
+        "predictors": predictors,
         "training": training,
         "selection": selection,
         "ranking": ranking,

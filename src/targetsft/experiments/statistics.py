@@ -9,6 +9,8 @@ Statistics
   the seeds of one problem are not independent). For 0/1 metrics, also the exact McNemar test on the discordant
   (seed, problem) pairs: ``p = min(1, 2·P(X ≤ min(b, c)))``, ``X ~ Bin(b + c, 1/2)`` (:func:`mcnemar_exact`).
   A difference is a ``win``/``loss`` only when its interval excludes 0, else a ``tie``.
+* Across configs, a property against an accuracy (one point per config): Spearman's ρ and its two-sided
+  permutation p-value, exact (all n! pairings) for n ≤ 8 (:func:`rank_correlation`).
 """
 
 from __future__ import annotations
@@ -79,3 +81,36 @@ def paired_comparison(
         "p_mcnemar": mcnemar_exact(n_ab, n_ba) if binary else None,
         "verdict": verdict if not math.isnan(lo) else "n/a",
     }
+
+
+#: the largest n whose permutation test enumerates all n! pairings (8! = 40,320); above it, a seeded sample
+EXACT_PERMUTATIONS_UP_TO = 8
+
+
+def rank_correlation(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
+    """Spearman's ρ of ``x`` and ``y`` (``scipy.stats.spearmanr``, ties at their mean rank) and its two-sided
+    permutation p-value ``min(1, 2·min(P(ρ_π ≥ ρ), P(ρ_π ≤ ρ)))`` over the pairings π of ``x`` with ``y``
+    (``scipy.stats.permutation_test``): exact for n ≤ ``EXACT_PERMUTATIONS_UP_TO``, else 9,999 seeded pairings.
+    NaN for n < 3 or a constant side."""
+    from scipy import stats
+
+    if len(x) != len(y):
+        raise ValueError(f"x and y differ in length: {len(x)} and {len(y)}")
+    n = len(x)
+    nan = {"rho": math.nan, "p": math.nan, "n": n, "exact": False}
+    if n < 3 or len(set(x)) < 2 or len(set(y)) < 2:
+        return nan
+
+    def rho(a: Sequence[float]) -> float:
+        return float(stats.spearmanr(a, y).statistic)
+
+    exact = n <= EXACT_PERMUTATIONS_UP_TO
+    test = stats.permutation_test(
+        (list(x),),
+        rho,
+        permutation_type="pairings",
+        n_resamples=math.factorial(n) if exact else 9_999,
+        alternative="two-sided",
+        rng=0,
+    )
+    return {"rho": float(test.statistic), "p": float(test.pvalue), "n": n, "exact": exact}
