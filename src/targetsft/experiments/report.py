@@ -7,7 +7,8 @@ the validation set, for an experiment with ``select``), ``ranking.csv`` (the con
 for one with ``rank``), ``probe.csv`` (p_θ(y) on the probe examples, start
 and end of training), ``training.csv`` (the target statistics over training), ``teachers.csv`` (each teacher's
 students), ``predictors.csv`` (the rank correlation of teacher properties with the students' accuracy, where three
-or more students each had a teacher of their own), ``plots/*.png``; the runner's ``progress.log`` is in ``output_dir``.
+or more students each had a teacher of their own), ``plots/*.png``; the runner's ``progress.log`` is in
+``output_dir``.
 """
 
 from __future__ import annotations
@@ -171,10 +172,9 @@ def format_markdown(
 ) -> str:
     """``results.md``: a table per set (configs × metrics, mean ± interval in %), the teachers' scores on the
     training labels (:func:`teacher_rows`) and their students (:func:`teacher_points`), what predicts a student
-    (:func:`predictor_rows`), the target statistics over
-    training (:func:`training_rows`), the learning rates chosen on the validation set (:func:`selection_rows`),
-    the configs chosen on several (:func:`ranking_rows`), p_θ(y) on the probe examples (:func:`probe_rows`) and the
-    paired comparisons;
+    (:func:`predictor_rows`), the target statistics over training (:func:`training_rows`), the learning rates
+    chosen on the validation set (:func:`selection_rows`), the configs chosen on several (:func:`ranking_rows`),
+    p_θ(y) on the probe examples (:func:`probe_rows`) and the paired comparisons;
     ``precisions``: the training precision of the runs (:func:`check_one_precision`); ``earlier``: sets evaluated on
     a model since retrained (:func:`earlier_model_sets`)."""
     done = len({r["config"] for r in summary})
