@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from targetsft import experiments as X
-from targetsft.experiments.grid import eval_spec, same_spec, spec_dict
+from targetsft.experiments.grid import eval_spec
 from targetsft.experiments.plots import baseline_bands
+from targetsft.experiments.records import same_spec, spec_dict
 from targetsft.experiments.runner import distribution
 from targetsft.runtime.files import sha256_file
 from targetsft.training.config import ConfigError, _yaml, config_from_dict

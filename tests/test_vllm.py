@@ -240,7 +240,8 @@ def test_cpu_bind_ranges():
 
 
 def test_experiment_eval_spec_takes_an_engine():
-    from targetsft.experiments.grid import ConfigError, EvalSpec, eval_spec, same_spec, spec_dict
+    from targetsft.experiments.grid import ConfigError, EvalSpec, eval_spec
+    from targetsft.experiments.records import same_spec, spec_dict
 
     spec = EvalSpec(set="gsm-val")
     old = {k: v for k, v in spec_dict(spec).items() if k != "engine"}  # a record written before the option

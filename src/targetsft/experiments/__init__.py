@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from targetsft.experiments.command import add_experiment_arguments, run_experiment_from_args
 from targetsft.experiments.grid import (
-    DONE_FILE,
-    PROBE_FILE,
     EvalSpec,
     Experiment,
     ExperimentError,
@@ -20,12 +18,16 @@ from targetsft.experiments.grid import (
     expand_grid,
     experiment_from_dict,
     load_experiment,
-    recorded_precision,
-    run_precision,
     tables_dir,
     teacher_configs,
 )
 from targetsft.experiments.plots import write_plots
+from targetsft.experiments.records import (
+    DONE_FILE,
+    PROBE_FILE,
+    recorded_precision,
+    run_precision,
+)
 from targetsft.experiments.report import aggregate, check_one_precision, done_records
 from targetsft.experiments.runner import (
     format_progress,

@@ -1,5 +1,5 @@
 """Experiment grids (``target-sft experiment --config experiments/<name>.yaml``): the schema, the runs it expands
-to, and where each run's folders and record are.
+to, and where their tables and model folders are (each run's record: :mod:`~targetsft.experiments.records`).
 
 An experiment is a grid of runs (methods × parameters × seeds) over one model and data setup. Each run trains
 (:func:`targetsft.training.trainer.train`), evaluates (:func:`targetsft.evaluation.generative.evaluate_generation` /
@@ -89,16 +89,9 @@ from pathlib import Path
 from typing import Any
 
 from targetsft.losses.methods import get_method
-from targetsft.runtime.files import atomic_write_text
 from targetsft.training.config import TRAIN_DEFAULTS, ConfigError, _build, _unknown, _yaml, config_from_dict
 
-DONE_FILE = "DONE.json"
-
-
 EVAL_DTYPES = ("float32", "bfloat16", "float16")
-
-
-PROBE_FILE = "gamma_probe.jsonl"
 
 
 BASELINE_ID = "base"
@@ -542,77 +535,3 @@ def runs_root(exp: Experiment) -> Path:
 def run_dir(exp: Experiment, run: Run) -> Path:
     """The run's models and checkpoints (the trainer's ``output_dir``)."""
     return runs_root(exp) / run.id
-
-
-def records_root(exp: Experiment) -> Path:
-    return Path(exp.records_dir) if exp.records_dir else runs_root(exp)
-
-
-def record_dir(exp: Experiment, run: Run) -> Path:
-    """The run's record: run.json, summary.json, metrics.csv, gamma_probe.jsonl, eval/, DONE.json."""
-    return records_root(exp) / run.id
-
-
-def trained(exp: Experiment, run: Run) -> bool:
-    """Whether the run folder holds a finished training: the trainer's ``summary.json`` and ``final/``."""
-    out = run_dir(exp, run)
-    return (out / "summary.json").is_file() and (out / "final").is_dir()
-
-
-def run_fingerprint(run: Run) -> str:
-    """What a finished run must match to be reused: sha256 of its TrainConfig (canonical JSON) without the output
-    folder."""
-    from targetsft.runtime.files import sha256_json
-
-    return sha256_json({k: v for k, v in run.config.items() if k != "output_dir"})
-
-
-def run_precision(run: Run) -> str | None:
-    """The training precision the run gets on this machine
-    (:meth:`~targetsft.training.config.TrainConfig.resolved_precision`); ``None`` for the baseline (untrained)."""
-    if run.is_baseline:
-        return None
-    import warnings
-
-    with warnings.catch_warnings():  # the slow-bf16 warning is for the run itself, not for a status check
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return config_from_dict(run.config).resolved_precision().name
-
-
-def recorded_precision(record: dict[str, Any] | None, config: dict[str, Any] | None = None) -> str | None:
-    """The training precision a ``DONE.json`` or ``run.json`` record says its run used; for a record written before
-    precision was recorded, the explicit precision of its ``config`` (every committed record: ``train.bf16: true``),
-    else ``None`` (unknown)."""
-    record = record or {}
-    envs = (record.get("environment"), (record.get("train") or {}).get("environment"))
-    found = record.get("precision") or next((e["precision"] for e in envs if e and e.get("precision")), None)
-    if found or config is None:
-        return found
-    requested = config_from_dict(config).requested_precision()
-    return None if requested == "auto" else requested
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=1, ensure_ascii=False, default=str) + "\n")
-
-
-def spec_dict(spec: EvalSpec) -> dict[str, Any]:
-    return dataclasses.asdict(spec)
-
-
-def same_spec(recorded: dict[str, Any] | None, spec: EvalSpec) -> bool:
-    """Whether a recorded spec is ``spec``; an option added to :class:`EvalSpec` after the record was written counts
-    as its default (so adding an option never re-evaluates finished sets)."""
-    if recorded is None:
-        return False
-    defaults = {f.name: f.default for f in dataclasses.fields(EvalSpec) if f.default is not dataclasses.MISSING}
-    return {**defaults, **recorded} == spec_dict(spec)
-
-
-def holds_every_set(done: dict[str, Any] | None, exp: Experiment) -> bool:
-    """Whether a ``DONE.json`` record has every eval set of ``exp``, each evaluated with the spec ``exp`` has now."""
-    return done is not None and all(same_spec(done["sets"].get(s.label, {}).get("spec"), s) for s in exp.eval)

@@ -12,12 +12,14 @@ from typing import Any
 
 from targetsft.experiments.grid import (
     BASELINE_ID,
-    PROBE_FILE,
     Experiment,
     expand_grid,
-    records_root,
     tables_dir,
     teacher_configs,
+)
+from targetsft.experiments.records import (
+    PROBE_FILE,
+    records_root,
 )
 from targetsft.experiments.runner import read_probe
 

@@ -29,19 +29,21 @@ from targetsft.experiments.comparisons import (
 )
 from targetsft.experiments.grid import (
     BASELINE_ID,
-    DONE_FILE,
-    PROBE_FILE,
     Experiment,
     ExperimentError,
     expand_grid,
+    tables_dir,
+)
+from targetsft.experiments.plots import read_metrics_csv, write_plots
+from targetsft.experiments.records import (
+    DONE_FILE,
+    PROBE_FILE,
     holds_every_set,
     read_json,
     record_dir,
     recorded_precision,
     records_root,
-    tables_dir,
 )
-from targetsft.experiments.plots import read_metrics_csv, write_plots
 from targetsft.experiments.runner import read_probe
 from targetsft.experiments.statistics import EXACT_PERMUTATIONS_UP_TO, rank_correlation, t_interval
 from targetsft.runtime.files import atomic_write_csv, atomic_write_text

@@ -26,19 +26,21 @@ from typing import Any
 
 from targetsft.data.sft import read_jsonl
 from targetsft.experiments.grid import (
-    DONE_FILE,
     Experiment,
     ExperimentError,
     expand_grid,
+    tables_dir,
+)
+from targetsft.experiments.plots import read_metrics_csv
+from targetsft.experiments.records import (
+    DONE_FILE,
     read_json,
     record_dir,
     recorded_precision,
     run_fingerprint,
     run_precision,
-    tables_dir,
     write_json,
 )
-from targetsft.experiments.plots import read_metrics_csv
 from targetsft.experiments.runner import run_one, teacher_cache_root
 
 #: metrics.csv columns never compared: the step (the key) and the speed (a property of the machine's load)

@@ -29,26 +29,28 @@ from pathlib import Path
 from typing import Any
 
 from targetsft.experiments.grid import (
-    DONE_FILE,
-    PROBE_FILE,
     EvalSpec,
     Experiment,
     ExperimentError,
     Run,
     expand_grid,
+    reference_model_dir,
+    run_dir,
+    runs_root,
+    tables_dir,
+    teacher_ref,
+)
+from targetsft.experiments.records import (
+    DONE_FILE,
+    PROBE_FILE,
     holds_every_set,
     read_json,
     record_dir,
     recorded_precision,
-    reference_model_dir,
-    run_dir,
     run_fingerprint,
     run_precision,
-    runs_root,
     same_spec,
     spec_dict,
-    tables_dir,
-    teacher_ref,
     trained,
     write_json,
 )
