@@ -1,5 +1,5 @@
 """Run by tests/test_ddp.py and tests/test_scale_out.py under ``accelerate launch``: train the tiny model with the
-given overrides.
+given overrides, through the ``target-sft train`` command line (which also ends the process group).
 
 With ``TARGETSFT_TEST_FSDP_ON_CPU=1`` accelerate is told that the gloo process group is a multi-device one. It
 enables FSDP only on accelerators and would otherwise run plain data parallelism on a CPU; with this, the FSDP2
@@ -11,8 +11,7 @@ import sys
 
 import torch
 
-from targetsft.training.config import load_config
-from targetsft.training.trainer import train
+from targetsft.cli.main import main
 
 
 def _fsdp_on_cpu() -> None:
@@ -31,4 +30,4 @@ def _fsdp_on_cpu() -> None:
 if __name__ == "__main__":
     if os.environ.get("TARGETSFT_TEST_FSDP_ON_CPU") == "1":
         _fsdp_on_cpu()
-    train(load_config(None, sys.argv[1:]))
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -87,3 +87,20 @@ def test_target_sft_trainer_two_processes_equal_one(method, tmp_path, tiny_token
     assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-4
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_the_command_line_ends_the_process_group(tmp_path, capsys):
+    """A command run in a process group (as under ``accelerate launch``) destroys it before returning: left to the
+    interpreter's exit, gloo's threads can abort a finished run (SIGABRT)."""
+    import torch.distributed as dist
+
+    from targetsft.cli.main import main
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert main(["methods", "sft"]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert "sft" in capsys.readouterr().out

@@ -1135,9 +1135,10 @@ def test_teacher_snapshots_and_temperature(tiny_setup, tmp_path):
     got = predictors["H(top-k)"]
     assert got["n"] == 3
     if len(set(accuracy)) < 2:  # the tiny students may tie: ρ is then undefined
-        assert math.isnan(got["rho"]) and "| mc | accuracy | H(top-k) | 3 | — | — |" in markdown
+        assert math.isnan(got["rho"]) and "| mc | accuracy | H(top-k) | 3 | 0 | — | — |" in markdown
     else:
         assert (got["rho"], got["p"]) == (expected["rho"], expected["p"])
+    assert got["seeds"] == "0"
     assert (out / "predictors.csv").is_file() and "## What predicts a student" in markdown
     assert (out / "plots" / "accuracy_vs_teacher_mc.png").is_file()
     # the teacher is an SFT run, not the SFT baseline: no band; an SFT run that teaches no one is one
@@ -1253,3 +1254,34 @@ def test_reproduce_a_run_from_its_record(tiny_setup, tmp_path, capsys, monkeypat
     path.write_text(json.dumps(raw))
     assert X.run_experiment_from_args(parser.parse_args(args)) == 1
     assert "another configuration" in capsys.readouterr().err
+
+
+def test_predictors_use_the_seeds_every_student_has(tmp_path):
+    """A student with more seeds than the others is ranked on the seeds they share (its accuracy and its mean
+    Q(label) alike), so that seeds added for the chosen teachers leave the predictor table balanced; once every
+    student has a seed, it counts."""
+    from targetsft.experiments.report import predictor_rows
+
+    def record(cid: str, seed: int, accuracy: float, q_label: float) -> dict:
+        run = tmp_path / f"{cid}-s{seed}"
+        run.mkdir()
+        (run / "metrics.csv").write_text(f"step,gamma,q_label,p_label,residual_entropy\n1,0.5,{q_label},0.5,0.1\n")
+        sets = {"s": {"metrics": {"greedy": {"value": accuracy}}}}
+        return {"run": run.name, "config_id": cid, "seed": seed, "method": "target_sft", "sets": sets}
+
+    teachers = (("a", 0.1), ("b", 0.2), ("c", 0.3))
+    points = [
+        {"set": "s", "metric": "greedy", "config": c, "cache": c, "top1": t, "p_label": t, "topk_entropy": -t}
+        for c, t in teachers
+    ]
+    records = [record(c, 0, t, t) for c, t in teachers]  # seed 0: accuracy and Q(label) rise with the teacher's
+    records.append(record("a", 1, 0.9, 0.99))  # a's seed 1 alone would put it first
+    rows = {r["property"]: r for r in predictor_rows(points, records, tmp_path)}
+    assert {r["seeds"] for r in rows.values()} == {"0"}
+    assert all(r["rho"] == pytest.approx(1.0) for r in rows.values() if r["property"] != "H(top-k)")
+    assert rows["H(top-k)"]["rho"] == pytest.approx(-1.0)
+    records += [record("b", 1, 0.2, 0.2), record("c", 1, 0.3, 0.3)]  # now every student has seed 1: means 0.5, 0.2, 0.3
+    rows = {r["property"]: r for r in predictor_rows(points, records, tmp_path)}
+    assert rows["top-1 = label"]["seeds"] == "0 1"
+    assert rows["top-1 = label"]["rho"] == pytest.approx(-0.5)
+    assert rows["student's mean Q(label)"]["rho"] == pytest.approx(1.0)  # Q means 0.545, 0.2, 0.3: seed 0's gave -0.5

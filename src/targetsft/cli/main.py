@@ -221,3 +221,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"target-sft {args.command}: error: {err} (--debug for the traceback)", file=sys.stderr)
         return 2
+    finally:
+        end_process_group()
+
+
+def end_process_group() -> None:
+    """Destroy torch.distributed's process group if the command made one (under ``accelerate launch``), as torch
+    asks of every process before it exits: left to the interpreter's teardown, gloo's worker threads can abort a
+    finished run with SIGABRT (``terminate called without an active exception``)."""
+    torch = sys.modules.get("torch")  # a command that never imported torch made no group
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -251,12 +251,12 @@ def format_markdown(
         lines += _section(
             "What predicts a student",
             "Spearman's ρ between a property of the teacher (or of the student's target) and the student's "
-            "accuracy, one point per teacher (the student's mean over seeds); two-sided p from the permutation test "
-            f"over the pairings, exact for up to {EXACT_PERMUTATIONS_UP_TO} teachers (with n of them the smallest p "
-            "is 2/n!).",
-            ["set", "metric", "property", "teachers", "ρ", "p (permutation)"],
+            "accuracy, one point per teacher (the student's mean over the seeds every student has); two-sided p from "
+            f"the permutation test over the pairings, exact for up to {EXACT_PERMUTATIONS_UP_TO} teachers (with n of "
+            "them the smallest p is 2/n!).",
+            ["set", "metric", "property", "teachers", "seeds", "ρ", "p (permutation)"],
             (
-                [r["set"], r["metric"], r["property"], r["n"]]
+                [r["set"], r["metric"], r["property"], r["n"], r["seeds"]]
                 + (["—", "—"] if math.isnan(r["rho"]) else [f"{r['rho']:+.2f}", f"{r['p']:.3g}"])
                 for r in predictors
             ),
@@ -412,41 +412,64 @@ PREDICTORS = (
 )
 
 
-def predictor_rows(points: Sequence[dict], training: Sequence[dict]) -> list[dict[str, Any]]:
+def predictor_rows(points: Sequence[dict], records: Sequence[dict[str, Any]], root: Path) -> list[dict[str, Any]]:
     """Per set whose students each had a teacher cache of their own (one student per teacher, three or more), the
     rank correlation of each teacher property (``PREDICTORS``) with the student's accuracy, one point per student
-    (:func:`~targetsft.experiments.statistics.rank_correlation`: Spearman's ρ, permutation p)."""
-    q_label = {t["config"]: t["q_label"] for t in training}
+    (:func:`~targetsft.experiments.statistics.rank_correlation`: Spearman's ρ, permutation p). A student's accuracy
+    and mean Q(label) are its means over the seeds that every student of the set has (``seeds``), so that more seeds
+    for some of them leave the comparison balanced."""
+    runs: dict[tuple[str, int], dict[str, Any]] = {(r["config_id"], r["seed"]): r for r in records}
     rows = []
     for label in dict.fromkeys(p["set"] for p in points):
         at = [p for p in points if p["set"] == label]
         if len(at) < 3 or len({p["cache"] for p in at}) < len(at):
             continue
+        metric = at[0]["metric"]
+        have = [{s for c, s in runs if c == p["config"] and label in runs[c, s]["sets"]} for p in at]
+        seeds = sorted(set.intersection(*have))
+        if not seeds:
+            continue
+        accuracy = [_mean(runs[p["config"], s]["sets"][label]["metrics"][metric]["value"] for s in seeds) for p in at]
         for key, name in PREDICTORS:
-            values = [q_label.get(p["config"]) if key == "q_label" else p[key] for p in at]
+            if key == "q_label":
+                means = [[training_means(runs[p["config"], s], root) for s in seeds] for p in at]
+                values = [None if None in m else _mean(x["q_label"] for x in m) for m in means]
+            else:
+                values = [p[key] for p in at]
             if any(v is None for v in values):
                 continue
-            test = rank_correlation(values, [p["mean"] for p in at])
-            rows.append({"set": label, "metric": at[0]["metric"], "property": name, **test})
+            test = rank_correlation(values, accuracy)
+            rows.append({"set": label, "metric": metric, "property": name, **test, "seeds": " ".join(map(str, seeds))})
     return rows
+
+
+def _mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return math.fsum(values) / len(values)
 
 
 TRAINING_KEYS = ("gamma", "q_label", "p_label", "residual_entropy")
 
 
+def training_means(record: dict[str, Any], root: Path) -> dict[str, float] | None:
+    """A run's mean over its logged steps (``metrics.csv``) of γ, Q(label), p_θ(label) and H(π̃) (``TRAINING_KEYS``);
+    ``None`` for a run that logged none (the baseline, a method without target statistics). A value that is NaN in
+    the run (H(π̃) of a signed target) stays NaN."""
+    logged = [x for x in read_metrics_csv(root / record["run"] / "metrics.csv") if "gamma" in x]
+    if record["method"] == BASELINE_ID or not logged:
+        return None
+    return {k: _mean(x.get(k, math.nan) for x in logged) for k in TRAINING_KEYS}
+
+
 def training_rows(records: Sequence[dict[str, Any]], root: Path) -> list[dict[str, Any]]:
-    """One row per trained config with a ``metrics.csv``: the mean over its logged steps of γ, Q(label), p_θ(label)
-    and H(π̃) (``TRAINING_KEYS``), averaged over seeds; a value that is NaN in a run (H(π̃) of a signed target)
-    stays NaN."""
+    """One row per trained config with a ``metrics.csv``: its runs' :func:`training_means`, averaged over seeds."""
     groups: dict[str, list[dict[str, float]]] = {}
     for r in records:
-        logged = [x for x in read_metrics_csv(root / r["run"] / "metrics.csv") if "gamma" in x]
-        if r["method"] == BASELINE_ID or not logged:
-            continue
-        means = {k: math.fsum(x.get(k, math.nan) for x in logged) / len(logged) for k in TRAINING_KEYS}
-        groups.setdefault(r["config_id"], []).append(means)
+        means = training_means(r, root)
+        if means is not None:
+            groups.setdefault(r["config_id"], []).append(means)
     return [
-        {"config": cid, "n_runs": len(runs), **{k: math.fsum(m[k] for m in runs) / len(runs) for k in TRAINING_KEYS}}
+        {"config": cid, "n_runs": len(runs), **{k: _mean(m[k] for m in runs) for k in TRAINING_KEYS}}
         for cid, runs in groups.items()
     ]
 
@@ -503,7 +526,7 @@ def aggregate(exp: Experiment, *, plots: bool = True, update_results: bool = Fal
     teachers = teacher_rows(records)
     students = teacher_points(summary, teachers)
     training = training_rows(records, records_at)
-    predictors = predictor_rows(students, training)
+    predictors = predictor_rows(students, records, records_at)
     selection = selection_rows(exp, records, records_at)
     ranking = ranking_rows(exp, records)
     names = ("results.csv", "summary.csv", "comparisons.csv", "probe.csv", "training.csv", "teachers.csv", "results.md")
