@@ -278,6 +278,11 @@ def test_quickstart_keeps_only_its_final_models(model_dirs, tmp_path, monkeypatc
         assert (folder / "final" / "model.safetensors").is_file()
         assert not list(folder.glob("checkpoint-*")) and not list(folder.rglob("optimizer.pt"))
     assert (tmp_path / "qs" / "results.md").is_file() and len(result["rows"]) == 3
+    training = {r["model"]: r.get("training") for r in result["rows"]}  # the means over the logged steps
+    assert training["base"] is None
+    assert (training["sft"]["gamma"], training["sft"]["q_label"]) == (1.0, 1.0) and 0 < training["sft"]["p_label"] < 1
+    ts = training["target_sft"]
+    assert 0 < ts["gamma"] < 1 and ts["gamma"] <= ts["q_label"] <= 1  # Q(y) = γ + (1 − γ)·π̃(y)
 
 
 def test_snapshot_steps_keep_the_model_of_those_steps(model_dirs, tmp_path):

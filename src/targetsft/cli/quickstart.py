@@ -17,7 +17,6 @@ answer_hint``): a privileged teacher that needs no training of its own.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import time
@@ -64,13 +63,6 @@ def reference_nll(model: Any, items: Sequence[dict[str, Any]]) -> list[float]:
     return [-math.fsum(lp) / len(lp) for lp in label_logprobs(model, items)]
 
 
-def _training_means(metrics_csv: Path) -> dict[str, float]:
-    """Means over the logged training steps of γ, Q(label) and p(label) (each row: a logging window's mean)."""
-    with metrics_csv.open() as f:
-        rows = list(csv.DictReader(f))
-    return {k: math.fsum(float(r[k]) for r in rows) / len(rows) for k in ("gamma", "q_label", "p_label")}
-
-
 def run_quickstart(
     out_dir: str = "runs/quickstart",
     *,
@@ -83,6 +75,7 @@ def run_quickstart(
     from targetsft.data.gsm import HELDOUT_NEW_SEEDS, INTEMPLATE_SEEDS, generate_gsm
     from targetsft.data.sft import tokenize_record
     from targetsft.experiments.noise_fit import corrupted_pairs, tail_logprobs
+    from targetsft.experiments.report import training_means
     from targetsft.experiments.statistics import t_interval
     from targetsft.runtime.models import load_model, load_tokenizer, resolve_model
     from targetsft.runtime.precision import environment
@@ -125,7 +118,9 @@ def run_quickstart(
                 mean, lo, hi = t_interval(diff)
                 row[key].update(diff=mean, lo=lo, hi=hi)
         if name != "base":
-            row["training"] = _training_means(Path(configs[name].output_dir) / "metrics.csv")
+            means = training_means(Path(configs[name].output_dir) / "metrics.csv")
+            if means is not None:
+                row["training"] = {k: means[k] for k in ("gamma", "q_label", "p_label")}
         rows.append(row)
     total = time.perf_counter() - t0
     seconds["total"] = round(total)

@@ -22,12 +22,7 @@ from targetsft.experiments.grid import (
     teacher_configs,
 )
 from targetsft.experiments.plots import write_plots
-from targetsft.experiments.records import (
-    DONE_FILE,
-    PROBE_FILE,
-    recorded_precision,
-    run_precision,
-)
+from targetsft.experiments.records import DONE_FILE, PROBE_FILE, recorded_precision, run_precision
 from targetsft.experiments.report import aggregate, check_one_precision, done_records
 from targetsft.experiments.runner import (
     format_progress,

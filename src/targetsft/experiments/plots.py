@@ -10,17 +10,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from targetsft.experiments.grid import (
-    BASELINE_ID,
-    Experiment,
-    expand_grid,
-    tables_dir,
-    teacher_configs,
-)
-from targetsft.experiments.records import (
-    PROBE_FILE,
-    records_root,
-)
+from targetsft.experiments.grid import BASELINE_ID, Experiment, expand_grid, tables_dir, teacher_configs
+from targetsft.experiments.records import PROBE_FILE, records_root
 from targetsft.experiments.runner import read_probe
 
 

@@ -27,13 +27,7 @@ from targetsft.experiments.comparisons import (
     ranking_rows,
     selection_rows,
 )
-from targetsft.experiments.grid import (
-    BASELINE_ID,
-    Experiment,
-    ExperimentError,
-    expand_grid,
-    tables_dir,
-)
+from targetsft.experiments.grid import BASELINE_ID, Experiment, ExperimentError, expand_grid, tables_dir
 from targetsft.experiments.plots import read_metrics_csv, write_plots
 from targetsft.experiments.records import (
     DONE_FILE,
@@ -432,7 +426,7 @@ def predictor_rows(points: Sequence[dict], records: Sequence[dict[str, Any]], ro
         accuracy = [_mean(runs[p["config"], s]["sets"][label]["metrics"][metric]["value"] for s in seeds) for p in at]
         for key, name in PREDICTORS:
             if key == "q_label":
-                means = [[training_means(runs[p["config"], s], root) for s in seeds] for p in at]
+                means = [[_run_training_means(runs[p["config"], s], root) for s in seeds] for p in at]
                 values = [None if None in m else _mean(x["q_label"] for x in m) for m in means]
             else:
                 values = [p[key] for p in at]
@@ -451,21 +445,23 @@ def _mean(values: Iterable[float]) -> float:
 TRAINING_KEYS = ("gamma", "q_label", "p_label", "residual_entropy")
 
 
-def training_means(record: dict[str, Any], root: Path) -> dict[str, float] | None:
-    """A run's mean over its logged steps (``metrics.csv``) of γ, Q(label), p_θ(label) and H(π̃) (``TRAINING_KEYS``);
-    ``None`` for a run that logged none (the baseline, a method without target statistics). A value that is NaN in
+def training_means(metrics_csv: Path) -> dict[str, float] | None:
+    """A run's mean over its logged steps (the trainer's ``metrics.csv``) of γ, Q(label), p_θ(label) and H(π̃)
+    (``TRAINING_KEYS``); ``None`` where it logged none (a method without target statistics). A value that is NaN in
     the run (H(π̃) of a signed target) stays NaN."""
-    logged = [x for x in read_metrics_csv(root / record["run"] / "metrics.csv") if "gamma" in x]
-    if record["method"] == BASELINE_ID or not logged:
-        return None
-    return {k: _mean(x.get(k, math.nan) for x in logged) for k in TRAINING_KEYS}
+    logged = [x for x in read_metrics_csv(metrics_csv) if "gamma" in x]
+    return {k: _mean(x.get(k, math.nan) for x in logged) for k in TRAINING_KEYS} if logged else None
+
+
+def _run_training_means(record: dict[str, Any], root: Path) -> dict[str, float] | None:
+    return None if record["method"] == BASELINE_ID else training_means(root / record["run"] / "metrics.csv")
 
 
 def training_rows(records: Sequence[dict[str, Any]], root: Path) -> list[dict[str, Any]]:
     """One row per trained config with a ``metrics.csv``: its runs' :func:`training_means`, averaged over seeds."""
     groups: dict[str, list[dict[str, float]]] = {}
     for r in records:
-        means = training_means(r, root)
+        means = _run_training_means(r, root)
         if means is not None:
             groups.setdefault(r["config_id"], []).append(means)
     return [

@@ -25,12 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from targetsft.data.sft import read_jsonl
-from targetsft.experiments.grid import (
-    Experiment,
-    ExperimentError,
-    expand_grid,
-    tables_dir,
-)
+from targetsft.experiments.grid import Experiment, ExperimentError, expand_grid, tables_dir
 from targetsft.experiments.plots import read_metrics_csv
 from targetsft.experiments.records import (
     DONE_FILE,
