@@ -888,7 +888,7 @@ def test_shipped_experiments_validate(path):
     exp = X.load_experiment(path)
     runs = X.expand_grid(exp)
     counts = {"smoke": 3, "main": 14, "lr_sweep": 9, "eta_sweep": 6, "ablation": 12, "noise": 10}
-    counts |= {"new_methods": 6, "teacher_study": 17, "gpu_paper_cell": 4}
+    counts |= {"new_methods": 6, "teacher_study": 13, "gpu_paper_cell": 4}
     assert len(runs) == counts[exp.name]
     # running an experiment writes its tables under runs/ (git-ignored), never into the committed results/<name>
     assert Path(exp.output_dir).parts[:2] == ("runs", "experiments")
@@ -1260,7 +1260,7 @@ def test_predictors_use_the_seeds_every_student_has(tmp_path):
     """A student with more seeds than the others is ranked on the seeds they share (its accuracy and its mean
     Q(label) alike), so that seeds added for the chosen teachers leave the predictor table balanced; once every
     student has a seed, it counts."""
-    from targetsft.experiments.report import predictor_rows
+    from targetsft.experiments.report import predictor_rows, run_training_means
 
     def record(cid: str, seed: int, accuracy: float, q_label: float) -> dict:
         run = tmp_path / f"{cid}-s{seed}"
@@ -1276,12 +1276,12 @@ def test_predictors_use_the_seeds_every_student_has(tmp_path):
     ]
     records = [record(c, 0, t, t) for c, t in teachers]  # seed 0: accuracy and Q(label) rise with the teacher's
     records.append(record("a", 1, 0.9, 0.99))  # a's seed 1 alone would put it first
-    rows = {r["property"]: r for r in predictor_rows(points, records, tmp_path)}
+    rows = {r["property"]: r for r in predictor_rows(points, records, run_training_means(records, tmp_path))}
     assert {r["seeds"] for r in rows.values()} == {"0"}
     assert all(r["rho"] == pytest.approx(1.0) for r in rows.values() if r["property"] != "H(top-k)")
     assert rows["H(top-k)"]["rho"] == pytest.approx(-1.0)
     records += [record("b", 1, 0.2, 0.2), record("c", 1, 0.3, 0.3)]  # now every student has seed 1: means 0.5, 0.2, 0.3
-    rows = {r["property"]: r for r in predictor_rows(points, records, tmp_path)}
+    rows = {r["property"]: r for r in predictor_rows(points, records, run_training_means(records, tmp_path))}
     assert rows["top-1 = label"]["seeds"] == "0 1"
     assert rows["top-1 = label"]["rho"] == pytest.approx(-0.5)
     assert rows["student's mean Q(label)"]["rho"] == pytest.approx(1.0)  # Q means 0.545, 0.2, 0.3: seed 0's gave -0.5

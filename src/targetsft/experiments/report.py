@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -406,12 +406,14 @@ PREDICTORS = (
 )
 
 
-def predictor_rows(points: Sequence[dict], records: Sequence[dict[str, Any]], root: Path) -> list[dict[str, Any]]:
+def predictor_rows(
+    points: Sequence[dict], records: Sequence[dict[str, Any]], means: Mapping[str, dict[str, float] | None]
+) -> list[dict[str, Any]]:
     """Per set whose students each had a teacher cache of their own (one student per teacher, three or more), the
     rank correlation of each teacher property (``PREDICTORS``) with the student's accuracy, one point per student
     (:func:`~targetsft.experiments.statistics.rank_correlation`: Spearman's ρ, permutation p). A student's accuracy
-    and mean Q(label) are its means over the seeds that every student of the set has (``seeds``), so that more seeds
-    for some of them leave the comparison balanced."""
+    and mean Q(label) (from ``means``: :func:`run_training_means`) are its means over the seeds that every student of
+    the set has (``seeds``), so that more seeds for some of them leave the comparison balanced."""
     runs: dict[tuple[str, int], dict[str, Any]] = {(r["config_id"], r["seed"]): r for r in records}
     rows = []
     for label in dict.fromkeys(p["set"] for p in points):
@@ -426,8 +428,8 @@ def predictor_rows(points: Sequence[dict], records: Sequence[dict[str, Any]], ro
         accuracy = [_mean(runs[p["config"], s]["sets"][label]["metrics"][metric]["value"] for s in seeds) for p in at]
         for key, name in PREDICTORS:
             if key == "q_label":
-                means = [[_run_training_means(runs[p["config"], s], root) for s in seeds] for p in at]
-                values = [None if None in m else _mean(x["q_label"] for x in m) for m in means]
+                per_seed = [[means.get(runs[p["config"], s]["run"]) for s in seeds] for p in at]
+                values = [None if None in m else _mean(x["q_label"] for x in m) for m in per_seed]
             else:
                 values = [p[key] for p in at]
             if any(v is None for v in values):
@@ -453,17 +455,24 @@ def training_means(metrics_csv: Path) -> dict[str, float] | None:
     return {k: _mean(x.get(k, math.nan) for x in logged) for k in TRAINING_KEYS} if logged else None
 
 
-def _run_training_means(record: dict[str, Any], root: Path) -> dict[str, float] | None:
-    return None if record["method"] == BASELINE_ID else training_means(root / record["run"] / "metrics.csv")
+def run_training_means(records: Sequence[dict[str, Any]], root: Path) -> dict[str, dict[str, float] | None]:
+    """Each run's :func:`training_means` (read once from ``<root>/<run>/metrics.csv``), by run id; ``None`` for the
+    untrained baseline and for runs that logged no target statistics."""
+    return {
+        r["run"]: None if r["method"] == BASELINE_ID else training_means(root / r["run"] / "metrics.csv")
+        for r in records
+    }
 
 
-def training_rows(records: Sequence[dict[str, Any]], root: Path) -> list[dict[str, Any]]:
-    """One row per trained config with a ``metrics.csv``: its runs' :func:`training_means`, averaged over seeds."""
+def training_rows(
+    records: Sequence[dict[str, Any]], means: Mapping[str, dict[str, float] | None]
+) -> list[dict[str, Any]]:
+    """One row per trained config with target statistics: its runs' ``means`` (:func:`run_training_means`),
+    averaged over seeds."""
     groups: dict[str, list[dict[str, float]]] = {}
     for r in records:
-        means = _run_training_means(r, root)
-        if means is not None:
-            groups.setdefault(r["config_id"], []).append(means)
+        if (run := means.get(r["run"])) is not None:
+            groups.setdefault(r["config_id"], []).append(run)
     return [
         {"config": cid, "n_runs": len(runs), **{k: _mean(m[k] for m in runs) for k in TRAINING_KEYS}}
         for cid, runs in groups.items()
@@ -521,8 +530,9 @@ def aggregate(exp: Experiment, *, plots: bool = True, update_results: bool = Fal
     probes = probe_rows(records, records_at)
     teachers = teacher_rows(records)
     students = teacher_points(summary, teachers)
-    training = training_rows(records, records_at)
-    predictors = predictor_rows(students, records, records_at)
+    means = run_training_means(records, records_at)
+    training = training_rows(records, means)
+    predictors = predictor_rows(students, records, means)
     selection = selection_rows(exp, records, records_at)
     ranking = ranking_rows(exp, records)
     names = ("results.csv", "summary.csv", "comparisons.csv", "probe.csv", "training.csv", "teachers.csv", "results.md")
