@@ -566,12 +566,27 @@ def test_records_outlive_the_models(tiny_setup, tmp_path, monkeypatch):
     markdown = X.aggregate(exp, plots=False)["paths"]["results.md"].read_text()
     assert "Evaluated on an earlier training of the run, retrained since" in markdown and "kd-s0 (mc)." in markdown
 
-    # without the cache the teacher is retrained for the student that needs it
+    # without the cache the teacher is retrained for the student that needs it; its record keeps the training it was
+    # evaluated on, the new one goes to retrain/ with its comparison (float32 on one machine: identical)
+    teacher_record = {n: (records / "teach-s0" / n).read_bytes() for n in ("summary.json", "metrics.csv", "DONE.json")}
     shutil.rmtree(runs)
     shutil.rmtree(caches)
     raw["grid"].append({"method": "kd", "train": {"learning_rate": 1e-3}, "seeds": [0]})
-    X.run_experiment(X.experiment_from_dict(raw), progress=False, only="kd-lr*")
+    stream = io.StringIO()
+    X.run_experiment(X.experiment_from_dict(raw), progress=False, only="kd-lr*", stream=stream)
     assert trained[3:] == ["teach-s0", "kd-lr0.001-s0"]
+    assert {n: (records / "teach-s0" / n).read_bytes() for n in teacher_record} == teacher_record
+    retrain = records / "teach-s0" / "retrain"
+    assert {p.name for p in retrain.iterdir()} == {
+        "summary.json",
+        "metrics.csv",
+        "gamma_probe.jsonl",
+        "comparison.json",
+    }
+    comparison = json.loads((retrain / "comparison.json").read_text())
+    assert comparison["identical"] and comparison["steps"] == comparison["recorded_steps"] > 0
+    assert "loss" in comparison["columns"]
+    assert "retrained teach-s0: its training log is identical to the recorded one" in stream.getvalue()
 
 
 def test_earlier_models_of_sets_kept_across_retrains():
@@ -1260,7 +1275,8 @@ def test_predictors_use_the_seeds_every_student_has(tmp_path):
     """A student with more seeds than the others is ranked on the seeds they share (its accuracy and its mean
     Q(label) alike), so that seeds added for the chosen teachers leave the predictor table balanced; once every
     student has a seed, it counts."""
-    from targetsft.experiments.report import predictor_rows, run_training_means
+    from targetsft.experiments.report import run_training_means
+    from targetsft.experiments.teachers import predictor_rows
 
     def record(cid: str, seed: int, accuracy: float, q_label: float) -> dict:
         run = tmp_path / f"{cid}-s{seed}"
@@ -1285,3 +1301,35 @@ def test_predictors_use_the_seeds_every_student_has(tmp_path):
     assert rows["top-1 = label"]["seeds"] == "0 1"
     assert rows["top-1 = label"]["rho"] == pytest.approx(-0.5)
     assert rows["student's mean Q(label)"]["rho"] == pytest.approx(1.0)  # Q means 0.545, 0.2, 0.3: seed 0's gave -0.5
+
+
+def test_a_teacher_rebuilt_into_its_cache_folder_is_another_teacher():
+    """Records of one cache folder whose label scores differ (the teacher retrained and cached again) are two
+    teachers, told apart by ``build``; a config whose seeds span both has no single teacher to plot against and is
+    left out of the students by teacher, with a warning; a record that adds ``weights_sha256`` to the same build
+    stays in it."""
+    from targetsft.experiments.teachers import teacher_points, teacher_rows
+
+    def record(cid: str, seed: int, top1: float, **extra: str) -> dict:
+        stats = {"tokens": 10, "top1": top1, "in_topk": 1.0, "p_label": top1, "topk_entropy": 0.1}
+        teacher = {"cache": "c/ab12", "name": "runs/teach-s0/final", "prompt": "same", "label_stats": stats, **extra}
+        return {"config_id": cid, "seed": seed, "train": {"teacher": teacher}}
+
+    records = [record("ts", 0, 0.9), record("ts", 1, 0.9, weights_sha256="f" * 64), record("other", 0, 0.9)]
+    assert [(t["configs"], t.get("build")) for t in teacher_rows(records)] == [(["ts", "other"], None)]
+    records += [record("ts", 2, 0.8), record("late", 0, 0.8)]
+    teachers = teacher_rows(records)
+    assert [(t["configs"], t["build"], t["top1"]) for t in teachers] == [
+        (["ts", "other"], 1, 0.9),
+        (["ts", "late"], 2, 0.8),
+    ]
+    summary = [
+        {"set": "s", "metric": "greedy", "config": c, "mean": 0.1, "lo": 0.0, "hi": 0.2, "n_runs": 1, "interval": "t"}
+        for c in ("ts", "other", "late")
+    ]
+    with pytest.warns(UserWarning, match="ts: its runs trained from more than one build"):
+        points = teacher_points(summary, teachers)
+    assert [(p["config"], p["teacher_label"], p["top1"]) for p in points] == [
+        ("other", "teach-s0 (build 1)", 0.9),
+        ("late", "teach-s0 (build 2)", 0.8),
+    ]

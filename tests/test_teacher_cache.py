@@ -36,6 +36,7 @@ from targetsft.training.teacher_cache import (  # noqa: E402
     dataset_fingerprint,
     model_fingerprint,
     tokenizer_fingerprint,
+    weights_fingerprint,
 )
 
 VOCAB = 97
@@ -460,6 +461,44 @@ def test_wrong_tokenizer_or_dataset(model, tokenizer, tmp_path):
     build(model, other, out, tokenizer, overwrite=True, shard_examples=4)
     cache = TeacherCache.open(out, examples=other)
     assert len(cache) == len(other) and sorted(p.name for p in out.glob("shard-*"))[-1] == "shard-00002.safetensors"
+
+
+def test_weights_fingerprint(model, saved):
+    """Same weights (reloaded, at the same dtype) → same hash; one changed value or another dtype → another; no
+    readable weights (no state_dict, meta tensors) → None."""
+    fp = weights_fingerprint(model)
+    assert fp is not None and weights_fingerprint(LlamaForCausalLM.from_pretrained(saved["model"])) == fp
+    changed = LlamaForCausalLM.from_pretrained(saved["model"])
+    with torch.no_grad():
+        changed.model.norm.weight[0] += 2**-20
+    assert weights_fingerprint(changed) != fp
+    assert weights_fingerprint(LlamaForCausalLM.from_pretrained(saved["model"], dtype=torch.bfloat16)) != fp
+    assert weights_fingerprint(object()) is None
+    with torch.device("meta"):
+        assert weights_fingerprint(LlamaForCausalLM(model.config)) is None
+
+
+def test_retrained_teacher_is_another_cache(model, tokenizer, saved, tmp_path):
+    """A teacher of the same name and config but other weights (retrained in place) does not reuse the cache: the
+    build is refused until overwrite=True; a cache that does not record the weights (built before they were) is
+    trusted as it is."""
+    examples = make_examples()
+    out = build(model, examples, tmp_path / "c", tokenizer)
+    assert TeacherCache.open(out).teacher_weights_hash == weights_fingerprint(model)
+    retrained = LlamaForCausalLM.from_pretrained(saved["model"]).eval()
+    with torch.no_grad():
+        retrained.lm_head.weight.mul_(1.5)
+    with pytest.raises(CacheMismatchError, match=r"teacher_weights_hash: cache has .*overwrite=True"):
+        build(retrained, examples, out, tokenizer)
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    (out / MANIFEST_NAME).write_text(json.dumps({k: v for k, v in manifest.items() if k != "teacher_weights_hash"}))
+    build(retrained, examples, out, tokenizer)  # unknown weights: not compared, the complete cache is kept
+    assert TeacherCache.open(out).teacher_weights_hash is None
+    build(retrained, examples, out, tokenizer, overwrite=True)
+    rebuilt = TeacherCache.open(out, examples=examples)
+    assert rebuilt.teacher_weights_hash == weights_fingerprint(retrained) != weights_fingerprint(model)
+    ref = reference_logprobs(retrained, examples[0]["input_ids"], examples[0]["labels"], 1.0)
+    assert_rows_match(*rebuilt.example(0), ref, 8)
 
 
 def test_rerun_of_complete_cache_is_a_noop(model, tokenizer, tmp_path, monkeypatch):

@@ -2,9 +2,10 @@
 :mod:`~targetsft.experiments.runner`; one of them rerun against its record: :mod:`~targetsft.experiments.reproduce`),
 their statistics, comparisons, tables and plots (:mod:`~targetsft.experiments.statistics`,
 :mod:`~targetsft.experiments.comparisons`, :mod:`~targetsft.experiments.report`,
-:mod:`~targetsft.experiments.plots`), the ``target-sft experiment`` command (:mod:`~targetsft.experiments.command`)
-and the studies built on finished runs (:mod:`~targetsft.experiments.noise_fit`,
-:mod:`~targetsft.experiments.induced_targets`). Imports every layer below it; its grid API is re-exported here."""
+:mod:`~targetsft.experiments.teachers`, :mod:`~targetsft.experiments.plots`), the ``target-sft experiment`` command
+(:mod:`~targetsft.experiments.command`) and the studies built on finished runs
+(:mod:`~targetsft.experiments.noise_fit`, :mod:`~targetsft.experiments.induced_targets`). Imports every layer below
+it; its grid API is re-exported here."""
 
 from __future__ import annotations
 

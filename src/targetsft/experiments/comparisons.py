@@ -19,7 +19,7 @@ from targetsft.experiments.grid import (
     expand_grid,
     rate_family,
 )
-from targetsft.experiments.plots import read_metrics_csv
+from targetsft.experiments.records import read_metrics_csv
 from targetsft.experiments.statistics import paired_comparison
 
 

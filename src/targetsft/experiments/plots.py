@@ -3,7 +3,6 @@ students' accuracy vs their teacher's agreement with the labels and its entropy.
 
 from __future__ import annotations
 
-import csv
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -11,16 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from targetsft.experiments.grid import BASELINE_ID, Experiment, expand_grid, tables_dir, teacher_configs
-from targetsft.experiments.records import PROBE_FILE, records_root
+from targetsft.experiments.records import PROBE_FILE, read_metrics_csv, records_root
 from targetsft.experiments.runner import read_probe
-
-
-def read_metrics_csv(path: Path) -> list[dict[str, float]]:
-    """The trainer's ``metrics.csv`` as float rows (empty cells dropped)."""
-    if not path.is_file():
-        return []
-    with path.open() as fh:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(fh)]
 
 
 def _colors(names: Iterable[str]) -> dict[str, Any]:
@@ -192,7 +183,7 @@ def write_plots(
     ``update_results``): accuracy per config and set (with intervals); training curves (loss, NLL);
     for dft vs target_sft the mean γ per logging step (metrics.csv) and its distribution on the probe examples
     (``gamma_probe.jsonl``); accuracy vs η (target_sft) and vs learning rate, where the grid varies them; students'
-    accuracy vs their teacher's agreement and entropy (``teacher_points``: :func:`~targetsft.experiments.report.
+    accuracy vs their teacher's agreement and entropy (``teacher_points``: :func:`~targetsft.experiments.teachers.
     teacher_points`), where a set has students of two teachers or more, with SFT and DFT as bands
     (:func:`baseline_bands`)."""
     import matplotlib

@@ -1,5 +1,6 @@
 """A run's record: the small text a finished run is judged by (``run.json``, ``summary.json``, ``metrics.csv``,
-``gamma_probe.jsonl``, ``eval/``, ``DONE.json``), where it lives and what it must match to be reused.
+``gamma_probe.jsonl``, ``eval/``, ``DONE.json``), where it lives, what it must match to be reused and how two
+trainings of its run compare.
 
 The record folder is ``<records_dir>/<run id>`` (``runs_dir`` when the experiment has no ``records_dir``); the
 models and checkpoints stay in :func:`~targetsft.experiments.grid.run_dir`.
@@ -7,8 +8,10 @@ models and checkpoints stay in :func:`~targetsft.experiments.grid.run_dir`.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,11 @@ DONE_FILE = "DONE.json"
 
 PROBE_FILE = "gamma_probe.jsonl"
 """The γ probe's rows (p_θ(y) on fixed training examples at the start and every tenth of training)."""
+
+RETRAIN_DIR = "retrain"
+"""Where a teacher retrained for its students (its model lost) keeps its training's part of the record, beside
+``comparison.json`` (:func:`compare_training` with the recorded one): the record keeps the training it was evaluated
+on."""
 
 
 def records_root(exp: Experiment) -> Path:
@@ -95,3 +103,51 @@ def same_spec(recorded: dict[str, Any] | None, spec: EvalSpec) -> bool:
 def holds_every_set(done: dict[str, Any] | None, exp: Experiment) -> bool:
     """Whether a ``DONE.json`` record has every eval set of ``exp``, each evaluated with the spec ``exp`` has now."""
     return done is not None and all(same_spec(done["sets"].get(s.label, {}).get("spec"), s) for s in exp.eval)
+
+
+def read_metrics_csv(path: Path) -> list[dict[str, float]]:
+    """The trainer's ``metrics.csv`` as float rows (empty cells dropped)."""
+    if not path.is_file():
+        return []
+    with path.open() as fh:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(fh)]
+
+
+#: metrics.csv columns never compared: the step (the key) and the speed (a property of the machine's load)
+NOT_COMPARED = ("step", "tokens_per_second")
+
+
+def _same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def differences(a: float, b: float) -> tuple[float, float]:
+    """(|a − b|, |a − b| / max(|a|, |b|)); (0, 0) for equal values, NaN against NaN included."""
+    if _same(a, b):
+        return 0.0, 0.0
+    gap = abs(a - b)
+    return gap, gap / max(abs(a), abs(b))
+
+
+def compare_training(old_dir: Path, new_dir: Path) -> dict[str, Any]:
+    """Two records' training logs (``metrics.csv``) side by side: per logged statistic (all but ``NOT_COMPARED``),
+    the largest :func:`differences` over the steps both logged; ``identical`` when they logged the same steps and
+    every value agrees exactly."""
+    old = {int(r["step"]): r for r in read_metrics_csv(old_dir / "metrics.csv")}
+    new = {int(r["step"]): r for r in read_metrics_csv(new_dir / "metrics.csv")}
+    steps = sorted(old.keys() & new.keys())
+    columns: dict[str, dict[str, float]] = {}
+    for step in steps:
+        for key in old[step].keys() & new[step].keys():
+            if key in NOT_COMPARED:
+                continue
+            gap, rel = differences(old[step][key], new[step][key])
+            worst = columns.setdefault(key, {"max_abs": 0.0, "max_rel": 0.0})
+            worst["max_abs"], worst["max_rel"] = max(worst["max_abs"], gap), max(worst["max_rel"], rel)
+    return {
+        "steps": len(steps),
+        "recorded_steps": len(old),
+        "rerun_steps": len(new),
+        "columns": dict(sorted(columns.items())),
+        "identical": len(steps) == len(old) == len(new) and all(c["max_abs"] == 0 for c in columns.values()),
+    }

@@ -17,6 +17,7 @@ import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 from targetsft.experiments.comparisons import (
@@ -28,18 +29,20 @@ from targetsft.experiments.comparisons import (
     selection_rows,
 )
 from targetsft.experiments.grid import BASELINE_ID, Experiment, ExperimentError, expand_grid, tables_dir
-from targetsft.experiments.plots import read_metrics_csv, write_plots
+from targetsft.experiments.plots import write_plots
 from targetsft.experiments.records import (
     DONE_FILE,
     PROBE_FILE,
     holds_every_set,
     read_json,
+    read_metrics_csv,
     record_dir,
     recorded_precision,
     records_root,
 )
 from targetsft.experiments.runner import read_probe
-from targetsft.experiments.statistics import EXACT_PERMUTATIONS_UP_TO, rank_correlation, t_interval
+from targetsft.experiments.statistics import EXACT_PERMUTATIONS_UP_TO, t_interval
+from targetsft.experiments.teachers import build_suffix, predictor_rows, teacher_points, teacher_rows
 from targetsft.runtime.files import atomic_write_csv, atomic_write_text
 
 
@@ -222,7 +225,8 @@ def format_markdown(
             ["teacher", "prompt", "used by", "tokens", "top-1 = label", "label in top-k", "mean π_T(label)"]
             + (["T", "H(top-k), nats"] if sharpness else []),
             (
-                [t["teacher"], t["prompt"], ", ".join(t["configs"]), t["tokens"], _pct(t["top1"]), _pct(t["in_topk"])]
+                [t["teacher"] + build_suffix(t), t["prompt"], ", ".join(t["configs"]), t["tokens"], _pct(t["top1"])]
+                + [_pct(t["in_topk"])]
                 + [_pct(t["p_label"])]
                 + ([f"{t.get('temperature', 1.0):g}", f"{t['topk_entropy']:.3f}"] if sharpness else [])
                 for t in teachers
@@ -329,121 +333,6 @@ def format_markdown(
     return "\n".join(lines)
 
 
-def teacher_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per teacher cache the runs trained from: the teacher, its prompt, the configs that used it and how
-    it scores their training labels (``label_stats``: top-1 agreement, label in top-k, mean π_T(y))."""
-    rows: dict[str, dict[str, Any]] = {}
-    for r in records:
-        info = (r.get("train") or {}).get("teacher")
-        if not info:
-            continue
-        row = rows.setdefault(
-            info["cache"],
-            {
-                "teacher": info["name"],
-                "prompt": info["prompt"],
-                "cache": info["cache"],
-                "configs": [],
-                **({"temperature": info["temperature"]} if "temperature" in info else {}),
-                **info["label_stats"],
-            },
-        )
-        if r["config_id"] not in row["configs"]:
-            row["configs"].append(r["config_id"])
-    return list(rows.values())
-
-
-def teacher_label(teacher: str) -> str:
-    """A short name of a teacher: ``<run id>`` for a grid run's final model, ``<run id>@<step>`` for its snapshot
-    (the ``teacher.model`` reference, without the ``@`` in front), else the last part of its name or path."""
-    path = Path(teacher)
-    if path.name == "final" and len(path.parts) > 1:
-        return path.parent.name
-    if path.parent.name == "snapshots" and path.name.startswith("step-"):
-        return f"{path.parent.parent.name}@{path.name.removeprefix('step-')}"
-    return path.name
-
-
-def teacher_points(summary: Sequence[dict], teachers: Sequence[dict]) -> list[dict[str, Any]]:
-    """Per set, one row per config trained from a teacher cache: the teacher (``teacher_label``:
-    :func:`teacher_label`, and its temperature where it is not 1), its top-1 agreement and top-k entropy on the
-    training labels, and the student's mean and interval on the set's first of ``greedy`` or its primary metrics."""
-    by_config = {c: t for t in teachers for c in t["configs"]}
-    rows = []
-    for label in dict.fromkeys(r["set"] for r in summary):
-        at = [r for r in summary if r["set"] == label]
-        metric = "greedy" if any(r["metric"] == "greedy" for r in at) else at[0]["metric"]
-        for r in at:
-            t = by_config.get(r["config"])
-            if r["metric"] != metric or t is None:
-                continue
-            temperature = t.get("temperature", 1.0)
-            name = teacher_label(t["teacher"]) + (f" T={temperature:g}" if temperature != 1.0 else "")
-            rows.append(
-                {
-                    "set": label,
-                    "metric": metric,
-                    "config": r["config"],
-                    "teacher": t["teacher"],
-                    "teacher_label": name,
-                    "cache": t["cache"],
-                    "temperature": temperature,
-                    "top1": t["top1"],
-                    "p_label": t["p_label"],
-                    "topk_entropy": t.get("topk_entropy"),
-                    **{k: r[k] for k in ("mean", "lo", "hi", "n_runs", "interval")},
-                }
-            )
-    return rows
-
-
-#: the properties ranked against the students' accuracy: (key, name); ``q_label`` is the student's (training.csv)
-PREDICTORS = (
-    ("top1", "top-1 = label"),
-    ("p_label", "mean π_T(label)"),
-    ("topk_entropy", "H(top-k)"),
-    ("q_label", "student's mean Q(label)"),
-)
-
-
-def predictor_rows(
-    points: Sequence[dict], records: Sequence[dict[str, Any]], means: Mapping[str, dict[str, float] | None]
-) -> list[dict[str, Any]]:
-    """Per set whose students each had a teacher cache of their own (one student per teacher, three or more), the
-    rank correlation of each teacher property (``PREDICTORS``) with the student's accuracy, one point per student
-    (:func:`~targetsft.experiments.statistics.rank_correlation`: Spearman's ρ, permutation p). A student's accuracy
-    and mean Q(label) (from ``means``: :func:`run_training_means`) are its means over the seeds that every student of
-    the set has (``seeds``), so that more seeds for some of them leave the comparison balanced."""
-    runs: dict[tuple[str, int], dict[str, Any]] = {(r["config_id"], r["seed"]): r for r in records}
-    rows = []
-    for label in dict.fromkeys(p["set"] for p in points):
-        at = [p for p in points if p["set"] == label]
-        if len(at) < 3 or len({p["cache"] for p in at}) < len(at):
-            continue
-        metric = at[0]["metric"]
-        have = [{s for c, s in runs if c == p["config"] and label in runs[c, s]["sets"]} for p in at]
-        seeds = sorted(set.intersection(*have))
-        if not seeds:
-            continue
-        accuracy = [_mean(runs[p["config"], s]["sets"][label]["metrics"][metric]["value"] for s in seeds) for p in at]
-        for key, name in PREDICTORS:
-            if key == "q_label":
-                per_seed = [[means.get(runs[p["config"], s]["run"]) for s in seeds] for p in at]
-                values = [None if None in m else _mean(x["q_label"] for x in m) for m in per_seed]
-            else:
-                values = [p[key] for p in at]
-            if any(v is None for v in values):
-                continue
-            test = rank_correlation(values, accuracy)
-            rows.append({"set": label, "metric": metric, "property": name, **test, "seeds": " ".join(map(str, seeds))})
-    return rows
-
-
-def _mean(values: Iterable[float]) -> float:
-    values = list(values)
-    return math.fsum(values) / len(values)
-
-
 TRAINING_KEYS = ("gamma", "q_label", "p_label", "residual_entropy")
 
 
@@ -452,7 +341,7 @@ def training_means(metrics_csv: Path) -> dict[str, float] | None:
     (``TRAINING_KEYS``); ``None`` where it logged none (a method without target statistics). A value that is NaN in
     the run (H(π̃) of a signed target) stays NaN."""
     logged = [x for x in read_metrics_csv(metrics_csv) if "gamma" in x]
-    return {k: _mean(x.get(k, math.nan) for x in logged) for k in TRAINING_KEYS} if logged else None
+    return {k: fmean(x.get(k, math.nan) for x in logged) for k in TRAINING_KEYS} if logged else None
 
 
 def run_training_means(records: Sequence[dict[str, Any]], root: Path) -> dict[str, dict[str, float] | None]:
@@ -474,7 +363,7 @@ def training_rows(
         if (run := means.get(r["run"])) is not None:
             groups.setdefault(r["config_id"], []).append(run)
     return [
-        {"config": cid, "n_runs": len(runs), **{k: _mean(m[k] for m in runs) for k in TRAINING_KEYS}}
+        {"config": cid, "n_runs": len(runs), **{k: fmean(m[k] for m in runs) for k in TRAINING_KEYS}}
         for cid, runs in groups.items()
     ]
 

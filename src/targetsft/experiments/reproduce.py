@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from targetsft.data.sft import read_jsonl
 from targetsft.experiments.grid import Experiment, ExperimentError, expand_grid, tables_dir
-from targetsft.experiments.plots import read_metrics_csv
 from targetsft.experiments.records import (
     DONE_FILE,
+    compare_training,
+    differences,
     read_json,
     record_dir,
     recorded_precision,
@@ -37,9 +37,6 @@ from targetsft.experiments.records import (
     write_json,
 )
 from targetsft.experiments.runner import run_one, teacher_cache_root
-
-#: metrics.csv columns never compared: the step (the key) and the speed (a property of the machine's load)
-NOT_COMPARED = ("step", "tokens_per_second")
 
 
 def scratch_experiment(exp: Experiment, run_id: str) -> Experiment:
@@ -86,21 +83,9 @@ def reproduce_run(
     return comparison
 
 
-def _same(a: float, b: float) -> bool:
-    return a == b or (math.isnan(a) and math.isnan(b))
-
-
-def _differences(a: float, b: float) -> tuple[float, float]:
-    """(|a − b|, |a − b| / max(|a|, |b|)); (0, 0) for equal values, NaN against NaN included."""
-    if _same(a, b):
-        return 0.0, 0.0
-    gap = abs(a - b)
-    return gap, gap / max(abs(a), abs(b))
-
-
 def _metric_gap(metric: dict[str, float]) -> float:
     """|recorded − rerun| of one compared metric."""
-    return _differences(metric["recorded"], metric["rerun"])[0]
+    return differences(metric["recorded"], metric["rerun"])[0]
 
 
 def _item_output(item: dict[str, Any]) -> Any:
@@ -129,27 +114,6 @@ def _compare_set(old_dir: Path, new_dir: Path, old: dict[str, Any], new: dict[st
     }
 
 
-def _compare_training(old_dir: Path, new_dir: Path) -> dict[str, Any]:
-    old = {int(r["step"]): r for r in read_metrics_csv(old_dir / "metrics.csv")}
-    new = {int(r["step"]): r for r in read_metrics_csv(new_dir / "metrics.csv")}
-    steps = sorted(old.keys() & new.keys())
-    columns: dict[str, dict[str, float]] = {}
-    for step in steps:
-        for key in old[step].keys() & new[step].keys():
-            if key in NOT_COMPARED:
-                continue
-            gap, rel = _differences(old[step][key], new[step][key])
-            worst = columns.setdefault(key, {"max_abs": 0.0, "max_rel": 0.0})
-            worst["max_abs"], worst["max_rel"] = max(worst["max_abs"], gap), max(worst["max_rel"], rel)
-    return {
-        "steps": len(steps),
-        "recorded_steps": len(old),
-        "rerun_steps": len(new),
-        "columns": dict(sorted(columns.items())),
-        "identical": len(steps) == len(old) == len(new) and all(c["max_abs"] == 0 for c in columns.values()),
-    }
-
-
 def _environment(done: dict[str, Any]) -> dict[str, Any]:
     return {"train": (done.get("train") or {}).get("environment"), "eval": done.get("eval_environment")}
 
@@ -163,7 +127,7 @@ def compare_records(old_dir: Path, new_dir: Path) -> dict[str, Any]:
         for label, spec in old["sets"].items()
         if label in new["sets"]
     }
-    training = _compare_training(old_dir, new_dir) if old.get("train") else None
+    training = compare_training(old_dir, new_dir) if old.get("train") else None
     return {
         "run": old["run"],
         "recorded": str(old_dir),

@@ -43,6 +43,8 @@ from targetsft.experiments.grid import (
 from targetsft.experiments.records import (
     DONE_FILE,
     PROBE_FILE,
+    RETRAIN_DIR,
+    compare_training,
     holds_every_set,
     read_json,
     record_dir,
@@ -96,12 +98,19 @@ def _drop_incomplete_checkpoints(out: Path, log: Callable[[str], None]) -> None:
             shutil.rmtree(p)
 
 
-def _train(exp: Experiment, run: Run, log: Callable[[str], None], teachers: Experiment | None = None) -> dict[str, Any]:
-    """Train the run (from scratch, or resumed from its newest complete checkpoint); its trainer summary. A teacher
-    run it names is looked up in ``teachers`` (default: ``exp``)."""
+def _train(
+    exp: Experiment,
+    run: Run,
+    log: Callable[[str], None],
+    teachers: Experiment | None = None,
+    record: Path | None = None,
+) -> dict[str, Any]:
+    """Train the run (from scratch, or resumed from its newest complete checkpoint); its trainer summary, with the
+    training's part of the record (summary.json, metrics.csv, gamma_probe.jsonl) in ``record`` (default: the run's
+    record). A teacher run it names is looked up in ``teachers`` (default: ``exp``)."""
     from targetsft.training import trainer
 
-    out, record = run_dir(exp, run), record_dir(exp, run)
+    out, record = run_dir(exp, run), record or record_dir(exp, run)
     if trained(exp, run):
         summary = json.loads((out / "summary.json").read_text())
     else:
@@ -137,8 +146,25 @@ def _teacher_model(exp: Experiment, run: Run, ref: str, log: Callable[[str], Non
     if not cached and not (trained(exp, teacher) and model.is_dir()):
         log(f"training {teacher.id} (retrain: the teacher of {run.id}; its model is gone)")
         shutil.rmtree(run_dir(exp, teacher) / "snapshots", ignore_errors=True)  # rewritten by the new training
-        _train(exp, teacher, log)
+        _retrain_teacher(exp, teacher, log)
     return model
+
+
+def _retrain_teacher(exp: Experiment, teacher: Run, log: Callable[[str], None]) -> None:
+    """Train a finished teacher run again (its model lost), its training's record in ``<record>/retrain/`` beside
+    ``comparison.json``, the new training logs against the recorded ones: the record keeps the training it was
+    evaluated on, and the log says whether the students' new teacher is the same."""
+    recorded, folder = record_dir(exp, teacher), record_dir(exp, teacher) / RETRAIN_DIR
+    if recorded == run_dir(exp, teacher):  # no records_dir: the record is the run folder, rewritten by the trainer
+        _train(exp, teacher, log)
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    _train(exp, teacher, log, record=folder)
+    comparison = compare_training(recorded, folder)
+    write_json(folder / "comparison.json", comparison)
+    loss = comparison["columns"].get("loss", {}).get("max_abs", math.nan)
+    same = "identical to" if comparison["identical"] else f"not identical to (largest |Δ loss| {loss:.3g})"
+    log(f"retrained {teacher.id}: its training log is {same} the recorded one ({folder / 'comparison.json'})")
 
 
 def _teacher_key(config: dict[str, Any]) -> dict[str, Any]:

@@ -433,6 +433,7 @@ def train(
         teacher_info = {
             "cache": str(cfg.teacher.cache),
             "name": teacher_cache.teacher_name,
+            "weights_sha256": teacher_cache.teacher_weights_hash,
             "prompt": cfg.teacher.prompt,
             "temperature": teacher_cache.temperature,
             "label_stats": stats,

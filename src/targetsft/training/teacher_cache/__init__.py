@@ -18,7 +18,7 @@ on the right with ``-100`` labels.
 
 On-disk format (``format_version`` 1), one folder::
 
-    manifest.json              identity (teacher, tokenizer, data, k, T), shard list with checksums, build timing
+    manifest.json              identity (teacher name, config, weights; tokenizer, data, k, T), shards, build
     shard-00000.safetensors    examples [0, shard_examples)
     shard-00001.safetensors    examples [shard_examples, 2·shard_examples) ...
 
@@ -62,6 +62,7 @@ from targetsft.training.teacher_cache.storage import (
     model_fingerprint,
     shard_name,
     tokenizer_fingerprint,
+    weights_fingerprint,
 )
 
 __all__ = [
@@ -80,4 +81,5 @@ __all__ = [
     "shard_name",
     "check_same_tokenizer",
     "tokenizer_fingerprint",
+    "weights_fingerprint",
 ]

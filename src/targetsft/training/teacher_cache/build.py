@@ -43,6 +43,7 @@ from targetsft.training.teacher_cache.storage import (
     model_fingerprint,
     shard_name,
     tokenizer_fingerprint,
+    weights_fingerprint,
 )
 
 logger = logging.getLogger(__name__)
@@ -273,8 +274,11 @@ def build_teacher_cache(
             manifest's ``build.engine`` records which, and a partial cache resumes only with the engine it began with.
         examples: indexable sequence (list, ``datasets.Dataset``) of dicts with ``input_ids`` and ``labels``
             (-100 = no loss, unshifted), optionally ``teacher_input_ids`` + ``teacher_labels`` (see the module doc).
-        out_dir: cache folder (created). If it holds a cache with the same identity (teacher name and config,
-            tokenizer, dataset, ``k``, temperature, teacher dtype) the build resumes, or does nothing if complete.
+        out_dir: cache folder (created). If it holds a cache with the same identity (teacher name, config and
+            weights, tokenizer, dataset, ``k``, temperature, teacher dtype) the build resumes, or does nothing if
+            complete; a teacher retrained in place has other weights, so its stale cache is refused. The weights are
+            compared only where both builds know them (not a vLLM teacher's, not a cache built before they were
+            recorded).
         tokenizer: the tokenizer of the examples (only its fingerprint and pad id are used).
         k: tokens kept per position (≤ vocabulary size).
         temperature: the cached rows are ``log_softmax(logits / temperature)``; the loss uses them as they are.
@@ -311,6 +315,7 @@ def build_teacher_cache(
         "format_version": FORMAT_VERSION,
         "teacher_name": name,
         "teacher_config_hash": model_fingerprint(teacher_model),
+        "teacher_weights_hash": weights_fingerprint(teacher_model),
         "teacher_dtype": _model_dtype(teacher_model),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "vocab_size": vocab,

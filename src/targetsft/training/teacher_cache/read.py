@@ -175,6 +175,12 @@ class TeacherCache:
     def teacher_name(self) -> str:
         return str(self.manifest.get("teacher_name", ""))
 
+    @property
+    def teacher_weights_hash(self) -> str | None:
+        """sha256 of the teacher's weights (:func:`~targetsft.training.teacher_cache.weights_fingerprint`); ``None``
+        for a vLLM teacher or a cache built before it was recorded."""
+        return self.manifest.get("teacher_weights_hash")
+
     def _locate(self, i: int) -> tuple[int, int]:
         i = int(i)
         if not 0 <= i < len(self):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from targetsft.runtime.files import atomic_write_bytes, sha256_file, sha256_json
@@ -60,6 +61,11 @@ _IDENTITY_KEYS = (
     "total_tokens",
     "ignore_index",
 )
+
+
+# Identity keys a cache may lack (built before they were recorded) or hold as None (unknowable: the weights of a vLLM
+# teacher): compared only when both sides know them.
+_IDENTITY_KEYS_IF_KNOWN = ("teacher_weights_hash",)
 
 
 # Keys of ``config.to_dict()`` that do not change what the teacher computes.
@@ -179,6 +185,22 @@ def model_fingerprint(model: Any) -> str:
     if config is None or not hasattr(config, "to_dict"):
         raise TypeError(f"the teacher must have a transformers config (model.config.to_dict()), got {type(model)}")
     return sha256_json(_strip_volatile(config.to_dict()))
+
+
+def weights_fingerprint(model: Any) -> str | None:
+    """sha256 over the model's state dict (each tensor's name, dtype, shape and bytes, in name order): which weights
+    the teacher had, so that a retrained teacher of the same name and config is another cache. ``None`` where the
+    weights cannot be read: no ``state_dict`` (a vLLM engine) or tensors on the meta device (offloaded)."""
+    if not callable(getattr(model, "state_dict", None)):
+        return None
+    h = hashlib.sha256(f"{FORMAT_NAME}/weights/v1;".encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        if not isinstance(tensor, Tensor) or tensor.device.type == "meta":
+            return None
+        data = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{str(data.dtype).removeprefix('torch.')}|{tuple(tensor.shape)};".encode())
+        h.update(data.view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def _supervised_positions(labels: np.ndarray) -> np.ndarray:
@@ -324,9 +346,10 @@ def _now() -> str:
 
 
 def _identity_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    known = [key for key in _IDENTITY_KEYS_IF_KNOWN if old.get(key) is not None and new.get(key) is not None]
     return [
         f"{key}: cache has {old.get(key)!r}, this build has {new[key]!r}"
-        for key in _IDENTITY_KEYS
+        for key in (*_IDENTITY_KEYS, *known)
         if old.get(key) != new[key]
     ]
 
