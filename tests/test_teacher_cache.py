@@ -465,7 +465,7 @@ def test_wrong_tokenizer_or_dataset(model, tokenizer, tmp_path):
 
 def test_weights_fingerprint(model, saved):
     """Same weights (reloaded, at the same dtype) → same hash; one changed value or another dtype → another; no
-    readable weights (no state_dict, meta tensors) → None."""
+    readable weights (no state_dict, meta tensors, a tensor without plain bytes) → None."""
     fp = weights_fingerprint(model)
     assert fp is not None and weights_fingerprint(LlamaForCausalLM.from_pretrained(saved["model"])) == fp
     changed = LlamaForCausalLM.from_pretrained(saved["model"])
@@ -476,6 +476,10 @@ def test_weights_fingerprint(model, saved):
     assert weights_fingerprint(object()) is None
     with torch.device("meta"):
         assert weights_fingerprint(LlamaForCausalLM(model.config)) is None
+    unreadable = torch.nn.Linear(2, 2)
+    assert weights_fingerprint(unreadable) is not None
+    unreadable.register_buffer("sparse", torch.eye(2).to_sparse())  # no plain bytes to hash
+    assert weights_fingerprint(unreadable) is None
 
 
 def test_retrained_teacher_is_another_cache(model, tokenizer, saved, tmp_path):

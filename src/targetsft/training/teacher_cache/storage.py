@@ -190,16 +190,20 @@ def model_fingerprint(model: Any) -> str:
 def weights_fingerprint(model: Any) -> str | None:
     """sha256 over the model's state dict (each tensor's name, dtype, shape and bytes, in name order): which weights
     the teacher had, so that a retrained teacher of the same name and config is another cache. ``None`` where the
-    weights cannot be read: no ``state_dict`` (a vLLM engine) or tensors on the meta device (offloaded)."""
+    weights cannot be read: no ``state_dict`` (a vLLM engine), tensors on the meta device (offloaded) or tensors
+    that cannot be copied to the CPU as bytes (quantized parameter types)."""
     if not callable(getattr(model, "state_dict", None)):
         return None
     h = hashlib.sha256(f"{FORMAT_NAME}/weights/v1;".encode())
     for name, tensor in sorted(model.state_dict().items()):
         if not isinstance(tensor, Tensor) or tensor.device.type == "meta":
             return None
-        data = tensor.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{name}|{str(data.dtype).removeprefix('torch.')}|{tuple(tensor.shape)};".encode())
-        h.update(data.view(torch.uint8).numpy())
+        try:
+            data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        except (RuntimeError, TypeError, NotImplementedError):
+            return None
+        h.update(f"{name}|{str(tensor.dtype).removeprefix('torch.')}|{tuple(tensor.shape)};".encode())
+        h.update(data)
     return h.hexdigest()
 
 
