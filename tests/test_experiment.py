@@ -903,7 +903,7 @@ def test_shipped_experiments_validate(path):
     exp = X.load_experiment(path)
     runs = X.expand_grid(exp)
     counts = {"smoke": 3, "main": 14, "lr_sweep": 9, "eta_sweep": 6, "ablation": 12, "noise": 10}
-    counts |= {"new_methods": 6, "teacher_study": 13, "gpu_paper_cell": 4}
+    counts |= {"new_methods": 6, "teacher_study": 13, "gpu_paper_cell": 5}
     assert len(runs) == counts[exp.name]
     # running an experiment writes its tables under runs/ (git-ignored), never into the committed results/<name>
     assert Path(exp.output_dir).parts[:2] == ("runs", "experiments")

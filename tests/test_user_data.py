@@ -233,17 +233,19 @@ def test_target_loss_places_the_teacher_and_checks_it(tiny_llama, tiny_tokenizer
     config = copy.deepcopy(tiny_llama.config)
     config.vocab_size += 8
     bigger = transformers.LlamaForCausalLM(config)
-    with pytest.raises(ValueError, match="vocabulary of"):
+    with pytest.raises(ValueError, match="give both tokenizers"):  # 8 more rows: padding only the tokenizers can tell
         targetsft.TargetLoss("kd", teacher=bigger).bind(student)
-    other = copy.deepcopy(tiny_tokenizer)
-    other.add_tokens(["<|extra|>"])
-    with pytest.raises(ValueError, match="another tokenizer"):
-        targetsft.TargetLoss("kd", teacher=teacher).bind(student, tiny_tokenizer, other)
+    padded = targetsft.TargetLoss("kd", teacher=bigger).bind(student, tiny_tokenizer, tiny_tokenizer)
+    assert padded.shared_vocab_size == len(tiny_tokenizer) and "embedding rows 608" in padded.alignments[0].note("t")
+    swapped = copy.deepcopy(tiny_tokenizer)
+    swapped.add_tokens(["<|extra|>"])
+    with pytest.raises(ValueError, match="601 ids but its lm_head 600 rows"):
+        targetsft.TargetLoss("kd", teacher=teacher).bind(student, tiny_tokenizer, swapped)
     saved = tmp_path / "teacher"
     teacher.save_pretrained(saved)
-    other.save_pretrained(saved)  # the teacher's own folder holds the other tokenizer: found by its name_or_path
+    swapped.save_pretrained(saved)  # the teacher's own folder holds the other tokenizer: found by its name_or_path
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(saved)
-    with pytest.raises(ValueError, match="another tokenizer"):
+    with pytest.raises(ValueError, match="601 ids but its lm_head 600 rows"):
         targetsft.TargetLoss("kd", teacher=reloaded).bind(student, tiny_tokenizer)
 
 

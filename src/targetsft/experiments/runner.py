@@ -119,7 +119,10 @@ def _train(
         if ref is not None:
             config["teacher"]["model"] = str(_teacher_model(teachers or exp, run, ref, log))
         if exp.teacher_cache_k and (config.get("teacher") or {}).get("model"):
-            config["teacher"] = {**config["teacher"], "model": None, "cache": str(_teacher_cache(exp, config, log))}
+            teacher = config["teacher"]
+            if teacher.get("prompt") == "own_template":  # its prompts are still rendered by its tokenizer
+                teacher = {**teacher, "tokenizer": teacher.get("tokenizer") or teacher["model"]}
+            config["teacher"] = {**teacher, "model": None, "cache": str(_teacher_cache(exp, config, log))}
         _drop_incomplete_checkpoints(out, log)
         resume = bool(_complete_checkpoints(out))
         if not resume:

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from targetsft.losses import validation as V
-from targetsft.losses.inputs import SideInputs, _select, denominator, prepare
+from targetsft.losses.inputs import SideInputs, _select, check_other_width, denominator, prepare, restrict_vocab
 from targetsft.losses.loss import compute_dtype
 from targetsft.losses.target import Distribution, Target, TargetStats, loss_and_grad
 
@@ -50,11 +50,13 @@ class _Head:
     hidden: Tensor
     weight: Tensor
     bias: Tensor | None
+    width: int | None = None  # the student's V, for a teacher/reference head that keeps fewer (shared) rows
 
     def logits(
         self, s: int, e: int, cdt: torch.dtype, logit_scale: float, softcap: float | None, out: Tensor | None = None
     ) -> Tensor:
-        """The logits of rows ``s:e`` in ``cdt``, written into ``out`` ``[e − s, V]`` when given."""
+        """The logits of rows ``s:e`` in ``cdt``, written into ``out`` ``[e − s, V]`` when given; a head of
+        fewer rows than ``width`` is padded with ``-inf`` after the transforms (those tokens get no mass)."""
         h = self.hidden[s:e]
         same = h.dtype == self.weight.dtype == cdt
         z = torch.mm(h, self.weight.t(), out=out if same else None)
@@ -66,6 +68,8 @@ class _Head:
             z.mul_(logit_scale)
         if softcap is not None:
             z.div_(softcap).tanh_().mul_(softcap)
+        if self.width is not None and self.width > z.shape[-1]:
+            z = restrict_vocab(z, z.shape[-1], self.width)
         return z
 
 
@@ -185,26 +189,40 @@ class _FusedLoss(torch.autograd.Function):
 
 
 def _teacher_head(
-    name: str, hidden: Tensor | None, weight: Tensor | None, bias: Tensor | None, lead, rows, vocab: int
+    name: str,
+    hidden: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    lead,
+    rows,
+    vocab: int,
+    shared_vocab_size: int | None,
 ) -> _Head | None:
+    """A teacher or reference head on the loss rows, keeping only the rows of the shared vocabulary."""
     if hidden is None and weight is None:
         return None
     if hidden is None or weight is None:
         raise ValueError(f"give both {name}_hidden and {name}_lm_head_weight")
     V.check_float(f"{name}_hidden", hidden)
     V.check_float(f"{name}_lm_head_weight", weight)
-    if weight.dim() != 2 or weight.shape[0] != vocab:
-        raise ValueError(
-            f"{name}_lm_head_weight has shape {tuple(weight.shape)}; expected [{vocab}, H] (the student's vocabulary): "
-            "the teacher must share the student's tokenizer and vocabulary"
-        )
+    if weight.dim() != 2:
+        raise ValueError(f"{name}_lm_head_weight must be [V, H], got shape {tuple(weight.shape)}")
+    shared = vocab if shared_vocab_size is None else shared_vocab_size
+    check_other_width(f"{name}_lm_head_weight", weight.shape[0], vocab, shared, shared_vocab_size is not None)
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"{name}_lm_head_bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
     if hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"{name}_hidden has size {hidden.shape[-1]} but {name}_lm_head_weight expects {weight.shape[1]}"
         )
     h = _select(hidden.detach(), lead, rows, rows.numel(), f"{name}_hidden")
     V.check_finite(f"{name}_hidden", h)
-    return _Head(h, weight.detach(), None if bias is None else bias.detach())
+    return _Head(
+        h,
+        weight.detach()[:shared],
+        None if bias is None else bias.detach()[:shared],
+        width=vocab if shared < vocab else None,
+    )
 
 
 def fused_target_loss(
@@ -227,6 +245,7 @@ def fused_target_loss(
     ref_lm_head_weight: Tensor | None = None,
     ref_lm_head_bias: Tensor | None = None,
     token_weights: Tensor | None = None,
+    shared_vocab_size: int | None = None,
     logit_scale: float = 1.0,
     softcap: float | None = None,
     return_stats: bool = False,
@@ -241,7 +260,9 @@ def fused_target_loss(
         chunk_size: rows per chunk; chosen from ``V`` and free memory when None.
         teacher_topk / ref_topk: ``(ids, logprobs)`` per position ``[..., k]`` or per loss token ``[n, k]``.
         teacher_hidden + teacher_lm_head_weight (+ bias): a teacher sharing the vocabulary, projected chunk by
-            chunk the same way (same ``logit_scale``/``softcap``); likewise ``ref_*`` for a reference model.
+            chunk the same way (same ``logit_scale``/``softcap``); likewise ``ref_*`` for a reference model. Its
+            weight may have another number of rows ``W`` when ``shared_vocab_size`` is given: only the first
+            ``shared_vocab_size`` rows are projected (padding rows past them, on either side, get no mass).
         logit_scale, softcap: logit scaling and Gemma-style soft-capping applied to every projection.
         The rest is as in :func:`targetsft.target_loss`.
 
@@ -279,13 +300,23 @@ def fused_target_loss(
         token_weights=token_weights,
         teacher_given=teacher_hidden is not None or teacher_lm_head_weight is not None,
         ref_given=ref_hidden is not None or ref_lm_head_weight is not None,
+        shared_vocab_size=shared_vocab_size,
     )
     teacher_head = _teacher_head(
-        "teacher", teacher_hidden, teacher_lm_head_weight, teacher_lm_head_bias, labels.shape, rows, vocab
+        "teacher",
+        teacher_hidden,
+        teacher_lm_head_weight,
+        teacher_lm_head_bias,
+        labels.shape,
+        rows,
+        vocab,
+        shared_vocab_size,
     )
     if teacher_head is not None and side.teacher is not None:
         raise ValueError("give either teacher_topk or teacher_hidden, not both")
-    ref_head = _teacher_head("ref", ref_hidden, ref_lm_head_weight, ref_lm_head_bias, labels.shape, rows, vocab)
+    ref_head = _teacher_head(
+        "ref", ref_hidden, ref_lm_head_weight, ref_lm_head_bias, labels.shape, rows, vocab, shared_vocab_size
+    )
     if ref_head is not None and side.ref is not None:
         raise ValueError("give either ref_topk or ref_hidden, not both")
     h = hidden.reshape(-1, width)[rows]

@@ -45,21 +45,59 @@ def _select(x: Tensor, lead: torch.Size, rows: Tensor, n_valid: int, name: str) 
     )
 
 
+def check_shared_vocab(shared_vocab_size: int | None, vocab_size: int) -> int:
+    """The number of real tokens the student shares with a teacher or reference (default: all ``vocab_size``)."""
+    if shared_vocab_size is None:
+        return vocab_size
+    if isinstance(shared_vocab_size, bool) or not isinstance(shared_vocab_size, int):
+        raise TypeError(f"shared_vocab_size must be an int or None, got {type(shared_vocab_size).__name__}")
+    if not 1 <= shared_vocab_size <= vocab_size:
+        raise ValueError(
+            f"shared_vocab_size must lie in [1, {vocab_size}] (the student's vocabulary), got {shared_vocab_size}"
+        )
+    return shared_vocab_size
+
+
+def check_other_width(name: str, width: int, vocab_size: int, shared: int, given: bool) -> None:
+    """A teacher or reference ``width`` columns wide: the student's ``vocab_size``, or any width that covers the
+    ``shared`` real tokens when ``shared_vocab_size`` was given."""
+    if not given and width != vocab_size:
+        raise ValueError(
+            f"{name} has vocabulary width {width} but the student has {vocab_size}: pass shared_vocab_size="
+            "len(tokenizer) when the two share a tokenizer and differ only in padding rows"
+        )
+    if width < shared:
+        raise ValueError(f"{name} has vocabulary width {width}, less than the {shared} tokens shared with the student")
+
+
+def restrict_vocab(logits: Tensor, shared: int, vocab_size: int) -> Tensor:
+    """Logits ``[n, W]`` of another model on the student's ``vocab_size`` columns: the first ``shared`` kept, the
+    rest ``-inf`` (padding on either side gets no mass; the softmax renormalises over the shared tokens)."""
+    if logits.shape[-1] == shared == vocab_size:
+        return logits
+    return torch.nn.functional.pad(logits[..., :shared], (0, vocab_size - shared), value=float("-inf"))
+
+
 def distribution(
-    name: str, logits: Tensor | None, topk: Any, lead: torch.Size, rows: Tensor, vocab_size: int
+    name: str,
+    logits: Tensor | None,
+    topk: Any,
+    lead: torch.Size,
+    rows: Tensor,
+    vocab_size: int,
+    shared_vocab_size: int | None = None,
 ) -> Distribution | None:
-    """A teacher or reference from dense logits ``[..., V]`` or top-k ``(ids, logprobs)``, at the loss rows."""
+    """A teacher or reference from dense logits ``[..., W]`` or top-k ``(ids, logprobs)``, at the loss rows, on the
+    student's ``vocab_size`` columns (columns at or past ``shared_vocab_size`` are padding: dropped, see
+    :func:`restrict_vocab`)."""
     if logits is not None and topk is not None:
         raise ValueError(f"give either {name}_logits or {name}_topk, not both")
     n_valid = rows.numel()
+    shared = check_shared_vocab(shared_vocab_size, vocab_size)
     if logits is not None:
         V.check_float(f"{name}_logits", logits)
-        if logits.shape[-1] != vocab_size:
-            raise ValueError(
-                f"{name}_logits has vocabulary size {logits.shape[-1]} but the student has {vocab_size}: "
-                "the teacher must share the student's tokenizer and vocabulary"
-            )
-        dense = _select(logits, lead, rows, n_valid, f"{name}_logits")
+        check_other_width(f"{name}_logits", logits.shape[-1], vocab_size, shared, shared_vocab_size is not None)
+        dense = restrict_vocab(_select(logits, lead, rows, n_valid, f"{name}_logits"), shared, vocab_size)
         V.check_finite(f"{name}_logits", dense, allow_neg_inf=True)
         if bool((dense.amax(-1) == float("-inf")).any()):
             raise ValueError(f"{name}_logits has a row where every logit is -inf")
@@ -76,7 +114,7 @@ def distribution(
             raise ValueError(f"{name}_topk must hold at least one token per position (k >= 1)")
         ids = _select(ids, lead, rows, n_valid, f"{name}_topk")
         logprobs = _select(logprobs, lead, rows, n_valid, f"{name}_topk")
-        V.check_topk(f"{name}_topk", ids, logprobs, vocab_size)
+        V.check_topk(f"{name}_topk", ids, logprobs, shared)
         return Distribution(topk_ids=ids.long(), topk_logprobs=logprobs)
     return None
 
@@ -97,6 +135,7 @@ def prepare(
     token_weights: Tensor | None = None,
     teacher_given: bool = False,
     ref_given: bool = False,
+    shared_vocab_size: int | None = None,
 ) -> tuple[Target, Tensor, SideInputs]:
     """Validate everything but the student's logits; return the target, the flat loss-row indices and side inputs.
 
@@ -108,8 +147,8 @@ def prepare(
     rows = valid.reshape(-1).nonzero().squeeze(-1)
     lead = labels.shape
     side = SideInputs(
-        teacher=distribution("teacher", teacher_logits, teacher_topk, lead, rows, vocab_size),
-        ref=distribution("ref", ref_logits, ref_topk, lead, rows, vocab_size),
+        teacher=distribution("teacher", teacher_logits, teacher_topk, lead, rows, vocab_size, shared_vocab_size),
+        ref=distribution("ref", ref_logits, ref_topk, lead, rows, vocab_size, shared_vocab_size),
     )
     has = {
         "teacher": side.teacher is not None or teacher_given,

@@ -91,6 +91,7 @@ def target_loss(
     ref_logits: Tensor | None = None,
     ref_topk: tuple[Tensor, Tensor] | None = None,
     token_weights: Tensor | None = None,
+    shared_vocab_size: int | None = None,
     return_stats: bool = False,
     **params: Any,
 ) -> Tensor | tuple[Tensor, dict[str, float]]:
@@ -110,6 +111,10 @@ def target_loss(
             (also accepted as ``[n_loss_tokens, k]`` in the order of the non-ignored labels).
         ref_logits / ref_topk: reference model for ``asft`` and ``sft_kl``, in the same forms.
         token_weights: ``[...]`` per-token γ for ``weighted`` and ``critical``.
+        shared_vocab_size: the real tokens the student shares with the teacher/reference (the student's
+            ``len(tokenizer)``): their logits may then be of another width ``W ≥ shared_vocab_size``; columns at or
+            past it are padding on either side, so ``π_T(a) ∝ exp(z_T(a))·1{a < shared_vocab_size}`` (top-k ids must
+            lie below it). None: the other model's width must equal the student's ``V``, all of it real.
         return_stats: also return means over loss tokens of γ, p(y), −log p(y), Q(y), H(π̃) and accuracy.
         **params: the method's parameters (see ``METHODS[method].params``).
     """
@@ -127,6 +132,7 @@ def target_loss(
         ref_logits=ref_logits,
         ref_topk=ref_topk,
         token_weights=token_weights,
+        shared_vocab_size=shared_vocab_size,
     )
     V.check_finite("logits", logits)
     stats = TargetStats() if return_stats else None
@@ -150,6 +156,7 @@ def build_target(
     ref_logits: Tensor | None = None,
     ref_topk: tuple[Tensor, Tensor] | None = None,
     token_weights: Tensor | None = None,
+    shared_vocab_size: int | None = None,
     **params: Any,
 ) -> Tensor:
     """The dense target ``Q = γ·onehot(y) + (1 − γ)·π̃`` ``[..., V]`` of ``method`` (zero rows where ignored).
@@ -170,6 +177,7 @@ def build_target(
         ref_logits=ref_logits,
         ref_topk=ref_topk,
         token_weights=token_weights,
+        shared_vocab_size=shared_vocab_size,
     )
     V.check_finite("logits", logits)
     with torch.no_grad():

@@ -67,9 +67,7 @@ def check_topk(name: str, ids: Tensor, logprobs: Tensor, vocab_size: int) -> Non
     if ids.shape[-1] == 0:
         raise ValueError(f"{name} must hold at least one token per position (k >= 1)")
     if bool(((ids < 0) | (ids >= vocab_size)).any()):
-        raise ValueError(
-            f"{name} has token ids outside [0, {vocab_size}) (teacher vocabulary larger than the student's?)"
-        )
+        raise ValueError(f"{name} has token ids outside [0, {vocab_size}), the vocabulary it shares with the student")
     check_finite(f"{name} logprobs", logprobs, allow_neg_inf=True)
     if bool((logprobs > 1e-4).any()):
         raise ValueError(f"{name} logprobs must be <= 0 (log-probabilities), got max {logprobs.max().item():.4g}")

@@ -7,7 +7,8 @@ It receives the model's full logits (that is what ``compute_loss_func`` gets), s
 the summed loss by ``num_items_in_batch``, so gradient accumulation and data parallelism stay exact. A teacher
 or reference model needs the batch's inputs, which ``compute_loss_func`` does not receive: :meth:`bind` hooks
 the student's forward to see them, puts the teacher on the student's device (unless it was loaded with a
-``device_map``) and checks that it shares the student's vocabulary and, given the tokenizers, its tokenizer. TRL
+``device_map``) and lines its vocabulary up with the student's (by tokenizer when given: padding rows, special
+tokens and chat templates may differ; :mod:`targetsft.training.vocabulary`). TRL
 1.16 deprecates ``compute_loss_func`` and runs an extra forward for it: with TRL use
 :class:`targetsft.training.sft_trainer.TargetSFTTrainer`, and for long sequences and large vocabularies
 ``target-sft train`` (:class:`targetsft.training.trainer.TargetTrainer`); both run the fused loss, which never
@@ -23,7 +24,15 @@ from torch import Tensor, nn
 
 from targetsft.losses.loss import target_loss
 from targetsft.losses.target import Target
-from targetsft.training.integration import IGNORE_INDEX, input_device, moved_to, place_frozen, shift_labels, unwrap
+from targetsft.training.integration import (
+    IGNORE_INDEX,
+    SEQUENCE_KEYS,
+    input_device,
+    place_frozen,
+    shift_labels,
+    unwrap,
+)
+from targetsft.training.vocabulary import VocabAlignment, align_by_rows, align_vocabularies
 
 
 class TargetLoss:
@@ -49,6 +58,8 @@ class TargetLoss:
         self.teacher, self.ref = teacher, ref
         self._inputs: dict[str, Tensor] | None = None
         self._hook = None
+        self.alignments: list[VocabAlignment] = []  # set by bind(): how each frozen model's vocabulary lines up
+        self.shared_vocab_size: int | None = None
         for other in (teacher, ref):
             if other is not None:
                 other.eval().requires_grad_(False)
@@ -56,20 +67,25 @@ class TargetLoss:
     def bind(self, model: nn.Module, tokenizer: Any = None, teacher_tokenizer: Any = None) -> TargetLoss:
         """Record each forward's ``input_ids``/``attention_mask`` so the teacher/reference see the same batch; move
         one that sits on the CPU to the student's device (one on an accelerator, or loaded with a ``device_map``,
-        stays where it is and gets the batch there) and check them against the student: the
-        same vocabulary size always, the same tokenizer when ``tokenizer`` (the student's) is given — compared with
-        ``teacher_tokenizer`` or, without it, with the tokenizer saved beside the teacher (its ``name_or_path``)."""
+        stays where it is and gets the batch there) and line their vocabularies up with the student's: by token → id
+        map when ``tokenizer`` (the student's) is given — compared with ``teacher_tokenizer`` or, without it, with the
+        tokenizer saved beside the teacher (its ``name_or_path``) — else by equal lm_head rows."""
         if self._hook is not None:
             self._hook.remove()
         student = unwrap(model)
+        alignments = []
         for role, other in (("teacher", self.teacher), ("reference", self.ref)):
             if other is not None:
-                check_frozen_model(student, other, role, tokenizer, teacher_tokenizer if role == "teacher" else None)
+                other_tok = teacher_tokenizer if role == "teacher" else None
+                alignments.append(check_frozen_model(student, other, role, tokenizer, other_tok))
                 place_frozen(other, input_device(student), role)
+        self.alignments = alignments
+        self.shared_vocab_size = shared_vocab_size(alignments)
 
         def capture(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
             ids = kwargs.get("input_ids", args[0] if args else None)
             self._inputs = {"input_ids": ids, "attention_mask": kwargs.get("attention_mask")}
+            self._inputs.update({k: kwargs[k] for k in SEQUENCE_KEYS if kwargs.get(k) is not None})  # packed batches
 
         self._hook = student.register_forward_pre_hook(capture, with_kwargs=True)
         return self
@@ -79,9 +95,10 @@ class TargetLoss:
             return None
         if self._inputs is None:
             raise RuntimeError("TargetLoss with a teacher or reference needs .bind(student_model) before training")
-        ids, mask = moved_to(input_device(model), self._inputs["input_ids"], self._inputs["attention_mask"])
+        at = input_device(model)
+        inputs = {k: v.to(at) if isinstance(v, Tensor) else v for k, v in self._inputs.items()}
         with torch.no_grad():
-            return model(input_ids=ids, attention_mask=mask).logits
+            return model(**inputs).logits
 
     def __call__(self, outputs: Any, labels: Tensor, num_items_in_batch: int | Tensor | None = None) -> Tensor:
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
@@ -93,19 +110,32 @@ class TargetLoss:
                 kwargs[f"{role}_logits"] = other_logits.to(logits.device)
         if num_items_in_batch is not None:
             kwargs["num_items_in_batch"] = torch.as_tensor(num_items_in_batch, device=logits.device)
+        if self.shared_vocab_size is not None:
+            kwargs["shared_vocab_size"] = self.shared_vocab_size
         return target_loss(logits, shifted, method=self.method, ignore_index=self.ignore_index, **kwargs, **self.params)
 
 
 def check_frozen_model(
     student: nn.Module, other: nn.Module, role: str, tokenizer: Any = None, other_tokenizer: Any = None
-) -> None:
-    """A teacher or reference has the student's vocabulary size and, given the student's ``tokenizer``, the same
-    tokenizer (``other_tokenizer``, or the one saved beside ``other``); else ValueError."""
-    vocab, other_vocab = (_vocab_size(m) for m in (student, other))
-    if other_vocab != vocab:
-        raise ValueError(f"the {role} has a vocabulary of {other_vocab} tokens, the student {vocab}")
-    if tokenizer is not None:
-        _check_same_tokenizer(tokenizer, other_tokenizer, other, role)
+) -> VocabAlignment:
+    """How a teacher's or reference's vocabulary lines up with the student's: by tokenizer when the student's
+    ``tokenizer`` is given (``other_tokenizer``, or the one saved beside ``other``; see
+    :func:`~targetsft.training.vocabulary.align_vocabularies`), else by lm_head rows, which must then be equal."""
+    rows, other_rows = (_vocab_size(m) for m in (student, other))
+    if tokenizer is None:
+        return align_by_rows(rows, other_rows, role)
+    if other_tokenizer is None:
+        other_tokenizer = _saved_tokenizer(other, role)
+    return align_vocabularies(tokenizer, other_tokenizer, student_rows=rows, other_rows=other_rows, role=role)
+
+
+def shared_vocab_size(alignments: list[VocabAlignment]) -> int | None:
+    """The ``shared_vocab_size`` the loss gets for these teachers/references (they share one: the student's real
+    vocabulary), or None when there are none."""
+    sizes = {a.shared for a in alignments}
+    if len(sizes) > 1:
+        raise ValueError(f"the teacher and the reference share different vocabularies with the student: {sizes}")
+    return sizes.pop() if sizes else None
 
 
 def _vocab_size(model: nn.Module) -> int:
@@ -113,18 +143,15 @@ def _vocab_size(model: nn.Module) -> int:
     return int(getattr(weight, "ds_shape", weight.shape)[0])  # a ZeRO-3 partition knows its full shape
 
 
-def _check_same_tokenizer(tokenizer: Any, other_tokenizer: Any, other: nn.Module, role: str) -> None:
-    """``other_tokenizer`` (or the one saved with ``other``) tokenizes exactly as ``tokenizer``, else ValueError."""
+def _saved_tokenizer(other: nn.Module, role: str) -> Any:
+    """The tokenizer saved beside ``other`` (its ``name_or_path``), else ValueError asking for it."""
     from targetsft.runtime.models import load_tokenizer
-    from targetsft.training.teacher_cache import check_same_tokenizer
 
-    if other_tokenizer is None:
-        path = getattr(unwrap(other), "name_or_path", None) or getattr(unwrap(other).config, "_name_or_path", "")
-        try:
-            other_tokenizer = load_tokenizer(path)
-        except (OSError, ValueError) as err:
-            raise ValueError(
-                f"cannot load the {role}'s tokenizer from {path!r} to compare it with the student's: pass it as "
-                f"teacher_tokenizer=... ({err})"
-            ) from None
-    check_same_tokenizer(tokenizer, other_tokenizer, role)
+    path = getattr(unwrap(other), "name_or_path", None) or getattr(unwrap(other).config, "_name_or_path", "")
+    try:
+        return load_tokenizer(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"cannot load the {role}'s tokenizer from {path!r} to compare it with the student's: pass it as "
+            f"teacher_tokenizer=... ({err})"
+        ) from None

@@ -75,6 +75,8 @@ class DataConfig:
     before training (chosen from ``seed``).
     ``label_noise``: fraction of the records whose final answer is made wrong (robustness studies; ``noise_kind``
     ``answer`` or ``carried``, see :mod:`targetsft.data.noise`), chosen deterministically from ``seed``.
+    ``packing``: each batch's examples end to end in one row, without padding, each attending only to itself
+    (:class:`~targetsft.training.dataset.Collator`); the same examples and supervised tokens per step.
     """
 
     train: str = "gsm-train"
@@ -85,6 +87,7 @@ class DataConfig:
     overflow: str = "truncate"
     label_noise: float = 0.0
     noise_kind: str = "answer"
+    packing: bool = False
 
 
 @dataclass
@@ -125,6 +128,7 @@ class ModelInit:
 
 
 PLACEMENTS = ("auto", "replicated", "sharded")
+TEACHER_PROMPTS = ("same", "answer_hint", "own_template")
 
 
 @dataclass
@@ -142,13 +146,17 @@ class TeacherConfig(FrozenModelInit):
     """Teacher for kd / hybrid_kd / target_sft: a model run online, or a top-k cache from ``cache-teacher``; loaded
     as :class:`ModelInit` says.
 
-    ``prompt``: ``same`` (the student's prompt) or ``answer_hint`` (the prompt plus the final answer, read from each
-    record's ``answer`` field: a privileged teacher; the supervised tokens stay aligned with the student's).
+    ``prompt``: ``same`` (the student's prompt), ``answer_hint`` (the prompt plus the final answer, read from each
+    record's ``answer`` field: a privileged teacher) or ``own_template`` (the record's prompt rendered with the
+    teacher's own chat template and tokenizer: an instruct teacher for a base student); the completion tokens stay
+    the student's, so the supervised tokens align. ``tokenizer``: where the teacher's tokenizer is read for
+    ``own_template`` (default ``model``; needed when training from ``cache``).
     """
 
     model: str | None = None
     cache: str | None = None
     prompt: str = "same"
+    tokenizer: str | None = None
 
 
 @dataclass
@@ -328,8 +336,13 @@ def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
         raise ConfigError(f"data.label_noise must be a fraction in [0, 1], got {noise!r}")
     if cfg.data.noise_kind not in NOISE_KINDS:
         raise ConfigError(f"data.noise_kind must be one of {NOISE_KINDS}, got {cfg.data.noise_kind!r}")
-    if cfg.teacher.prompt not in ("same", "answer_hint"):
-        raise ConfigError(f"teacher.prompt must be 'same' or 'answer_hint', got {cfg.teacher.prompt!r}")
+    if cfg.teacher.prompt not in TEACHER_PROMPTS:
+        raise ConfigError(f"teacher.prompt must be one of {TEACHER_PROMPTS}, got {cfg.teacher.prompt!r}")
+    if cfg.data.packing and cfg.teacher.prompt != "same":
+        raise ConfigError(
+            f"data.packing with teacher.prompt {cfg.teacher.prompt}: the teacher reads sequences of its own, which "
+            "are not packed; use teacher.prompt same or data.packing false"
+        )
     if cfg.teacher.model and cfg.teacher.cache:
         raise ConfigError("give teacher.model or teacher.cache, not both")
     needs = spec.needs

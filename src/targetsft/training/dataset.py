@@ -63,15 +63,46 @@ def split_records(cfg: TrainConfig) -> tuple[list[dict[str, Any]], list[dict[str
     return train, [r for i, r in enumerate(records) if i in held], available
 
 
-def tokenize_examples(
-    cfg: TrainConfig, tokenizer: Any, records: list[dict[str, Any]], source: str
-) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Tokenized examples (``input_ids``, ``labels``, ``attention_mask``, ``example_index`` and, for a privileged
-    teacher, ``teacher_input_ids``/``teacher_labels``; ``token_weights`` for the weighted methods) plus counts of
-    kept/truncated/dropped records.
+def teacher_prompt_tokenizer(cfg: TrainConfig, teacher: str | None = None) -> Any:
+    """The tokenizer that renders the teacher's prompt under ``teacher.prompt: own_template`` (``teacher.tokenizer``,
+    else ``teacher`` or ``teacher.model``), checked to share the student's token ids; None for the other prompts."""
+    if cfg.teacher.prompt != "own_template":
+        return None
+    from targetsft.runtime.models import load_tokenizer, resolve_model
+    from targetsft.training.vocabulary import check_token_maps
 
-    The privileged teacher's sequence is its own prompt followed by exactly the student's completion tokens, so
-    the supervised tokens align by construction.
+    source = cfg.teacher.tokenizer or teacher or cfg.teacher.model
+    if not source:
+        raise ValueError("teacher.prompt own_template needs the teacher's tokenizer: set teacher.tokenizer")
+    other = load_tokenizer(resolve_model(source))
+    check_token_maps(load_tokenizer(resolve_model(cfg.model)), other, f"teacher tokenizer {source!r}")
+    return other
+
+
+def _teacher_prompt(
+    cfg: TrainConfig, tokenizer: Any, teacher_tokenizer: Any, record: dict[str, Any]
+) -> list[int] | None:
+    """The teacher's own prompt tokens for ``record`` (None: the teacher reads the student's sequence)."""
+    from targetsft.data.sft import tokenize_record
+
+    if cfg.teacher.prompt == "answer_hint":
+        rendered = tokenize_record(tokenizer, _privileged_prompt(record), 1 << 30)
+    elif cfg.teacher.prompt == "own_template":
+        rendered = tokenize_record(teacher_tokenizer, record, 1 << 30)
+    else:
+        return None
+    return [t for t, label in zip(rendered["input_ids"], rendered["labels"]) if label == IGNORE_INDEX]
+
+
+def tokenize_examples(
+    cfg: TrainConfig, tokenizer: Any, records: list[dict[str, Any]], source: str, teacher_tokenizer: Any = None
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Tokenized examples (``input_ids``, ``labels``, ``attention_mask``, ``example_index`` and, for a teacher with
+    a prompt of its own, ``teacher_input_ids``/``teacher_labels``; ``token_weights`` for the weighted methods) plus
+    counts of kept/truncated/dropped records.
+
+    A teacher's own sequence is its prompt (``answer_hint``; ``own_template``, rendered by ``teacher_tokenizer``)
+    followed by exactly the student's completion tokens, so the supervised tokens align by construction.
     """
     from targetsft.data.sft import aligned_token_weights, tokenize_record
 
@@ -94,9 +125,8 @@ def tokenize_examples(
             if weights is None:
                 raise InputError(f"{where}: method {cfg.loss.method!r} needs token_weights (or weight) in every record")
             item["token_weights"] = weights
-        if cfg.teacher.prompt == "answer_hint":
-            hinted = tokenize_record(tokenizer, _privileged_prompt(record), 1 << 30)
-            t_prompt = [t for t, l in zip(hinted["input_ids"], hinted["labels"]) if l == IGNORE_INDEX]
+        t_prompt = _teacher_prompt(cfg, tokenizer, teacher_tokenizer, record)
+        if t_prompt is not None:
             start = next(i for i, l in enumerate(item["labels"]) if l != IGNORE_INDEX)
             item["teacher_input_ids"] = t_prompt + item["input_ids"][start:]
             item["teacher_labels"] = [IGNORE_INDEX] * len(t_prompt) + item["labels"][start:]
@@ -108,17 +138,21 @@ def tokenize_examples(
 Split = tuple[list[dict[str, Any]], list[dict[str, Any]] | None, int]  # what split_records returns
 
 
-def build_dataset(cfg: TrainConfig, tokenizer: Any, split: Split | None = None) -> tuple[list[dict[str, Any]], dict]:
+def build_dataset(
+    cfg: TrainConfig, tokenizer: Any, split: Split | None = None, teacher_tokenizer: Any = None
+) -> tuple[list[dict[str, Any]], dict]:
     """The training examples of ``cfg`` (after ``data.size``, the ``data.eval`` split and ``data.label_noise``) and
     their counts (``available``: records before ``data.size``; ``corrupted`` with label noise); ``split``: the
-    :func:`split_records` of ``cfg`` when the caller has it already."""
+    :func:`split_records` of ``cfg`` when the caller has it already; ``teacher_tokenizer``: the one of
+    :func:`teacher_prompt_tokenizer` (read from ``cfg`` when not given)."""
     records, _, available = split or split_records(cfg)
     corrupted = None
     if cfg.data.label_noise:
         from targetsft.data.noise import corrupt_records
 
         records, corrupted = corrupt_records(records, cfg.data.label_noise, cfg.data.noise_kind, cfg.data.seed)
-    items, counts = tokenize_examples(cfg, tokenizer, records, cfg.data.train)
+    teacher_tokenizer = teacher_tokenizer or teacher_prompt_tokenizer(cfg)
+    items, counts = tokenize_examples(cfg, tokenizer, records, cfg.data.train, teacher_tokenizer)
     counts["available"] = available
     if corrupted is not None:
         counts["corrupted"] = len(corrupted)
@@ -133,7 +167,7 @@ def build_eval_dataset(
     if held_out is None:
         return None
     source = cfg.data.eval if isinstance(cfg.data.eval, str) else f"{cfg.data.train} (eval split)"
-    return tokenize_examples(cfg, tokenizer, held_out, source)
+    return tokenize_examples(cfg, tokenizer, held_out, source, teacher_prompt_tokenizer(cfg))
 
 
 def data_notes(cfg: TrainConfig, counts: dict[str, int], examples_seen: int | None) -> list[str]:
@@ -164,14 +198,24 @@ def data_notes(cfg: TrainConfig, counts: dict[str, int], examples_seen: int | No
 
 
 class Collator:
-    """Pads the student's and (if present) the privileged teacher's sequences; keeps ``example_index``."""
+    """Pads the student's and (if present) the privileged teacher's sequences; keeps ``example_index``.
 
-    def __init__(self, pad_token_id: int) -> None:
+    ``packing=True``: no padding; the batch's examples go end to end in one row with ``position_ids`` restarting at
+    each, which the model turns into attention within each example (and an online teacher gets them too). The
+    label at each example's first position is ignored, so no token predicts across examples. The supervised tokens
+    and their order are those of the padded batch, so the loss, a teacher cache's rows and ``num_items_in_batch``
+    are unchanged.
+    """
+
+    def __init__(self, pad_token_id: int, packing: bool = False) -> None:
         from targetsft.data.sft import DataCollatorForCompletion
 
         self.pad = DataCollatorForCompletion(pad_token_id=pad_token_id)
+        self.packing = packing
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if self.packing:
+            return self._packed(features)
         batch = self.pad(features)
         if "teacher_input_ids" in features[0]:
             teacher = self.pad([{"input_ids": f["teacher_input_ids"], "labels": f["teacher_labels"]} for f in features])
@@ -182,6 +226,21 @@ class Collator:
             n = batch["labels"].shape[1]
             rows = [f["token_weights"] + [0.0] * (n - len(f["token_weights"])) for f in features]
             batch["token_weights"] = torch.tensor(rows, dtype=torch.float32)
+        if "example_index" in features[0]:
+            batch["example_index"] = torch.tensor([f["example_index"] for f in features], dtype=torch.long)
+        return batch
+
+    def _packed(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if "teacher_input_ids" in features[0]:
+            raise ValueError("data.packing: a teacher with a prompt of its own reads other sequences; use packing off")
+        labels = [[IGNORE_INDEX, *f["labels"][1:]] for f in features]
+        batch = {
+            "input_ids": torch.tensor([[t for f in features for t in f["input_ids"]]]),
+            "labels": torch.tensor([[t for row in labels for t in row]]),
+            "position_ids": torch.tensor([[i for f in features for i in range(len(f["input_ids"]))]]),
+        }
+        if "token_weights" in features[0]:
+            batch["token_weights"] = torch.tensor([[w for f in features for w in f["token_weights"]]])
         if "example_index" in features[0]:
             batch["example_index"] = torch.tensor([f["example_index"] for f in features], dtype=torch.long)
         return batch

@@ -41,6 +41,8 @@ class FusedLossMixin:
         chunk_size: rows per chunk of the fused loss (None: automatic).
         teacher_placement, ref_placement: ``replicated`` on every rank, ``sharded`` by the launch's DeepSpeed ZeRO-3
             config, or ``auto`` (sharded under ZeRO-3, else replicated).
+        shared_vocab_size: the student's real tokens, shared with the teacher/reference (see
+            :func:`targetsft.fused_target_loss`); rows past it on either side are padding. None: all rows, equal.
     """
 
     loss_is_scaled_for_ga = True
@@ -56,6 +58,7 @@ class FusedLossMixin:
         chunk_size: int | None = None,
         teacher_placement: str = "auto",
         ref_placement: str = "auto",
+        shared_vocab_size: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -66,6 +69,10 @@ class FusedLossMixin:
         teacher_model = self._place(teacher_model, teacher_placement, "teacher")
         ref_model = self._place(ref_model, ref_placement, "reference")
         defaults: dict[str, Any] = {"method": method, "chunk_size": chunk_size, **(method_params or {})}
+        if shared_vocab_size is None and teacher_cache is not None:  # its ids lie below the tokens it shares
+            shared_vocab_size = getattr(teacher_cache, "shared_vocab_size", None)
+        if shared_vocab_size is not None:
+            defaults["shared_vocab_size"] = shared_vocab_size
         if teacher_model is not None:
             defaults["teacher_model"] = teacher_model
         if ref_model is not None:

@@ -21,6 +21,9 @@ from torch import Tensor, nn
 from targetsft.losses.fused import fused_target_loss
 
 IGNORE_INDEX = -100
+# Keywords of a forward that say where a packed (or padding-free) batch's sequences begin; a teacher or reference
+# gets them with the student's inputs, so that it attends within each example exactly as the student does.
+SEQUENCE_KEYS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 
 
 @dataclass
@@ -234,6 +237,7 @@ def causal_lm_target_loss(
     """
     hidden = hidden_states(model, input_ids, attention_mask, **(model_kwargs or {}))
     shifted = shift_labels(labels)
+    boundaries = {k: v for k, v in (model_kwargs or {}).items() if k in SEQUENCE_KEYS and v is not None}
     others = {"teacher": teacher_model, "ref": ref_model}
     extra: dict[str, Any] = {}
     for role, other in others.items():
@@ -241,6 +245,11 @@ def causal_lm_target_loss(
             continue
         at = input_device(other)  # a teacher may sit on another device (device_map): inputs there, rows back here
         if role == "teacher" and teacher_input_ids is not None:
+            if boundaries:
+                raise ValueError(
+                    "a teacher with a prompt of its own (teacher_input_ids) cannot read a packed or padding-free batch "
+                    f"(it has {sorted(boundaries)}): train without packing"
+                )
             if teacher_labels is None:
                 raise ValueError("teacher_input_ids needs teacher_labels to align the supervised tokens")
             t_shift = shift_labels(teacher_labels)
@@ -249,9 +258,10 @@ def causal_lm_target_loss(
             with torch.no_grad():
                 t_hidden = hidden_states(other, *moved_to(at, teacher_input_ids, teacher_attention_mask))
                 t_hidden = t_hidden[t_shift.to(at) != IGNORE_INDEX]
-        else:
+        else:  # the student's very contexts: a packed batch's sequence boundaries go along
+            seen = {k: v.to(at) if isinstance(v, Tensor) else v for k, v in boundaries.items()}
             with torch.no_grad():
-                t_hidden = hidden_states(other, *moved_to(at, input_ids, attention_mask))
+                t_hidden = hidden_states(other, *moved_to(at, input_ids, attention_mask), **seen)
         extra[f"{role}_hidden"] = t_hidden.to(hidden.device)
     if loss_kwargs.get("reduction") == "none" and any(_partitioned(p) for p in _head_params(model)):
         raise ValueError("reduction='none' needs the lm_head weight in backward, which ZeRO-3 has partitioned by then")

@@ -21,10 +21,19 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from targetsft.losses.methods import get_method
 from targetsft.runtime.files import atomic_write_text
 from targetsft.runtime.precision import environment, resolve_precision
+from targetsft.training.compute_loss import check_frozen_model, shared_vocab_size
 from targetsft.training.config import ModelInit, TrainConfig
-from targetsft.training.dataset import Collator, build_dataset, build_eval_dataset, data_notes, split_records
+from targetsft.training.dataset import (
+    Collator,
+    build_dataset,
+    build_eval_dataset,
+    data_notes,
+    split_records,
+    teacher_prompt_tokenizer,
+)
 from targetsft.training.fused_trainer import STAT_KEYS, FusedLossMixin
 from targetsft.training.integration import KEEP_DEVICE, zero3_managed
+from targetsft.training.vocabulary import check_token_maps
 
 if TYPE_CHECKING:
     from targetsft.training.teacher_cache import TeacherCache
@@ -177,11 +186,14 @@ def _model_card(
     return "\n".join(lines)
 
 
-def _load_same_tokenizer(path: str, tokenizer: Any, role: str) -> None:
+def _matching_tokenizer(path: str, tokenizer: Any, role: str) -> Any:
+    """The tokenizer saved at ``path``, checked to give every student token its id (special tokens and chat
+    template may differ) before any weights load."""
     from targetsft.runtime.models import load_tokenizer
-    from targetsft.training.teacher_cache import check_same_tokenizer
 
-    check_same_tokenizer(tokenizer, load_tokenizer(path), f"{role} model {path!r}")
+    other = load_tokenizer(path)
+    check_token_maps(tokenizer, other, f"{role} model {path!r}")
+    return other
 
 
 def cache_teacher(
@@ -223,7 +235,7 @@ def cache_teacher(
     else:
         raise ValueError(f"engine must be 'transformers' or 'vllm', got {engine!r}")
     try:
-        items, counts = build_dataset(cfg, tokenizer)
+        items, counts = build_dataset(cfg, tokenizer, teacher_tokenizer=teacher_prompt_tokenizer(cfg, teacher))
         print(f"examples: {counts}")
         folder = build_teacher_cache(
             model,
@@ -238,6 +250,7 @@ def cache_teacher(
             device=device,
             overwrite=overwrite,
             precision=precision,
+            teacher_tokenizer=_matching_tokenizer(resolve_model(teacher), tokenizer, "teacher"),
         )
     finally:
         if engine == "vllm":
@@ -344,12 +357,12 @@ def _without_zero3_init():
 
 
 def load_frozen(path: str, init: ModelInit, auto_dtype: torch.dtype, tokenizer: Any, role: str) -> nn.Module:
-    """A teacher or reference model: its tokenizer checked identical to the student's, loaded as ``init`` says
+    """A teacher or reference model: its token → id map checked against the student's, loaded as ``init`` says
     (``dtype: auto``: ``auto_dtype``; training gives its precision's, so bf16 where the device runs it natively)."""
     from targetsft.runtime.models import load_model, resolve_model
 
     path = resolve_model(path)
-    _load_same_tokenizer(path, tokenizer, role)
+    _matching_tokenizer(path, tokenizer, role)
     with _without_zero3_init():  # the trainer shards it (placement) where ZeRO-3 runs
         model = load_model(path, **init.from_pretrained_kwargs(auto_dtype))
     if init.device_map is not None:
@@ -412,14 +425,17 @@ def train(
             ref_model = _as_frozen_copy(model, cfg.reference, precision.dtype)
     teacher_model, teacher_cache, teacher_info = None, None, None
     method_params = dict(cfg.loss.params)
+    vocab = {"reference": check_frozen_model(model, ref_model, "reference", tokenizer)} if ref_model else {}
     if cfg.teacher.model:
         teacher_model = load_frozen(cfg.teacher.model, cfg.teacher, precision.dtype, tokenizer, "teacher")
+        vocab["teacher"] = check_frozen_model(model, teacher_model, "teacher", tokenizer)
     elif cfg.teacher.cache:
         from targetsft.training.teacher_cache import TeacherCache
 
         teacher_cache = TeacherCache.open(cfg.teacher.cache, tokenizer=tokenizer, examples=items)
-        if teacher_cache.vocab_size != model.get_output_embeddings().weight.shape[0]:
-            raise ValueError("the teacher cache's vocabulary size differs from the student's")
+        rows = model.get_output_embeddings().weight.shape[0]
+        if teacher_cache.shared_vocab_size > rows:
+            raise ValueError(f"the teacher cache holds ids up to {teacher_cache.shared_vocab_size}, the student {rows}")
         wanted = float({**spec.defaults, **cfg.loss.params}.get("temperature", 1.0))
         if teacher_cache.temperature != wanted:
             raise ValueError(
@@ -437,7 +453,13 @@ def train(
             "prompt": cfg.teacher.prompt,
             "temperature": teacher_cache.temperature,
             "label_stats": stats,
+            "vocabulary": teacher_cache.teacher_vocabulary,
         }
+    for role, alignment in vocab.items():
+        print(alignment.note(role), flush=True)
+    shared = shared_vocab_size(list(vocab.values()))
+    if shared is None and teacher_cache is not None:
+        shared = teacher_cache.shared_vocab_size
     if cfg.lora is not None:
         model = _with_lora(model, cfg)
     if cfg.loss.method == "proximal_sft":  # π_old: an exact copy of the student, refreshed from its trained weights
@@ -453,7 +475,7 @@ def train(
         args=args,
         train_dataset=Dataset.from_list(items),
         eval_dataset=Dataset.from_list(held_out[0]) if held_out else None,
-        data_collator=Collator(tokenizer.pad_token_id),
+        data_collator=Collator(tokenizer.pad_token_id, packing=cfg.data.packing),
         method=cfg.loss.method,
         method_params=method_params,
         teacher_model=teacher_model,
@@ -462,6 +484,7 @@ def train(
         chunk_size=cfg.loss.chunk_size,
         teacher_placement=cfg.teacher.placement,
         ref_placement="replicated" if cfg.loss.method == "proximal_sft" else cfg.reference.placement,
+        shared_vocab_size=shared,
         callbacks=[CsvMetricsCallback(out / "metrics.csv"), *snapshots, *(callbacks or [])],
     )
     if cfg.loss.method == "proximal_sft" and sharded(trainer.model_wrapped):
@@ -494,6 +517,8 @@ def train(
     }
     if teacher_info is not None:
         summary["teacher"] = teacher_info
+    if vocab:
+        summary["vocabulary"] = {role: {**a.to_dict(), "note": a.note(role)} for role, a in vocab.items()}
     whole = _whole_model(trainer, cfg, model_path)  # every rank: sharded weights are gathered collectively
     if trainer.is_world_process_zero():  # one writer
         (whole.merge_and_unload() if cfg.lora is not None else whole).save_pretrained(final)

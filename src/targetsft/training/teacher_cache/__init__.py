@@ -57,7 +57,6 @@ from targetsft.training.teacher_cache.storage import (
     CacheIncompleteError,
     CacheMismatchError,
     TeacherCacheError,
-    check_same_tokenizer,
     dataset_fingerprint,
     model_fingerprint,
     shard_name,
@@ -79,7 +78,6 @@ __all__ = [
     "dataset_fingerprint",
     "model_fingerprint",
     "shard_name",
-    "check_same_tokenizer",
     "tokenizer_fingerprint",
     "weights_fingerprint",
 ]

@@ -45,6 +45,7 @@ from targetsft.training.teacher_cache.storage import (
     tokenizer_fingerprint,
     weights_fingerprint,
 )
+from targetsft.training.vocabulary import VocabAlignment, align_vocabularies, id_to_token
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +97,10 @@ def _round_down_fp16(x: Tensor) -> Tensor:
     return h
 
 
-def _topk_rows(logits: Tensor, k: int, temperature: float) -> tuple[Tensor, Tensor]:
-    """Top-k of ``log_softmax(logits / T)`` (float32) per row: ids int32 and log-probs float32, on the CPU."""
+def _topk_rows(logits: Tensor, k: int, temperature: float, shared: int | None = None) -> tuple[Tensor, Tensor]:
+    """Top-k of ``log_softmax(logits[:, :shared] / T)`` (float32) per row: ids int32 and log-probs float32, on the
+    CPU (columns past ``shared``, padding or tokens the student lacks, are dropped before the softmax)."""
+    logits = logits[:, :shared]
     step = max(1, _SOFTMAX_ELEMS // max(1, logits.shape[-1]))
     ids, lps = [], []
     for s in range(0, logits.shape[0], step):
@@ -138,15 +141,36 @@ def _teacher_logits_rows(
     return logits[b_idx, c_idx]
 
 
-def _teacher_topk_vllm(engine: Any, batch: list[_TeacherInput], k: int) -> tuple[Tensor, Tensor]:
+def _teacher_topk_vllm(engine: Any, batch: list[_TeacherInput], k: int, shared: int) -> tuple[Tensor, Tensor]:
     """The top-k rows of every example's positions from vLLM's prompt log-probs (position ``p`` is the
-    distribution of token ``p + 1``), in batch order: ids int32, log-probs float32 (temperature 1)."""
+    distribution of token ``p + 1``), in batch order: ids int32, log-probs float32 (temperature 1).
+
+    vLLM ranks the teacher's whole vocabulary; an id at or past ``shared`` (padding, a token the student lacks)
+    is replaced by a copy of the row's last kept entry at log-probability ``-inf`` (no mass; the student completes
+    the tail), and the kept log-probabilities are divided by the mass of the shared tokens the row shows."""
     out = engine.prompt_logprobs([x.input_ids.tolist() for x in batch], k)
     rows = [rows[p] for x, rows in zip(batch, out, strict=True) for p in x.positions.tolist()]
     if not rows:
         return torch.zeros(0, k, dtype=torch.int32), torch.zeros(0, k)
-    ids = torch.tensor([r[0] for r in rows], dtype=torch.int32)
-    return ids, torch.tensor([r[1] for r in rows], dtype=torch.float32).clamp(max=0.0)
+    ids = torch.tensor([r[0] for r in rows], dtype=torch.int64)
+    lps = torch.tensor([r[1] for r in rows], dtype=torch.float32).clamp(max=0.0)
+    return _drop_unshared(ids, lps, shared)
+
+
+def _drop_unshared(ids: Tensor, lps: Tensor, shared: int) -> tuple[Tensor, Tensor]:
+    """Top-k rows (sorted by log-prob) without ids at or past ``shared``: those are given distinct unused shared
+    ids at ``-inf`` and the row's kept log-probs are renormalised by ``1 − (mass of the dropped ids)``."""
+    outside = ids >= shared
+    if not bool(outside.any()):
+        return ids.to(torch.int32), lps
+    dropped = torch.where(outside, lps, float("-inf")).logsumexp(-1, keepdim=True)
+    lps = torch.where(outside, float("-inf"), lps - torch.log1p(-dropped.exp().clamp(max=1 - 1e-6)))
+    # fill the dropped slots with ids of the shared vocabulary no kept slot uses (the smallest such ids)
+    for r in outside.any(-1).nonzero().squeeze(-1).tolist():
+        used = set(ids[r][~outside[r]].tolist())
+        free = (i for i in range(shared) if i not in used)
+        ids[r, outside[r]] = torch.tensor([next(free) for _ in range(int(outside[r].sum()))], dtype=ids.dtype)
+    return ids.to(torch.int32), lps.clamp(max=0.0)
 
 
 @dataclass
@@ -159,6 +183,7 @@ class _RunSpec:
     device: torch.device
     keep_ok: bool
     vocab: int
+    shared: int
 
 
 def _compute_shard(
@@ -175,12 +200,12 @@ def _compute_shard(
         idx = order[s : s + spec.batch_size]
         batch = [inputs[i] for i in idx]
         if is_vllm(spec.model):
-            ids, lps = _teacher_topk_vllm(spec.model, batch, spec.k)
+            ids, lps = _teacher_topk_vllm(spec.model, batch, spec.k, spec.shared)
         else:
             logits = _teacher_logits_rows(
                 spec.model, batch, pad_id=spec.pad_id, device=spec.device, keep_ok=spec.keep_ok, vocab=spec.vocab
             )
-            ids, lps = _topk_rows(logits, spec.k, spec.temperature)
+            ids, lps = _topk_rows(logits, spec.k, spec.temperature, spec.shared)
         if bool(torch.isnan(lps).any()):
             raise RuntimeError(f"the teacher produced NaN log-probs in examples {sorted(idx)}")
         split = [x.positions.size for x in batch]
@@ -195,6 +220,17 @@ def _compute_shard(
         "logprobs": _round_down_fp16(torch.cat([p[1] for p in parts])).contiguous(),
         "offsets": counts.cumsum(0),
     }
+
+
+def _alignment(tokenizer: Any, teacher_tokenizer: Any, rows: int) -> VocabAlignment:
+    """The teacher's vocabulary against the student's tokenizer: checked when ``teacher_tokenizer`` is given; else
+    the student's tokens are taken as the teacher's first ids (the caller vouches for the token → id map)."""
+    tokens = len(id_to_token(tokenizer))
+    if teacher_tokenizer is not None:
+        return align_vocabularies(tokenizer, teacher_tokenizer, student_rows=tokens, other_rows=rows)
+    if tokens > rows:
+        raise ValueError(f"the student's tokenizer has {tokens:,} ids but the teacher only {rows:,} vocabulary rows")
+    return VocabAlignment(shared=tokens, student_rows=tokens, other_rows=rows)
 
 
 def _check_build_args(k: int, temperature: float, batch_size: int, shard_examples: int, vocab: int) -> None:
@@ -263,6 +299,7 @@ def build_teacher_cache(
     progress: bool = True,
     overwrite: bool = False,
     precision: str = "auto",
+    teacher_tokenizer: Any = None,
 ) -> Path:
     """Run ``teacher_model`` over ``examples`` and store its top-k log-probs per supervised token in ``out_dir``.
 
@@ -279,7 +316,12 @@ def build_teacher_cache(
             complete; a teacher retrained in place has other weights, so its stale cache is refused. The weights are
             compared only where both builds know them (not a vLLM teacher's, not a cache built before they were
             recorded).
-        tokenizer: the tokenizer of the examples (only its fingerprint and pad id are used).
+        tokenizer: the tokenizer of the examples, the student's (its fingerprint, pad id and number of tokens are
+            used: ids at or past that number, the teacher's padding rows or tokens the student lacks, are never
+            stored; the rest is renormalised).
+        teacher_tokenizer: the teacher's, to check its token → id map against ``tokenizer``'s
+            (:func:`~targetsft.training.vocabulary.align_vocabularies`; special tokens and chat template may differ)
+            and record what differs in the manifest's ``teacher_vocabulary``.
         k: tokens kept per position (≤ vocabulary size).
         temperature: the cached rows are ``log_softmax(logits / temperature)``; the loss uses them as they are.
         batch_size: examples per teacher forward (right-padded, attention mask).
@@ -299,7 +341,8 @@ def build_teacher_cache(
     if device is not None and not vllm:
         teacher_model.to(device)
     vocab = _vocab_size(teacher_model)
-    _check_build_args(k, temperature, batch_size, shard_examples, vocab)
+    alignment = _alignment(tokenizer, teacher_tokenizer, vocab)
+    _check_build_args(k, temperature, batch_size, shard_examples, alignment.shared)
     if vllm and (temperature != 1.0 or k > teacher_model.max_logprobs):
         raise ValueError(
             "a vLLM teacher gives the top-k of log_softmax(logits) at temperature 1 for k <= "
@@ -319,6 +362,7 @@ def build_teacher_cache(
         "teacher_dtype": _model_dtype(teacher_model),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "vocab_size": vocab,
+        "shared_vocab_size": alignment.shared,
         "k": k,
         "temperature": float(temperature),
         "dataset_fingerprint": dfp,
@@ -331,6 +375,8 @@ def build_teacher_cache(
         manifest = _prepare_folder(folder, identity, overwrite)
         # a vLLM engine runs at its weights' dtype (no autocast): that is the precision recorded
         resolved = resolve_precision(teacher_model.dtype if vllm else precision, _model_device(teacher_model))
+        if teacher_tokenizer is not None:
+            manifest["teacher_vocabulary"] = {**alignment.to_dict(), "note": alignment.note("teacher")}
         _run_shards(
             teacher_model, examples, folder, manifest, counts, tokenizer, batch_size, shard_examples, progress, resolved
         )
@@ -367,6 +413,7 @@ def _run_shards(
         device=_model_device(model),
         keep_ok=_accepts_logits_to_keep(model),
         vocab=manifest["vocab_size"],
+        shared=manifest.get("shared_vocab_size", manifest["vocab_size"]),
     )
     build = manifest["build"]
     built_at = build.get("precision", "fp32")

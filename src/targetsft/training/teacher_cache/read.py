@@ -168,8 +168,19 @@ class TeacherCache:
 
     @property
     def vocab_size(self) -> int:
-        """The teacher's vocabulary size (ids are in ``[0, vocab_size)``)."""
+        """The teacher's lm_head rows."""
         return int(self.manifest["vocab_size"])
+
+    @property
+    def shared_vocab_size(self) -> int:
+        """The tokens the teacher shares with the student: every stored id is below it."""
+        return int(self.manifest.get("shared_vocab_size", self.manifest["vocab_size"]))
+
+    @property
+    def teacher_vocabulary(self) -> dict[str, Any] | None:
+        """How the teacher's vocabulary lines up with the student's
+        (:meth:`~targetsft.training.vocabulary.VocabAlignment.to_dict`), when the build was given its tokenizer."""
+        return self.manifest.get("teacher_vocabulary")
 
     @property
     def teacher_name(self) -> str:

@@ -65,7 +65,7 @@ _IDENTITY_KEYS = (
 
 # Identity keys a cache may lack (built before they were recorded) or hold as None (unknowable: the weights of a vLLM
 # teacher): compared only when both sides know them.
-_IDENTITY_KEYS_IF_KNOWN = ("teacher_weights_hash",)
+_IDENTITY_KEYS_IF_KNOWN = ("teacher_weights_hash", "shared_vocab_size")
 
 
 # Keys of ``config.to_dict()`` that do not change what the teacher computes.
@@ -132,12 +132,6 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         raise TypeError(f"tokenizer must have get_vocab() (a transformers tokenizer), got {type(tokenizer).__name__}")
     vocab = sorted(((str(tok), int(i)) for tok, i in tokenizer.get_vocab().items()), key=lambda p: (p[1], p[0]))
     return sha256_json({"vocab": vocab, "special_tokens": _special_tokens(tokenizer)})
-
-
-def check_same_tokenizer(tokenizer: Any, other: Any, role: str) -> None:
-    """ValueError unless ``other`` (the ``role``'s tokenizer) has the student ``tokenizer``'s fingerprint."""
-    if tokenizer_fingerprint(other) != tokenizer_fingerprint(tokenizer):
-        raise ValueError(f"the {role} has another tokenizer than the student; they must be identical")
 
 
 def _as_int_array(value: Any) -> np.ndarray:

@@ -1,0 +1,159 @@
+"""What ``data.packing`` saves: padding share and the wall time of a training step, padded against packed.
+
+The same batches of GSM-style examples (``gsm-train``, the embedded SmolLM2-135M-Instruct's tokenizer) are run both
+ways through the trainer's own loss path (:func:`targetsft.training.integration.causal_lm_target_loss`, fused
+``sft``, float32): right-padded with an attention mask, and packed end to end in one row with position ids
+restarting at each example (:class:`targetsft.training.dataset.Collator` with ``packing=True``). The fused loss
+skips padded positions either way; packing saves the transformer body's work on them. The two layouts alternate
+batch by batch so that drift on a shared machine falls on both alike. Rows go to ``bench/results/packing.csv``
+(with the CPU capability); ``bench/results/packing.png`` and the ``packing`` section of ``docs/benchmarks.md``
+are written from it.
+
+    python bench/bench_packing.py                  # about 2 min on a 2-core CPU
+    python bench/bench_packing.py --report         # rewrite the docs section and plot from the CSV
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from pathlib import Path
+
+from docsection import write_section
+from timing import append_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+CSV_PATH = ROOT / "bench" / "results" / "packing.csv"
+PNG_PATH = ROOT / "bench" / "results" / "packing.png"
+FIELDS = [
+    "date",
+    "cpu_capability",
+    "threads",
+    "torch",
+    "batch_size",
+    "layout",
+    "steps",
+    "real_tokens",
+    "batch_tokens",
+    "padding_share",
+    "seconds_per_step",
+    "ratio_to_padded",
+]
+
+
+def _batches(batch_size: int, steps: int) -> list[list[dict]]:
+    from targetsft.runtime.models import load_tokenizer, resolve_model
+    from targetsft.training.config import load_config
+    from targetsft.training.dataset import build_dataset
+
+    cfg = load_config(None, ["data.train=gsm-train", f"data.size={batch_size * steps}", "data.max_length=1024"])
+    items, _ = build_dataset(cfg, load_tokenizer(resolve_model(None)))
+    return [items[s : s + batch_size] for s in range(0, len(items), batch_size)]
+
+
+def _step(model, batch: dict) -> float:
+    import torch
+
+    from targetsft.training.integration import causal_lm_target_loss
+
+    extra = {"model_kwargs": {"position_ids": batch["position_ids"]}} if "position_ids" in batch else {}
+    t0 = time.perf_counter()
+    loss = causal_lm_target_loss(
+        model, batch["input_ids"], batch["labels"], attention_mask=batch.get("attention_mask"), method="sft", **extra
+    )
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def measure(args: argparse.Namespace) -> list[dict]:
+    from targetsft.runtime.models import load_model, load_tokenizer, resolve_model
+    from targetsft.runtime.precision import environment
+    from targetsft.training.dataset import Collator
+
+    env = environment()
+    pad_id = load_tokenizer(resolve_model(None)).pad_token_id
+    model = load_model(resolve_model(None)).train()
+    rows = []
+    for batch_size in args.batch_sizes:
+        features = _batches(batch_size, args.steps + 1)
+        collate = {"padded": Collator(pad_id), "packed": Collator(pad_id, packing=True)}
+        _step(model, collate["padded"](features[0]))  # warm-up, not timed
+        _step(model, collate["packed"](features[0]))
+        seconds = {"padded": 0.0, "packed": 0.0}
+        tokens = {"padded": 0, "packed": 0}
+        real = 0
+        for group in features[1:]:
+            real += sum(len(f["input_ids"]) for f in group)
+            for layout, collator in collate.items():
+                batch = collator(group)
+                tokens[layout] += batch["input_ids"].numel()
+                seconds[layout] += _step(model, batch)
+        for layout in ("padded", "packed"):
+            row = {
+                "date": time.strftime("%Y-%m-%d"),
+                "cpu_capability": env["cpu_capability"],
+                "threads": env["torch_threads"],
+                "torch": env["torch"],
+                "batch_size": batch_size,
+                "layout": layout,
+                "steps": args.steps,
+                "real_tokens": real,
+                "batch_tokens": tokens[layout],
+                "padding_share": f"{1 - real / tokens[layout]:.3f}",
+                "seconds_per_step": f"{seconds[layout] / args.steps:.3f}",
+                "ratio_to_padded": f"{seconds[layout] / seconds['padded']:.2f}",
+            }
+            rows.append(row)
+            print({k: row[k] for k in ("batch_size", "layout", "padding_share", "seconds_per_step")}, flush=True)
+    return rows
+
+
+def report() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(csv.DictReader(CSV_PATH.open()))
+    lines = [
+        "## Packing: `data.packing`",
+        "",
+        "Generated by `python bench/bench_packing.py` (then `--report`); raw numbers in `bench/results/packing.csv`. "
+        "The same GSM-style batches (`gsm-train`, SmolLM2-135M-Instruct, fused `sft`, float32, one training step "
+        "= forward + backward) right-padded and packed, alternating batch by batch in one run. The fused loss skips "
+        "padded positions either way; packing saves the transformer body's work on them.",
+        "",
+        "| CPU | threads | batch | layout | padding share | s / step | ratio to padded |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['cpu_capability']} | {r['threads']} | {r['batch_size']} | {r['layout']} | "
+            f"{float(r['padding_share']):.1%} | {r['seconds_per_step']} | {r['ratio_to_padded']} |"
+        )
+    write_section("packing", "\n".join(lines))
+    fig, ax = plt.subplots(figsize=(5, 3))
+    labels = [f"{r['cpu_capability']} b{r['batch_size']} {r['layout']}" for r in rows]
+    ax.barh(labels, [float(r["seconds_per_step"]) for r in rows])
+    ax.set_xlabel("seconds per training step")
+    fig.tight_layout()
+    fig.savefig(PNG_PATH, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per layout and batch size")
+    parser.add_argument("--report", action="store_true", help="only rewrite the docs section and the plot")
+    args = parser.parse_args()
+    if not args.report:
+        append_rows(CSV_PATH, FIELDS, measure(args))
+    report()
+
+
+if __name__ == "__main__":
+    main()
