@@ -239,3 +239,27 @@ def test_vllm_rows_lose_their_unshared_ids_by_construction():
     targetsft.target_loss(
         logits, torch.tensor([0, 1, 2]), method="kd", teacher_topk=(out_ids[:1].expand(3, 4), out_lps[:1].expand(3, 4))
     )
+
+
+def test_vllm_prompt_logprobs_of_a_padded_teacher_become_shared_rows():
+    """The vLLM cache path end to end on an engine stand-in that returns known rows: each example's positions are
+    taken in order and a padding id in a row is dropped as above."""
+    import numpy as np
+
+    from targetsft.training.teacher_cache.build import _teacher_topk_vllm
+    from targetsft.training.teacher_cache.storage import _TeacherInput
+
+    class Engine:
+        def prompt_logprobs(self, prompts, k):
+            # row p of prompt i: ids (10·i + p, 99 if p is odd), log-probs log(0.6), log(0.3)
+            rows = [
+                [([10 * i + p, 99 if p % 2 else 7], [np.log(0.6), np.log(0.3)]) for p in range(len(ids))]
+                for i, ids in enumerate(prompts)
+            ]
+            return rows
+
+    batch = [_TeacherInput(np.arange(4), np.array([1, 2])), _TeacherInput(np.arange(3), np.array([0]))]
+    ids, lps = _teacher_topk_vllm(Engine(), batch, 2, shared=50)
+    assert ids.tolist() == [[1, 0], [2, 7], [10, 7]]  # prompt 0 at positions 1, 2; prompt 1 at position 0
+    torch.testing.assert_close(lps[0], torch.log(torch.tensor([0.6 / 0.7, 0.0])))  # 99 dropped: mass 0.3 gone
+    torch.testing.assert_close(lps[1:], torch.log(torch.tensor([[0.6, 0.3], [0.6, 0.3]])))

@@ -76,7 +76,9 @@ class DataConfig:
     ``label_noise``: fraction of the records whose final answer is made wrong (robustness studies; ``noise_kind``
     ``answer`` or ``carried``, see :mod:`targetsft.data.noise`), chosen deterministically from ``seed``.
     ``packing``: each batch's examples end to end in one row, without padding, each attending only to itself
-    (:class:`~targetsft.training.dataset.Collator`); the same examples and supervised tokens per step.
+    (:class:`~targetsft.training.dataset.Collator`); the same examples and supervised tokens per step. sdpa and
+    eager attention attend through a mask as large as the packed row squared (no faster on CPU:
+    ``docs/benchmarks.md``); ``flash_attention_2`` takes the sequence boundaries instead.
     """
 
     train: str = "gsm-train"

@@ -194,6 +194,13 @@ def data_notes(cfg: TrainConfig, counts: dict[str, int], examples_seen: int | No
             f"train.max_steps ({capped}) covers {examples_seen} of {counts['kept']} training examples: set "
             "train.num_train_epochs (and no max_steps) or a larger train.max_steps to use them all"
         )
+    attention = cfg.model_init.attn_implementation or "the model's default"
+    if data.packing and not str(attention).startswith("flash"):
+        notes.append(
+            f"data.packing with attention {attention}: each packed row attends through a mask of its whole length "
+            "squared (docs/benchmarks.md: no faster on CPU, out of memory at batch 32); flash_attention_2 takes "
+            "the sequence boundaries instead"
+        )
     return notes
 
 
