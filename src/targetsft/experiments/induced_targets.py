@@ -174,13 +174,13 @@ def run_induced_targets_from_args(args: argparse.Namespace) -> int:
     from targetsft.runtime.models import load_model, load_tokenizer, resolve_model
     from targetsft.training.config import load_config
     from targetsft.training.dataset import build_dataset
-    from targetsft.training.trainer import _load_same_tokenizer
+    from targetsft.training.vocabulary import check_token_maps
 
     overrides = [f"data.train={args.data}", f"data.size={args.examples}", f"teacher.prompt={args.teacher_prompt}"]
     cfg = load_config(None, overrides + ([f"model={args.model}"] if args.model else []))
     model_path, teacher_path = resolve_model(cfg.model), resolve_model(args.teacher)
     tokenizer = load_tokenizer(model_path)
-    _load_same_tokenizer(teacher_path, tokenizer, "teacher")
+    check_token_maps(tokenizer, load_tokenizer(teacher_path), "teacher")
     items, _ = build_dataset(cfg, tokenizer)
     study = induced_target_study(
         load_model(model_path), load_model(teacher_path), items, default_losses(args.eta, args.epsilon), top=args.top
