@@ -212,16 +212,20 @@ def test_confident_student_topk_teacher_is_a_distribution(dtype, gap, method):
 @pytest.mark.parametrize("k", [1, 4, 11])
 def test_residual_entropy_closed_form_equals_dense(method, k):
     """Residual.entropy (closed forms for c·p, u/V and c·p off distinct top-k ids + values on them) equals
-    H of the dense residual, also at k = V (no tail) and with repeated ids (dense fallback)."""
+    H of the dense residual, also at k = V (no tail). The closed form takes the ids distinct, as the input check
+    of a top-k teacher requires (repeated ids are refused before any residual is built)."""
     from targetsft.losses.methods import get_method
     from targetsft.losses.target import Distribution, TokenState
 
     b = make_batch(43)
     z, y = b.logits.reshape(-1, b.logits.shape[-1]), b.labels.reshape(-1).clamp(min=0)
     ids, vals = _topk(b.teacher_logits.reshape(z.shape), k)
-    repeated = ids.clone()
-    repeated[:, -1] = repeated[:, 0]
-    for topk_ids in (ids, repeated):
+    if k > 1:
+        repeated = ids.clone()
+        repeated[:, -1] = repeated[:, 0]
+        with pytest.raises(ValueError, match="repeats a token id"):
+            targetsft.target_loss(z, y, method="kd", teacher_topk=(repeated, vals))
+    for topk_ids in (ids,):
         logp = torch.log_softmax(z, -1)
         teacher = Distribution(topk_ids=topk_ids, topk_logprobs=vals)
         state = TokenState(logp=logp, labels=y, teacher=teacher)

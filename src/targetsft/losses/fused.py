@@ -197,6 +197,7 @@ def _teacher_head(
     rows,
     vocab: int,
     shared_vocab_size: int | None,
+    checks: V.Checks,
 ) -> _Head | None:
     """A teacher or reference head on the loss rows, keeping only the rows of the shared vocabulary."""
     if hidden is None and weight is None:
@@ -216,7 +217,7 @@ def _teacher_head(
             f"{name}_hidden has size {hidden.shape[-1]} but {name}_lm_head_weight expects {weight.shape[1]}"
         )
     h = _select(hidden.detach(), lead, rows, rows.numel(), f"{name}_hidden")
-    V.check_finite(f"{name}_hidden", h)
+    checks.finite(f"{name}_hidden", h)
     return _Head(
         h,
         weight.detach()[:shared],
@@ -246,11 +247,12 @@ def fused_target_loss(
     ref_lm_head_bias: Tensor | None = None,
     token_weights: Tensor | None = None,
     shared_vocab_size: int | None = None,
+    num_loss_tokens: int | None = None,
     logit_scale: float = 1.0,
     softcap: float | None = None,
-    return_stats: bool = False,
+    return_stats: bool | str = False,
     **params: Any,
-) -> Tensor | tuple[Tensor, dict[str, float]]:
+) -> Tensor | tuple[Tensor, dict[str, float]] | tuple[Tensor, TargetStats]:
     """``target_loss(softcap·tanh(logit_scale·(h·Wᵀ + b)/softcap), labels, ...)`` without the ``[N, V]`` logits.
 
     Args:
@@ -264,6 +266,11 @@ def fused_target_loss(
             weight may have another number of rows ``W`` when ``shared_vocab_size`` is given: only the first
             ``shared_vocab_size`` rows are projected (padding rows past them, on either side, get no mass).
         logit_scale, softcap: logit scaling and Gemma-style soft-capping applied to every projection.
+        num_loss_tokens: how many labels carry a loss, when the caller knows it on the host (a data collator
+            does): the loss rows are then found without reading anything back from the device (checked).
+        return_stats: True: also the means of :func:`targetsft.target_loss`'s statistics (read back once);
+            ``"sums"``: their :class:`~targetsft.losses.target.TargetStats` of sums left on the device (a trainer
+            adds them up and reads them when it logs).
         The rest is as in :func:`targetsft.target_loss`.
 
     Under autocast the projections run in the autocast dtype (as autocast would run ``h·Wᵀ``); the target and
@@ -301,6 +308,8 @@ def fused_target_loss(
         teacher_given=teacher_hidden is not None or teacher_lm_head_weight is not None,
         ref_given=ref_hidden is not None or ref_lm_head_weight is not None,
         shared_vocab_size=shared_vocab_size,
+        num_loss_tokens=num_loss_tokens,
+        checks=(checks := V.Checks()),
     )
     teacher_head = _teacher_head(
         "teacher",
@@ -311,17 +320,19 @@ def fused_target_loss(
         rows,
         vocab,
         shared_vocab_size,
+        checks,
     )
     if teacher_head is not None and side.teacher is not None:
         raise ValueError("give either teacher_topk or teacher_hidden, not both")
     ref_head = _teacher_head(
-        "ref", ref_hidden, ref_lm_head_weight, ref_lm_head_bias, labels.shape, rows, vocab, shared_vocab_size
+        "ref", ref_hidden, ref_lm_head_weight, ref_lm_head_bias, labels.shape, rows, vocab, shared_vocab_size, checks
     )
     if ref_head is not None and side.ref is not None:
         raise ValueError("give either ref_topk or ref_hidden, not both")
     h = hidden.reshape(-1, width)[rows]
-    V.check_finite("hidden", h)
-    V.check_finite("lm_head_weight", lm_head_weight)
+    checks.finite("hidden", h)
+    checks.finite("lm_head_weight", lm_head_weight)
+    checks.run()  # every value check of the call, read back at once
     n = rows.numel()
     plan = _Plan(
         target=target,
@@ -351,4 +362,6 @@ def fused_target_loss(
         out = out.new_zeros(labels.numel()).index_put((rows,), out).view(labels.shape)
     else:
         out = out / denominator(reduction, num_items_in_batch, n)
+    if return_stats == "sums":
+        return out, stats
     return (out, stats.means()) if return_stats else out

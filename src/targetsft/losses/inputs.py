@@ -85,11 +85,12 @@ def distribution(
     lead: torch.Size,
     rows: Tensor,
     vocab_size: int,
-    shared_vocab_size: int | None = None,
+    shared_vocab_size: int | None,
+    checks: V.Checks,
 ) -> Distribution | None:
     """A teacher or reference from dense logits ``[..., W]`` or top-k ``(ids, logprobs)``, at the loss rows, on the
     student's ``vocab_size`` columns (columns at or past ``shared_vocab_size`` are padding: dropped, see
-    :func:`restrict_vocab`)."""
+    :func:`restrict_vocab`); its value checks go to ``checks``."""
     if logits is not None and topk is not None:
         raise ValueError(f"give either {name}_logits or {name}_topk, not both")
     n_valid = rows.numel()
@@ -98,9 +99,14 @@ def distribution(
         V.check_float(f"{name}_logits", logits)
         check_other_width(f"{name}_logits", logits.shape[-1], vocab_size, shared, shared_vocab_size is not None)
         dense = restrict_vocab(_select(logits, lead, rows, n_valid, f"{name}_logits"), shared, vocab_size)
-        V.check_finite(f"{name}_logits", dense, allow_neg_inf=True)
-        if bool((dense.amax(-1) == float("-inf")).any()):
-            raise ValueError(f"{name}_logits has a row where every logit is -inf")
+        checks.finite(f"{name}_logits", dense, allow_neg_inf=True)
+
+        def no_empty_row() -> None:
+            if bool((dense.amax(-1) == float("-inf")).any()):
+                raise ValueError(f"{name}_logits has a row where every logit is -inf")
+
+        if dense.numel():
+            checks.add((dense.amax(-1) == float("-inf")).any(), no_empty_row)
         return Distribution(logits=dense)
     if topk is not None:
         if not (isinstance(topk, (tuple, list)) and len(topk) == 2):
@@ -114,9 +120,25 @@ def distribution(
             raise ValueError(f"{name}_topk must hold at least one token per position (k >= 1)")
         ids = _select(ids, lead, rows, n_valid, f"{name}_topk")
         logprobs = _select(logprobs, lead, rows, n_valid, f"{name}_topk")
-        V.check_topk(f"{name}_topk", ids, logprobs, shared)
+        V.check_topk(f"{name}_topk", ids, logprobs, shared, checks)
         return Distribution(topk_ids=ids.long(), topk_logprobs=logprobs)
     return None
+
+
+def loss_rows(valid: Tensor, num_loss_tokens: int | None, checks: V.Checks) -> Tensor:
+    """Flat indices of the tokens that carry a loss: ``nonzero`` (a read back), or without a read when the caller
+    knows their number (``num_loss_tokens``, checked against the labels with the other value checks)."""
+    flat = valid.reshape(-1)
+    if num_loss_tokens is None:
+        return flat.nonzero().squeeze(-1)
+    n = int(num_loss_tokens)
+
+    def check() -> None:
+        if int(flat.sum()) != n:
+            raise ValueError(f"num_loss_tokens is {n} but the labels have {int(flat.sum())} tokens that carry a loss")
+
+    checks.add(flat.sum() != n, check)
+    return torch.nonzero_static(flat, size=n).squeeze(-1)
 
 
 def prepare(
@@ -136,19 +158,28 @@ def prepare(
     teacher_given: bool = False,
     ref_given: bool = False,
     shared_vocab_size: int | None = None,
+    num_loss_tokens: int | None = None,
+    checks: V.Checks | None = None,
 ) -> tuple[Target, Tensor, SideInputs]:
     """Validate everything but the student's logits; return the target, the flat loss-row indices and side inputs.
 
     ``teacher_given``/``ref_given`` say that the caller supplies that distribution another way (hidden states).
+    The checks of tensor values go to ``checks`` for the caller to run with its own (at once when None). The number
+    of loss rows sizes everything after it: ``num_loss_tokens`` gives it from the host (checked with the others),
+    else it is read back (``nonzero``).
     """
-    V.check_reduction(reduction, num_items_in_batch)
+    own = checks is None
+    checks = V.Checks() if checks is None else checks
+    V.check_reduction(reduction, num_items_in_batch, checks)
     target = resolve_target(method, params)
-    valid = V.check_labels(labels, vocab_size, ignore_index)
-    rows = valid.reshape(-1).nonzero().squeeze(-1)
+    valid = V.check_labels(labels, vocab_size, ignore_index, checks)
+    rows = loss_rows(valid, num_loss_tokens, checks)
     lead = labels.shape
     side = SideInputs(
-        teacher=distribution("teacher", teacher_logits, teacher_topk, lead, rows, vocab_size, shared_vocab_size),
-        ref=distribution("ref", ref_logits, ref_topk, lead, rows, vocab_size, shared_vocab_size),
+        teacher=distribution(
+            "teacher", teacher_logits, teacher_topk, lead, rows, vocab_size, shared_vocab_size, checks
+        ),
+        ref=distribution("ref", ref_logits, ref_topk, lead, rows, vocab_size, shared_vocab_size, checks),
     )
     has = {
         "teacher": side.teacher is not None or teacher_given,
@@ -163,7 +194,7 @@ def prepare(
             raise ValueError(f"{need} was given but this method does not use it")
     if token_weights is not None:
         binary = bool(getattr(target.trust, "binary", False))
-        V.check_token_weights(token_weights, lead, binary=binary)
+        V.check_token_weights(token_weights, lead, binary=binary, checks=checks)
         side.token_weights = token_weights.reshape(-1)[rows]
     for dist in (side.teacher, side.ref):
         if dist is not None and dist.is_topk:
@@ -173,6 +204,8 @@ def prepare(
                         "a top-k teacher is used at the temperature it was cached at; got temperature="
                         f"{rule.temperature}. Build the cache at that temperature and pass temperature=1.0"
                     )
+    if own:
+        checks.run()
     return target, rows, side
 
 

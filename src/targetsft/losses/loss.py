@@ -133,8 +133,10 @@ def target_loss(
         ref_topk=ref_topk,
         token_weights=token_weights,
         shared_vocab_size=shared_vocab_size,
+        checks=(checks := V.Checks()),
     )
-    V.check_finite("logits", logits)
+    checks.finite("logits", logits)
+    checks.run()
     stats = TargetStats() if return_stats else None
     logits2d = logits.reshape(-1, vocab)
     rows_loss = _RowLoss.apply(logits2d, rows, labels.reshape(-1)[rows], target, side, stats)
@@ -178,8 +180,10 @@ def build_target(
         ref_topk=ref_topk,
         token_weights=token_weights,
         shared_vocab_size=shared_vocab_size,
+        checks=(checks := V.Checks()),
     )
-    V.check_finite("logits", logits)
+    checks.finite("logits", logits)
+    checks.run()
     with torch.no_grad():
         z = logits.detach().reshape(-1, vocab)[rows].to(compute_dtype(logits.dtype))
         state = TokenState(logp=torch.log_softmax(z, -1), labels=labels.reshape(-1)[rows], **vars(side))

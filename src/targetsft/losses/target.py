@@ -200,8 +200,8 @@ class Residual:
     def entropy(self, state: TokenState) -> Tensor:
         """``H(π̃) = −Σ_a π̃(a) log π̃(a)`` per row (logging), without a dense ``[n, V]`` residual where the form
         allows: ``c·p`` gives ``−c·Σ p log p − c log c``; ``c·p`` off ``k`` distinct ids plus values ``v`` on them
-        gives ``−c·Σ_tail p log p − m·c log c − Σ v log v`` (``m`` the student's tail mass); ``u/V`` gives
-        ``−u log(u/V)``."""
+        gives ``−c·Σ_tail p log p − m·c log c − Σ v log v`` (``m`` the student's tail mass; the ids of a top-k
+        teacher, distinct as its input check requires); ``u/V`` gives ``−u log(u/V)``."""
         parts = {
             name
             for name in ("self_coef", "uniform", "dense", "sparse_ids", "self_skip")
@@ -213,13 +213,11 @@ class Residual:
             c = self.self_coef
             return -c * state.plogp() - torch.special.xlogy(c, c)
         ids = self.self_skip
-        if parts == {"self_coef", "sparse_ids", "self_skip"} and self.sparse_ids is ids:
-            sorted_ids = ids.sort(-1).values
-            if not (sorted_ids[:, 1:] == sorted_ids[:, :-1]).any():
-                c = self.self_coef
-                log_mass, plogp = state.tail(ids)
-                tail = c * plogp + torch.special.xlogy(c, c) * log_mass.exp()
-                return -tail - torch.special.xlogy(self.sparse_values, self.sparse_values).sum(-1)
+        if parts == {"self_coef", "sparse_ids", "self_skip"} and self.sparse_ids is ids:  # a top-k teacher's ids
+            c = self.self_coef
+            log_mass, plogp = state.tail(ids)
+            tail = c * plogp + torch.special.xlogy(c, c) * log_mass.exp()
+            return -tail - torch.special.xlogy(self.sparse_values, self.sparse_values).sum(-1)
         return _entropy(self.to_dense(state))
 
     def cross_entropy(self, state: TokenState) -> Tensor:
@@ -310,34 +308,41 @@ class Target:
         return residual.exclude_label(state) if self.exclude_label else residual
 
 
+STAT_NAMES = ("gamma", "p_label", "nll", "q_label", "residual_entropy", "accuracy")
+
+
 @dataclass
 class TargetStats:
-    """Sums over tokens of what ``return_stats`` reports; divide by ``count`` for means."""
+    """Sums over tokens of what ``return_stats`` reports; divide by ``count`` for means.
+
+    The sums stay where the loss ran (0-dim float64 tensors once a block is added), so collecting them reads nothing
+    back from an accelerator; :meth:`means` reads them all at once.
+    """
 
     count: float = 0.0
-    gamma: float = 0.0
-    p_label: float = 0.0
-    nll: float = 0.0
-    q_label: float = 0.0
-    residual_entropy: float = 0.0
-    accuracy: float = 0.0
+    gamma: float | Tensor = 0.0
+    p_label: float | Tensor = 0.0
+    nll: float | Tensor = 0.0
+    q_label: float | Tensor = 0.0
+    residual_entropy: float | Tensor = 0.0
+    accuracy: float | Tensor = 0.0
 
     def add(self, other: TargetStats) -> None:
         for name in self.__dataclass_fields__:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
+    def sums(self) -> dict[str, float]:
+        """The sums as floats, read back in one transfer."""
+        values = [getattr(self, name) for name in STAT_NAMES]
+        device = next((v.device for v in values if isinstance(v, Tensor)), None)
+        if device is not None:
+            values = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values]).tolist()
+        return dict(zip(STAT_NAMES, (float(v) for v in values)))
+
     def means(self) -> dict[str, float]:
-        """Per-token means: γ, p(y), NLL = −log p(y), Q(y), H(π̃) in nats, argmax accuracy."""
+        """Per-token means: γ, p(y), NLL = −log p(y), Q(y), H(π̃) in nats, argmax accuracy; and ``tokens``."""
         n = max(self.count, 1.0)
-        return {
-            "gamma": self.gamma / n,
-            "p_label": self.p_label / n,
-            "nll": self.nll / n,
-            "q_label": self.q_label / n,
-            "residual_entropy": self.residual_entropy / n,
-            "accuracy": self.accuracy / n,
-            "tokens": self.count,
-        }
+        return {**{name: v / n for name, v in self.sums().items()}, "tokens": self.count}
 
 
 def _entropy(dist: Tensor) -> Tensor:
@@ -383,16 +388,17 @@ def loss_and_grad(
     if row_scale is not None:
         loss = loss * row_scale
 
-    if stats is not None:
-        block = TargetStats(count=float(labels.numel()))
-        block.gamma = gamma.sum().item()
-        block.p_label = state.p_y.sum().item()
-        block.nll = -state.logp_y.sum().item()
+    if stats is not None:  # device-side sums: nothing is read back here
         q_y = gamma + (q_res.at(state, labels[:, None]).squeeze(-1) if q_res is not None else 0.0)
-        block.q_label = float(torch.as_tensor(q_y).sum())
-        if residual is not None:
-            block.residual_entropy = residual.entropy(state).sum().item()
-        block.accuracy = (logp.argmax(-1) == labels).sum().item()
+        block = TargetStats(
+            count=float(labels.numel()),
+            gamma=gamma.sum(dtype=torch.float64),
+            p_label=state.p_y.sum(dtype=torch.float64),
+            nll=-state.logp_y.sum(dtype=torch.float64),
+            q_label=q_y.sum(dtype=torch.float64),
+            residual_entropy=residual.entropy(state).sum(dtype=torch.float64) if residual is not None else 0.0,
+            accuracy=(logp.argmax(-1) == labels).sum(dtype=torch.float64),
+        )
         stats.add(block)
 
     if not need_grad:

@@ -205,7 +205,8 @@ def data_notes(cfg: TrainConfig, counts: dict[str, int], examples_seen: int | No
 
 
 class Collator:
-    """Pads the student's and (if present) the privileged teacher's sequences; keeps ``example_index``.
+    """Pads the student's and (if present) the privileged teacher's sequences; keeps ``example_index``; counts the
+    tokens that carry a loss on the host (``num_loss_tokens``, an int the loss takes instead of reading it back).
 
     ``packing=True``: no padding; the batch's examples go end to end in one row with ``position_ids`` restarting at
     each, which the model turns into attention within each example (and an online teacher gets them too). The
@@ -235,6 +236,7 @@ class Collator:
             batch["token_weights"] = torch.tensor(rows, dtype=torch.float32)
         if "example_index" in features[0]:
             batch["example_index"] = torch.tensor([f["example_index"] for f in features], dtype=torch.long)
+        batch["num_loss_tokens"] = _loss_tokens(features)
         return batch
 
     def _packed(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -250,4 +252,11 @@ class Collator:
             batch["token_weights"] = torch.tensor([[w for f in features for w in f["token_weights"]]])
         if "example_index" in features[0]:
             batch["example_index"] = torch.tensor([f["example_index"] for f in features], dtype=torch.long)
+        batch["num_loss_tokens"] = _loss_tokens(features)
         return batch
+
+
+def _loss_tokens(features: list[dict[str, Any]]) -> int:
+    """The batch's tokens that carry a loss after the shift (labels past each example's first position), counted on
+    the host so that the loss needs no read back to find them."""
+    return sum(sum(label != IGNORE_INDEX for label in f["labels"][1:]) for f in features)

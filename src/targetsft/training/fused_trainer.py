@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from targetsft.losses.target import TargetStats
+from targetsft.losses.methods import resolve_target
+from targetsft.losses.target import STAT_NAMES, TargetStats
 from targetsft.training.integration import (
     IGNORE_INDEX,
     KEEP_DEVICE,
@@ -25,7 +26,7 @@ from targetsft.training.integration import (
     with_rank0_weights,
 )
 
-STAT_KEYS = ("gamma", "p_label", "nll", "q_label", "residual_entropy", "accuracy")
+STAT_KEYS = STAT_NAMES
 
 
 class FusedLossMixin:
@@ -68,7 +69,8 @@ class FusedLossMixin:
         self._clock = time.perf_counter()
         teacher_model = self._place(teacher_model, teacher_placement, "teacher")
         ref_model = self._place(ref_model, ref_placement, "reference")
-        defaults: dict[str, Any] = {"method": method, "chunk_size": chunk_size, **(method_params or {})}
+        # the target is built once here, not at every step from the method's name and parameters
+        defaults: dict[str, Any] = {"method": resolve_target(method, method_params or {}), "chunk_size": chunk_size}
         if shared_vocab_size is None and teacher_cache is not None:  # its ids lie below the tokens it shares
             shared_vocab_size = getattr(teacher_cache, "shared_vocab_size", None)
         if shared_vocab_size is not None:
@@ -103,9 +105,11 @@ class FusedLossMixin:
         inputs = dict(inputs)
         labels = inputs.pop("labels")
         index = inputs.pop("example_index", None)
-        options: dict[str, Any] = {"return_stats": True}
+        options: dict[str, Any] = {"return_stats": "sums"}  # left on the device until a logging step reads them
         if num_items_in_batch is not None:
             options["num_items_in_batch"] = num_items_in_batch
+        if "num_loss_tokens" in inputs:  # counted by the collator on the host: no read back to find the loss rows
+            options["num_loss_tokens"] = inputs.pop("num_loss_tokens")
         for key in ("teacher_input_ids", "teacher_attention_mask", "teacher_labels"):
             if key in inputs:
                 options[key] = inputs.pop(key)
@@ -125,11 +129,12 @@ class FusedLossMixin:
         outputs = model(**inputs, labels=labels, target_loss_kwargs=options)
         loss = outputs.loss
         stats = outputs.get("target_stats")
-        if stats:
-            block = TargetStats(count=stats["tokens"], **{k: stats[k] * stats["tokens"] for k in STAT_KEYS})
-            (self._stats if model.training else self._eval_stats).add(block)
-        if model.training:
-            self._tokens += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else labels.numel()
+        if stats is not None:
+            (self._stats if model.training else self._eval_stats).add(stats)
+        if model.training:  # a device-side count, read when the step logs
+            self._tokens = self._tokens + (
+                inputs["attention_mask"].sum() if "attention_mask" in inputs else labels.numel()
+            )
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # DDP averages gradients over ranks while num_items_in_batch is the global count: undo the average
             loss = loss * self.accelerator.num_processes
@@ -140,7 +145,7 @@ class FusedLossMixin:
             means = self._stats.means()
             logs.update({k: round(means[k], 6) for k in STAT_KEYS})
             elapsed = time.perf_counter() - self._clock
-            logs["tokens_per_second"] = round(self._tokens * self.args.world_size / max(elapsed, 1e-9), 1)
+            logs["tokens_per_second"] = round(int(self._tokens) * self.args.world_size / max(elapsed, 1e-9), 1)
             self._stats, self._tokens, self._clock = TargetStats(), 0, time.perf_counter()
         if "eval_loss" in logs and self._eval_stats.count:  # the held-out set's target statistics, as in training
             means = self._eval_stats.means()

@@ -297,7 +297,7 @@ def _output_class():
 
         @_dataclass
         class TargetLMOutput(CausalLMOutputWithPast):
-            target_stats: dict | None = None
+            target_stats: Any = None  # TargetStats (sums on the device) or a dict of means
 
         _TargetLMOutput = TargetLMOutput
     return _TargetLMOutput

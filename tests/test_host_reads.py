@@ -1,0 +1,62 @@
+"""Values read back from the device inside a training step (``bench/count_host_reads.py`` counts them: every tensor
+method that returns a host value, in the optimizer steps of ``target-sft train`` that do not log). On an
+accelerator each is a synchronisation. The library's own: the value checks of a batch, read once, however many
+chunks the fused loss runs; the rest are transformers' (the Trainer's NaN filter on the loss, the sdpa mask's
+padding test in each model's forward)."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from count_host_reads import count  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny_tokenizer, tiny_llama):
+    root = tmp_path_factory.mktemp("reads")
+    tiny_llama.save_pretrained(root / "student")
+    tiny_tokenizer.save_pretrained(root / "student")
+    torch.manual_seed(3)
+    transformers.LlamaForCausalLM(copy.deepcopy(tiny_llama.config)).save_pretrained(root / "teacher")
+    tiny_tokenizer.save_pretrained(root / "teacher")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("method", "extra", "most"),
+    [("sft", [], 6), ("target_sft", ["loss.params.eta=0.5", "teacher.model={root}/teacher"], 7)],
+)
+def test_a_step_that_does_not_log_reads_back_once_for_the_library(models, tmp_path, method, extra, most):
+    """Per step: exactly one read by targetsft (the batch's value checks, however many of the 16-row chunks the
+    fused loss runs), and at most ``most`` in all: sft ≤ 6; target_sft ≤ 7, the teacher's forward adding its own
+    sdpa mask test (two in a padded batch)."""
+    steps = count(
+        [
+            f"model={models}/student",
+            f"output_dir={tmp_path}",
+            "data.size=16",
+            "data.max_length=512",
+            "train.max_steps=4",
+            "train.per_device_train_batch_size=4",
+            "train.logging_steps=1000",
+            "train.save_steps=1000",
+            "train.report_to=[]",
+            "train.disable_tqdm=true",
+            "precision=fp32",
+            "loss.chunk_size=16",
+            f"loss.method={method}",
+            *[e.format(root=models) for e in extra],
+        ]
+    )
+    assert len(steps) == 3
+    for step in steps:
+        assert step["targetsft"] == 1, step
+        assert sum(step.values()) <= most, step
