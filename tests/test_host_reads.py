@@ -55,3 +55,19 @@ def test_a_step_that_does_not_log_reads_back_once_for_the_library(models, tmp_pa
     for step in steps:
         assert step["targetsft"] == 1, step
         assert sum(step.values()) <= most, step
+
+
+def test_a_host_count_of_loss_tokens_gives_the_same_loss_and_a_wrong_one_is_refused():
+    """``num_loss_tokens`` (the collator's host count) finds the same rows as reading them back; a count that does
+    not match the labels is an error, not silently wrong rows."""
+    import targetsft
+
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(2, 6, 8, dtype=torch.float64), torch.randn(11, 8, dtype=torch.float64)
+    labels = torch.randint(0, 11, (2, 6))
+    labels[0, :2] = labels[1, 4:] = -100
+    read = targetsft.fused_target_loss(hidden, weight, labels, method="dft")
+    counted = targetsft.fused_target_loss(hidden, weight, labels, method="dft", num_loss_tokens=8)
+    torch.testing.assert_close(counted, read, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="num_loss_tokens is 7 but the labels have 8"):
+        targetsft.fused_target_loss(hidden, weight, labels, method="dft", num_loss_tokens=7)

@@ -138,7 +138,10 @@ def loss_rows(valid: Tensor, num_loss_tokens: int | None, checks: V.Checks) -> T
             raise ValueError(f"num_loss_tokens is {n} but the labels have {int(flat.sum())} tokens that carry a loss")
 
     checks.add(flat.sum() != n, check)
-    return torch.nonzero_static(flat, size=n).squeeze(-1)
+    try:
+        return torch.nonzero_static(flat, size=n).squeeze(-1)
+    except NotImplementedError:  # a backend without it: read the rows back after all
+        return flat.nonzero().squeeze(-1)
 
 
 def prepare(
