@@ -334,3 +334,21 @@ def test_packed_batches_are_one_row_with_restarting_positions(tiny_tokenizer):
     assert batch["example_index"].tolist() == [0, 1] and "attention_mask" not in batch
     with pytest.raises(ValueError, match="prompt of its own"):
         Collator(0, packing=True)([{**features[0], "teacher_input_ids": [1], "teacher_labels": [1]}])
+
+
+def test_target_loss_gives_a_packed_batchs_boundaries_to_the_teacher(tiny_llama, tiny_tokenizer):
+    """``TargetLoss`` (the logits-level hook) under a packed batch: KD against a copy of the student has a zero
+    gradient only if the teacher attends within each example as the student does (position ids restarting)."""
+    import targetsft
+
+    student, teacher = copy.deepcopy(tiny_llama), copy.deepcopy(tiny_llama)
+    loss_fn = targetsft.TargetLoss("kd", teacher=teacher).bind(student, tiny_tokenizer, tiny_tokenizer)
+    lengths = [7, 5, 9]
+    ids = torch.randint(0, len(tiny_tokenizer), (1, sum(lengths)), generator=torch.Generator().manual_seed(0))
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    labels = ids.clone()
+    labels[0, torch.cumsum(torch.tensor([0, *lengths[:-1]]), 0)] = -100  # no token predicts across examples
+    out = student(input_ids=ids, position_ids=positions)
+    loss_fn(out, labels).backward()
+    largest = max(p.grad.abs().max().item() for p in student.parameters() if p.grad is not None)
+    assert largest < 1e-8, largest

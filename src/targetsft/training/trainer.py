@@ -425,7 +425,7 @@ def train(
             ref_model = _as_frozen_copy(model, cfg.reference, precision.dtype)
     teacher_model, teacher_cache, teacher_info = None, None, None
     method_params = dict(cfg.loss.params)
-    vocab = {"reference": check_frozen_model(model, ref_model, "reference", tokenizer)} if ref_model else {}
+    vocab = {} if ref_model is None else {"reference": check_frozen_model(model, ref_model, "reference", tokenizer)}
     if cfg.teacher.model:
         teacher_model = load_frozen(cfg.teacher.model, cfg.teacher, precision.dtype, tokenizer, "teacher")
         vocab["teacher"] = check_frozen_model(model, teacher_model, "teacher", tokenizer)
