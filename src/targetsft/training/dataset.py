@@ -63,9 +63,10 @@ def split_records(cfg: TrainConfig) -> tuple[list[dict[str, Any]], list[dict[str
     return train, [r for i, r in enumerate(records) if i in held], available
 
 
-def teacher_prompt_tokenizer(cfg: TrainConfig, teacher: str | None = None) -> Any:
+def teacher_prompt_tokenizer(cfg: TrainConfig, tokenizer: Any, teacher: str | None = None) -> Any:
     """The tokenizer that renders the teacher's prompt under ``teacher.prompt: own_template`` (``teacher.tokenizer``,
-    else ``teacher`` or ``teacher.model``), checked to share the student's token ids; None for the other prompts."""
+    else ``teacher`` or ``teacher.model``), checked to share the student ``tokenizer``'s token ids; None for the other
+    prompts."""
     if cfg.teacher.prompt != "own_template":
         return None
     from targetsft.runtime.models import load_tokenizer, resolve_model
@@ -75,7 +76,7 @@ def teacher_prompt_tokenizer(cfg: TrainConfig, teacher: str | None = None) -> An
     if not source:
         raise ValueError("teacher.prompt own_template needs the teacher's tokenizer: set teacher.tokenizer")
     other = load_tokenizer(resolve_model(source))
-    check_token_maps(load_tokenizer(resolve_model(cfg.model)), other, f"teacher tokenizer {source!r}")
+    check_token_maps(tokenizer, other, f"teacher tokenizer {source!r}")
     return other
 
 
@@ -151,7 +152,7 @@ def build_dataset(
         from targetsft.data.noise import corrupt_records
 
         records, corrupted = corrupt_records(records, cfg.data.label_noise, cfg.data.noise_kind, cfg.data.seed)
-    teacher_tokenizer = teacher_tokenizer or teacher_prompt_tokenizer(cfg)
+    teacher_tokenizer = teacher_tokenizer or teacher_prompt_tokenizer(cfg, tokenizer)
     items, counts = tokenize_examples(cfg, tokenizer, records, cfg.data.train, teacher_tokenizer)
     counts["available"] = available
     if corrupted is not None:
@@ -160,14 +161,16 @@ def build_dataset(
 
 
 def build_eval_dataset(
-    cfg: TrainConfig, tokenizer: Any, split: Split | None = None
+    cfg: TrainConfig, tokenizer: Any, split: Split | None = None, teacher_tokenizer: Any = None
 ) -> tuple[list[dict[str, Any]], dict[str, int]] | None:
-    """The held-out examples of ``data.eval`` (never corrupted by label noise) and their counts, or None."""
+    """The held-out examples of ``data.eval`` (never corrupted by label noise) and their counts, or None;
+    ``teacher_tokenizer`` as in :func:`build_dataset`."""
     _, held_out, _ = split or split_records(cfg)
     if held_out is None:
         return None
     source = cfg.data.eval if isinstance(cfg.data.eval, str) else f"{cfg.data.train} (eval split)"
-    return tokenize_examples(cfg, tokenizer, held_out, source, teacher_prompt_tokenizer(cfg))
+    teacher_tokenizer = teacher_tokenizer or teacher_prompt_tokenizer(cfg, tokenizer)
+    return tokenize_examples(cfg, tokenizer, held_out, source, teacher_tokenizer)
 
 
 def data_notes(cfg: TrainConfig, counts: dict[str, int], examples_seen: int | None) -> list[str]:

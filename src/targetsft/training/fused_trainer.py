@@ -26,8 +26,6 @@ from targetsft.training.integration import (
     with_rank0_weights,
 )
 
-STAT_KEYS = STAT_NAMES
-
 
 class FusedLossMixin:
     """Put before a ``transformers.Trainer`` subclass: its loss becomes ``targetsft.fused_target_loss`` of a
@@ -143,12 +141,12 @@ class FusedLossMixin:
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs and self._stats.count:
             means = self._stats.means()
-            logs.update({k: round(means[k], 6) for k in STAT_KEYS})
+            logs.update({k: round(means[k], 6) for k in STAT_NAMES})
             elapsed = time.perf_counter() - self._clock
             logs["tokens_per_second"] = round(int(self._tokens) * self.args.world_size / max(elapsed, 1e-9), 1)
             self._stats, self._tokens, self._clock = TargetStats(), 0, time.perf_counter()
         if "eval_loss" in logs and self._eval_stats.count:  # the held-out set's target statistics, as in training
             means = self._eval_stats.means()
-            logs.update({f"eval_{k}": round(means[k], 6) for k in STAT_KEYS})
+            logs.update({f"eval_{k}": round(means[k], 6) for k in STAT_NAMES})
             self._eval_stats = TargetStats()
         super().log(logs, *args, **kwargs)

@@ -19,6 +19,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from targetsft.losses.methods import get_method
+from targetsft.losses.target import STAT_NAMES
 from targetsft.runtime.files import atomic_write_text
 from targetsft.runtime.precision import environment, resolve_precision
 from targetsft.training.compute_loss import check_frozen_model, shared_vocab_size
@@ -31,7 +32,7 @@ from targetsft.training.dataset import (
     split_records,
     teacher_prompt_tokenizer,
 )
-from targetsft.training.fused_trainer import STAT_KEYS, FusedLossMixin
+from targetsft.training.fused_trainer import FusedLossMixin
 from targetsft.training.integration import KEEP_DEVICE, zero3_managed
 from targetsft.training.vocabulary import check_token_maps
 
@@ -235,7 +236,8 @@ def cache_teacher(
     else:
         raise ValueError(f"engine must be 'transformers' or 'vllm', got {engine!r}")
     try:
-        items, counts = build_dataset(cfg, tokenizer, teacher_tokenizer=teacher_prompt_tokenizer(cfg, teacher))
+        prompt_tokenizer = teacher_prompt_tokenizer(cfg, tokenizer, teacher)
+        items, counts = build_dataset(cfg, tokenizer, teacher_tokenizer=prompt_tokenizer)
         print(f"examples: {counts}")
         folder = build_teacher_cache(
             model,
@@ -404,8 +406,9 @@ def train(
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
     split = split_records(cfg)  # bad data is found before the model loads
-    items, counts = build_dataset(cfg, tokenizer, split)
-    held_out = build_eval_dataset(cfg, tokenizer, split)
+    teacher_tokenizer = teacher_prompt_tokenizer(cfg, tokenizer)  # own_template: one load for both sets
+    items, counts = build_dataset(cfg, tokenizer, split, teacher_tokenizer)
+    held_out = build_eval_dataset(cfg, tokenizer, split, teacher_tokenizer)
     if not items:
         raise ValueError(f"no training examples left from {cfg.data.train!r} after tokenization ({counts})")
     args = TrainingArguments(**cfg.training_arguments(precision))
@@ -501,7 +504,7 @@ def train(
     metrics = {k: round(v, 6) if isinstance(v, float) else v for k, v in result.metrics.items()}
     last = [h for h in trainer.state.log_history if "loss" in h]
     if last:
-        metrics.update({f"last_{k}": v for k, v in last[-1].items() if k in (*STAT_KEYS, "loss")})
+        metrics.update({f"last_{k}": v for k, v in last[-1].items() if k in (*STAT_NAMES, "loss")})
     if evaluations:
         metrics.update({k: v for k, v in evaluations[-1].items() if k.startswith("eval_")})
     summary = {"output_dir": str(out), "final_model": str(final), "steps": trainer.state.global_step}

@@ -116,10 +116,10 @@ def align_vocabularies(
     only the other model has (a later release's): no data the student's tokenizer makes holds them and the student
     cannot predict them, so their mass is dropped with the padding's.
     """
-    for name, tok, rows in (("student", tokenizer, student_rows), (role, other_tokenizer, other_rows)):
-        if len(id_to_token(tok)) > rows:
-            raise ValueError(f"the {name}'s tokenizer has {len(id_to_token(tok)):,} ids but its lm_head {rows:,} rows")
     shared, other_only = check_token_maps(tokenizer, other_tokenizer, role)
+    for name, ids, rows in (("student", shared, student_rows), (role, shared + other_only, other_rows)):
+        if ids > rows:
+            raise ValueError(f"the {name}'s tokenizer has {ids:,} ids but its lm_head {rows:,} rows")
     differences = _differences(tokenizer, other_tokenizer, student_rows, other_rows, shared)
     if other_only:
         differences.append(f"{other_only:,} tokens only the {role} has (their mass is dropped)")
