@@ -11,6 +11,8 @@ skips finished rows), then plotted to ``bench/results/fused_*.png`` and tabulate
     python bench/bench_fused.py                 # full grid
     python bench/bench_fused.py --quick         # N = 1024, 4096 only
     python bench/bench_fused.py --report        # redraw the plot and the table from the CSV
+    python bench/bench_fused.py --device cuda --dtype bf16 --shapes qwen llama3_8b --n 8192 --csv OUT/fused.csv \
+        --no-report                             # the GPU acceptance run's step (bench/gpu_check.sh)
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ from timing import append_rows
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 CSV_PATH = RESULTS / "fused.csv"
-FIELDS = ["device", "shape", "n", "h", "v", "impl", "time_s", "peak_mb", "error", "torch", "date"]
-SHAPES = {"smollm2": (576, 49152), "qwen": (1536, 151936), "llama3_8b": (4096, 128256)}
-GRID = {"smollm2": [1024, 2048, 4096, 8192, 16384], "qwen": [1024], "llama3_8b": [4096]}
+FIELDS = ["device", "shape", "n", "h", "v", "impl", "time_s", "peak_mb", "error", "torch", "date", "dtype"]
+SHAPES = {"smollm2": (576, 49152), "qwen": (1536, 151936), "llama3_8b": (4096, 128256), "tiny": (64, 4096)}
+GRID = {"smollm2": [1024, 2048, 4096, 8192, 16384], "qwen": [1024], "llama3_8b": [4096], "tiny": [256]}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 DEFAULT_SHAPES = ["smollm2", "qwen"]  # llama3_8b (bench/gpu_check.sh) on request
 IMPLS = [
     "gemm",
@@ -56,13 +59,14 @@ MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 IGNORE_EVERY = 7  # one token in seven carries no loss (prompt/padding)
 
 
-def _inputs(n: int, h: int, v: int, device: str):
+def _inputs(n: int, h: int, v: int, device: str, dtype: str = "fp32"):
     import torch
 
     g = torch.Generator().manual_seed(0)
+    dt = getattr(torch, DTYPES[dtype])
     # in-place scaling: the inputs-only baseline process must not peak above the inputs themselves
-    hidden = torch.randn(n, h, generator=g).mul_(0.5).to(device).requires_grad_(True)
-    weight = torch.randn(v, h, generator=g).mul_(1.0 / h**0.5).to(device).requires_grad_(True)
+    hidden = torch.randn(n, h, generator=g).mul_(0.5).to(device, dt).requires_grad_(True)
+    weight = torch.randn(v, h, generator=g).mul_(1.0 / h**0.5).to(device, dt).requires_grad_(True)
     labels = torch.randint(0, v, (n,), generator=g)
     labels[::IGNORE_EVERY] = -100
     ids = torch.stack([torch.randperm(v, generator=g)[:TOPK] for _ in range(min(n, 64))]).repeat(n // 64 + 1, 1)[:n]
@@ -146,11 +150,11 @@ def _peak_mb(device: str) -> float:
     return _status_mb("VmHWM")
 
 
-def worker(impl: str, n: int, h: int, v: int, device: str, reps: int) -> dict:
+def worker(impl: str, n: int, h: int, v: int, device: str, reps: int, dtype: str = "fp32") -> dict:
     import torch
 
     torch.manual_seed(0)
-    hidden, weight, labels, ids, logprobs = _inputs(n, h, v, device)
+    hidden, weight, labels, ids, logprobs = _inputs(n, h, v, device, dtype)
     run = _step(impl, hidden, weight, labels, ids, logprobs)  # imports and any precomputed input happen here
 
     def sync():
@@ -171,8 +175,9 @@ def worker(impl: str, n: int, h: int, v: int, device: str, reps: int) -> dict:
     return {"time_s": statistics.median(times), "peak_mb": _peak_mb(device) - base}
 
 
-def _spawn(impl: str, n: int, h: int, v: int, device: str, reps: int, env: dict | None = None) -> dict:
+def _spawn(impl: str, n: int, h: int, v: int, device: str, reps: int, dtype: str, env: dict | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, str(n), str(h), str(v), "--device", device, "--reps", str(reps)]
+    cmd += ["--dtype", dtype]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
@@ -180,30 +185,39 @@ def _spawn(impl: str, n: int, h: int, v: int, device: str, reps: int, env: dict 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _done() -> set[tuple]:
-    if not CSV_PATH.exists():
+def _done(csv_path: Path) -> set[tuple]:
+    if not csv_path.exists():
         return set()
-    with CSV_PATH.open() as f:
-        return {(r["device"], r["shape"], int(r["n"]), r["impl"]) for r in csv.DictReader(f)}
+    with csv_path.open() as f:
+        return {(r["device"], r["shape"], int(r["n"]), r["impl"], r.get("dtype") or "fp32") for r in csv.DictReader(f)}
 
 
-def run_grid(device: str, quick: bool, impls: list[str], shapes: list[str]) -> None:
+def run_grid(
+    device: str,
+    quick: bool,
+    impls: list[str],
+    shapes: list[str],
+    csv_path: Path = CSV_PATH,
+    ns: list[int] | None = None,
+    dtype: str = "fp32",
+) -> None:
+    """Time every (shape, N, impl) not yet in ``csv_path`` (N from ``GRID`` unless ``ns`` is given)."""
     import torch
 
-    done = _done()
+    done = _done(csv_path)
     for shape in shapes:
         h, v = SHAPES[shape]
-        for n in GRID[shape]:
+        for n in ns or GRID[shape]:
             if quick and n not in (1024, 4096):
                 continue
-            pending = [i for i in impls if (device, shape, n, i) not in done]
+            pending = [i for i in impls if (device, shape, n, i, dtype) not in done]
             if not pending:
                 continue
-            reps = 3 if n * v <= 4096 * 49152 else 2
+            reps = 3 if n * v <= 4096 * 49152 or device == "cuda" else 2
             for impl in pending:
-                res = _spawn(impl, n, h, v, device, reps)
+                res = _spawn(impl, n, h, v, device, reps, dtype)
                 if "time_s" in res and device == "cpu":  # memory: a second process where every buffer >= 64 KiB
-                    mem = _spawn(impl, n, h, v, device, 1, MEMORY_ENV)  # is its own mapping, freed when freed
+                    mem = _spawn(impl, n, h, v, device, 1, dtype, MEMORY_ENV)  # is its own mapping, freed when freed
                     res["peak_mb"] = mem.get("peak_mb", float("nan"))
                 row = {
                     "device": device,
@@ -217,8 +231,9 @@ def run_grid(device: str, quick: bool, impls: list[str], shapes: list[str]) -> N
                     "error": res.get("error", ""),
                     "torch": torch.__version__,
                     "date": time.strftime("%Y-%m-%d"),
+                    "dtype": dtype,
                 }
-                append_rows(CSV_PATH, FIELDS, [row])
+                append_rows(csv_path, FIELDS, [row])
                 t, mb = row["time_s"] or "-", row["peak_mb"] or "-"
                 print(f"{shape} N={n} {impl:<24} {t:>9} s {mb:>9} MB {row['error']}", flush=True)
 
@@ -338,14 +353,19 @@ def main() -> None:
     ap.add_argument("--report", action="store_true", help="only redraw the plot and table from the CSV")
     ap.add_argument("--impls", nargs="*", default=[i for i in IMPLS if i != "liger"])
     ap.add_argument("--shapes", nargs="*", default=DEFAULT_SHAPES, choices=list(SHAPES))
+    ap.add_argument("--n", type=int, nargs="*", help="token counts (default: each shape's grid)")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="of the hidden states and the lm_head")
+    ap.add_argument("--csv", type=Path, default=CSV_PATH, help="rows go here (default bench/results/fused.csv)")
+    ap.add_argument("--no-report", action="store_true", help="leave the plots and docs/benchmarks.md alone")
     args = ap.parse_args()
     if args.worker:
         impl, n, h, v = args.worker
-        print(json.dumps(worker(impl, int(n), int(h), int(v), args.device, args.reps)))
+        print(json.dumps(worker(impl, int(n), int(h), int(v), args.device, args.reps, args.dtype)))
         return
     if not args.report:
-        run_grid(args.device, args.quick, args.impls, args.shapes)
-    report()
+        run_grid(args.device, args.quick, args.impls, args.shapes, args.csv, args.n, args.dtype)
+    if not args.no_report:
+        report()
 
 
 if __name__ == "__main__":

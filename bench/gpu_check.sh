@@ -1,68 +1,83 @@
 #!/usr/bin/env bash
-# The GPU acceptance check, sized for about 10 minutes on one GPU. It has four steps:
-#   1. the CUDA tests (tests/test_cuda.py): fused == naive in fp32 and bf16, under autocast, inside a model, and a
-#      short bf16 `target-sft train`;
-#   2. bench/bench_fused.py at the Qwen-like (H=1536, V=151936) and Llama-3-8B-like (H=4096, V=128256) shapes,
-#      against F.cross_entropy, torch's linear_cross_entropy, TRL, Liger and Cut Cross-Entropy (CUDA memory from
-#      torch.cuda.max_memory_allocated, times from CUDA-synchronised medians); rows go to bench/results/fused.csv,
-#      tables and plots to docs/benchmarks.md;
-#   3. 20 steps of `target-sft train` in bf16 on a random-weight Qwen2.5-1.5B-shaped student with an online
-#      teacher of the same shape; its summary (steps/s, tokens/s, peak memory) goes to bench/results/gpu_check.csv;
-#   4. vLLM on the GPU (install the CUDA build first: VLLM_EXTRA=vllm TORCH_SPEC=torch bash setup.sh): the vLLM
-#      tests (tests/test_vllm.py: greedy answers equal to the compact loop's, reproducible sampling, multiple choice,
-#      noise-fit and the teacher cache equal to transformers'), bench/bench_generate.py with its vllm mode
-#      (printed, not written to the CPU benchmark's CSV) and bench/gpu_vllm_check.py: the paper cell's sampling load
-#      (128 prompts × 16 samples, up to 1,024 new tokens) on a random-weight Qwen2.5-1.5B shape, with tokens/s against
-#      the compact loop, to bench/results/gpu_vllm.csv. Skipped, saying so, where vLLM is not installed.
+# The GPU acceptance run: one command on the GPU machine's own python3 (PYTHONPATH=src, nothing installed but the
+# wheels carried in .whl/, made here by `python bench/gpu_wheels.py`), writing CSVs and summary.md to OUT_DIR.
+#   0. what the machine has (bench/gpu_env.py), after installing .whl/ with pip --no-index --target;
+#   1. the CUDA tests (tests/test_cuda.py): fused == naive in fp32 and bf16, under autocast, inside a model, a short
+#      bf16 `target-sft train`;
+#   2. the fused loss (sft, dft, target_sft top-64) against F.cross_entropy, torch's linear_cross_entropy, TRL's
+#      chunked log-prob kernel, Liger and Cut Cross-Entropy at the Qwen2.5-1.5B and Llama-3-8B shapes, bf16, N=8192
+#      (bench/bench_fused.py: time and peak memory);
+#   3. training a random-weight Qwen2.5-1.5B-shaped student in bf16: fused SFT, Target-SFT with an online teacher of
+#      the 7B's padded vocabulary and from its top-64 cache, against TRL's SFTTrainer (loss_type="nll") on the same
+#      rows (bench/gpu_train_check.py: tokens/s and peak memory);
+#   4. OUT_DIR/summary.md: every figure as a ratio of two rows of this run (bench/gpu_summary.py).
+# --cpu is its rehearsal: the same steps on tiny shapes on the CPU (CI runs it in a venv with the image's
+# transformers; tests/test_gpu_rehearsal.py). --dry-run lists the steps and what is missing, and runs nothing heavy.
+# vLLM on the GPU is not part of it (its CUDA wheel is far over what a run may carry): see docs/benchmarks.md.
 #
-#   bash bench/gpu_check.sh              # on a GPU machine, from the repository root
-#   bash bench/gpu_check.sh --dry-run    # anywhere: list the steps and check what each needs; runs nothing heavy
-set -euo pipefail
+#   bash bench/gpu_check.sh OUT_DIR                  # on the GPU machine, from the repository root
+#   bash bench/gpu_check.sh --cpu OUT_DIR            # the rehearsal, anywhere
+#   bash bench/gpu_check.sh --dry-run OUT_DIR
+set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-.venv/bin/python}
-OUT=bench/results
-DRY=0
-[ "${1:-}" = "--dry-run" ] && DRY=1
+PY=${PYTHON:-python3}
+MODE=gpu DRY=0 OUT=""
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY=1 ;;
+    --cpu) MODE=cpu ;;
+    -*) echo "unknown option $arg" >&2; exit 2 ;;
+    *) OUT=$arg ;;
+  esac
+done
+[ -n "$OUT" ] || { echo "usage: bash bench/gpu_check.sh [--dry-run] [--cpu] OUT_DIR" >&2; exit 2; }
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+SITE=$(mktemp -d)  # the carried wheels are installed here for this run only
+trap 'rm -rf "$SITE"' EXIT
+export PYTHONPATH="$PWD/src:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+IMPLS="naive torch_lce trl liger cce fused_sft fused_dft fused_target_sft_top64"
+if [ "$MODE" = gpu ]; then
+  DEVICE=cuda SHAPES="qwen llama3_8b" NS="--n 8192" DTYPE=bf16 SIZE=gpu
+else
+  DEVICE=cpu SHAPES=tiny NS="" DTYPE=fp32 SIZE=tiny
+fi
+STEPS=(
+  "TARGETSFT_TEST_DEVICE=$DEVICE $PY -m pytest tests/test_cuda.py -p no:cacheprovider -o addopts= -q --junitxml=$OUT/cuda_tests.xml"
+  "$PY bench/bench_fused.py --device $DEVICE --dtype $DTYPE --shapes $SHAPES $NS --impls $IMPLS --csv $OUT/fused.csv --no-report"
+  "$PY bench/gpu_train_check.py $OUT --size $SIZE"
+  "$PY bench/gpu_summary.py $OUT"
+)
+failed=()
 
-step() { echo "== step $1: $2"; }
-
-check_imports() {
-  "$PY" - <<'EOF'
-import importlib.util
-import torch
-need = {"transformers": "steps 1-3", "trl": "step 2 (TRL baseline)", "liger_kernel": "step 2 (Liger baseline)",
-        "cut_cross_entropy": "step 2 (CCE baseline)", "vllm": "step 4"}
-for name, use in need.items():
-    print(f"  {name:18s} {'found' if importlib.util.find_spec(name) else 'MISSING'}   ({use})")
-print(f"  cuda               {'available: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NOT AVAILABLE'}")
-EOF
-}
-
-step 0 "what this machine has"
-check_imports
+echo "== step 0: the carried wheels and what this machine has ($MODE mode, $PY)"
+"$PY" bench/gpu_wheels.py --check || failed+=("0: .whl/ (python bench/gpu_wheels.py builds it)")
+if [ "$DRY" = 0 ] && [ -f .whl/requirements.txt ]; then
+  "$PY" -m pip install -q --no-index --no-deps --find-links .whl --target "$SITE" --upgrade -r .whl/requirements.txt \
+    || failed+=("0: pip install of .whl/")
+fi
+"$PY" bench/gpu_env.py "$OUT" --site "$SITE" $([ "$DRY" = 1 ] && echo --dry-run) || failed+=("0: environment")
 if [ "$DRY" = 1 ]; then
-  step 1 "$PY -m pytest tests/test_cuda.py"
-  step 2 "BENCH_CUDA=1 $PY bench/bench_fused.py --device cuda --shapes qwen llama3_8b --impls naive torch_lce trl liger cce fused_sft fused_dft fused_target_sft_top64"
-  step 3 "$PY bench/gpu_train_check.py --steps 20   (random-weight Qwen2.5-1.5B shape, online teacher, bf16)"
-  "$PY" bench/gpu_train_check.py --dry-run
-  step 4 "$PY -m pytest tests/test_vllm.py -m vllm; $PY bench/bench_generate.py --n 64 --threads 0 --no-doc; $PY bench/gpu_vllm_check.py"
-  "$PY" bench/gpu_vllm_check.py --dry-run
+  for i in "${!STEPS[@]}"; do echo "== step $((i + 1)): ${STEPS[$i]}"; done
+  "$PY" bench/gpu_train_check.py "$OUT" --size "$SIZE" --dry-run
+  [ ${#failed[@]} -eq 0 ] || printf 'missing: %s\n' "${failed[@]}"
   exit 0
 fi
-"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: run with --dry-run')"
-step 1 "CUDA tests"
-"$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider
-step 2 "fused loss against its peers"
-BENCH_CUDA=1 "$PY" bench/bench_fused.py --device cuda --shapes qwen llama3_8b \
-  --impls naive torch_lce trl liger cce fused_sft fused_dft fused_target_sft_top64
-step 3 "20 bf16 steps, Qwen2.5-1.5B shape, online teacher"
-"$PY" bench/gpu_train_check.py --steps 20
-step 4 "vLLM on the GPU"
-if "$PY" -c "import vllm" 2>/dev/null; then
-  "$PY" -m pytest tests/test_vllm.py -m vllm -q -p no:cacheprovider
-  "$PY" bench/bench_generate.py --n 64 --threads 0 --no-doc
-  "$PY" bench/gpu_vllm_check.py
-else
-  echo "  skipped: vLLM does not import here (VLLM_EXTRA=vllm TORCH_SPEC=torch bash setup.sh installs the CUDA build)"
+if [ "$MODE" = gpu ] && ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+  echo "no CUDA device here: use --cpu (the rehearsal) or --dry-run" >&2
+  exit 2
 fi
-echo "done: $OUT/fused.csv, $OUT/gpu_check.csv, docs/benchmarks.md"
+for i in "${!STEPS[@]}"; do
+  echo "== step $((i + 1)): ${STEPS[$i]}"
+  start=$SECONDS
+  bash -c "${STEPS[$i]}" 2>&1 | tee "$OUT/step-$((i + 1)).log"
+  rc=${PIPESTATUS[0]}
+  echo "   step $((i + 1)) exit $rc after $((SECONDS - start)) s"
+  [ "$rc" = 0 ] || failed+=("$((i + 1)): exit $rc (see $OUT/step-$((i + 1)).log)")
+done
+if [ ${#failed[@]} -gt 0 ]; then
+  printf 'failed step %s\n' "${failed[@]}" >&2
+  exit 1
+fi
+echo "done: $OUT/summary.md"

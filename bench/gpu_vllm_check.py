@@ -1,4 +1,5 @@
-"""Step 4 of ``bench/gpu_check.sh``: the paper cell's evaluation load through vLLM, at the paper's model size.
+"""The paper cell's evaluation load through vLLM at the paper's model size, on a GPU machine with vLLM's CUDA build
+(not part of ``bench/gpu_check.sh``: that wheel is far over what a run on the offline GPU machine may carry).
 
 A random-weight model of Qwen2.5-Math-1.5B's shape (:func:`gpu_train_check.qwen_like_config`, bf16) is given
 ``--prompts`` prompts of 128 random token ids, ``--samples`` samples each at temperature 1, up to
@@ -102,7 +103,8 @@ def report() -> None:
     write_csv_section(
         "gpu_vllm",
         (
-            "GPU evaluation load (`bash bench/gpu_check.sh`, step 4, `bench/gpu_vllm_check.py`): vLLM sampling at "
+            "GPU evaluation load (`bench/gpu_vllm_check.py`, on a GPU machine with vLLM's CUDA build; not part of the "
+            "acceptance run): vLLM sampling at "
             "temperature 1 on a random-weight Qwen2.5-1.5B-shaped model in bf16 (most rows run to the cap), and the "
             "compact loop's greedy throughput on a subset of the prompts. Engine figures only; no accuracy. bf16 "
             "greedy tokens of two engines may part at near-ties, so `greedy_equal` is a check, not a requirement."
