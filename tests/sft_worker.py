@@ -55,4 +55,4 @@ if __name__ == "__main__":
     if trainer.is_fsdp_enabled:  # fsdp.yaml saves sharded checkpoints; the final model is saved whole, as documented
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(f"{out}/final")
-    trainer.accelerator.end_training()  # destroys the process group before exit, as a user's script should
+    # no trainer.accelerator.end_training(): TargetSFTTrainer ends the process group at exit, so the launch exits 0

@@ -1,5 +1,5 @@
 """``python -m targetsft.cli`` (what ``accelerate launch -m targetsft.cli`` runs on every process)."""
 
-from targetsft.cli.main import main
+from targetsft.cli.main import console
 
-raise SystemExit(main())
+console()

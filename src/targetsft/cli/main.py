@@ -9,6 +9,7 @@ from typing import Any
 
 from targetsft import __version__
 from targetsft.losses.methods import METHODS
+from targetsft.runtime.distributed import end_process_group, exit_distributed
 from targetsft.runtime.precision import PRECISIONS
 
 
@@ -209,6 +210,7 @@ def _input_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``target-sft ARGV``; returns the exit code (2 for bad input, named in one line on stderr)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -225,10 +227,10 @@ def main(argv: list[str] | None = None) -> int:
         end_process_group()
 
 
-def end_process_group() -> None:
-    """Destroy torch.distributed's process group if the command made one (under ``accelerate launch``), as torch
-    asks of every process before it exits: left to the interpreter's teardown, gloo's worker threads can abort a
-    finished run with SIGABRT (``terminate called without an active exception``)."""
-    torch = sys.modules.get("torch")  # a command that never imported torch made no group
-    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+def console() -> None:
+    """The ``target-sft`` console script and ``python -m targetsft.cli``: :func:`main`'s code as the exit status. A
+    command run on several processes ends through :func:`~targetsft.runtime.distributed.exit_distributed`, so that
+    a finished run exits with its own code, not with an abort of the interpreter's teardown."""
+    code = main()
+    exit_distributed(code)
+    raise SystemExit(code)

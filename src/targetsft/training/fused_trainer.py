@@ -17,6 +17,7 @@ from torch import nn
 
 from targetsft.losses.methods import resolve_target
 from targetsft.losses.target import STAT_NAMES, TargetStats
+from targetsft.runtime.distributed import end_process_group_at_exit
 from targetsft.training.integration import (
     IGNORE_INDEX,
     KEEP_DEVICE,
@@ -61,6 +62,7 @@ class FusedLossMixin:
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        end_process_group_at_exit()  # a user's script exits 0 without calling accelerator.end_training() itself
         self.teacher_cache = teacher_cache
         self._stats, self._eval_stats = TargetStats(), TargetStats()
         self._tokens = 0
