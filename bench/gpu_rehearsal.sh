@@ -6,6 +6,7 @@
 # image has 2.11.0 with CUDA) and its Python this machine's python3.11 (the image's is 3.12): the wheels folder
 # carries multiprocess for both.
 #   bash bench/gpu_rehearsal.sh OUT_DIR     # builds .venv-gpu/ (about a minute) and .whl/ when missing, then runs
+# PYTHON: the interpreter of .venv-gpu (python3.11); PROJECT_PYTHON: the project's venv, for the wheels' versions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bash bench/gpu_rehearsal.sh OUT_DIR}
@@ -22,5 +23,5 @@ if [ ! -f .venv-gpu/ready ]; then
   printf '%s\n' "${IMAGE_PACKAGES[@]}" > .venv-gpu/ready
 fi
 # the wheels are taken at the versions of the project's own venv (the ones its tests ran with)
-[ -f .whl/requirements.txt ] || .venv/bin/python bench/gpu_wheels.py
+[ -f .whl/requirements.txt ] || "${PROJECT_PYTHON:-.venv/bin/python}" bench/gpu_wheels.py
 PYTHON=.venv-gpu/bin/python bash bench/gpu_check.sh --cpu "$OUT"

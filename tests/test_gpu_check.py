@@ -20,7 +20,8 @@ import gpu_wheels  # noqa: E402
 
 
 def _bash(*args: str, timeout: int, python: str = sys.executable) -> subprocess.CompletedProcess:
-    env = {"PYTHON": python, "PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp")}
+    env = {"PYTHON": python, "PROJECT_PYTHON": sys.executable, "PATH": os.environ["PATH"]}
+    env["HOME"] = os.environ.get("HOME", "/tmp")
     return subprocess.run(["bash", *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
