@@ -34,6 +34,9 @@ def folder(tmp_path_factory, tiny_llama, tiny_tokenizer) -> Path:
     (root / "bad.jsonl").write_text(
         json.dumps({"prompt": "1 + 1?", "completion": "#### 2"}) + '\n{"prompt": "2 + 2?", "compl\n'
     )
+    (root / "empty.jsonl").write_text("")
+    (root / "latin1.jsonl").write_bytes(json.dumps({"prompt": "a", "completion": "b"}).encode() + b"\n\xed\xa0\n")
+    (root / "junk.parquet").write_bytes(bytes(range(256)) * 8)
     (root / "record").mkdir()
     tiny_llama.save_pretrained(root / "model")
     tiny_tokenizer.save_pretrained(root / "model")
@@ -66,6 +69,14 @@ def test_malformed_training_data_before_the_model_loads(folder):
         (["cache-teacher", "model=model", "--teacher", "/no/teacher", "--out", "c"], ["teacher '/no/teacher'"]),
         (["noise-fit", "record", "--out", "nf"], ["has no run.json"]),
         (["experiment", "--config", "none.yaml"], ["none.yaml"]),
+        (["train", "model=model", "data.train=empty.jsonl"], ["data 'empty.jsonl': no records"]),
+        (["train", "model=model", "data.train=latin1.jsonl"], ["latin1.jsonl: line 2: not UTF-8 text"]),
+        (["train", "model=model", "data.train=junk.parquet"], ["junk.parquet"]),
+        (["train", "model=model", "train.learning_rate=abc"], ["train.learning_rate must be a number, got 'abc'"]),
+        (["train", "model=model", "train.max_steps=2.5"], ["train.max_steps must be an integer, got 2.5"]),
+        (["train", "model=model", "train.bf16=maybe"], ["train.bf16 must be true or false"]),
+        (["train", "--resume", "model=model", "output_dir=fresh"], ["--resume: no checkpoint-N folder", "'fresh'"]),
+        (["cache-teacher", "model=model", "--teacher", "model", "--out", "c", "--k", "0"], ["--k must be at least 1"]),
     ],
 )
 def test_each_input_error_is_one_line_and_status_2(folder, args, needles):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from typing import Any
 
@@ -48,7 +49,14 @@ def _train(args: argparse.Namespace) -> int:
     from targetsft.training.trainer import train
 
     check_inputs(cfg)
+    if args.resume:
+        from transformers.trainer_utils import get_last_checkpoint
 
+        from targetsft.runtime.inputs import InputError
+
+        out = cfg.output_dir
+        if not os.path.isdir(out) or get_last_checkpoint(out) is None:
+            raise InputError(f"--resume: no checkpoint-N folder in output_dir {out!r} to continue from")
     summary = train(cfg, resume=args.resume)
     print(f"final model: {summary['final_model']}")
     return 0
@@ -67,6 +75,15 @@ def _cache_teacher(args: argparse.Namespace) -> int:
     if not teacher or not out:
         print("cache-teacher needs --teacher (or teacher.model) and --out (or teacher.cache)", file=sys.stderr)
         return 2
+    from targetsft.runtime.inputs import InputError
+
+    for flag, value, least in (("--k", args.k, 1), ("--batch-size", args.batch_size, 1)):
+        if value < least:
+            raise InputError(f"{flag} must be at least {least}, got {value}")
+    if args.shard_examples < 1:
+        raise InputError(f"--shard-examples must be at least 1, got {args.shard_examples}")
+    if not args.temperature > 0:
+        raise InputError(f"--temperature must be positive, got {args.temperature}")
     check_inputs(dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, cache=None)))
     check_model(teacher, "teacher")
     path = cache_teacher(

@@ -51,12 +51,16 @@ _CALC = re.compile(r"<<[^<>]*>>")
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read a JSONL file (blank lines skipped). A malformed line raises ValueError naming the file, the 1-based line
-    number and the JSON error."""
+    """Read a JSONL file (blank lines skipped). A malformed line (not UTF-8, not JSON, not an object) raises
+    ValueError naming the file, the 1-based line number and the error."""
     path = Path(path)
     out: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:  # decoded line by line, so that bytes that are not UTF-8 are found by line
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: line {lineno}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
             try:
@@ -72,6 +76,8 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 def _read_json(path: Path) -> list[dict[str, Any]]:
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: line {e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
     if isinstance(obj, dict):
@@ -184,9 +190,12 @@ def check_source(source: str, size: int | None = None, seed: int | None = None) 
             raise InputError(f"data {source!r}: no such file")
         return  # a datasets hub name
     try:
-        load_records(source, size=size, seed=seed)
+        records = load_records(source, size=size, seed=seed)
     except (ValueError, OSError) as err:
-        raise InputError(str(err)) from None
+        text = str(err)
+        raise InputError(text if str(path) in text else f"data {source!r}: {text}") from None
+    if not records:
+        raise InputError(f"data {source!r}: no records (an empty file, or size 0)")
 
 
 def aligned_token_weights(

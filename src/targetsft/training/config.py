@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -266,12 +267,35 @@ def _build(cls: type, values: Any, where: str) -> Any:
 def _check_train_args(train: dict[str, Any]) -> None:
     from transformers import TrainingArguments
 
-    valid = sorted(f.name for f in dataclasses.fields(TrainingArguments) if f.init)
-    for key in train:
+    fields = {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
+    for key, value in train.items():
         if key in TRAIN_RESERVED:
             raise ConfigError(f"train.{key} is set by targetsft; use the top-level output_dir for the output folder")
-        if key not in valid:
-            raise _unknown("train (transformers.TrainingArguments)", key, valid)
+        if key not in fields:
+            raise _unknown("train (transformers.TrainingArguments)", key, sorted(fields))
+        train[key] = _scalar(f"train.{key}", value, fields[key].type)
+
+
+def _scalar(where: str, value: Any, annotation: Any) -> Any:
+    """``value`` checked against a bool/int/float field type (a number written as text, ``"2e-5"``, is converted);
+    values of other field types are left to transformers."""
+    args = typing.get_args(annotation) or (annotation,)
+    kinds = [a for a in args if a is not type(None)]
+    if len(kinds) != 1 or kinds[0] not in (bool, int, float) or (value is None and type(None) in args):
+        return value
+    kind = kinds[0]
+    if kind is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        name = {bool: "true or false", int: "an integer", float: "a number"}[kind]
+        raise ConfigError(f"{where} must be {name}, got {value!r}")
+    return value
 
 
 def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
