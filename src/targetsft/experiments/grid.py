@@ -1,80 +1,9 @@
 """Experiment grids (``target-sft experiment --config experiments/<name>.yaml``): the schema, the runs it expands
 to, and where their tables and model folders are (each run's record: :mod:`~targetsft.experiments.records`).
 
-An experiment is a grid of runs (methods × parameters × seeds) over one model and data setup. Each run trains
-(:func:`targetsft.training.trainer.train`), evaluates (:func:`targetsft.evaluation.generative.evaluate_generation` /
-:func:`~targetsft.evaluation.multiple_choice.evaluate_multiple_choice`) and records; the results are aggregated over
-seeds, compared pairwise over the same problems and seeds, and plotted.
-
-Schema (strict: an unknown key anywhere is an error that names it and lists the valid ones)
--------------------------------------------------------------------------------------------
-* ``name``, ``output_dir``: the experiment's tables (``results.csv``, ``summary.csv``, ``comparisons.csv``,
-  ``probe.csv``, ``results.md``), ``plots/`` and ``progress.log`` (:func:`tables_dir`).
-* ``results_dir``: the folder of the experiment's committed tables and plots (optional). They are written there
-  instead of ``output_dir`` only when asked (``target-sft experiment --update-results``; a maintainer refreshes
-  them from the records with ``--aggregate-only --update-results``), so running an experiment leaves the committed
-  tables as they are. ``progress.log`` always stays in ``output_dir``.
-* ``base``: a :class:`~targetsft.training.config.TrainConfig` dict applied to every run (``model``, ``data``,
-  ``teacher``, ``reference``, ``lora``, ``train``, ``loss.chunk_size``; not ``output_dir``, the method, its params or
-  the seed). ``teacher`` goes only to the methods that use one.
-* ``grid``: run groups ``{name?, method, params?, train?, data?, teacher?, seeds}``; every **list** value is swept
-  (the cartesian product of all lists; write ``[[a, b]]`` for a list value). ``teacher.model: "@<run id>"`` is the
-  final model of an earlier run of the experiment (a trained teacher), ``"@<run id>@<step>"`` its model after
-  ``step`` optimizer steps, which that run's group must keep with ``snapshot_steps: [..]`` (not swept: the model
-  saved at each of those steps, :class:`~targetsft.training.config.TrainConfig`). A teacher method's
-  ``temperature`` parameter is also the temperature its teacher cache is built at.
-* ``eval``: sets ``{set, name?, size?, data_seed?, batch_size?, metrics?, dtype?}`` (``dtype``: the weights'
-  dtype during evaluation, ``float32`` by default, explicit so that a set's spec means the same on every machine;
-  ``bfloat16`` generates about twice as fast on a CPU with native bf16, tens of times slower on an AVX2-only one,
-  and changes greedy outputs), ``engine`` (``compact`` by default, ``hf``, ``vllm`` or ``auto``; successive sets
-  with one engine and dtype share one loaded model, one started vLLM engine) plus, for generation, ``samples``,
-  ``temperature``, ``top_p``, ``greedy``, ``max_new_tokens``, ``seed``, ``prompt`` (``gsm`` or ``boxed``), and for
-  multiple choice ``normalize`` (:func:`targetsft.evaluation.suite.evaluate`); ``name`` labels the set, ``metrics``
-  are those tabulated and compared.
-* ``baseline: true``: also evaluate the untrained model once (run ``base``).
-* ``base.precision`` (or ``base.train.bf16``): the training precision (:mod:`targetsft.runtime.precision`; ``auto`` by
-  default, resolved on the machine that trains). Each record keeps the precision its run was trained at; runs of
-  two precisions are never pooled or compared (:func:`check_one_precision`), and a grid whose records were trained
-  at another precision than this machine would use is refused before anything starts (status ``precision``).
-* ``rank: {sets, among?, top?, seeds?, metric?}``: choose the ``top`` configs (default 1) among those whose id
-  matches the glob ``among`` (default ``*``: all but the baseline) by the sum of their means over ``seeds`` (default
-  all) on the validation sets ``sets`` (eval labels), each by ``metric`` (default its first primary metric); a tie
-  on the sum goes to the higher mean on the first set (``ranking.csv``, a section of ``results.md``;
-  :func:`~targetsft.experiments.comparisons.ranking_rows`). Fixing ``seeds`` to those the choice was made on keeps
-  the table as it was when runs of more seeds are added for the chosen configs.
-* ``compare``: pairs ``[A, B]`` of method names or globs over config ids (default: every config against ``sft``,
-  ``target_sft`` against ``dft``; ``*`` leaves the baseline out, ``base`` names it).
-* ``select: {set, metric?}``: choose each config's learning rate on the validation set ``set`` (an eval label) by
-  ``metric`` (default the set's first primary metric): among the configs that differ only in learning rate, the
-  best mean wins, and a rate whose paired difference with it is a tie joins it, the lowest training NLL (the mean
-  ``nll`` of the last third of the logged steps) deciding among them (``selection.csv``, a section of
-  ``results.md``; :func:`~targetsft.experiments.comparisons.selection_rows`).
-* ``keep_checkpoints``: keep ``checkpoint-N`` folders of finished runs (default false: removed once ``DONE.json``
-  is written, ``final/`` stays; a 135M-parameter checkpoint with its optimizer state is about 1.6 GB).
-* ``teacher_cache_k``: k > 0 caches each distinct teacher's top-k log-probs once per training set (teacher,
-  its prompt, model and data section) in ``teacher_cache/`` beside the runs folder
-  (:func:`~targetsft.training.trainer.cache_teacher`; resumable) and trains every teacher run from that cache instead of
-  running the teacher at each step; 0 (default): teacher online.
-* ``runs_dir``: where the runs live (default ``<output_dir>/runs``). Experiments that name the same ``runs_dir``
-  share the runs they have in common (same id and configuration: trained once, each evaluated on the union of
-  their sets; ``DONE.json`` keeps every set). Give a set label the same spec in all of them.
-* ``records_dir``: where each run's *record* lives, apart from its models (default: in the run folder itself).
-  The record is the small text a finished run is judged by: ``run.json``, ``summary.json``, ``metrics.csv``,
-  ``gamma_probe.jsonl``, ``eval/`` and ``DONE.json``; ``runs_dir`` keeps ``final/`` and the checkpoints. Commit
-  the records and a finished run stays finished on another machine, without its gigabytes of weights; a run whose
-  model is needed again (a new eval set, a teacher without its cache) and is gone is retrained from scratch.
-* ``teacher_cache_dir``: where the teacher caches live (default ``teacher_cache/`` beside ``runs_dir``).
-* ``gamma_probe``: training examples on which p_θ(y) (γ of dft and target_sft) is recorded as a distribution at
-  the start and every tenth of training (default 16; 0: off).
-
-Runs and ids
-------------
-A run's id is its content: ``<group name or method>-<params>-<swept data/teacher/train values and lr>-s<seed>``,
-e.g. ``target_sft-eta0.5-lr5e-05-s1``; its config id drops ``-s<seed>``. **Seeds set ``train.seed`` only**
-(data order, LoRA init, sampling); ``data.seed`` stays as in ``base``, so every method and seed trains on the same
-examples and the comparison is paired on the data. Runs go seed-major (all configs of the first seed first), so
-partial results are already paired. Every run's TrainConfig is built with
-:func:`~targetsft.training.config.config_from_dict` when the experiment is loaded, before anything starts.
+An experiment is a grid of runs (methods × parameters × seeds) over one model and data setup; its YAML schema and
+how runs are named are on the docs site's Experiments page (``docs/experiments.md``). Every run's TrainConfig is
+built with :func:`~targetsft.training.config.config_from_dict` when the experiment is loaded, before anything starts.
 """
 
 from __future__ import annotations

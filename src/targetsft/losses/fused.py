@@ -260,18 +260,21 @@ def fused_target_loss(
         lm_head_weight: ``[V, H]`` output projection (tied or not); ``lm_head_bias``: ``[V]`` or None.
         labels: ``[N]`` or ``[B, T]``, already shifted, ``ignore_index`` where there is no loss.
         chunk_size: rows per chunk; chosen from ``V`` and free memory when None.
-        teacher_topk / ref_topk: ``(ids, logprobs)`` per position ``[..., k]`` or per loss token ``[n, k]``.
-        teacher_hidden + teacher_lm_head_weight (+ bias): a teacher sharing the vocabulary, projected chunk by
-            chunk the same way (same ``logit_scale``/``softcap``); likewise ``ref_*`` for a reference model. Its
-            weight may have another number of rows ``W`` when ``shared_vocab_size`` is given: only the first
-            ``shared_vocab_size`` rows are projected (padding rows past them, on either side, get no mass).
-        logit_scale, softcap: logit scaling and Gemma-style soft-capping applied to every projection.
+        teacher_topk: ``(ids, logprobs)`` per position ``[..., k]`` or per loss token ``[n, k]``; ``ref_topk``
+            likewise for a reference model.
+        teacher_hidden: with ``teacher_lm_head_weight`` (and ``teacher_lm_head_bias``), a teacher sharing the
+            vocabulary, projected chunk by chunk the same way (same ``logit_scale``/``softcap``); likewise
+            ``ref_hidden`` and ``ref_lm_head_weight`` for a reference model. Its weight may have another number of
+            rows ``W`` when ``shared_vocab_size`` is given: only the first ``shared_vocab_size`` rows are projected
+            (padding rows past them, on either side, get no mass).
+        logit_scale: logit scaling applied to every projection; ``softcap``: Gemma-style soft-capping.
         num_loss_tokens: how many labels carry a loss, when the caller knows it on the host (a data collator
             does): the loss rows are then found without reading anything back from the device (checked).
         return_stats: True: also the means of :func:`targetsft.target_loss`'s statistics (read back once);
             ``"sums"``: their :class:`~targetsft.losses.target.TargetStats` of sums left on the device (a trainer
             adds them up and reads them when it logs).
-        The rest is as in :func:`targetsft.target_loss`.
+
+    The other arguments are as in :func:`targetsft.target_loss`.
 
     Under autocast the projections run in the autocast dtype (as autocast would run ``h·Wᵀ``); the target and
     its gradient are always computed in float32.

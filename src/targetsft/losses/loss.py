@@ -107,9 +107,11 @@ def target_loss(
             ``F.cross_entropy`` returns NaN), ``"sum"``, or ``"none"`` (per token, 0 at ignored tokens).
         num_items_in_batch: with ``"mean"``, divide the summed loss by this instead (the transformers/TRL
             convention that keeps gradient accumulation and data parallelism exact).
-        teacher_logits / teacher_topk: teacher as ``[..., V]`` logits or ``(ids [..., k], logprobs [..., k])``
-            (also accepted as ``[n_loss_tokens, k]`` in the order of the non-ignored labels).
-        ref_logits / ref_topk: reference model for ``asft`` and ``sft_kl``, in the same forms.
+        teacher_logits: the teacher as ``[..., V]`` logits.
+        teacher_topk: or as ``(ids [..., k], logprobs [..., k])`` (also accepted as ``[n_loss_tokens, k]`` in the
+            order of the non-ignored labels).
+        ref_logits: the reference model of ``asft`` and ``sft_kl``, as logits.
+        ref_topk: or as top-k rows, in the same forms as ``teacher_topk``.
         token_weights: ``[...]`` per-token γ for ``weighted`` and ``critical``.
         shared_vocab_size: the real tokens the student shares with the teacher/reference (the student's
             ``len(tokenizer)``): their logits may then be of another width ``W ≥ shared_vocab_size``; columns at or

@@ -33,14 +33,14 @@ class FusedLossMixin:
     registered method (or a ``Target``), run inside the model's own forward, so no ``[tokens, V]`` logits are built.
 
     Args:
-        method, method_params: the target (see ``targetsft.METHODS``).
+        method: the target: a name of ``targetsft.METHODS`` or a ``Target``; ``method_params`` its parameters.
         teacher_model: a teacher run online (no grad, eval mode) on each batch; or ``teacher_cache``: a
             :class:`targetsft.training.teacher_cache.TeacherCache` whose rows are looked up by the batch's
             ``example_index`` column.
         ref_model: the reference model of ``asft`` / ``sft_kl``.
         chunk_size: rows per chunk of the fused loss (None: automatic).
-        teacher_placement, ref_placement: ``replicated`` on every rank, ``sharded`` by the launch's DeepSpeed ZeRO-3
-            config, or ``auto`` (sharded under ZeRO-3, else replicated).
+        teacher_placement: (and ``ref_placement``) ``replicated`` on every rank, ``sharded`` by the launch's
+            DeepSpeed ZeRO-3 config, or ``auto`` (sharded under ZeRO-3, else replicated).
         shared_vocab_size: the student's real tokens, shared with the teacher/reference (see
             :func:`targetsft.fused_target_loss`); rows past it on either side are padding. None: all rows, equal.
     """

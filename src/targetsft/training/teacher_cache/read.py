@@ -101,7 +101,7 @@ class TeacherCache:
 
         Args:
             tokenizer: the student's tokenizer (or its :func:`tokenizer_fingerprint`); must match the cache's.
-            examples / dataset_fingerprint: the data the trainer will use (or its fingerprint); must match.
+            examples: the data the trainer will use (or ``dataset_fingerprint``, its fingerprint); must match.
             verify: check every shard's sha256 (reads the whole cache once); otherwise only sizes are checked.
             max_open_shards: size of the LRU of open (memory-mapped) shards.
 

@@ -1,0 +1,81 @@
+"""mkdocs hooks: pages that show generated tables (the methods table from the registry, the config reference from
+the config dataclasses), and the repository's plots (``bench/results``, ``results/``) served beside the pages that
+show them, so that one image path works on GitHub and on the site."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+from pathlib import Path
+
+from mkdocs.structure.files import File, Files
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+IMAGE_DIRS = ("bench/results", "results")
+
+
+def methods_markdown() -> str:
+    import targetsft
+
+    return targetsft.methods_table()
+
+
+def _type_name(tp: object) -> str:
+    text = tp if isinstance(tp, str) else getattr(tp, "__name__", str(tp))
+    return str(text).replace("typing.", "").replace("|", "or")
+
+
+def config_markdown() -> str:
+    """One table per section of ``TrainConfig``: field, type, default; then the section's docstring."""
+    from targetsft.training import config as C
+
+    sections = [("top level", C.TrainConfig)] + [(name, cls) for name, cls in C._SECTIONS.items()]
+    out = []
+    for name, cls in sections:
+        out += [f"### `{name}`" if name != "top level" else "### Top level", ""]
+        doc = " ".join(line.strip() for line in (cls.__doc__ or "").strip().splitlines())
+        out += [doc.replace("``", "`"), "", "| key | type | default |", "|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                default = repr(f.default)
+            elif f.default_factory is not dataclasses.MISSING:
+                value = f.default_factory()
+                default = "section" if dataclasses.is_dataclass(value) else repr(value)
+            else:
+                default = "required"
+            out.append(f"| `{f.name}` | `{_type_name(f.type)}` | `{default}` |")
+        out.append("")
+    out += ["`train` takes any `transformers.TrainingArguments` field; what targetsft sets unless told otherwise:", ""]
+    out += ["| key | default |", "|---|---|"] + [f"| `{k}` | `{v!r}` |" for k, v in C.TRAIN_DEFAULTS.items()]
+    return "\n".join(out) + "\n"
+
+
+def changelog_markdown() -> str:
+    text = (ROOT / "CHANGELOG.md").read_text()
+    return text.split("\n", 1)[1]  # its own title is the page's
+
+
+MARKERS = {
+    "<!-- methods-table -->": methods_markdown,
+    "<!-- config-reference -->": config_markdown,
+    "<!-- changelog -->": changelog_markdown,
+}
+
+
+def on_files(files: Files, config) -> Files:
+    """Serve the plots of ``bench/results`` and ``results`` at the same paths below the site root."""
+    for folder in IMAGE_DIRS:
+        for png in sorted((ROOT / folder).rglob("*.png")):
+            rel = png.relative_to(ROOT).as_posix()
+            files.append(File(rel, src_dir=str(ROOT), dest_dir=config["site_dir"], use_directory_urls=False))
+    return files
+
+
+def on_page_markdown(markdown: str, page, config, files) -> str:
+    for marker, make in MARKERS.items():
+        if marker in markdown:
+            markdown = markdown.replace(marker, make())
+    # the pages sit in docs/, the plots one level up: ../bench/results/x.png is bench/results/x.png on the site
+    return re.sub(r"\]\(\.\./(bench/results|results)/", r"](\1/", markdown)
