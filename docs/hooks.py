@@ -36,7 +36,8 @@ def config_markdown() -> str:
     for name, cls in sections:
         out += [f"### `{name}`" if name != "top level" else "### Top level", ""]
         doc = " ".join(line.strip() for line in (cls.__doc__ or "").strip().splitlines())
-        out += [doc.replace("``", "`"), "", "| key | type | default |", "|---|---|---|"]
+        doc = re.sub(r":\w+:`~?([^`]+)`", r"`\1`", doc.replace("``", "`"))  # Sphinx roles as code
+        out += [doc, "", "| key | type | default |", "|---|---|---|"]
         for f in dataclasses.fields(cls):
             if f.default is not dataclasses.MISSING:
                 default = repr(f.default)
