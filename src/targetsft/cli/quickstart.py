@@ -63,6 +63,15 @@ def reference_nll(model: Any, items: Sequence[dict[str, Any]]) -> list[float]:
     return [-math.fsum(lp) / len(lp) for lp in label_logprobs(model, items)]
 
 
+def _in_chunks(score: Any, model: Any, seqs: Sequence[Any], bar: Any, size: int = 8) -> list[Any]:
+    """``score(model, seqs)`` (one value per sequence) a few sequences at a time, advancing the progress ``bar``."""
+    out: list[Any] = []
+    for start in range(0, len(seqs), size):
+        out += score(model, seqs[start : start + size])
+        bar.update(len(seqs[start : start + size]))
+    return out
+
+
 def run_quickstart(
     out_dir: str = "runs/quickstart",
     *,
@@ -72,6 +81,8 @@ def run_quickstart(
     probe_size: int = 50,
 ) -> dict[str, Any]:
     """Train ``sft`` and ``target_sft``, score base + both (reference NLL, wrong-answer fit); returns the rows."""
+    from tqdm.auto import tqdm
+
     from targetsft.data.gsm import HELDOUT_NEW_SEEDS, INTEMPLATE_SEEDS, generate_gsm
     from targetsft.data.sft import tokenize_record
     from targetsft.experiments.noise_fit import corrupted_pairs, tail_logprobs
@@ -102,11 +113,14 @@ def run_quickstart(
     items = {name: [tokenize_record(tokenizer, r, 1 << 30) for r in recs] for name, recs in probes.items()}
     pairs, _ = corrupted_pairs(configs["sft"], tokenizer)
     scores: dict[str, dict[str, list[float]]] = {}
-    for name, path in models.items():
-        model = load_model(path)
-        scores[name] = {probe: reference_nll(model, its) for probe, its in items.items()}
-        scores[name]["wrong"] = [w for w, _ in tail_logprobs(model, pairs)]
-        del model
+    total = len(models) * (sum(len(its) for its in items.values()) + len(pairs))
+    with tqdm(total=total, desc="[quickstart] scoring", unit="seq") as bar:
+        for name, path in models.items():
+            bar.set_postfix_str(name)
+            model = load_model(path)
+            scores[name] = {probe: _in_chunks(reference_nll, model, its, bar) for probe, its in items.items()}
+            scores[name]["wrong"] = [w for w, _ in _in_chunks(tail_logprobs, model, pairs, bar)]
+            del model
     seconds["scoring"] = round(time.perf_counter() - t)
     rows = []
     for name in models:
