@@ -133,30 +133,51 @@ def _plot_vs(rows: Sequence[dict], key: str, path: Path, log_x: bool = False) ->
     return _save(fig, path)
 
 
-def _plot_vs_teacher(points: Sequence[dict], bands: Sequence[dict], label: str, path: Path) -> Path:
-    """One point per student (its mean and interval) at its teacher's top-1 agreement with the labels, and at the
-    entropy of the teacher's top-k where every teacher has it; ``bands``: configs without a teacher (SFT, DFT) as
-    horizontal bands over their interval."""
+def _plot_vs_teacher(
+    points: Sequence[dict], bands: Sequence[dict], comparisons: Sequence[dict], label: str, path: Path
+) -> Path:
+    """Students by their teacher's top-1 agreement with the labels. Left: each seed's score (small) and the mean
+    over seeds (large), one colour per teacher (named in the legend), SFT and DFT as lines (mean solid, each seed
+    dotted). Right, where the comparisons have them: each student's paired difference from SFT and from DFT over the
+    same problems and seeds, with its interval (a tie where it spans 0). ``points`` carry their seeds' ``values``."""
     import matplotlib.pyplot as plt
 
-    axes_keys = [("top1", "teacher's top-1 = label (%)")]
-    if all(p["topk_entropy"] is not None for p in points):
-        axes_keys.append(("topk_entropy", "entropy of the teacher's top-k (nats)"))
-    fig, axes = plt.subplots(1, len(axes_keys), figsize=(5 * len(axes_keys), 3.8), sharey=True, squeeze=False)
-    colors = _colors(b["config"] for b in bands)
-    for ax, (key, xlabel) in zip(axes[0], axes_keys, strict=True):
-        for b in bands:
-            low, high = _interval(b)
-            ax.axhspan(100 * b["mean"] - low, 100 * b["mean"] + high, color=colors[b["config"]], alpha=0.15)
-            ax.axhline(100 * b["mean"], color=colors[b["config"]], lw=1, label=b["config"])
-        for p in points:
-            x = 100 * p[key] if key == "top1" else p[key]
-            ax.errorbar([x], [100 * p["mean"]], yerr=[[v] for v in _interval(p)], marker="o", capsize=3, color="k")
-            ax.annotate(p["teacher_label"], (x, 100 * p["mean"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel(xlabel)
-    axes[0][0].set_ylabel(f"{label}: {points[0]['metric']} (%)")
-    if bands:
-        axes[0][0].legend(fontsize=6)
+    pairs = {(c["a"], c["b"]): c for c in comparisons if c["set"] == label and c["metric"] == points[0]["metric"]}
+    base = {b["method"]: b["config"] for b in bands}
+    diffs = [(m, p, pairs.get((p["config"], base[m]))) for m in ("sft", "dft") if m in base for p in points]
+    diffs = [(m, p, c) for m, p, c in diffs if c is not None]
+    fig, axes = plt.subplots(1, 2 if diffs else 1, figsize=(11 if diffs else 6, 4.2), squeeze=False)
+    ax = axes[0][0]
+    colors = _colors(p["teacher_label"] for p in points)
+    band_colors = {"sft": "tab:gray", "dft": "tab:brown"}
+    for b in bands:
+        color = band_colors.get(b["method"], "k")
+        ax.axhline(100 * b["mean"], color=color, lw=1.2, label=f"{b['config']} (mean)")
+        for v in b.get("values") or []:
+            ax.axhline(100 * v, color=color, lw=0.8, ls=":")
+    for p in points:
+        x, color = 100 * p["top1"], colors[p["teacher_label"]]
+        values = p.get("values") or []
+        ax.scatter([x] * len(values), [100 * v for v in values], s=14, color=color, alpha=0.6)
+        ax.scatter([x], [100 * p["mean"]], s=60, color=color, edgecolor="k", label=p["teacher_label"], zorder=3)
+    ax.set_xlabel("teacher's top-1 = label on the training tokens (%)")
+    ax.set_ylabel(f"{label}: {points[0]['metric']} (%)")
+    ax.set_title("students: each seed (small) and their mean (large)", fontsize=9)
+    ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+    if diffs:
+        ax = axes[0][1]
+        ax.axhline(0, color="k", lw=0.8)
+        for method, p, c in diffs:
+            x = 100 * p["top1"] + (0.3 if method == "dft" else -0.3)
+            y, lo, hi = (100 * float(c[k]) for k in ("diff", "lo", "hi"))
+            ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], marker="o" if method == "sft" else "s", capsize=3,
+                        color=colors[p["teacher_label"]], mfc="white" if method == "dft" else None)  # fmt: skip
+        ax.plot([], [], "ko", label="student − SFT")
+        ax.plot([], [], "ks", mfc="white", label="student − DFT")
+        ax.set_xlabel("teacher's top-1 = label on the training tokens (%)")
+        ax.set_ylabel("paired difference (points)")
+        ax.set_title("paired over the same problems and seeds; a tie where the interval spans 0", fontsize=9)
+        ax.legend(fontsize=7)
     return _save(fig, path)
 
 
@@ -177,6 +198,7 @@ def write_plots(
     summary: Sequence[dict],
     *,
     teacher_points: Sequence[dict] = (),
+    comparisons: Sequence[dict] = (),
     update_results: bool = False,
 ) -> list[Path]:
     """PNGs in ``plots/`` of :func:`~targetsft.experiments.grid.tables_dir` (``output_dir``; ``results_dir`` with
@@ -184,8 +206,8 @@ def write_plots(
     for dft vs target_sft the mean γ per logging step (metrics.csv) and its distribution on the probe examples
     (``gamma_probe.jsonl``); accuracy vs η (target_sft) and vs learning rate, where the grid varies them; students'
     accuracy vs their teacher's agreement and entropy (``teacher_points``: :func:`~targetsft.experiments.teachers.
-    teacher_points`), where a set has students of two teachers or more, with SFT and DFT as bands
-    (:func:`baseline_bands`)."""
+    teacher_points`), where a set has students of two teachers or more, beside SFT and DFT
+    (:func:`baseline_bands`) and with their paired differences from them (``comparisons``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -211,5 +233,8 @@ def write_plots(
         if len({p["cache"] for p in points}) > 1:
             metric = points[0]["metric"]
             bands = baseline_bands(exp, summary, label, metric)
-            out.append(_plot_vs_teacher(points, bands, label, plots / f"accuracy_vs_teacher_{safe(label)}.png"))
+            seeds = {(r["config"], r["set"], r["metric"]): r["values"] for r in summary}
+            points = [{**p, "values": seeds.get((p["config"], label, metric), [])} for p in points]
+            png = plots / f"accuracy_vs_teacher_{safe(label)}.png"
+            out.append(_plot_vs_teacher(points, bands, comparisons, label, png))
     return [p for p in out if p is not None]

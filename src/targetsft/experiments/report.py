@@ -459,9 +459,11 @@ def aggregate(exp: Experiment, *, plots: bool = True, update_results: bool = Fal
         earlier=earlier_model_sets(exp, records),
     )
     atomic_write_text(paths["results.md"], markdown)
-    figures = (
-        write_plots(exp, records, summary, teacher_points=students, update_results=update_results) if plots else []
-    )
+    figures = []
+    if plots:
+        figures = write_plots(
+            exp, records, summary, teacher_points=students, comparisons=comparisons, update_results=update_results
+        )
     return {
         "paths": paths,
         "plots": figures,
