@@ -1,5 +1,5 @@
-"""The package is its architecture: one subpackage per layer, imports only downwards, and the Layout
-table names exactly the modules that exist."""
+"""The package is its architecture: one subpackage per layer, imports only downwards and of public names across
+packages, no module over 600 lines, and the Layout table names exactly the modules that exist."""
 
 from __future__ import annotations
 
@@ -55,6 +55,27 @@ def test_no_layer_imports_a_higher_one():
             target = "<root>" if imported == "targetsft.__version__" else _layer(imported)
             if target not in ALLOWED[layer]:
                 bad.append(f"{module} ({layer}) imports {imported} ({target})")
+    assert not bad, "\n".join(bad)
+
+
+def _subpackage(module: str) -> str:
+    """The package a module belongs to (``targetsft.training.teacher_cache.read``: ``...training.teacher_cache``)."""
+    return module.rpartition(".")[0]
+
+
+def test_no_private_name_is_imported_across_packages():
+    """A ``_name`` is its package's own: another package imports only public names (the shared helper is public and
+    lives in the layer that owns it)."""
+    bad = []
+    for module, path in _modules().items():
+        here = _subpackage(module) if not path.name == "__init__.py" else module
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("targetsft"):
+                is_package = (PACKAGE.parent / node.module.replace(".", "/")).is_dir()
+                owner = node.module if is_package else _subpackage(node.module)
+                for alias in node.names:
+                    if alias.name.startswith("_") and not alias.name.startswith("__") and owner != here:
+                        bad.append(f"{module} imports {node.module}.{alias.name}")
     assert not bad, "\n".join(bad)
 
 

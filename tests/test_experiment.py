@@ -23,7 +23,7 @@ from targetsft.experiments.plots import baseline_bands
 from targetsft.experiments.records import same_spec, spec_dict
 from targetsft.experiments.runner import distribution
 from targetsft.runtime.files import sha256_file
-from targetsft.training.config import ConfigError, _yaml, config_from_dict
+from targetsft.training.config import ConfigError, config_from_dict, load_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
@@ -969,7 +969,7 @@ def test_no_eval_problem_or_eval_template_in_any_training_data():
     eval_sources = {t.source for t in gsm.templates("eval")}
     checked, val_questions, test_questions = 0, set(), set()
     for path in EXPERIMENTS:
-        raw = _yaml(path.read_text())
+        raw = load_yaml(path.read_text())
         base = {**dataclasses.asdict(DataConfig()), **(raw["base"].get("data") or {})}
         if base["train"] != "gsm-train":
             continue

@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from targetsft.losses.methods import get_method
-from targetsft.training.config import TRAIN_DEFAULTS, ConfigError, _build, _unknown, _yaml, config_from_dict
+from targetsft.training.config import (
+    TRAIN_DEFAULTS,
+    ConfigError,
+    build_section,
+    config_from_dict,
+    load_yaml,
+    unknown_key,
+)
 
 EVAL_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -147,7 +154,7 @@ class Run:
 
 
 def eval_spec(raw: Any, where: str) -> EvalSpec:
-    spec = _build(EvalSpec, raw, where)
+    spec = build_section(EvalSpec, raw, where)
     kind = spec.kind
     if kind is None and not str(spec.set).lower().endswith(".jsonl"):
         from targetsft.data.eval_sets import EVAL_SETS, MC_SETS
@@ -160,7 +167,7 @@ def eval_spec(raw: Any, where: str) -> EvalSpec:
     for key in raw:
         if key in wrong:
             valid = [f.name for f in dataclasses.fields(EvalSpec) if f.name not in wrong]
-            raise _unknown(f"{where} ({kind} set {spec.set!r})", key, valid)
+            raise unknown_key(f"{where} ({kind} set {spec.set!r})", key, valid)
     if spec.samples > 1 and spec.temperature == 0:
         raise ConfigError(f"{where}: samples > 1 needs temperature > 0 (greedy samples are identical)")
     if spec.normalize not in ("mean", "sum"):
@@ -190,7 +197,7 @@ def experiment_from_dict(raw: dict[str, Any]) -> Experiment:
     valid = [f.name for f in dataclasses.fields(Experiment)]
     for key in raw:
         if key not in valid:
-            raise _unknown("the experiment", key, valid)
+            raise unknown_key("the experiment", key, valid)
     for key in ("name", "output_dir", "grid", "eval"):
         if raw.get(key) is None:
             raise ConfigError(f"the experiment needs {key!r}")
@@ -202,7 +209,7 @@ def experiment_from_dict(raw: dict[str, Any]) -> Experiment:
         for i, item in enumerate(items):
             if not isinstance(item, dict) or key not in item:
                 raise ConfigError(f"{where}[{i}] must be a mapping with {key!r}, got {item!r}")
-    grid = [_build(RunGroup, g, f"grid[{i}]") for i, g in enumerate(raw["grid"])]
+    grid = [build_section(RunGroup, g, f"grid[{i}]") for i, g in enumerate(raw["grid"])]
     specs = [eval_spec(e, f"eval[{i}]") for i, e in enumerate(raw["eval"])]
     exp = Experiment(**{**raw, "grid": grid, "eval": specs, "base": raw.get("base") or {}})
     _check_experiment(exp)
@@ -217,7 +224,7 @@ def _check_rank(rank: Any, labels: list[str]) -> None:
         )
     for key in rank:
         if key not in RANK_KEYS:
-            raise _unknown("rank", key, list(RANK_KEYS))
+            raise unknown_key("rank", key, list(RANK_KEYS))
     sets = rank["sets"]
     if not isinstance(sets, list) or not sets or len(set(sets)) != len(sets):
         raise ConfigError(f"rank.sets must be a non-empty list of distinct eval labels, got {sets!r}")
@@ -241,7 +248,7 @@ def load_experiment(path: str | Path) -> Experiment:
     import yaml
 
     try:
-        raw = _yaml(Path(path).read_text())
+        raw = load_yaml(Path(path).read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid YAML: {err}") from None
     try:
@@ -284,7 +291,7 @@ def _check_experiment(exp: Experiment) -> None:
             raise ConfigError(f"select must be a mapping {{set: <eval label>, metric?: <metric>}}, got {exp.select!r}")
         for key in exp.select:
             if key not in ("set", "metric"):
-                raise _unknown("select", key, ["set", "metric"])
+                raise unknown_key("select", key, ["set", "metric"])
         if exp.select["set"] not in labels:
             raise ConfigError(f"select.set {exp.select['set']!r} is not an eval set of the experiment ({labels})")
     if exp.rank is not None:

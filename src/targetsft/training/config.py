@@ -52,7 +52,8 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _yaml(text: str) -> Any:
+def load_yaml(text: str) -> Any:
+    """YAML as configs are read (``_Loader``: exponents without a dot, such as ``2e-5``, are numbers)."""
     return yaml.load(text, Loader=_Loader)
 
 
@@ -60,7 +61,8 @@ class ConfigError(ValueError):
     """A configuration key or value that is not accepted."""
 
 
-def _unknown(where: str, key: str, valid: list[str]) -> ConfigError:
+def unknown_key(where: str, key: str, valid: list[str]) -> ConfigError:
+    """The error for ``key`` unknown in ``where``: the valid keys, and the closest one as a suggestion."""
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return ConfigError(f"unknown key {key!r} in {where}{hint}; valid keys: {', '.join(valid)}")
@@ -254,13 +256,14 @@ _SECTIONS = {
 }
 
 
-def _build(cls: type, values: Any, where: str) -> Any:
+def build_section(cls: type, values: Any, where: str) -> Any:
+    """The dataclass ``cls`` from the mapping ``values`` (a config section called ``where``); unknown keys refused."""
     if not isinstance(values, dict):
         raise ConfigError(f"{where} must be a mapping, got {values!r}")
     names = [f.name for f in dataclasses.fields(cls)]
     for key in values:
         if key not in names:
-            raise _unknown(where, key, names)
+            raise unknown_key(where, key, names)
     return cls(**values)
 
 
@@ -272,7 +275,7 @@ def _check_train_args(train: dict[str, Any]) -> None:
         if key in TRAIN_RESERVED:
             raise ConfigError(f"train.{key} is set by targetsft; use the top-level output_dir for the output folder")
         if key not in fields:
-            raise _unknown("train (transformers.TrainingArguments)", key, sorted(fields))
+            raise unknown_key("train (transformers.TrainingArguments)", key, sorted(fields))
         train[key] = _scalar(f"train.{key}", value, fields[key].type)
 
 
@@ -305,11 +308,11 @@ def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
     top = [f.name for f in dataclasses.fields(TrainConfig)]
     for key in raw:
         if key not in top:
-            raise _unknown("the config", key, top)
+            raise unknown_key("the config", key, top)
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         if key in _SECTIONS:
-            kwargs[key] = None if (key == "lora" and value is None) else _build(_SECTIONS[key], value or {}, key)
+            kwargs[key] = None if (key == "lora" and value is None) else build_section(_SECTIONS[key], value or {}, key)
         else:
             kwargs[key] = value
     cfg = TrainConfig(**kwargs)
@@ -409,7 +412,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = key.strip().split(".")
     if not all(path):
         raise ConfigError(f"override {text!r} has an empty key")
-    return path, _yaml(value) if value.strip() else None
+    return path, load_yaml(value) if value.strip() else None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
@@ -417,7 +420,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     raw: dict[str, Any] = {}
     if path is not None:
         try:
-            raw = _yaml(Path(path).read_text()) or {}
+            raw = load_yaml(Path(path).read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: invalid YAML: {err}") from None
         if not isinstance(raw, dict):
