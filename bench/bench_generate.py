@@ -3,7 +3,7 @@
 On the embedded SmolLM2-135M-Instruct (CPU, weights in ``--precision``, by capability by default) and on any
 ``--model`` folders (e.g. a fine-tuned ``runs/quickstart/sft/final``), ``--n`` problems of ``gsm-intemplate`` are
 generated greedily in batches of ``--batch-size`` (prompts sorted by length, as
-:func:`targetsft.evaluation.generation.generate` does) in three modes:
+:func:`targetsft.evaluation.engines.generate` does) in three modes:
 
 - ``hf-plain``: ``model.generate`` stopping only at eos (``<|im_end|>``) or ``--max-new-tokens``;
 - ``hf-early``: the same plus :class:`targetsft.evaluation.prompts.AnswerStoppingCriteria` (a row is finished at a
@@ -327,7 +327,7 @@ def section(rows: list[dict]) -> str:
         "installed (its OpenMP threads bound to as many CPUs as the torch threads): `hf-plain` = `model.generate` "
         "stopping at eos only; `hf-early` = the same plus "
         "the early-stop criterion (a row is finished at a complete `#### n` or eos), finished rows staying in the "
-        "batch (padded) until its slowest row ends; compact = `targetsft.evaluation.generation`'s default engine, the "
+        "batch (padded) until its slowest row ends; compact = `targetsft.evaluation.engines`'s default engine, the "
         "same "
         "criterion in a decode loop that drops finished rows from the KV cache and the batch. Decode steps = "
         "forward passes; row-steps = rows summed over the forward passes (the compute spent).",

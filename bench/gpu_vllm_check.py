@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> dict:
     import vllm
     from transformers import AutoModelForCausalLM
 
-    from targetsft.evaluation.generation import generate_detailed
+    from targetsft.evaluation.engines import generate_detailed
     from targetsft.runtime.vllm_engine import VLLMEngine
 
     config = qwen_like_config()

@@ -18,8 +18,8 @@ RECORD = {"question": "Tom has 3 apples and buys 4 more. How many?", "solution":
 def _fake_rollouts(monkeypatch, correct_when):
     """Rollouts that end right (``#### 7``) when ``correct_when(i, prefix)`` (i: the rollout's index in the call),
     else wrong; records the prefixes."""
-    from targetsft.evaluation import generation
-    from targetsft.evaluation.generation import Generation, GenerationRun
+    from targetsft.evaluation import engines as generation
+    from targetsft.evaluation.engines import Generation, GenerationRun
 
     seen = []
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from targetsft import evaluation as E
-from targetsft.evaluation import generation as G
-from targetsft.evaluation import generative, suite
+from targetsft.evaluation import engines as G
+from targetsft.evaluation import generation_set, suite
 
 Z95 = 1.959963984540054
 
@@ -89,7 +89,7 @@ def test_metrics_from_fixed_generations(gen_set, tmp_path, monkeypatch, tiny_tok
     ]
     greedy = [["the answer is 18"], ["#### 1"], ["#### 7\n"]]  # 2/3
     calls: list[dict] = []
-    monkeypatch.setattr(generative, "generate_detailed", _fake_generate(samples, greedy, calls))
+    monkeypatch.setattr(generation_set, "generate_detailed", _fake_generate(samples, greedy, calls))
     out = tmp_path / "out"
     s = E.evaluate_generation(
         None, tiny_tokenizer, str(gen_set), samples=4, temperature=0.8, greedy=True, out_dir=out, progress=False
@@ -145,7 +145,7 @@ def test_answer_extraction_tricky_formats(tmp_path, monkeypatch, tiny_tokenizer)
         ["the answer is 18, or rather\n#### 20"],  # the number after the last #### decides
         ["#### −3\n"],  # unicode minus
     ]
-    monkeypatch.setattr(generative, "generate_detailed", _fake_generate(texts, texts, []))
+    monkeypatch.setattr(generation_set, "generate_detailed", _fake_generate(texts, texts, []))
     s = E.evaluate_generation(
         None, tiny_tokenizer, str(_write_jsonl(tmp_path / "t.jsonl", rows)), out_dir=tmp_path, progress=False
     )
@@ -727,7 +727,7 @@ def test_boxed_prompt_scores_latex_answers(tmp_path, monkeypatch, tiny_tokenizer
     path = _write_jsonl(tmp_path / "math.jsonl", rows)
     greedy = [["so \\boxed{0.5}"], ["#### 7 then \\boxed{(3,4)}"], ["\\boxed{1234} \\boxed{12}"]]
     calls: list[dict] = []
-    monkeypatch.setattr(generative, "generate_detailed", _fake_generate(greedy, greedy, calls))
+    monkeypatch.setattr(generation_set, "generate_detailed", _fake_generate(greedy, greedy, calls))
     s = E.evaluate_generation(None, tiny_tokenizer, str(path), prompt="boxed", out_dir=tmp_path / "o", progress=False)
     assert s["metrics"]["greedy"]["value"] == pytest.approx(2 / 3)  # the last box decides: 12 ≠ 1234
     assert calls[0]["stop_on_answer"] is False and calls[0]["cut"] is False

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from targetsft.evaluation import generation as G
+from targetsft.evaluation import engines as G
 from targetsft.runtime import vllm_engine as V
 
 _MARKER = Path(sys.prefix) / "vllm-unavailable"  # written by setup.sh where vLLM cannot be installed
@@ -54,7 +54,7 @@ def hf(model_path):
 
 @pytest.mark.vllm
 def test_greedy_answers_match_the_compact_engine(engine, hf, tmp_path):
-    from targetsft.evaluation.generative import evaluate_generation
+    from targetsft.evaluation.generation_set import evaluate_generation
 
     model, tok = hf
     common = {"size": 24, "max_new_tokens": 160, "progress": False}
@@ -71,7 +71,7 @@ def test_greedy_answers_match_the_compact_engine(engine, hf, tmp_path):
 
 @pytest.mark.vllm
 def test_sampled_average_at_k_is_reproducible(engine, hf):
-    from targetsft.evaluation.generative import evaluate_generation
+    from targetsft.evaluation.generation_set import evaluate_generation
 
     _, tok = hf
     common = {"size": 6, "samples": 3, "temperature": 1.0, "max_new_tokens": 48, "greedy": False, "progress": False}

@@ -1,7 +1,8 @@
 """The evaluation layer: answer checking (:mod:`~targetsft.evaluation.answers`), prompts and the early stop
-(:mod:`~targetsft.evaluation.prompts`), generation engines (:mod:`~targetsft.evaluation.generation`), metrics
-(:mod:`~targetsft.evaluation.metrics`), generative and multiple-choice sets (:mod:`~targetsft.evaluation.generative`,
-:mod:`~targetsft.evaluation.multiple_choice`) and the ``evaluate`` entry point (:mod:`~targetsft.evaluation.suite`).
+(:mod:`~targetsft.evaluation.prompts`), generation engines (:mod:`~targetsft.evaluation.engines`), metrics
+(:mod:`~targetsft.evaluation.metrics`), generative and multiple-choice sets
+(:mod:`~targetsft.evaluation.generation_set`, :mod:`~targetsft.evaluation.multiple_choice`) and the ``evaluate``
+entry point (:mod:`~targetsft.evaluation.suite`).
 Imports the data and runtime layers, nothing of training or experiments; the public names are re-exported here."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from targetsft.evaluation.answers import (
     is_correct_boxed,
     to_number,
 )
-from targetsft.evaluation.generation import (
+from targetsft.evaluation.engines import (
     ENGINES,
     Engine,
     Generation,
@@ -23,7 +24,7 @@ from targetsft.evaluation.generation import (
     generate_detailed,
     model_device,
 )
-from targetsft.evaluation.generative import (
+from targetsft.evaluation.generation_set import (
     evaluate_generation,
     set_label,
 )

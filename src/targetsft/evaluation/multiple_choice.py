@@ -19,8 +19,8 @@ from typing import Any, Literal
 
 import torch
 
-from targetsft.evaluation.generation import model_device
-from targetsft.evaluation.generative import _jsonl, _model_name, _versions, _write_outputs, set_label
+from targetsft.evaluation.engines import model_device
+from targetsft.evaluation.generation_set import _jsonl, _model_name, _versions, _write_outputs, set_label
 from targetsft.evaluation.metrics import _metric
 from targetsft.runtime.vllm_engine import is_vllm
 

@@ -1,5 +1,5 @@
 """Prompts of the generative sets (``gsm`` and ``boxed`` styles), the answer-complete early stop and the cut of the
-scored text; see :mod:`targetsft.evaluation.generation` for how they are used.
+scored text; see :mod:`targetsft.evaluation.engines` for how they are used.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """``evaluate``: a model on several sets (generative or multiple choice) in one call, and ``target-sft eval``.
 
-The evaluation layer in order: :mod:`~targetsft.evaluation.prompts`, :mod:`~targetsft.evaluation.generation`,
-:mod:`~targetsft.evaluation.metrics`, :mod:`~targetsft.evaluation.generative`,
+The evaluation layer in order: :mod:`~targetsft.evaluation.prompts`, :mod:`~targetsft.evaluation.engines`,
+:mod:`~targetsft.evaluation.metrics`, :mod:`~targetsft.evaluation.generation_set`,
 :mod:`~targetsft.evaluation.multiple_choice`, and this entry point.
 """
 
@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 import torch
 
-from targetsft.evaluation.generation import ENGINES, Engine
-from targetsft.evaluation.generative import evaluate_generation, set_label
+from targetsft.evaluation.engines import ENGINES, Engine
+from targetsft.evaluation.generation_set import evaluate_generation, set_label
 from targetsft.evaluation.multiple_choice import evaluate_multiple_choice
 from targetsft.evaluation.prompts import PROMPT_STYLES
 from targetsft.runtime.files import atomic_write_text

@@ -57,7 +57,7 @@ def mark_record(
 
     from targetsft.data.sft import to_prompt_completion, tokenize_record
     from targetsft.evaluation.answers import is_correct
-    from targetsft.evaluation.generation import generate_detailed
+    from targetsft.evaluation.engines import generate_detailed
 
     pc = to_prompt_completion(record)
     answer = record.get("answer")

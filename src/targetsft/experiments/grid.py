@@ -83,7 +83,7 @@ class EvalSpec:
 
     @property
     def label(self) -> str:
-        from targetsft.evaluation.generative import set_label
+        from targetsft.evaluation.generation_set import set_label
 
         return self.name or set_label(self.set)
 
@@ -176,7 +176,7 @@ def eval_spec(raw: Any, where: str) -> EvalSpec:
 
     if spec.prompt not in PROMPT_STYLES:
         raise ConfigError(f"{where}: prompt must be one of {PROMPT_STYLES}, got {spec.prompt!r}")
-    from targetsft.evaluation.generation import ENGINES
+    from targetsft.evaluation.engines import ENGINES
 
     if spec.engine not in ENGINES:
         raise ConfigError(f"{where}: engine must be one of {ENGINES}, got {spec.engine!r}")

@@ -127,7 +127,7 @@ def tail_logprobs(model: Any, pairs: Sequence[dict[str, Any]]) -> list[tuple[flo
         return _tail_logprobs_vllm(model, pairs)
     from transformers import DynamicCache
 
-    from targetsft.evaluation.generation import forward_params
+    from targetsft.evaluation.engines import forward_params
     from targetsft.training.integration import unwrap
 
     inner = unwrap(model)

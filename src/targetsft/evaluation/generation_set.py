@@ -1,4 +1,4 @@
-"""``evaluate_generation``: generate a set's answers (:mod:`~targetsft.evaluation.generation`), score them
+"""``evaluate_generation``: generate a set's answers (:mod:`~targetsft.evaluation.engines`), score them
 (:mod:`~targetsft.evaluation.answers`), and write the per-problem JSONL and the summary with its metrics
 (:mod:`~targetsft.evaluation.metrics`).
 """
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from targetsft.evaluation.answers import extract_answer, extract_boxed, is_correct, is_correct_boxed
-from targetsft.evaluation.generation import Engine, Generation, GenerationRun, generate_detailed
+from targetsft.evaluation.engines import Engine, Generation, GenerationRun, generate_detailed
 from targetsft.evaluation.metrics import generation_metrics
 from targetsft.evaluation.prompts import build_prompts
 from targetsft.runtime.files import atomic_write_text
