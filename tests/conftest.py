@@ -64,28 +64,45 @@ def tiny_tokenizer():
     return tok
 
 
-@pytest.fixture(scope="session")
-def tiny_llama(tiny_tokenizer):
-    """A randomly initialised 2-layer LlamaForCausalLM (hidden 32, 4 heads, tied embeddings) matching
-    ``tiny_tokenizer``. Session-scoped and shared: tests that change its weights should ``copy.deepcopy`` it."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_config(arch: str = "llama", vocab_size: int = 53, **overrides):
+    """A transformers config of a 2-layer causal LM (hidden 32, 4 heads, FFN 64) with ``vocab_size`` rows:
+    ``arch`` ``llama`` or ``qwen2``; ``overrides`` replace any field (one place for every test's tiny model)."""
+    import transformers
 
-    cfg = LlamaConfig(
-        vocab_size=len(tiny_tokenizer),
+    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[arch]
+    fields = dict(
+        vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=4,
         max_position_embeddings=1024,
+    )
+    return cls(**{**fields, **overrides})
+
+
+def tiny_model(arch: str = "llama", vocab_size: int = 53, seed: int = 0, **overrides):
+    """:func:`tiny_config`'s model, randomly initialised from ``seed``."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size, **overrides))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_tokenizer):
+    """A randomly initialised 2-layer LlamaForCausalLM (hidden 32, 4 heads, tied embeddings) matching
+    ``tiny_tokenizer``. Session-scoped and shared: tests that change its weights should ``copy.deepcopy`` it."""
+    return tiny_model(
+        "llama",
+        len(tiny_tokenizer),
         tie_word_embeddings=True,
         bos_token_id=tiny_tokenizer.bos_token_id,
         eos_token_id=tiny_tokenizer.eos_token_id,
         pad_token_id=tiny_tokenizer.pad_token_id,
     )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg)
 
 
 @pytest.fixture

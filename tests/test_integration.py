@@ -7,20 +7,11 @@ import targetsft
 from targetsft.training.integration import causal_lm_target_loss, lm_head, patch_fused_forward, shift_labels
 
 transformers = pytest.importorskip("transformers")
+from conftest import tiny_model  # noqa: E402
 
 
 def _tiny(seed, tie=True, vocab=53):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab,
-        tie_word_embeddings=tie,
-    )
-    return transformers.LlamaForCausalLM(cfg).double()
+    return tiny_model("llama", vocab, seed, num_key_value_heads=2, tie_word_embeddings=tie).double()
 
 
 def _batch(vocab=53):

@@ -10,10 +10,10 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 transformers = pytest.importorskip("transformers")
+from conftest import tiny_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 QWEN_TOKENS, STUDENT_ROWS, TEACHER_ROWS = 151_665, 151_936, 152_064
@@ -46,20 +46,10 @@ def _qwen_like_tokenizer(eos: str, template: str):
 
 
 def _qwen2(rows: int, tok, seed: int):
-    config = transformers.Qwen2Config(
-        vocab_size=rows,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    return transformers.Qwen2ForCausalLM(config)
+    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    small["num_key_value_heads"] = 1
+    ids = dict(tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return tiny_model("qwen2", rows, seed, **small, **ids)
 
 
 @pytest.fixture(scope="module")

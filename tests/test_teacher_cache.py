@@ -24,6 +24,7 @@ pytest.importorskip("safetensors")
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
+from conftest import tiny_model  # noqa: E402
 from targetsft import target_loss  # noqa: E402
 from targetsft.losses import validation as V  # noqa: E402
 from targetsft.training.teacher_cache import (  # noqa: E402
@@ -101,13 +102,9 @@ def tokenizer() -> PreTrainedTokenizerFast:
 def saved(tmp_path_factory) -> dict[str, Path]:
     """A tiny Llama and the tokenizer saved to disk (the crash test's subprocess loads the very same ones)."""
     root = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+    model = tiny_model(
+        "llama",
+        VOCAB,
         num_key_value_heads=2,
         max_position_embeddings=64,
         initializer_range=0.2,  # peaked enough that the top-k order is not decided by rounding noise
@@ -115,7 +112,7 @@ def saved(tmp_path_factory) -> dict[str, Path]:
         bos_token_id=2,
         eos_token_id=3,
     )
-    LlamaForCausalLM(config).save_pretrained(root / "model")
+    model.save_pretrained(root / "model")
     make_tokenizer().save_pretrained(root / "tokenizer")
     return {"model": root / "model", "tokenizer": root / "tokenizer"}
 
