@@ -538,6 +538,8 @@ def test_records_outlive_the_models(tiny_setup, tmp_path, monkeypatch):
         assert {"run.json", "summary.json", "metrics.csv", "gamma_probe.jsonl", "DONE.json"} <= names
         assert any(n.startswith("eval/mc/") for n in names) and not any(n.startswith("final") for n in names)
         assert (runs / rid / "final").is_dir() and not (runs / rid / "DONE.json").exists()
+        for name in ("run.json", "eval/mc/result.json", "DONE.json"):  # every record names its layout's version
+            assert json.loads((records / rid / name).read_text())["record_version"] == X.RECORD_VERSION
     assert len(list(caches.glob("*/COMPLETE"))) == 1
     before = X.aggregate(exp, plots=False)["summary"]
 
@@ -550,7 +552,7 @@ def test_records_outlive_the_models(tiny_setup, tmp_path, monkeypatch):
     # a new eval set needs the students' model again: retrained, the old set's result kept
     mc_result = (records / "kd-s0" / "eval" / "mc" / "result.json").stat().st_mtime_ns
     before_done = json.loads((records / "kd-s0" / "DONE.json").read_text())
-    assert "earlier_models" not in before_done
+    assert before_done["earlier_models"] == [] and before_done["record_version"] == X.RECORD_VERSION
     raw["eval"].append({"name": "mc2", "set": str(mc), "batch_size": 2})
     exp = X.experiment_from_dict(raw)
     assert [X.run_status(exp, r) for r in X.expand_grid(exp)] == ["retrain", "retrain"]
@@ -590,16 +592,18 @@ def test_records_outlive_the_models(tiny_setup, tmp_path, monkeypatch):
 
 
 def test_earlier_models_of_sets_kept_across_retrains():
-    """A set recorded before results named their model counts as evaluated on the model of the record it comes from;
-    groups carried from an older retrain stay with their own training; a baseline (no training) has none."""
+    """A set recorded before results named their model (a version-1 record) counts as evaluated on the model of the
+    record it comes from (:func:`migrate_record`); groups carried from an older retrain stay with their own training;
+    a baseline (no training) has none."""
     from targetsft.experiments.runner import _earlier_models
 
     first, second, third = ({"metrics": {"train_loss": x}} for x in (0.5, 0.4, 0.3))
     ids = [X.training_id(t) for t in (first, second, third)]
     assert len(set(ids)) == 3 and X.training_id(None) is None
     # an older experiment's record (no "model" in its sets), the run retrained for a new set
-    earlier = {"train": first, "sets": {"a": {"n": 1}}}
-    done = {"train": second, "sets": {"a": {"n": 1}, "b": {"model": ids[1]}}}
+    earlier = X.migrate_record({"train": first, "sets": {"a": {"n": 1, "spec": {"set": "s"}}}})
+    assert earlier["sets"]["a"]["model"] == ids[0]
+    done = {"train": second, "sets": {"a": earlier["sets"]["a"], "b": {"model": ids[1]}}}
     assert _earlier_models(earlier, done) == [{"sets": ["a"], "train": first}]
     # retrained once more for a third set: each kept set keeps the training it came from
     earlier = {**done, "earlier_models": _earlier_models(earlier, done)}
@@ -611,7 +615,8 @@ def test_earlier_models_of_sets_kept_across_retrains():
     done = {"train": third, "sets": {**done["sets"], "d": {"model": ids[2]}}}
     assert _earlier_models(earlier, done) == groups
     # a baseline (no training) has no earlier model
-    assert _earlier_models({"train": None, "sets": {"a": {}}}, {"train": None, "sets": {"a": {"model": None}}}) == []
+    baseline = X.migrate_record({"train": None, "sets": {"a": {"spec": {"set": "s"}}}})
+    assert _earlier_models(baseline, {"train": None, "sets": {"a": {"model": None}}}) == []
 
 
 # ----------------------------------------------------------------------------------------- aggregation by hand
@@ -1050,6 +1055,8 @@ def test_recorded_spec_without_a_later_option_is_the_same_spec():
     recorded = spec_dict(spec)
     assert same_spec(recorded, spec)
     older = {k: v for k, v in recorded.items() if k != "prompt"}  # written before the option existed
+    assert not same_spec(older, spec)  # the layout has every option: an old spec is read through migrate_record
+    older = X.migrate_record({"spec": older})["spec"]
     assert same_spec(older, spec)
     assert not same_spec({**older, "size": 6}, spec)
     assert not same_spec(older, eval_spec({"set": "asdiv", "size": 5, "prompt": "boxed"}, "eval[0]"))
@@ -1085,7 +1092,8 @@ def test_runs_of_two_precisions_are_never_mixed(tiny_setup, tmp_path, capability
     done.write_text(json.dumps({**record, "precision": "bf16"}))
     with pytest.raises(X.ExperimentError, match=r"different precisions \(sft-s0 at fp32; sft-s1 at bf16\)"):
         X.aggregate(exp, plots=False)
-    legacy = {k: v for k, v in record.items() if k not in ("precision", "train")}
+    legacy = X.migrate_record({k: v for k, v in record.items() if k not in ("record_version", "precision", "train")})
+    assert legacy["precision"] is None
     assert X.recorded_precision(legacy, {**runs["sft-s1"].config, "train": {"bf16": True}}) == "bf16"
     assert X.recorded_precision(legacy, runs["sft-s1"].config) is None  # auto, unrecorded: unknown
 

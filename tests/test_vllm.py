@@ -241,10 +241,11 @@ def test_cpu_bind_ranges():
 
 def test_experiment_eval_spec_takes_an_engine():
     from targetsft.experiments.grid import ConfigError, EvalSpec, eval_spec
-    from targetsft.experiments.records import same_spec, spec_dict
+    from targetsft.experiments.records import migrate_record, same_spec, spec_dict
 
     spec = EvalSpec(set="gsm-val")
     old = {k: v for k, v in spec_dict(spec).items() if k != "engine"}  # a record written before the option
+    old = migrate_record({"spec": old})["spec"]
     assert same_spec(old, spec) and not same_spec(old, EvalSpec(set="gsm-val", engine="vllm"))
     assert eval_spec({"set": "gsm-val", "engine": "vllm"}, "eval[0]").engine == "vllm"
     with pytest.raises(ConfigError, match="engine must be one of"):

@@ -23,7 +23,16 @@ from targetsft.experiments.grid import (
     teacher_configs,
 )
 from targetsft.experiments.plots import write_plots
-from targetsft.experiments.records import DONE_FILE, PROBE_FILE, recorded_precision, run_precision
+from targetsft.experiments.records import (
+    DONE_FILE,
+    PROBE_FILE,
+    RECORD_VERSION,
+    RecordVersionError,
+    migrate_record,
+    recorded_precision,
+    run_precision,
+    training_id,
+)
 from targetsft.experiments.report import aggregate, check_one_precision, done_records
 from targetsft.experiments.runner import (
     format_progress,
@@ -31,7 +40,6 @@ from targetsft.experiments.runner import (
     run_experiments,
     run_one,
     run_status,
-    training_id,
 )
 from targetsft.experiments.statistics import (
     mcnemar_exact,
@@ -47,6 +55,8 @@ __all__ = [
     "Experiment",
     "ExperimentError",
     "PROBE_FILE",
+    "RECORD_VERSION",
+    "RecordVersionError",
     "Run",
     "RunGroup",
     "add_experiment_arguments",
@@ -58,6 +68,7 @@ __all__ = [
     "format_progress",
     "load_experiment",
     "mcnemar_exact",
+    "migrate_record",
     "paired_comparison",
     "rank_correlation",
     "recorded_precision",

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from targetsft.experiments.records import read_record
 from targetsft.runtime.inputs import InputError
 
 __all__ = [
@@ -228,7 +229,7 @@ def run_noise_fit_from_args(args: argparse.Namespace) -> int:
     for folder in map(Path, args.records):
         if not (folder / "run.json").is_file():
             raise InputError(f"{folder} has no run.json (not a run record)")
-        raw = json.loads((folder / "run.json").read_text())
+        raw = read_record(folder / "run.json")
         cfg = config_from_dict(raw["config"])
         final = Path(cfg.output_dir) / "final"
         if not final.is_dir():

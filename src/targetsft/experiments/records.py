@@ -1,13 +1,22 @@
 """A run's record: the small text a finished run is judged by (``run.json``, ``summary.json``, ``metrics.csv``,
-``gamma_probe.jsonl``, ``eval/``, ``DONE.json``), where it lives, what it must match to be reused and how two
-trainings of its run compare.
+``gamma_probe.jsonl``, ``eval/``, ``DONE.json``), where it lives, its layout's version, what it must match to be
+reused and how two trainings of its run compare.
 
 The record folder is ``<records_dir>/<run id>`` (``runs_dir`` when the experiment has no ``records_dir``); the
 models and checkpoints stay in :func:`~targetsft.experiments.grid.run_dir`.
+
+Versions
+--------
+The files the runner writes (``run.json``, ``eval/<label>/result.json``, ``DONE.json``) carry ``record_version``
+(:data:`RECORD_VERSION`); one without it is version 1, the layout of 0.2. Every reader takes them through
+:func:`read_record` (:func:`migrate_record`), so the code reads the current layout only. ``summary.json`` and
+``metrics.csv`` are the trainer's, and so is ``DONE.json``'s ``train`` (kept as the trainer wrote it: its hash,
+:func:`training_id`, names the model each set was evaluated on).
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import json
@@ -16,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from targetsft.experiments.grid import EvalSpec, Experiment, Run, run_dir, runs_root
-from targetsft.runtime.files import atomic_write_text
+from targetsft.runtime.files import atomic_write_text, sha256_json
+from targetsft.runtime.inputs import InputError
 from targetsft.training.config import config_from_dict
 
 DONE_FILE = "DONE.json"
@@ -29,6 +39,117 @@ RETRAIN_DIR = "retrain"
 """Where a teacher retrained for its students (its model lost) keeps its training's part of the record, beside
 ``comparison.json`` (:func:`compare_training` with the recorded one): the record keeps the training it was evaluated
 on."""
+
+
+RECORD_VERSION = 2
+"""The layout of the records written now (``record_version`` in ``run.json``, ``result.json`` and ``DONE.json``):
+
+* ``run.json``: ``run``, ``fingerprint``, ``config``, ``precision`` (``None``: the untrained baseline, or not
+  recorded);
+* ``eval/<label>/result.json``: ``spec`` (every :class:`~targetsft.experiments.grid.EvalSpec` option), ``kind``,
+  ``n``, ``metrics``, ``items`` (relative to its folder), ``model`` (:func:`training_id` of the training evaluated;
+  ``None``: the baseline, or a version-1 file, which did not record it);
+* ``DONE.json``: ``run``, ``config_id``, ``group``, ``method``, ``params``, ``learning_rate``, ``seed``,
+  ``fingerprint``, ``train`` (the trainer's, as written), ``precision``, ``eval_environment`` (``None``: not
+  recorded), ``sets`` (label → a result as above without ``record_version``, ``items`` relative to the record,
+  ``model`` always named), ``seconds``, ``finished``, ``earlier_models`` (``[]`` when none).
+
+Version 2 differs from version 1 in exactly these: ``record_version``; ``precision``, ``eval_environment`` and
+``earlier_models`` always present; every eval spec with all its options; every set of ``DONE.json`` naming its
+model."""
+
+#: the options of an eval spec in version 2, with the value a version-1 spec that lacks one was evaluated with
+_SPEC_OPTIONS_V2: dict[str, Any] = {
+    "name": None,
+    "size": None,
+    "data_seed": None,
+    "samples": 1,
+    "temperature": None,
+    "top_p": 1.0,
+    "greedy": True,
+    "max_new_tokens": 256,
+    "batch_size": None,
+    "seed": 0,
+    "normalize": "mean",
+    "metrics": None,
+    "dtype": "float32",
+    "prompt": "gsm",
+    "engine": "compact",
+}
+
+
+class RecordVersionError(InputError):
+    """A record whose ``record_version`` this library cannot read (newer than :data:`RECORD_VERSION`, or not a
+    version at all)."""
+
+
+def training_id(train: dict[str, Any] | None) -> str | None:
+    """Which training a model came from: a short sha256 of its training record (``DONE.json``'s ``train``: the
+    trainer's data, metrics, teacher and environment, unique per training); ``None`` for an untrained baseline."""
+    return sha256_json(train)[:16] if train else None
+
+
+def _spec_v2(spec: dict[str, Any]) -> dict[str, Any]:
+    return {**spec, **{k: v for k, v in _SPEC_OPTIONS_V2.items() if k not in spec}}
+
+
+def _v1_to_v2(record: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 (0.2) to 2 (see :data:`RECORD_VERSION`), on the parts the record has: a ``run.json`` (``config``),
+    a ``result.json`` (``spec``), a ``DONE.json`` (``sets``). A set of a version-1 ``DONE.json`` that names no model
+    was evaluated on the training that ``earlier_models`` lists it under, else on the record's own ``train``."""
+    out = {"record_version": 2, **record}
+    if "config" in out:
+        out.setdefault("precision", None)
+    if "spec" in out:
+        out["spec"] = _spec_v2(out["spec"])
+        out.setdefault("model", None)
+    if "sets" in out:
+        environment = (out.get("train") or {}).get("environment") or {}
+        out.setdefault("precision", environment.get("precision"))
+        out.setdefault("eval_environment", None)
+        out.setdefault("earlier_models", [])
+        listed = {label: training_id(g["train"]) for g in out["earlier_models"] for label in g["sets"]}
+        own = training_id(out.get("train"))
+        out["sets"] = {
+            label: {**entry, "spec": _spec_v2(entry["spec"]), "model": entry.get("model", listed.get(label, own))}
+            for label, entry in out["sets"].items()
+        }
+    return out
+
+
+#: ``_MIGRATIONS[v - 1]`` takes a record of version ``v`` to ``v + 1``
+_MIGRATIONS = (_v1_to_v2,)
+
+
+def migrate_record(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` (the content of a ``run.json``, ``result.json`` or ``DONE.json``) in the current layout
+    (:data:`RECORD_VERSION`): upgraded one version at a time from its ``record_version`` (none: version 1), a record
+    already current returned as it is (a copy: the argument is never changed). A version newer than this library's,
+    or one that is not a positive whole number, is a :class:`RecordVersionError`."""
+    version = record.get("record_version", 1)
+    if type(version) is not int or version < 1:
+        raise RecordVersionError(f"record_version {version!r} is not a record version (1, 2, ...)")
+    if version > RECORD_VERSION:
+        raise RecordVersionError(
+            f"record_version {version} is newer than this targetsft reads (up to {RECORD_VERSION}): the record was "
+            "written by a later release; upgrade targetsft to read it"
+        )
+    out = copy.deepcopy(record)
+    for step in _MIGRATIONS[version - 1 :]:
+        out = step(out)
+    return out
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    """A record file through :func:`migrate_record` (``None`` when there is none); a version it cannot read is a
+    :class:`RecordVersionError` naming the file."""
+    record = read_json(path)
+    if record is None:
+        return None
+    try:
+        return migrate_record(record)
+    except RecordVersionError as err:
+        raise RecordVersionError(f"{path}: {err}") from None
 
 
 def records_root(exp: Experiment) -> Path:
@@ -49,8 +170,6 @@ def trained(exp: Experiment, run: Run) -> bool:
 def run_fingerprint(run: Run) -> str:
     """What a finished run must match to be reused: sha256 of its TrainConfig (canonical JSON) without the output
     folder."""
-    from targetsft.runtime.files import sha256_json
-
     return sha256_json({k: v for k, v in run.config.items() if k != "output_dir"})
 
 
@@ -67,12 +186,10 @@ def run_precision(run: Run) -> str | None:
 
 
 def recorded_precision(record: dict[str, Any] | None, config: dict[str, Any] | None = None) -> str | None:
-    """The training precision a ``DONE.json`` or ``run.json`` record says its run used; for a record written before
-    precision was recorded, the explicit precision of its ``config`` (every committed record: ``train.bf16: true``),
-    else ``None`` (unknown)."""
-    record = record or {}
-    envs = (record.get("environment"), (record.get("train") or {}).get("environment"))
-    found = record.get("precision") or next((e["precision"] for e in envs if e and e.get("precision")), None)
+    """The training precision a ``DONE.json`` or ``run.json`` record (:func:`read_record`) says its run used; where
+    it names none (``precision: null``: a version-1 record written before precision was recorded), the explicit
+    precision of ``config`` (every committed such record: ``train.bf16: true``), else ``None`` (unknown)."""
+    found = record["precision"] if record else None
     if found or config is None:
         return found
     requested = config_from_dict(config).requested_precision()
@@ -92,17 +209,18 @@ def spec_dict(spec: EvalSpec) -> dict[str, Any]:
 
 
 def same_spec(recorded: dict[str, Any] | None, spec: EvalSpec) -> bool:
-    """Whether a recorded spec is ``spec``; an option added to :class:`EvalSpec` after the record was written counts
-    as its default (so adding an option never re-evaluates finished sets)."""
-    if recorded is None:
-        return False
-    defaults = {f.name: f.default for f in dataclasses.fields(EvalSpec) if f.default is not dataclasses.MISSING}
-    return {**defaults, **recorded} == spec_dict(spec)
+    """Whether a recorded spec (of a record through :func:`migrate_record`: every option named) is ``spec``. An
+    option added to :class:`EvalSpec` needs a new :data:`RECORD_VERSION` whose migration names it in older specs
+    with the value they were evaluated with (so adding an option never re-evaluates finished sets)."""
+    return recorded is not None and recorded == spec_dict(spec)
 
 
 def holds_every_set(done: dict[str, Any] | None, exp: Experiment) -> bool:
-    """Whether a ``DONE.json`` record has every eval set of ``exp``, each evaluated with the spec ``exp`` has now."""
-    return done is not None and all(same_spec(done["sets"].get(s.label, {}).get("spec"), s) for s in exp.eval)
+    """Whether a ``DONE.json`` record (:func:`read_record`) has every eval set of ``exp``, each evaluated with the
+    spec ``exp`` has now."""
+    return done is not None and all(
+        s.label in done["sets"] and same_spec(done["sets"][s.label]["spec"], s) for s in exp.eval
+    )
 
 
 def read_metrics_csv(path: Path) -> list[dict[str, float]]:

@@ -34,8 +34,8 @@ from targetsft.experiments.records import (
     DONE_FILE,
     PROBE_FILE,
     holds_every_set,
-    read_json,
     read_metrics_csv,
+    read_record,
     record_dir,
     recorded_precision,
     records_root,
@@ -47,12 +47,12 @@ from targetsft.runtime.files import atomic_write_csv, atomic_write_text
 
 
 def done_records(exp: Experiment) -> list[dict[str, Any]]:
-    """The ``DONE.json`` records of the experiment's finished runs, in grid order: those evaluated on every set of
-    the experiment with its current spec (a run shared through ``runs_dir`` may be done for another experiment and
-    not yet for this one)."""
+    """The ``DONE.json`` records of the experiment's finished runs (:func:`~targetsft.experiments.records.read_record`:
+    in the current layout), in grid order: those evaluated on every set of the experiment with its current spec (a
+    run shared through ``runs_dir`` may be done for another experiment and not yet for this one)."""
     out = []
     for run in expand_grid(exp):
-        record = read_json(record_dir(exp, run) / DONE_FILE)
+        record = read_record(record_dir(exp, run) / DONE_FILE)
         if holds_every_set(record, exp):
             out.append(record)
     return out
@@ -374,7 +374,7 @@ PROBE_KEYS = ("mean", "q10", "q50", "low", "high")
 def earlier_model_sets(exp: Experiment, records: Sequence[dict[str, Any]]) -> list[tuple[str, list[str]]]:
     """The runs with sets of ``exp`` evaluated on a model since retrained (``DONE.json``'s ``earlier_models``)."""
     labels = [s.label for s in exp.eval]
-    found = [(r["run"], {k for g in r.get("earlier_models", []) for k in g["sets"]}) for r in records]
+    found = [(r["run"], {k for g in r["earlier_models"] for k in g["sets"]}) for r in records]
     return [(run, [k for k in labels if k in sets]) for run, sets in found if sets & set(labels)]
 
 

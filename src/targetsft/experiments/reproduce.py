@@ -18,7 +18,6 @@ resumes like any run (its checkpoints are in the scratch folder).
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from targetsft.experiments.records import (
     DONE_FILE,
     compare_training,
     differences,
-    read_json,
+    read_record,
     record_dir,
     recorded_precision,
     run_fingerprint,
@@ -60,10 +59,10 @@ def reproduce_run(
         raise ExperimentError(f"--reproduce: experiment {exp.name} has no run {run_id!r} (runs: {', '.join(runs)})")
     run = runs[run_id]
     committed = record_dir(exp, run)
-    done = read_json(committed / DONE_FILE)
+    done = read_record(committed / DONE_FILE)
     if done is None:
         raise ExperimentError(f"--reproduce: run {run_id} has no finished record to compare with ({committed})")
-    if done.get("fingerprint") != run_fingerprint(run):
+    if done["fingerprint"] != run_fingerprint(run):
         raise ExperimentError(
             f"--reproduce: the record of {run_id} ({committed}) was made with another configuration than the "
             "experiment gives the run now"
@@ -115,19 +114,24 @@ def _compare_set(old_dir: Path, new_dir: Path, old: dict[str, Any], new: dict[st
 
 
 def _environment(done: dict[str, Any]) -> dict[str, Any]:
-    return {"train": (done.get("train") or {}).get("environment"), "eval": done.get("eval_environment")}
+    """The environments of a record (:func:`~targetsft.experiments.records.read_record`): the trainer's (none for
+    the baseline, nor in a summary from a trainer before it was recorded) and the evaluation's (``None``: not
+    recorded)."""
+    return {"train": (done["train"] or {}).get("environment"), "eval": done["eval_environment"]}
 
 
 def compare_records(old_dir: Path, new_dir: Path) -> dict[str, Any]:
     """The comparison of two records of one run (``DONE.json`` and the files it names): per eval set and for
     training (see the module docstring); ``identical`` when every figure and every output agrees exactly."""
-    old, new = json.loads((old_dir / DONE_FILE).read_text()), json.loads((new_dir / DONE_FILE).read_text())
+    old, new = read_record(old_dir / DONE_FILE), read_record(new_dir / DONE_FILE)
+    if old is None or new is None:
+        raise ExperimentError(f"no {DONE_FILE} in {old_dir if old is None else new_dir} to compare")
     sets = {
         label: _compare_set(old_dir, new_dir, spec, new["sets"][label])
         for label, spec in old["sets"].items()
         if label in new["sets"]
     }
-    training = compare_training(old_dir, new_dir) if old.get("train") else None
+    training = compare_training(old_dir, new_dir) if old["train"] else None
     return {
         "run": old["run"],
         "recorded": str(old_dir),

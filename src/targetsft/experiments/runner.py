@@ -43,10 +43,11 @@ from targetsft.experiments.grid import (
 from targetsft.experiments.records import (
     DONE_FILE,
     PROBE_FILE,
+    RECORD_VERSION,
     RETRAIN_DIR,
     compare_training,
     holds_every_set,
-    read_json,
+    read_record,
     record_dir,
     recorded_precision,
     run_fingerprint,
@@ -54,6 +55,7 @@ from targetsft.experiments.records import (
     same_spec,
     spec_dict,
     trained,
+    training_id,
     write_json,
 )
 from targetsft.losses.methods import get_method
@@ -67,15 +69,14 @@ def run_status(exp: Experiment, run: Run) -> str:
     ``retrain`` (the record says trained, the model is gone), ``done``, ``stale`` (the folder belongs to another
     configuration) or ``precision`` (recorded at another training precision than the run gets on this machine)."""
     out, record = run_dir(exp, run), record_dir(exp, run)
-    started = read_json(record / "run.json")
-    if started is not None and started.get("fingerprint") != run_fingerprint(run):
+    started, done = read_record(record / "run.json"), read_record(record / DONE_FILE)
+    if started is not None and started["fingerprint"] != run_fingerprint(run):
         return "stale"
     if started is not None and not run.is_baseline:
-        done = read_json(record / DONE_FILE)
-        was = recorded_precision(done, run.config) if done else recorded_precision(started, run.config)
+        was = recorded_precision(done or started, run.config)
         if was is not None and was != run_precision(run):
             return "precision"
-    if holds_every_set(read_json(record / DONE_FILE), exp):
+    if holds_every_set(done, exp):
         return "done"
     if run.is_baseline or trained(exp, run):
         return "evaluate"
@@ -318,11 +319,26 @@ def _evaluate_set(
     return {"spec": spec_dict(spec), "kind": kind, "n": summary["n"], "metrics": summary["metrics"], "items": items}
 
 
+def _kept_set(result: dict[str, Any], label: str, recorded: dict[str, Any] | None) -> dict[str, Any]:
+    """A reused ``result.json`` (:func:`read_record`) as ``DONE.json``'s entry for its set: the entry the run's
+    record holds where it is the same evaluation (spec, metrics and items; it names the model, which a version-1
+    ``result.json`` did not), else the result with its items path under the record."""
+    entry = {**{k: v for k, v in result.items() if k != "record_version"}, "items": f"eval/{label}/{result['items']}"}
+    same = recorded is not None and all(recorded[k] == entry[k] for k in ("spec", "kind", "n", "metrics", "items"))
+    return recorded if same else entry
+
+
 def _evaluate(
-    exp: Experiment, run: Run, log: Callable[[str], None], progress: bool, model_id: str | None
+    exp: Experiment,
+    run: Run,
+    log: Callable[[str], None],
+    progress: bool,
+    model_id: str | None,
+    recorded: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Every eval set of the run (reusing the sets whose ``result.json`` matches their spec); a new result names the
-    model it was evaluated on (``model_id``: :func:`training_id`)."""
+    """Every eval set of the run (reusing the sets whose ``result.json`` matches their spec: :func:`_kept_set`, with
+    ``recorded`` the sets of the run's ``DONE.json``); a new result names the model it was evaluated on
+    (``model_id``: :func:`training_id`)."""
     import torch
 
     from targetsft.evaluation.suite import close_model, open_model
@@ -336,9 +352,9 @@ def _evaluate(
     try:
         for spec in exp.eval:
             folder = record / "eval" / spec.label
-            old = read_json(folder / "result.json")
+            old = read_record(folder / "result.json")
             if old is not None and same_spec(old["spec"], spec):
-                results[spec.label] = {**old, "items": f"eval/{spec.label}/{old['items']}"}
+                results[spec.label] = _kept_set(old, spec.label, (recorded or {}).get(spec.label))
                 continue
             if model is None or loaded != (spec.dtype, spec.engine):
                 close_model(model)
@@ -350,7 +366,7 @@ def _evaluate(
                 tokenizer, loaded = load_tokenizer(path, padding_side="left"), (spec.dtype, spec.engine)
             log(f"evaluating {run.id} on {spec.label}" + (f" ({engine})" if engine != "compact" else ""))
             result = {**_evaluate_set(model, tokenizer, spec, folder, run.id, progress, engine), "model": model_id}
-            write_json(folder / "result.json", result)
+            write_json(folder / "result.json", {"record_version": RECORD_VERSION, **result})
             results[spec.label] = {**result, "items": f"eval/{spec.label}/{result['items']}"}
     finally:
         close_model(model)
@@ -364,9 +380,18 @@ def train_record(summary: dict[str, Any] | None) -> dict[str, Any] | None:
     return summary and {k: summary[k] for k in ("data", "metrics", "teacher", "environment") if k in summary}
 
 
+def _trained_precision(summary: dict[str, Any] | None) -> str | None:
+    """The precision a trainer's summary says it trained at (its ``environment``; none for the baseline, nor in the
+    summary of a trainer from before it was recorded)."""
+    return ((summary or {}).get("environment") or {}).get("precision")
+
+
 def _record(run: Run, fingerprint: str, train_summary: dict | None, sets: dict, seconds: float) -> dict[str, Any]:
-    """The content of ``DONE.json``; ``seconds``: the run's wall time summed over the experiments that used it."""
+    """The content of ``DONE.json`` (:data:`~targetsft.experiments.records.RECORD_VERSION`) but its
+    ``earlier_models`` (:func:`_earlier_models`); ``seconds``: the run's wall time summed over the experiments that
+    used it."""
     return {
+        "record_version": RECORD_VERSION,
         "run": run.id,
         "config_id": run.config_id,
         "group": run.group,
@@ -376,7 +401,7 @@ def _record(run: Run, fingerprint: str, train_summary: dict | None, sets: dict, 
         "seed": run.seed,
         "fingerprint": fingerprint,
         "train": train_record(train_summary),
-        "precision": recorded_precision(train_summary),
+        "precision": _trained_precision(train_summary),
         "eval_environment": environment(),
         "sets": sets,
         "seconds": round(seconds, 1),
@@ -404,23 +429,23 @@ def run_one(
     if status == "precision":
         raise ExperimentError(_precision_message(exp, [run]))
     if status == "done":
-        return json.loads((record / DONE_FILE).read_text())
+        return read_record(record / DONE_FILE)
     t0 = time.perf_counter()
     fingerprint = run_fingerprint(run)
     started = {"run": run.id, "fingerprint": fingerprint, "config": run.config, "precision": run_precision(run)}
-    write_json(record / "run.json", started)
+    write_json(record / "run.json", {"record_version": RECORD_VERSION, **started})
     train_summary = None
     if not run.is_baseline:
         if status != "evaluate":
             log(f"training {run.id} ({status})")
         train_summary = _train(exp, run, log, teachers)
-    sets = _evaluate(exp, run, log, progress, training_id(train_record(train_summary)))
-    earlier = read_json(record / DONE_FILE) or {}  # the record of other experiments sharing runs_dir, if any
-    sets = {**{k: v for k, v in earlier.get("sets", {}).items() if k not in sets}, **sets}
-    seconds = earlier.get("seconds", 0.0) + time.perf_counter() - t0
+    earlier = read_record(record / DONE_FILE)  # the record of other experiments sharing runs_dir, if any
+    held = earlier["sets"] if earlier else {}
+    sets = _evaluate(exp, run, log, progress, training_id(train_record(train_summary)), held)
+    sets = {**{k: v for k, v in held.items() if k not in sets}, **sets}
+    seconds = (earlier["seconds"] if earlier else 0.0) + time.perf_counter() - t0
     done = _record(run, fingerprint, train_summary, sets, seconds)
-    if groups := _earlier_models(earlier, done):
-        done["earlier_models"] = groups
+    done["earlier_models"] = _earlier_models(earlier, done)
     write_json(record / DONE_FILE, done)
     if not exp.keep_checkpoints:  # only a resume needs them; final/ stays
         for checkpoint in out.glob("checkpoint-*"):
@@ -428,36 +453,26 @@ def run_one(
     return done
 
 
-def _earlier_models(earlier: dict[str, Any], done: dict[str, Any]) -> list[dict[str, Any]]:
+def _earlier_models(earlier: dict[str, Any] | None, done: dict[str, Any]) -> list[dict[str, Any]]:
     """The sets of ``done`` evaluated on a model that is gone (the run was retrained since), grouped by that model,
     each group with its training record: ``[{"sets": [...], "train": ...}]``, so no set passes for the new model's.
-    A set names its model by :func:`training_id`; one recorded before sets named it was evaluated on the model that
-    ``earlier`` lists it under, else on the model of that record."""
-    old = earlier.get("earlier_models", [])
-    trainings = {training_id(g["train"]): g["train"] for g in old}
-    listed = {label: training_id(g["train"]) for g in old for label in g["sets"]}
-    unnamed = training_id(earlier.get("train"))
-    trainings[unnamed] = earlier.get("train")
+    A set names its model by :func:`training_id`; its training is the one of ``earlier`` (the run's previous
+    ``DONE.json``, :func:`~targetsft.experiments.records.read_record`) or of one of its groups."""
+    trainings: dict[str | None, Any] = {}
+    if earlier is not None:
+        trainings = {training_id(g["train"]): g["train"] for g in earlier["earlier_models"]}
+        trainings[training_id(earlier["train"])] = earlier["train"]
     now, groups = training_id(done["train"]), {}
     for label, result in done["sets"].items():
-        model = result["model"] if "model" in result else listed.get(label, unnamed)
-        if model != now:
-            groups.setdefault(model, []).append(label)
+        if result["model"] != now:
+            groups.setdefault(result["model"], []).append(label)
     return [{"sets": labels, "train": trainings.get(model)} for model, labels in groups.items()]
-
-
-def training_id(train: dict[str, Any] | None) -> str | None:
-    """Which training a model came from: a short sha256 of its training record (``DONE.json``'s ``train``: the
-    trainer's data, metrics, teacher and environment, unique per training); ``None`` for an untrained baseline."""
-    from targetsft.runtime.files import sha256_json
-
-    return sha256_json(train)[:16] if train else None
 
 
 def _precision_message(exp: Experiment, runs: Sequence[Run]) -> str:
     """Why runs recorded at another precision are not continued here, and the two ways on."""
     record = record_dir(exp, runs[0])
-    was = recorded_precision(read_json(record / DONE_FILE) or read_json(record / "run.json"), runs[0].config)
+    was = recorded_precision(read_record(record / DONE_FILE) or read_record(record / "run.json"), runs[0].config)
     now = run_precision(runs[0])
     names = ", ".join(r.id for r in runs[:4]) + (f" and {len(runs) - 4} more" if len(runs) > 4 else "")
     return (

@@ -23,7 +23,7 @@ def teacher_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     cached again into the same folder is a second row, with ``build`` 1, 2, ... on every row of that folder."""
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for r in records:
-        info = (r.get("train") or {}).get("teacher")
+        info = (r["train"] or {}).get("teacher")  # the trainer's summary: a teacher only where the run had one
         if not info:
             continue
         build = json.dumps([info["label_stats"].get(k) for k in ("tokens", "top1", "in_topk", "p_label")])
