@@ -53,8 +53,8 @@ Schema (strict: an unknown key anywhere is an error that names it and lists the 
   is written, ``final/`` stays; a 135M-parameter checkpoint with its optimizer state is about 1.6 GB).
 * ``teacher_cache_k``: k > 0 caches each distinct teacher's top-k log-probs once per training set (teacher,
   its prompt, model and data section) in ``teacher_cache/`` beside the runs folder
-  (:func:`~targetsft.training.trainer.cache_teacher`; resumable) and trains every teacher run from that cache instead of
-  running the teacher at each step; 0 (default): teacher online.
+  (:func:`~targetsft.training.teacher_cache.cache_teacher`; resumable) and trains every teacher run from that cache
+  instead of running the teacher at each step; 0 (default): teacher online.
 * ``runs_dir``: where the runs live (default ``<output_dir>/runs``). Experiments that name the same ``runs_dir``
   share the runs they have in common (same id and configuration: trained once, each evaluated on the union of
   their sets; ``DONE.json`` keeps every set). Give a set label the same spec in all of them.
@@ -481,8 +481,8 @@ def reference_step(model: Any) -> int | None:
 
 def reference_model_dir(run_folder: Path, model: str) -> Path:
     """The model folder a ``"@<run id>[@<step>]"`` reference names inside that run's folder: ``final`` or its
-    snapshot after the step (:func:`targetsft.training.trainer.snapshot_dir`)."""
-    from targetsft.training.trainer import snapshot_dir
+    snapshot after the step (:func:`targetsft.training.callbacks.snapshot_dir`)."""
+    from targetsft.training.callbacks import snapshot_dir
 
     step = reference_step(model)
     return run_folder / "final" if step is None else snapshot_dir(run_folder, step)
