@@ -50,7 +50,7 @@ def test_registry_defaults_and_needs(method):
     """Each MethodSpec documents the expected default parameters and side inputs."""
     spec = targetsft.METHODS[method]
     assert spec.defaults == DEFAULTS[method]
-    assert set(spec.params) == set(DEFAULTS[method])
+    assert set(spec.all_params) == set(DEFAULTS[method])  # the loss's parameters and the trainer's (refresh)
     assert spec.needs == NEEDS[method]
     assert spec.target().needs == NEEDS[method]
 

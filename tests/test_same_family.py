@@ -18,7 +18,8 @@ from safetensors.torch import load_file  # noqa: E402
 
 from targetsft.training.config import load_config  # noqa: E402
 from targetsft.training.dataset import build_dataset  # noqa: E402
-from targetsft.training.trainer import cache_teacher, train  # noqa: E402
+from targetsft.training.teacher_cache import cache_teacher  # noqa: E402
+from targetsft.training.trainer import train  # noqa: E402
 
 PAD_ROWS = 128
 

@@ -50,7 +50,7 @@ CASES = [
 def models(tmp_path_factory, tiny_tokenizer, tiny_llama):
     """The tied student, an untied one, a teacher (same vocabulary) and a top-k cache of that teacher."""
     from targetsft.training.config import load_config
-    from targetsft.training.trainer import cache_teacher
+    from targetsft.training.teacher_cache import cache_teacher
 
     root = tmp_path_factory.mktemp("scale_out")
     paths = {}

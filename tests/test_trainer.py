@@ -205,7 +205,7 @@ def test_policy_snapshot_refreshes_pi_old_and_survives_a_checkpoint(tmp_path):
     the π_old it had, not the current student."""
     from types import SimpleNamespace
 
-    from targetsft.training.trainer import PolicySnapshot
+    from targetsft.training.callbacks import PolicySnapshot
 
     torch.manual_seed(0)
     student, pi_old = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
@@ -251,6 +251,38 @@ def test_proximal_sft_config_checks():
     assert load_config(None, ["loss.method=proximal_sft", "lora.r=4"]).lora.r == 4  # π_old: the adapters' copy
     with pytest.raises(ConfigError, match="refresh"):
         load_config(None, ["loss.method=proximal_sft", "loss.params.refresh=0"])
+
+
+def test_a_snapshot_reference_is_the_methods_declaration_not_its_name(model_dirs, tmp_path):
+    """proximal_sft's π_old (a copy of the student refreshed every `refresh` steps) is declared by its spec, and
+    `refresh` is the trainer's parameter, not the loss's: a method of another name with that declaration gets the
+    same config checks and the same π_old in training."""
+    import dataclasses
+
+    from targetsft.losses.methods import METHODS, get_method, register_method
+
+    spec = get_method("proximal_sft")
+    assert spec.ref_model == "snapshot" and set(spec.trainer_params) == {"refresh"} and "refresh" not in spec.params
+    assert spec.defaults == {"epsilon": 0.2, "scale": "target", "refresh": 1}
+    assert spec.split_params({"epsilon": 0.1, "refresh": 3}) == ({"epsilon": 0.1}, {"refresh": 3})
+    with pytest.raises(ValueError, match="unknown parameter.*refresh.*read by the trainer"):
+        spec.target(refresh=2)
+    with pytest.raises(ValueError, match="refresh"):
+        dataclasses.replace(spec, name="no_refresh", trainer_params={})
+    assert {m.ref_model for name, m in METHODS.items() if name != "proximal_sft"} == {"frozen"}
+    register_method(dataclasses.replace(spec, name="pi_old_probe"))
+    try:
+        with pytest.raises(ConfigError, match="pi_old_probe's reference is π_old, an exact copy of the student"):
+            load_config(None, ["loss.method=pi_old_probe", "reference.model=other"])
+        with pytest.raises(ConfigError, match="refresh"):
+            load_config(None, ["loss.method=pi_old_probe", "loss.params.refresh=0"])
+        out = tmp_path / "probe"
+        cfg = _cfg(model_dirs, out, "pi_old_probe", "loss.params.refresh=2", "train.max_steps=2", "train.save_steps=2")
+        summary = train(cfg)
+        assert summary["steps"] == 2 and (out / "checkpoint-2" / "pi_old.safetensors").is_file()
+        assert '"refresh": 2' in (out / "final" / "README.md").read_text()
+    finally:
+        METHODS.pop("pi_old_probe")
 
 
 def test_config_is_strict(tmp_path):

@@ -14,7 +14,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from targetsft.training.config import ConfigError, ModelInit, load_config  # noqa: E402
-from targetsft.training.trainer import load_frozen, train  # noqa: E402
+from targetsft.training.models import load_frozen  # noqa: E402
+from targetsft.training.trainer import train  # noqa: E402
 
 
 @pytest.fixture(scope="module")

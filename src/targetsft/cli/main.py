@@ -65,7 +65,7 @@ def _train(args: argparse.Namespace) -> int:
 def _cache_teacher(args: argparse.Namespace) -> int:
     from targetsft.runtime.inputs import check_model
     from targetsft.training.config import check_inputs
-    from targetsft.training.trainer import cache_teacher
+    from targetsft.training.teacher_cache import cache_teacher
 
     cfg = _config(args)
     if cfg is None:

@@ -417,8 +417,8 @@ def reference_step(model: Any) -> int | None:
 
 def reference_model_dir(run_folder: Path, model: str) -> Path:
     """The model folder a ``"@<run id>[@<step>]"`` reference names inside that run's folder: ``final`` or its
-    snapshot after the step (:func:`targetsft.training.trainer.snapshot_dir`)."""
-    from targetsft.training.trainer import snapshot_dir
+    snapshot after the step (:func:`targetsft.training.callbacks.snapshot_dir`)."""
+    from targetsft.training.callbacks import snapshot_dir
 
     step = reference_step(model)
     return run_folder / "final" if step is None else snapshot_dir(run_folder, step)

@@ -198,14 +198,14 @@ def teacher_cache_root(exp: Experiment) -> Path:
 
 def _teacher_cache(exp: Experiment, config: dict[str, Any], log: Callable[[str], None]) -> Path:
     """The top-k cache of the run's teacher over its training data, built on first use (resumable)."""
-    from targetsft.training import trainer
+    from targetsft.training.teacher_cache import command
 
     folder, key = _teacher_cache_folder(exp, config), _teacher_key(config)
     if not (folder / "COMPLETE").is_file():
         log(f"teacher cache: building {folder} (teacher {config['teacher']['model']}, k={exp.teacher_cache_k})")
         t0 = time.time()
         temperature = _teacher_temperature(config)
-        trainer.cache_teacher(config_from_dict(config), folder, k=exp.teacher_cache_k, temperature=temperature)
+        command.cache_teacher(config_from_dict(config), folder, k=exp.teacher_cache_k, temperature=temperature)
         atomic_write_text(folder / "COMPLETE", json.dumps({**key, "seconds": round(time.time() - t0, 1)}, default=str))
     return folder
 

@@ -9,7 +9,7 @@ rules in :mod:`targetsft.functional` and passed to the losses as a :class:`~targ
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from targetsft.losses import residual as R
@@ -39,9 +39,20 @@ class Param:
         return value
 
 
+REF_MODELS = ("frozen", "snapshot")
+
+
 @dataclass(frozen=True)
 class MethodSpec:
-    """A named method: ``build(**params) -> Target`` and the description of ``γ`` and ``π̃``."""
+    """A named method: ``build(**params) -> Target`` and the description of ``γ`` and ``π̃``.
+
+    What the trainer owes a method beyond its loss is declared here, not looked up by name. ``ref_model``: the
+    reference a method that needs one (``"ref"`` in :attr:`needs`) is given: ``"frozen"``, π_ref, ``reference.model``
+    or a frozen copy of the initial student; ``"snapshot"``, π_old, a copy of the student (its LoRA adapters included)
+    that takes the trained weights right before every ``refresh``-th optimizer step (``refresh`` is then one of
+    ``trainer_params``). ``trainer_params``: parameters the trainer reads and the loss does not; a training config
+    sets them in ``loss.params`` beside the loss's own.
+    """
 
     name: str
     gamma: str
@@ -50,30 +61,61 @@ class MethodSpec:
     build: Callable[..., Target]
     params: Mapping[str, Param]
     summary: str
+    ref_model: str = "frozen"
+    trainer_params: Mapping[str, Param] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.ref_model not in REF_MODELS:
+            raise ValueError(f"{self.name}: ref_model must be one of {REF_MODELS}, got {self.ref_model!r}")
+        if self.ref_model == "snapshot" and "refresh" not in self.trainer_params:
+            raise ValueError(f"{self.name}: a snapshot reference needs a 'refresh' trainer parameter")
+        both = sorted(set(self.params) & set(self.trainer_params))
+        if both:
+            raise ValueError(f"{self.name}: {both} are both loss and trainer parameters")
+
+    @property
+    def all_params(self) -> dict[str, Param]:
+        """Every parameter a training config's ``loss.params`` may set: the loss's, then the trainer's."""
+        return {**self.params, **self.trainer_params}
 
     @property
     def defaults(self) -> dict[str, Any]:
-        return {k: p.default for k, p in self.params.items()}
+        """The default of every parameter, the loss's and then the trainer's."""
+        return {k: p.default for k, p in self.all_params.items()}
 
     @property
     def needs(self) -> frozenset[str]:
-        return self.build(**self.defaults).needs
+        return self.build(**{k: p.default for k, p in self.params.items()}).needs
 
     def target(self, **params: Any) -> Target:
-        """Validate ``params`` against this method's and build its :class:`Target`."""
+        """Validate ``params`` against this method's loss parameters and build its :class:`Target`."""
         unknown = sorted(set(params) - set(self.params))
         if unknown:
             valid = ", ".join(self.params) or "none"
+            if self.trainer_params:
+                valid += f" (and, read by the trainer from a config's loss.params: {', '.join(self.trainer_params)})"
             raise ValueError(f"unknown parameter(s) {unknown} for method {self.name!r}; valid: {valid}")
-        values = self.defaults
+        values = {k: p.default for k, p in self.params.items()}
         for k, v in params.items():
             values[k] = self.params[k].validate(self.name, k, v)
         return self.build(**values)
 
+    def split_params(self, params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A training config's ``loss.params`` as (the loss's, as given; the trainer's, checked, defaults filled
+        in)."""
+        if not isinstance(params, Mapping):
+            raise TypeError(f"{self.name}: parameters must be a mapping, got {params!r}")
+        loss = {k: v for k, v in params.items() if k not in self.trainer_params}
+        trainer = {k: p.default for k, p in self.trainer_params.items()}
+        for k, v in params.items():
+            if k in self.trainer_params:
+                trainer[k] = self.trainer_params[k].validate(self.name, k, v)
+        return loss, trainer
+
     @property
     def doc(self) -> str:
         lines = [f"{self.name}: γ = {self.gamma}; π̃ = {self.residual}  [{self.reference}]", f"  {self.summary}"]
-        for k, p in self.params.items():
+        for k, p in self.all_params.items():
             lines.append(f"  {k} = {p.default!r}: {p.doc}")
         return "\n".join(lines)
 
@@ -137,9 +179,12 @@ _SCALE = Param(
 )
 
 
-def _spec(name: str, gamma: str, residual: str, reference: str, summary: str, params: dict[str, Param]):
+def _spec(name: str, gamma: str, residual: str, reference: str, summary: str, params: dict[str, Param], **trainer: Any):
+    """Register the decorated ``build`` as method ``name``; ``trainer``: :class:`MethodSpec`'s ``ref_model`` and
+    ``trainer_params``."""
+
     def decorator(build: Callable[..., Target]) -> Callable[..., Target]:
-        register_method(MethodSpec(name, gamma, residual, reference, build, params, summary))
+        register_method(MethodSpec(name, gamma, residual, reference, build, params, summary, **trainer))
         return build
 
     return decorator
@@ -284,15 +329,15 @@ def _sft_kl(lam: float, scale: str, tail: str) -> Target:
     "r·1{r ≤ 1 + ε}·(p − onehot): a token past the trust region gets no update (Q = p), the others SFT's target "
     "scaled by r. scale='target' (default) drops the factor r so that ∂ℓ/∂z = p − Q; scale='original' keeps it "
     "(exactly the paper's gradient). The paper's π̃ = π_old names the anchor; the gradient has no π_old term.",
-    {
-        "epsilon": Param(0.2, "clip range ε of the ratio r", _positive, "> 0"),
+    {"epsilon": Param(0.2, "clip range ε of the ratio r", _positive, "> 0"), "scale": _SCALE},
+    ref_model="snapshot",  # π_old: the student, copied every `refresh` optimizer steps
+    trainer_params={
         "refresh": Param(
             1, "optimizer steps between snapshots of π_old (trainer)", lambda v: int(v) == v >= 1, "an integer >= 1"
-        ),
-        "scale": _SCALE,
+        )
     },
 )
-def _proximal_sft(epsilon: float, refresh: int, scale: str) -> Target:
+def _proximal_sft(epsilon: float, scale: str) -> Target:
     return Target(trust=T.ClipRatio(epsilon), residual=R.Self(), scale=T.RefRatio() if scale == "original" else None)
 
 
@@ -412,6 +457,6 @@ def methods_table() -> str:
     """The registry as a markdown table (method, γ, π̃, parameters with defaults, source)."""
     rows = ["| method | γ (label trust) | π̃ (residual) | parameters (default) | source |", "|---|---|---|---|---|"]
     for m in METHODS.values():
-        params = ", ".join(f"`{k}={p.default!r}`" for k, p in m.params.items()) or "—"
+        params = ", ".join(f"`{k}={p.default!r}`" for k, p in m.all_params.items()) or "—"
         rows.append(f"| `{m.name}` | {m.gamma} | {m.residual} | {params} | {m.reference} |")
     return "\n".join(rows)

@@ -332,7 +332,8 @@ def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
     except ValueError as err:
         raise ConfigError(f"loss.method: {err}") from None
     try:
-        spec.target(**cfg.loss.params)
+        loss_params, _ = spec.split_params(cfg.loss.params)  # the trainer's (e.g. refresh) checked here too
+        spec.target(**loss_params)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"loss.params: {err}") from None
     for where, init in (("model_init", cfg.model_init), ("teacher", cfg.teacher), ("reference", cfg.reference)):
@@ -379,11 +380,10 @@ def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
         raise ConfigError(f"method {cfg.loss.method!r} needs a teacher: set teacher.model or teacher.cache")
     if "teacher" not in needs and (cfg.teacher.model or cfg.teacher.cache):
         raise ConfigError(f"method {cfg.loss.method!r} does not use a teacher; remove teacher.model/teacher.cache")
-    if cfg.loss.method == "proximal_sft":
-        if cfg.reference.model or cfg.reference != ReferenceConfig():
-            raise ConfigError(
-                "proximal_sft's reference is π_old, an exact copy of the student: remove the reference section"
-            )
+    if spec.ref_model == "snapshot" and cfg.reference != ReferenceConfig():
+        raise ConfigError(
+            f"{cfg.loss.method}'s reference is π_old, an exact copy of the student: remove the reference section"
+        )
     return cfg
 
 

@@ -37,13 +37,21 @@ arguments. One builder per folder at a time (an advisory lock enforces it on POS
 
 Modules: :mod:`~targetsft.training.teacher_cache.storage` (identity, fingerprints, manifest, errors),
 :mod:`~targetsft.training.teacher_cache.build` (the builder),
-:mod:`~targetsft.training.teacher_cache.read` (the reader).
+:mod:`~targetsft.training.teacher_cache.read` (the reader),
+:mod:`~targetsft.training.teacher_cache.command` (``cache-teacher`` on a training config, the teacher's label
+statistics).
 """
 
 from __future__ import annotations
 
 from targetsft.training.teacher_cache.build import (
     build_teacher_cache,
+)
+from targetsft.training.teacher_cache.command import (
+    LABEL_STATS_FILE,
+    cache_teacher,
+    label_stats_line,
+    teacher_label_stats,
 )
 from targetsft.training.teacher_cache.read import (
     TeacherCache,
@@ -70,14 +78,18 @@ __all__ = [
     "CacheMismatchError",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "LABEL_STATS_FILE",
     "MANIFEST_NAME",
     "TeacherCache",
     "TeacherCacheError",
     "build_teacher_cache",
+    "cache_teacher",
     "check_cache_folder",
     "dataset_fingerprint",
+    "label_stats_line",
     "model_fingerprint",
     "shard_name",
+    "teacher_label_stats",
     "tokenizer_fingerprint",
     "weights_fingerprint",
 ]

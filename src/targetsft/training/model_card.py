@@ -1,0 +1,45 @@
+"""The model card (``final/README.md``) of a ``target-sft train`` run: the target, the data, the teacher, the
+precision, the final metrics and the whole configuration."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from targetsft.losses.methods import get_method
+from targetsft.training.config import TrainConfig
+
+
+def model_card(
+    cfg: TrainConfig, counts: dict[str, int], metrics: dict[str, Any], env: dict[str, Any], notes: list[str]
+) -> str:
+    """The card's markdown for a run of ``cfg`` on examples ``counts``, ending at ``metrics``, in environment
+    ``env``, with the ``notes`` on where its data was cut."""
+    spec = get_method(cfg.loss.method)
+    params = {**spec.defaults, **cfg.loss.params}
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [targetsft, " + cfg.loss.method + "]",
+        "---",
+        f"# Fine-tuned with targetsft: `{cfg.loss.method}`",
+        "",
+        f"Target: γ = {spec.gamma}; π̃ = {spec.residual} ({spec.reference}).",
+        f"Parameters: {json.dumps(params)}",
+        f"Base model: {cfg.model or 'SmolLM2-135M-Instruct (embedded default)'}",
+        f"Training data: {cfg.data.train} (size {cfg.data.size or 'all'}, seed {cfg.data.seed}, "
+        f"max_length {cfg.data.max_length}); "
+        f"examples kept {counts.get('kept')}, truncated {counts.get('truncated')}, dropped {counts.get('dropped')}"
+        + (f"; held out for eval_loss: {cfg.data.eval}." if cfg.data.eval is not None else "."),
+        *(f"Note: {note}." for note in notes),
+        f"Teacher: {cfg.teacher.model or cfg.teacher.cache or '—'} (prompt: {cfg.teacher.prompt}).",
+        f"LoRA: {json.dumps(cfg.lora.__dict__) if cfg.lora else 'no (full fine-tuning)'}",
+        f"Precision: {env['precision']} (asked: {env['requested_precision']}) on {env['device']}; "
+        f"CPU capability {env['cpu_capability']}, native CPU bf16: {env['cpu_native_bf16']}.",
+        "",
+        "## Final training metrics",
+        "",
+    ]
+    lines += [f"- {k}: {v}" for k, v in metrics.items()]
+    lines += ["", "## Configuration", "", "```json", json.dumps(cfg.to_dict(), indent=2, default=str), "```", ""]
+    return "\n".join(lines)
