@@ -21,7 +21,7 @@ from targetsft import experiments as X
 from targetsft.experiments.grid import eval_spec
 from targetsft.experiments.plots import baseline_bands
 from targetsft.experiments.records import same_spec, spec_dict
-from targetsft.experiments.runner import distribution
+from targetsft.experiments.runner import probe_histogram
 from targetsft.runtime.files import sha256_file
 from targetsft.training.config import ConfigError, config_from_dict, load_yaml
 
@@ -226,7 +226,7 @@ def test_paired_comparison_by_hand():
 
 
 def test_distribution_by_hand():
-    d = distribution([0.95, 0.05, 1.0, 0.5])
+    d = probe_histogram([0.95, 0.05, 1.0, 0.5])
     assert (d["n"], d["mean"], d["q10"], d["q25"], d["q50"], d["q90"]) == (4, 0.625, 0.05, 0.5, 0.95, 1.0)
     assert d["hist"] == [0] + [1] + [0] * 8 + [1] + [0] * 8 + [2]  # 20 bins of [0, 1]; 1.0 in the last
 
@@ -641,7 +641,7 @@ def _fake_run(
     (folder / "eval" / "toy").mkdir(parents=True)
     (folder / "eval" / "mcq").mkdir(parents=True)
     if probe:
-        rows = [{"step": k, **distribution(v)} for k, v in probe.items()]
+        rows = [{"step": k, **probe_histogram(v)} for k, v in probe.items()]
         (folder / X.PROBE_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
     gen_rows = [
         {"id": f"q{i}", "samples": [{"correct": bool(c)}], "greedy": {"correct": bool(c)}} for i, c in enumerate(gen)

@@ -398,16 +398,16 @@ def rate_family(config_id: str, learning_rate: float | None) -> str:
     )
 
 
-def run_reference(model: Any) -> str | None:
+def teacher_run_id(model: Any) -> str | None:
     """The run id in a ``teacher.model: "@<run id>"`` (or ``"@<run id>@<step>"``) reference to an earlier run of the
     grid, else ``None``."""
     return model[1:].split("@")[0] if isinstance(model, str) and model.startswith("@") else None
 
 
-def reference_step(model: Any) -> int | None:
+def teacher_run_step(model: Any) -> int | None:
     """The step of a ``"@<run id>@<step>"`` reference (that run's snapshot after ``step`` optimizer steps; it must
     list the step in its ``snapshot_steps``), else ``None`` (its final model)."""
-    if run_reference(model) is None or model.count("@") < 2:
+    if teacher_run_id(model) is None or model.count("@") < 2:
         return None
     step = model.rsplit("@", 1)[1]
     if not step.isdigit() or int(step) < 1:
@@ -415,17 +415,17 @@ def reference_step(model: Any) -> int | None:
     return int(step)
 
 
-def reference_model_dir(run_folder: Path, model: str) -> Path:
+def teacher_run_model_dir(run_folder: Path, model: str) -> Path:
     """The model folder a ``"@<run id>[@<step>]"`` reference names inside that run's folder: ``final`` or its
     snapshot after the step (:func:`targetsft.training.callbacks.snapshot_dir`)."""
     from targetsft.training.callbacks import snapshot_dir
 
-    step = reference_step(model)
+    step = teacher_run_step(model)
     return run_folder / "final" if step is None else snapshot_dir(run_folder, step)
 
 
 def teacher_ref(run: Run) -> str | None:
-    return run_reference((run.config.get("teacher") or {}).get("model"))
+    return teacher_run_id((run.config.get("teacher") or {}).get("model"))
 
 
 def teacher_configs(runs: Sequence[Run]) -> set[str]:
@@ -442,7 +442,7 @@ def _check_teacher_refs(runs: Sequence[Run]) -> None:
         if ref is not None and not position.get(ref, i) < i:
             where = "comes later" if ref in position else "is not in the grid"
             raise ConfigError(f"run {run.id}: its teacher run {ref!r} {where}; list the teacher's group first")
-        step = reference_step((run.config.get("teacher") or {}).get("model"))
+        step = teacher_run_step((run.config.get("teacher") or {}).get("model"))
         if step is not None and step not in runs[position[ref]].config.get("snapshot_steps", []):
             raise ConfigError(
                 f"run {run.id}: its teacher is {ref!r} after {step} steps, but that run keeps no snapshot there; "

@@ -179,17 +179,17 @@ def teacher_model(cfg: Any) -> str:
     """The model a run's teacher scores came from: ``teacher.model``, where ``@<run id>`` (an experiment's
     reference to an earlier run) is that run's ``final`` model (or ``@<run id>@<step>``: its snapshot) beside the run's
     own folder."""
-    from targetsft.experiments.grid import reference_model_dir, run_reference
+    from targetsft.experiments.grid import teacher_run_id, teacher_run_model_dir
 
     model = cfg.teacher.model
     if not model:
         raise InputError("--teacher: the run has no teacher model (none, or only a teacher.cache)")
     if cfg.teacher.prompt != "same":
         raise InputError(f"--teacher: the teacher saw another prompt ({cfg.teacher.prompt!r}) than is scored")
-    ref = run_reference(model)
+    ref = teacher_run_id(model)
     if ref is None:
         return model
-    path = reference_model_dir(Path(cfg.output_dir).parent / ref, model)
+    path = teacher_run_model_dir(Path(cfg.output_dir).parent / ref, model)
     if not path.is_dir():
         raise InputError(f"--teacher: the teacher run's model {path} is gone")
     return str(path)

@@ -34,11 +34,11 @@ from targetsft.experiments.grid import (
     ExperimentError,
     Run,
     expand_grid,
-    reference_model_dir,
     run_dir,
     runs_root,
     tables_dir,
     teacher_ref,
+    teacher_run_model_dir,
 )
 from targetsft.experiments.records import (
     DONE_FILE,
@@ -144,7 +144,7 @@ def _teacher_model(exp: Experiment, run: Run, ref: str, log: Callable[[str], Non
     teacher = next(r for r in expand_grid(exp) if r.id == ref)
     if not (record_dir(exp, teacher) / DONE_FILE).is_file():
         raise ExperimentError(f"run {run.id}: its teacher run {ref!r} is not done ({record_dir(exp, teacher)})")
-    model = reference_model_dir(run_dir(exp, teacher), run.config["teacher"]["model"])
+    model = teacher_run_model_dir(run_dir(exp, teacher), run.config["teacher"]["model"])
     config = {**run.config, "teacher": {**run.config["teacher"], "model": str(model)}}
     cached = exp.teacher_cache_k and (_teacher_cache_folder(exp, config) / "COMPLETE").is_file()
     if not cached and not (trained(exp, teacher) and model.is_dir()):
@@ -240,7 +240,7 @@ def label_probabilities(model: Any, items: Sequence[dict[str, Any]]) -> list[flo
     return [math.exp(v) for lp in label_logprobs(model, items) for v in lp]
 
 
-def distribution(values: Sequence[float], bins: int = 20) -> dict[str, Any]:
+def probe_histogram(values: Sequence[float], bins: int = 20) -> dict[str, Any]:
     """Mean, quantiles (10/25/50/75/90%, nearest rank) and a histogram on ``bins`` equal bins of [0, 1]."""
     v = sorted(values)
     n = len(v)
@@ -252,7 +252,7 @@ def distribution(values: Sequence[float], bins: int = 20) -> dict[str, Any]:
 
 
 def _gamma_probe(cfg: Any, examples: int, path: Path) -> Any:
-    """A TrainerCallback that records :func:`distribution` of :func:`label_probabilities` on the first ``examples``
+    """A TrainerCallback that records :func:`probe_histogram` of :func:`label_probabilities` on the first ``examples``
     training examples at the start and about every tenth of training into ``path`` (JSON lines, one per step)."""
     from transformers import TrainerCallback
 
@@ -264,7 +264,7 @@ def _gamma_probe(cfg: Any, examples: int, path: Path) -> Any:
 
     class GammaProbe(TrainerCallback):
         def _record(self, state: Any, model: Any) -> None:
-            record = distribution(label_probabilities(model, items))  # on every rank: sharded models need them all
+            record = probe_histogram(label_probabilities(model, items))  # on every rank: sharded models need them all
             if state.is_world_process_zero:
                 rows = read_probe(path) | {state.global_step: record}
                 atomic_write_text(path, "".join(json.dumps({"step": k, **v}) + "\n" for k, v in sorted(rows.items())))
