@@ -676,8 +676,9 @@ def test_cli_arguments_and_run(monkeypatch):
     seen = {}
     monkeypatch.setattr(suite, "evaluate", lambda model, sets, **kw: seen.update(model=model, sets=sets, **kw) or {})
     assert E.run_eval_from_args(args) == 0
-    assert seen["model"] == "m" and seen["sets"] == args.data and seen["temperature"] == 0.7
-    assert seen["engine"] == "hf"
+    decode = seen["decode"]  # the command line's decoding, carried as one DecodeOptions
+    assert seen["model"] == "m" and seen["sets"] == args.data and decode.temperature == 0.7 and decode.samples == 4
+    assert decode.engine == "hf" and decode.stop_on_answer is False and seen["choice"].batch_size == 16
     with pytest.raises(SystemExit):
         parser.parse_args(["--data", "a", "--size", "-1"])
 
@@ -738,3 +739,18 @@ def test_boxed_prompt_scores_latex_answers(tmp_path, monkeypatch, tiny_tokenizer
     assert [r["greedy"]["extracted"] for r in recs] == ["0.5", "(3,4)", "12"]
     with pytest.raises(ValueError, match="prompt style"):
         E.build_prompt(tiny_tokenizer, "Q", "latex")
+
+
+def test_decode_options_resolve_and_refuse():
+    """One sample defaults to greedy, several to temperature 1; k greedy samples and an unknown field are refused."""
+    from targetsft.evaluation import DecodeOptions
+
+    assert DecodeOptions().sampling_temperature == 0.0 and DecodeOptions(samples=4).sampling_temperature == 1.0
+    assert DecodeOptions(samples=4, temperature=0.7).sampling_temperature == 0.7
+    with pytest.raises(ValueError, match="identical greedy samples"):
+        DecodeOptions(samples=2, temperature=0)
+    with pytest.raises(ValueError, match="at least 1"):
+        DecodeOptions(samples=0)
+    with pytest.raises(TypeError):
+        DecodeOptions().with_(temprature=0.5)
+    assert DecodeOptions().with_(samples=3).samples == 3

@@ -40,6 +40,7 @@ from targetsft.evaluation.multiple_choice import (
     mc_context,
     score_continuations,
 )
+from targetsft.evaluation.options import ChoiceOptions, DecodeOptions
 from targetsft.evaluation.prompts import (
     BOXED_INSTRUCTION,
     PROMPT_STYLES,
@@ -53,6 +54,7 @@ from targetsft.evaluation.prompts import (
 from targetsft.evaluation.suite import (
     add_eval_arguments,
     evaluate,
+    evaluate_set,
     format_table,
     run_eval_from_args,
     set_kind,
@@ -60,6 +62,8 @@ from targetsft.evaluation.suite import (
 
 __all__ = [
     "AnswerStoppingCriteria",
+    "ChoiceOptions",
+    "DecodeOptions",
     "BOXED_INSTRUCTION",
     "ENGINES",
     "Engine",
@@ -73,6 +77,7 @@ __all__ = [
     "build_prompts",
     "cut_at_answer",
     "evaluate",
+    "evaluate_set",
     "evaluate_generation",
     "evaluate_multiple_choice",
     "extract_answer",

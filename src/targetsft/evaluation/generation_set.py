@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from targetsft.evaluation.answers import extract_answer, extract_boxed, is_correct, is_correct_boxed
-from targetsft.evaluation.engines import Engine, Generation, GenerationRun, generate_detailed
+from targetsft.evaluation.engines import Generation, GenerationRun, generate_detailed
 from targetsft.evaluation.metrics import generation_metrics
+from targetsft.evaluation.options import DecodeOptions
 from targetsft.evaluation.prompts import build_prompts
 from targetsft.runtime.files import atomic_write_text
 
@@ -110,34 +111,23 @@ def evaluate_generation(
     tokenizer: Any,
     dataset_name_or_path: str,
     *,
+    decode: DecodeOptions | None = None,
     size: int | str | None = None,
-    seed: int = 0,
     data_seed: int | None = None,
-    samples: int = 1,
-    temperature: float | None = None,
-    top_p: float = 1.0,
-    greedy: bool = True,
-    max_new_tokens: int = 256,
-    batch_size: int = 32,
-    stop_on_answer: bool = True,
     out_dir: str | os.PathLike | None = None,
     model_name: str | None = None,
     confidence: float = 0.95,
     progress: bool = True,
-    engine: Engine = "auto",
-    prompt: str = "gsm",
+    **options: Any,
 ) -> dict[str, Any]:
     """Generate answers for a GSM-style set and score them; returns the summary dict (also written to ``out_dir``).
 
     ``dataset_name_or_path``: a name of :data:`~targetsft.data.eval_sets.EVAL_SETS` or a ``.jsonl`` file with
     ``question``/``answer``; ``size`` / ``data_seed`` go to :func:`~targetsft.data.eval_sets.load_eval_set`
     (``data_seed`` = the first seed of a generated set, or a random subset of a fixed one; None = the defaults).
-    ``seed``: the sampling seed (:func:`generate`). ``samples`` = k samples per problem at ``temperature``
-    (None: 0 = greedy when ``samples == 1``, else 1.0; ``samples > 1`` with temperature 0 is an error).
-    ``greedy``: also report greedy accuracy, with its own greedy pass when the samples are not greedy.
-    ``engine``: the decode loop, see :func:`generate_detailed`. ``prompt``: ``"gsm"`` (``#### <number>``; stops at
-    a complete answer with ``stop_on_answer``) or ``"boxed"`` (MATH-style: the answer is the last ``\\boxed{}``,
-    compared with ``math_verify``; generation runs to eos, never cut).
+    ``decode``: how answers are generated (:class:`~targetsft.evaluation.options.DecodeOptions`); ``options``:
+    fields of it to change (``samples=4``, ...). With ``prompt="boxed"`` (MATH-style: the answer is the last
+    ``\\boxed{}``, compared with ``math_verify``) generation runs to eos, never cut.
 
     ``out_dir``: write ``<set>.generations.jsonl`` (one line per problem: id, question, gold, samples: [{text,
     extracted, correct, n_tokens, finish_reason}], greedy: {...} or null) and ``<set>.summary.json`` (set, n,
@@ -145,26 +135,25 @@ def evaluate_generation(
     """
     from targetsft.data.eval_sets import load_eval_set
 
-    if temperature is None:
-        temperature = 0.0 if samples == 1 else 1.0
-    if samples > 1 and temperature == 0:
-        raise ValueError("samples > 1 with temperature 0 would give k identical greedy samples; set temperature > 0")
+    decode = (decode or DecodeOptions()).with_(**options)
+    temperature = decode.sampling_temperature
     rows = load_eval_set(dataset_name_or_path, size, data_seed)
-    prompts = build_prompts(tokenizer, [r["question"] for r in rows], prompt)
-    boxed = prompt == "boxed"
+    prompts = build_prompts(tokenizer, [r["question"] for r in rows], decode.prompt)
+    boxed = decode.prompt == "boxed"
     common = {
-        "max_new_tokens": max_new_tokens,
-        "batch_size": batch_size,
-        "seed": seed,
-        "stop_on_answer": stop_on_answer and not boxed,
+        "max_new_tokens": decode.max_new_tokens,
+        "batch_size": decode.batch_size,
+        "seed": decode.seed,
+        "stop_on_answer": decode.stop_on_answer and not boxed,
         "cut": not boxed,
         "progress": progress,
-        "engine": engine,
+        "engine": decode.engine,
     }
     label = set_label(dataset_name_or_path)
     t0 = time.perf_counter()
+    samples, greedy = decode.samples, decode.greedy
     run = generate_detailed(
-        model, tokenizer, prompts, samples=samples, temperature=temperature, top_p=top_p, desc=label, **common
+        model, tokenizer, prompts, samples=samples, temperature=temperature, top_p=decode.top_p, desc=label, **common
     )
     greedy_run = None
     if greedy and temperature > 0:
@@ -173,7 +162,7 @@ def evaluate_generation(
         )
     seconds = time.perf_counter() - t0
 
-    records = _problem_records(rows, run, (greedy_run or run) if greedy else None, prompt)
+    records = _problem_records(rows, run, (greedy_run or run) if greedy else None, decode.prompt)
     metrics = generation_metrics(
         [[s["correct"] for s in rec["samples"]] for rec in records],
         [rec["greedy"]["correct"] for rec in records] if greedy else None,
@@ -192,13 +181,13 @@ def evaluate_generation(
         "decoding": {
             "samples": samples,
             "temperature": temperature,
-            "top_p": top_p if temperature > 0 else None,
+            "top_p": decode.top_p if temperature > 0 else None,
             "top_k": None,
-            "max_new_tokens": max_new_tokens,
-            "batch_size": batch_size,
-            "seed": seed,
+            "max_new_tokens": decode.max_new_tokens,
+            "batch_size": decode.batch_size,
+            "seed": decode.seed,
             "stop_on_answer": common["stop_on_answer"],
-            "engine": run.settings.get("engine", engine),
+            "engine": run.settings.get("engine", decode.engine),
             "greedy_pass": greedy_run is not None,
             "prompt": "chat template, add_generation_prompt=True, user message = "
             + ("gsm_user_message(question)" if not boxed else "question + BOXED_INSTRUCTION"),

@@ -17,9 +17,10 @@ from typing import Any, Literal
 
 import torch
 
-from targetsft.evaluation.engines import ENGINES, Engine
+from targetsft.evaluation.engines import ENGINES
 from targetsft.evaluation.generation_set import evaluate_generation, set_label
 from targetsft.evaluation.multiple_choice import evaluate_multiple_choice
+from targetsft.evaluation.options import ChoiceOptions, DecodeOptions
 from targetsft.evaluation.prompts import PROMPT_STYLES
 from targetsft.runtime.files import atomic_write_text
 from targetsft.runtime.precision import PRECISIONS, environment, resolve_precision
@@ -92,29 +93,45 @@ def close_model(model: Any) -> None:
         close()
 
 
+def evaluate_set(
+    model: Any,
+    tokenizer: Any,
+    name: str,
+    *,
+    kind: str | None = None,
+    decode: DecodeOptions | None = None,
+    choice: ChoiceOptions | None = None,
+    size: int | str | None = None,
+    data_seed: int | None = None,
+    out_dir: str | os.PathLike | None = None,
+    model_name: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a loaded model on one set, generative (:func:`evaluate_generation` with ``decode``) or multiple
+    choice (:func:`evaluate_multiple_choice` with ``choice``), by ``kind`` (default: :func:`set_kind`); its summary."""
+    common = {"size": size, "data_seed": data_seed, "out_dir": out_dir, "model_name": model_name, "progress": progress}
+    if (kind or set_kind(name)) == "generation":
+        return evaluate_generation(model, tokenizer, name, decode=decode, **common)
+    choice = choice or ChoiceOptions()
+    return evaluate_multiple_choice(
+        model, tokenizer, name, batch_size=choice.batch_size, normalize=choice.normalize, **common
+    )
+
+
 def evaluate(
     model_path: str | os.PathLike | None,
     sets: Sequence[str],
     *,
+    decode: DecodeOptions | None = None,
+    choice: ChoiceOptions | None = None,
     size: int | str | None = None,
     data_seed: int | None = None,
-    samples: int = 1,
-    temperature: float | None = None,
-    top_p: float = 1.0,
-    greedy: bool = True,
-    max_new_tokens: int = 256,
-    batch_size: int = 32,
-    stop_on_answer: bool = True,
-    engine: Engine = "compact",
-    prompt: str = "gsm",
-    mc_batch_size: int = 16,
-    mc_normalize: Literal["mean", "sum"] = "mean",
-    seed: int = 0,
     out_dir: str | os.PathLike | None = None,
     precision: str = "auto",
     device: str | None = None,
     progress: bool = True,
     print_table: bool = True,
+    **options: Any,
 ) -> dict[str, Any]:
     """Load a model (``None``/``"default"`` = the embedded SmolLM2-135M-Instruct) and evaluate it on ``sets``
     (generation sets via :func:`evaluate_generation`, multiple-choice sets via :func:`evaluate_multiple_choice`).
@@ -123,7 +140,9 @@ def evaluate(
     ``out_dir``, each set writes its files there (see the two functions) plus an overall ``summary.json``.
     ``precision``: the weights' dtype, by :func:`targetsft.runtime.precision.resolve_precision` (``auto``: bf16 where
     the device runs it natively, else float32; ``bfloat16``/``float32`` spellings are accepted); recorded in the
-    summary with the machine's :func:`~targetsft.runtime.precision.environment`. ``engine``: ``compact``, ``hf``,
+    summary with the machine's :func:`~targetsft.runtime.precision.environment`. ``decode``: how generative sets are
+    decoded (:class:`~targetsft.evaluation.options.DecodeOptions`, engine ``compact`` unless given), ``choice``: how
+    multiple-choice sets are scored; ``options``: fields of ``decode`` to change. The engine: ``compact``, ``hf``,
     ``vllm`` (one engine started for all the sets; multiple-choice sets are scored by its prompt log-probs) or
     ``auto`` (vLLM where it is installed and starts on the model, else compact); the report names the one that ran.
     """
@@ -134,44 +153,25 @@ def evaluate(
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     resolved = resolve_precision(precision, dev)
     tokenizer = load_tokenizer(path, padding_side="left")
-    model, engine = open_model(path, engine, resolved.dtype, dev)
+    decode = (decode or DecodeOptions(engine="compact")).with_(**options)
+    model, engine = open_model(path, decode.engine, resolved.dtype, dev)
+    decode = decode.with_(engine=engine)
     results = []
     try:
         for s in sets:
-            if kinds[s] == "generation":
-                res = evaluate_generation(
-                    model,
-                    tokenizer,
-                    s,
-                    size=size,
-                    seed=seed,
-                    data_seed=data_seed,
-                    samples=samples,
-                    temperature=temperature,
-                    top_p=top_p,
-                    greedy=greedy,
-                    max_new_tokens=max_new_tokens,
-                    batch_size=batch_size,
-                    stop_on_answer=stop_on_answer,
-                    out_dir=out_dir,
-                    model_name=path,
-                    progress=progress,
-                    engine=engine,
-                    prompt=prompt,
-                )
-            else:
-                res = evaluate_multiple_choice(
-                    model,
-                    tokenizer,
-                    s,
-                    size=size,
-                    data_seed=data_seed,
-                    batch_size=mc_batch_size,
-                    normalize=mc_normalize,
-                    out_dir=out_dir,
-                    model_name=path,
-                    progress=progress,
-                )
+            res = evaluate_set(
+                model,
+                tokenizer,
+                s,
+                kind=kinds[s],
+                decode=decode,
+                choice=choice,
+                size=size,
+                data_seed=data_seed,
+                out_dir=out_dir,
+                model_name=path,
+                progress=progress,
+            )
             results.append(res)
             if print_table and progress:
                 print(format_table([res]), file=sys.stderr)
@@ -296,11 +296,7 @@ def run_eval_from_args(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         check_model(args.model)
-        evaluate(
-            args.model,
-            args.data,
-            size=args.size,
-            data_seed=args.data_seed,
+        decode = DecodeOptions(
             samples=args.samples,
             temperature=args.temperature,
             top_p=args.top_p,
@@ -308,11 +304,17 @@ def run_eval_from_args(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size,
             stop_on_answer=args.stop_on_answer,
-            engine=getattr(args, "engine", "compact"),
-            prompt=getattr(args, "prompt", "gsm"),
-            mc_batch_size=args.mc_batch_size,
-            mc_normalize=args.mc_normalize,
             seed=args.seed,
+            prompt=getattr(args, "prompt", "gsm"),
+            engine=getattr(args, "engine", "compact"),
+        )
+        evaluate(
+            args.model,
+            args.data,
+            decode=decode,
+            choice=ChoiceOptions(batch_size=args.mc_batch_size, normalize=args.mc_normalize),
+            size=args.size,
+            data_seed=args.data_seed,
             out_dir=args.out,
             precision=args.precision,
             device=args.device,

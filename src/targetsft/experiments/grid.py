@@ -15,7 +15,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from targetsft.losses.methods import get_method
 from targetsft.training.config import (
@@ -26,6 +26,9 @@ from targetsft.training.config import (
     load_yaml,
     unknown_key,
 )
+
+if TYPE_CHECKING:
+    from targetsft.evaluation.options import ChoiceOptions, DecodeOptions
 
 EVAL_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -86,6 +89,28 @@ class EvalSpec:
         from targetsft.evaluation.generation_set import set_label
 
         return self.name or set_label(self.set)
+
+    def decode_options(self, engine: str) -> DecodeOptions:
+        """The spec's decoding, for a generative set, with ``engine`` (the engine the runner opened)."""
+        from targetsft.evaluation.options import DecodeOptions
+
+        return DecodeOptions(
+            samples=self.samples,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            greedy=self.greedy,
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size or 32,
+            seed=self.seed,
+            prompt=self.prompt,
+            engine=engine,
+        )
+
+    def choice_options(self) -> ChoiceOptions:
+        """The spec's scoring, for a multiple-choice set."""
+        from targetsft.evaluation.options import ChoiceOptions
+
+        return ChoiceOptions(batch_size=self.batch_size or 16, normalize=self.normalize)
 
     @property
     def kind(self) -> str | None:

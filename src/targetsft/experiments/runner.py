@@ -294,27 +294,19 @@ def _evaluate_set(
     from targetsft import evaluation as E
 
     kind = spec.kind or E.set_kind(spec.set)
-    common = {"size": spec.size, "data_seed": spec.data_seed, "out_dir": out, "model_name": name, "progress": progress}
-    if kind == "generation":
-        summary = E.evaluate_generation(
-            model,
-            tokenizer,
-            spec.set,
-            seed=spec.seed,
-            samples=spec.samples,
-            temperature=spec.temperature,
-            top_p=spec.top_p,
-            greedy=spec.greedy,
-            max_new_tokens=spec.max_new_tokens,
-            batch_size=spec.batch_size or 32,
-            prompt=spec.prompt,
-            engine=engine,
-            **common,
-        )
-    else:
-        summary = E.evaluate_multiple_choice(
-            model, tokenizer, spec.set, batch_size=spec.batch_size or 16, normalize=spec.normalize, **common
-        )
+    summary = E.evaluate_set(
+        model,
+        tokenizer,
+        spec.set,
+        kind=kind,
+        decode=spec.decode_options(engine),
+        choice=spec.choice_options(),
+        size=spec.size,
+        data_seed=spec.data_seed,
+        out_dir=out,
+        model_name=name,
+        progress=progress,
+    )
     items = Path(summary["files"]["items"]).name
     return {"spec": spec_dict(spec), "kind": kind, "n": summary["n"], "metrics": summary["metrics"], "items": items}
 
