@@ -91,6 +91,13 @@ def tiny_model(arch: str = "llama", vocab_size: int = 53, seed: int = 0, **overr
     return transformers.AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size, **overrides))
 
 
+def save_model(folder, model, tokenizer):
+    """``model`` and ``tokenizer`` saved together as a transformers model folder (what a user's path points to)."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_tokenizer):
     """A randomly initialised 2-layer LlamaForCausalLM (hidden 32, 4 heads, tied embeddings) matching

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import save_model
 from targetsft import experiments as X
 from targetsft.experiments.grid import eval_spec
 from targetsft.experiments.plots import baseline_bands
@@ -246,9 +247,7 @@ def test_progress_line():
 def tiny_setup(tmp_path_factory, tiny_tokenizer, tiny_llama):
     """The tiny model as a folder, a 3-problem generation set and a 3-item multiple-choice set."""
     root = tmp_path_factory.mktemp("exp")
-    model = root / "model"
-    tiny_llama.save_pretrained(model)
-    tiny_tokenizer.save_pretrained(model)
+    model = save_model(root / "model", tiny_llama, tiny_tokenizer)
     qa = root / "qa.jsonl"
     qa.write_text(
         "".join(json.dumps({"question": f"Tom has {i} apples. How many?", "answer": str(i)}) + "\n" for i in (3, 5, 7))

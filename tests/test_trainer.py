@@ -12,6 +12,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from conftest import save_model  # noqa: E402
 from targetsft.training.config import ConfigError, load_config  # noqa: E402
 from targetsft.training.dataset import Collator, build_dataset  # noqa: E402
 from targetsft.training.trainer import TargetTrainer, train  # noqa: E402
@@ -21,14 +22,10 @@ from targetsft.training.trainer import TargetTrainer, train  # noqa: E402
 def model_dirs(tmp_path_factory, tiny_tokenizer, tiny_llama):
     """The tiny student and a second random model (a teacher with the same tokenizer), saved as HF folders."""
     root = tmp_path_factory.mktemp("models")
-    student = root / "student"
-    tiny_llama.save_pretrained(student)
-    tiny_tokenizer.save_pretrained(student)
+    student = save_model(root / "student", tiny_llama, tiny_tokenizer)
     torch.manual_seed(123)
-    teacher = root / "teacher"
-    transformers.LlamaForCausalLM(copy.deepcopy(tiny_llama.config)).save_pretrained(teacher)
-    tiny_tokenizer.save_pretrained(teacher)
-    return student, teacher
+    teacher = transformers.LlamaForCausalLM(copy.deepcopy(tiny_llama.config))
+    return student, save_model(root / "teacher", teacher, tiny_tokenizer)
 
 
 def _cfg(model_dirs, out, method, *extra):

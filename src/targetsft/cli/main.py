@@ -11,6 +11,7 @@ from typing import Any
 from targetsft import __version__
 from targetsft.losses.methods import METHODS
 from targetsft.runtime.distributed import end_process_group, exit_distributed
+from targetsft.runtime.inputs import add_scoring_engine_argument
 from targetsft.runtime.precision import PRECISIONS
 
 
@@ -155,12 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="e.g. cuda; default: where the model loads")
     p.add_argument("--overwrite", action="store_true", help="replace a cache built for something else")
     p.add_argument("--precision", choices=PRECISIONS, help="teacher autocast (default: the config's, auto)")
-    p.add_argument(
-        "--engine",
-        choices=("transformers", "vllm"),
-        default="transformers",
-        help="score with the transformers teacher (default) or vLLM's prompt log-probs (temperature 1)",
-    )
+    add_scoring_engine_argument(p, "teacher (vLLM: temperature 1 only)")
     p.set_defaults(func=_cache_teacher)
     from targetsft.evaluation.suite import add_eval_arguments, run_eval_from_args
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from targetsft.experiments.records import read_record
-from targetsft.runtime.inputs import InputError
+from targetsft.runtime.inputs import InputError, add_scoring_engine_argument
 
 __all__ = [
     "corrupted_pairs",
@@ -208,12 +208,7 @@ def add_noise_fit_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentPars
     p.add_argument("--teacher", action="store_true", help="also score the teacher each run was trained against")
     p.add_argument("--examples", type=int, default=None, help="the first N corrupted examples of a run (default all)")
     p.add_argument("--out", required=True, help="folder for noise_fit.csv and .json (added to)")
-    p.add_argument(
-        "--engine",
-        choices=("transformers", "vllm"),
-        default="transformers",
-        help="score with the transformers model (default; float32) or vLLM's prompt log-probs (float32)",
-    )
+    add_scoring_engine_argument(p, "model (both in float32)")
     return p
 
 
