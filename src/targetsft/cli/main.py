@@ -78,11 +78,9 @@ def _cache_teacher(args: argparse.Namespace) -> int:
         return 2
     from targetsft.runtime.inputs import InputError
 
-    for flag, value, least in (("--k", args.k, 1), ("--batch-size", args.batch_size, 1)):
-        if value < least:
-            raise InputError(f"{flag} must be at least {least}, got {value}")
-    if args.shard_examples < 1:
-        raise InputError(f"--shard-examples must be at least 1, got {args.shard_examples}")
+    for flag, value in (("--k", args.k), ("--batch-size", args.batch_size), ("--shard-examples", args.shard_examples)):
+        if value < 1:
+            raise InputError(f"{flag} must be at least 1, got {value}")
     if not args.temperature > 0:
         raise InputError(f"--temperature must be positive, got {args.temperature}")
     check_inputs(dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, cache=None)))

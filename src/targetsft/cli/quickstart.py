@@ -67,8 +67,9 @@ def _in_chunks(score: Any, model: Any, seqs: Sequence[Any], bar: Any, size: int 
     """``score(model, seqs)`` (one value per sequence) a few sequences at a time, advancing the progress ``bar``."""
     out: list[Any] = []
     for start in range(0, len(seqs), size):
-        out += score(model, seqs[start : start + size])
-        bar.update(len(seqs[start : start + size]))
+        chunk = seqs[start : start + size]
+        out += score(model, chunk)
+        bar.update(len(chunk))
     return out
 
 

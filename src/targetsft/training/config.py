@@ -292,9 +292,10 @@ def _scalar(where: str, value: Any, annotation: Any) -> Any:
             return float(value)
         except ValueError:
             pass
-    ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        ok = True
+    if kind is bool:
+        ok = isinstance(value, bool)
+    else:  # a bool is an int to Python, not a number here; an int is a number for a float field
+        ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
     if not ok:
         name = {bool: "true or false", int: "an integer", float: "a number"}[kind]
         raise ConfigError(f"{where} must be {name}, got {value!r}")
