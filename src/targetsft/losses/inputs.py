@@ -121,7 +121,9 @@ def distribution(
         ids = _select(ids, lead, rows, n_valid, f"{name}_topk")
         logprobs = _select(logprobs, lead, rows, n_valid, f"{name}_topk")
         V.check_topk(f"{name}_topk", ids, logprobs, shared, checks)
-        return Distribution(topk_ids=ids.long(), topk_logprobs=logprobs)
+        missing = (ids == V.MISSING_ID).all(-1)  # no distribution there: distinct in-range ids stand in
+        ids = torch.where(missing[:, None], torch.arange(ids.shape[-1], device=ids.device), ids.long())
+        return Distribution(topk_ids=ids, topk_logprobs=logprobs, missing=missing)
     return None
 
 

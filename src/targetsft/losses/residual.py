@@ -10,6 +10,8 @@ paper's residual has, adds no opinion of its own where the teacher is silent, an
 residual a multiple of ``p`` plus ``k`` sparse entries (cheap). ``tail="renormalize"`` drops the tail instead
 and renormalises the top-k. Where the student itself has (numerically) no mass outside the top-k
 (``m_S < sqrt(machine eps)``, e.g. ``k = V``), ``m_T/m_S`` is rounding noise, and such rows are renormalised too.
+A top-k row whose ids are all −1 has no teacher (a cross-tokenizer teacher with no token boundary there): its
+``π_T`` is the student's own ``sg p``, under either tail.
 """
 
 from __future__ import annotations
@@ -59,22 +61,35 @@ class Self:
 
 def _topk_parts(state: TokenState, dist: Distribution) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """For a top-k distribution: ids, its log-probs, the student's log-probs at the ids, and ``log(m_T/m_S)``
-    where the student has mass outside the top-k, ``-inf`` in rows to renormalise (see the module docstring)."""
+    where the student has mass outside the top-k, ``-inf`` in rows to renormalise (see the module docstring).
+    A row with no distribution (``dist.missing``) takes the student's: its log-probs are ``lp`` and ``m_T = m_S``."""
     ids, lt = dist.topk_ids, dist.topk_logprobs.to(state.logp.dtype)
     lp = state.logp.gather(-1, ids)
     log_m_teacher = torch.log(_one_minus_exp(torch.logsumexp(lt, -1))).clamp(min=_tiny_log(lt.dtype))
     log_m_student, _ = state.tail(ids)
     log_c = torch.where(log_m_student > float("-inf"), log_m_teacher - log_m_student, float("-inf"))
+    if dist.missing is not None:
+        lt = torch.where(dist.missing[:, None], lp, lt)
+        log_c = log_c.masked_fill(dist.missing, 0.0)
     return ids, lt, lp, log_c
+
+
+def _renormalized_topk(state: TokenState, dist: Distribution, values: Tensor) -> Residual:
+    """``values`` on the top-k ids, rows that sum to 1; a row with no distribution is the student's ``p`` instead
+    (its share off the ids as ``self_coef`` 1, on them as values)."""
+    ids = dist.topk_ids
+    if dist.missing is None:
+        return Residual(sparse_ids=ids, sparse_values=values)
+    values = torch.where(dist.missing[:, None], state.logp.gather(-1, ids).exp(), values)
+    return Residual(self_coef=dist.missing.to(values.dtype), self_skip=ids, sparse_ids=ids, sparse_values=values)
 
 
 def _distribution_residual(state: TokenState, dist: Distribution, temperature: float, tail: Tail) -> Residual:
     """``π̃ = π_T`` at ``temperature`` (dense), or completed from top-k (see the module docstring)."""
     if not dist.is_topk:
         return Residual(dense=torch.softmax(dist.logits.to(state.logp.dtype) / temperature, dim=-1))
-    ids, lt = dist.topk_ids, dist.topk_logprobs.to(state.logp.dtype)
     if tail == "renormalize":
-        return Residual(sparse_ids=ids, sparse_values=torch.softmax(lt, -1))
+        return _renormalized_topk(state, dist, torch.softmax(dist.topk_logprobs.to(state.logp.dtype), -1))
     ids, lt, lp, log_c = _topk_parts(state, dist)
     c = log_c.exp()  # outside the top-k: c·p; on the ids: π_T (renormalised where the student has no tail)
     inside = torch.where(c[:, None] > 0, lt.exp(), torch.softmax(lt, -1))
@@ -130,7 +145,7 @@ class Guided:
         if self.tail == "renormalize":
             lt = torch.log_softmax(dist.topk_logprobs.to(state.logp.dtype), -1)
             lp = state.logp.gather(-1, dist.topk_ids)
-            return Residual(sparse_ids=dist.topk_ids, sparse_values=torch.softmax((1.0 - eta) * lp + eta * lt, -1))
+            return _renormalized_topk(state, dist, torch.softmax((1.0 - eta) * lp + eta * lt, -1))
         ids, lt, lp, log_c = _topk_parts(state, dist)
         log_m_student, _ = state.tail(ids)
         inside = (1.0 - eta) * lp + eta * lt  # log of the unnormalised mass on each id

@@ -29,6 +29,7 @@ class Distribution:
     logits: Tensor | None = None
     topk_ids: Tensor | None = None
     topk_logprobs: Tensor | None = None
+    missing: Tensor | None = None  # bool [n]: top-k rows with no distribution (ids −1): the student's own stands in
 
     @property
     def is_topk(self) -> bool:
@@ -37,7 +38,8 @@ class Distribution:
     def rows(self, index: Tensor | slice) -> Distribution:
         """The same distribution restricted to some rows."""
         if self.is_topk:
-            return Distribution(topk_ids=self.topk_ids[index], topk_logprobs=self.topk_logprobs[index])
+            missing = None if self.missing is None else self.missing[index]
+            return Distribution(topk_ids=self.topk_ids[index], topk_logprobs=self.topk_logprobs[index], missing=missing)
         return Distribution(logits=self.logits[index])
 
 

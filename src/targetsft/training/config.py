@@ -133,6 +133,7 @@ class ModelInit:
 
 
 PLACEMENTS = ("auto", "replicated", "sharded")
+TEACHER_ALIGNS = ("auto", "ids", "text")
 TEACHER_PROMPTS = ("same", "answer_hint", "own_template")
 
 
@@ -155,13 +156,21 @@ class TeacherConfig(FrozenModelInit):
     record's ``answer`` field: a privileged teacher) or ``own_template`` (the record's prompt rendered with the
     teacher's own chat template and tokenizer: an instruct teacher for a base student); the completion tokens stay
     the student's, so the supervised tokens align. ``tokenizer``: where the teacher's tokenizer is read for
-    ``own_template`` (default ``model``; needed when training from ``cache``).
+    ``own_template`` and ``align`` (default ``model``; needed when training from ``cache``).
+
+    ``align``: how the teacher's vocabulary meets the student's: ``ids`` (one token → id map, one model family),
+    ``text`` (another tokenizer: the teacher reads the text with its own, positions meet where token boundaries do
+    and tokens where their bytes are equal; see the Teachers page) or ``auto`` (``ids`` when the maps agree, else
+    an error naming ``text``). ``align_top_k``: under ``text``, the teacher's most probable student tokens per
+    position that reach the loss (the rest of its mass is completed by the student).
     """
 
     model: str | None = None
     cache: str | None = None
     prompt: str = "same"
     tokenizer: str | None = None
+    align: str = "auto"
+    align_top_k: int = 256
 
 
 @dataclass
@@ -376,6 +385,11 @@ def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
         )
     if cfg.teacher.model and cfg.teacher.cache:
         raise ConfigError("give teacher.model or teacher.cache, not both")
+    if cfg.teacher.align not in TEACHER_ALIGNS:
+        raise ConfigError(f"teacher.align must be one of {TEACHER_ALIGNS}, got {cfg.teacher.align!r}")
+    top_k = cfg.teacher.align_top_k
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ConfigError(f"teacher.align_top_k must be a positive integer, got {top_k!r}")
     needs = spec.needs
     if "teacher" in needs and not (cfg.teacher.model or cfg.teacher.cache):
         raise ConfigError(f"method {cfg.loss.method!r} needs a teacher: set teacher.model or teacher.cache")

@@ -16,6 +16,7 @@ from targetsft.losses.methods import get_method
 from targetsft.runtime.inputs import InputError
 from targetsft.training.config import TrainConfig
 from targetsft.training.integration import IGNORE_INDEX
+from targetsft.training.text_alignment import TextAligner, collate_teacher
 
 
 def _privileged_prompt(record: dict[str, Any]) -> dict[str, Any]:
@@ -76,8 +77,27 @@ def teacher_prompt_tokenizer(cfg: TrainConfig, tokenizer: Any, teacher: str | No
     if not source:
         raise ValueError("teacher.prompt own_template needs the teacher's tokenizer: set teacher.tokenizer")
     other = load_tokenizer(resolve_model(source))
-    check_token_maps(tokenizer, other, f"teacher tokenizer {source!r}")
+    if cfg.teacher.align != "text":
+        check_token_maps(tokenizer, other, f"teacher tokenizer {source!r}")
     return other
+
+
+def teacher_aligner(
+    cfg: TrainConfig, tokenizer: Any, teacher: str | None = None, teacher_tokenizer: Any = None
+) -> TextAligner | None:
+    """The :class:`~targetsft.training.text_alignment.TextAligner` of an online teacher (``teacher``, else
+    ``teacher.model``) whose tokenizer (``teacher.tokenizer``, else the teacher's own) is aligned by text
+    (:func:`~targetsft.training.vocabulary.resolve_align` of ``teacher.align``); None for one aligned by ids."""
+    from targetsft.runtime.models import load_tokenizer, resolve_model
+    from targetsft.training.vocabulary import resolve_align
+
+    source = cfg.teacher.tokenizer or teacher or cfg.teacher.model
+    if not source:
+        return None
+    other = teacher_tokenizer or load_tokenizer(resolve_model(source))
+    if resolve_align(cfg.teacher.align, tokenizer, other, f"teacher {source!r}") == "ids":
+        return None
+    return TextAligner.build(tokenizer, other, top_k=cfg.teacher.align_top_k)
 
 
 def _teacher_prompt(
@@ -96,14 +116,21 @@ def _teacher_prompt(
 
 
 def tokenize_examples(
-    cfg: TrainConfig, tokenizer: Any, records: list[dict[str, Any]], source: str, teacher_tokenizer: Any = None
+    cfg: TrainConfig,
+    tokenizer: Any,
+    records: list[dict[str, Any]],
+    source: str,
+    teacher_tokenizer: Any = None,
+    aligner: TextAligner | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Tokenized examples (``input_ids``, ``labels``, ``attention_mask``, ``example_index`` and, for a teacher with
     a prompt of its own, ``teacher_input_ids``/``teacher_labels``; ``token_weights`` for the weighted methods) plus
     counts of kept/truncated/dropped records.
 
     A teacher's own sequence is its prompt (``answer_hint``; ``own_template``, rendered by ``teacher_tokenizer``)
-    followed by exactly the student's completion tokens, so the supervised tokens align by construction.
+    followed by exactly the student's completion tokens, so the supervised tokens align by construction. A teacher
+    of another tokenizer (``aligner``) reads the text instead: ``teacher_input_ids`` and ``teacher_rows`` of
+    :meth:`~targetsft.training.text_alignment.TextAligner.example`.
     """
     from targetsft.data.sft import aligned_token_weights, tokenize_record
 
@@ -127,7 +154,11 @@ def tokenize_examples(
                 raise InputError(f"{where}: method {cfg.loss.method!r} needs token_weights (or weight) in every record")
             item["token_weights"] = weights
         t_prompt = _teacher_prompt(cfg, tokenizer, teacher_tokenizer, record)
-        if t_prompt is not None:
+        if aligner is not None:
+            if cfg.teacher.prompt == "answer_hint":  # rendered by the student's tokenizer: the teacher reads its text
+                t_prompt = aligner.read_prompt(t_prompt)
+            item.update(aligner.example(item["input_ids"], item["labels"], t_prompt))
+        elif t_prompt is not None and cfg.teacher.align != "text":  # text: a cache holds the teacher's side
             start = next(i for i, l in enumerate(item["labels"]) if l != IGNORE_INDEX)
             item["teacher_input_ids"] = t_prompt + item["input_ids"][start:]
             item["teacher_labels"] = [IGNORE_INDEX] * len(t_prompt) + item["labels"][start:]
@@ -140,12 +171,17 @@ Split = tuple[list[dict[str, Any]], list[dict[str, Any]] | None, int]  # what sp
 
 
 def build_dataset(
-    cfg: TrainConfig, tokenizer: Any, split: Split | None = None, teacher_tokenizer: Any = None
+    cfg: TrainConfig,
+    tokenizer: Any,
+    split: Split | None = None,
+    teacher_tokenizer: Any = None,
+    aligner: TextAligner | None = None,
 ) -> tuple[list[dict[str, Any]], dict]:
     """The training examples of ``cfg`` (after ``data.size``, the ``data.eval`` split and ``data.label_noise``) and
     their counts (``available``: records before ``data.size``; ``corrupted`` with label noise); ``split``: the
     :func:`split_records` of ``cfg`` when the caller has it already; ``teacher_tokenizer``: the one of
-    :func:`teacher_prompt_tokenizer` (read from ``cfg`` when not given)."""
+    :func:`teacher_prompt_tokenizer` (read from ``cfg`` when not given); ``aligner``: a teacher's of
+    :func:`teacher_aligner`, when it reads the text."""
     records, _, available = split or split_records(cfg)
     corrupted = None
     if cfg.data.label_noise:
@@ -153,7 +189,7 @@ def build_dataset(
 
         records, corrupted = corrupt_records(records, cfg.data.label_noise, cfg.data.noise_kind, cfg.data.seed)
     teacher_tokenizer = teacher_tokenizer or teacher_prompt_tokenizer(cfg, tokenizer)
-    items, counts = tokenize_examples(cfg, tokenizer, records, cfg.data.train, teacher_tokenizer)
+    items, counts = tokenize_examples(cfg, tokenizer, records, cfg.data.train, teacher_tokenizer, aligner)
     counts["available"] = available
     if corrupted is not None:
         counts["corrupted"] = len(corrupted)
@@ -161,16 +197,20 @@ def build_dataset(
 
 
 def build_eval_dataset(
-    cfg: TrainConfig, tokenizer: Any, split: Split | None = None, teacher_tokenizer: Any = None
+    cfg: TrainConfig,
+    tokenizer: Any,
+    split: Split | None = None,
+    teacher_tokenizer: Any = None,
+    aligner: TextAligner | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, int]] | None:
     """The held-out examples of ``data.eval`` (never corrupted by label noise) and their counts, or None;
-    ``teacher_tokenizer`` as in :func:`build_dataset`."""
+    ``teacher_tokenizer`` and ``aligner`` as in :func:`build_dataset`."""
     _, held_out, _ = split or split_records(cfg)
     if held_out is None:
         return None
     source = cfg.data.eval if isinstance(cfg.data.eval, str) else f"{cfg.data.train} (eval split)"
     teacher_tokenizer = teacher_tokenizer or teacher_prompt_tokenizer(cfg, tokenizer)
-    return tokenize_examples(cfg, tokenizer, held_out, source, teacher_tokenizer)
+    return tokenize_examples(cfg, tokenizer, held_out, source, teacher_tokenizer, aligner)
 
 
 def data_notes(cfg: TrainConfig, counts: dict[str, int], examples_seen: int | None) -> list[str]:
@@ -218,17 +258,20 @@ class Collator:
     are unchanged.
     """
 
-    def __init__(self, pad_token_id: int, packing: bool = False) -> None:
+    def __init__(self, pad_token_id: int, packing: bool = False, teacher_pad_id: int = 0) -> None:
         from targetsft.data.sft import DataCollatorForCompletion
 
         self.pad = DataCollatorForCompletion(pad_token_id=pad_token_id)
         self.packing = packing
+        self.teacher_pad_id = teacher_pad_id  # a teacher of another tokenizer pads with its own id
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if self.packing:
             return self._packed(features)
         batch = self.pad(features)
-        if "teacher_input_ids" in features[0]:
+        if "teacher_rows" in features[0]:  # a teacher of another tokenizer: its own sequences, rows per loss token
+            batch.update(collate_teacher(features, self.teacher_pad_id))
+        elif "teacher_input_ids" in features[0]:
             teacher = self.pad([{"input_ids": f["teacher_input_ids"], "labels": f["teacher_labels"]} for f in features])
             batch["teacher_input_ids"] = teacher["input_ids"]
             batch["teacher_labels"] = teacher["labels"]
@@ -243,7 +286,7 @@ class Collator:
         return batch
 
     def _packed(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        if "teacher_input_ids" in features[0]:
+        if "teacher_input_ids" in features[0] and "teacher_rows" not in features[0]:
             raise ValueError("data.packing: a teacher with a prompt of its own reads other sequences; use packing off")
         labels = [[IGNORE_INDEX, *f["labels"][1:]] for f in features]
         batch = {
@@ -255,6 +298,8 @@ class Collator:
             batch["token_weights"] = torch.tensor([[w for f in features for w in f["token_weights"]]])
         if "example_index" in features[0]:
             batch["example_index"] = torch.tensor([f["example_index"] for f in features], dtype=torch.long)
+        if "teacher_rows" in features[0]:  # padded apart: the loss rows keep their order when packed
+            batch.update(collate_teacher(features, self.teacher_pad_id))
         batch["num_loss_tokens"] = _loss_tokens(features)
         return batch
 

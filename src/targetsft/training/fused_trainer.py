@@ -26,6 +26,7 @@ from targetsft.training.integration import (
     shard_frozen,
     with_rank0_weights,
 )
+from targetsft.training.text_alignment import TextAligner
 
 
 class FusedLossMixin:
@@ -43,6 +44,11 @@ class FusedLossMixin:
             DeepSpeed ZeRO-3 config, or ``auto`` (sharded under ZeRO-3, else replicated).
         shared_vocab_size: the student's real tokens, shared with the teacher/reference (see
             :func:`targetsft.fused_target_loss`); rows past it on either side are padding. None: all rows, equal.
+        teacher_alignment: a :class:`~targetsft.training.text_alignment.TextAligner` for an online teacher of
+            another tokenizer (``teacher.align: text``): it reads the batch's text with its own tokenizer (the
+            batch's ``teacher_input_ids``/``teacher_rows`` when the collator made them, else made here from
+            ``input_ids`` and ``labels``) and reaches the loss as top-k rows on the student's ids; the method's
+            teacher ``temperature`` is applied there. Its aligned shares join the logs.
     """
 
     loss_is_scaled_for_ga = True
@@ -59,6 +65,7 @@ class FusedLossMixin:
         teacher_placement: str = "auto",
         ref_placement: str = "auto",
         shared_vocab_size: int | None = None,
+        teacher_alignment: TextAligner | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -69,8 +76,15 @@ class FusedLossMixin:
         self._clock = time.perf_counter()
         teacher_model = self._place(teacher_model, teacher_placement, "teacher")
         ref_model = self._place(ref_model, ref_placement, "reference")
+        self.teacher_alignment = teacher_alignment
+        if teacher_alignment is not None:
+            if teacher_model is None:
+                raise ValueError("teacher_alignment aligns an online teacher: give teacher_model too")
+            method_params = teacher_alignment.take_temperature(method, method_params)
         # the target is built once here, not at every step from the method's name and parameters
         defaults: dict[str, Any] = {"method": resolve_target(method, method_params or {}), "chunk_size": chunk_size}
+        if teacher_alignment is not None:
+            defaults["teacher_alignment"] = teacher_alignment
         if shared_vocab_size is None and teacher_cache is not None:  # its ids lie below the tokens it shares
             shared_vocab_size = getattr(teacher_cache, "shared_vocab_size", None)
         if shared_vocab_size is not None:
@@ -110,7 +124,9 @@ class FusedLossMixin:
             options["num_items_in_batch"] = num_items_in_batch
         if "num_loss_tokens" in inputs:  # counted by the collator on the host: no read back to find the loss rows
             options["num_loss_tokens"] = inputs.pop("num_loss_tokens")
-        for key in ("teacher_input_ids", "teacher_attention_mask", "teacher_labels"):
+        if self.teacher_alignment is not None and "teacher_rows" not in inputs:  # e.g. TRL's collator
+            inputs.update(self.teacher_alignment.batch(inputs["input_ids"], labels, inputs.get("position_ids")))
+        for key in ("teacher_input_ids", "teacher_attention_mask", "teacher_labels", "teacher_rows"):
             if key in inputs:
                 options[key] = inputs.pop(key)
         if "token_weights" in inputs:  # shifted like the labels: position t carries the weight of token t + 1
@@ -147,6 +163,8 @@ class FusedLossMixin:
             elapsed = time.perf_counter() - self._clock
             logs["tokens_per_second"] = round(int(self._tokens) * self.args.world_size / max(elapsed, 1e-9), 1)
             self._stats, self._tokens, self._clock = TargetStats(), 0, time.perf_counter()
+            if self.teacher_alignment is not None:
+                logs.update({f"teacher_{k}": round(v, 6) for k, v in self.teacher_alignment.take_shares().items()})
         if "eval_loss" in logs and self._eval_stats.count:  # the held-out set's target statistics, as in training
             means = self._eval_stats.means()
             logs.update({f"eval_{k}": round(means[k], 6) for k in STAT_NAMES})

@@ -223,6 +223,8 @@ def causal_lm_target_loss(
     teacher_input_ids: Tensor | None = None,
     teacher_attention_mask: Tensor | None = None,
     teacher_labels: Tensor | None = None,
+    teacher_rows: Tensor | None = None,
+    teacher_alignment: Any = None,
     ref_model: nn.Module | None = None,
     model_kwargs: dict[str, Any] | None = None,
     **loss_kwargs: Any,
@@ -231,7 +233,10 @@ def causal_lm_target_loss(
 
     ``teacher_model`` (and ``ref_model``) run without gradient on the same inputs, or on ``teacher_input_ids``
     (e.g. a prompt with privileged context) when given with ``teacher_labels``: then the teacher's rows are
-    taken at its own supervised positions, whose label tokens must equal the student's, in order.
+    taken at its own supervised positions, whose label tokens must equal the student's, in order. A teacher of
+    another tokenizer (``teacher_alignment``, a :class:`~targetsft.training.text_alignment.TextAligner`) reads its
+    own ``teacher_input_ids``; ``teacher_rows`` picks, per loss row, its position (−1: none), and its distribution
+    reaches the loss as top-k rows on the student's ids.
     Other keyword arguments go to :func:`targetsft.fused_target_loss` (``num_items_in_batch``,
     ``teacher_topk``, ``return_stats``, method parameters, ...).
     """
@@ -240,10 +245,20 @@ def causal_lm_target_loss(
     boundaries = {k: v for k, v in (model_kwargs or {}).items() if k in SEQUENCE_KEYS and v is not None}
     others = {"teacher": teacher_model, "ref": ref_model}
     extra: dict[str, Any] = {}
-    for role, other in others.items():
+    for role, other in list(others.items()):
         if other is None:
             continue
         at = input_device(other)  # a teacher may sit on another device (device_map): inputs there, rows back here
+        if role == "teacher" and teacher_alignment is not None:
+            if teacher_rows is None or teacher_input_ids is None:
+                raise ValueError("a teacher aligned by text needs the batch's teacher_input_ids and teacher_rows")
+            from targetsft.training.text_alignment import aligned_teacher_topk
+
+            loss_kwargs["teacher_topk"] = aligned_teacher_topk(
+                other, teacher_alignment, teacher_input_ids, teacher_attention_mask, teacher_rows, hidden.device
+            )
+            others["teacher"] = None  # it reaches the loss as top-k rows
+            continue
         if role == "teacher" and teacher_input_ids is not None:
             if boundaries:
                 raise ValueError(

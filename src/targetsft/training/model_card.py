@@ -11,10 +11,16 @@ from targetsft.training.config import TrainConfig
 
 
 def model_card(
-    cfg: TrainConfig, counts: dict[str, int], metrics: dict[str, Any], env: dict[str, Any], notes: list[str]
+    cfg: TrainConfig,
+    counts: dict[str, int],
+    metrics: dict[str, Any],
+    env: dict[str, Any],
+    notes: list[str],
+    alignment: dict[str, Any] | None = None,
 ) -> str:
     """The card's markdown for a run of ``cfg`` on examples ``counts``, ending at ``metrics``, in environment
-    ``env``, with the ``notes`` on where its data was cut."""
+    ``env``, with the ``notes`` on where its data was cut and, for a teacher read through the text, its
+    ``alignment`` (the shares of :meth:`~targetsft.training.text_alignment.TextAligner.summary`)."""
     spec = get_method(cfg.loss.method)
     params = {**spec.defaults, **cfg.loss.params}
     lines = [
@@ -33,6 +39,14 @@ def model_card(
         + (f"; held out for eval_loss: {cfg.data.eval}." if cfg.data.eval is not None else "."),
         *(f"Note: {note}." for note in notes),
         f"Teacher: {cfg.teacher.model or cfg.teacher.cache or '—'} (prompt: {cfg.teacher.prompt}).",
+        *(
+            [
+                f"Teacher alignment: by text; {alignment['aligned_positions']:.1%} of the supervised positions "
+                f"aligned, {alignment['aligned_mass']:.1%} of the teacher's mass there on student tokens."
+            ]
+            if alignment
+            else []
+        ),
         f"LoRA: {json.dumps(cfg.lora.__dict__) if cfg.lora else 'no (full fine-tuning)'}",
         f"Precision: {env['precision']} (asked: {env['requested_precision']}) on {env['device']}; "
         f"CPU capability {env['cpu_capability']}, native CPU bf16: {env['cpu_native_bf16']}.",

@@ -92,12 +92,14 @@ def without_zero3_init() -> Iterator[None]:
 
 
 def load_frozen(path: str, init: ModelInit, auto_dtype: torch.dtype, tokenizer: Any, role: str) -> nn.Module:
-    """A teacher or reference model: its token → id map checked against the student's, loaded as ``init`` says
-    (``dtype: auto``: ``auto_dtype``; training gives its precision's, so bf16 where the device runs it natively)."""
+    """A teacher or reference model: its token → id map checked against the student's ``tokenizer`` (None: not
+    checked, for a teacher read through the text), loaded as ``init`` says (``dtype: auto``: ``auto_dtype``;
+    training gives its precision's, so bf16 where the device runs it natively)."""
     from targetsft.runtime.models import load_model, resolve_model
 
     path = resolve_model(path)
-    matching_tokenizer(path, tokenizer, role)
+    if tokenizer is not None:
+        matching_tokenizer(path, tokenizer, role)
     with without_zero3_init():  # the trainer shards it (placement) where ZeRO-3 runs
         model = load_model(path, **init.from_pretrained_kwargs(auto_dtype))
     if init.device_map is not None:

@@ -34,6 +34,7 @@ from targetsft.training.dataset import (
     build_eval_dataset,
     data_notes,
     split_records,
+    teacher_aligner,
     teacher_prompt_tokenizer,
 )
 from targetsft.training.fused_trainer import FusedLossMixin
@@ -46,6 +47,7 @@ from targetsft.training.teacher_cache import (
     label_stats_line,
     teacher_label_stats,
 )
+from targetsft.training.text_alignment import TextAligner, alignment_note
 from targetsft.training.vocabulary import VocabAlignment
 
 # what this module held before its parts moved out, still importable from here
@@ -110,6 +112,7 @@ class _Data:
     items: list[dict[str, Any]]
     counts: dict[str, int]
     held_out: tuple[list[dict[str, Any]], dict[str, int]] | None
+    aligner: TextAligner | None = None  # an online teacher of another tokenizer, read through the text
 
 
 @dataclass
@@ -154,11 +157,12 @@ def _setup_data(cfg: TrainConfig) -> _Data:
     tokenizer = load_tokenizer(model_path)
     split = split_records(cfg)
     teacher_tokenizer = teacher_prompt_tokenizer(cfg, tokenizer)  # own_template: one load for both sets
-    items, counts = build_dataset(cfg, tokenizer, split, teacher_tokenizer)
-    held_out = build_eval_dataset(cfg, tokenizer, split, teacher_tokenizer)
+    aligner = teacher_aligner(cfg, tokenizer) if cfg.teacher.model else None
+    items, counts = build_dataset(cfg, tokenizer, split, teacher_tokenizer, aligner)
+    held_out = build_eval_dataset(cfg, tokenizer, split, teacher_tokenizer, aligner)
     if not items:
         raise ValueError(f"no training examples left from {cfg.data.train!r} after tokenization ({counts})")
-    return _Data(model_path, tokenizer, items, counts, held_out)
+    return _Data(model_path, tokenizer, items, counts, held_out, aligner)
 
 
 def _announce_data(cfg: TrainConfig, data: _Data, args: TrainingArguments) -> list[str]:
@@ -194,8 +198,12 @@ def _setup_teacher_and_reference(
             frozen.reference = frozen_copy(student, cfg.reference, precision.dtype)
         frozen.vocab["reference"] = check_frozen_model(student, frozen.reference, "reference", data.tokenizer)
     if cfg.teacher.model:
-        frozen.teacher = load_frozen(cfg.teacher.model, cfg.teacher, precision.dtype, data.tokenizer, "teacher")
-        frozen.vocab["teacher"] = check_frozen_model(student, frozen.teacher, "teacher", data.tokenizer)
+        checked = data.tokenizer if data.aligner is None else None  # a teacher read through the text has its own
+        frozen.teacher = load_frozen(cfg.teacher.model, cfg.teacher, precision.dtype, checked, "teacher")
+        if data.aligner is None:
+            frozen.vocab["teacher"] = check_frozen_model(student, frozen.teacher, "teacher", data.tokenizer)
+        else:
+            print(alignment_note(data.aligner), flush=True)
     elif cfg.teacher.cache:
         frozen.cache, frozen.teacher_info = _open_teacher_cache(cfg, spec, student, data)
     for role, alignment in frozen.vocab.items():
@@ -271,7 +279,11 @@ def _setup_trainer(
         args=args,
         train_dataset=Dataset.from_list(data.items),
         eval_dataset=Dataset.from_list(data.held_out[0]) if data.held_out else None,
-        data_collator=Collator(data.tokenizer.pad_token_id, packing=cfg.data.packing),
+        data_collator=Collator(
+            data.tokenizer.pad_token_id,
+            packing=cfg.data.packing,
+            teacher_pad_id=data.aligner.teacher_pad_id if data.aligner else 0,
+        ),
         method=cfg.loss.method,
         method_params=_loss_params(cfg, spec, frozen.cache),
         teacher_model=frozen.teacher,
@@ -281,6 +293,7 @@ def _setup_trainer(
         teacher_placement=cfg.teacher.placement,
         ref_placement=ref_placement,
         shared_vocab_size=frozen.shared_vocab_size,
+        teacher_alignment=data.aligner,
         callbacks=[*own, *(callbacks or [])],
     )
     if _reference_kind(spec) == "snapshot" and sharded(trainer.model_wrapped):
@@ -334,6 +347,10 @@ def _summary(
         summary["teacher"] = frozen.teacher_info
     if frozen.vocab:
         summary["vocabulary"] = {role: {**a.to_dict(), "note": a.note(role)} for role, a in frozen.vocab.items()}
+    if data.aligner is not None:
+        summary["teacher_alignment"] = data.aligner.summary()
+    elif frozen.cache is not None and frozen.cache.alignment is not None:
+        summary["teacher_alignment"] = frozen.cache.alignment
     return summary
 
 
@@ -348,7 +365,14 @@ def _save(
         final = out / "final"
         (whole.merge_and_unload() if cfg.lora is not None else whole).save_pretrained(final)
         data.tokenizer.save_pretrained(final)
-        card = model_card(cfg, summary["data"], summary["metrics"], summary["environment"], summary["data_notes"])
+        card = model_card(
+            cfg,
+            summary["data"],
+            summary["metrics"],
+            summary["environment"],
+            summary["data_notes"],
+            summary.get("teacher_alignment"),
+        )
         atomic_write_text(final / "README.md", card)
         if not keep_checkpoints:
             for checkpoint in out.glob("checkpoint-*"):

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 CROSS_TOKENIZER_HINT = (
-    "targetsft supports teachers whose token → id map agrees with the student's (one model family); a teacher "
-    "of another family needs cross-tokenizer alignment"
+    "a teacher of another family reads the text with its own tokenizer under teacher.align: text (target-sft "
+    "train and cache-teacher; TargetSFTTrainer(teacher_align='text'); TargetTrainer(teacher_alignment=TextAligner))"
 )
 
 
@@ -134,3 +134,14 @@ def align_by_rows(student_rows: int, other_rows: int, role: str = "teacher") -> 
             "that the shared vocabulary can be found (padding rows differ between sizes of one family)"
         )
     return VocabAlignment(student_rows, student_rows, other_rows)
+
+
+def resolve_align(align: str, tokenizer: Any, other_tokenizer: Any, role: str = "teacher") -> str:
+    """``ids`` or ``text``: ``align`` itself, or for ``auto`` ``ids`` when the token → id maps agree
+    (:func:`check_token_maps`) and otherwise a ValueError that names ``text``; ``ids`` is checked the same way."""
+    if align not in ("auto", "ids", "text"):
+        raise ValueError(f"align must be 'auto', 'ids' or 'text', got {align!r}")
+    if align == "text":
+        return "text"
+    check_token_maps(tokenizer, other_tokenizer, role)
+    return "ids"

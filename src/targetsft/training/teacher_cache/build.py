@@ -11,7 +11,7 @@ import math
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from targetsft.training.teacher_cache.storage import (
     tokenizer_fingerprint,
     weights_fingerprint,
 )
+from targetsft.training.text_alignment import TextAligner, TokenMap, log_softmax_at, map_to_student, scatter_rows
 from targetsft.training.vocabulary import VocabAlignment, align_vocabularies, id_to_token
 
 logger = logging.getLogger(__name__)
@@ -98,16 +99,16 @@ def _round_down_fp16(x: Tensor) -> Tensor:
 
 
 def _topk_rows(logits: Tensor, k: int, temperature: float, shared: int | None = None) -> tuple[Tensor, Tensor]:
-    """Top-k of ``log_softmax(logits[:, :shared] / T)`` (float32) per row: ids int32 and log-probs float32, on the
+    """Top-k of ``log_softmax(logits[:, :shared] / T)`` per row (:func:`log_softmax_at`): ids int32 and log-probs
+    float32, on the
     CPU (columns past ``shared``, padding or tokens the student lacks, are dropped before the softmax)."""
     logits = logits[:, :shared]
     step = max(1, _SOFTMAX_ELEMS // max(1, logits.shape[-1]))
     ids, lps = [], []
     for s in range(0, logits.shape[0], step):
-        lp = torch.log_softmax(logits[s : s + step].float() / temperature, dim=-1)
-        v, i = lp.topk(k, dim=-1, largest=True, sorted=True)
+        v, i = log_softmax_at(logits[s : s + step], k, temperature)  # the order of the columns is moot
         ids.append(i.to(torch.int32).cpu())
-        lps.append(v.clamp(max=0.0).cpu())
+        lps.append(v.float().clamp(max=0.0).cpu())
     if not ids:
         return torch.zeros(0, k, dtype=torch.int32), torch.zeros(0, k)
     return torch.cat(ids), torch.cat(lps)
@@ -184,6 +185,31 @@ class _RunSpec:
     keep_ok: bool
     vocab: int
     shared: int
+    token_map: TokenMap | None = None  # a teacher read through the text: its rows go to the student's ids
+    tally: dict[str, float] = field(default_factory=dict)  # the shard's aligned rows and their mapped mass
+
+
+def _text_rows(spec: _RunSpec, logits: Tensor, batch: list[_TeacherInput]) -> list[tuple[Tensor, Tensor]]:
+    """Each example's rows of a teacher read through the text: its aligned rows mapped to the student's ids
+    (:func:`~targetsft.training.text_alignment.map_to_student`), ``MISSING_ID`` rows where it has none."""
+    step = max(1, _SOFTMAX_ELEMS // max(1, 2 * logits.shape[-1]))  # float64 rows
+    parts = [
+        map_to_student(logits[s : s + step], spec.token_map, spec.k, spec.temperature)
+        for s in range(0, len(logits), step)
+    ]
+    k = min(spec.k, spec.token_map.student_vocab)
+    ids, lps, mass = (
+        (torch.cat(p) for p in zip(*parts)) if parts else (torch.zeros(0, k).long(), torch.zeros(0, k), torch.zeros(0))
+    )
+    spec.tally["aligned"] = spec.tally.get("aligned", 0) + int(mass.numel())
+    spec.tally["mass"] = spec.tally.get("mass", 0.0) + float(mass.double().sum())
+    out = []
+    for x, a, b in zip(
+        batch, ids.split([x.positions.size for x in batch]), lps.split([x.positions.size for x in batch])
+    ):
+        full_ids, full_lps = scatter_rows(torch.from_numpy(x.rows), a.cpu(), b.cpu())
+        out.append((full_ids.to(torch.int32), full_lps.clamp(max=0.0)))
+    return out
 
 
 def _compute_shard(
@@ -194,25 +220,28 @@ def _compute_shard(
     Examples are batched by decreasing teacher length (less padding); rows are put back in example order.
     """
     inputs = {i: _teacher_input(i, examples[i], spec.vocab) for i in range(start, end)}
-    order = sorted((i for i in inputs if inputs[i].positions.size), key=lambda i: -inputs[i].input_ids.size)
+    order = sorted((i for i in inputs if inputs[i].count), key=lambda i: -inputs[i].input_ids.size)
     rows: dict[int, tuple[Tensor, Tensor]] = {}
     for s in range(0, len(order), spec.batch_size):
         idx = order[s : s + spec.batch_size]
         batch = [inputs[i] for i in idx]
         if is_vllm(spec.model):
-            ids, lps = _teacher_topk_vllm(spec.model, batch, spec.k, spec.shared)
+            per_example = _split(batch, *_teacher_topk_vllm(spec.model, batch, spec.k, spec.shared))
         else:
             logits = _teacher_logits_rows(
                 spec.model, batch, pad_id=spec.pad_id, device=spec.device, keep_ok=spec.keep_ok, vocab=spec.vocab
             )
-            ids, lps = _topk_rows(logits, spec.k, spec.temperature, spec.shared)
-        if bool(torch.isnan(lps).any()):
-            raise RuntimeError(f"the teacher produced NaN log-probs in examples {sorted(idx)}")
-        split = [x.positions.size for x in batch]
-        for i, a, b in zip(idx, ids.split(split), lps.split(split), strict=True):
+            if spec.token_map is not None:
+                per_example = _text_rows(spec, logits, batch)
+            else:
+                per_example = _split(batch, *_topk_rows(logits, spec.k, spec.temperature, spec.shared))
+        for i, (a, b) in zip(idx, per_example, strict=True):
+            if bool(torch.isnan(b).any()):
+                raise RuntimeError(f"the teacher produced NaN log-probs in example {i}")
             rows[i] = (a, b)
-        bar.update(sum(split))
-    empty = (torch.zeros(0, spec.k, dtype=torch.int32), torch.zeros(0, spec.k))
+        bar.update(sum(x.count for x in batch))
+    k = spec.k if spec.token_map is None else min(spec.k, spec.token_map.student_vocab)
+    empty = (torch.zeros(0, k, dtype=torch.int32), torch.zeros(0, k))
     parts = [rows.get(i, empty) for i in range(start, end)]
     counts = torch.tensor([0] + [p[0].shape[0] for p in parts], dtype=torch.int64)
     return {
@@ -220,6 +249,12 @@ def _compute_shard(
         "logprobs": _round_down_fp16(torch.cat([p[1] for p in parts])).contiguous(),
         "offsets": counts.cumsum(0),
     }
+
+
+def _split(batch: list[_TeacherInput], ids: Tensor, lps: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """A batch's rows, in batch order, cut into each example's."""
+    split = [x.positions.size for x in batch]
+    return list(zip(ids.split(split), lps.split(split), strict=True))
 
 
 def _alignment(tokenizer: Any, teacher_tokenizer: Any, rows: int) -> VocabAlignment:
@@ -300,6 +335,7 @@ def build_teacher_cache(
     overwrite: bool = False,
     precision: str = "auto",
     teacher_tokenizer: Any = None,
+    aligner: TextAligner | None = None,
 ) -> Path:
     """Run ``teacher_model`` over ``examples`` and store its top-k log-probs per supervised token in ``out_dir``.
 
@@ -322,6 +358,12 @@ def build_teacher_cache(
         teacher_tokenizer: the teacher's, to check its token → id map against ``tokenizer``'s
             (:func:`~targetsft.training.vocabulary.align_vocabularies`; special tokens and chat template may differ)
             and record what differs in the manifest's ``teacher_vocabulary``.
+        aligner: for a teacher of another tokenizer (``teacher.align: text``): the examples then carry the
+            teacher's own ``teacher_input_ids`` and ``teacher_rows``
+            (:meth:`~targetsft.training.text_alignment.TextAligner.example`), and the cache stores its rows on the
+            student's ids (rows with no teacher boundary hold ids ``-1``), so training from it costs what a cache of
+            the student's own family costs. Both tokenizers are part of the identity; the manifest's ``alignment``
+            records the token map and the aligned shares.
         k: tokens kept per position (≤ vocabulary size).
         temperature: the cached rows are ``log_softmax(logits / temperature)``; the loss uses them as they are.
         batch_size: examples per teacher forward (right-padded, attention mask).
@@ -341,8 +383,11 @@ def build_teacher_cache(
     if device is not None and not vllm:
         teacher_model.to(device)
     vocab = _vocab_size(teacher_model)
-    alignment = _alignment(tokenizer, teacher_tokenizer, vocab)
-    _check_build_args(k, temperature, batch_size, shard_examples, alignment.shared)
+    if aligner is not None and vllm:
+        raise ValueError("a teacher read through the text (teacher.align: text) builds its cache with transformers")
+    alignment = _alignment(tokenizer, teacher_tokenizer if aligner is None else None, vocab)
+    shared = alignment.shared if aligner is None else aligner.token_map.student_vocab
+    _check_build_args(k, temperature, batch_size, shard_examples, shared)
     if vllm and (temperature != 1.0 or k > teacher_model.max_logprobs):
         raise ValueError(
             "a vLLM teacher gives the top-k of log_softmax(logits) at temperature 1 for k <= "
@@ -362,7 +407,7 @@ def build_teacher_cache(
         "teacher_dtype": _model_dtype(teacher_model),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "vocab_size": vocab,
-        "shared_vocab_size": alignment.shared,
+        "shared_vocab_size": shared,
         "k": k,
         "temperature": float(temperature),
         "dataset_fingerprint": dfp,
@@ -370,17 +415,43 @@ def build_teacher_cache(
         "total_tokens": int(sum(counts)),
         "ignore_index": IGNORE_INDEX,
     }
+    if aligner is not None:  # only then, so that the identity of a cache of the student's own family is unchanged
+        identity.update(align="text", teacher_tokenizer_fingerprint=tokenizer_fingerprint(aligner.teacher))
     with _build_lock(folder):
         _remove(folder.glob(_TMP_PREFIX + "*"))  # temp files of a killed build
         manifest = _prepare_folder(folder, identity, overwrite)
         # a vLLM engine runs at its weights' dtype (no autocast): that is the precision recorded
         resolved = resolve_precision(teacher_model.dtype if vllm else precision, _model_device(teacher_model))
-        if teacher_tokenizer is not None:
+        if teacher_tokenizer is not None and aligner is None:
             manifest["teacher_vocabulary"] = {**alignment.to_dict(), "note": alignment.note("teacher")}
+        token_map = None if aligner is None else aligner.token_map
         _run_shards(
-            teacher_model, examples, folder, manifest, counts, tokenizer, batch_size, shard_examples, progress, resolved
+            teacher_model,
+            examples,
+            folder,
+            manifest,
+            counts,
+            tokenizer,
+            batch_size,
+            shard_examples,
+            progress,
+            resolved,
+            token_map,
         )
     return folder
+
+
+def _alignment_record(token_map: TokenMap, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's ``alignment``: the token map's counts and the shares over the shards built so far."""
+    shards = manifest["shards"]
+    rows, aligned = sum(s["tokens"] for s in shards), sum(s["aligned"] for s in shards)
+    mass = sum(s["aligned_mass"] for s in shards)
+    return {
+        "align": "text",
+        **token_map.to_dict(),
+        "aligned_positions": aligned / rows if rows else 0.0,
+        "aligned_mass": mass / aligned if aligned else 0.0,
+    }
 
 
 def _run_shards(
@@ -394,6 +465,7 @@ def _run_shards(
     shard_examples: int,
     progress: bool,
     precision: Precision,
+    token_map: TokenMap | None = None,
 ) -> None:
     """Build the shards after the last finished one, rewriting the manifest after each; mark it complete."""
     from safetensors.torch import save as st_save
@@ -414,6 +486,7 @@ def _run_shards(
         keep_ok=_accepts_logits_to_keep(model),
         vocab=manifest["vocab_size"],
         shared=manifest.get("shared_vocab_size", manifest["vocab_size"]),
+        token_map=token_map,
     )
     build = manifest["build"]
     built_at = build.get("precision", "fp32")
@@ -464,6 +537,10 @@ def _run_shards(
                         "sha256": hashlib.sha256(data).hexdigest(),
                     }
                 )
+                if token_map is not None:  # this shard's aligned rows and their mapped mass
+                    manifest["shards"][-1].update(aligned=int(spec.tally.pop("aligned", 0)))
+                    manifest["shards"][-1].update(aligned_mass=spec.tally.pop("mass", 0.0))
+                    manifest["alignment"] = _alignment_record(token_map, manifest)
                 build["seconds"] = round(build.get("seconds", 0.0) + time.perf_counter() - t0, 4)
                 build["tokens"] = build.get("tokens", 0) + tokens
                 build["tokens_per_second"] = round(build["tokens"] / build["seconds"], 1) if build["seconds"] else None

@@ -14,8 +14,9 @@ import torch
 from targetsft.runtime.files import atomic_write_text
 from targetsft.runtime.precision import resolve_precision
 from targetsft.training.config import TrainConfig
-from targetsft.training.dataset import build_dataset, teacher_prompt_tokenizer
+from targetsft.training.dataset import build_dataset, teacher_aligner, teacher_prompt_tokenizer
 from targetsft.training.models import load_frozen, matching_tokenizer
+from targetsft.training.text_alignment import alignment_note
 
 if TYPE_CHECKING:
     from targetsft.training.teacher_cache.read import TeacherCache
@@ -41,7 +42,8 @@ def cache_teacher(
     training examples of ``cfg`` (its data section and ``teacher.prompt``) in ``out``, at ``precision`` (default:
     the config's); train with ``teacher.cache: <out>`` and the same data section to use it. ``engine``:
     ``transformers`` (the teacher's forward under autocast) or ``vllm`` (a :class:`VLLMEngine` on the teacher's
-    folder with weights at ``precision``'s dtype; temperature 1 only)."""
+    folder with weights at ``precision``'s dtype; temperature 1 only). A teacher of another tokenizer
+    (``teacher.align: text``) reads the text and its rows are stored on the student's ids (transformers only)."""
     from targetsft.runtime.models import load_tokenizer, resolve_model
     from targetsft.training.teacher_cache.build import build_teacher_cache
 
@@ -49,6 +51,9 @@ def cache_teacher(
     if not teacher:
         raise ValueError("cache_teacher needs a teacher model (argument or teacher.model)")
     tokenizer = load_tokenizer(resolve_model(cfg.model))
+    aligner = teacher_aligner(cfg, tokenizer, teacher)
+    if aligner is not None:
+        print(alignment_note(aligner), flush=True)
     # the teacher section's loading keys; dtype auto keeps float32 weights (the forward runs in autocast at
     # `precision`, and the cache's identity records the weights' dtype, so caches built before stay valid)
     precision = precision or cfg.requested_precision()
@@ -58,12 +63,13 @@ def cache_teacher(
         dtype = str(resolve_precision(precision, device).dtype).removeprefix("torch.")
         model: Any = VLLMEngine(resolve_model(teacher), dtype=dtype, max_logprobs=max(k, 1))
     elif engine == "transformers":
-        model = load_frozen(teacher, cfg.teacher, torch.float32, tokenizer, "teacher")
+        checked = tokenizer if aligner is None else None  # a teacher read through the text has its own
+        model = load_frozen(teacher, cfg.teacher, torch.float32, checked, "teacher")
     else:
         raise ValueError(f"engine must be 'transformers' or 'vllm', got {engine!r}")
     try:
         prompt_tokenizer = teacher_prompt_tokenizer(cfg, tokenizer, teacher)
-        items, counts = build_dataset(cfg, tokenizer, teacher_tokenizer=prompt_tokenizer)
+        items, counts = build_dataset(cfg, tokenizer, teacher_tokenizer=prompt_tokenizer, aligner=aligner)
         print(f"examples: {counts}")
         folder = build_teacher_cache(
             model,
@@ -78,7 +84,8 @@ def cache_teacher(
             device=device,
             overwrite=overwrite,
             precision=precision,
-            teacher_tokenizer=matching_tokenizer(resolve_model(teacher), tokenizer, "teacher"),
+            teacher_tokenizer=None if aligner else matching_tokenizer(resolve_model(teacher), tokenizer, "teacher"),
+            aligner=aligner,
         )
     finally:
         if engine == "vllm":

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from targetsft.losses.validation import MISSING_ID
 from targetsft.training.teacher_cache.storage import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -172,6 +173,11 @@ class TeacherCache:
         return int(self.manifest["vocab_size"])
 
     @property
+    def alignment(self) -> dict[str, Any] | None:
+        """For a teacher read through the text: its token map's counts and the aligned shares (None otherwise)."""
+        return self.manifest.get("alignment")
+
+    @property
     def shared_vocab_size(self) -> int:
         """The tokens the teacher shares with the student: every stored id is below it."""
         return int(self.manifest.get("shared_vocab_size", self.manifest["vocab_size"]))
@@ -238,10 +244,12 @@ class TeacherCache:
         """How the cached teacher scores the labels of the ``examples`` it was built on, per supervised token:
         ``top1`` = P[argmax π_T = y], ``in_topk`` = P[y ∈ top-k], ``p_label`` = mean π_T(y) counting 0 where y is
         outside the top-k (a lower bound), ``topk_mass`` = mean Σ_topk π_T, ``topk_entropy`` = mean entropy (nats) of
-        the top-k renormalised, a sharpness measure (all at the cache's temperature)."""
+        the top-k renormalised, a sharpness measure (all at the cache's temperature), over the ``tokens`` rows that
+        have a teacher (all of them but where a teacher read through the text has no boundary)."""
         if len(examples) != len(self):
             raise CacheMismatchError(f"the cache holds {len(self)} examples, {len(examples)} were given")
         top1 = in_topk = p_label = mass = entropy = 0.0
+        rows = 0
         for i, example in enumerate(examples):
             labels = _as_int_array(example["labels"])
             y = torch.from_numpy(labels[_supervised_positions(labels)]).long()
@@ -250,6 +258,9 @@ class TeacherCache:
                 raise CacheMismatchError(
                     f"example {i} has {y.shape[0]} supervised tokens, the cache holds {ids.shape[0]} rows for it"
                 )
+            kept = ids[:, 0] != MISSING_ID  # rows with a teacher (one read through the text may have none)
+            ids, lps, y = ids[kept], lps[kept], y[kept]
+            rows += int(kept.sum())
             hit = ids == y[:, None]
             probs = lps.double().exp()
             top1 += (ids[:, 0] == y).sum().item()  # rows are sorted by decreasing log-prob
@@ -258,9 +269,9 @@ class TeacherCache:
             mass += probs.sum().item()
             renormed = torch.log_softmax(lps.double(), -1)
             entropy += -(renormed.exp() * renormed).sum().item()
-        n = max(self.tokens, 1)
+        n = max(rows, 1)
         return {
-            "tokens": self.tokens,
+            "tokens": rows,
             "top1": top1 / n,
             "in_topk": in_topk / n,
             "p_label": p_label / n,

@@ -141,6 +141,8 @@ def _as_int_array(value: Any) -> np.ndarray:
 
 
 def _hash_example(h: Any, example: Mapping[str, Any]) -> None:
+    if example.get("teacher_rows") is not None:  # a teacher read through the text: its side follows from the text
+        example = {"input_ids": example["input_ids"], "labels": example["labels"]}
     for key in _EXAMPLE_KEYS:
         value = example.get(key)
         if value is None:
@@ -233,13 +235,37 @@ class _TeacherInput:
     """What the teacher sees for one example and where its rows are: logits at ``positions`` predict the labels."""
 
     input_ids: np.ndarray
-    positions: np.ndarray  # t − 1 for each supervised position t
+    positions: np.ndarray  # t − 1 for each supervised position t (read through the text: the aligned rows)
+    rows: np.ndarray | None = None  # read through the text: per supervised token, its teacher position or −1
+
+    @property
+    def count(self) -> int:
+        """The cache rows of this example: one per supervised token."""
+        return int(self.positions.size if self.rows is None else self.rows.size)
+
+
+def _text_input(index: int, example: Mapping[str, Any], vocab_size: int) -> _TeacherInput:
+    """An example whose teacher reads the text: its own ``teacher_input_ids`` and a ``teacher_rows`` entry per
+    supervised student token (a teacher position, or −1 where no teacher boundary meets the student's)."""
+    labels = _as_int_array(example["labels"])
+    if _as_int_array(example["input_ids"]).shape != labels.shape:
+        raise ValueError(f"example {index}: input_ids and labels differ in length")
+    t_ids, rows = _as_int_array(example["teacher_input_ids"]), _as_int_array(example["teacher_rows"])
+    _check_ids(index, "teacher_input_ids", t_ids, vocab_size, labels=False)
+    supervised = _supervised_positions(labels).size
+    if rows.size != supervised:
+        raise ValueError(f"example {index}: {rows.size} teacher_rows for {supervised} supervised tokens")
+    if bool(((rows < -1) | (rows >= t_ids.size)).any()):
+        raise ValueError(f"example {index}: teacher_rows must lie in [-1, {t_ids.size}) (its teacher_input_ids)")
+    return _TeacherInput(t_ids, rows[rows >= 0], rows)
 
 
 def _teacher_input(index: int, example: Mapping[str, Any], vocab_size: int) -> _TeacherInput:
     """Validate one example; return the teacher's input and row positions (checking privileged-prompt alignment)."""
     if not isinstance(example, Mapping) or "input_ids" not in example or "labels" not in example:
         raise ValueError(f"example {index} must be a mapping with 'input_ids' and 'labels'")
+    if example.get("teacher_rows") is not None:
+        return _text_input(index, example, vocab_size)
     ids, labels = _pair(index, example, "input_ids", "labels", vocab_size)
     has_t = [example.get(k) is not None for k in ("teacher_input_ids", "teacher_labels")]
     if not any(has_t):
@@ -274,7 +300,7 @@ def _scan_examples(examples: Sequence[Mapping[str, Any]], vocab_size: int) -> tu
     counts: list[int] = []
     for i in range(len(examples)):
         example = examples[i]
-        counts.append(int(_teacher_input(i, example, vocab_size).positions.size))
+        counts.append(_teacher_input(i, example, vocab_size).count)
         _hash_example(h, example)
     h.update(b"n=" + len(counts).to_bytes(8, "little"))
     return counts, h.hexdigest()
