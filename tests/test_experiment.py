@@ -22,9 +22,9 @@ from targetsft import experiments as X
 from targetsft.experiments.grid import eval_spec
 from targetsft.experiments.plots import baseline_bands
 from targetsft.experiments.records import same_spec, spec_dict
-from targetsft.experiments.runner import probe_histogram
 from targetsft.runtime.files import sha256_file
 from targetsft.training.config import ConfigError, config_from_dict, load_yaml
+from targetsft.training.scoring import probe_histogram
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))

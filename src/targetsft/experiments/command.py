@@ -23,7 +23,8 @@ from targetsft.experiments.grid import (
     tables_dir,
 )
 from targetsft.experiments.report import aggregate
-from targetsft.experiments.runner import run_experiments, run_status, select_runs
+from targetsft.experiments.runner import run_experiments
+from targetsft.experiments.status import run_status, select_runs
 from targetsft.training.config import ConfigError
 
 

@@ -49,11 +49,11 @@ def add_importance_weights_arguments(p: argparse.ArgumentParser) -> argparse.Arg
 
 def run_importance_weights_from_args(args: argparse.Namespace) -> int:
     from targetsft.data.sft import load_records, to_prompt_completion, tokenize_record
-    from targetsft.experiments.runner import label_logprobs
     from targetsft.runtime.files import atomic_write_text
     from targetsft.runtime.inputs import check_model
     from targetsft.runtime.models import load_model, load_tokenizer, resolve_model
     from targetsft.training.config import check_inputs, load_config
+    from targetsft.training.scoring import label_logprobs
 
     cfg = load_config(args.config, args.overrides)
     check_inputs(cfg)
