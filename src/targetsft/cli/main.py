@@ -180,8 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_noise_fit_arguments(p)
     p.set_defaults(func=run_noise_fit_from_args)
-    from targetsft.experiments.critical_tokens import add_mark_critical_arguments, run_mark_critical_from_args
-    from targetsft.experiments.importance_weights import (
+    from targetsft.prep.critical_tokens import add_mark_critical_arguments, run_mark_critical_from_args
+    from targetsft.prep.importance_weights import (
         add_importance_weights_arguments,
         run_importance_weights_from_args,
     )
