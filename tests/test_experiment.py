@@ -19,6 +19,7 @@ import pytest
 
 from conftest import save_model
 from targetsft import experiments as X
+from targetsft.cli.experiment import add_experiment_arguments, run_experiment_from_args
 from targetsft.experiments.grid import eval_spec
 from targetsft.experiments.plots import baseline_bands
 from targetsft.experiments.records import same_spec, spec_dict
@@ -999,29 +1000,29 @@ def test_no_eval_problem_or_eval_template_in_any_training_data():
 
 
 def test_cli_dry_run_only_and_errors(tmp_path, capsys):
-    parser = X.add_experiment_arguments(argparse.ArgumentParser())
+    parser = add_experiment_arguments(argparse.ArgumentParser())
     args = parser.parse_args(["--config", str(ROOT / "experiments" / "smoke.yaml"), "--dry-run"])
-    assert X.run_experiment_from_args(args) == 0
+    assert run_experiment_from_args(args) == 0
     out = capsys.readouterr().out
     assert "3 runs" in out and "sft-lr5e-05-s0" in out and "target_sft-eta0.5-lr5e-05-s0" in out and "new" in out
     args = parser.parse_args(["--config", str(ROOT / "experiments" / "smoke.yaml"), "--dry-run", "--only", "target"])
-    assert X.run_experiment_from_args(args) == 0
+    assert run_experiment_from_args(args) == 0
     out = capsys.readouterr().out
     assert "1 runs" in out and "target_sft-eta0.5" in out and "sft-lr5e-05-s0" not in out
     bad = tmp_path / "bad.yaml"
     bad.write_text(json.dumps({**copy.deepcopy(_raw()), "seed": 1}))
-    assert X.run_experiment_from_args(parser.parse_args(["--config", str(bad)])) == 2
+    assert run_experiment_from_args(parser.parse_args(["--config", str(bad)])) == 2
     assert "unknown key 'seed' in the experiment" in capsys.readouterr().err
     both = ["--config", str(ROOT / "experiments" / "smoke.yaml"), "--config", str(ROOT / "experiments" / "main.yaml")]
-    assert X.run_experiment_from_args(parser.parse_args([*both, "--dry-run"])) == 0
+    assert run_experiment_from_args(parser.parse_args([*both, "--dry-run"])) == 0
     out = capsys.readouterr().out
     assert "experiment smoke: 3 runs" in out and "experiment main: 14 runs" in out
     assert "tables in runs/experiments/main" in out
     # --update-results names the committed tables; an experiment without results_dir is refused before anything runs
-    assert X.run_experiment_from_args(parser.parse_args([*both[2:], "--dry-run", "--update-results"])) == 0
+    assert run_experiment_from_args(parser.parse_args([*both[2:], "--dry-run", "--update-results"])) == 0
     assert "tables in results/main" in capsys.readouterr().out
     for extra in (["--update-results"], ["--aggregate-only", "--update-results"]):
-        assert X.run_experiment_from_args(parser.parse_args([*both, *extra])) == 2
+        assert run_experiment_from_args(parser.parse_args([*both, *extra])) == 2
         err = capsys.readouterr().err
         assert "--update-results: experiment 'smoke' has no results_dir" in err and "runs/experiments/smoke" in err
 
@@ -1040,12 +1041,12 @@ def test_cli_aggregate_only_writes_output_dir_unless_update_results(tmp_path, ca
         _fake_run(exp, tmp_path / "runs", f"sft-s{s}", "sft", "sft", s, [1, s, 0], [1, 0])
     config = tmp_path / "cli.yaml"
     config.write_text(json.dumps(raw))
-    parser = X.add_experiment_arguments(argparse.ArgumentParser())
-    assert X.run_experiment_from_args(parser.parse_args(["--config", str(config), "--aggregate-only"])) == 0
+    parser = add_experiment_arguments(argparse.ArgumentParser())
+    assert run_experiment_from_args(parser.parse_args(["--config", str(config), "--aggregate-only"])) == 0
     assert (tmp_path / "out" / "results.md").is_file() and not (tmp_path / "results").exists()
     assert "## toy" in capsys.readouterr().out
     args = parser.parse_args(["--config", str(config), "--aggregate-only", "--update-results"])
-    assert X.run_experiment_from_args(args) == 0
+    assert run_experiment_from_args(args) == 0
     assert (tmp_path / "results" / "results.md").read_text() == (tmp_path / "out" / "results.md").read_text()
     assert f"tables and plots in {tmp_path / 'results'}" in capsys.readouterr().err
 
@@ -1223,7 +1224,7 @@ def test_reproduce_a_run_from_its_record(tiny_setup, tmp_path, capsys, monkeypat
     committed = tmp_path / "records" / "target_sft-s0"
     before = {p: p.read_bytes() for p in committed.rglob("*") if p.is_file()}
     caches = sorted((out / "teacher_cache").iterdir())
-    parser = X.add_experiment_arguments(argparse.ArgumentParser())
+    parser = add_experiment_arguments(argparse.ArgumentParser())
     args = ["--config", str(path), "--reproduce", "target_sft-s0", "--no-progress"]
 
     calls, real_train = [], trainer.train
@@ -1233,7 +1234,7 @@ def test_reproduce_a_run_from_its_record(tiny_setup, tmp_path, capsys, monkeypat
         return real_train(cfg, **kwargs)
 
     monkeypatch.setattr(trainer, "train", spy)
-    assert X.run_experiment_from_args(parser.parse_args(args)) == 0
+    assert run_experiment_from_args(parser.parse_args(args)) == 0
     printed = capsys.readouterr().out
     scratch = out / "reproduce" / "target_sft-s0"
     assert calls == [(scratch / "runs" / "target_sft-s0", str(caches[0]))]  # the teacher's cache, not a new one
@@ -1257,25 +1258,25 @@ def test_reproduce_a_run_from_its_record(tiny_setup, tmp_path, capsys, monkeypat
     header, first = lines[0].split(","), lines[1].split(",")
     first[header.index("loss")] = str(float(first[header.index("loss")]) + 1.0)
     (committed / "metrics.csv").write_text("\n".join([lines[0], ",".join(first), *lines[2:]]) + "\n")
-    assert X.run_experiment_from_args(parser.parse_args(args)) == 1  # the finished reproduction, compared again
+    assert run_experiment_from_args(parser.parse_args(args)) == 1  # the finished reproduction, compared again
     printed = capsys.readouterr().out
     assert "reproduction of target_sft-s0: differs" in printed and "|Δ| 0.2500" in printed
     comparison = json.loads((scratch / "comparison.json").read_text())
     assert comparison["training"]["columns"]["loss"]["max_abs"] == pytest.approx(1.0)
     assert comparison["sets"]["qa"]["identical"] and not comparison["sets"]["mc"]["identical"]
-    assert X.run_experiment_from_args(parser.parse_args([*args, "--tolerance", "0.3"])) == 0
+    assert run_experiment_from_args(parser.parse_args([*args, "--tolerance", "0.3"])) == 0
     capsys.readouterr()
 
     # what cannot be reproduced is said
     for run_id, message in (("nope-s0", "has no run 'nope-s0'"), ("teach-s0", "no finished record")):
         if run_id == "teach-s0":
             (tmp_path / "records" / "teach-s0" / "DONE.json").unlink()
-        assert X.run_experiment_from_args(parser.parse_args([*args[:2], "--reproduce", run_id])) == 1
+        assert run_experiment_from_args(parser.parse_args([*args[:2], "--reproduce", run_id])) == 1
         assert message in capsys.readouterr().err
-    assert X.run_experiment_from_args(parser.parse_args([*args, "--only", "teach"])) == 2
+    assert run_experiment_from_args(parser.parse_args([*args, "--only", "teach"])) == 2
     raw["base"]["train"]["learning_rate"] = 1e-3
     path.write_text(json.dumps(raw))
-    assert X.run_experiment_from_args(parser.parse_args(args)) == 1
+    assert run_experiment_from_args(parser.parse_args(args)) == 1
     assert "another configuration" in capsys.readouterr().err
 
 

@@ -4,13 +4,12 @@ run and teacher cache: :mod:`~targetsft.experiments.teacher_runs`; one run rerun
 :mod:`~targetsft.experiments.reproduce`), their statistics, comparisons, tables and plots
 (:mod:`~targetsft.experiments.statistics`, :mod:`~targetsft.experiments.comparisons`,
 :mod:`~targetsft.experiments.report`, :mod:`~targetsft.experiments.teachers`, :mod:`~targetsft.experiments.plots`),
-the ``target-sft experiment`` command (:mod:`~targetsft.experiments.command`) and the studies built on finished runs
-(:mod:`~targetsft.experiments.noise_fit`, :mod:`~targetsft.experiments.induced_targets`). Imports every layer below
-it; its grid API is re-exported here."""
+and the studies built on finished runs (:mod:`~targetsft.experiments.noise_fit`,
+:mod:`~targetsft.experiments.induced_targets`). ``target-sft experiment`` is ``targetsft.cli.experiment``. Imports
+every layer below it; its grid API is re-exported here."""
 
 from __future__ import annotations
 
-from targetsft.experiments.command import add_experiment_arguments, run_experiment_from_args
 from targetsft.experiments.grid import (
     EvalSpec,
     Experiment,
@@ -55,7 +54,6 @@ __all__ = [
     "RecordVersionError",
     "Run",
     "RunGroup",
-    "add_experiment_arguments",
     "aggregate",
     "check_one_precision",
     "done_records",
@@ -69,7 +67,6 @@ __all__ = [
     "rank_correlation",
     "recorded_precision",
     "run_experiment",
-    "run_experiment_from_args",
     "run_experiments",
     "run_one",
     "run_precision",

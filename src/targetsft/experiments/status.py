@@ -1,5 +1,6 @@
 """Where each run of an experiment stands and how far the experiment is: a run's status (what running it would do),
-its complete checkpoints, the runs ``--only`` selects, and the progress line (runs done, left, elapsed, ETA)."""
+the dry run's plan, its complete checkpoints, the runs ``--only`` selects, and the progress line (runs done, left,
+elapsed, ETA)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,17 @@ def run_status(exp: Experiment, run: Run) -> str:
     if (record / "summary.json").is_file():
         return "retrain"
     return "started" if out.exists() or started is not None else "new"
+
+
+def format_plan(exp: Experiment, runs: Sequence[Run], update_results: bool = False) -> str:
+    """The runs of a dry run: index, id, method, status, folder; the header says where the tables would go."""
+    lines = [
+        f"experiment {exp.name}: {len(runs)} runs, eval sets {[s.label for s in exp.eval]}, "
+        f"tables in {tables_dir(exp, update_results)}"
+    ]
+    for i, run in enumerate(runs, 1):
+        lines.append(f"{i:4d}  {run.id:<48s} {run.method:<20s} {run_status(exp, run):<9s} {run_dir(exp, run)}")
+    return "\n".join(lines)
 
 
 def complete_checkpoints(out: Path) -> list[Path]:
