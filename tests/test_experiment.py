@@ -309,19 +309,19 @@ class _KillAfterSave:
 
 
 def test_resume_skips_finished_runs_and_resumes_a_killed_one(tiny_setup, tmp_path, monkeypatch):
-    from targetsft.training import trainer
+    from targetsft.training import recipe
 
     model, qa, mc = tiny_setup
     out = tmp_path / "exp"
     exp = X.experiment_from_dict(_tiny_experiment(out, model, qa, mc))
-    real_train, calls, kill = trainer.train, [], {"dft-s0"}
+    real_train, calls, kill = recipe.train, [], {"dft-s0"}
 
     def spy(cfg, *, resume=False, callbacks=None):
         run = Path(cfg.output_dir).name
         calls.append((run, resume))
         return real_train(cfg, resume=resume, callbacks=[*callbacks, *([_KillAfterSave(2)] if run in kill else [])])
 
-    monkeypatch.setattr(trainer, "train", spy)
+    monkeypatch.setattr(recipe, "train", spy)
     runs = out / "runs"
     with pytest.raises(KeyboardInterrupt):
         X.run_experiment(exp, progress=False)
@@ -395,7 +395,7 @@ def test_resume_skips_finished_runs_and_resumes_a_killed_one(tiny_setup, tmp_pat
 
 
 def test_teacher_cache_built_once_and_used_by_every_teacher_run(tiny_setup, tmp_path, monkeypatch):
-    from targetsft.training import trainer
+    from targetsft.training import recipe
     from targetsft.training.teacher_cache import command
 
     model, qa, mc = tiny_setup
@@ -405,7 +405,7 @@ def test_teacher_cache_built_once_and_used_by_every_teacher_run(tiny_setup, tmp_
     raw["base"]["train"]["max_steps"] = 2
     raw["grid"] = [{"method": "sft", "seeds": [0]}, {"method": "target_sft", "seeds": [0, 1]}]
     raw["eval"] = raw["eval"][1:]
-    real_train, real_cache, seen, builds = trainer.train, command.cache_teacher, [], []
+    real_train, real_cache, seen, builds = recipe.train, command.cache_teacher, [], []
 
     def spy_train(cfg, **kwargs):
         seen.append((Path(cfg.output_dir).name, cfg.teacher.model, cfg.teacher.cache))
@@ -415,7 +415,7 @@ def test_teacher_cache_built_once_and_used_by_every_teacher_run(tiny_setup, tmp_
         builds.append(folder)
         return real_cache(cfg, folder, **kwargs)
 
-    monkeypatch.setattr(trainer, "train", spy_train)
+    monkeypatch.setattr(recipe, "train", spy_train)
     monkeypatch.setattr(command, "cache_teacher", spy_cache)
     X.run_experiment(X.experiment_from_dict(raw), progress=False)
     assert len(builds) == 1 and (builds[0] / "manifest.json").is_file() and (builds[0] / "COMPLETE").is_file()
@@ -452,7 +452,7 @@ def test_teacher_cache_built_once_and_used_by_every_teacher_run(tiny_setup, tmp_
 
 
 def test_experiments_sharing_runs_dir_share_runs(tiny_setup, tmp_path, monkeypatch):
-    from targetsft.training import trainer
+    from targetsft.training import recipe
 
     model, qa, mc = tiny_setup
     shared = tmp_path / "shared-runs"
@@ -464,8 +464,8 @@ def test_experiments_sharing_runs_dir_share_runs(tiny_setup, tmp_path, monkeypat
     second["output_dir"] = str(tmp_path / "b")
     second["grid"].append({"method": "dft", "seeds": [0]})
     second["eval"] = _tiny_experiment(tmp_path, model, qa, mc)["eval"][:1]  # qa
-    real_train, trained = trainer.train, []
-    monkeypatch.setattr(trainer, "train", lambda cfg, **kw: trained.append(cfg.output_dir) or real_train(cfg, **kw))
+    real_train, trained = recipe.train, []
+    monkeypatch.setattr(recipe, "train", lambda cfg, **kw: trained.append(cfg.output_dir) or real_train(cfg, **kw))
     X.run_experiment(X.experiment_from_dict(first), progress=False)
     assert X.done_records(X.experiment_from_dict(second)) == []  # sft-s0 is done for `first` only: no qa yet
     X.run_experiment(X.experiment_from_dict(second), progress=False)
@@ -482,7 +482,7 @@ def test_experiments_sharing_runs_dir_share_runs(tiny_setup, tmp_path, monkeypat
 def test_experiments_run_together_evaluate_a_shared_run_while_its_model_is_at_hand(tiny_setup, tmp_path, monkeypatch):
     """``run_experiments`` goes run-major: a run two experiments share is trained once and evaluated on both their
     sets before the next run, so both records are complete when the models are lost afterwards."""
-    from targetsft.training import trainer
+    from targetsft.training import recipe
 
     model, qa, mc = tiny_setup
     runs, records = tmp_path / "runs", tmp_path / "records"
@@ -497,9 +497,9 @@ def test_experiments_run_together_evaluate_a_shared_run_while_its_model_is_at_ha
     second["grid"] = [{"method": "sft", "seeds": [0]}]
     second["eval"] = _tiny_experiment(tmp_path, model, qa, mc)["eval"][:1]  # qa
     exps = [X.experiment_from_dict(first), X.experiment_from_dict(second)]
-    real_train, events = trainer.train, []
+    real_train, events = recipe.train, []
     monkeypatch.setattr(
-        trainer, "train", lambda cfg, **kw: events.append(Path(cfg.output_dir).name) or real_train(cfg, **kw)
+        recipe, "train", lambda cfg, **kw: events.append(Path(cfg.output_dir).name) or real_train(cfg, **kw)
     )
     out = X.run_experiments(exps, progress=False, stream=io.StringIO())
     assert events == ["sft-s0", "dft-s0"]  # sft-s0 trained once
@@ -517,7 +517,7 @@ def test_records_outlive_the_models(tiny_setup, tmp_path, monkeypatch):
     """With ``records_dir`` a run's record (run.json, summary.json, metrics.csv, gamma_probe.jsonl, eval/, DONE.json)
     lives apart from its models: finished runs stay finished when the runs folder is lost (a new machine), a run
     whose model is needed again is retrained, and a teacher is retrained only when its cache is gone too."""
-    from targetsft.training import trainer
+    from targetsft.training import recipe
 
     model, qa, mc = tiny_setup
     runs, records, caches = tmp_path / "runs", tmp_path / "records", tmp_path / "caches"
@@ -527,9 +527,9 @@ def test_records_outlive_the_models(tiny_setup, tmp_path, monkeypatch):
     raw["base"]["teacher"] = {"model": "@teach-s0"}
     raw["grid"] = [{"name": "teach", "method": "sft", "seeds": [0]}, {"method": "kd", "seeds": [0]}]
     raw["eval"] = raw["eval"][1:]  # mc
-    real_train, trained = trainer.train, []
+    real_train, trained = recipe.train, []
     monkeypatch.setattr(
-        trainer, "train", lambda cfg, **kw: trained.append(Path(cfg.output_dir).name) or real_train(cfg, **kw)
+        recipe, "train", lambda cfg, **kw: trained.append(Path(cfg.output_dir).name) or real_train(cfg, **kw)
     )
     exp = X.experiment_from_dict(raw)
     X.run_experiment(exp, progress=False)
@@ -1206,7 +1206,7 @@ def test_reproduce_a_run_from_its_record(tiny_setup, tmp_path, capsys, monkeypat
     experiment's own teacher run and cache, gives the same record on the same machine; a record that does not
     match the rerun is reported and fails the command unless within ``--tolerance``; the committed record is only
     read."""
-    from targetsft.training import trainer
+    from targetsft.training import recipe
 
     model, qa, mc = tiny_setup
     out = tmp_path / "exp"
@@ -1227,13 +1227,13 @@ def test_reproduce_a_run_from_its_record(tiny_setup, tmp_path, capsys, monkeypat
     parser = add_experiment_arguments(argparse.ArgumentParser())
     args = ["--config", str(path), "--reproduce", "target_sft-s0", "--no-progress"]
 
-    calls, real_train = [], trainer.train
+    calls, real_train = [], recipe.train
 
     def spy(cfg, **kwargs):
         calls.append((Path(cfg.output_dir), cfg.teacher.cache))
         return real_train(cfg, **kwargs)
 
-    monkeypatch.setattr(trainer, "train", spy)
+    monkeypatch.setattr(recipe, "train", spy)
     assert run_experiment_from_args(parser.parse_args(args)) == 0
     printed = capsys.readouterr().out
     scratch = out / "reproduce" / "target_sft-s0"

@@ -91,7 +91,7 @@ def run_quickstart(
     from targetsft.experiments.statistics import t_interval
     from targetsft.runtime.models import load_model, load_tokenizer, resolve_model
     from targetsft.runtime.precision import environment
-    from targetsft.training.trainer import train
+    from targetsft.training.recipe import train
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
 """``target-sft train``: fine-tune a causal LM with a target method (the recipe of
-:func:`targetsft.training.trainer.train`)."""
+:func:`targetsft.training.recipe.train`)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def run_train_from_args(args: argparse.Namespace) -> int:
     if cfg is None:
         return 2
     from targetsft.training.config import check_inputs
-    from targetsft.training.trainer import train
+    from targetsft.training.recipe import train
 
     check_inputs(cfg)
     if args.resume:

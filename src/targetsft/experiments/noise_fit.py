@@ -73,7 +73,7 @@ def _tail_sum(inner: Any, last: Any, cache: tuple[str, Any], item: dict[str, Any
     (``last``: its last logits; ``cache``: the forward keyword and the key/value cache it filled)."""
     import torch
 
-    from targetsft.training.integration import IGNORE_INDEX
+    from targetsft.training.fused_forward import IGNORE_INDEX
 
     labels = torch.tensor(item["labels"][c:])
     if labels.numel() == 0:
@@ -91,7 +91,7 @@ def _tail_sum(inner: Any, last: Any, cache: tuple[str, Any], item: dict[str, Any
 def _tail_logprobs_vllm(engine: Any, pairs: Sequence[dict[str, Any]]) -> list[tuple[float, float]]:
     """:func:`tail_logprobs` from a VLLMEngine's prompt log-probs of the two whole sequences (its prefix cache
     shares the common prefix)."""
-    from targetsft.training.integration import IGNORE_INDEX
+    from targetsft.training.fused_forward import IGNORE_INDEX
 
     items = [p[side] for p in pairs for side in ("wrong", "true")]
     rows = engine.prompt_logprobs([it["input_ids"] for it in items], 0)
@@ -127,7 +127,7 @@ def tail_logprobs(model: Any, pairs: Sequence[dict[str, Any]]) -> list[tuple[flo
     from transformers import DynamicCache
 
     from targetsft.evaluation.engines import forward_params
-    from targetsft.training.integration import unwrap
+    from targetsft.training.fused_forward import unwrap
 
     inner = unwrap(model)
     key = "cache" if "cache" in forward_params(inner) else "past_key_values"

@@ -64,7 +64,7 @@ def _train(
     """Train the run (from scratch, or resumed from its newest complete checkpoint); its trainer summary, with the
     training's part of the record (summary.json, metrics.csv, gamma_probe.jsonl) in ``record`` (default: the run's
     record). A teacher run it names is looked up in ``teachers`` (default: ``exp``)."""
-    from targetsft.training import trainer
+    from targetsft.training import recipe
 
     out, record = run_dir(exp, run), record or record_dir(exp, run)
     if trained(exp, run):
@@ -85,7 +85,7 @@ def _train(
             (record / PROBE_FILE).unlink(missing_ok=True)
         cfg = config_from_dict(config)
         probe = [gamma_probe(cfg, exp.gamma_probe, record / PROBE_FILE)] if exp.gamma_probe else []
-        summary = trainer.train(cfg, resume=resume, callbacks=probe)
+        summary = recipe.train(cfg, resume=resume, callbacks=probe)
     if record != out:  # the trainer's part of the record
         for name in ("summary.json", "metrics.csv"):
             if (out / name).is_file():

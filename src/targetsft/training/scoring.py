@@ -17,7 +17,7 @@ def label_logprobs(model: Any, items: Sequence[dict[str, Any]]) -> list[list[flo
     """Per tokenized example, ``log p_θ(y_t)`` of each supervised token (one forward pass each, no grad)."""
     import torch
 
-    from targetsft.training.integration import IGNORE_INDEX, unwrap
+    from targetsft.training.fused_forward import IGNORE_INDEX, unwrap
 
     inner = unwrap(model)
     device = next(inner.parameters()).device
