@@ -1,7 +1,7 @@
 """What ``data.packing`` saves: padding share and the wall time of a training step, padded against packed.
 
 The same batches of GSM-style examples (``gsm-train``, the embedded SmolLM2-135M-Instruct's tokenizer) are run both
-ways through the trainer's own loss path (:func:`targetsft.training.integration.causal_lm_target_loss`, fused
+ways through the trainer's own loss path (:func:`targetsft.training.fused_forward.causal_lm_target_loss`, fused
 ``sft``, float32): right-padded with an attention mask, and packed end to end in one row with position ids
 restarting at each example (:class:`targetsft.training.dataset.Collator` with ``packing=True``). The fused loss
 skips padded positions either way; packing saves the transformer body's work on them. The two layouts alternate
@@ -55,7 +55,7 @@ def _batches(batch_size: int, steps: int) -> list[list[dict]]:
 def _step(model, batch: dict) -> float:
     import torch
 
-    from targetsft.training.integration import causal_lm_target_loss
+    from targetsft.training.fused_forward import causal_lm_target_loss
 
     extra = {"model_kwargs": {"position_ids": batch["position_ids"]}} if "position_ids" in batch else {}
     t0 = time.perf_counter()

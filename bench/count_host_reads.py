@@ -55,7 +55,7 @@ def count(overrides: list[str]) -> list[collections.Counter]:
     from transformers import TrainerCallback
 
     from targetsft.training.config import load_config
-    from targetsft.training.trainer import train
+    from targetsft.training.recipe import train
 
     steps: list[collections.Counter] = []
     state = {"on": False, "now": collections.Counter()}

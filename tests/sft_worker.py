@@ -13,7 +13,7 @@ import transformers
 import trl
 from datasets import Dataset
 
-from targetsft.training.sft_trainer import TargetSFTTrainer
+from targetsft.training.trl_trainer import TargetSFTTrainer
 
 if __name__ == "__main__":
     fsdp_on_cpu = os.environ.get("TARGETSFT_TEST_FSDP_ON_CPU") == "1"

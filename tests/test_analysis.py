@@ -12,11 +12,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from targetsft.experiments.induced_targets import (  # noqa: E402
-    add_induced_targets_arguments,
-    induced_target_study,
-    run_induced_targets_from_args,
-)
+from targetsft.cli.tools import add_induced_targets_arguments, run_induced_targets_from_args  # noqa: E402
+from targetsft.experiments.induced_targets import induced_target_study  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,9 @@ ALLOWED = {
     "data": {"data", "runtime"},
     "training": {"training", "losses", "data", "runtime"},
     "evaluation": {"evaluation", "data", "runtime"},
-    "experiments": {"experiments", "training", "evaluation", "losses", "data", "runtime"},
-    "cli": {"cli", "experiments", "training", "evaluation", "losses", "data", "runtime", "<root>"},
+    "prep": {"prep", "training", "evaluation", "losses", "data", "runtime"},
+    "experiments": {"experiments", "prep", "training", "evaluation", "losses", "data", "runtime"},
+    "cli": {"cli", "experiments", "prep", "training", "evaluation", "losses", "data", "runtime", "<root>"},
 }
 MAX_LINES = 600
 

@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from targetsft.experiments import critical_tokens as C  # noqa: E402
+from targetsft.prep import critical_tokens as C  # noqa: E402
 from targetsft.training.dataset import build_dataset  # noqa: E402
 
 RECORD = {"question": "Tom has 3 apples and buys 4 more. How many?", "solution": "3 + 4 = 7\n#### 7", "answer": "7"}

@@ -67,7 +67,7 @@ def test_fused_equals_naive_bf16(method, autocast):
 
 @pytest.mark.parametrize("method", ["sft", "target_sft"])
 def test_model_loss_on_cuda_equals_naive(method, tiny_llama):
-    from targetsft.training.integration import causal_lm_target_loss, shift_labels
+    from targetsft.training.fused_forward import causal_lm_target_loss, shift_labels
 
     model = copy.deepcopy(tiny_llama).to(DEVICE)
     teacher = copy.deepcopy(tiny_llama).to(DEVICE).eval() if method == "target_sft" else None
@@ -82,7 +82,7 @@ def test_model_loss_on_cuda_equals_naive(method, tiny_llama):
 
 def test_train_runs_on_cuda_in_bf16(tmp_path, tiny_llama, tiny_tokenizer):
     from targetsft.training.config import load_config
-    from targetsft.training.trainer import train
+    from targetsft.training.recipe import train
 
     student = tmp_path / "student"
     tiny_llama.save_pretrained(student)
@@ -101,7 +101,7 @@ def test_teacher_on_another_device_has_its_head_copied_once(tiny_llama):
     the teacher's lm_head weight is copied to the GPU once, not at every step."""
     if DEVICE == "cpu":
         pytest.skip("needs a second device beside the CPU")
-    from targetsft.training.integration import causal_lm_target_loss
+    from targetsft.training.fused_forward import causal_lm_target_loss
 
     model = copy.deepcopy(tiny_llama).to(DEVICE)
     teacher = copy.deepcopy(tiny_llama).eval()

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from targetsft import evaluation as E
+from targetsft.cli.eval import add_eval_arguments, run_eval_from_args
 from targetsft.evaluation import engines as G
 from targetsft.evaluation import generation_set, suite
 
@@ -646,7 +647,7 @@ def test_multiple_choice_matches_direct_loglik(tiny_llama, tiny_tokenizer, tmp_p
 
 
 def test_cli_arguments_and_run(monkeypatch):
-    parser = E.add_eval_arguments(argparse.ArgumentParser())
+    parser = add_eval_arguments(argparse.ArgumentParser())
     args = parser.parse_args(
         [
             "--model",
@@ -669,13 +670,13 @@ def test_cli_arguments_and_run(monkeypatch):
     )
     assert (
         args.engine == "hf"
-        and E.add_eval_arguments(argparse.ArgumentParser()).parse_args(["--data", "a"]).engine == "compact"
+        and add_eval_arguments(argparse.ArgumentParser()).parse_args(["--data", "a"]).engine == "compact"
     )
     assert args.data == ["gsm-heldout", "piqa", "x.jsonl"] and args.size == "all" and args.stop_on_answer is False
     assert args.samples == 4 and args.temperature == 0.7 and args.greedy is True and args.max_new_tokens == 256
     seen = {}
     monkeypatch.setattr(suite, "evaluate", lambda model, sets, **kw: seen.update(model=model, sets=sets, **kw) or {})
-    assert E.run_eval_from_args(args) == 0
+    assert run_eval_from_args(args) == 0
     decode = seen["decode"]  # the command line's decoding, carried as one DecodeOptions
     assert seen["model"] == "m" and seen["sets"] == args.data and decode.temperature == 0.7 and decode.samples == 4
     assert decode.engine == "hf" and decode.stop_on_answer is False and seen["choice"].batch_size == 16
@@ -684,8 +685,8 @@ def test_cli_arguments_and_run(monkeypatch):
 
 
 def test_run_eval_unknown_set_returns_2(capsys):
-    args = E.add_eval_arguments(argparse.ArgumentParser()).parse_args(["--data", "no-such-set"])
-    assert E.run_eval_from_args(args) == 2
+    args = add_eval_arguments(argparse.ArgumentParser()).parse_args(["--data", "no-such-set"])
+    assert run_eval_from_args(args) == 2
     assert "unknown evaluation set" in capsys.readouterr().err
 
 
@@ -694,7 +695,7 @@ def test_evaluate_from_a_model_folder(tiny_llama, tiny_tokenizer, gen_set, tmp_p
     tiny_llama.save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
     mc = _write_jsonl(tmp_path / "mc.jsonl", [{"question": "q", "choices": ["a", "b"], "answer_index": 1}])
-    args = E.add_eval_arguments(argparse.ArgumentParser()).parse_args(
+    args = add_eval_arguments(argparse.ArgumentParser()).parse_args(
         [
             "--model",
             str(folder),
@@ -708,7 +709,7 @@ def test_evaluate_from_a_model_folder(tiny_llama, tiny_tokenizer, gen_set, tmp_p
             "--no-progress",
         ]
     )
-    assert E.run_eval_from_args(args) == 0
+    assert run_eval_from_args(args) == 0
     table = capsys.readouterr().out
     assert "toy" in table and "greedy" in table and "accuracy" in table and "[" in table
     report = json.loads((tmp_path / "out" / "summary.json").read_text())

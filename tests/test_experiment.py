@@ -19,12 +19,13 @@ import pytest
 
 from conftest import save_model
 from targetsft import experiments as X
+from targetsft.cli.experiment import add_experiment_arguments, run_experiment_from_args
 from targetsft.experiments.grid import eval_spec
 from targetsft.experiments.plots import baseline_bands
 from targetsft.experiments.records import same_spec, spec_dict
-from targetsft.experiments.runner import probe_histogram
 from targetsft.runtime.files import sha256_file
 from targetsft.training.config import ConfigError, config_from_dict, load_yaml
+from targetsft.training.scoring import probe_histogram
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
@@ -308,19 +309,19 @@ class _KillAfterSave:
 
 
 def test_resume_skips_finished_runs_and_resumes_a_killed_one(tiny_setup, tmp_path, monkeypatch):
-    from targetsft.training import trainer
+    from targetsft.training import recipe
 
     model, qa, mc = tiny_setup
     out = tmp_path / "exp"
     exp = X.experiment_from_dict(_tiny_experiment(out, model, qa, mc))
-    real_train, calls, kill = trainer.train, [], {"dft-s0"}
+    real_train, calls, kill = recipe.train, [], {"dft-s0"}
 
     def spy(cfg, *, resume=False, callbacks=None):
         run = Path(cfg.output_dir).name
         calls.append((run, resume))
         return real_train(cfg, resume=resume, callbacks=[*callbacks, *([_KillAfterSave(2)] if run in kill else [])])
 
-    monkeypatch.setattr(trainer, "train", spy)
+    monkeypatch.setattr(recipe, "train", spy)
     runs = out / "runs"
     with pytest.raises(KeyboardInterrupt):
         X.run_experiment(exp, progress=False)
@@ -394,7 +395,7 @@ def test_resume_skips_finished_runs_and_resumes_a_killed_one(tiny_setup, tmp_pat
 
 
 def test_teacher_cache_built_once_and_used_by_every_teacher_run(tiny_setup, tmp_path, monkeypatch):
-    from targetsft.training import trainer
+    from targetsft.training import recipe
     from targetsft.training.teacher_cache import command
 
     model, qa, mc = tiny_setup
@@ -404,7 +405,7 @@ def test_teacher_cache_built_once_and_used_by_every_teacher_run(tiny_setup, tmp_
     raw["base"]["train"]["max_steps"] = 2
     raw["grid"] = [{"method": "sft", "seeds": [0]}, {"method": "target_sft", "seeds": [0, 1]}]
     raw["eval"] = raw["eval"][1:]
-    real_train, real_cache, seen, builds = trainer.train, command.cache_teacher, [], []
+    real_train, real_cache, seen, builds = recipe.train, command.cache_teacher, [], []
 
     def spy_train(cfg, **kwargs):
         seen.append((Path(cfg.output_dir).name, cfg.teacher.model, cfg.teacher.cache))
@@ -414,7 +415,7 @@ def test_teacher_cache_built_once_and_used_by_every_teacher_run(tiny_setup, tmp_
         builds.append(folder)
         return real_cache(cfg, folder, **kwargs)
 
-    monkeypatch.setattr(trainer, "train", spy_train)
+    monkeypatch.setattr(recipe, "train", spy_train)
     monkeypatch.setattr(command, "cache_teacher", spy_cache)
     X.run_experiment(X.experiment_from_dict(raw), progress=False)
     assert len(builds) == 1 and (builds[0] / "manifest.json").is_file() and (builds[0] / "COMPLETE").is_file()
@@ -451,7 +452,7 @@ def test_teacher_cache_built_once_and_used_by_every_teacher_run(tiny_setup, tmp_
 
 
 def test_experiments_sharing_runs_dir_share_runs(tiny_setup, tmp_path, monkeypatch):
-    from targetsft.training import trainer
+    from targetsft.training import recipe
 
     model, qa, mc = tiny_setup
     shared = tmp_path / "shared-runs"
@@ -463,8 +464,8 @@ def test_experiments_sharing_runs_dir_share_runs(tiny_setup, tmp_path, monkeypat
     second["output_dir"] = str(tmp_path / "b")
     second["grid"].append({"method": "dft", "seeds": [0]})
     second["eval"] = _tiny_experiment(tmp_path, model, qa, mc)["eval"][:1]  # qa
-    real_train, trained = trainer.train, []
-    monkeypatch.setattr(trainer, "train", lambda cfg, **kw: trained.append(cfg.output_dir) or real_train(cfg, **kw))
+    real_train, trained = recipe.train, []
+    monkeypatch.setattr(recipe, "train", lambda cfg, **kw: trained.append(cfg.output_dir) or real_train(cfg, **kw))
     X.run_experiment(X.experiment_from_dict(first), progress=False)
     assert X.done_records(X.experiment_from_dict(second)) == []  # sft-s0 is done for `first` only: no qa yet
     X.run_experiment(X.experiment_from_dict(second), progress=False)
@@ -481,7 +482,7 @@ def test_experiments_sharing_runs_dir_share_runs(tiny_setup, tmp_path, monkeypat
 def test_experiments_run_together_evaluate_a_shared_run_while_its_model_is_at_hand(tiny_setup, tmp_path, monkeypatch):
     """``run_experiments`` goes run-major: a run two experiments share is trained once and evaluated on both their
     sets before the next run, so both records are complete when the models are lost afterwards."""
-    from targetsft.training import trainer
+    from targetsft.training import recipe
 
     model, qa, mc = tiny_setup
     runs, records = tmp_path / "runs", tmp_path / "records"
@@ -496,9 +497,9 @@ def test_experiments_run_together_evaluate_a_shared_run_while_its_model_is_at_ha
     second["grid"] = [{"method": "sft", "seeds": [0]}]
     second["eval"] = _tiny_experiment(tmp_path, model, qa, mc)["eval"][:1]  # qa
     exps = [X.experiment_from_dict(first), X.experiment_from_dict(second)]
-    real_train, events = trainer.train, []
+    real_train, events = recipe.train, []
     monkeypatch.setattr(
-        trainer, "train", lambda cfg, **kw: events.append(Path(cfg.output_dir).name) or real_train(cfg, **kw)
+        recipe, "train", lambda cfg, **kw: events.append(Path(cfg.output_dir).name) or real_train(cfg, **kw)
     )
     out = X.run_experiments(exps, progress=False, stream=io.StringIO())
     assert events == ["sft-s0", "dft-s0"]  # sft-s0 trained once
@@ -516,7 +517,7 @@ def test_records_outlive_the_models(tiny_setup, tmp_path, monkeypatch):
     """With ``records_dir`` a run's record (run.json, summary.json, metrics.csv, gamma_probe.jsonl, eval/, DONE.json)
     lives apart from its models: finished runs stay finished when the runs folder is lost (a new machine), a run
     whose model is needed again is retrained, and a teacher is retrained only when its cache is gone too."""
-    from targetsft.training import trainer
+    from targetsft.training import recipe
 
     model, qa, mc = tiny_setup
     runs, records, caches = tmp_path / "runs", tmp_path / "records", tmp_path / "caches"
@@ -526,9 +527,9 @@ def test_records_outlive_the_models(tiny_setup, tmp_path, monkeypatch):
     raw["base"]["teacher"] = {"model": "@teach-s0"}
     raw["grid"] = [{"name": "teach", "method": "sft", "seeds": [0]}, {"method": "kd", "seeds": [0]}]
     raw["eval"] = raw["eval"][1:]  # mc
-    real_train, trained = trainer.train, []
+    real_train, trained = recipe.train, []
     monkeypatch.setattr(
-        trainer, "train", lambda cfg, **kw: trained.append(Path(cfg.output_dir).name) or real_train(cfg, **kw)
+        recipe, "train", lambda cfg, **kw: trained.append(Path(cfg.output_dir).name) or real_train(cfg, **kw)
     )
     exp = X.experiment_from_dict(raw)
     X.run_experiment(exp, progress=False)
@@ -999,29 +1000,29 @@ def test_no_eval_problem_or_eval_template_in_any_training_data():
 
 
 def test_cli_dry_run_only_and_errors(tmp_path, capsys):
-    parser = X.add_experiment_arguments(argparse.ArgumentParser())
+    parser = add_experiment_arguments(argparse.ArgumentParser())
     args = parser.parse_args(["--config", str(ROOT / "experiments" / "smoke.yaml"), "--dry-run"])
-    assert X.run_experiment_from_args(args) == 0
+    assert run_experiment_from_args(args) == 0
     out = capsys.readouterr().out
     assert "3 runs" in out and "sft-lr5e-05-s0" in out and "target_sft-eta0.5-lr5e-05-s0" in out and "new" in out
     args = parser.parse_args(["--config", str(ROOT / "experiments" / "smoke.yaml"), "--dry-run", "--only", "target"])
-    assert X.run_experiment_from_args(args) == 0
+    assert run_experiment_from_args(args) == 0
     out = capsys.readouterr().out
     assert "1 runs" in out and "target_sft-eta0.5" in out and "sft-lr5e-05-s0" not in out
     bad = tmp_path / "bad.yaml"
     bad.write_text(json.dumps({**copy.deepcopy(_raw()), "seed": 1}))
-    assert X.run_experiment_from_args(parser.parse_args(["--config", str(bad)])) == 2
+    assert run_experiment_from_args(parser.parse_args(["--config", str(bad)])) == 2
     assert "unknown key 'seed' in the experiment" in capsys.readouterr().err
     both = ["--config", str(ROOT / "experiments" / "smoke.yaml"), "--config", str(ROOT / "experiments" / "main.yaml")]
-    assert X.run_experiment_from_args(parser.parse_args([*both, "--dry-run"])) == 0
+    assert run_experiment_from_args(parser.parse_args([*both, "--dry-run"])) == 0
     out = capsys.readouterr().out
     assert "experiment smoke: 3 runs" in out and "experiment main: 14 runs" in out
     assert "tables in runs/experiments/main" in out
     # --update-results names the committed tables; an experiment without results_dir is refused before anything runs
-    assert X.run_experiment_from_args(parser.parse_args([*both[2:], "--dry-run", "--update-results"])) == 0
+    assert run_experiment_from_args(parser.parse_args([*both[2:], "--dry-run", "--update-results"])) == 0
     assert "tables in results/main" in capsys.readouterr().out
     for extra in (["--update-results"], ["--aggregate-only", "--update-results"]):
-        assert X.run_experiment_from_args(parser.parse_args([*both, *extra])) == 2
+        assert run_experiment_from_args(parser.parse_args([*both, *extra])) == 2
         err = capsys.readouterr().err
         assert "--update-results: experiment 'smoke' has no results_dir" in err and "runs/experiments/smoke" in err
 
@@ -1040,12 +1041,12 @@ def test_cli_aggregate_only_writes_output_dir_unless_update_results(tmp_path, ca
         _fake_run(exp, tmp_path / "runs", f"sft-s{s}", "sft", "sft", s, [1, s, 0], [1, 0])
     config = tmp_path / "cli.yaml"
     config.write_text(json.dumps(raw))
-    parser = X.add_experiment_arguments(argparse.ArgumentParser())
-    assert X.run_experiment_from_args(parser.parse_args(["--config", str(config), "--aggregate-only"])) == 0
+    parser = add_experiment_arguments(argparse.ArgumentParser())
+    assert run_experiment_from_args(parser.parse_args(["--config", str(config), "--aggregate-only"])) == 0
     assert (tmp_path / "out" / "results.md").is_file() and not (tmp_path / "results").exists()
     assert "## toy" in capsys.readouterr().out
     args = parser.parse_args(["--config", str(config), "--aggregate-only", "--update-results"])
-    assert X.run_experiment_from_args(args) == 0
+    assert run_experiment_from_args(args) == 0
     assert (tmp_path / "results" / "results.md").read_text() == (tmp_path / "out" / "results.md").read_text()
     assert f"tables and plots in {tmp_path / 'results'}" in capsys.readouterr().err
 
@@ -1205,7 +1206,7 @@ def test_reproduce_a_run_from_its_record(tiny_setup, tmp_path, capsys, monkeypat
     experiment's own teacher run and cache, gives the same record on the same machine; a record that does not
     match the rerun is reported and fails the command unless within ``--tolerance``; the committed record is only
     read."""
-    from targetsft.training import trainer
+    from targetsft.training import recipe
 
     model, qa, mc = tiny_setup
     out = tmp_path / "exp"
@@ -1223,17 +1224,17 @@ def test_reproduce_a_run_from_its_record(tiny_setup, tmp_path, capsys, monkeypat
     committed = tmp_path / "records" / "target_sft-s0"
     before = {p: p.read_bytes() for p in committed.rglob("*") if p.is_file()}
     caches = sorted((out / "teacher_cache").iterdir())
-    parser = X.add_experiment_arguments(argparse.ArgumentParser())
+    parser = add_experiment_arguments(argparse.ArgumentParser())
     args = ["--config", str(path), "--reproduce", "target_sft-s0", "--no-progress"]
 
-    calls, real_train = [], trainer.train
+    calls, real_train = [], recipe.train
 
     def spy(cfg, **kwargs):
         calls.append((Path(cfg.output_dir), cfg.teacher.cache))
         return real_train(cfg, **kwargs)
 
-    monkeypatch.setattr(trainer, "train", spy)
-    assert X.run_experiment_from_args(parser.parse_args(args)) == 0
+    monkeypatch.setattr(recipe, "train", spy)
+    assert run_experiment_from_args(parser.parse_args(args)) == 0
     printed = capsys.readouterr().out
     scratch = out / "reproduce" / "target_sft-s0"
     assert calls == [(scratch / "runs" / "target_sft-s0", str(caches[0]))]  # the teacher's cache, not a new one
@@ -1257,25 +1258,25 @@ def test_reproduce_a_run_from_its_record(tiny_setup, tmp_path, capsys, monkeypat
     header, first = lines[0].split(","), lines[1].split(",")
     first[header.index("loss")] = str(float(first[header.index("loss")]) + 1.0)
     (committed / "metrics.csv").write_text("\n".join([lines[0], ",".join(first), *lines[2:]]) + "\n")
-    assert X.run_experiment_from_args(parser.parse_args(args)) == 1  # the finished reproduction, compared again
+    assert run_experiment_from_args(parser.parse_args(args)) == 1  # the finished reproduction, compared again
     printed = capsys.readouterr().out
     assert "reproduction of target_sft-s0: differs" in printed and "|Δ| 0.2500" in printed
     comparison = json.loads((scratch / "comparison.json").read_text())
     assert comparison["training"]["columns"]["loss"]["max_abs"] == pytest.approx(1.0)
     assert comparison["sets"]["qa"]["identical"] and not comparison["sets"]["mc"]["identical"]
-    assert X.run_experiment_from_args(parser.parse_args([*args, "--tolerance", "0.3"])) == 0
+    assert run_experiment_from_args(parser.parse_args([*args, "--tolerance", "0.3"])) == 0
     capsys.readouterr()
 
     # what cannot be reproduced is said
     for run_id, message in (("nope-s0", "has no run 'nope-s0'"), ("teach-s0", "no finished record")):
         if run_id == "teach-s0":
             (tmp_path / "records" / "teach-s0" / "DONE.json").unlink()
-        assert X.run_experiment_from_args(parser.parse_args([*args[:2], "--reproduce", run_id])) == 1
+        assert run_experiment_from_args(parser.parse_args([*args[:2], "--reproduce", run_id])) == 1
         assert message in capsys.readouterr().err
-    assert X.run_experiment_from_args(parser.parse_args([*args, "--only", "teach"])) == 2
+    assert run_experiment_from_args(parser.parse_args([*args, "--only", "teach"])) == 2
     raw["base"]["train"]["learning_rate"] = 1e-3
     path.write_text(json.dumps(raw))
-    assert X.run_experiment_from_args(parser.parse_args(args)) == 1
+    assert run_experiment_from_args(parser.parse_args(args)) == 1
     assert "another configuration" in capsys.readouterr().err
 
 

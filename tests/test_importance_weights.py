@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from targetsft.experiments.importance_weights import trajectory_weights
+from targetsft.prep.importance_weights import trajectory_weights
 
 
 def test_weights_by_hand():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import targetsft
-from targetsft.training.integration import causal_lm_target_loss, lm_head, patch_fused_forward, shift_labels
+from targetsft.training.fused_forward import causal_lm_target_loss, lm_head, patch_fused_forward, shift_labels
 
 transformers = pytest.importorskip("transformers")
 from conftest import tiny_model  # noqa: E402

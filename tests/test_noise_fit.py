@@ -13,15 +13,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from targetsft.cli.tools import add_noise_fit_arguments, run_noise_fit_from_args  # noqa: E402
 from targetsft.data.noise import corrupt_records  # noqa: E402
 from targetsft.data.sft import load_records  # noqa: E402
-from targetsft.experiments.noise_fit import (  # noqa: E402
-    add_noise_fit_arguments,
-    corrupted_pairs,
-    noise_fit_summary,
-    run_noise_fit_from_args,
-    tail_logprobs,
-)
+from targetsft.experiments.noise_fit import corrupted_pairs, noise_fit_summary, tail_logprobs  # noqa: E402
 from targetsft.runtime.inputs import InputError  # noqa: E402
 from targetsft.training.config import config_from_dict  # noqa: E402
 

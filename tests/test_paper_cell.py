@@ -117,8 +117,8 @@ def _rehearsal_config(cell, out: Path) -> Path:
 def test_the_paper_cell_runs_end_to_end_with_the_real_shapes(cell, tmp_path):
     from targetsft.cli.main import main
     from targetsft.training.config import config_from_dict
+    from targetsft.training.recipe import train
     from targetsft.training.teacher_cache import TeacherCache
-    from targetsft.training.trainer import train
 
     out = tmp_path / "cell"
     config = _rehearsal_config(cell, out)

@@ -18,8 +18,8 @@ from safetensors.torch import load_file  # noqa: E402
 
 from targetsft.training.config import load_config  # noqa: E402
 from targetsft.training.dataset import build_dataset  # noqa: E402
+from targetsft.training.recipe import train  # noqa: E402
 from targetsft.training.teacher_cache import cache_teacher  # noqa: E402
-from targetsft.training.trainer import train  # noqa: E402
 
 PAD_ROWS = 128
 
@@ -157,7 +157,7 @@ def test_target_sft_trainer_with_a_padded_teacher(family, tiny_tokenizer, tmp_pa
     trl = pytest.importorskip("trl")
     from datasets import Dataset
 
-    from targetsft.training.sft_trainer import TargetSFTTrainer
+    from targetsft.training.trl_trainer import TargetSFTTrainer
 
     rows = [{"prompt": f"What is {i} plus {i}?", "completion": f" It is {2 * i}."} for i in range(8)]
     grads = []
@@ -218,7 +218,7 @@ def _one_sgd_step(student_dir, tokenizer, tmp_path, *, method, teacher, packing,
     trl = pytest.importorskip("trl")
     from datasets import Dataset
 
-    from targetsft.training.sft_trainer import TargetSFTTrainer
+    from targetsft.training.trl_trainer import TargetSFTTrainer
 
     rows = [
         {"prompt": f"Q{i}: what is {i} plus {3 * i}?", "completion": f" It is {4 * i}. " * (1 + i % 3)}
@@ -293,7 +293,7 @@ def test_a_teacher_cache_under_packing_is_refused(family, tiny_tokenizer, tmp_pa
     trl = pytest.importorskip("trl")
     from datasets import Dataset
 
-    from targetsft.training.sft_trainer import TargetSFTTrainer
+    from targetsft.training.trl_trainer import TargetSFTTrainer
 
     with pytest.raises(ValueError, match="packing merges away"):
         TargetSFTTrainer(

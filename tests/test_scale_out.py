@@ -186,7 +186,7 @@ def test_partitioned_lm_head_is_gathered_for_the_fused_loss(tiny_llama, monkeypa
     the loss: loss and weight gradient equal the unpartitioned model's, and the weight is partitioned again after."""
     deepspeed = pytest.importorskip("deepspeed")
     from targetsft.losses.fused import fused_target_loss
-    from targetsft.training.integration import causal_lm_target_loss, hidden_states
+    from targetsft.training.fused_forward import causal_lm_target_loss, hidden_states
 
     model = _untied(tiny_llama)
     torch.manual_seed(0)
@@ -228,7 +228,7 @@ def test_partitioned_lm_head_is_gathered_for_the_fused_loss(tiny_llama, monkeypa
 
 
 def test_a_teacher_that_does_not_fit_is_refused_with_the_ways_out(tiny_llama, monkeypatch):
-    from targetsft.training.integration import place_frozen
+    from targetsft.training.fused_forward import place_frozen
 
     free = 1000
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 10**9))
@@ -249,7 +249,7 @@ def test_placement_keys(tmp_path):
 
 
 def test_sharded_placement_needs_zero3(tmp_path, tiny_llama, tiny_tokenizer):
-    from targetsft.training.trainer import TargetTrainer
+    from targetsft.training.recipe import TargetTrainer
 
     args = transformers.TrainingArguments(str(tmp_path), report_to=[], use_cpu=True)
     with pytest.raises(ValueError, match="placement 'sharded' needs DeepSpeed ZeRO-3"):
@@ -265,11 +265,11 @@ def test_sharded_placement_needs_zero3(tmp_path, tiny_llama, tiny_tokenizer):
 def test_auto_placement_under_zero3_shards_unless_the_teacher_has_a_device_map(tiny_llama, monkeypatch):
     from types import SimpleNamespace
 
-    from targetsft.training import fused_trainer
-    from targetsft.training.integration import KEEP_DEVICE
+    from targetsft.training import loss_mixin
+    from targetsft.training.fused_forward import KEEP_DEVICE
 
     sharded = []
-    monkeypatch.setattr(fused_trainer, "shard_frozen", lambda model, config: sharded.append(model) or model)
+    monkeypatch.setattr(loss_mixin, "shard_frozen", lambda model, config: sharded.append(model) or model)
     plugin = SimpleNamespace(zero_stage=3, deepspeed_config={"zero_optimization": {"stage": 3}})
     trainer = SimpleNamespace(
         is_deepspeed_enabled=True,
@@ -278,11 +278,11 @@ def test_auto_placement_under_zero3_shards_unless_the_teacher_has_a_device_map(t
         args=SimpleNamespace(device=torch.device("cpu")),
     )
     teacher = copy.deepcopy(tiny_llama)
-    assert fused_trainer.FusedLossMixin._place(trainer, teacher, "auto", "teacher") is teacher
+    assert loss_mixin.FusedLossMixin._place(trainer, teacher, "auto", "teacher") is teacher
     assert sharded == [teacher]
     own = copy.deepcopy(tiny_llama)
     setattr(own, KEEP_DEVICE, True)
-    assert fused_trainer.FusedLossMixin._place(trainer, own, "auto", "teacher") is own
+    assert loss_mixin.FusedLossMixin._place(trainer, own, "auto", "teacher") is own
     assert sharded == [teacher] and not own.training  # replicated where its device_map put it
-    assert fused_trainer.FusedLossMixin._place(trainer, copy.deepcopy(tiny_llama), "replicated", "teacher")
+    assert loss_mixin.FusedLossMixin._place(trainer, copy.deepcopy(tiny_llama), "replicated", "teacher")
     assert len(sharded) == 1

@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 from conftest import save_model  # noqa: E402
 from targetsft.training.config import ConfigError, load_config  # noqa: E402
 from targetsft.training.dataset import Collator, build_dataset  # noqa: E402
-from targetsft.training.trainer import TargetTrainer, train  # noqa: E402
+from targetsft.training.recipe import TargetTrainer, train  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -369,7 +369,7 @@ def test_target_loss_in_trl_sft_trainer_matches_target_trainer(method, model_dir
         torch.testing.assert_close(g1[k], g2[k], rtol=1e-4, atol=1e-6)
 
     # the subclass: the same gradients through the fused path, and the lm_head module never runs
-    from targetsft.training.sft_trainer import TargetSFTTrainer
+    from targetsft.training.trl_trainer import TargetSFTTrainer
 
     fused = transformers.AutoModelForCausalLM.from_pretrained(student)
     head_calls = []
@@ -397,7 +397,7 @@ def test_target_sft_trainer_trains_on_trl_data(model_dirs, tiny_tokenizer, tmp_p
     trl = pytest.importorskip("trl")
     from datasets import Dataset
 
-    from targetsft.training.sft_trainer import TargetSFTTrainer
+    from targetsft.training.trl_trainer import TargetSFTTrainer
 
     student, _ = model_dirs
     model = transformers.AutoModelForCausalLM.from_pretrained(student)

@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 from targetsft.training.config import ConfigError, ModelInit, load_config  # noqa: E402
 from targetsft.training.models import load_frozen  # noqa: E402
-from targetsft.training.trainer import train  # noqa: E402
+from targetsft.training.recipe import train  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +134,7 @@ def test_loading_keys_reach_the_loaded_model(model_dirs, tiny_tokenizer, monkeyp
     """dtype, attn_implementation and device_map go to from_pretrained (the loaded model shows the first two; the
     call records the third, and the Trainer then leaves the model where it was put); ``auto`` is the training
     precision's dtype for a frozen model."""
-    from targetsft.training.integration import KEEP_DEVICE, place_frozen
+    from targetsft.training.fused_forward import KEEP_DEVICE, place_frozen
 
     calls = []
     real = transformers.AutoModelForCausalLM.from_pretrained
@@ -254,12 +254,12 @@ def test_target_loss_gives_the_teacher_its_inputs_on_its_device(tiny_llama, monk
     """The batch goes to the teacher's input device and its logits come back to the student's (checked on CPU by
     recording the devices the inputs were moved to)."""
     import targetsft
-    from targetsft.training import compute_loss
+    from targetsft.training import loss_func
 
     student, teacher = copy.deepcopy(tiny_llama), copy.deepcopy(tiny_llama)
     loss_fn = targetsft.TargetLoss("kd", teacher=teacher).bind(student)
     seen = []
-    monkeypatch.setattr(compute_loss, "input_device", lambda m: seen.append(m) or torch.device("cpu"))
+    monkeypatch.setattr(loss_func, "input_device", lambda m: seen.append(m) or torch.device("cpu"))
     ids = torch.randint(0, tiny_llama.config.vocab_size, (2, 6))
     out = student(input_ids=ids)
     labels = ids.clone()

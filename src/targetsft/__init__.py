@@ -9,7 +9,7 @@ from targetsft.losses.induced import InducedTarget, induced_target
 from targetsft.losses.loss import build_target, target_loss
 from targetsft.losses.methods import METHODS, MethodSpec, Param, get_method, methods_table, register_method
 from targetsft.losses.target import Target
-from targetsft.training.compute_loss import TargetLoss
+from targetsft.training.loss_func import TargetLoss
 
 __version__ = "0.2.0"
 

@@ -1,7 +1,9 @@
-"""Old import paths, for one release (0.2): ``targetsft.loss`` is ``targetsft.losses.loss`` and so on.
+"""Old import paths, until 0.3.0: ``targetsft.loss`` is ``targetsft.losses.loss``, ``targetsft.training.trainer``
+is ``targetsft.training.recipe``, and so on.
 
-Up to 0.1 the library was one flat package; its modules now live in one subpackage per layer. Importing an old
-path gives the module at its new path (the same object) with a ``DeprecationWarning``; nothing is copied.
+The flat modules of 0.1 live in one subpackage per layer, and five training modules of 0.2 have names that say what
+they hold. Importing an old path gives the module at its new path (the same object) with a ``DeprecationWarning``;
+nothing is copied.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from types import ModuleType
 MOVED = {
     **{f"targetsft.{m}": f"targetsft.losses.{m}" for m in ("target", "trust", "residual", "methods", "loss")},
     **{f"targetsft.{m}": f"targetsft.losses.{m}" for m in ("fused", "induced", "inputs", "validation")},
-    **{f"targetsft.{m}": f"targetsft.training.{m}" for m in ("config", "trainer", "integration", "compute_loss")},
+    "targetsft.config": "targetsft.training.config",
+    "targetsft.trainer": "targetsft.training.recipe",
+    "targetsft.integration": "targetsft.training.fused_forward",
+    "targetsft.compute_loss": "targetsft.training.loss_func",
     "targetsft.teacher_cache": "targetsft.training.teacher_cache",
     "targetsft.answers": "targetsft.evaluation.answers",
     "targetsft.evaluate": "targetsft.evaluation",
@@ -27,6 +32,12 @@ MOVED = {
     **{f"targetsft.{m}": f"targetsft.runtime.{m}" for m in ("files", "precision", "models")},
     "targetsft.quickstart": "targetsft.cli.quickstart",
     "targetsft.demo": "targetsft.cli.demo",
+    # the training modules of 0.2
+    "targetsft.training.trainer": "targetsft.training.recipe",
+    "targetsft.training.fused_trainer": "targetsft.training.loss_mixin",
+    "targetsft.training.sft_trainer": "targetsft.training.trl_trainer",
+    "targetsft.training.compute_loss": "targetsft.training.loss_func",
+    "targetsft.training.integration": "targetsft.training.fused_forward",
 }
 
 

@@ -26,7 +26,8 @@ from targetsft.losses.loss import target_loss  # noqa: E402
 from targetsft.losses.validation import MISSING_ID  # noqa: E402
 from targetsft.training.config import load_config  # noqa: E402
 from targetsft.training.dataset import build_dataset  # noqa: E402
-from targetsft.training.integration import LMHead  # noqa: E402
+from targetsft.training.fused_forward import LMHead  # noqa: E402
+from targetsft.training.recipe import train  # noqa: E402
 from targetsft.training.teacher_cache import TeacherCache, cache_teacher  # noqa: E402
 from targetsft.training.text_alignment import (  # noqa: E402
     TextAligner,
@@ -36,7 +37,6 @@ from targetsft.training.text_alignment import (  # noqa: E402
     map_tokens,
     token_bytes,
 )
-from targetsft.training.trainer import train  # noqa: E402
 
 
 def _variant(tokenizer, *, perm=None, drop_merges=0):
@@ -357,7 +357,7 @@ def test_target_sft_trainer_reads_a_permuted_teacher_through_the_text(pair, tiny
     trl = pytest.importorskip("trl")
     from datasets import Dataset
 
-    from targetsft.training.sft_trainer import TargetSFTTrainer
+    from targetsft.training.trl_trainer import TargetSFTTrainer
 
     rows = [{"prompt": f"What is {i} plus {i}?", "completion": f" It is {2 * i}."} for i in range(8)]
     grads = []

@@ -58,7 +58,7 @@ def _train_config(method: str, out: Path, steps: int, learning_rate: float, labe
 
 def reference_nll(model: Any, items: Sequence[dict[str, Any]]) -> list[float]:
     """Per example, the mean NLL per supervised token: ``−(1/n) Σ_t log p_θ(y_t | y_<t)``."""
-    from targetsft.experiments.runner import label_logprobs
+    from targetsft.training.scoring import label_logprobs
 
     return [-math.fsum(lp) / len(lp) for lp in label_logprobs(model, items)]
 
@@ -91,7 +91,7 @@ def run_quickstart(
     from targetsft.experiments.statistics import t_interval
     from targetsft.runtime.models import load_model, load_tokenizer, resolve_model
     from targetsft.runtime.precision import environment
-    from targetsft.training.trainer import train
+    from targetsft.training.recipe import train
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -52,11 +52,9 @@ from targetsft.evaluation.prompts import (
     cut_at_answer,
 )
 from targetsft.evaluation.suite import (
-    add_eval_arguments,
     evaluate,
     evaluate_set,
     format_table,
-    run_eval_from_args,
     set_kind,
 )
 
@@ -71,7 +69,6 @@ __all__ = [
     "Generation",
     "GenerationRun",
     "PROMPT_STYLES",
-    "add_eval_arguments",
     "answer_complete",
     "build_prompt",
     "build_prompts",
@@ -94,7 +91,6 @@ __all__ = [
     "mean_interval",
     "model_device",
     "pass_at_k",
-    "run_eval_from_args",
     "score_continuations",
     "set_kind",
     "set_label",

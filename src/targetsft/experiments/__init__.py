@@ -1,15 +1,15 @@
 """The experiment layer: resumable grids of train + eval runs (:mod:`~targetsft.experiments.grid`,
-:mod:`~targetsft.experiments.runner`; one of them rerun against its record: :mod:`~targetsft.experiments.reproduce`),
-their statistics, comparisons, tables and plots (:mod:`~targetsft.experiments.statistics`,
-:mod:`~targetsft.experiments.comparisons`, :mod:`~targetsft.experiments.report`,
-:mod:`~targetsft.experiments.teachers`, :mod:`~targetsft.experiments.plots`), the ``target-sft experiment`` command
-(:mod:`~targetsft.experiments.command`) and the studies built on finished runs
-(:mod:`~targetsft.experiments.noise_fit`, :mod:`~targetsft.experiments.induced_targets`). Imports every layer below
-it; its grid API is re-exported here."""
+:mod:`~targetsft.experiments.runner`; where each run stands: :mod:`~targetsft.experiments.status`; a student's teacher
+run and teacher cache: :mod:`~targetsft.experiments.teacher_runs`; one run rerun against its record:
+:mod:`~targetsft.experiments.reproduce`), their statistics, comparisons, tables and plots
+(:mod:`~targetsft.experiments.statistics`, :mod:`~targetsft.experiments.comparisons`,
+:mod:`~targetsft.experiments.report`, :mod:`~targetsft.experiments.teachers`, :mod:`~targetsft.experiments.plots`),
+and the studies built on finished runs (:mod:`~targetsft.experiments.noise_fit`,
+:mod:`~targetsft.experiments.induced_targets`). ``target-sft experiment`` is ``targetsft.cli.experiment``. Imports
+every layer below it; its grid API is re-exported here."""
 
 from __future__ import annotations
 
-from targetsft.experiments.command import add_experiment_arguments, run_experiment_from_args
 from targetsft.experiments.grid import (
     EvalSpec,
     Experiment,
@@ -34,13 +34,7 @@ from targetsft.experiments.records import (
     training_id,
 )
 from targetsft.experiments.report import aggregate, check_one_precision, done_records
-from targetsft.experiments.runner import (
-    format_progress,
-    run_experiment,
-    run_experiments,
-    run_one,
-    run_status,
-)
+from targetsft.experiments.runner import run_experiment, run_experiments, run_one
 from targetsft.experiments.statistics import (
     mcnemar_exact,
     paired_comparison,
@@ -48,6 +42,7 @@ from targetsft.experiments.statistics import (
     t_interval,
     t_quantile,
 )
+from targetsft.experiments.status import format_progress, run_status
 
 __all__ = [
     "DONE_FILE",
@@ -59,7 +54,6 @@ __all__ = [
     "RecordVersionError",
     "Run",
     "RunGroup",
-    "add_experiment_arguments",
     "aggregate",
     "check_one_precision",
     "done_records",
@@ -73,7 +67,6 @@ __all__ = [
     "rank_correlation",
     "recorded_precision",
     "run_experiment",
-    "run_experiment_from_args",
     "run_experiments",
     "run_one",
     "run_precision",

@@ -15,7 +15,6 @@ two plots.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -30,7 +29,7 @@ from targetsft.losses.induced import induced_target
 from targetsft.losses.loss import target_loss
 from targetsft.losses.methods import get_method
 
-__all__ = ["default_losses", "induced_target_study", "run_induced_targets_from_args", "add_induced_targets_arguments"]
+__all__ = ["default_losses", "induced_target_study", "write_induced_targets"]
 
 LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (logits [n, V], labels [n], teacher logits [n, V]) -> sum
 P_BINS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
@@ -157,36 +156,38 @@ def _plot(study: dict[str, Any], folder: Path) -> list[Path]:
     return [mass, by_p]
 
 
-def add_induced_targets_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--model", default=None, help="student (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--teacher", required=True, help="teacher model path (same tokenizer)")
-    p.add_argument("--teacher-prompt", default="same", choices=["same", "answer_hint"])
-    p.add_argument("--data", default="gsm-train", help="training data (as data.train of a training config)")
-    p.add_argument("--examples", type=int, default=32, help="training examples (from data seed 0)")
-    p.add_argument("--eta", type=float, default=0.5)
-    p.add_argument("--epsilon", type=float, default=0.1)
-    p.add_argument("--top", type=int, default=5, help="teacher tokens counted as 'teacher's top'")
-    p.add_argument("--out", required=True, help="folder for induced_targets.{csv,json} and the plots")
-    return p
-
-
-def run_induced_targets_from_args(args: argparse.Namespace) -> int:
+def write_induced_targets(
+    out: str | Path,
+    *,
+    teacher: str,
+    model: str | None = None,
+    teacher_prompt: str = "same",
+    data: str = "gsm-train",
+    examples: int = 32,
+    eta: float = 0.5,
+    epsilon: float = 0.1,
+    top: int = 5,
+) -> tuple[dict[str, Any], list[Path]]:
+    """:func:`induced_target_study` of :func:`default_losses` (``eta``, ``epsilon``) for ``model`` (default: the
+    embedded default) against ``teacher`` (same tokenizer) on the first ``examples`` records of ``data`` (data seed
+    0), written to ``out`` as ``induced_targets.json``, ``induced_targets.csv`` and two plots; the study and the
+    plots' paths."""
     from targetsft.runtime.models import load_model, load_tokenizer, resolve_model
     from targetsft.training.config import load_config
     from targetsft.training.dataset import build_dataset
     from targetsft.training.vocabulary import check_token_maps
 
-    overrides = [f"data.train={args.data}", f"data.size={args.examples}", f"teacher.prompt={args.teacher_prompt}"]
-    cfg = load_config(None, overrides + ([f"model={args.model}"] if args.model else []))
-    model_path, teacher_path = resolve_model(cfg.model), resolve_model(args.teacher)
+    overrides = [f"data.train={data}", f"data.size={examples}", f"teacher.prompt={teacher_prompt}"]
+    cfg = load_config(None, overrides + ([f"model={model}"] if model else []))
+    model_path, teacher_path = resolve_model(cfg.model), resolve_model(teacher)
     tokenizer = load_tokenizer(model_path)
     check_token_maps(tokenizer, load_tokenizer(teacher_path), "teacher")
     items, _ = build_dataset(cfg, tokenizer)
     study = induced_target_study(
-        load_model(model_path), load_model(teacher_path), items, default_losses(args.eta, args.epsilon), top=args.top
+        load_model(model_path), load_model(teacher_path), items, default_losses(eta, epsilon), top=top
     )
-    study.update(model=cfg.model or "default", teacher=args.teacher, teacher_prompt=args.teacher_prompt)
-    folder = Path(args.out)
+    study.update(model=cfg.model or "default", teacher=teacher, teacher_prompt=teacher_prompt)
+    folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "induced_targets.json").write_text(json.dumps(study, indent=1) + "\n")
     with (folder / "induced_targets.csv").open("w", newline="") as fh:
@@ -196,7 +197,4 @@ def run_induced_targets_from_args(args: argparse.Namespace) -> int:
             w.writerow(
                 [name] + [f"{r[k]:.4f}" for k in ("label", "teacher_top", "other", "entropy", "is_distribution")]
             )
-    for path in _plot(study, folder):
-        print(f"wrote {path}")
-    print(f"{study['tokens']} tokens; see {folder / 'induced_targets.csv'}")
-    return 0
+    return study, _plot(study, folder)

@@ -19,7 +19,6 @@ same data (the base model, a common teacher), so runs can be added as they finis
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -29,15 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from targetsft.experiments.records import read_record
-from targetsft.runtime.inputs import InputError, add_scoring_engine_argument
+from targetsft.runtime.inputs import InputError
 
 __all__ = [
     "corrupted_pairs",
     "teacher_model",
     "tail_logprobs",
     "noise_fit_summary",
-    "add_noise_fit_arguments",
-    "run_noise_fit_from_args",
+    "noise_fit",
 ]
 
 
@@ -75,7 +73,7 @@ def _tail_sum(inner: Any, last: Any, cache: tuple[str, Any], item: dict[str, Any
     (``last``: its last logits; ``cache``: the forward keyword and the key/value cache it filled)."""
     import torch
 
-    from targetsft.training.integration import IGNORE_INDEX
+    from targetsft.training.fused_forward import IGNORE_INDEX
 
     labels = torch.tensor(item["labels"][c:])
     if labels.numel() == 0:
@@ -93,7 +91,7 @@ def _tail_sum(inner: Any, last: Any, cache: tuple[str, Any], item: dict[str, Any
 def _tail_logprobs_vllm(engine: Any, pairs: Sequence[dict[str, Any]]) -> list[tuple[float, float]]:
     """:func:`tail_logprobs` from a VLLMEngine's prompt log-probs of the two whole sequences (its prefix cache
     shares the common prefix)."""
-    from targetsft.training.integration import IGNORE_INDEX
+    from targetsft.training.fused_forward import IGNORE_INDEX
 
     items = [p[side] for p in pairs for side in ("wrong", "true")]
     rows = engine.prompt_logprobs([it["input_ids"] for it in items], 0)
@@ -129,7 +127,7 @@ def tail_logprobs(model: Any, pairs: Sequence[dict[str, Any]]) -> list[tuple[flo
     from transformers import DynamicCache
 
     from targetsft.evaluation.engines import forward_params
-    from targetsft.training.integration import unwrap
+    from targetsft.training.fused_forward import unwrap
 
     inner = unwrap(model)
     key = "cache" if "cache" in forward_params(inner) else "past_key_values"
@@ -195,33 +193,30 @@ def teacher_model(cfg: Any) -> str:
     return str(path)
 
 
-def add_noise_fit_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("records", nargs="+", help="finished runs' record folders (with run.json), trained with label noise")
-    p.add_argument(
-        "--label-noise",
-        type=float,
-        default=None,
-        help="score on the examples this label noise corrupts in each run's data (default: the run's own; "
-        "a clean run then gives the control: the same examples, learned with their true answers)",
-    )
-    p.add_argument("--base", action="store_true", help="also score the model each run started from")
-    p.add_argument("--teacher", action="store_true", help="also score the teacher each run was trained against")
-    p.add_argument("--examples", type=int, default=None, help="the first N corrupted examples of a run (default all)")
-    p.add_argument("--out", required=True, help="folder for noise_fit.csv and .json (added to)")
-    add_scoring_engine_argument(p, "model (both in float32)")
-    return p
-
-
-def run_noise_fit_from_args(args: argparse.Namespace) -> int:
+def noise_fit(
+    records: Sequence[str | Path],
+    out: str | Path,
+    *,
+    label_noise: float | None = None,
+    base: bool = False,
+    teacher: bool = False,
+    examples: int | None = None,
+    engine: str = "transformers",
+) -> list[dict[str, Any]]:
+    """Score finished runs (their record folders, with ``run.json``) on their corrupted training examples into
+    ``out``'s ``noise_fit.csv`` and ``noise_fit.json`` (added to: a model already scored on a run is not scored
+    again); ``label_noise``: score on the examples this noise level corrupts (default: each run's own); ``base`` /
+    ``teacher``: also the model each run started from / its teacher; ``examples``: the first N corrupted examples of
+    a run (default all); ``engine``: ``transformers`` or ``vllm``. Returns the rows of ``noise_fit.csv``."""
     from targetsft.runtime.files import atomic_write_csv, atomic_write_text
     from targetsft.runtime.models import load_model, load_tokenizer, resolve_model
     from targetsft.runtime.vllm_engine import VLLMEngine
     from targetsft.training.config import config_from_dict
 
-    if args.label_noise is not None and not 0 < args.label_noise <= 1:
-        raise InputError(f"--label-noise must be in (0, 1], got {args.label_noise}")
+    if label_noise is not None and not 0 < label_noise <= 1:
+        raise InputError(f"--label-noise must be in (0, 1], got {label_noise}")
     runs = []
-    for folder in map(Path, args.records):
+    for folder in map(Path, records):
         if not (folder / "run.json").is_file():
             raise InputError(f"{folder} has no run.json (not a run record)")
         raw = read_record(folder / "run.json")
@@ -229,31 +224,31 @@ def run_noise_fit_from_args(args: argparse.Namespace) -> int:
         final = Path(cfg.output_dir) / "final"
         if not final.is_dir():
             raise InputError(f"run {raw['run']}: its model {final} is gone")
-        if args.label_noise is not None:
-            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, label_noise=args.label_noise))
+        if label_noise is not None:
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, label_noise=label_noise))
         runs.append((raw["run"], cfg, final))
-    out = Path(args.out)
-    state = _read_state(out / "noise_fit.json", args.examples)
+    out = Path(out)
+    state = _read_state(out / "noise_fit.json", examples)
     for run_id, cfg, final in runs:
         # each model as configured (not resolved: no machine's install path goes into the output)
-        wanted = [(run_id, str(final))] + ([("base", cfg.model)] if args.base else [])
-        wanted += [("teacher", teacher_model(cfg))] if args.teacher else []
+        wanted = [(run_id, str(final))] + ([("base", cfg.model)] if base else [])
+        wanted += [("teacher", teacher_model(cfg))] if teacher else []
         noise = cfg.data.label_noise
         todo = [(name, model) for name, model in wanted if f"{name}@{run_id}@{noise}" not in state["examples"]]
         if not todo:
             print(f"{run_id}: already scored in {out}")
             continue
         tokenizer = load_tokenizer(resolve_model(cfg.model))
-        pairs, skipped = corrupted_pairs(cfg, tokenizer, args.examples)
+        pairs, skipped = corrupted_pairs(cfg, tokenizer, examples)
         for name, model in todo:
             # a model's scores are shared by every run on the same data (the same corrupted examples)
             source = json.dumps([model, cfg.model, dataclasses.asdict(cfg.data)], default=str)
             same = [k for k, v in state["data"].items() if v == source]
             if same:
                 scores = [(e["logp_wrong"], e["logp_true"]) for e in state["examples"][same[0]]]
-            elif args.engine == "vllm":
-                with VLLMEngine(resolve_model(model)) as engine:
-                    scores = tail_logprobs(engine, pairs)
+            elif engine == "vllm":
+                with VLLMEngine(resolve_model(model)) as vllm:
+                    scores = tail_logprobs(vllm, pairs)
             else:
                 scores = tail_logprobs(load_model(resolve_model(model)), pairs)
             key = f"{name}@{run_id}@{noise}"
@@ -273,7 +268,7 @@ def run_noise_fit_from_args(args: argparse.Namespace) -> int:
                 f"[{r['delta_lo']:+.2f}, {r['delta_hi']:+.2f}], prefers the wrong answer on {r['prefer_wrong']:.1%}"
             )
     print(f"wrote {out / 'noise_fit.csv'}")
-    return 0
+    return state["rows"]
 
 
 def _read_state(path: Path, examples: int | None) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import Any
 
 from targetsft.experiments.grid import BASELINE_ID, Experiment, expand_grid, tables_dir, teacher_configs
 from targetsft.experiments.records import PROBE_FILE, read_metrics_csv, records_root
-from targetsft.experiments.runner import read_probe
+from targetsft.training.scoring import read_probe
 
 
 def _colors(names: Iterable[str]) -> dict[str, Any]:

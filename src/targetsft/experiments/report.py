@@ -40,10 +40,10 @@ from targetsft.experiments.records import (
     recorded_precision,
     records_root,
 )
-from targetsft.experiments.runner import read_probe
 from targetsft.experiments.statistics import EXACT_PERMUTATIONS_UP_TO, t_interval
 from targetsft.experiments.teachers import build_suffix, predictor_rows, teacher_points, teacher_rows
 from targetsft.runtime.files import atomic_write_csv, atomic_write_text
+from targetsft.training.scoring import read_probe
 
 
 def done_records(exp: Experiment) -> list[dict[str, Any]]:

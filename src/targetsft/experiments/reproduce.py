@@ -35,7 +35,8 @@ from targetsft.experiments.records import (
     run_precision,
     write_json,
 )
-from targetsft.experiments.runner import run_one, teacher_cache_root
+from targetsft.experiments.runner import run_one
+from targetsft.experiments.teacher_runs import teacher_cache_root
 
 
 def scratch_experiment(exp: Experiment, run_id: str) -> Experiment:

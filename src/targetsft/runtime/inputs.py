@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
-__all__ = ["InputError", "add_scoring_engine_argument", "check_model", "looks_like_path"]
+__all__ = ["InputError", "check_model", "looks_like_path"]
 
 
 class InputError(ValueError):
@@ -43,14 +42,3 @@ def check_model(name: str | os.PathLike | None, role: str = "model") -> None:
         raise InputError(f"{role} {text!r} is a file; give the model's folder")
     if looks_like_path(text):
         raise InputError(f"{role} {text!r}: no such model folder")
-
-
-def add_scoring_engine_argument(parser: Any, what: str) -> None:
-    """``--engine transformers|vllm`` for a command that scores given sequences: ``what`` is scored with the
-    transformers model (default) or by vLLM's prompt log-probs."""
-    parser.add_argument(
-        "--engine",
-        choices=("transformers", "vllm"),
-        default="transformers",
-        help=f"score with the transformers {what} (default) or vLLM's prompt log-probs",
-    )

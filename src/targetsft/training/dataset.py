@@ -15,7 +15,7 @@ import torch
 from targetsft.losses.methods import get_method
 from targetsft.runtime.inputs import InputError
 from targetsft.training.config import TrainConfig
-from targetsft.training.integration import IGNORE_INDEX
+from targetsft.training.fused_forward import IGNORE_INDEX
 from targetsft.training.text_alignment import TextAligner, collate_teacher
 
 

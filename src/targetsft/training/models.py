@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from targetsft.training.config import ModelInit, TrainConfig
-from targetsft.training.integration import KEEP_DEVICE, zero3_managed
+from targetsft.training.fused_forward import KEEP_DEVICE, zero3_managed
 from targetsft.training.vocabulary import check_token_maps
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ def whole_model(trainer: Trainer, cfg: TrainConfig, model_path: str) -> nn.Modul
 def without_zero3_init() -> Iterator[None]:
     """``from_pretrained`` with every weight on this rank, not partitioned at load by a ZeRO-3 config (zero3_init).
     (Under FSDP's ``cpu_ram_efficient_loading`` a frozen model reads its weights on rank 0 only; the trainer gives
-    it rank 0's: :func:`~targetsft.training.integration.with_rank0_weights`.)"""
+    it rank 0's: :func:`~targetsft.training.fused_forward.with_rank0_weights`.)"""
     from transformers.integrations import deepspeed as hf_deepspeed
 
     ref = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)

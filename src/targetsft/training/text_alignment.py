@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from targetsft.losses.validation import MISSING_ID
-from targetsft.training.integration import (
+from targetsft.training.fused_forward import (
     IGNORE_INDEX,
     LMHead,
     gathered_head,

@@ -1,6 +1,6 @@
 """The fused target loss inside a ``transformers.Trainer`` (or a subclass such as TRL's ``SFTTrainer``).
 
-:class:`FusedLossMixin` patches the model's forward (:func:`targetsft.training.integration.patch_fused_forward`), so
+:class:`FusedLossMixin` patches the model's forward (:func:`targetsft.training.fused_forward.patch_fused_forward`), so
 DDP/FSDP/DeepSpeed wrappers see the call they expect; the loss is divided by the Trainer's ``num_items_in_batch``
 (supervised tokens over the whole gradient-accumulation window, summed over ranks), which makes accumulation and data
 parallelism exact; a teacher or reference is replicated or sharded over the ranks; the target statistics (γ, p(label),
@@ -18,7 +18,7 @@ from torch import nn
 from targetsft.losses.methods import resolve_target
 from targetsft.losses.target import STAT_NAMES, TargetStats
 from targetsft.runtime.distributed import end_process_group_at_exit
-from targetsft.training.integration import (
+from targetsft.training.fused_forward import (
     IGNORE_INDEX,
     KEEP_DEVICE,
     patch_fused_forward,

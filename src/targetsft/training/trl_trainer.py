@@ -6,7 +6,7 @@
 TRL 1.16 deprecates ``compute_loss_func`` (the hook :class:`targetsft.TargetLoss` plugs into), and that hook needs
 the full ``[tokens, V]`` logits, which costs TRL an extra forward pass per step. This subclass overrides
 ``compute_loss`` instead: the loss runs inside the model's patched forward, as in ``target-sft train``, with the
-same keyword arguments as :class:`targetsft.training.trainer.TargetTrainer`. TRL prepares the data (prompt and
+same keyword arguments as :class:`targetsft.training.recipe.TargetTrainer`. TRL prepares the data (prompt and
 completion masks, chat templates, packing off); the loss is divided by ``num_items_in_batch``.
 """
 
@@ -16,15 +16,15 @@ from typing import Any
 
 from trl import SFTTrainer
 
-from targetsft.training.compute_loss import check_frozen_model, saved_tokenizer, shared_vocab_size
-from targetsft.training.fused_trainer import FusedLossMixin
+from targetsft.training.loss_func import check_frozen_model, saved_tokenizer, shared_vocab_size
+from targetsft.training.loss_mixin import FusedLossMixin
 from targetsft.training.text_alignment import TextAligner, alignment_note
 from targetsft.training.vocabulary import resolve_align
 
 
 class TargetSFTTrainer(FusedLossMixin, SFTTrainer):
     """``trl.SFTTrainer`` whose loss is ``targetsft.fused_target_loss`` of ``method``; the keyword arguments are
-    :class:`~targetsft.training.fused_trainer.FusedLossMixin` 's (``method``, ``method_params``, ``teacher_model``,
+    :class:`~targetsft.training.loss_mixin.FusedLossMixin` 's (``method``, ``method_params``, ``teacher_model``,
     ``ref_model``, ``chunk_size``, placements). TRL's logits-based metrics (entropy, token accuracy) are replaced by
     the target statistics (``accuracy`` is the top-1 accuracy on supervised tokens). A teacher or reference is
     lined up with the student as :meth:`targetsft.TargetLoss.bind` does it: by token → id map against

@@ -10,14 +10,16 @@ from dominating), then self-normalised so that the largest weight is 1 (the weig
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from targetsft.runtime.inputs import InputError
+
+if TYPE_CHECKING:
+    from targetsft.training.config import TrainConfig
 
 
 def trajectory_weights(
@@ -35,50 +37,40 @@ def trajectory_weights(
     return [max(min_weight, math.exp(r - top)) for r in ratios], ratios
 
 
-def add_importance_weights_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--config", help="training config whose data section gives the records (default: gsm-train)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of the config")
-    p.add_argument("--target", required=True, help="the policy q the trajectories are weighted towards (model)")
-    p.add_argument("--reference", default=None, help="π_ref, the policy they came from (default: the config's model)")
-    p.add_argument("--out", required=True, help="JSONL to write (records with weight and log_ratio)")
-    p.add_argument("--examples", type=int, default=None, help="first N records (default: the config's data size)")
-    p.add_argument("--per-token", action="store_true", help="length-normalised log-ratio (geometric mean)")
-    p.add_argument("--min-weight", type=float, default=0.0, help="floor of the weights, in [0, 1] (default 0)")
-    return p
-
-
-def run_importance_weights_from_args(args: argparse.Namespace) -> int:
+def importance_weights(
+    cfg: TrainConfig,
+    out: str | Path,
+    *,
+    target: str,
+    reference: str | None = None,
+    examples: int | None = None,
+    per_token: bool = False,
+    min_weight: float = 0.0,
+) -> list[float]:
+    """The config's training records (the first ``examples``; default its data size) weighted by
+    :func:`trajectory_weights` of ``target`` (q) against ``reference`` (π_ref; default the config's model), written
+    to ``out`` (JSONL, each record with ``weight`` and ``log_ratio``); the weights."""
     from targetsft.data.sft import load_records, to_prompt_completion, tokenize_record
-    from targetsft.experiments.runner import label_logprobs
     from targetsft.runtime.files import atomic_write_text
-    from targetsft.runtime.inputs import check_model
     from targetsft.runtime.models import load_model, load_tokenizer, resolve_model
-    from targetsft.training.config import check_inputs, load_config
+    from targetsft.training.scoring import label_logprobs
 
-    cfg = load_config(args.config, args.overrides)
-    check_inputs(cfg)
-    for name, role in ((args.target, "--target"), (args.reference, "--reference")):
-        check_model(name, role)
-    if not 0 <= args.min_weight <= 1:
-        raise InputError(f"--min-weight must be in [0, 1], got {args.min_weight}")
-    records = load_records(cfg.data.train, size=args.examples or cfg.data.size, seed=cfg.data.seed)
+    if not 0 <= min_weight <= 1:
+        raise InputError(f"--min-weight must be in [0, 1], got {min_weight}")
+    records = load_records(cfg.data.train, size=examples or cfg.data.size, seed=cfg.data.seed)
     tokenizer = load_tokenizer(resolve_model(cfg.model))
     items = [tokenize_record(tokenizer, r, cfg.data.max_length, overflow=cfg.data.overflow) for r in records]
     kept = [(r, it) for r, it in zip(records, items, strict=True) if it is not None]
     scores: list[list[list[float]]] = []
-    for name in (args.target, args.reference or cfg.model):
+    for name in (target, reference or cfg.model):
         scores.append(label_logprobs(load_model(resolve_model(name)), [it for _, it in kept]))
-    weights, ratios = trajectory_weights(*scores, per_token=args.per_token, min_weight=args.min_weight)
+    weights, ratios = trajectory_weights(*scores, per_token=per_token, min_weight=min_weight)
     lines = []
     for (record, _), w, r in zip(kept, weights, ratios, strict=True):
         pc = to_prompt_completion(record)
-        out: dict[str, Any] = {"prompt": pc["prompt"], "completion": pc["completion"], "weight": w, "log_ratio": r}
+        row: dict[str, Any] = {"prompt": pc["prompt"], "completion": pc["completion"], "weight": w, "log_ratio": r}
         if "answer" in record:
-            out["answer"] = record["answer"]
-        lines.append(json.dumps(out, ensure_ascii=False) + "\n")
-    atomic_write_text(Path(args.out), "".join(lines))
-    print(
-        f"{len(lines)} records, weights {min(weights):.3g}–{max(weights):.3g} (mean {sum(weights) / len(weights):.3g})"
-        f": {args.out}"
-    )
-    return 0
+            row["answer"] = record["answer"]
+        lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+    atomic_write_text(Path(out), "".join(lines))
+    return weights

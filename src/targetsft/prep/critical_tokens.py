@@ -20,14 +20,16 @@ checks the alignment), plus per-record counts. Cost: ``alternatives`` rollouts p
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from targetsft.runtime.inputs import InputError
+
+if TYPE_CHECKING:
+    from targetsft.training.config import TrainConfig
 
 POSITIONS = ("numbers", "all")
 _DIGIT = re.compile(r"\d")
@@ -107,43 +109,34 @@ def mark_record(
     }
 
 
-def add_mark_critical_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--config", help="training config whose data section gives the records (default: gsm-train)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of the config")
-    p.add_argument("--model", default=None, help="the model that rolls out (default: the config's model)")
-    p.add_argument("--out", required=True, help="JSONL to write (records with token_weights)")
-    p.add_argument("--examples", type=int, default=8, help="first N records of the data (default 8)")
-    p.add_argument("--alternatives", type=int, default=2, help="alternative tokens tried per position (default 2)")
-    p.add_argument("--positions", choices=POSITIONS, default="numbers", help="tokens examined (default: numbers)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=32)
-    return p
-
-
-def run_mark_critical_from_args(args: argparse.Namespace) -> int:
+def mark_critical(
+    cfg: TrainConfig,
+    out: str | Path,
+    *,
+    model: str | None = None,
+    examples: int = 8,
+    alternatives: int = 2,
+    positions: str = "numbers",
+    max_new_tokens: int = 128,
+    batch_size: int = 32,
+) -> list[dict[str, Any]]:
+    """:func:`mark_record` on the first ``examples`` records of the config's training data, rolled out by ``model``
+    (default: the config's), written to ``out`` (JSONL); the marked records."""
     from tqdm.auto import tqdm
 
     from targetsft.data.sft import load_records
     from targetsft.runtime.files import atomic_write_text
-    from targetsft.runtime.inputs import check_model
     from targetsft.runtime.models import load_model, load_tokenizer, resolve_model
-    from targetsft.training.config import check_inputs, load_config
 
-    cfg = load_config(args.config, args.overrides)
-    check_inputs(cfg)
-    check_model(args.model)
-    if args.examples < 1 or args.alternatives < 1:
+    if examples < 1 or alternatives < 1:
         raise InputError("--examples and --alternatives must be >= 1")
-    records = load_records(cfg.data.train, size=args.examples, seed=cfg.data.seed)
-    path = resolve_model(args.model or cfg.model)
-    tokenizer, model = load_tokenizer(path, padding_side="left"), load_model(path)
-    options = {"alternatives": args.alternatives, "positions": args.positions, "max_new_tokens": args.max_new_tokens}
+    records = load_records(cfg.data.train, size=examples, seed=cfg.data.seed)
+    path = resolve_model(model or cfg.model)
+    tokenizer, loaded = load_tokenizer(path, padding_side="left"), load_model(path)
+    options = {"alternatives": alternatives, "positions": positions, "max_new_tokens": max_new_tokens}
     marked = [
-        mark_record(model, tokenizer, r, batch_size=args.batch_size, **options)
+        mark_record(loaded, tokenizer, r, batch_size=batch_size, **options)
         for r in tqdm(records, desc="mark-critical", unit="record")
     ]
-    atomic_write_text(Path(args.out), "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in marked))
-    examined, critical = sum(m["examined"] for m in marked), sum(m["critical"] for m in marked)
-    rollouts = sum(m["rollouts"] for m in marked)
-    print(f"{len(marked)} records, {examined} tokens examined, {critical} critical, {rollouts} rollouts: {args.out}")
-    return 0
+    atomic_write_text(Path(out), "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in marked))
+    return marked

@@ -1,5 +1,5 @@
 """``TargetTrainer`` (``transformers.Trainer`` with the fused target loss of
-:class:`~targetsft.training.fused_trainer.FusedLossMixin`) and the ``target-sft train`` recipe, :func:`train`:
+:class:`~targetsft.training.loss_mixin.FusedLossMixin`) and the ``target-sft train`` recipe, :func:`train`:
 setup (data, student, teacher and reference, trainer), train, save (final model, card, summary).
 
 The parts it puts together live beside it: the callbacks (:mod:`~targetsft.training.callbacks`), the models
@@ -26,7 +26,6 @@ from targetsft.losses.target import STAT_NAMES
 from targetsft.runtime.files import atomic_write_text
 from targetsft.runtime.precision import Precision, environment
 from targetsft.training.callbacks import CsvMetricsCallback, ModelSnapshots, PolicySnapshot, snapshot_dir
-from targetsft.training.compute_loss import check_frozen_model, shared_vocab_size
 from targetsft.training.config import TrainConfig
 from targetsft.training.dataset import (
     Collator,
@@ -37,7 +36,8 @@ from targetsft.training.dataset import (
     teacher_aligner,
     teacher_prompt_tokenizer,
 )
-from targetsft.training.fused_trainer import FusedLossMixin
+from targetsft.training.loss_func import check_frozen_model, shared_vocab_size
+from targetsft.training.loss_mixin import FusedLossMixin
 from targetsft.training.model_card import model_card
 from targetsft.training.models import frozen_copy, load_frozen, sharded, whole_model, with_lora
 from targetsft.training.teacher_cache import (
@@ -68,7 +68,7 @@ __all__ = [
 
 class TargetTrainer(FusedLossMixin, Trainer):
     """A ``transformers.Trainer`` whose loss is ``targetsft.fused_target_loss`` of a registered method (or a
-    ``Target``); the keyword arguments are :class:`~targetsft.training.fused_trainer.FusedLossMixin` 's."""
+    ``Target``); the keyword arguments are :class:`~targetsft.training.loss_mixin.FusedLossMixin` 's."""
 
 
 def train(

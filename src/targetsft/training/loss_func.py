@@ -10,8 +10,8 @@ the student's forward to see them, puts the teacher on the student's device (unl
 ``device_map``) and lines its vocabulary up with the student's (by tokenizer when given: padding rows, special
 tokens and chat templates may differ; :mod:`targetsft.training.vocabulary`). TRL
 1.16 deprecates ``compute_loss_func`` and runs an extra forward for it: with TRL use
-:class:`targetsft.training.sft_trainer.TargetSFTTrainer`, and for long sequences and large vocabularies
-``target-sft train`` (:class:`targetsft.training.trainer.TargetTrainer`); both run the fused loss, which never
+:class:`targetsft.training.trl_trainer.TargetSFTTrainer`, and for long sequences and large vocabularies
+``target-sft train`` (:class:`targetsft.training.recipe.TargetTrainer`); both run the fused loss, which never
 builds the logits.
 """
 
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from targetsft.losses.loss import target_loss
 from targetsft.losses.target import Target
-from targetsft.training.integration import (
+from targetsft.training.fused_forward import (
     IGNORE_INDEX,
     SEQUENCE_KEYS,
     input_device,

@@ -1,4 +1,5 @@
-"""``target-sft experiment``: its options, the dry-run plan, and the command itself.
+"""``target-sft experiment``: its options and the command itself (run a grid, ``--dry-run`` its plan,
+``--aggregate-only``, ``--reproduce``).
 
 The tables and plots go to the experiment's ``output_dir``; ``--update-results`` writes them to its committed
 ``results_dir`` instead (:func:`~targetsft.experiments.grid.tables_dir`): ``--aggregate-only --update-results``
@@ -13,29 +14,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from targetsft.experiments.grid import (
-    Experiment,
-    ExperimentError,
-    Run,
-    expand_grid,
-    load_experiment,
-    run_dir,
-    tables_dir,
-)
+from targetsft.experiments.grid import Experiment, ExperimentError, expand_grid, load_experiment, tables_dir
 from targetsft.experiments.report import aggregate
-from targetsft.experiments.runner import run_experiments, run_status, select_runs
+from targetsft.experiments.runner import run_experiments
+from targetsft.experiments.status import format_plan, select_runs
 from targetsft.training.config import ConfigError
-
-
-def format_plan(exp: Experiment, runs: Sequence[Run], update_results: bool = False) -> str:
-    """The runs of a dry run: index, id, method, status, folder; the header says where the tables would go."""
-    lines = [
-        f"experiment {exp.name}: {len(runs)} runs, eval sets {[s.label for s in exp.eval]}, "
-        f"tables in {tables_dir(exp, update_results)}"
-    ]
-    for i, run in enumerate(runs, 1):
-        lines.append(f"{i:4d}  {run.id:<48s} {run.method:<20s} {run_status(exp, run):<9s} {run_dir(exp, run)}")
-    return "\n".join(lines)
 
 
 def add_experiment_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
