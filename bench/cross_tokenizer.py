@@ -84,7 +84,8 @@ def run_train(student: str, teacher: str, steps: int, out: Path) -> dict:
         losses = [float(row["loss"]) for row in csv.DictReader(f) if row.get("loss")]
     metrics = summary["metrics"]
     return {
-        "command": "target-sft train " + " ".join(overrides),
+        "command": "target-sft train "
+        + " ".join(o if not o.startswith("output_dir=") else "output_dir=OUT" for o in overrides),
         "seconds": round(seconds, 1),
         "steps": summary["steps"],
         "alignment": summary["teacher_alignment"],
