@@ -250,21 +250,21 @@ def test_align_auto_refuses_another_tokenizer_naming_text(pair, tmp_path):
         train(_cfg(pair, tmp_path / "run", f"teacher.model={pair['permuted']}", "loss.params.eta=0.5"))
 
 
+def _plain_and_permuted(pair, tmp_path, *extra, method="target_sft"):
+    """Train with the teacher by ids and with its permuted self read through the text (k covering the vocabulary);
+    assert the two students equal (1e-5)."""
+    plain = train(_cfg(pair, tmp_path / "plain", f"teacher.model={pair['teacher']}", *extra, method=method))
+    text = ("teacher.align=text", "teacher.align_top_k=1000")
+    permuted = train(
+        _cfg(pair, tmp_path / "permuted", f"teacher.model={pair['permuted']}", *text, *extra, method=method)
+    )
+    _assert_same_weights(Path(plain["final_model"]), Path(permuted["final_model"]))
+
+
 def test_a_permuted_teacher_read_through_the_text_trains_the_student_its_unpermuted_self_trains(pair, tmp_path):
     """Online: every student position aligns, every token maps one to one, k covers the vocabulary: the same
     student to 1e-5; the shares (1 and 1) are logged and in summary.json and the model card."""
-    plain = train(_cfg(pair, tmp_path / "plain", f"teacher.model={pair['teacher']}", "loss.params.eta=0.5"))
-    permuted = train(
-        _cfg(
-            pair,
-            tmp_path / "permuted",
-            f"teacher.model={pair['permuted']}",
-            "teacher.align=text",
-            "teacher.align_top_k=1000",
-            "loss.params.eta=0.5",
-        )
-    )
-    _assert_same_weights(Path(plain["final_model"]), Path(permuted["final_model"]))
+    _plain_and_permuted(pair, tmp_path, "loss.params.eta=0.5")
     alignment = json.loads((tmp_path / "permuted" / "summary.json").read_text())["teacher_alignment"]
     assert alignment["aligned_positions"] == 1.0 and alignment["aligned_mass"] == pytest.approx(1.0, abs=1e-6)
     assert alignment["teacher_tokens_mapped"] == alignment["student_tokens_covered"] == alignment["student_tokens"]
@@ -275,19 +275,7 @@ def test_a_permuted_teacher_read_through_the_text_trains_the_student_its_unpermu
 @pytest.mark.parametrize("method", ["kd", "hybrid_kd"])
 def test_the_other_teacher_methods_align_the_same_way(pair, tmp_path, method):
     params = ["loss.params.temperature=2.0"] if method == "kd" else ["loss.params.lam=0.5"]
-    plain = train(_cfg(pair, tmp_path / "plain", f"teacher.model={pair['teacher']}", *params, method=method))
-    permuted = train(
-        _cfg(
-            pair,
-            tmp_path / "permuted",
-            f"teacher.model={pair['permuted']}",
-            "teacher.align=text",
-            "teacher.align_top_k=1000",
-            *params,
-            method=method,
-        )
-    )
-    _assert_same_weights(Path(plain["final_model"]), Path(permuted["final_model"]))
+    _plain_and_permuted(pair, tmp_path, *params, method=method)
 
 
 def test_a_teacher_that_segments_otherwise_trains_with_an_aligned_share_below_one(pair, tmp_path):
@@ -395,11 +383,7 @@ def test_target_sft_trainer_reads_a_permuted_teacher_through_the_text(pair, tiny
 def test_packed_batches_read_the_teacher_through_the_text_as_padded_ones(pair, tmp_path):
     """data.packing: the teacher's sequences are padded apart and its rows keep the loss's order: the permuted
     teacher packed trains the student the unpermuted teacher trains packed."""
-    common = ("data.packing=true", "loss.params.eta=0.5")
-    plain = train(_cfg(pair, tmp_path / "plain", f"teacher.model={pair['teacher']}", *common))
-    extra = ("teacher.align=text", "teacher.align_top_k=1000")
-    permuted = train(_cfg(pair, tmp_path / "permuted", f"teacher.model={pair['permuted']}", *extra, *common))
-    _assert_same_weights(Path(plain["final_model"]), Path(permuted["final_model"]))
+    _plain_and_permuted(pair, tmp_path, "data.packing=true", "loss.params.eta=0.5")
 
 
 @pytest.mark.parametrize(
