@@ -17,7 +17,7 @@ from targetsft.cli.main import main
 from targetsft.experiments.grid import EvalSpec
 from targetsft.experiments.records import migrate_record, read_record, same_spec, spec_dict
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # a set's spec as the committed 0.2 records hold it: every option of its time, "engine" not yet among them
 SPEC_V1 = {

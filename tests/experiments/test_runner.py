@@ -26,7 +26,7 @@ from targetsft.experiments.runner import probe_histogram
 from targetsft.runtime.files import sha256_file
 from targetsft.training.config import ConfigError, config_from_dict, load_yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
 T2 = 0.95 * math.sqrt(2 / (1 - 0.95**2))  # t_{0.975, 2} in closed form: P(|T| ≤ t) = t/√(2 + t²) for df = 2
 
