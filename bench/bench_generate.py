@@ -255,7 +255,7 @@ def _model_block(rows: list[dict]) -> list[str]:
     lines = [
         f"### {plain['model']}",
         "",
-        f"{plain['date']}, {n} problems, {threads} torch thread{'s' if threads != 1 else ''}, load average "
+        f"{n} problems, {threads} torch thread{'s' if threads != 1 else ''}, load average "
         f"{plain['load_avg']} during the run (1-minute, sampled after every batch; this process counts ≈1).",
         "",
         "| mode | wall time | speed-up | decode steps | row-steps | generated tokens | tokens/s | greedy accuracy "

@@ -127,8 +127,7 @@ def report() -> None:
         latest = max(r["date"] for r in rows if (r["cpu_capability"], r["cpu_native_bf16"]) == (cap, native))
         cell = [r for r in rows if (r["cpu_capability"], r["cpu_native_bf16"], r["date"]) == (cap, native, latest)]
         lines += [
-            f"**CPU capability {cap}, native bf16 {native}** ({latest}, torch {cell[0]['torch']}, "
-            f"{cell[0]['threads']} threads):",
+            f"**CPU capability {cap}, native bf16 {native}** (torch {cell[0]['torch']}, {cell[0]['threads']} threads):",
             "",
             "| operation | precision | seconds | ratio to fp32 |",
             "|---|---|---|---|",

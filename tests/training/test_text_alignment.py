@@ -18,13 +18,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import assert_same_weights, two_step_config
+
 transformers = pytest.importorskip("transformers")
 
-from safetensors.torch import load_file  # noqa: E402
 
 from targetsft.losses.loss import target_loss  # noqa: E402
 from targetsft.losses.validation import MISSING_ID  # noqa: E402
-from targetsft.training.config import load_config  # noqa: E402
 from targetsft.training.dataset import build_dataset  # noqa: E402
 from targetsft.training.fused_forward import LMHead  # noqa: E402
 from targetsft.training.recipe import train  # noqa: E402
@@ -97,33 +97,7 @@ def pair(tmp_path_factory, tiny_tokenizer, tiny_llama):
 
 
 def _cfg(pair, out, *extra, method="target_sft"):
-    return load_config(
-        None,
-        [
-            f"model={pair['student']}",
-            f"output_dir={out}",
-            "data.size=8",
-            "data.max_length=1024",
-            "train.max_steps=2",
-            "train.per_device_train_batch_size=4",
-            "train.learning_rate=3e-3",
-            "train.warmup_steps=0",
-            "train.logging_steps=1",
-            "train.save_steps=100",
-            "train.report_to=[]",
-            "train.disable_tqdm=true",
-            "precision=fp32",
-            f"loss.method={method}",
-            *extra,
-        ],
-    )
-
-
-def _assert_same_weights(a: Path, b: Path, atol: float = 1e-5) -> None:
-    wa, wb = (load_file(str(f / "model.safetensors")) for f in (a, b))
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=atol, msg=k)
+    return two_step_config(pair["student"], out, *extra, method=method)
 
 
 # ------------------------------------------------------------------------------------ hand-made alignments
@@ -258,7 +232,7 @@ def _plain_and_permuted(pair, tmp_path, *extra, method="target_sft"):
     permuted = train(
         _cfg(pair, tmp_path / "permuted", f"teacher.model={pair['permuted']}", *text, *extra, method=method)
     )
-    _assert_same_weights(Path(plain["final_model"]), Path(permuted["final_model"]))
+    assert_same_weights(Path(plain["final_model"]), Path(permuted["final_model"]))
 
 
 def test_a_permuted_teacher_read_through_the_text_trains_the_student_its_unpermuted_self_trains(pair, tmp_path):
@@ -310,7 +284,7 @@ def test_a_permuted_teachers_cache_trains_the_student_its_unpermuted_self_trains
         cfg = _cfg(pair, tmp_path / f"run-{name}", f"teacher.cache={cache}", "loss.params.eta=0.5", *extra)
         cache_teacher(cfg, cache, teacher=str(pair[name]), k=len(tiny_tokenizer), batch_size=4)
         finals.append(Path(train(cfg)["final_model"]))
-    _assert_same_weights(*finals)
+    assert_same_weights(*finals)
     manifest = json.loads((tmp_path / "cache-permuted" / "manifest.json").read_text())
     assert (
         manifest["align"] == "text" and manifest["teacher_tokenizer_fingerprint"] != manifest["tokenizer_fingerprint"]

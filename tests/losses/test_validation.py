@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import targetsft
-from test_core_reference import DEFAULTS, make_batch
+from test_reference import DEFAULTS, make_batch
 
 B = make_batch(60)
 V = B.logits.shape[-1]

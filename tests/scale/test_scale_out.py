@@ -4,8 +4,8 @@
 Each case trains the tiny model 3 steps with the same global batch (2 × 2 against 1 × 4) and compares the final
 weights to 1e-5: full fine-tuning with a tied and an untied head, LoRA, and Target-SFT with an online teacher and
 with a cached one; SFT+KL with the default reference; and TRL's trainer with the fused loss (``TargetSFTTrainer``,
-run by a TRL user's script, ``tests/sft_worker.py``). Under ZeRO-3 the student's lm_head weight is partitioned (the
-fused loss gathers it) and the online teacher is sharded too; the summary says which engine ran and whether the
+run by a TRL user's script, ``tests/scale/sft_worker.py``). Under ZeRO-3 the student's lm_head weight is partitioned
+(the fused loss gathers it) and the online teacher is sharded too; the summary says which engine ran and whether the
 weights were sharded.
 """
 
@@ -26,7 +26,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("ddp_worker.py")
 SFT_WORKER = Path(__file__).with_name("sft_worker.py")
 CONFIGS = ROOT / "configs" / "accelerate"
@@ -135,7 +135,7 @@ def one_process(models, tmp_path_factory):
 
 
 def _trl_args(paths: dict[str, Path], out: Path, batch: int) -> list[str]:
-    """tests/sft_worker.py's arguments: the untied student and the online teacher, Target-SFT."""
+    """tests/scale/sft_worker.py's arguments: the untied student and the online teacher, Target-SFT."""
     return [str(paths["untied"]), str(out), str(batch), "target_sft", str(paths["teacher"])]
 
 

@@ -87,7 +87,7 @@ def test_train_runs_on_cuda_in_bf16(tmp_path, tiny_llama, tiny_tokenizer):
     student = tmp_path / "student"
     tiny_llama.save_pretrained(student)
     tiny_tokenizer.save_pretrained(student)
-    data = Path(__file__).resolve().parents[1] / "configs" / "data" / "sample_train.jsonl"  # no reasoning-gym needed
+    data = Path(__file__).resolve().parents[2] / "configs" / "data" / "sample_train.jsonl"  # no reasoning-gym needed
     overrides = [f"model={student}", f"output_dir={tmp_path / 'out'}", f"data.train={data}", "data.size=16"]
     overrides += ["train.max_steps=4"]
     overrides += ["precision=bf16", "train.report_to=[]", "loss.method=target_sft", f"teacher.model={student}"]

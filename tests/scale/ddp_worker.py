@@ -1,5 +1,5 @@
-"""Run by tests/test_ddp.py and tests/test_scale_out.py under ``accelerate launch``: train the tiny model with the
-given overrides, through the ``target-sft train`` command line (which also ends the process group).
+"""Run by tests/scale/test_ddp.py and tests/scale/test_scale_out.py under ``accelerate launch``: train the tiny model
+with the given overrides, through the ``target-sft train`` command line (which also ends the process group).
 
 With ``TARGETSFT_TEST_FSDP_ON_CPU=1`` accelerate is told that the gloo process group is a multi-device one. It
 enables FSDP only on accelerators and would otherwise run plain data parallelism on a CPU; with this, the FSDP2

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import targetsft
-from test_core_reference import DEFAULTS, make_batch, side_kwargs
+from test_reference import DEFAULTS, make_batch, side_kwargs
 
 INDEPENDENT_OF_LOGITS = ["sft", "label_smoothing", "kd", "hybrid_kd", "sft_kl"]
 WEIGHTED_FAMILY = ["critical", "weighted", "self_smoothing"]

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import assert_same_weights, two_step_config
+
 transformers = pytest.importorskip("transformers")
 
-from safetensors.torch import load_file  # noqa: E402
 
-from targetsft.training.config import load_config  # noqa: E402
 from targetsft.training.dataset import build_dataset  # noqa: E402
 from targetsft.training.recipe import train  # noqa: E402
 from targetsft.training.teacher_cache import cache_teacher  # noqa: E402
@@ -83,38 +83,7 @@ def family(tmp_path_factory, tiny_tokenizer, tiny_llama):
 
 
 def _cfg(family, out, *extra, method="target_sft"):
-    return load_config(
-        None,
-        [
-            f"model={family['student']}",
-            f"output_dir={out}",
-            "data.size=8",
-            "data.max_length=1024",
-            "train.max_steps=2",
-            "train.per_device_train_batch_size=4",
-            "train.learning_rate=3e-3",
-            "train.warmup_steps=0",
-            "train.logging_steps=1",
-            "train.save_steps=100",
-            "train.report_to=[]",
-            "train.disable_tqdm=true",
-            "precision=fp32",
-            f"loss.method={method}",
-            "loss.params.eta=0.5",
-            *extra,
-        ],
-    )
-
-
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(folder / "model.safetensors"))
-
-
-def _assert_same_weights(a: Path, b: Path, atol: float = 1e-5) -> None:
-    wa, wb = _weights(a), _weights(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=atol, msg=k)
+    return two_step_config(family["student"], out, "loss.params.eta=0.5", *extra, method=method)
 
 
 def test_a_padded_teacher_trains_the_student_its_unpadded_self_trains(family, tmp_path, capsys):
@@ -122,7 +91,7 @@ def test_a_padded_teacher_trains_the_student_its_unpadded_self_trains(family, tm
     the run says at start what differs and records it in summary.json."""
     plain = train(_cfg(family, tmp_path / "plain", f"teacher.model={family['teacher']}"))
     padded = train(_cfg(family, tmp_path / "padded", f"teacher.model={family['padded']}"))
-    _assert_same_weights(Path(plain["final_model"]), Path(padded["final_model"]))
+    assert_same_weights(Path(plain["final_model"]), Path(padded["final_model"]))
     assert "teacher: shares the student's" in capsys.readouterr().out
     vocab = json.loads((tmp_path / "padded" / "summary.json").read_text())["vocabulary"]["teacher"]
     assert vocab["other_rows"] == vocab["student_rows"] + PAD_ROWS == vocab["shared_vocab_size"] + PAD_ROWS
@@ -146,7 +115,7 @@ def test_a_padded_teachers_cache_equals_the_unpadded_teachers(family, tiny_token
         ids, _ = opened.rows(list(range(len(opened))))
         assert int(ids.max()) < opened.shared_vocab_size
         finals.append(Path(train(cfg)["final_model"]))
-    _assert_same_weights(*finals)
+    assert_same_weights(*finals)
     manifest = json.loads((tmp_path / "cache-padded" / "manifest.json").read_text())
     assert manifest["vocab_size"] == manifest["shared_vocab_size"] + PAD_ROWS
     assert "embedding rows" in manifest["teacher_vocabulary"]["note"]
@@ -318,7 +287,7 @@ def test_packed_training_equals_padded_training(family, tiny_tokenizer, tmp_path
         )
         extra = [f"teacher.cache={cache}"]
     finals = [Path(train(_cfg(family, tmp_path / f"p{p}", *extra, f"data.packing={p}"))["final_model"]) for p in (0, 1)]
-    _assert_same_weights(*finals)
+    assert_same_weights(*finals)
 
 
 def test_packed_batches_are_one_row_with_restarting_positions(tiny_tokenizer):

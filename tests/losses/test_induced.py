@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import targetsft
-from test_core_reference import (
+from test_reference import (
     DEFAULTS,
     IGNORE,
     SIGNED,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import targetsft
-from test_core_reference import (
+from test_reference import (
     DEFAULTS,
     NEEDS,
     SIGNED,

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import targetsft
-from test_core_reference import IGNORE, PARAM_GRID
+from test_reference import IGNORE, PARAM_GRID
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 SCALES = [1e-3, 0.5, 3.0, 30.0, 300.0, 1e4]
@@ -25,7 +25,7 @@ SCALES = [1e-3, 0.5, 3.0, 30.0, 300.0, 1e4]
 def problems(draw, topk: bool):
     methods = sorted(targetsft.METHODS)
     if topk:
-        # proximal_sft needs π_old's full logits (a top-k reference is refused: tests/test_core_equalities.py)
+        # proximal_sft needs π_old's full logits (a top-k reference is refused: tests/losses/test_equalities.py)
         methods = [m for m in methods if targetsft.METHODS[m].needs & {"teacher", "ref"} and m != "proximal_sft"]
     method = draw(st.sampled_from(methods))
     ndim = draw(st.integers(0, 3))

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import targetsft
-from test_core_reference import IGNORE, label_of, make_batch, onehot
+from test_reference import IGNORE, label_of, make_batch, onehot
 
 ATOL = 1e-10
 

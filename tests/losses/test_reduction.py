@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import targetsft
-from test_core_reference import IGNORE, expected_grad, make_batch, reference_target, side_kwargs
+from test_reference import IGNORE, expected_grad, make_batch, reference_target, side_kwargs
 
 ATOL = 1e-10
 METHODS = ["sft", "dft", "label_smoothing", "target_sft", "kd", "asft", "eaft", "weighted"]

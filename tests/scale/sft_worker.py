@@ -1,5 +1,6 @@
-"""Run by tests/test_ddp.py and tests/test_scale_out.py under ``accelerate launch``: TargetSFTTrainer on
-TRL-prepared prompt/completion data, the student and teacher loaded by ``from_pretrained`` as a TRL user loads them.
+"""Run by tests/scale/test_ddp.py and tests/scale/test_scale_out.py under ``accelerate launch``: TargetSFTTrainer
+on TRL-prepared prompt/completion data, the student and teacher loaded by ``from_pretrained`` as a TRL user loads
+them.
 
 python sft_worker.py MODEL OUTPUT_DIR PER_DEVICE_BATCH METHOD [TEACHER]
 

@@ -15,7 +15,7 @@ import yaml
 transformers = pytest.importorskip("transformers")
 from conftest import tiny_model  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 QWEN_TOKENS, STUDENT_ROWS, TEACHER_ROWS = 151_665, 151_936, 152_064
 BASE_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + '\n' }}{% endfor %}"

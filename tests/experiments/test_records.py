@@ -14,10 +14,10 @@ import pytest
 
 from targetsft import experiments as X
 from targetsft.cli.main import main
-from targetsft.experiments.grid import EvalSpec
+from targetsft.experiments.grid import EvalSpec, eval_spec
 from targetsft.experiments.records import migrate_record, read_record, same_spec, spec_dict
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # a set's spec as the committed 0.2 records hold it: every option of its time, "engine" not yet among them
 SPEC_V1 = {
@@ -227,3 +227,16 @@ def test_committed_records_give_the_committed_tables(name, tmp_path, monkeypatch
     paths = X.aggregate(exp, plots=False)["paths"]
     differ = [n for n, p in paths.items() if p.read_bytes() != (ROOT / exp.results_dir / n).read_bytes()]
     assert not differ, f"{name}: {differ} differ from the committed tables"
+
+
+def test_recorded_spec_without_a_later_option_is_the_same_spec():
+    spec = eval_spec({"set": "asdiv", "size": 5}, "eval[0]")
+    recorded = spec_dict(spec)
+    assert same_spec(recorded, spec)
+    older = {k: v for k, v in recorded.items() if k != "prompt"}  # written before the option existed
+    assert not same_spec(older, spec)  # the layout has every option: an old spec is read through migrate_record
+    older = X.migrate_record({"spec": older})["spec"]
+    assert same_spec(older, spec)
+    assert not same_spec({**older, "size": 6}, spec)
+    assert not same_spec(older, eval_spec({"set": "asdiv", "size": 5, "prompt": "boxed"}, "eval[0]"))
+    assert not same_spec(None, spec)

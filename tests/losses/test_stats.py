@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import targetsft
-from test_core_reference import IGNORE, SIGNED, all_cases, case_id, label_of, make_batch, reference_target, side_kwargs
+from test_reference import IGNORE, SIGNED, all_cases, case_id, label_of, make_batch, reference_target, side_kwargs
 
 KEYS = {"gamma", "p_label", "nll", "q_label", "residual_entropy", "accuracy", "tokens"}
 

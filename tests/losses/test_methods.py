@@ -13,7 +13,7 @@ import torch
 
 import targetsft
 from targetsft import functional as TF
-from test_core_reference import (
+from test_reference import (
     DEFAULTS,
     NEEDS,
     SIGNED,

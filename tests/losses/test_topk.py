@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import targetsft
-from test_core_reference import (
+from test_reference import (
     complete_topk,
     expected_grad,
     make_batch,

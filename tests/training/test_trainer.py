@@ -308,7 +308,7 @@ def test_config_is_strict(tmp_path):
 
 def test_shipped_configs_are_valid():
     """Every YAML in configs/ loads and checks (teachers are paths, so only the schema is exercised)."""
-    root = Path(__file__).resolve().parents[1] / "configs"
+    root = Path(__file__).resolve().parents[2] / "configs"
     files = sorted(root.glob("*.yaml"))
     assert files
     for f in files:

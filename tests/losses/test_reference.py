@@ -1,7 +1,7 @@
 """An independent reference for the Q-target table, and checks of the reference itself.
 
 Everything here is written from the formulas of the paper's unification table (docs/method.md §1-3), with
-plain torch operations; nothing in this module imports ``targetsft``. The other ``test_core_*`` files import
+plain torch operations; nothing in this module imports ``targetsft``. The other tests in this folder import
 these helpers to compute *expected* values.
 
     Q_t = γ_t·onehot(y_t) + (1 − γ_t)·π̃_t,     ∂loss/∂z_t = c_t·w_t·(p_t − Q_t)
