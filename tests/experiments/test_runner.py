@@ -144,7 +144,7 @@ def test_resume_skips_finished_runs_and_resumes_a_killed_one(tiny_setup, tmp_pat
 
 def test_teacher_cache_built_once_and_used_by_every_teacher_run(tiny_setup, tmp_path, monkeypatch):
     from targetsft.training import recipe
-    from targetsft.training.teacher_cache import command
+    from targetsft.training.teacher_cache import from_config
 
     model, qa, mc = tiny_setup
     out = tmp_path / "exp"
@@ -153,7 +153,7 @@ def test_teacher_cache_built_once_and_used_by_every_teacher_run(tiny_setup, tmp_
     raw["base"]["train"]["max_steps"] = 2
     raw["grid"] = [{"method": "sft", "seeds": [0]}, {"method": "target_sft", "seeds": [0, 1]}]
     raw["eval"] = raw["eval"][1:]
-    real_train, real_cache, seen, builds = recipe.train, command.cache_teacher, [], []
+    real_train, real_cache, seen, builds = recipe.train, from_config.cache_teacher, [], []
 
     def spy_train(cfg, **kwargs):
         seen.append((Path(cfg.output_dir).name, cfg.teacher.model, cfg.teacher.cache))
@@ -164,7 +164,7 @@ def test_teacher_cache_built_once_and_used_by_every_teacher_run(tiny_setup, tmp_
         return real_cache(cfg, folder, **kwargs)
 
     monkeypatch.setattr(recipe, "train", spy_train)
-    monkeypatch.setattr(command, "cache_teacher", spy_cache)
+    monkeypatch.setattr(from_config, "cache_teacher", spy_cache)
     X.run_experiment(X.experiment_from_dict(raw), progress=False)
     assert len(builds) == 1 and (builds[0] / "manifest.json").is_file() and (builds[0] / "COMPLETE").is_file()
     assert builds[0].parent == out / "teacher_cache"
@@ -176,7 +176,7 @@ def test_teacher_cache_built_once_and_used_by_every_teacher_run(tiny_setup, tmp_
     manifest = json.loads((builds[0] / "manifest.json").read_text())
     assert manifest["k"] == 8 and manifest["num_examples"] == 8
     # how the teacher scores the training labels: next to its cache, in each teacher run's record, in results.md
-    stats = json.loads((builds[0] / command.LABEL_STATS_FILE).read_text())
+    stats = json.loads((builds[0] / from_config.LABEL_STATS_FILE).read_text())
     assert stats.pop("manifest_sha256") == sha256_file(builds[0] / "manifest.json")
     assert stats["tokens"] == manifest["total_tokens"] and 0 <= stats["top1"] <= stats["in_topk"] <= 1
     assert 0 <= stats["p_label"] <= stats["topk_mass"] <= 1 + 1e-6
@@ -193,10 +193,10 @@ def test_teacher_cache_built_once_and_used_by_every_teacher_run(tiny_setup, tmp_
     cfg = config_from_dict(
         next(r for r in X.expand_grid(X.experiment_from_dict(raw)) if r.id == "target_sft-s0").config
     )
-    assert command.teacher_label_stats(cfg, builds[0]) == stats
-    stale = builds[0] / command.LABEL_STATS_FILE
+    assert from_config.teacher_label_stats(cfg, builds[0]) == stats
+    stale = builds[0] / from_config.LABEL_STATS_FILE
     stale.write_text(json.dumps({**stats, "top1": 2.0, "manifest_sha256": "another cache"}))
-    assert command.teacher_label_stats(cfg, builds[0]) == pytest.approx(stats)
+    assert from_config.teacher_label_stats(cfg, builds[0]) == pytest.approx(stats)
 
 
 def test_experiments_sharing_runs_dir_share_runs(tiny_setup, tmp_path, monkeypatch):

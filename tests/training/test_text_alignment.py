@@ -367,3 +367,10 @@ def test_packed_batches_read_the_teacher_through_the_text_as_padded_ones(pair, t
 def test_bad_alignment_settings_are_refused_by_name(pair, tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
         _cfg(pair, tmp_path / "run", f"teacher.model={pair['teacher']}", "loss.params.eta=0.5", override)
+
+
+@pytest.mark.parametrize("prompt", ["own_template", "answer_hint"])
+def test_a_teacher_read_through_the_text_takes_a_prompt_of_its_own(pair, tmp_path, prompt):
+    """teacher.prompt own_template (rendered by the teacher's tokenizer) and answer_hint (the student's rendering,
+    read as text): the permuted teacher still trains the student its unpermuted self trains."""
+    _plain_and_permuted(pair, tmp_path, f"teacher.prompt={prompt}", "loss.params.eta=0.5")

@@ -91,13 +91,13 @@ def teacher_cache_root(exp: Experiment) -> Path:
 
 def teacher_cache(exp: Experiment, config: dict[str, Any], log: Callable[[str], None]) -> Path:
     """The top-k cache of the run's teacher over its training data, built on first use (resumable)."""
-    from targetsft.training.teacher_cache import command
+    from targetsft.training.teacher_cache import from_config
 
     folder, key = teacher_cache_folder(exp, config), teacher_key(config)
     if not (folder / "COMPLETE").is_file():
         log(f"teacher cache: building {folder} (teacher {config['teacher']['model']}, k={exp.teacher_cache_k})")
         t0 = time.time()
         temperature = teacher_temperature(config)
-        command.cache_teacher(config_from_dict(config), folder, k=exp.teacher_cache_k, temperature=temperature)
+        from_config.cache_teacher(config_from_dict(config), folder, k=exp.teacher_cache_k, temperature=temperature)
         atomic_write_text(folder / "COMPLETE", json.dumps({**key, "seconds": round(time.time() - t0, 1)}, default=str))
     return folder

@@ -4,7 +4,7 @@ setup (data, student, teacher and reference, trainer), train, save (final model,
 
 The parts it puts together live beside it: the callbacks (:mod:`~targetsft.training.callbacks`), the models
 (:mod:`~targetsft.training.models`), the model card (:mod:`~targetsft.training.model_card`) and the teacher cache
-job (:mod:`~targetsft.training.teacher_cache.command`). What a method needs beyond its loss (a teacher, a frozen
+job (:mod:`~targetsft.training.teacher_cache.from_config`). What a method needs beyond its loss (a teacher, a frozen
 reference or a snapshot of the student, π_old) is read from its :class:`~targetsft.losses.methods.MethodSpec`.
 """
 
@@ -50,7 +50,7 @@ from targetsft.training.teacher_cache import (
 from targetsft.training.text_alignment import TextAligner, alignment_note
 from targetsft.training.vocabulary import VocabAlignment
 
-# what this module held before its parts moved out, still importable from here
+# the recipe and the parts of a training run that callers import from here
 __all__ = [
     "LABEL_STATS_FILE",
     "CsvMetricsCallback",

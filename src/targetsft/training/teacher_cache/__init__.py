@@ -38,7 +38,7 @@ arguments. One builder per folder at a time (an advisory lock enforces it on POS
 Modules: :mod:`~targetsft.training.teacher_cache.storage` (identity, fingerprints, manifest, errors),
 :mod:`~targetsft.training.teacher_cache.build` (the builder),
 :mod:`~targetsft.training.teacher_cache.read` (the reader),
-:mod:`~targetsft.training.teacher_cache.command` (``cache-teacher`` on a training config, the teacher's label
+:mod:`~targetsft.training.teacher_cache.from_config` (``cache-teacher`` on a training config, the teacher's label
 statistics).
 """
 
@@ -47,7 +47,7 @@ from __future__ import annotations
 from targetsft.training.teacher_cache.build import (
     build_teacher_cache,
 )
-from targetsft.training.teacher_cache.command import (
+from targetsft.training.teacher_cache.from_config import (
     LABEL_STATS_FILE,
     cache_teacher,
     label_stats_line,
