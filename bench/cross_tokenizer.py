@@ -115,19 +115,7 @@ def run_trl(student: str, teacher: str, steps: int, out: Path) -> dict:
     tok = load_tokenizer(resolve_model(student))
     trainer = TargetSFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(resolve_model(student), dtype=torch.float32),
-        args=trl.SFTConfig(
-            str(out),
-            report_to=[],
-            use_cpu=True,
-            max_length=256,
-            bf16=False,
-            max_steps=steps,
-            per_device_train_batch_size=4,
-            learning_rate=5e-5,
-            logging_steps=1,
-            save_strategy="no",
-            disable_tqdm=True,
-        ),
+        args=trl.SFTConfig(str(out), max_length=256, bf16=False, use_cpu=True, report_to=[], **_trl_schedule(steps)),
         train_dataset=Dataset.from_list(rows),
         processing_class=tok,
         method="target_sft",
@@ -143,6 +131,11 @@ def run_trl(student: str, teacher: str, steps: int, out: Path) -> dict:
         "alignment": trainer.teacher_alignment.summary(),
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
     }
+
+
+def _trl_schedule(steps: int) -> dict:
+    """What the TRL run shares with the recipe's: ``steps`` steps of 4 at 5e-5, a log line per step, no saving."""
+    return dict(max_steps=steps, per_device_train_batch_size=4, learning_rate=5e-5, logging_steps=1, save_strategy="no")
 
 
 def _pct(x: float) -> str:

@@ -168,3 +168,32 @@ def assert_same_weights(a, b, atol: float = 1e-5) -> None:
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=atol, msg=k)
+
+
+SUM_ROWS = [{"prompt": f"What is {i} plus {i}?", "completion": f" It is {2 * i}."} for i in range(8)]
+
+
+def trl_batch_grads(student_dir, tokenizer, out, teacher_dir, **kwargs):
+    """``TargetSFTTrainer`` (Target-SFT, η 0.5) on :data:`SUM_ROWS` with the teacher at ``teacher_dir``: the
+    student's gradients of one batch, and the trainer; ``kwargs`` go to the trainer."""
+    import transformers
+    import trl
+    from datasets import Dataset
+
+    from targetsft.training.trl_trainer import TargetSFTTrainer
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(student_dir)
+    trainer = TargetSFTTrainer(
+        model=model,
+        args=trl.SFTConfig(str(out), report_to=[], use_cpu=True, max_length=None, bf16=False),
+        train_dataset=Dataset.from_list(SUM_ROWS),
+        processing_class=tokenizer,
+        method="target_sft",
+        method_params={"eta": 0.5},
+        teacher_model=transformers.AutoModelForCausalLM.from_pretrained(teacher_dir),
+        **kwargs,
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    model.train()
+    trainer.compute_loss(model, dict(batch), num_items_in_batch=int((batch["labels"] != -100).sum())).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, trainer

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_same_weights, two_step_config
+from conftest import assert_same_weights, trl_batch_grads, two_step_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -123,28 +123,11 @@ def test_a_padded_teachers_cache_equals_the_unpadded_teachers(family, tiny_token
 
 def test_target_sft_trainer_with_a_padded_teacher(family, tiny_tokenizer, tmp_path):
     """TRL's trainer: the padded teacher's gradients equal the unpadded teacher's."""
-    trl = pytest.importorskip("trl")
-    from datasets import Dataset
-
-    from targetsft.training.trl_trainer import TargetSFTTrainer
-
-    rows = [{"prompt": f"What is {i} plus {i}?", "completion": f" It is {2 * i}."} for i in range(8)]
+    pytest.importorskip("trl")
     grads = []
     for name in ("teacher", "padded"):
-        model = transformers.AutoModelForCausalLM.from_pretrained(family["student"])
-        trainer = TargetSFTTrainer(
-            model=model,
-            args=trl.SFTConfig(str(tmp_path / name), report_to=[], use_cpu=True, max_length=None, bf16=False),
-            train_dataset=Dataset.from_list(rows),
-            processing_class=tiny_tokenizer,
-            method="target_sft",
-            method_params={"eta": 0.5},
-            teacher_model=transformers.AutoModelForCausalLM.from_pretrained(family[name]),
-        )
-        batch = next(iter(trainer.get_train_dataloader()))
-        model.train()
-        trainer.compute_loss(model, dict(batch), num_items_in_batch=int((batch["labels"] != -100).sum())).backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        g, trainer = trl_batch_grads(family["student"], tiny_tokenizer, tmp_path / name, family[name])
+        grads.append(g)
         assert trainer.vocab_notes[0]["other_rows"] == len(tiny_tokenizer) + (PAD_ROWS if name == "padded" else 0)
     for k in grads[0]:
         torch.testing.assert_close(grads[0][k], grads[1][k], rtol=0, atol=1e-7)

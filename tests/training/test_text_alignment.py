@@ -18,7 +18,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_same_weights, two_step_config
+from conftest import SUM_ROWS, assert_same_weights, trl_batch_grads, two_step_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -321,33 +321,20 @@ def test_target_sft_trainer_reads_a_permuted_teacher_through_the_text(pair, tiny
 
     from targetsft.training.trl_trainer import TargetSFTTrainer
 
-    rows = [{"prompt": f"What is {i} plus {i}?", "completion": f" It is {2 * i}."} for i in range(8)]
     grads = []
     for name, align in (("teacher", "auto"), ("permuted", "text")):
-        model = transformers.AutoModelForCausalLM.from_pretrained(pair["student"])
-        trainer = TargetSFTTrainer(
-            model=model,
-            args=trl.SFTConfig(str(tmp_path / name), report_to=[], use_cpu=True, max_length=None, bf16=False),
-            train_dataset=Dataset.from_list(rows),
-            processing_class=tiny_tokenizer,
-            method="target_sft",
-            method_params={"eta": 0.5},
-            teacher_model=transformers.AutoModelForCausalLM.from_pretrained(pair[name]),
-            teacher_align=align,
-            align_top_k=1000,
+        g, trainer = trl_batch_grads(
+            pair["student"], tiny_tokenizer, tmp_path / name, pair[name], teacher_align=align, align_top_k=1000
         )
-        batch = next(iter(trainer.get_train_dataloader()))
-        model.train()
-        trainer.compute_loss(model, dict(batch), num_items_in_batch=int((batch["labels"] != -100).sum())).backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        grads.append(g)
     for k in grads[0]:
         torch.testing.assert_close(grads[0][k], grads[1][k], rtol=0, atol=1e-7)
     assert trainer.teacher_alignment.take_shares() == {"aligned_positions": 1.0, "aligned_mass": pytest.approx(1.0)}
     with pytest.raises(ValueError, match="teacher.align: text"):
         TargetSFTTrainer(
-            model=model,
+            model=transformers.AutoModelForCausalLM.from_pretrained(pair["student"]),
             args=trl.SFTConfig(str(tmp_path / "x"), report_to=[], use_cpu=True, max_length=None, bf16=False),
-            train_dataset=Dataset.from_list(rows),
+            train_dataset=Dataset.from_list(SUM_ROWS),
             processing_class=tiny_tokenizer,
             method="kd",
             teacher_model=transformers.AutoModelForCausalLM.from_pretrained(pair["permuted"]),

@@ -34,3 +34,8 @@ def config_or_none(args: argparse.Namespace) -> Any:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return None
+
+
+def options_of(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The parsed options ``names`` as keyword arguments of the library call a command makes."""
+    return {name: getattr(args, name) for name in names}

@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 import sys
 
-from targetsft.cli.arguments import add_config_arguments, add_scoring_engine_argument, config_or_none
+from targetsft.cli.arguments import add_config_arguments, add_scoring_engine_argument, config_or_none, options_of
 from targetsft.runtime.precision import PRECISIONS
 
 
@@ -54,18 +54,7 @@ def run_cache_teacher_from_args(args: argparse.Namespace) -> int:
         raise InputError(f"--temperature must be positive, got {args.temperature}")
     check_inputs(dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, cache=None)))
     check_model(teacher, "teacher")
-    path = cache_teacher(
-        cfg,
-        out,
-        teacher=teacher,
-        k=args.k,
-        temperature=args.temperature,
-        batch_size=args.batch_size,
-        shard_examples=args.shard_examples,
-        device=args.device,
-        overwrite=args.overwrite,
-        precision=args.precision,
-        engine=args.engine,
-    )
+    names = ("k", "temperature", "batch_size", "shard_examples", "device", "overwrite", "precision", "engine")
+    path = cache_teacher(cfg, out, teacher=teacher, **options_of(args, *names))
     print(f"teacher cache: {path}")
     return 0

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
-from targetsft.cli.arguments import add_config_arguments, add_scoring_engine_argument
+from targetsft.cli.arguments import add_config_arguments, add_scoring_engine_argument, options_of
 from targetsft.prep.critical_tokens import POSITIONS
 
 DATA_CONFIG_HELP = "training config whose data section gives the records (default: gsm-train)"
@@ -32,17 +33,8 @@ def add_induced_targets_arguments(p: argparse.ArgumentParser) -> argparse.Argume
 def run_induced_targets_from_args(args: argparse.Namespace) -> int:
     from targetsft.experiments.induced_targets import write_induced_targets
 
-    study, plots = write_induced_targets(
-        args.out,
-        teacher=args.teacher,
-        model=args.model,
-        teacher_prompt=args.teacher_prompt,
-        data=args.data,
-        examples=args.examples,
-        eta=args.eta,
-        epsilon=args.epsilon,
-        top=args.top,
-    )
+    names = ("teacher", "model", "teacher_prompt", "data", "examples", "eta", "epsilon", "top")
+    study, plots = write_induced_targets(args.out, **options_of(args, *names))
     for path in plots:
         print(f"wrote {path}")
     print(f"{study['tokens']} tokens; see {Path(args.out) / 'induced_targets.csv'}")
@@ -70,15 +62,7 @@ def add_noise_fit_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentPars
 def run_noise_fit_from_args(args: argparse.Namespace) -> int:
     from targetsft.experiments.noise_fit import noise_fit
 
-    noise_fit(
-        args.records,
-        args.out,
-        label_noise=args.label_noise,
-        base=args.base,
-        teacher=args.teacher,
-        examples=args.examples,
-        engine=args.engine,
-    )
+    noise_fit(args.records, args.out, **options_of(args, "label_noise", "base", "teacher", "examples", "engine"))
     return 0
 
 
@@ -96,21 +80,10 @@ def add_importance_weights_arguments(p: argparse.ArgumentParser) -> argparse.Arg
 
 def run_importance_weights_from_args(args: argparse.Namespace) -> int:
     from targetsft.prep.importance_weights import importance_weights
-    from targetsft.runtime.inputs import check_model
-    from targetsft.training.config import check_inputs, load_config
 
-    cfg = load_config(args.config, args.overrides)
-    check_inputs(cfg)
-    for name, role in ((args.target, "--target"), (args.reference, "--reference")):
-        check_model(name, role)
+    cfg = _checked_config(args, target="--target", reference="--reference")
     weights = importance_weights(
-        cfg,
-        args.out,
-        target=args.target,
-        reference=args.reference,
-        examples=args.examples,
-        per_token=args.per_token,
-        min_weight=args.min_weight,
+        cfg, args.out, **options_of(args, "target", "reference", "examples", "per_token", "min_weight")
     )
     print(
         f"{len(weights)} records, weights {min(weights):.3g}–{max(weights):.3g} "
@@ -134,23 +107,24 @@ def add_mark_critical_arguments(p: argparse.ArgumentParser) -> argparse.Argument
 
 def run_mark_critical_from_args(args: argparse.Namespace) -> int:
     from targetsft.prep.critical_tokens import mark_critical
+
+    cfg = _checked_config(args, model="model")
+    names = ("model", "examples", "alternatives", "positions", "max_new_tokens", "batch_size")
+    marked = mark_critical(cfg, args.out, **options_of(args, *names))
+    examined, critical = sum(m["examined"] for m in marked), sum(m["critical"] for m in marked)
+    rollouts = sum(m["rollouts"] for m in marked)
+    print(f"{len(marked)} records, {examined} tokens examined, {critical} critical, {rollouts} rollouts: {args.out}")
+    return 0
+
+
+def _checked_config(args: argparse.Namespace, **models: str) -> Any:
+    """The config of ``--config`` + overrides with its inputs checked, and each model option (``attribute=flag``)
+    checked, before a model loads."""
     from targetsft.runtime.inputs import check_model
     from targetsft.training.config import check_inputs, load_config
 
     cfg = load_config(args.config, args.overrides)
     check_inputs(cfg)
-    check_model(args.model)
-    marked = mark_critical(
-        cfg,
-        args.out,
-        model=args.model,
-        examples=args.examples,
-        alternatives=args.alternatives,
-        positions=args.positions,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-    )
-    examined, critical = sum(m["examined"] for m in marked), sum(m["critical"] for m in marked)
-    rollouts = sum(m["rollouts"] for m in marked)
-    print(f"{len(marked)} records, {examined} tokens examined, {critical} critical, {rollouts} rollouts: {args.out}")
-    return 0
+    for attribute, flag in models.items():
+        check_model(getattr(args, attribute), flag)
+    return cfg
