@@ -190,6 +190,17 @@ def test_aligned_topk_sums_the_mass_of_tokens_of_equal_bytes_and_caps_k():
     torch.testing.assert_close(mass, (1 - p[:, 3]).float(), rtol=0, atol=1e-6)
 
 
+def test_padding_rows_of_the_teacher_map_to_nothing():
+    """A teacher whose lm_head has rows past its tokenizer's tokens (padding): those rows' mass is unmapped."""
+    logits = torch.tensor([[0.0, 1.0, 2.0, 5.0, 5.0]])  # rows 3 and 4: padding of large logits
+    token_map = TokenMap(student_of=[0, 1, 2], student_vocab=3, mapped=3, covered=3)
+    ids, logprobs, mass = aligned_topk(logits, LMHead(weight=torch.eye(5)), token_map, k=3)
+    p = torch.softmax(logits, -1)[0]
+    assert sorted(ids[0].tolist()) == [0, 1, 2]
+    torch.testing.assert_close(mass, p[:3].sum()[None])
+    torch.testing.assert_close(logprobs.exp().sum(), p[:3].sum())
+
+
 @pytest.mark.parametrize("tail", ["student", "renormalize"])
 def test_a_row_with_no_teacher_takes_the_students_own_distribution(tail):
     """Top-k rows of ids −1: Target-SFT there is DFT (γ = p(y), π̃ = sg p), KD's target is p (no gradient)."""

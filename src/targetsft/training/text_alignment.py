@@ -79,11 +79,13 @@ class TokenMap:
     covered: int  # student tokens that some teacher token maps to
     _tensors: dict[Any, Tensor] = field(default_factory=dict, repr=False)
 
-    def student_ids(self, device: torch.device | str) -> Tensor:
-        """``student_of`` as a tensor on ``device`` (kept)."""
-        key = torch.device(device)
+    def student_ids(self, device: torch.device | str, width: int = 0) -> Tensor:
+        """``student_of`` as a tensor on ``device`` (kept), at least ``width`` long: the teacher's lm_head rows past
+        its tokens (padding) map to nothing."""
+        key = (torch.device(device), max(width, len(self.student_of)))
         if key not in self._tensors:
-            self._tensors[key] = torch.tensor(self.student_of, dtype=torch.long, device=key)
+            table = self.student_of + [-1] * (key[1] - len(self.student_of))
+            self._tensors[key] = torch.tensor(table, dtype=torch.long, device=key[0])
         return self._tensors[key]
 
     def to_dict(self) -> dict[str, Any]:
@@ -95,18 +97,17 @@ class TokenMap:
         }
 
 
-def map_tokens(tokenizer: Any, teacher_tokenizer: Any, teacher_rows: int | None = None) -> TokenMap:
+def map_tokens(tokenizer: Any, teacher_tokenizer: Any) -> TokenMap:
     """:class:`TokenMap` from the student's ``tokenizer`` to ``teacher_tokenizer`` by equal bytes
-    (:func:`token_bytes`); ``teacher_rows``: the teacher's lm_head rows (padding rows map to nothing)."""
+    (:func:`token_bytes`)."""
     mine, theirs = token_bytes(tokenizer), token_bytes(teacher_tokenizer)
     by_bytes: dict[bytes, int] = {}
     for i, b in enumerate(mine):
         if b and b not in by_bytes:
             by_bytes[b] = i
-    rows = len(theirs) if teacher_rows is None else max(teacher_rows, len(theirs))
-    student_of = [by_bytes.get(b, -1) if b else -1 for b in theirs] + [-1] * (rows - len(theirs))
+    student_of = [by_bytes.get(b, -1) if b else -1 for b in theirs]
     eos, t_eos = getattr(tokenizer, "eos_token_id", None), getattr(teacher_tokenizer, "eos_token_id", None)
-    if eos is not None and t_eos is not None and 0 <= t_eos < rows and student_of[t_eos] < 0:
+    if eos is not None and t_eos is not None and 0 <= t_eos < len(student_of) and student_of[t_eos] < 0:
         student_of[t_eos] = int(eos)
     mapped = [s for s in student_of if s >= 0]
     return TokenMap(student_of, len(mine), len(mapped), len(set(mapped)))
@@ -192,9 +193,9 @@ class TextAligner:
         self._teacher_bytes = token_bytes(self.teacher)
 
     @classmethod
-    def build(cls, tokenizer: Any, teacher_tokenizer: Any, teacher_rows: int | None = None, top_k: int = 256):
+    def build(cls, tokenizer: Any, teacher_tokenizer: Any, top_k: int = 256) -> TextAligner:
         """The aligner of the student's ``tokenizer`` with ``teacher_tokenizer``."""
-        return cls(tokenizer, teacher_tokenizer, map_tokens(tokenizer, teacher_tokenizer, teacher_rows), top_k)
+        return cls(tokenizer, teacher_tokenizer, map_tokens(tokenizer, teacher_tokenizer), top_k)
 
     @property
     def teacher_pad_id(self) -> int:
@@ -323,7 +324,7 @@ def map_to_student(logits: Tensor, token_map: TokenMap, k: int, temperature: flo
     where the mass is 0."""
     k = min(k, token_map.student_vocab)
     values, teacher_ids = log_softmax_at(logits, max(4 * k, 1024), temperature)
-    student_ids = token_map.student_ids(logits.device)[teacher_ids]
+    student_ids = token_map.student_ids(logits.device, logits.shape[-1])[teacher_ids]
     values = values.masked_fill(student_ids < 0, float("-inf"))  # no student token spells it
     # the candidates grouped by student id (sorted within each row), each group's log-sum-exp
     student_ids, order = student_ids.sort(dim=-1)
