@@ -36,6 +36,7 @@ from targetsft.training.text_alignment import (  # noqa: E402
     boundary_rows,
     map_tokens,
     token_bytes,
+    without_dummy_prefix,
 )
 
 
@@ -143,6 +144,15 @@ def test_a_student_position_has_a_row_exactly_where_both_segmentations_cut(text,
     teacher, t_edges = pieces(teacher_cuts)
     expected = [t_edges.index(o) if o in t_edges else -1 for o in s_edges[:-1]]
     assert boundary_rows(student, [True] * len(student), teacher) == expected
+
+
+def test_a_sentencepiece_dummy_prefix_is_not_read_as_text():
+    """A teacher that reads "The answer" as "▁The", "▁answer" still meets the student at every word."""
+    text = b"The answer"
+    spelled = without_dummy_prefix([b" The", b" answer"], text)
+    assert spelled == [b"The", b" answer"]
+    assert boundary_rows([b"The", b" answer"], [True, True], spelled) == [0, 1]
+    assert without_dummy_prefix([b" The"], b" The") == [b" The"]  # a space the text holds stays
 
 
 class _Tok:

@@ -145,6 +145,15 @@ def boundary_rows(
     return rows
 
 
+def without_dummy_prefix(teacher_bytes: list[bytes | None], text: bytes) -> list[bytes | None]:
+    """The teacher's tokens of ``text`` without the space a sentencepiece tokenizer puts before a text's first word
+    (``add_dummy_prefix``: ``"The"`` read as ``"▁The"``), which the text does not hold."""
+    first = teacher_bytes[0] if teacher_bytes else None
+    if first and first.startswith(b" ") and not text.startswith(b" ") and text.startswith(first[1:]):
+        return [first[1:], *teacher_bytes[1:]]
+    return teacher_bytes
+
+
 @dataclass
 class AlignmentStats:
     """Sums over loss rows, left where they were computed until read: rows, rows with a teacher boundary, and the
@@ -261,7 +270,8 @@ class TextAligner:
         text = _valid_utf8_prefix(b"".join(rest))
         rest_ids = self.teacher(text, add_special_tokens=False)["input_ids"] if text else []
         supervised = [label != IGNORE_INDEX for label in labels[start:]]
-        consumed = boundary_rows(rest, supervised, [self._teacher_bytes[i] for i in rest_ids])
+        spelled = without_dummy_prefix([self._teacher_bytes[i] for i in rest_ids], text.encode("utf-8"))
+        consumed = boundary_rows(rest, supervised, spelled)
         used = max(consumed, default=0)
         rows = [len(prompt) - 1 + c if c >= 0 else MISSING_ID for c in consumed]
         return {"teacher_input_ids": prompt + list(rest_ids[:used]), "teacher_rows": rows}
