@@ -397,22 +397,25 @@ def aligned_teacher_topk(
     device: torch.device,
 ) -> tuple[Tensor, Tensor]:
     """Run ``teacher`` (no grad) on its own ``input_ids`` and give the loss its top-k rows on the student's ids, one
-    per entry of ``rows`` (flat positions, −1: none); a training step's shares are recorded on ``aligner``."""
-
+    per entry of ``rows`` (flat positions, −1: none, whose rows get ids ``MISSING_ID``); a training step's shares
+    are recorded on ``aligner``. Nothing is read back to the host: a row with no teacher is computed from position
+    0 and then masked."""
     at = input_device(teacher)
     record = torch.is_grad_enabled()  # a training step (evaluation runs without gradients)
+    picked = rows.to(at)
+    missing = picked < 0
     with torch.no_grad():
         h = hidden_states(teacher, *moved_to(at, input_ids, attention_mask))
-        picked = rows.to(at)
-        h = h.reshape(-1, h.shape[-1]).index_select(0, picked[picked >= 0])
+        h = h.reshape(-1, h.shape[-1]).index_select(0, picked.clamp(min=0))
         with gathered_head(teacher):
             ids, logprobs, mass = aligned_topk(
                 h, lm_head(teacher), aligner.token_map, aligner.top_k, aligner.temperature
             )
     if record:
-        aligner.record(picked, mass)
-    full_ids, full_lp = scatter_rows(picked, ids, logprobs)
-    return full_ids.to(device), full_lp.to(device)
+        aligner.record(picked, mass.masked_fill(missing, 0.0))
+    ids = ids.masked_fill(missing[:, None], MISSING_ID)
+    logprobs = logprobs.masked_fill(missing[:, None], float("-inf"))
+    return ids.to(device), logprobs.to(device)
 
 
 def alignment_note(aligner: TextAligner) -> str:
