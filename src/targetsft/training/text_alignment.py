@@ -10,7 +10,7 @@ no teacher (its row's ids are all ``MISSING_ID``: π_T = sg p_θ there).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -356,24 +356,30 @@ def map_to_student(logits: Tensor, token_map: TokenMap, k: int, temperature: flo
     return ids, logprobs.float(), mass.float()
 
 
+def map_in_chunks(
+    logits_of: Callable[[int, int], Tensor], rows: int, token_map: TokenMap, k: int, temperature: float, chunk: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`map_to_student` of ``rows`` teacher rows whose logits ``logits_of(start, end)`` gives, ``chunk`` rows at
+    a time, so that no ``[rows, V_teacher]`` tensor is built; the parts concatenated (empty ones for no rows)."""
+    k = min(k, token_map.student_vocab)
+    parts = [
+        map_to_student(logits_of(s, min(s + chunk, rows)), token_map, k, temperature) for s in range(0, rows, chunk)
+    ]
+    if not parts:
+        return torch.zeros((0, k), dtype=torch.long), torch.zeros((0, k)), torch.zeros(0)
+    ids, logprobs, mass = (torch.cat(p) for p in zip(*parts))
+    return ids, logprobs, mass
+
+
 def aligned_topk(
     hidden: Tensor, head: LMHead, token_map: TokenMap, k: int, temperature: float = 1.0, chunk: int = 128
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`map_to_student` of the teacher's rows given as final hidden states ``[m, H]`` and its ``head``,
-    ``chunk`` rows at a time, so that no ``[m, V_teacher]`` tensor is built."""
-    k = min(k, token_map.student_vocab)
-    parts = [
-        map_to_student(head_logits(head, hidden[s : s + chunk]), token_map, k, temperature)
-        for s in range(0, hidden.shape[0], chunk)
-    ]
-    if not parts:
-        return (
-            torch.zeros((0, k), dtype=torch.long, device=hidden.device),
-            torch.zeros((0, k), device=hidden.device),
-            torch.zeros(0, device=hidden.device),
-        )
-    ids, logprobs, mass = (torch.cat(p) for p in zip(*parts))
-    return ids, logprobs, mass
+    """:func:`map_to_student` of the teacher's rows given as final hidden states ``[m, H]`` and its ``head``
+    (:func:`map_in_chunks`, ``chunk`` rows at a time)."""
+    ids, logprobs, mass = map_in_chunks(
+        lambda s, e: head_logits(head, hidden[s:e]), hidden.shape[0], token_map, k, temperature, chunk
+    )
+    return ids.to(hidden.device), logprobs.to(hidden.device), mass.to(hidden.device)
 
 
 def scatter_rows(rows: Tensor, ids: Tensor, logprobs: Tensor) -> tuple[Tensor, Tensor]:

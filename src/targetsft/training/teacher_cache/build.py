@@ -45,7 +45,14 @@ from targetsft.training.teacher_cache.storage import (
     tokenizer_fingerprint,
     weights_fingerprint,
 )
-from targetsft.training.text_alignment import TextAligner, TokenMap, log_softmax_at, map_to_student, scatter_rows
+from targetsft.training.text_alignment import (
+    AlignmentStats,
+    TextAligner,
+    TokenMap,
+    log_softmax_at,
+    map_in_chunks,
+    scatter_rows,
+)
 from targetsft.training.vocabulary import VocabAlignment, align_vocabularies, id_to_token
 
 logger = logging.getLogger(__name__)
@@ -186,28 +193,22 @@ class _RunSpec:
     vocab: int
     shared: int
     token_map: TokenMap | None = None  # a teacher read through the text: its rows go to the student's ids
-    tally: dict[str, float] = field(default_factory=dict)  # the shard's aligned rows and their mapped mass
+    stats: AlignmentStats = field(default_factory=AlignmentStats)  # the shard's aligned rows and their mapped mass
 
 
 def _text_rows(spec: _RunSpec, logits: Tensor, batch: list[_TeacherInput]) -> list[tuple[Tensor, Tensor]]:
     """Each example's rows of a teacher read through the text: its aligned rows mapped to the student's ids
-    (:func:`~targetsft.training.text_alignment.map_to_student`), ``MISSING_ID`` rows where it has none."""
-    step = max(1, _SOFTMAX_ELEMS // max(1, 2 * logits.shape[-1]))  # float64 rows
-    parts = [
-        map_to_student(logits[s : s + step], spec.token_map, spec.k, spec.temperature)
-        for s in range(0, len(logits), step)
-    ]
-    k = min(spec.k, spec.token_map.student_vocab)
-    ids, lps, mass = (
-        (torch.cat(p) for p in zip(*parts)) if parts else (torch.zeros(0, k).long(), torch.zeros(0, k), torch.zeros(0))
+    (:func:`~targetsft.training.text_alignment.map_in_chunks`), ``MISSING_ID`` rows where it has none; the shares
+    go to ``spec.stats``."""
+    step = max(1, _SOFTMAX_ELEMS // max(1, logits.shape[-1]))
+    ids, lps, mass = map_in_chunks(
+        lambda s, e: logits[s:e], len(logits), spec.token_map, spec.k, spec.temperature, step
     )
-    spec.tally["aligned"] = spec.tally.get("aligned", 0) + int(mass.numel())
-    spec.tally["mass"] = spec.tally.get("mass", 0.0) + float(mass.double().sum())
+    spec.stats.add(torch.from_numpy(np.concatenate([x.rows for x in batch])), mass)
+    sizes = [x.positions.size for x in batch]
     out = []
-    for x, a, b in zip(
-        batch, ids.split([x.positions.size for x in batch]), lps.split([x.positions.size for x in batch])
-    ):
-        full_ids, full_lps = scatter_rows(torch.from_numpy(x.rows), a.cpu(), b.cpu())
+    for x, a, b in zip(batch, ids.cpu().split(sizes), lps.cpu().split(sizes)):
+        full_ids, full_lps = scatter_rows(torch.from_numpy(x.rows), a, b)
         out.append((full_ids.to(torch.int32), full_lps.clamp(max=0.0)))
     return out
 
@@ -538,8 +539,8 @@ def _run_shards(
                     }
                 )
                 if token_map is not None:  # this shard's aligned rows and their mapped mass
-                    manifest["shards"][-1].update(aligned=int(spec.tally.pop("aligned", 0)))
-                    manifest["shards"][-1].update(aligned_mass=spec.tally.pop("mass", 0.0))
+                    manifest["shards"][-1].update(aligned=int(spec.stats.aligned), aligned_mass=float(spec.stats.mass))
+                    spec.stats = AlignmentStats()
                     manifest["alignment"] = _alignment_record(token_map, manifest)
                 build["seconds"] = round(build.get("seconds", 0.0) + time.perf_counter() - t0, 4)
                 build["tokens"] = build.get("tokens", 0) + tokens
