@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import targetsft
-from targetsft.training.fused_forward import causal_lm_target_loss, lm_head, patch_fused_forward, shift_labels
+from targetsft.training.fused_forward import FusedForward, causal_lm_target_loss, lm_head, project, shift_labels
 
 transformers = pytest.importorskip("transformers")
 from conftest import tiny_model  # noqa: E402
@@ -101,17 +101,35 @@ def test_privileged_teacher_prompt_aligns_supervised_tokens():
         )
 
 
-def test_patched_forward_returns_fused_loss_without_logits():
+def test_fused_forward_is_active_only_inside_its_block():
+    """Inside ``active()`` a call with target_loss_kwargs gives the fused loss (no logits; with return_logits the
+    model's own logits); a call without them, and every call outside the block, is the model's own forward."""
     model = _tiny(5)
     ids, labels, mask = _batch()
     expected = _naive(model, ids, labels, mask, "dft")
     model.train()
-    patch_fused_forward(model, method="dft")
-    out = model(input_ids=ids, attention_mask=mask, labels=labels)
-    assert out.logits is None
-    assert torch.allclose(out.loss, expected, atol=1e-12)
-    model.eval()
-    assert model(input_ids=ids, attention_mask=mask).logits is not None
+    own = model(input_ids=ids, attention_mask=mask, labels=labels)
+    fused = FusedForward(model, method="dft")
+    with fused.active():
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, target_loss_kwargs={})
+        assert out.logits is None
+        assert torch.allclose(out.loss, expected, atol=1e-12)
+        with_logits = model(input_ids=ids, attention_mask=mask, labels=labels, target_loss_kwargs={"return_logits": 1})
+        torch.testing.assert_close(with_logits.logits, own.logits, rtol=0, atol=1e-12)
+        plain = model(input_ids=ids, attention_mask=mask, labels=labels)
+        torch.testing.assert_close(plain.loss, own.loss, rtol=0, atol=0)
+    assert "forward" not in model.__dict__
+    after = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert after.logits is not None and torch.equal(after.loss, own.loss)
+
+
+def test_project_applies_the_models_logit_transforms():
+    model = _tiny(7)
+    model.config.final_logit_softcapping = 3.0
+    model.config.logit_scale = 0.5
+    h = torch.randn(2, 3, model.config.hidden_size, dtype=torch.float64)
+    z = h @ model.lm_head.weight.t()
+    torch.testing.assert_close(project(lm_head(model), h), 3.0 * torch.tanh(0.5 * z / 3.0))
 
 
 def test_lm_head_reads_logit_transforms_from_config():

@@ -382,3 +382,31 @@ def test_a_teacher_read_through_the_text_takes_a_prompt_of_its_own(pair, tmp_pat
     """teacher.prompt own_template (rendered by the teacher's tokenizer) and answer_hint (the student's rendering,
     read as text): the permuted teacher still trains the student its unpermuted self trains."""
     _plain_and_permuted(pair, tmp_path, f"teacher.prompt={prompt}", "loss.params.eta=0.5")
+
+
+def test_target_sft_trainer_refuses_a_teacher_that_meets_too_few_tokens(pair, tmp_path):
+    """The share of supervised tokens with a teacher boundary is measured at construction on the first training
+    examples: a finer student meets the coarser teacher at a share in (0.5, 1), accepted at the default minimum of
+    0.5 and refused, with the share, when the minimum is 1."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    from targetsft.training.trl_trainer import TargetSFTTrainer
+
+    fine_tok = transformers.AutoTokenizer.from_pretrained(pair["fine"])
+
+    def build(least):
+        return TargetSFTTrainer(
+            model=transformers.AutoModelForCausalLM.from_pretrained(pair["fine"]),
+            args=trl.SFTConfig(str(tmp_path / "x"), report_to=[], use_cpu=True, max_length=None, bf16=False),
+            train_dataset=Dataset.from_list(SUM_ROWS),
+            processing_class=fine_tok,
+            method="target_sft",
+            teacher_model=transformers.AutoModelForCausalLM.from_pretrained(pair["teacher"]),
+            teacher_align="text",
+            min_aligned_share=least,
+        )
+
+    build(0.5)
+    with pytest.raises(ValueError, match=r"at only \d+\.\d% of the supervised positions .* lower min_aligned_share"):
+        build(1.0)

@@ -376,7 +376,7 @@ def test_target_loss_in_trl_sft_trainer_matches_target_trainer(method, model_dir
     fused.lm_head.register_forward_hook(lambda module, args, out: head_calls.append(out.shape))
     sub = TargetSFTTrainer(
         model=fused,
-        args=trl.SFTConfig(str(tmp_path / "c"), report_to=[], use_cpu=True, max_length=None),
+        args=trl.SFTConfig(str(tmp_path / "c"), report_to=[], use_cpu=True, max_length=None, bf16=False),
         train_dataset=Dataset.from_list([{"prompt": "a", "completion": "b"}]),
         processing_class=tiny_tokenizer,
         method=method,

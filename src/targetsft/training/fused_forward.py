@@ -2,8 +2,9 @@
 
 :func:`lm_head` finds the (possibly tied, possibly PEFT-wrapped) output projection and the logit transforms
 of the model's config; :func:`hidden_states` runs the model without its lm_head; :func:`causal_lm_target_loss`
-puts both together with the usual label shift. :func:`patch_fused_forward` installs that path as the model's
-own ``forward`` so that wrappers that must see the forward call (DDP, FSDP, DeepSpeed) keep working.
+puts both together with the usual label shift. :class:`FusedForward` makes that path the model's own ``forward`` for
+the duration of one call, so that wrappers that must see the forward call (DDP, FSDP, DeepSpeed, ``torch.compile``)
+keep working and the model is a plain transformers model at every other moment.
 """
 
 from __future__ import annotations
@@ -37,9 +38,15 @@ class LMHead:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model inside DDP/accelerate (``.module``) and PEFT (``get_base_model``) wrappers."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
+    """The transformers model inside DDP/accelerate (``.module``), ``torch.compile`` (``_orig_mod``) and PEFT
+    (``get_base_model``) wrappers."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        else:
+            break
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
     return model
@@ -218,6 +225,26 @@ def causal_lm_target_loss(
     labels: Tensor,
     *,
     attention_mask: Tensor | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    **loss_kwargs: Any,
+):
+    """The fused target loss of a causal LM on a batch with unshifted HF ``labels`` (−100 = no loss): the model's
+    final hidden states (:func:`hidden_states`), then :func:`target_loss_on_hidden`, whose keyword arguments
+    (``method``, ``teacher_model``, ``num_items_in_batch``, ...) ``loss_kwargs`` are."""
+    hidden = hidden_states(model, input_ids, attention_mask, **(model_kwargs or {}))
+    return target_loss_on_hidden(
+        model, hidden, input_ids, labels, attention_mask=attention_mask, model_kwargs=model_kwargs, **loss_kwargs
+    )
+
+
+@torch.compiler.disable  # data-dependent rows and value checks: run eagerly after a compiled decoder
+def target_loss_on_hidden(
+    model: nn.Module,
+    hidden: Tensor,
+    input_ids: Tensor,
+    labels: Tensor,
+    *,
+    attention_mask: Tensor | None = None,
     method: Any = "sft",
     teacher_model: nn.Module | None = None,
     teacher_input_ids: Tensor | None = None,
@@ -229,7 +256,7 @@ def causal_lm_target_loss(
     model_kwargs: dict[str, Any] | None = None,
     **loss_kwargs: Any,
 ):
-    """The fused target loss of a causal LM on a batch with unshifted HF ``labels`` (−100 = no loss).
+    """The fused target loss of the student's final ``hidden`` states ``[B, T, H]`` against unshifted ``labels``.
 
     ``teacher_model`` (and ``ref_model``) run without gradient on the same inputs, or on ``teacher_input_ids``
     (e.g. a prompt with privileged context) when given with ``teacher_labels``: then the teacher's rows are
@@ -238,9 +265,9 @@ def causal_lm_target_loss(
     own ``teacher_input_ids``; ``teacher_rows`` picks, per loss row, its position (−1: none), and its distribution
     reaches the loss as top-k rows on the student's ids.
     Other keyword arguments go to :func:`targetsft.fused_target_loss` (``num_items_in_batch``,
-    ``teacher_topk``, ``return_stats``, method parameters, ...).
+    ``teacher_topk``, ``return_stats``, method parameters, ...). ``torch.compile`` does not trace it: the loss rows
+    and the value checks depend on the data, so it runs eagerly between a compiled decoder and its backward.
     """
-    hidden = hidden_states(model, input_ids, attention_mask, **(model_kwargs or {}))
     shifted = shift_labels(labels)
     boundaries = {k: v for k, v in (model_kwargs or {}).items() if k in SEQUENCE_KEYS and v is not None}
     others = {"teacher": teacher_model, "ref": ref_model}
@@ -321,30 +348,77 @@ def _output_class():
 _TargetLMOutput = None
 
 
-def patch_fused_forward(model: nn.Module, **defaults: Any) -> nn.Module:
-    """Make ``model(input_ids, labels=..., ...)`` return ``CausalLMOutput(loss=fused loss, logits=None)``.
+def project(head: LMHead, hidden: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """The logits ``softcap·tanh(logit_scale·(h·Wᵀ + b)/softcap)`` of ``hidden``, as the model's forward makes them
+    (the transforms in ``dtype`` when given)."""
+    z = torch.nn.functional.linear(hidden, head.weight, head.bias)
+    if dtype is not None:
+        z = z.to(dtype)
+    if head.logit_scale != 1.0:
+        z = z * head.logit_scale
+    if head.softcap is not None:
+        z = torch.tanh(z / head.softcap) * head.softcap
+    return z
 
-    Calls without labels, or in eval mode without ``target_loss_kwargs``, use the original forward. Per-batch
-    loss arguments (``num_items_in_batch``, ``teacher_topk``, ``token_weights``, ...) travel in the keyword
-    ``target_loss_kwargs``; ``defaults`` (method, parameters, teacher model) apply to every call.
+
+class FusedForward:
+    """``model(input_ids, labels=..., target_loss_kwargs={...})`` returns the fused loss (``logits=None``) inside
+    :meth:`active`, and nothing about the model changes outside it.
+
+    While active, the transformers model inside ``model``'s wrappers has an instance ``forward`` that takes the fused
+    path for calls with ``target_loss_kwargs`` and hands every other call to the forward it had (its own, or one a
+    wrapper such as accelerate's autocast installed). Going through the model's forward keeps DDP, FSDP, DeepSpeed and
+    ``torch.compile`` in the loop. ``defaults`` (method, teacher model, ...) apply to every fused call; per-batch loss
+    arguments (``num_items_in_batch``, ``teacher_topk``, ``token_weights``, ...) travel in ``target_loss_kwargs``,
+    with ``return_logits=True`` when the caller needs the logits too (evaluation with metrics, prediction).
     """
-    inner = unwrap(model)
-    output_cls = _output_class()
-    original = inner.forward
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, target_loss_kwargs=None, **kwargs):
-        if labels is None or (not self.training and target_loss_kwargs is None):
-            return original(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+    def __init__(self, model: nn.Module, **defaults: Any) -> None:
+        self.model = unwrap(model)
+        self.defaults = defaults
+        self._gates: dict[tuple[int, int], Any] = {}
+
+    def _gate(self, previous: Any) -> Any:
+        """The instance forward installed over ``previous``: one object per ``previous`` function, so that a
+        compiled model's guards see the same forward at every step."""
+        key = (id(getattr(previous, "__func__", previous)), id(getattr(previous, "__self__", None)))
+        if key not in self._gates:
+            fused = self._fused
+
+            def forward(module, *args, target_loss_kwargs=None, **kwargs):
+                if target_loss_kwargs is None:
+                    return previous(*args, **kwargs)
+                return fused(module, target_loss_kwargs, *args, **kwargs)
+
+            self._gates[key] = types.MethodType(forward, self.model)
+        return self._gates[key]
+
+    def _fused(self, module, options, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        if labels is None:
+            raise ValueError("the fused target loss needs labels")
         kwargs.pop("num_items_in_batch", None)
         kwargs.pop("use_cache", None)
-        options = {**defaults, **(target_loss_kwargs or {})}
-        register_head_with_zero3(self)
-        out = causal_lm_target_loss(
-            self, input_ids, labels, attention_mask=attention_mask, model_kwargs=kwargs, **options
+        options = {**self.defaults, **options}
+        want_logits = options.pop("return_logits", False)
+        register_head_with_zero3(module)
+        hidden = hidden_states(module, input_ids, attention_mask, **kwargs)
+        logits = project(lm_head(module), hidden) if want_logits else None
+        out = target_loss_on_hidden(
+            module, hidden, input_ids, labels, attention_mask=attention_mask, model_kwargs=kwargs, **options
         )
         loss, stats = out if isinstance(out, tuple) else (out, None)
-        return output_cls(loss=loss, logits=None, target_stats=stats)
+        return _output_class()(loss=loss, logits=logits, target_stats=stats)
 
-    inner.forward = types.MethodType(forward, inner)
-    inner._targetsft_original_forward = original
-    return model
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """The fused forward installed for the block; the model's own attributes restored exactly on exit."""
+        inner = self.model
+        had, before = "forward" in inner.__dict__, inner.__dict__.get("forward")
+        inner.forward = self._gate(inner.forward)
+        try:
+            yield
+        finally:
+            if had:
+                inner.forward = before
+            else:
+                del inner.forward

@@ -1,27 +1,31 @@
 """The fused target loss inside a ``transformers.Trainer`` (or a subclass such as TRL's ``SFTTrainer``).
 
-:class:`FusedLossMixin` patches the model's forward (:func:`targetsft.training.fused_forward.patch_fused_forward`), so
-DDP/FSDP/DeepSpeed wrappers see the call they expect; the loss is divided by the Trainer's ``num_items_in_batch``
-(supervised tokens over the whole gradient-accumulation window, summed over ranks), which makes accumulation and data
-parallelism exact; a teacher or reference is replicated or sharded over the ranks; the target statistics (γ, p(label),
-...) join the logs.
+:class:`FusedLossMixin` runs the loss through the model's forward, made fused for the loss call only
+(:class:`targetsft.training.fused_forward.FusedForward`), so DDP/FSDP/DeepSpeed/``torch.compile`` wrappers see the
+call they expect and the model is a plain transformers model everywhere else; the loss is divided by the Trainer's
+``num_items_in_batch`` (supervised tokens over the whole gradient-accumulation window, summed over ranks), which
+makes accumulation and data parallelism exact; a teacher or reference is replicated or sharded over the ranks; the
+target statistics (γ, p(label), ...) join the logs.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from targetsft.losses.methods import resolve_target
+from targetsft.losses.methods import get_method, resolve_target
 from targetsft.losses.target import STAT_NAMES, TargetStats
 from targetsft.runtime.distributed import end_process_group_at_exit
+from targetsft.training.callbacks import PolicySnapshot
 from targetsft.training.fused_forward import (
     IGNORE_INDEX,
     KEEP_DEVICE,
-    patch_fused_forward,
+    FusedForward,
     place_frozen,
     shard_frozen,
     with_rank0_weights,
@@ -34,11 +38,15 @@ class FusedLossMixin:
     registered method (or a ``Target``), run inside the model's own forward, so no ``[tokens, V]`` logits are built.
 
     Args:
-        method: the target: a name of ``targetsft.METHODS`` or a ``Target``; ``method_params`` its parameters.
+        method: the target: a name of ``targetsft.METHODS`` or a ``Target``; ``method_params`` its parameters
+            (a method's trainer parameters, such as ``proximal_sft``'s ``refresh``, included). None: chosen by the
+            training arguments (:func:`method_from_args`). A method that needs a teacher or a reference without one,
+            or given one it does not use, is refused here (:func:`check_method_inputs`).
         teacher_model: a teacher run online (no grad, eval mode) on each batch; or ``teacher_cache``: a
             :class:`targetsft.training.teacher_cache.TeacherCache` whose rows are looked up by the batch's
             ``example_index`` column.
-        ref_model: the reference model of ``asft`` / ``sft_kl``.
+        ref_model: the reference model of ``asft`` / ``sft_kl``; ``proximal_sft`` without one takes a copy of the
+            student refreshed every ``refresh`` optimizer steps (π_old).
         chunk_size: rows per chunk of the fused loss (None: automatic).
         teacher_placement: (and ``ref_placement``) ``replicated`` on every rank, ``sharded`` by the launch's
             DeepSpeed ZeRO-3 config, or ``auto`` (sharded under ZeRO-3, else replicated).
@@ -56,7 +64,7 @@ class FusedLossMixin:
     def __init__(
         self,
         *args: Any,
-        method: Any = "sft",
+        method: Any = None,
         method_params: dict[str, Any] | None = None,
         teacher_model: nn.Module | None = None,
         teacher_cache: Any = None,
@@ -68,21 +76,37 @@ class FusedLossMixin:
         teacher_alignment: TextAligner | None = None,
         **kwargs: Any,
     ) -> None:
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        method, method_params = method_from_args(method, method_params, training_args)
+        if teacher_alignment is not None:
+            if teacher_model is None:
+                raise ValueError("teacher_alignment aligns an online teacher: give teacher_model too")
+            method_params = teacher_alignment.take_temperature(method, method_params)
+        spec = get_method(method) if isinstance(method, str) else None
+        loss_params, trainer_params = spec.split_params(method_params or {}) if spec else (method_params or {}, {})
+        # the target is built once here, not at every step from the method's name and parameters
+        target = resolve_target(method, loss_params)
+        snapshot = spec is not None and spec.ref_model == "snapshot" and ref_model is None and "ref" in target.needs
+        check_method_inputs(
+            target,
+            method if spec else type(method).__name__,
+            teacher=teacher_model is not None or teacher_cache is not None,
+            ref=ref_model is not None or snapshot,
+        )
+        if snapshot:  # π_old: a copy of the student, refreshed before every refresh-th optimizer step
+            model = kwargs.get("model", args[0] if args else None)
+            ref_model, ref_placement = copy.deepcopy(model), "replicated"
+            kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), PolicySnapshot(model, ref_model, **trainer_params)]
         super().__init__(*args, **kwargs)
         end_process_group_at_exit()  # a user's script exits 0 without calling accelerator.end_training() itself
-        self.teacher_cache = teacher_cache
+        self.method, self.teacher_cache = target, teacher_cache
         self._stats, self._eval_stats = TargetStats(), TargetStats()
         self._tokens = 0
         self._clock = time.perf_counter()
         teacher_model = self._place(teacher_model, teacher_placement, "teacher")
         ref_model = self._place(ref_model, ref_placement, "reference")
         self.teacher_alignment = teacher_alignment
-        if teacher_alignment is not None:
-            if teacher_model is None:
-                raise ValueError("teacher_alignment aligns an online teacher: give teacher_model too")
-            method_params = teacher_alignment.take_temperature(method, method_params)
-        # the target is built once here, not at every step from the method's name and parameters
-        defaults: dict[str, Any] = {"method": resolve_target(method, method_params or {}), "chunk_size": chunk_size}
+        defaults: dict[str, Any] = {"method": target, "chunk_size": chunk_size}
         if teacher_alignment is not None:
             defaults["teacher_alignment"] = teacher_alignment
         if shared_vocab_size is None and teacher_cache is not None:  # its ids lie below the tokens it shares
@@ -93,8 +117,9 @@ class FusedLossMixin:
             defaults["teacher_model"] = teacher_model
         if ref_model is not None:
             defaults["ref_model"] = ref_model
-        patch_fused_forward(self.model, **defaults)
-        # the patched forward takes num_items_in_batch through target_loss_kwargs: have the Trainer count it
+        self.fused_forward = FusedForward(self.model, **defaults)
+        self._want_logits = False  # set by prediction_step when the caller needs the logits
+        # the fused forward takes num_items_in_batch through target_loss_kwargs: have the Trainer count it
         self.model_accepts_loss_kwargs = True
 
     def _place(self, model: nn.Module | None, placement: str, role: str) -> nn.Module | None:
@@ -142,7 +167,11 @@ class FusedLossMixin:
                     "the cache was built for other data, other max_length or other truncation"
                 )
             options["teacher_topk"] = (ids.to(labels.device), logprobs.to(labels.device))
-        outputs = model(**inputs, labels=labels, target_loss_kwargs=options)
+        if return_outputs and self._want_logits and not model.training:
+            options["return_logits"] = True
+        # the fused forward replaces any wrapper's forward for this call: autocast as accelerate's wrapper would
+        with self.fused_forward.active(), self.accelerator.autocast():
+            outputs = model(**inputs, labels=labels, target_loss_kwargs=options)
         loss = outputs.loss
         stats = outputs.get("target_stats")
         if stats is not None:
@@ -154,7 +183,18 @@ class FusedLossMixin:
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # DDP averages gradients over ranks while num_items_in_batch is the global count: undo the average
             loss = loss * self.accelerator.num_processes
-        return (loss, outputs) if return_outputs else loss
+        if not return_outputs:
+            return loss
+        return loss, CausalLMOutputWithPast(loss=loss, logits=outputs.logits)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The Trainer's prediction step; the logits are built only when it keeps them (``compute_metrics``,
+        ``predict``, ``prediction_loss_only=False``), from the same hidden states as the fused loss."""
+        self._want_logits = not prediction_loss_only
+        try:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        finally:
+            self._want_logits = False
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs and self._stats.count:
@@ -170,3 +210,55 @@ class FusedLossMixin:
             logs.update({f"eval_{k}": round(means[k], 6) for k in STAT_NAMES})
             self._eval_stats = TargetStats()
         super().log(logs, *args, **kwargs)
+
+
+def method_from_args(method: Any, params: dict[str, Any] | None, args: Any) -> tuple[Any, dict[str, Any]]:
+    """The method and its parameters, with the loss settings of ``args`` (``SFTConfig.loss_type`` ``nll`` | ``dft``,
+    ``TrainingArguments.label_smoothing_factor`` ε) honoured: they choose the method when ``method`` is None
+    (``dft``; ``label_smoothing`` with ``epsilon`` = ε; else ``sft``) and must agree with it when it is given."""
+    loss_type = getattr(args, "loss_type", "nll") or "nll"
+    smoothing = float(getattr(args, "label_smoothing_factor", 0.0) or 0.0)
+    params = dict(params or {})
+    if loss_type not in ("nll", "dft"):
+        raise ValueError(f"SFTConfig.loss_type must be 'nll' or 'dft', got {loss_type!r}")
+    if loss_type == "dft" and smoothing > 0:
+        raise ValueError(
+            f"SFTConfig(loss_type='dft') and label_smoothing_factor={smoothing} name two different losses: keep one"
+        )
+    implied = "dft" if loss_type == "dft" else "label_smoothing" if smoothing > 0 else None
+    if method is None:
+        if implied == "label_smoothing":
+            params.setdefault("epsilon", smoothing)
+        return implied or "sft", params
+    if implied is None:
+        return method, params
+    setting = "loss_type='dft'" if implied == "dft" else f"label_smoothing_factor={smoothing}"
+    if method != implied:
+        raise ValueError(
+            f"the training arguments say {setting} but method={method!r}: leave method unset to train "
+            f"{implied!r}, or drop {setting}"
+        )
+    if implied == "label_smoothing" and float(params.setdefault("epsilon", smoothing)) != smoothing:
+        raise ValueError(
+            f"label_smoothing_factor={smoothing} and method_params epsilon={params['epsilon']} disagree: keep one"
+        )
+    return method, params
+
+
+def check_method_inputs(target: Any, name: str, *, teacher: bool, ref: bool) -> None:
+    """A method that learns from a teacher (or a reference) has one, and one that does not is given none."""
+    needs = target.needs
+    if "teacher" in needs and not teacher:
+        raise ValueError(
+            f"method {name!r} learns from a teacher: give teacher_model (a model, a local path or a hub id) or "
+            "teacher_cache"
+        )
+    if "teacher" not in needs and teacher:
+        raise ValueError(
+            f"method {name!r} does not use a teacher: drop teacher_model / teacher_cache, or choose a method that "
+            "does (target_sft, kd, hybrid_kd, ...)"
+        )
+    if "ref" in needs and not ref:
+        raise ValueError(f"method {name!r} needs a reference model: give ref_model (e.g. a frozen copy of the student)")
+    if "ref" not in needs and ref:
+        raise ValueError(f"method {name!r} does not use a reference model: drop ref_model")

@@ -26,6 +26,7 @@ from targetsft.training.fused_forward import (
     input_device,
     lm_head,
     moved_to,
+    project,
 )
 
 
@@ -307,12 +308,7 @@ def collate_teacher(features: Sequence[dict[str, Any]], pad_id: int) -> dict[str
 
 def head_logits(head: LMHead, hidden: Tensor) -> Tensor:
     """The model's logits of ``hidden [m, H]`` through its own output projection and transforms, in float32."""
-    z = torch.nn.functional.linear(hidden.to(head.weight.dtype), head.weight, head.bias).float()
-    if head.logit_scale != 1.0:
-        z = z * head.logit_scale
-    if head.softcap is not None:
-        z = head.softcap * torch.tanh(z / head.softcap)
-    return z
+    return project(head, hidden.to(head.weight.dtype), torch.float32)
 
 
 def log_softmax_at(logits: Tensor, k: int, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
