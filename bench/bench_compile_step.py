@@ -27,6 +27,7 @@ CSV_PATH = ROOT / "bench" / "results" / "compile_step.csv"
 FIELDS = [
     "date",
     "cpu_capability",
+    "native_bf16",
     "threads",
     "torch",
     "precision",
@@ -122,6 +123,7 @@ def main() -> None:
         common = {
             "date": stamp,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "native_bf16": torch.ops.mkldnn._is_mkldnn_bf16_supported(),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
         }
@@ -150,13 +152,14 @@ def report() -> None:
         "after the warm-up steps (which include compilation; the first step's time is given apart). Compiled: "
         "`torch_compile=True`, the transformer body as compiled graphs, the fused loss eager.",
         "",
-        "| CPU | threads | precision | compiled | batch | tokens/step | first step s | median step s | vs eager |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| CPU | native bf16 | threads | precision | compiled | batch | tokens/step | first step s | median step s "
+        "| vs eager |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['cpu_capability']} | {r['threads']} | {r['precision']} | {r['compiled']} | {r['batch_size']} | "
-            f"{r['tokens_per_step']} | {r['first_step_s']} | {r['median_step_s']} | "
+            f"| {r['cpu_capability']} | {r['native_bf16']} | {r['threads']} | {r['precision']} | {r['compiled']} | "
+            f"{r['batch_size']} | {r['tokens_per_step']} | {r['first_step_s']} | {r['median_step_s']} | "
             f"{float(r['speedup_vs_eager']):.2f}× |"
         )
     write_section("compile_step", "\n".join(lines))

@@ -1,10 +1,12 @@
 """mkdocs hooks: pages that show generated tables (the methods table from the registry, the config reference from
-the config dataclasses), and the repository's plots (``bench/results``, ``results/``) served beside the pages that
-show them, so that one image path works on GitHub and on the site."""
+the config dataclasses), the repository's plots (``bench/results``, ``results/``) served beside the pages that
+show them, so that one image path works on GitHub and on the site, and formulas (``$…$``, ``$$…$$``) rendered to
+MathML when the site is built, so that the pages show them with no script and no network."""
 
 from __future__ import annotations
 
 import dataclasses
+import html
 import re
 import sys
 from pathlib import Path
@@ -80,3 +82,26 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
             markdown = markdown.replace(marker, make())
     # the pages sit in docs/, the plots one level up: ../bench/results/x.png is bench/results/x.png on the site
     return re.sub(r"\]\(\.\./(bench/results|results)/", r"](\1/", markdown)
+
+
+# pymdownx.arithmatex (generic mode) wraps each formula: inline in <span class="arithmatex">\(…\)</span>, display in
+# <div class="arithmatex">\[…\]</div>, the TeX HTML-escaped
+_MATH = re.compile(
+    r'<(?P<tag>span|div) class="arithmatex">\s*\\(?P<open>[(\[])(?P<tex>.*?)\\[)\]]\s*</(?P=tag)>', re.DOTALL
+)
+
+
+def render_math(page_html: str) -> str:
+    """Each arithmatex formula of ``page_html`` as MathML (``latex2mathml``), display formulas as blocks."""
+    from latex2mathml.converter import convert
+
+    def mathml(match: re.Match) -> str:
+        display = "block" if match["open"] == "[" else "inline"
+        rendered = convert(html.unescape(match["tex"]).strip(), display=display)
+        return f'<div class="math">{rendered}</div>' if display == "block" else rendered
+
+    return _MATH.sub(mathml, page_html)
+
+
+def on_page_content(page_html: str, page, config, files) -> str:
+    return render_math(page_html)

@@ -167,6 +167,10 @@ def test_docs_site_builds_strictly_and_documents_every_public_name(tmp_path):
         if not re.search(rf'id="{re.escape(package)}(\.\w+)?\.{re.escape(short)}"', api):
             missing.append(name)
     assert not missing, f"not in the API reference: {missing}"
+    method = (site / "method" / "index.html").read_text()  # formulas rendered to MathML at build time
+    assert method.count('<math xmlns="http://www.w3.org/1998/Math/MathML" display="block">') >= 2
+    assert '<mover><mrow><mi>&#x003C0;</mi></mrow><mo stretchy="false">&#x0007E;</mo></mover>' in method  # π̃
+    assert 'class="arithmatex"' not in method and "\\tilde" not in method
     methods = (site / "methods" / "index.html").read_text()
     assert all(f"<code>{name}</code>" in methods for name in targetsft.METHODS)
     training = (site / "training" / "index.html").read_text()

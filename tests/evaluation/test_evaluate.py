@@ -675,7 +675,9 @@ def test_cli_arguments_and_run(monkeypatch):
     assert args.data == ["gsm-heldout", "piqa", "x.jsonl"] and args.size == "all" and args.stop_on_answer is False
     assert args.samples == 4 and args.temperature == 0.7 and args.greedy is True and args.max_new_tokens == 256
     seen = {}
-    monkeypatch.setattr(suite, "evaluate", lambda model, sets, **kw: seen.update(model=model, sets=sets, **kw) or {})
+    monkeypatch.setattr(
+        suite, "evaluate", lambda model, sets, **kw: seen.update(model=model, sets=sets, **kw) or {"table": ""}
+    )
     assert run_eval_from_args(args) == 0
     decode = seen["decode"]  # the command line's decoding, carried as one DecodeOptions
     assert seen["model"] == "m" and seen["sets"] == args.data and decode.temperature == 0.7 and decode.samples == 4

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import math
 
 import pytest
@@ -105,7 +106,8 @@ def _args(*argv):
     return add_noise_fit_arguments(argparse.ArgumentParser()).parse_args([str(a) for a in argv])
 
 
-def test_cli_writes_rows_for_runs_and_base(tmp_path, tiny_tokenizer, tiny_llama, capsys):
+def test_cli_writes_rows_for_runs_and_base(tmp_path, tiny_tokenizer, tiny_llama, caplog):
+    caplog.set_level(logging.INFO, logger="targetsft")
     record = _record(tmp_path, tiny_tokenizer, tiny_llama)
     assert run_noise_fit_from_args(_args(record, "--base", "--examples", 3, "--out", tmp_path / "out")) == 0
     rows = list(csv.DictReader((tmp_path / "out" / "noise_fit.csv").open()))
@@ -113,7 +115,7 @@ def test_cli_writes_rows_for_runs_and_base(tmp_path, tiny_tokenizer, tiny_llama,
     assert {r["label_noise"] for r in rows} == {"0.5"}
     assert rows[0]["delta"] == rows[1]["delta"]  # here the run's model is its base model
     examples = json.loads((tmp_path / "out" / "noise_fit.json").read_text())["examples"]
-    assert len(examples["run-a@run-a@0.5"]) == 3 and "prefers the wrong answer" in capsys.readouterr().out
+    assert len(examples["run-a@run-a@0.5"]) == 3 and "prefers the wrong answer" in caplog.text
 
 
 def test_cli_errors(tmp_path, tiny_tokenizer, tiny_llama):

@@ -93,7 +93,7 @@ def test_the_evaluator_loads_the_model_in_the_chosen_dtype(capability, tiny_llam
     data.write_text(json.dumps({"question": "1 + 1?", "answer": "2"}) + "\n")
     for cpu_bf16, dtype in ((True, "bfloat16"), (False, "float32")):
         capability(cpu_bf16=cpu_bf16)
-        report = evaluate(str(folder), [str(data)], max_new_tokens=2, progress=False, print_table=False)
+        report = evaluate(str(folder), [str(data)], max_new_tokens=2, progress=False)
         assert report["dtype"] == dtype
         assert report["environment"]["precision"] == {"bfloat16": "bf16", "float32": "fp32"}[dtype]
         assert report["environment"]["cpu_native_bf16"] is cpu_bf16

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -86,13 +87,14 @@ def _cfg(family, out, *extra, method="target_sft"):
     return two_step_config(family["student"], out, "loss.params.eta=0.5", *extra, method=method)
 
 
-def test_a_padded_teacher_trains_the_student_its_unpadded_self_trains(family, tmp_path, capsys):
+def test_a_padded_teacher_trains_the_student_its_unpadded_self_trains(family, tmp_path, caplog):
     """Online: the teacher with 128 padding rows of large random weights gives the same final student (1e-5);
     the run says at start what differs and records it in summary.json."""
+    caplog.set_level(logging.INFO, logger="targetsft")
     plain = train(_cfg(family, tmp_path / "plain", f"teacher.model={family['teacher']}"))
     padded = train(_cfg(family, tmp_path / "padded", f"teacher.model={family['padded']}"))
     assert_same_weights(Path(plain["final_model"]), Path(padded["final_model"]))
-    assert "teacher: shares the student's" in capsys.readouterr().out
+    assert "teacher: shares the student's" in caplog.text
     vocab = json.loads((tmp_path / "padded" / "summary.json").read_text())["vocabulary"]["teacher"]
     assert vocab["other_rows"] == vocab["student_rows"] + PAD_ROWS == vocab["shared_vocab_size"] + PAD_ROWS
     assert "embedding rows" in vocab["note"]
@@ -133,17 +135,18 @@ def test_target_sft_trainer_with_a_padded_teacher(family, tiny_tokenizer, tmp_pa
         torch.testing.assert_close(grads[0][k], grads[1][k], rtol=0, atol=1e-7)
 
 
-def test_an_instruct_teacher_with_another_eos_and_template_trains(family, tmp_path, capsys):
+def test_an_instruct_teacher_with_another_eos_and_template_trains(family, tmp_path, caplog):
     """A teacher whose tokenizer differs only in eos and chat template trains; its one-line note is printed and in
     summary.json; with teacher.prompt own_template it reads the prompt in its own template, then exactly the
     student's completion tokens."""
+    caplog.set_level(logging.INFO, logger="targetsft")
     summary = train(
         _cfg(family, tmp_path / "run", f"teacher.model={family['instruct']}", "teacher.prompt=own_template")
     )
     assert summary["steps"] == 2
     note = json.loads((tmp_path / "run" / "summary.json").read_text())["vocabulary"]["teacher"]["note"]
     assert "eos_token '<|endoftext|>' (student '<|im_end|>')" in note and "chat template" in note
-    assert note in capsys.readouterr().out
+    assert note in caplog.text
     cfg = _cfg(family, tmp_path / "x", f"teacher.model={family['instruct']}", "teacher.prompt=own_template")
     tok = transformers.AutoTokenizer.from_pretrained(family["student"])
     items, _ = build_dataset(cfg, tok)

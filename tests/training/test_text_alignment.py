@@ -200,6 +200,18 @@ def test_aligned_topk_sums_the_mass_of_tokens_of_equal_bytes_and_caps_k():
     torch.testing.assert_close(mass, (1 - p[:, 3]).float(), rtol=0, atol=1e-6)
 
 
+def test_the_aligned_mass_counts_the_whole_teacher_vocabulary():
+    """The mapped mass is the teacher's probability on every token with a student token, not only on the candidates
+    the top-k is picked from: on a flat 3,000-token teacher whose first 100 tokens have no student token it is
+    2,900 / 3,000, though only 1,024 candidates are ranked."""
+    logits = torch.zeros(2, 3000)
+    token_map = TokenMap(student_of=[-1] * 100 + [t % 50 for t in range(100, 3000)], student_vocab=50, mapped=2900,
+                         covered=50)  # fmt: skip
+    ids, logprobs, mass = aligned_topk(logits, LMHead(weight=torch.eye(3000)), token_map, k=2, temperature=2.0)
+    torch.testing.assert_close(mass, torch.full((2,), 2900 / 3000), rtol=0, atol=1e-6)
+    assert ids.shape == (2, 2)
+
+
 def test_padding_rows_of_the_teacher_map_to_nothing():
     """A teacher whose lm_head has rows past its tokenizer's tokens (padding): those rows' mass is unmapped."""
     logits = torch.tensor([[0.0, 1.0, 2.0, 5.0, 5.0]])  # rows 3 and 4: padding of large logits

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -63,13 +64,14 @@ def _rows(out: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_a_users_file_is_used_whole_and_the_step_cap_is_printed(model_dirs, tmp_path, capsys):
+def test_a_users_file_is_used_whole_and_the_step_cap_is_printed(model_dirs, tmp_path, caplog):
     """1,500 records with data.size unset: all 1,500 are tokenized and counted; 2 steps see 16 of them, and the
-    run says so (on stdout and in summary.json) with the key that changes it."""
+    run says so (in its log and in summary.json) with the key that changes it."""
+    caplog.set_level(logging.INFO, logger="targetsft")
     data = _jsonl(tmp_path / "mine.jsonl", _records(1500))
     summary = train(load_config(None, _overrides(model_dirs, tmp_path / "out", data, "train.max_steps=2")))
     assert summary["data"]["records"] == summary["data"]["kept"] == summary["data"]["available"] == 1500
-    printed = capsys.readouterr().out
+    printed = caplog.text
     assert "covers 16 of 1500 training examples" in printed and "num_train_epochs" in printed
     assert any("16 of 1500" in note for note in summary["data_notes"])
 

@@ -135,7 +135,7 @@ def run_eval_from_args(args: argparse.Namespace) -> int:
             prompt=getattr(args, "prompt", "gsm"),
             engine=getattr(args, "engine", "compact"),
         )
-        suite.evaluate(
+        report = suite.evaluate(
             args.model,
             args.data,
             decode=decode,
@@ -150,4 +150,5 @@ def run_eval_from_args(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
         print(f"target-sft eval: error: {e}", file=sys.stderr)
         return 2
+    print(report["table"])
     return 0

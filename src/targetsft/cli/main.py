@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from targetsft import __version__
+from targetsft.cli.logs import configure_logging
 from targetsft.losses.methods import METHODS
 from targetsft.runtime.distributed import end_process_group, exit_distributed
 
@@ -62,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     debug = argparse.ArgumentParser(add_help=False)
     debug.add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an input error"
+    )
+    loudness = debug.add_mutually_exclusive_group()
+    loudness.add_argument(
+        "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="show warnings and errors only"
+    )
+    loudness.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show debug lines too"
     )
     parser = argparse.ArgumentParser(
         prog="target-sft",
@@ -153,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``target-sft ARGV``; returns the exit code (2 for bad input, named in one line on stderr)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_logging(-1 if getattr(args, "quiet", False) else 1 if getattr(args, "verbose", False) else 0)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

@@ -8,8 +8,8 @@ The evaluation layer in order: :mod:`~targetsft.evaluation.prompts`, :mod:`~targ
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +22,8 @@ from targetsft.evaluation.multiple_choice import evaluate_multiple_choice
 from targetsft.evaluation.options import ChoiceOptions, DecodeOptions
 from targetsft.runtime.files import atomic_write_text
 from targetsft.runtime.precision import environment, resolve_precision
+
+logger = logging.getLogger(__name__)
 
 
 def set_kind(name: str) -> Literal["generation", "multiple_choice"]:
@@ -128,13 +130,13 @@ def evaluate(
     precision: str = "auto",
     device: str | None = None,
     progress: bool = True,
-    print_table: bool = True,
     **options: Any,
 ) -> dict[str, Any]:
     """Load a model (``None``/``"default"`` = the embedded SmolLM2-135M-Instruct) and evaluate it on ``sets``
     (generation sets via :func:`evaluate_generation`, multiple-choice sets via :func:`evaluate_multiple_choice`).
 
-    Returns ``{"model", "results": [summary per set], "table"}``; prints the table when ``print_table``. With
+    Returns ``{"model", "results": [summary per set], "table"}``; each set's row is logged as it finishes when
+    ``progress``. With
     ``out_dir``, each set writes its files there (see the two functions) plus an overall ``summary.json``.
     ``precision``: the weights' dtype, by :func:`targetsft.runtime.precision.resolve_precision` (``auto``: bf16 where
     the device runs it natively, else float32; ``bfloat16``/``float32`` spellings are accepted); recorded in the
@@ -171,8 +173,8 @@ def evaluate(
                 progress=progress,
             )
             results.append(res)
-            if print_table and progress:
-                print(format_table([res]), file=sys.stderr)
+            if progress:
+                logger.info(format_table([res]))
     finally:
         close_model(model)
     table = format_table(results)
@@ -182,6 +184,4 @@ def evaluate(
     report.update(results=results, table=table)
     if out_dir is not None:
         atomic_write_text(Path(out_dir) / "summary.json", json.dumps(report, indent=1, ensure_ascii=False) + "\n")
-    if print_table:
-        print(table)
     return report

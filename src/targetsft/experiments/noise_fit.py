@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +30,8 @@ from typing import Any
 
 from targetsft.experiments.records import read_record
 from targetsft.runtime.inputs import InputError
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "corrupted_pairs",
@@ -236,7 +239,7 @@ def noise_fit(
         noise = cfg.data.label_noise
         todo = [(name, model) for name, model in wanted if f"{name}@{run_id}@{noise}" not in state["examples"]]
         if not todo:
-            print(f"{run_id}: already scored in {out}")
+            logger.info("%s: already scored in %s", run_id, out)
             continue
         tokenizer = load_tokenizer(resolve_model(cfg.model))
         pairs, skipped = corrupted_pairs(cfg, tokenizer, examples)
@@ -263,11 +266,11 @@ def noise_fit(
             atomic_write_text(out / "noise_fit.json", json.dumps(state, indent=1) + "\n")
             atomic_write_csv(out / "noise_fit.csv", state["rows"])
             r = state["rows"][-1]
-            print(
+            logger.info(
                 f"{name} on {run_id}'s examples at label noise {noise}: n {r['n']}, Δ {r['delta']:+.2f} "
                 f"[{r['delta_lo']:+.2f}, {r['delta_hi']:+.2f}], prefers the wrong answer on {r['prefer_wrong']:.1%}"
             )
-    print(f"wrote {out / 'noise_fit.csv'}")
+    logger.info("wrote %s", out / "noise_fit.csv")
     return state["rows"]
 
 

@@ -315,6 +315,6 @@ def run_experiments(
 def run_experiment(
     exp: Experiment, *, only: str | None = None, progress: bool = True, stream: Any = None
 ) -> list[dict[str, Any]]:
-    """Run every (selected) run in order, skipping finished ones; a progress line on ``stream`` (default stderr)
-    and in ``<output_dir>/progress.log``. Returns the ``DONE.json`` records."""
+    """Run every (selected) run in order, skipping finished ones; a progress line logged (on ``stream`` when given)
+    and appended to ``<output_dir>/progress.log``. Returns the ``DONE.json`` records."""
     return run_experiments([exp], only=only, progress=progress, stream=stream)[0]

@@ -5,8 +5,8 @@ elapsed, ETA)."""
 from __future__ import annotations
 
 import fnmatch
+import logging
 import shutil
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,6 +23,8 @@ from targetsft.experiments.records import (
     run_precision,
     trained,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def run_status(exp: Experiment, run: Run) -> str:
@@ -96,7 +98,8 @@ def select_runs(runs: Sequence[Run], only: str | None) -> list[Run]:
 
 
 class Progress:
-    """One experiment's progress line, on ``stream`` and in ``<output_dir>/progress.log``."""
+    """One experiment's progress line, logged (or written to ``stream`` when given) and appended to
+    ``<output_dir>/progress.log``."""
 
     def __init__(self, exp: Experiment, total: int, stream: Any) -> None:
         self.exp, self.total, self.stream = exp, total, stream
@@ -108,6 +111,10 @@ class Progress:
     def log(self, message: str) -> None:
         """Print the line (runs done, left, elapsed, ETA and ``message``) and append it, timed, to the log file."""
         line = format_progress(self.done, self.total, time.perf_counter() - self.t0, self.durations, message)
-        print(line, file=self.stream or sys.stderr, flush=True)
+        if self.stream is not None:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        else:
+            logger.info(line)
         with self.logfile.open("a") as fh:
             fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {self.exp.name} {line}\n")

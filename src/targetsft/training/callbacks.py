@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -14,8 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from targetsft.runtime.files import atomic_write_text
+
+logger = logging.getLogger(__name__)
 
 
 class CsvMetricsCallback(TrainerCallback):
@@ -123,3 +127,31 @@ class PolicySnapshot(TrainerCallback):
             old = dict(self.pi_old.named_parameters())
             weights = {name: old[name].detach().contiguous() for name in self.trained}
             save_file(weights, str(Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.FILE))
+
+
+class LogLines(TrainerCallback):
+    """The Trainer's log lines (what transformers' ``PrinterCallback`` prints) as INFO records of this module's
+    logger, on the main process: floats to 4 significant digits, ``total_flos`` left out."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            logger.info(
+                "%s", {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in logs.items() if k != "total_flos"}
+            )
+
+
+class ProgressBars(ProgressCallback):
+    """transformers' progress bars (on stderr) without the log lines they write to stdout (:class:`LogLines` logs
+    them)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        return
+
+
+def log_instead_of_printing(trainer: Any) -> None:
+    """Make ``trainer`` log its log lines (:class:`LogLines`) instead of printing them to stdout, keeping its progress
+    bars, so that an application decides what it shows (the command line shows the same lines)."""
+    trainer.pop_callback(PrinterCallback)
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(ProgressBars)
+    trainer.add_callback(LogLines)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,13 @@ from targetsft.losses.methods import MethodSpec, get_method
 from targetsft.losses.target import STAT_NAMES
 from targetsft.runtime.files import atomic_write_text
 from targetsft.runtime.precision import Precision, environment
-from targetsft.training.callbacks import CsvMetricsCallback, ModelSnapshots, PolicySnapshot, snapshot_dir
+from targetsft.training.callbacks import (
+    CsvMetricsCallback,
+    ModelSnapshots,
+    PolicySnapshot,
+    log_instead_of_printing,
+    snapshot_dir,
+)
 from targetsft.training.config import TrainConfig
 from targetsft.training.dataset import (
     Collator,
@@ -49,6 +56,8 @@ from targetsft.training.teacher_cache import (
 )
 from targetsft.training.text_alignment import TextAligner, alignment_note
 from targetsft.training.vocabulary import VocabAlignment
+
+logger = logging.getLogger(__name__)
 
 # the recipe and the parts of a training run that callers import from here
 __all__ = [
@@ -137,10 +146,12 @@ def _setup_run(cfg: TrainConfig) -> tuple[Precision, dict[str, Any]]:
     """The precision and environment of the run, announced; the output folder made, with ``config.json`` in it."""
     precision = cfg.resolved_precision()
     env = environment(precision)
-    print(
-        f"precision: {precision.name} ({precision.reason}); CPU {env['cpu_capability']}, "
-        f"{env['torch_threads']} torch threads",
-        flush=True,
+    logger.info(
+        "precision: %s (%s); CPU %s, %s torch threads",
+        precision.name,
+        precision.reason,
+        env["cpu_capability"],
+        env["torch_threads"],
     )
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -170,9 +181,9 @@ def _announce_data(cfg: TrainConfig, data: _Data, args: TrainingArguments) -> li
     the example counts."""
     seen = args.max_steps * args.train_batch_size * args.gradient_accumulation_steps * args.world_size
     notes = data_notes(cfg, data.counts, seen if args.max_steps > 0 else None)
-    print(f"training data: {data.counts}" + (f"; held-out: {data.held_out[1]}" if data.held_out else ""))
+    logger.info("training data: %s%s", data.counts, f"; held-out: {data.held_out[1]}" if data.held_out else "")
     for note in notes:
-        print(f"note: {note}", flush=True)
+        logger.info("note: %s", note)
     return notes
 
 
@@ -203,11 +214,11 @@ def _setup_teacher_and_reference(
         if data.aligner is None:
             frozen.vocab["teacher"] = check_frozen_model(student, frozen.teacher, "teacher", data.tokenizer)
         else:
-            print(alignment_note(data.aligner), flush=True)
+            logger.info(alignment_note(data.aligner))
     elif cfg.teacher.cache:
         frozen.cache, frozen.teacher_info = _open_teacher_cache(cfg, spec, student, data)
     for role, alignment in frozen.vocab.items():
-        print(alignment.note(role), flush=True)
+        logger.info(alignment.note(role))
     frozen.shared_vocab_size = shared_vocab_size(list(frozen.vocab.values()))
     if frozen.shared_vocab_size is None and frozen.cache is not None:
         frozen.shared_vocab_size = frozen.cache.shared_vocab_size
@@ -230,7 +241,7 @@ def _open_teacher_cache(
             f"{cache.temperature}: build one with cache-teacher --temperature {wanted}"
         )
     stats = teacher_label_stats(cfg, cfg.teacher.cache, tokenizer=data.tokenizer, items=data.items, opened=cache)
-    print(label_stats_line(stats))
+    logger.info(label_stats_line(stats))
     info = {
         "cache": str(cfg.teacher.cache),
         "name": cache.teacher_name,
@@ -296,6 +307,7 @@ def _setup_trainer(
         teacher_alignment=data.aligner,
         callbacks=[*own, *(callbacks or [])],
     )
+    log_instead_of_printing(trainer)
     if _reference_kind(spec) == "snapshot" and sharded(trainer.model_wrapped):
         raise ValueError(
             f"{cfg.loss.method} copies the student's weights into π_old at every refresh, which needs them whole on "

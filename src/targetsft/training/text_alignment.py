@@ -315,11 +315,24 @@ def log_softmax_at(logits: Tensor, k: int, temperature: float = 1.0) -> tuple[Te
     """The ``k`` most probable columns of ``log_softmax(logits / temperature)`` per row: ``(float64 log-probs, ids)``.
     The normaliser is summed in float64 over float32 terms, so it does not depend on the order of the columns (a
     vocabulary permuted gives the same log-probs to the last float32 bit) and no float64 copy of the row is made."""
+    values, ids, _ = _top_and_share(logits, k, temperature)
+    return values, ids
+
+
+def _top_and_share(
+    logits: Tensor, k: int, temperature: float, keep: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`log_softmax_at`, and with ``keep`` (a ``[V]`` mask of columns) each row's probability on the kept
+    columns, ``Σ_{keep} softmax(logits / temperature)`` (float64), from the same exponentials."""
     scaled = logits.float() if temperature == 1.0 else logits.float() / temperature
     top = scaled.amax(-1, keepdim=True)
-    log_z = top.double() + torch.exp(scaled - top).sum(-1, keepdim=True, dtype=torch.float64).log()
+    terms = torch.exp(scaled - top)
+    total = terms.sum(-1, keepdim=True, dtype=torch.float64)
     values, ids = scaled.topk(min(k, scaled.shape[-1]), dim=-1)
-    return values.double() - log_z, ids
+    share = None
+    if keep is not None:
+        share = terms.masked_fill_(~keep, 0.0).sum(-1, dtype=torch.float64) / total.squeeze(-1)
+    return values.double() - (top.double() + total.log()), ids, share
 
 
 def map_to_student(logits: Tensor, token_map: TokenMap, k: int, temperature: float = 1.0) -> tuple[Tensor, ...]:
@@ -327,10 +340,12 @@ def map_to_student(logits: Tensor, token_map: TokenMap, k: int, temperature: flo
     [m])``. Each student token gets the summed probability (at ``temperature``) of the teacher's tokens of its bytes
     among the teacher's ``max(4k, 1024)`` most probable (a log-sum-exp in float64: a token mapped one to one keeps
     its log-probability to the last float32 bit); ``k`` is capped at the student's vocabulary; logprobs are ``-inf``
-    where the mass is 0."""
+    where the mass is 0. The mapped mass is the teacher's probability on every token that has a student token, over
+    its whole vocabulary (of which the ``k`` rows carry the largest part)."""
     k = min(k, token_map.student_vocab)
-    values, teacher_ids = log_softmax_at(logits, max(4 * k, 1024), temperature)
-    student_ids = token_map.student_ids(logits.device, logits.shape[-1])[teacher_ids]
+    student_of = token_map.student_ids(logits.device, logits.shape[-1])
+    values, teacher_ids, mass = _top_and_share(logits, max(4 * k, 1024), temperature, keep=student_of >= 0)
+    student_ids = student_of[teacher_ids]
     values = values.masked_fill(student_ids < 0, float("-inf"))  # no student token spells it
     # the candidates grouped by student id (sorted within each row), each group's log-sum-exp
     student_ids, order = student_ids.sort(dim=-1)
@@ -348,8 +363,7 @@ def map_to_student(logits: Tensor, token_map: TokenMap, k: int, temperature: flo
     )
     row = row.scatter_reduce(1, ids_of_group, log_mass, "amax")
     logprobs, ids = row.topk(k, dim=-1)
-    mass = torch.logsumexp(log_mass, dim=-1).exp().clamp(max=1.0)
-    return ids, logprobs.float(), mass.float()
+    return ids, logprobs.float(), mass.clamp(max=1.0).float()
 
 
 def map_in_chunks(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,8 @@ from targetsft.training.config import TrainConfig
 from targetsft.training.dataset import build_dataset, teacher_aligner, teacher_prompt_tokenizer
 from targetsft.training.models import load_frozen, matching_tokenizer
 from targetsft.training.text_alignment import alignment_note
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from targetsft.training.teacher_cache.read import TeacherCache
@@ -53,7 +56,7 @@ def cache_teacher(
     tokenizer = load_tokenizer(resolve_model(cfg.model))
     aligner = teacher_aligner(cfg, tokenizer, teacher)
     if aligner is not None:
-        print(alignment_note(aligner), flush=True)
+        logger.info(alignment_note(aligner))
     # the teacher section's loading keys; dtype auto keeps float32 weights (the forward runs in autocast at
     # `precision`, and the cache's identity records the weights' dtype, so caches built before stay valid)
     precision = precision or cfg.requested_precision()
@@ -70,7 +73,7 @@ def cache_teacher(
     try:
         prompt_tokenizer = teacher_prompt_tokenizer(cfg, tokenizer, teacher)
         items, counts = build_dataset(cfg, tokenizer, teacher_tokenizer=prompt_tokenizer, aligner=aligner)
-        print(f"examples: {counts}")
+        logger.info("examples: %s", counts)
         folder = build_teacher_cache(
             model,
             items,
@@ -91,7 +94,7 @@ def cache_teacher(
         if engine == "vllm":
             model.close()
     stats = teacher_label_stats(cfg, folder, tokenizer=tokenizer, items=items)
-    print(label_stats_line(stats))
+    logger.info(label_stats_line(stats))
     return folder
 
 
