@@ -31,11 +31,14 @@ from targetsft.training.teacher_cache.storage import (
     MANIFEST_NAME,
     CacheMismatchError,
     _build_lock,
+    _check_resume,
     _identity_diff,
     _now,
     _read_manifest,
     _remove,
     _scan_examples,
+    _session_started,
+    _shard_added,
     _teacher_input,
     _TeacherInput,
     _valid_prefix,
@@ -281,6 +284,70 @@ def _check_build_args(k: int, temperature: float, batch_size: int, shard_example
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
 
+def _checked_vocabulary(
+    model: Any,
+    tokenizer: Any,
+    teacher_tokenizer: Any,
+    aligner: TextAligner | None,
+    k: int,
+    temperature: float,
+    batch_size: int,
+    shard_examples: int,
+) -> tuple[int, VocabAlignment, int]:
+    """The teacher's vocabulary rows, its alignment with the student's tokenizer and the ids a row may hold (the
+    shared ones); the build's arguments are checked against them."""
+    vllm = is_vllm(model)
+    vocab = _vocab_size(model)
+    if aligner is not None and vllm:
+        raise ValueError("a teacher read through the text (teacher.align: text) builds its cache with transformers")
+    alignment = _alignment(tokenizer, teacher_tokenizer if aligner is None else None, vocab)
+    shared = alignment.shared if aligner is None else aligner.token_map.student_vocab
+    _check_build_args(k, temperature, batch_size, shard_examples, shared)
+    if vllm and (temperature != 1.0 or k > model.max_logprobs):
+        raise ValueError(
+            "a vLLM teacher gives the top-k of log_softmax(logits) at temperature 1 for k <= "
+            f"{model.max_logprobs} (its max_logprobs); got temperature={temperature}, k={k}: build this cache "
+            "with the transformers teacher"
+        )
+    return vocab, alignment, shared
+
+
+def _identity(
+    model: Any,
+    tokenizer: Any,
+    aligner: TextAligner | None,
+    teacher_name: str | None,
+    vocab: int,
+    shared: int,
+    k: int,
+    temperature: float,
+    counts: list[int],
+    dfp: str,
+) -> dict[str, Any]:
+    """The cache's identity: what a build must share with the cache in its folder to resume it."""
+    name = teacher_name if teacher_name is not None else str(getattr(model.config, "_name_or_path", "") or "")
+    identity = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "teacher_name": name,
+        "teacher_config_hash": model_fingerprint(model),
+        "teacher_weights_hash": weights_fingerprint(model),
+        "teacher_dtype": _model_dtype(model),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "vocab_size": vocab,
+        "shared_vocab_size": shared,
+        "k": k,
+        "temperature": float(temperature),
+        "dataset_fingerprint": dfp,
+        "num_examples": len(counts),
+        "total_tokens": int(sum(counts)),
+        "ignore_index": IGNORE_INDEX,
+    }
+    if aligner is not None:  # only then, so that the identity of a cache of the student's own family is unchanged
+        identity.update(align="text", teacher_tokenizer_fingerprint=tokenizer_fingerprint(aligner.teacher))
+    return identity
+
+
 def _prepare_folder(folder: Path, identity: dict[str, Any], overwrite: bool) -> dict[str, Any]:
     """The manifest to continue from: the existing one (same identity, shards verified) or a fresh one."""
     old = _read_manifest(folder) if not overwrite else None
@@ -380,104 +447,37 @@ def build_teacher_cache(
     Returns:
         ``Path(out_dir)``.
     """
-    vllm = is_vllm(teacher_model)
-    if device is not None and not vllm:
+    if device is not None and not is_vllm(teacher_model):
         teacher_model.to(device)
-    vocab = _vocab_size(teacher_model)
-    if aligner is not None and vllm:
-        raise ValueError("a teacher read through the text (teacher.align: text) builds its cache with transformers")
-    alignment = _alignment(tokenizer, teacher_tokenizer if aligner is None else None, vocab)
-    shared = alignment.shared if aligner is None else aligner.token_map.student_vocab
-    _check_build_args(k, temperature, batch_size, shard_examples, shared)
-    if vllm and (temperature != 1.0 or k > teacher_model.max_logprobs):
-        raise ValueError(
-            "a vLLM teacher gives the top-k of log_softmax(logits) at temperature 1 for k <= "
-            f"{teacher_model.max_logprobs} (its max_logprobs); got temperature={temperature}, k={k}: build this cache "
-            "with the transformers teacher"
-        )
+    vocab, alignment, shared = _checked_vocabulary(
+        teacher_model, tokenizer, teacher_tokenizer, aligner, k, temperature, batch_size, shard_examples
+    )
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     counts, dfp = _scan_examples(examples, vocab)
-    name = teacher_name if teacher_name is not None else str(getattr(teacher_model.config, "_name_or_path", "") or "")
-    identity = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "teacher_name": name,
-        "teacher_config_hash": model_fingerprint(teacher_model),
-        "teacher_weights_hash": weights_fingerprint(teacher_model),
-        "teacher_dtype": _model_dtype(teacher_model),
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-        "vocab_size": vocab,
-        "shared_vocab_size": shared,
-        "k": k,
-        "temperature": float(temperature),
-        "dataset_fingerprint": dfp,
-        "num_examples": len(counts),
-        "total_tokens": int(sum(counts)),
-        "ignore_index": IGNORE_INDEX,
-    }
-    if aligner is not None:  # only then, so that the identity of a cache of the student's own family is unchanged
-        identity.update(align="text", teacher_tokenizer_fingerprint=tokenizer_fingerprint(aligner.teacher))
+    identity = _identity(teacher_model, tokenizer, aligner, teacher_name, vocab, shared, k, temperature, counts, dfp)
     with _build_lock(folder):
         _remove(folder.glob(_TMP_PREFIX + "*"))  # temp files of a killed build
         manifest = _prepare_folder(folder, identity, overwrite)
-        # a vLLM engine runs at its weights' dtype (no autocast): that is the precision recorded
-        resolved = resolve_precision(teacher_model.dtype if vllm else precision, _model_device(teacher_model))
+        resolved = _teacher_precision(teacher_model, precision)
         if teacher_tokenizer is not None and aligner is None:
-            manifest["teacher_vocabulary"] = {**alignment.to_dict(), "note": alignment.note("teacher")}
-        token_map = None if aligner is None else aligner.token_map
-        _run_shards(
-            teacher_model,
-            examples,
-            folder,
-            manifest,
-            counts,
-            tokenizer,
-            batch_size,
-            shard_examples,
-            progress,
-            resolved,
-            token_map,
-        )
+            manifest = {**manifest, "teacher_vocabulary": {**alignment.to_dict(), "note": alignment.note("teacher")}}
+        spec = _run_spec(teacher_model, manifest, tokenizer, batch_size, None if aligner is None else aligner.token_map)
+        _run_shards(spec, examples, folder, manifest, counts, shard_examples, progress, resolved)
     return folder
 
 
-def _alignment_record(token_map: TokenMap, manifest: dict[str, Any]) -> dict[str, Any]:
-    """The manifest's ``alignment``: the token map's counts and the shares over the shards built so far."""
-    shards = manifest["shards"]
-    rows, aligned = sum(s["tokens"] for s in shards), sum(s["aligned"] for s in shards)
-    mass = sum(s["aligned_mass"] for s in shards)
-    return {
-        "align": "text",
-        **token_map.to_dict(),
-        "aligned_positions": aligned / rows if rows else 0.0,
-        "aligned_mass": mass / aligned if aligned else 0.0,
-    }
+def _teacher_precision(model: Any, precision: str) -> Precision:
+    """The precision of the teacher's forward on its device; a vLLM engine runs at its weights' dtype (no autocast)."""
+    return resolve_precision(model.dtype if is_vllm(model) else precision, _model_device(model))
 
 
-def _run_shards(
-    model: Any,
-    examples: Sequence[Mapping[str, Any]],
-    folder: Path,
-    manifest: dict[str, Any],
-    counts: list[int],
-    tokenizer: Any,
-    batch_size: int,
-    shard_examples: int,
-    progress: bool,
-    precision: Precision,
-    token_map: TokenMap | None = None,
-) -> None:
-    """Build the shards after the last finished one, rewriting the manifest after each; mark it complete."""
-    from safetensors.torch import save as st_save
-    from tqdm.auto import tqdm
-
-    n = len(counts)
-    start = manifest["shards"][-1]["end"] if manifest["shards"] else 0
-    if start >= n and manifest.get("complete"):
-        return  # nothing to do: same arguments, complete and verified
+def _run_spec(
+    model: Any, manifest: Mapping[str, Any], tokenizer: Any, batch_size: int, token_map: TokenMap | None
+) -> _RunSpec:
+    """What computing a shard needs: the teacher, the manifest's k, temperature and vocabulary, a valid pad id."""
     pad_id = getattr(tokenizer, "pad_token_id", None)
-    spec = _RunSpec(
+    return _RunSpec(
         model=model,
         k=manifest["k"],
         temperature=manifest["temperature"],
@@ -489,26 +489,74 @@ def _run_shards(
         shared=manifest.get("shared_vocab_size", manifest["vocab_size"]),
         token_map=token_map,
     )
-    build = manifest["build"]
-    built_at = build.get("precision", "fp32")
-    if start > 0 and built_at != precision.name:
-        raise CacheMismatchError(
-            f"{folder}: its first {start} examples were built at precision {built_at}, this build runs at "
-            f"{precision.name}; resume at {built_at} (precision={built_at!r}) or pass overwrite=True to rebuild"
-        )
-    engine = "vllm" if is_vllm(model) else "transformers"
-    if start > 0 and build.get("engine", "transformers") != engine:
-        raise CacheMismatchError(
-            f"{folder}: its first {start} examples were built with the {build.get('engine', 'transformers')} teacher, "
-            f"this build runs the {engine} one; resume with that engine or pass overwrite=True to rebuild"
-        )
-    build.update(sessions=build.get("sessions", 0) + 1, device=str(spec.device), batch_size=batch_size)
-    build.update(precision=precision.name, engine=engine)
-    manifest["complete"] = False
+
+
+def _write_shard(folder: Path, index: int, tensors: dict[str, Tensor], start: int, end: int, k: int) -> dict[str, Any]:
+    """Write shard ``index`` (examples ``[start, end)``) atomically; its manifest record."""
+    from safetensors.torch import save as st_save
+
+    meta = {"format": FORMAT_NAME, "start": str(start), "end": str(end), "k": str(k)}
+    data = st_save(tensors, metadata=meta)
+    path = folder / shard_name(index)
+    atomic_write_bytes(path, data, tmp_prefix=_TMP_PREFIX)
+    return {
+        "file": path.name,
+        "start": start,
+        "end": end,
+        "tokens": int(tensors["ids"].shape[0]),
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+
+
+def _build_shards(
+    spec: _RunSpec,
+    examples: Sequence[Mapping[str, Any]],
+    folder: Path,
+    manifest: dict[str, Any],
+    start: int,
+    n: int,
+    shard_examples: int,
+    bar: Any,
+) -> dict[str, Any]:
+    """Compute and write the shards of examples ``[start, n)``, the manifest rewritten after each; the last one."""
+    while start < n:
+        end = min(start + shard_examples, n)
+        t0 = time.perf_counter()
+        tensors = _compute_shard(spec, examples, start, end, bar)
+        shard = _write_shard(folder, len(manifest["shards"]), tensors, start, end, spec.k)
+        if spec.token_map is not None:  # this shard's aligned rows and their mapped mass
+            shard.update(aligned=int(spec.stats.aligned), aligned_mass=float(spec.stats.mass))
+            spec.stats = AlignmentStats()
+        manifest = _shard_added(manifest, shard, time.perf_counter() - t0, n, spec.token_map)
+        _write_manifest(folder, manifest)
+        start = end
+    return manifest
+
+
+def _run_shards(
+    spec: _RunSpec,
+    examples: Sequence[Mapping[str, Any]],
+    folder: Path,
+    manifest: dict[str, Any],
+    counts: list[int],
+    shard_examples: int,
+    progress: bool,
+    precision: Precision,
+) -> None:
+    """Build the shards after the last finished one, rewriting the manifest after each; mark it complete."""
+    from tqdm.auto import tqdm
+
+    start = manifest["shards"][-1]["end"] if manifest["shards"] else 0
+    if start >= len(counts) and manifest.get("complete"):
+        return  # nothing to do: same arguments, complete and verified
+    engine = "vllm" if is_vllm(spec.model) else "transformers"
+    _check_resume(folder, manifest["build"], start, precision.name, engine)
+    manifest = _session_started(manifest, str(spec.device), spec.batch_size, precision.name, engine)
     _write_manifest(folder, manifest)
-    was_training = bool(getattr(model, "training", False))
-    if not is_vllm(model):
-        model.eval()
+    was_training = bool(getattr(spec.model, "training", False))
+    if not is_vllm(spec.model):
+        spec.model.eval()
     bar = tqdm(
         total=manifest["total_tokens"],
         initial=sum(counts[:start]),
@@ -519,40 +567,10 @@ def _run_shards(
     )
     try:
         with torch.no_grad(), autocast(precision):
-            while start < n:
-                end = min(start + shard_examples, n)
-                t0 = time.perf_counter()
-                tensors = _compute_shard(spec, examples, start, end, bar)
-                meta = {"format": FORMAT_NAME, "start": str(start), "end": str(end), "k": str(spec.k)}
-                data = st_save(tensors, metadata=meta)
-                path = folder / shard_name(len(manifest["shards"]))
-                atomic_write_bytes(path, data, tmp_prefix=_TMP_PREFIX)
-                tokens = int(tensors["ids"].shape[0])
-                manifest["shards"].append(
-                    {
-                        "file": path.name,
-                        "start": start,
-                        "end": end,
-                        "tokens": tokens,
-                        "bytes": len(data),
-                        "sha256": hashlib.sha256(data).hexdigest(),
-                    }
-                )
-                if token_map is not None:  # this shard's aligned rows and their mapped mass
-                    manifest["shards"][-1].update(aligned=int(spec.stats.aligned), aligned_mass=float(spec.stats.mass))
-                    spec.stats = AlignmentStats()
-                    manifest["alignment"] = _alignment_record(token_map, manifest)
-                build["seconds"] = round(build.get("seconds", 0.0) + time.perf_counter() - t0, 4)
-                build["tokens"] = build.get("tokens", 0) + tokens
-                build["tokens_per_second"] = round(build["tokens"] / build["seconds"], 1) if build["seconds"] else None
-                build["updated_at"] = _now()
-                manifest["complete"] = end >= n
-                _write_manifest(folder, manifest)
-                start = end
+            manifest = _build_shards(spec, examples, folder, manifest, start, len(counts), shard_examples, bar)
         if not manifest["complete"]:  # zero examples: nothing was written in the loop
-            manifest["complete"] = True
-            _write_manifest(folder, manifest)
+            _write_manifest(folder, {**manifest, "complete": True})
     finally:
         bar.close()
-        if not is_vllm(model):
-            model.train(was_training)
+        if not is_vllm(spec.model):
+            spec.model.train(was_training)

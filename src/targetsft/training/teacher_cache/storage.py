@@ -13,13 +13,16 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from targetsft.runtime.files import atomic_write_bytes, sha256_file, sha256_json
+
+if TYPE_CHECKING:
+    from targetsft.training.text_alignment import TokenMap
 
 FORMAT_NAME = "targetsft.teacher_topk"
 
@@ -392,3 +395,65 @@ def _valid_prefix(folder: Path, manifest: Mapping[str, Any]) -> list[dict[str, A
         good.append(dict(shard))
         expected_start = shard["end"]
     return good
+
+
+def _alignment_record(token_map: TokenMap, manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest's ``alignment``: the token map's counts and the shares over the shards built so far."""
+    shards = manifest["shards"]
+    rows, aligned = sum(s["tokens"] for s in shards), sum(s["aligned"] for s in shards)
+    mass = sum(s["aligned_mass"] for s in shards)
+    return {
+        "align": "text",
+        **token_map.to_dict(),
+        "aligned_positions": aligned / rows if rows else 0.0,
+        "aligned_mass": mass / aligned if aligned else 0.0,
+    }
+
+
+def _check_resume(folder: Path, build: Mapping[str, Any], start: int, precision: str, engine: str) -> None:
+    """Refuse to continue a cache whose first ``start`` examples were built at another precision or engine."""
+    if start == 0:
+        return
+    built_at = build.get("precision", "fp32")
+    if built_at != precision:
+        raise CacheMismatchError(
+            f"{folder}: its first {start} examples were built at precision {built_at}, this build runs at "
+            f"{precision}; resume at {built_at} (precision={built_at!r}) or pass overwrite=True to rebuild"
+        )
+    if build.get("engine", "transformers") != engine:
+        raise CacheMismatchError(
+            f"{folder}: its first {start} examples were built with the {build.get('engine', 'transformers')} teacher, "
+            f"this build runs the {engine} one; resume with that engine or pass overwrite=True to rebuild"
+        )
+
+
+def _session_started(
+    manifest: Mapping[str, Any], device: str, batch_size: int, precision: str, engine: str
+) -> dict[str, Any]:
+    """A copy of the manifest with one more build session (its device, batch size, precision, engine), incomplete."""
+    build = manifest["build"]
+    build = {
+        **build,
+        "sessions": build.get("sessions", 0) + 1,
+        "device": device,
+        "batch_size": batch_size,
+        "precision": precision,
+        "engine": engine,
+    }
+    return {**manifest, "build": build, "complete": False}
+
+
+def _shard_added(
+    manifest: Mapping[str, Any], shard: dict[str, Any], seconds: float, n: int, token_map: TokenMap | None
+) -> dict[str, Any]:
+    """A copy of the manifest with ``shard`` appended, the build's time and tokens advanced, complete at example
+    ``n``, and the aligned shares recomputed for a teacher read through the text."""
+    build = dict(manifest["build"])
+    build["seconds"] = round(build.get("seconds", 0.0) + seconds, 4)
+    build["tokens"] = build.get("tokens", 0) + shard["tokens"]
+    build["tokens_per_second"] = round(build["tokens"] / build["seconds"], 1) if build["seconds"] else None
+    build["updated_at"] = _now()
+    out = {**manifest, "shards": [*manifest["shards"], shard], "build": build, "complete": shard["end"] >= n}
+    if token_map is not None:
+        out["alignment"] = _alignment_record(token_map, out)
+    return out
