@@ -27,7 +27,8 @@ def _size_arg(value: str) -> int | str:
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``target-sft eval`` options to ``parser`` (then call :func:`run_eval_from_args` on the result)."""
+    """Add the ``target-sft eval`` options to ``parser`` (then call :func:`run_eval_from_args` on the result): one
+    readable sequence, an ``add_argument`` per option."""
     from targetsft.data.eval_sets import EVAL_SETS, MC_SETS
 
     sets = ", ".join(list(EVAL_SETS) + list(MC_SETS))

@@ -56,7 +56,8 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``target-sft`` parser: one subcommand each, its options added by its module under ``targetsft.cli``."""
+    """The ``target-sft`` parser: one subcommand each, its options added by its module under ``targetsft.cli``; one
+    readable sequence, a ``command(...)`` per subcommand."""
     from targetsft.cli import cache_teacher, experiment, tools, train
     from targetsft.cli import eval as eval_command
 

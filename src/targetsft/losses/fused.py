@@ -277,26 +277,11 @@ def fused_target_loss(
     The other arguments are as in :func:`targetsft.target_loss`.
 
     Under autocast the projections run in the autocast dtype (as autocast would run ``h·Wᵀ``); the target and
-    its gradient are always computed in float32.
+    its gradient are always computed in float32. One readable sequence: the projection's inputs checked, the target
+    and side inputs prepared, the plan made (every value check read back at once), the chunks run, the loss reduced.
     """
-    V.check_float("hidden", hidden)
-    V.check_float("lm_head_weight", lm_head_weight)
-    if lm_head_weight.dim() != 2:
-        raise ValueError(f"lm_head_weight must be [V, H], got shape {tuple(lm_head_weight.shape)}")
-    vocab, width = lm_head_weight.shape
-    if hidden.shape[-1] != width:
-        raise ValueError(f"hidden has size {hidden.shape[-1]} but lm_head_weight is [V={vocab}, H={width}]")
-    if not isinstance(labels, Tensor) or labels.shape != hidden.shape[:-1]:
-        shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
-        raise ValueError(f"labels has shape {shape}, expected {tuple(hidden.shape[:-1])} (hidden without H)")
-    if lm_head_bias is not None and lm_head_bias.shape != (vocab,):
-        raise ValueError(f"lm_head_bias must have shape [{vocab}], got {tuple(lm_head_bias.shape)}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be > 0 or None, got {softcap}")
-    if not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale) and logit_scale != 0):
-        raise ValueError(f"logit_scale must be a finite non-zero number, got {logit_scale}")
-    if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    _check_projection(hidden, lm_head_weight, labels, lm_head_bias, softcap, logit_scale, chunk_size)
+    vocab = lm_head_weight.shape[0]
     target, rows, side = prepare(
         method,
         params,
@@ -314,57 +299,99 @@ def fused_target_loss(
         num_loss_tokens=num_loss_tokens,
         checks=(checks := V.Checks()),
     )
-    teacher_head = _teacher_head(
-        "teacher",
-        teacher_hidden,
-        teacher_lm_head_weight,
-        teacher_lm_head_bias,
-        labels.shape,
-        rows,
-        vocab,
-        shared_vocab_size,
-        checks,
-    )
-    if teacher_head is not None and side.teacher is not None:
-        raise ValueError("give either teacher_topk or teacher_hidden, not both")
-    ref_head = _teacher_head(
-        "ref", ref_hidden, ref_lm_head_weight, ref_lm_head_bias, labels.shape, rows, vocab, shared_vocab_size, checks
-    )
-    if ref_head is not None and side.ref is not None:
-        raise ValueError("give either ref_topk or ref_hidden, not both")
-    h = hidden.reshape(-1, width)[rows]
-    checks.finite("hidden", h)
-    checks.finite("lm_head_weight", lm_head_weight)
-    checks.run()  # every value check of the call, read back at once
+    frozen = {
+        "teacher": (teacher_hidden, teacher_lm_head_weight, teacher_lm_head_bias, side.teacher),
+        "ref": (ref_hidden, ref_lm_head_weight, ref_lm_head_bias, side.ref),
+    }
+    plan, h = _make_plan(target, rows, side, hidden, lm_head_weight, labels, frozen, shared_vocab_size, checks)
+    plan.chunk = int(chunk_size) if chunk_size else auto_chunk_size(h.shape[0], vocab, hidden.device, h.shape[-1])
+    plan.logit_scale, plan.softcap = float(logit_scale), None if softcap is None else float(softcap)
     n = rows.numel()
-    plan = _Plan(
-        target=target,
-        labels=labels.reshape(-1)[rows],
-        side=side,
-        teacher_head=teacher_head,
-        ref_head=ref_head,
-        chunk=int(chunk_size) if chunk_size else auto_chunk_size(n, vocab, hidden.device, hidden.shape[-1]),
-        logit_scale=float(logit_scale),
-        softcap=None if softcap is None else float(softcap),
-    )
     stats = TargetStats() if return_stats else None
-    per_row = reduction == "none"
-    weight, bias = lm_head_weight, lm_head_bias
-    device_type = h.device.type
-    if torch.is_autocast_enabled(device_type):  # run the projections in the autocast dtype, explicitly
-        low = torch.get_autocast_dtype(device_type)
-        h, weight = h.to(low), weight.to(low)
-        bias = None if bias is None else bias.to(low)
-        for head in (teacher_head, ref_head):
-            if head is not None:
-                head.hidden, head.weight = head.hidden.to(low), head.weight.to(low)
-                head.bias = None if head.bias is None else head.bias.to(low)
-    with torch.autocast(device_type, enabled=False):
-        out = _FusedLoss.apply(h, weight, bias, plan, per_row, stats)
-    if per_row:
+    out = _run(plan, h, lm_head_weight, lm_head_bias, reduction == "none", stats)
+    if reduction == "none":
         out = out.new_zeros(labels.numel()).index_put((rows,), out).view(labels.shape)
     else:
         out = out / denominator(reduction, num_items_in_batch, n)
     if return_stats == "sums":
         return out, stats
     return (out, stats.means()) if return_stats else out
+
+
+def _make_plan(
+    target: Target,
+    rows: Tensor,
+    side: SideInputs,
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    frozen: dict[str, tuple],
+    shared_vocab_size: int | None,
+    checks: V.Checks,
+) -> tuple[_Plan, Tensor]:
+    """The call's plan (teacher and reference heads on the loss rows; chunking and logit transforms left at their
+    defaults) and the student's hidden states of the loss rows, after every value check of the call has run."""
+    vocab = weight.shape[0]
+    heads = {}
+    for name, (h_other, w_other, b_other, given) in frozen.items():
+        heads[name] = _teacher_head(
+            name, h_other, w_other, b_other, labels.shape, rows, vocab, shared_vocab_size, checks
+        )
+        if heads[name] is not None and given is not None:
+            raise ValueError(f"give either {name}_topk or {name}_hidden, not both")
+    h = hidden.reshape(-1, hidden.shape[-1])[rows]
+    checks.finite("hidden", h)
+    checks.finite("lm_head_weight", weight)
+    checks.run()  # every value check of the call, read back at once
+    plan = _Plan(
+        target, labels.reshape(-1)[rows], side, heads["teacher"], heads["ref"], chunk=1, logit_scale=1.0, softcap=None
+    )
+    return plan, h
+
+
+def _check_projection(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Tensor | None,
+    softcap: float | None,
+    logit_scale: float,
+    chunk_size: int | None,
+) -> None:
+    """The shapes and settings of the student's projection ``h·Wᵀ + b``, each failure named."""
+    V.check_float("hidden", hidden)
+    V.check_float("lm_head_weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"lm_head_weight must be [V, H], got shape {tuple(weight.shape)}")
+    vocab, width = weight.shape
+    if hidden.shape[-1] != width:
+        raise ValueError(f"hidden has size {hidden.shape[-1]} but lm_head_weight is [V={vocab}, H={width}]")
+    if not isinstance(labels, Tensor) or labels.shape != hidden.shape[:-1]:
+        shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+        raise ValueError(f"labels has shape {shape}, expected {tuple(hidden.shape[:-1])} (hidden without H)")
+    if bias is not None and bias.shape != (vocab,):
+        raise ValueError(f"lm_head_bias must have shape [{vocab}], got {tuple(bias.shape)}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 or None, got {softcap}")
+    if not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale) and logit_scale != 0):
+        raise ValueError(f"logit_scale must be a finite non-zero number, got {logit_scale}")
+    if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+
+
+def _run(
+    plan: _Plan, h: Tensor, weight: Tensor, bias: Tensor | None, per_row: bool, stats: TargetStats | None
+) -> Tensor:
+    """The fused loss of the loss rows ``h``: per row (``per_row``) or summed. Under autocast the projections run in
+    the autocast dtype, explicitly (the target and its gradient stay in float32)."""
+    device_type = h.device.type
+    if torch.is_autocast_enabled(device_type):
+        low = torch.get_autocast_dtype(device_type)
+        h, weight = h.to(low), weight.to(low)
+        bias = None if bias is None else bias.to(low)
+        for head in (plan.teacher_head, plan.ref_head):
+            if head is not None:
+                head.hidden, head.weight = head.hidden.to(low), head.weight.to(low)
+                head.bias = None if head.bias is None else head.bias.to(low)
+    with torch.autocast(device_type, enabled=False):
+        return _FusedLoss.apply(h, weight, bias, plan, per_row, stats)

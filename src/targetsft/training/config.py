@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from targetsft.data.noise import NOISE_KINDS
-from targetsft.losses.methods import get_method
+from targetsft.losses.methods import MethodSpec, get_method
 from targetsft.runtime.precision import Precision, normalize, resolve_precision
 
 # TrainingArguments values targetsft sets unless the config says otherwise (pilot-sized, CPU friendly).
@@ -326,6 +326,16 @@ def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
         else:
             kwargs[key] = value
     cfg = TrainConfig(**kwargs)
+    _check_precision(cfg)
+    spec = _check_loss(cfg)
+    _check_models(cfg)
+    _check_data(cfg)
+    _check_teacher(cfg, spec)
+    return cfg
+
+
+def _check_precision(cfg: TrainConfig) -> None:
+    """``train`` is a mapping of checked TrainingArguments fields; ``precision`` and ``train.bf16/fp16`` agree."""
     if not isinstance(cfg.train, dict):
         raise ConfigError("train must be a mapping of transformers.TrainingArguments fields")
     _check_train_args(cfg.train)
@@ -337,15 +347,24 @@ def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
         raise ConfigError(f"precision {cfg.precision!r} and train.bf16/train.fp16 both set: keep one of them")
     if cfg.train.get("bf16") and cfg.train.get("fp16"):
         raise ConfigError("train.bf16 and train.fp16 are both true: choose one (or set precision)")
+
+
+def _check_loss(cfg: TrainConfig) -> MethodSpec:
+    """``loss.method`` is registered and ``loss.params`` are its own (the trainer's, e.g. ``refresh``, included)."""
     try:
         spec = get_method(cfg.loss.method)
     except ValueError as err:
         raise ConfigError(f"loss.method: {err}") from None
     try:
-        loss_params, _ = spec.split_params(cfg.loss.params)  # the trainer's (e.g. refresh) checked here too
+        loss_params, _ = spec.split_params(cfg.loss.params)
         spec.target(**loss_params)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"loss.params: {err}") from None
+    return spec
+
+
+def _check_models(cfg: TrainConfig) -> None:
+    """Loading options of the student, teacher and reference; ``snapshot_steps``."""
     for where, init in (("model_init", cfg.model_init), ("teacher", cfg.teacher), ("reference", cfg.reference)):
         if init.dtype not in MODEL_DTYPES:
             raise ConfigError(f"{where}.dtype must be one of {MODEL_DTYPES}, got {init.dtype!r}")
@@ -359,6 +378,10 @@ def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
     steps = cfg.snapshot_steps
     if not isinstance(steps, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in steps):
         raise ConfigError(f"snapshot_steps must be a list of positive step numbers, got {steps!r}")
+
+
+def _check_data(cfg: TrainConfig) -> None:
+    """The ``data`` section's sizes, held-out set, overflow and label noise."""
     size, held_out = cfg.data.size, cfg.data.eval
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
         raise ConfigError(f"data.size must be a positive integer or null (every record), got {size!r}")
@@ -376,6 +399,10 @@ def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
         raise ConfigError(f"data.label_noise must be a fraction in [0, 1], got {noise!r}")
     if cfg.data.noise_kind not in NOISE_KINDS:
         raise ConfigError(f"data.noise_kind must be one of {NOISE_KINDS}, got {cfg.data.noise_kind!r}")
+
+
+def _check_teacher(cfg: TrainConfig, spec: MethodSpec) -> None:
+    """The teacher (and reference) sections agree with each other, with packing and with what the method needs."""
     if cfg.teacher.prompt not in TEACHER_PROMPTS:
         raise ConfigError(f"teacher.prompt must be one of {TEACHER_PROMPTS}, got {cfg.teacher.prompt!r}")
     if cfg.data.packing and cfg.teacher.prompt != "same":
@@ -399,7 +426,6 @@ def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
         raise ConfigError(
             f"{cfg.loss.method}'s reference is π_old, an exact copy of the student: remove the reference section"
         )
-    return cfg
 
 
 def check_inputs(cfg: TrainConfig) -> None:

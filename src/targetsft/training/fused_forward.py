@@ -264,9 +264,8 @@ def target_loss_on_hidden(
     another tokenizer (``teacher_alignment``, a :class:`~targetsft.training.text_alignment.TextAligner`) reads its
     own ``teacher_input_ids``; ``teacher_rows`` picks, per loss row, its position (−1: none), and its distribution
     reaches the loss as top-k rows on the student's ids.
-    Other keyword arguments go to :func:`targetsft.fused_target_loss` (``num_items_in_batch``,
-    ``teacher_topk``, ``return_stats``, method parameters, ...). ``torch.compile`` does not trace it: the loss rows
-    and the value checks depend on the data, so it runs eagerly between a compiled decoder and its backward.
+    Other keyword arguments go to :func:`targetsft.fused_target_loss` (``num_items_in_batch``, ``teacher_topk``, method
+    parameters, ...). ``torch.compile`` does not trace it: its rows and value checks depend on the data.
     """
     shifted = shift_labels(labels)
     boundaries = {k: v for k, v in (model_kwargs or {}).items() if k in SEQUENCE_KEYS and v is not None}
@@ -292,14 +291,7 @@ def target_loss_on_hidden(
                     "a teacher with a prompt of its own (teacher_input_ids) cannot read a packed or padding-free batch "
                     f"(it has {sorted(boundaries)}): train without packing"
                 )
-            if teacher_labels is None:
-                raise ValueError("teacher_input_ids needs teacher_labels to align the supervised tokens")
-            t_shift = shift_labels(teacher_labels)
-            if not torch.equal(t_shift[t_shift != IGNORE_INDEX], shifted[shifted != IGNORE_INDEX]):
-                raise ValueError("the teacher's supervised tokens differ from the student's; they must be identical")
-            with torch.no_grad():
-                t_hidden = hidden_states(other, *moved_to(at, teacher_input_ids, teacher_attention_mask))
-                t_hidden = t_hidden[t_shift.to(at) != IGNORE_INDEX]
+            t_hidden = _own_prompt_hidden(other, teacher_input_ids, teacher_attention_mask, teacher_labels, shifted)
         else:  # the student's very contexts: a packed batch's sequence boundaries go along
             seen = {k: v.to(at) if isinstance(v, Tensor) else v for k, v in boundaries.items()}
             with torch.no_grad():
@@ -346,6 +338,22 @@ def _output_class():
 
 
 _TargetLMOutput = None
+
+
+def _own_prompt_hidden(
+    teacher: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor | None, shifted: Tensor
+) -> Tensor:
+    """A teacher's final hidden states at its own supervised positions (``labels``, unshifted), read from its own
+    ``input_ids``; its supervised tokens must be the student's (``shifted``), in order."""
+    if labels is None:
+        raise ValueError("teacher_input_ids needs teacher_labels to align the supervised tokens")
+    t_shift = shift_labels(labels)
+    if not torch.equal(t_shift[t_shift != IGNORE_INDEX], shifted[shifted != IGNORE_INDEX]):
+        raise ValueError("the teacher's supervised tokens differ from the student's; they must be identical")
+    at = input_device(teacher)
+    with torch.no_grad():
+        hidden = hidden_states(teacher, *moved_to(at, input_ids, attention_mask))
+        return hidden[t_shift.to(at) != IGNORE_INDEX]
 
 
 def project(head: LMHead, hidden: Tensor, dtype: torch.dtype | None = None) -> Tensor:
