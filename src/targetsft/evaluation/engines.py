@@ -11,10 +11,10 @@ Generative sets (:data:`targetsft.data.eval_sets.EVAL_SETS` or a ``.jsonl`` file
   transformers model, and vLLM (``vllm``: ``model`` is a :class:`~targetsft.runtime.vllm_engine.VLLMEngine`; it
   batches all prompts itself and stops at eos only, the answer stop is replayed on its tokens: :func:`_run_vllm`):
 
-  - ``compact`` (default, :func:`_run_batch_compact`): a decode loop over the model's forward with a
-    ``DynamicCache`` that **drops finished rows from the batch** (cache, attention mask, positions), so a row that
-    loops to ``max_new_tokens`` costs its own row only, not the whole batch's. Sampling draws one uniform per
-    (row, step) from a ``torch.Generator`` seeded with ``seed + batch_index``.
+  - ``compact`` (default, :func:`_run_batch_compact`, :mod:`~targetsft.evaluation.compact_loop`): a decode loop over
+    the model's forward with a ``DynamicCache`` that **drops finished rows from the batch** (cache, attention mask,
+    positions), so a row that loops to ``max_new_tokens`` costs its own row only, not the whole batch's. Sampling
+    draws one uniform per (row, step) from a ``torch.Generator`` seeded with ``seed + batch_index``.
   - ``hf``: ``model.generate``; finished rows stay in the batch (padded) until its slowest row ends. Sampling
     runs under ``torch.manual_seed(seed + batch_index)`` inside :func:`torch.random.fork_rng`.
 
@@ -37,12 +37,21 @@ Generative sets (:data:`targetsft.data.eval_sets.EVAL_SETS` or a ``.jsonl`` file
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
+from targetsft.evaluation.compact_loop import (
+    _check_selectable,  # noqa: F401  re-exported
+    _compact_decode,
+    _compact_processors,
+    _compact_unsupported,
+    _fork_devices,
+    _sample_rows,  # noqa: F401  re-exported
+    forward_params,  # noqa: F401  re-exported
+)
 from targetsft.evaluation.prompts import AnswerStoppingCriteria, FinishReason, cut_at_answer
 from targetsft.runtime.vllm_engine import is_vllm
 
@@ -223,74 +232,6 @@ def _generations(
     return gens
 
 
-# Cache layers whose ``batch_select_indices`` keeps exactly the selected rows (quantized layers keep a second,
-# quantized copy it does not touch; linear-attention / static / indexed layers have none or a different layout).
-_SELECTABLE_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")
-
-
-def forward_params(model: Any) -> set[str]:
-    import inspect
-
-    try:
-        return set(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):  # pragma: no cover - builtins / odd wrappers
-        return set()
-
-
-def _compact_cache(model: Any) -> Any:
-    """A fresh ``DynamicCache`` for ``model`` (layer types from its config, as ``generate`` builds it); raises
-    ``NotImplementedError`` when a layer cannot drop rows (see :data:`_SELECTABLE_LAYERS`)."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    _check_selectable(cache)
-    return cache
-
-
-def _check_selectable(cache: Any) -> None:
-    bad = sorted({type(layer).__name__ for layer in cache.layers} - set(_SELECTABLE_LAYERS))
-    if bad:
-        raise NotImplementedError(f"cache layers {bad} have no row selection")
-
-
-def _select_rows(cache: Any, keep: torch.Tensor) -> None:
-    """Keep only the batch rows ``keep`` of every cache layer (indices moved to each layer's device, for models
-    spread over devices)."""
-    for layer in cache.layers:
-        dev = getattr(layer, "device", None)
-        layer.batch_select_indices(keep.to(dev) if isinstance(dev, torch.device) else keep)
-
-
-def _compact_unsupported(model: Any) -> str | None:
-    """Why the compact loop cannot run ``model`` (None when it can)."""
-    cfg = getattr(model, "config", None)
-    if cfg is None or getattr(cfg, "is_encoder_decoder", False):
-        return "not a decoder-only transformers model"
-    params = forward_params(model)
-    if "position_ids" not in params or not {"cache", "past_key_values"} & params:
-        return "its forward takes no position_ids / cache"
-    try:
-        _compact_cache(model)
-    except (NotImplementedError, ValueError, TypeError, KeyError, AttributeError) as e:
-        return f"DynamicCache: {e}"
-    return None
-
-
-def _sample_rows(scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """One token per row drawn from ``softmax(scores[i])`` by inverse CDF with the uniform ``u[i]`` in [0, 1):
-    the first token whose cumulative probability exceeds ``u[i]`` × total. A token of probability 0 (a ``-inf``
-    score) is never drawn."""
-    cdf = torch.softmax(scores, dim=-1).cumsum(-1)
-    total = cdf[:, -1:]
-    # u * total rounds to total at worst; stay strictly below it so that a token of nonzero probability is hit
-    x = torch.minimum(u[:, None].to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, x, right=True).squeeze(1)
-
-
-def _fork_devices(device: torch.device) -> list[int]:
-    return [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-
-
 def _run_batch_compact(
     model: Any,
     tokenizer: Any,
@@ -319,63 +260,24 @@ def _run_batch_compact(
     warpers, in ``generate``'s order), then a draw by inverse CDF from one uniform per (row, step) of a
     ``torch.Generator`` seeded with ``seed``: a row's draws do not depend on which rows are still in the batch.
     """
-    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
-
     device = model_device(model)
     input_ids, mask = _left_pad(seqs, pad_id, device)
     b, width = input_ids.shape
     crit = AnswerStoppingCriteria(tokenizer, width, eos_token_ids=eos_ids, stop_on_answer=stop_on_answer, batch_size=b)
-    user_procs = LogitsProcessorList(logits_processor or [])
-    procs = LogitsProcessorList(user_procs)
-    if temperature > 0:
-        if temperature != 1.0:
-            procs.append(TemperatureLogitsWarper(float(temperature)))
-        if top_p < 1.0:
-            procs.append(TopPLogitsWarper(top_p=float(top_p), min_tokens_to_keep=1))
-    params = forward_params(model)
-    cache = _compact_cache(model)
-    fwd: dict[str, Any] = {"use_cache": True, ("cache" if "cache" in params else "past_key_values"): cache}
-    if "logits_to_keep" in params:
-        fwd["logits_to_keep"] = 1
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-
-    tokens = torch.full((b, max_new_tokens), pad_id, dtype=torch.long)  # new tokens of every row (CPU)
-    rows = torch.arange(b)  # batch row of each row still running
-    rows_dev = rows.to(device)
-    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    cur, seq = input_ids, input_ids  # this step's input; prompt + new tokens of the running rows (processors)
-    steps = row_steps = 0
-    with torch.random.fork_rng(devices=_fork_devices(device)):
-        torch.manual_seed(seed)  # for processors that draw from the global RNG
-        for step in range(max_new_tokens):
-            out = model(input_ids=cur, attention_mask=mask, position_ids=pos, **fwd)
-            logits = out.logits[:, -1].to(dtype=torch.float32, copy=True)
-            del out
-            steps, row_steps = steps + 1, row_steps + cur.shape[0]
-            if step == 0:
-                _check_selectable(cache)  # layers a model adds lazily
-            scores = procs(seq, logits) if procs else logits
-            if temperature > 0:
-                u = torch.rand(b, generator=gen, device=device)  # one per batch row, also for finished rows
-                nxt = _sample_rows(scores, u[rows_dev])
-            else:
-                nxt = scores.argmax(dim=-1)
-            tokens[rows, step] = nxt.cpu()
-            done = crit.update(tokens[rows, : step + 1], rows.tolist())
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            if bool(done.any()):  # drop the finished rows
-                keep = (~done).nonzero().flatten()
-                keep_dev = keep.to(device)
-                _select_rows(cache, keep_dev)
-                mask, pos, nxt, seq = mask[keep_dev], pos[keep_dev], nxt[keep_dev], seq[keep_dev]
-                rows, rows_dev = rows[keep], rows_dev[keep_dev]
-            cur = nxt[:, None]
-            if user_procs:
-                seq = torch.cat([seq, cur], dim=1)
-            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-            pos = pos[:, -1:] + 1
+    user_procs, procs = _compact_processors(logits_processor, temperature, top_p)
+    tokens, steps, row_steps = _compact_decode(
+        model,
+        input_ids,
+        mask,
+        crit,
+        procs,
+        grow_seq=bool(user_procs),
+        device=device,
+        seed=seed,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        pad_id=pad_id,
+    )
     return _generations(tokenizer, crit, tokens[:, :steps], steps, cut), steps, row_steps
 
 
@@ -430,6 +332,106 @@ def _run_vllm(
     return _generations(tokenizer, crit, new, steps, cut), steps, int(lengths.sum())
 
 
+def _usable_engine(engine: str, model: Any, generation_kwargs: dict[str, Any]) -> str:
+    """``engine`` once ``generation_kwargs`` are checked against it; ``hf`` (with a warning) for a model the compact
+    loop cannot run."""
+    if engine == "vllm" and generation_kwargs:
+        raise ValueError(f"engine='vllm' takes no generation_kwargs, got {sorted(generation_kwargs)}")
+    if engine == "compact":
+        extra = sorted(set(generation_kwargs) - {"logits_processor"})
+        if extra:
+            raise ValueError(f"engine='compact' takes only logits_processor in generation_kwargs, got {extra}")
+        reason = _compact_unsupported(model)
+        if reason is not None:
+            import warnings
+
+            warnings.warn(f"engine='compact' cannot run this model ({reason}); using model.generate", stacklevel=3)
+            return "hf"
+    return engine
+
+
+_BatchRunner = Callable[[list[list[int]], int], tuple[list[Generation], int, int]]
+
+
+def _batch_runner(
+    model: Any,
+    tokenizer: Any,
+    engine: str,
+    generation_kwargs: dict[str, Any],
+    *,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    eos_ids: list[int],
+    pad_id: int,
+    stop_on_answer: bool,
+    cut: bool,
+) -> _BatchRunner:
+    """A function of a batch of token-id prompts and its seed that runs it on ``engine`` (``compact`` or ``hf``)."""
+    common = {"eos_ids": eos_ids, "pad_id": pad_id, "stop_on_answer": stop_on_answer, "cut": cut}
+    if engine == "compact":
+        procs = generation_kwargs.get("logits_processor")
+        return lambda seqs, seed: _run_batch_compact(
+            model,
+            tokenizer,
+            seqs,
+            seed=seed,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            logits_processor=procs,
+            **common,
+        )
+    gen_config = _generation_config(temperature, top_p, max_new_tokens, eos_ids, pad_id)
+    return lambda seqs, seed: _run_batch(
+        model, tokenizer, seqs, gen_config=gen_config, seed=seed, generation_kwargs=dict(generation_kwargs), **common
+    )
+
+
+def _plan_jobs(ids: list[list[int]], draws: int) -> tuple[list[tuple[int, int]], list[int]]:
+    """The (prompt, sample) jobs in input order, and the order they run in: longest prompt first, ties in input
+    order."""
+    jobs = [(p, s) for p in range(len(ids)) for s in range(draws)]
+    return jobs, sorted(range(len(jobs)), key=lambda j: -len(ids[jobs[j][0]]))
+
+
+def _generate_batches(
+    model: Any,
+    run_batch: _BatchRunner,
+    ids: list[list[int]],
+    jobs: list[tuple[int, int]],
+    order: list[int],
+    *,
+    batch_size: int,
+    seed: int,
+    desc: str,
+    progress: bool,
+    t0: float,
+) -> tuple[dict[tuple[int, int], Generation], int, int, int]:
+    """The jobs in ``order``, ``batch_size`` at a time (batch ``b`` with seed ``seed + b``), the model in eval mode
+    meanwhile; returns the generation of each job, the batches, the steps and the row-steps."""
+    from tqdm.auto import tqdm
+
+    results: dict[tuple[int, int], Generation] = {}
+    steps = row_steps = batches = tokens = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with tqdm(total=len(jobs), desc=desc, unit="seq", disable=not progress, leave=False) as bar:
+            for b, start in enumerate(range(0, len(order), batch_size)):
+                chunk = [jobs[j] for j in order[start : start + batch_size]]
+                with torch.inference_mode():
+                    gens, n_steps, n_rows = run_batch([ids[p] for p, _ in chunk], seed + b)
+                results.update(zip(chunk, gens, strict=True))
+                steps, row_steps = steps + n_steps, row_steps + n_rows
+                batches, tokens = batches + 1, tokens + sum(g.n_tokens for g in gens)
+                bar.update(len(chunk))
+                bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
+    finally:
+        model.train(was_training)
+    return results, batches, steps, row_steps
+
+
 def generate_detailed(
     model: Any,
     tokenizer: Any,
@@ -466,87 +468,31 @@ def generate_detailed(
     generation repeated.
     """
     _check_decoding(samples, temperature, top_p, max_new_tokens, batch_size, engine)
-    from tqdm.auto import tqdm
-
     engine = resolve_engine(engine, model)  # type: ignore[assignment]
     generation_kwargs = dict(generation_kwargs or {})
-    if engine == "vllm" and generation_kwargs:
-        raise ValueError(f"engine='vllm' takes no generation_kwargs, got {sorted(generation_kwargs)}")
-    if engine == "compact":
-        extra = sorted(set(generation_kwargs) - {"logits_processor"})
-        if extra:
-            raise ValueError(f"engine='compact' takes only logits_processor in generation_kwargs, got {extra}")
-        reason = _compact_unsupported(model)
-        if reason is not None:
-            import warnings
-
-            warnings.warn(f"engine='compact' cannot run this model ({reason}); using model.generate", stacklevel=2)
-            engine = "hf"
+    engine = _usable_engine(engine, model, generation_kwargs)  # type: ignore[assignment]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_ids = _eos_ids(model, tokenizer)
-    gen_config = _generation_config(temperature, top_p, max_new_tokens, eos_ids, pad_id) if engine == "hf" else None
+    decoding: dict[str, Any] = {
+        "temperature": temperature,
+        "top_p": top_p,
+        "max_new_tokens": max_new_tokens,
+        "eos_ids": _eos_ids(model, tokenizer),
+        "pad_id": pad_id,
+        "stop_on_answer": stop_on_answer,
+        "cut": cut,
+    }
+    run_batch = None if engine == "vllm" else _batch_runner(model, tokenizer, engine, generation_kwargs, **decoding)
     ids = [list(x) for x in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]] if prompts else []
-    draws = samples if temperature > 0 else 1
-    jobs = [(p, s) for p in range(len(ids)) for s in range(draws)]
-    order = sorted(range(len(jobs)), key=lambda j: -len(ids[jobs[j][0]]))  # longest first; stable
-    results: dict[tuple[int, int], Generation] = {}
+    jobs, order = _plan_jobs(ids, samples if temperature > 0 else 1)
     t0 = time.perf_counter()
-    steps = row_steps = batches = tokens = 0
-    if engine == "vllm":
-        gens, steps, row_steps = _run_vllm(
-            model,
-            tokenizer,
-            [ids[p] for p, _ in jobs],
-            [request_seed(seed, p, s) for p, s in jobs],
-            eos_ids=eos_ids,
-            pad_id=pad_id,
-            temperature=temperature,
-            top_p=top_p,
-            max_new_tokens=max_new_tokens,
-            stop_on_answer=stop_on_answer,
-            cut=cut,
-        )
-        results.update(zip(jobs, gens, strict=True))
-        batches = 1
+    if run_batch is None:
+        seqs, seeds = [ids[p] for p, _ in jobs], [request_seed(seed, p, s) for p, s in jobs]
+        gens, steps, row_steps = _run_vllm(model, tokenizer, seqs, seeds, **decoding)
+        results, batches = dict(zip(jobs, gens, strict=True)), 1
     else:
-        was_training = model.training
-        model.eval()
-        try:
-            with tqdm(total=len(jobs), desc=desc, unit="seq", disable=not progress, leave=False) as bar:
-                for b, start in enumerate(range(0, len(order), batch_size)):
-                    chunk = [jobs[j] for j in order[start : start + batch_size]]
-                    seqs = [ids[p] for p, _ in chunk]
-                    common = {"eos_ids": eos_ids, "pad_id": pad_id, "seed": seed + b, "stop_on_answer": stop_on_answer}
-                    with torch.inference_mode():
-                        if engine == "compact":
-                            gens, n_steps, n_rows = _run_batch_compact(
-                                model,
-                                tokenizer,
-                                seqs,
-                                temperature=temperature,
-                                top_p=top_p,
-                                max_new_tokens=max_new_tokens,
-                                cut=cut,
-                                logits_processor=generation_kwargs.get("logits_processor"),
-                                **common,
-                            )
-                        else:
-                            gens, n_steps, n_rows = _run_batch(
-                                model,
-                                tokenizer,
-                                seqs,
-                                gen_config=gen_config,
-                                cut=cut,
-                                generation_kwargs=dict(generation_kwargs),
-                                **common,
-                            )
-                    results.update(zip(chunk, gens, strict=True))
-                    steps, row_steps = steps + n_steps, row_steps + n_rows
-                    batches, tokens = batches + 1, tokens + sum(g.n_tokens for g in gens)
-                    bar.update(len(chunk))
-                    bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
-        finally:
-            model.train(was_training)
+        results, batches, steps, row_steps = _generate_batches(
+            model, run_batch, ids, jobs, order, batch_size=batch_size, seed=seed, desc=desc, progress=progress, t0=t0
+        )
     outputs = [[results[(p, s if temperature > 0 else 0)] for s in range(samples)] for p in range(len(ids))]
     settings = {
         "samples": samples,

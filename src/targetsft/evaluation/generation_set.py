@@ -106,6 +106,61 @@ def _run_stats(run: GenerationRun) -> dict[str, Any]:
     }
 
 
+def _generation_passes(
+    model: Any, tokenizer: Any, prompts: list[str], decode: DecodeOptions, label: str, progress: bool
+) -> tuple[GenerationRun, GenerationRun | None, float]:
+    """The sampling pass and, with ``decode.greedy`` at a temperature > 0, a greedy pass over ``prompts``; returns
+    both runs and the seconds they took together."""
+    temperature = decode.sampling_temperature
+    boxed = decode.prompt == "boxed"
+    common = {
+        "max_new_tokens": decode.max_new_tokens,
+        "batch_size": decode.batch_size,
+        "seed": decode.seed,
+        "stop_on_answer": decode.stop_on_answer and not boxed,
+        "cut": not boxed,
+        "progress": progress,
+        "engine": decode.engine,
+    }
+    t0 = time.perf_counter()
+    run = generate_detailed(
+        model,
+        tokenizer,
+        prompts,
+        samples=decode.samples,
+        temperature=temperature,
+        top_p=decode.top_p,
+        desc=label,
+        **common,
+    )
+    greedy_run = None
+    if decode.greedy and temperature > 0:
+        greedy_run = generate_detailed(
+            model, tokenizer, prompts, samples=1, temperature=0.0, desc=f"{label} greedy", **common
+        )
+    return run, greedy_run, time.perf_counter() - t0
+
+
+def _decoding_settings(decode: DecodeOptions, run: GenerationRun, greedy_run: GenerationRun | None) -> dict[str, Any]:
+    """The summary's ``decoding`` field: the settings the passes ran with, the engine used and the prompt format."""
+    temperature = decode.sampling_temperature
+    boxed = decode.prompt == "boxed"
+    return {
+        "samples": decode.samples,
+        "temperature": temperature,
+        "top_p": decode.top_p if temperature > 0 else None,
+        "top_k": None,
+        "max_new_tokens": decode.max_new_tokens,
+        "batch_size": decode.batch_size,
+        "seed": decode.seed,
+        "stop_on_answer": decode.stop_on_answer and not boxed,
+        "engine": run.settings.get("engine", decode.engine),
+        "greedy_pass": greedy_run is not None,
+        "prompt": "chat template, add_generation_prompt=True, user message = "
+        + ("gsm_user_message(question)" if not boxed else "question + BOXED_INSTRUCTION"),
+    }
+
+
 def evaluate_generation(
     model: Any,
     tokenizer: Any,
@@ -136,32 +191,12 @@ def evaluate_generation(
     from targetsft.data.eval_sets import load_eval_set
 
     decode = (decode or DecodeOptions()).with_(**options)
-    temperature = decode.sampling_temperature
     rows = load_eval_set(dataset_name_or_path, size, data_seed)
     prompts = build_prompts(tokenizer, [r["question"] for r in rows], decode.prompt)
-    boxed = decode.prompt == "boxed"
-    common = {
-        "max_new_tokens": decode.max_new_tokens,
-        "batch_size": decode.batch_size,
-        "seed": decode.seed,
-        "stop_on_answer": decode.stop_on_answer and not boxed,
-        "cut": not boxed,
-        "progress": progress,
-        "engine": decode.engine,
-    }
     label = set_label(dataset_name_or_path)
-    t0 = time.perf_counter()
-    samples, greedy = decode.samples, decode.greedy
-    run = generate_detailed(
-        model, tokenizer, prompts, samples=samples, temperature=temperature, top_p=decode.top_p, desc=label, **common
-    )
-    greedy_run = None
-    if greedy and temperature > 0:
-        greedy_run = generate_detailed(
-            model, tokenizer, prompts, samples=1, temperature=0.0, desc=f"{label} greedy", **common
-        )
-    seconds = time.perf_counter() - t0
+    run, greedy_run, seconds = _generation_passes(model, tokenizer, prompts, decode, label, progress)
 
+    greedy = decode.greedy
     records = _problem_records(rows, run, (greedy_run or run) if greedy else None, decode.prompt)
     metrics = generation_metrics(
         [[s["correct"] for s in rec["samples"]] for rec in records],
@@ -173,25 +208,12 @@ def evaluate_generation(
         "set": dataset_name_or_path,
         "kind": "generation",
         "n": len(rows),
-        "k": samples,
+        "k": decode.samples,
         "metrics": metrics,
         "confidence": confidence,
         "model": model_name or _model_name(model),
         "data": {"size": size, "data_seed": data_seed},
-        "decoding": {
-            "samples": samples,
-            "temperature": temperature,
-            "top_p": decode.top_p if temperature > 0 else None,
-            "top_k": None,
-            "max_new_tokens": decode.max_new_tokens,
-            "batch_size": decode.batch_size,
-            "seed": decode.seed,
-            "stop_on_answer": common["stop_on_answer"],
-            "engine": run.settings.get("engine", decode.engine),
-            "greedy_pass": greedy_run is not None,
-            "prompt": "chat template, add_generation_prompt=True, user message = "
-            + ("gsm_user_message(question)" if not boxed else "question + BOXED_INSTRUCTION"),
-        },
+        "decoding": _decoding_settings(decode, run, greedy_run),
         "seconds": seconds,
         "generated_tokens": tokens,
         "tokens_per_second": tokens / seconds if seconds > 0 else None,
