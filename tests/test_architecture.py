@@ -1,5 +1,6 @@
 """The package is its architecture: one subpackage per layer, imports only downwards and of public names across
-packages, no module over 600 lines, and the Layout table names exactly the modules that exist."""
+packages, no module over 600 lines, no function over 80 lines unless it is one readable sequence, and the Layout
+table names exactly the modules that exist."""
 
 from __future__ import annotations
 
@@ -83,6 +84,19 @@ def test_no_private_name_is_imported_across_packages():
 def test_no_module_over_600_lines():
     long = {m: n for m, p in _modules().items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"split these by job: {long}"
+
+
+def test_no_function_over_80_lines_unless_it_says_it_is_one_readable_sequence():
+    """A function of more than 80 lines (its ``def`` to its last line, docstring included) is split by job, or its
+    docstring says it is "one readable sequence" (an argument parser, a call laid out one step per line)."""
+    long = []
+    for module, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                doc = " ".join((ast.get_docstring(node) or "").split())
+                if "one readable sequence" not in doc.lower():
+                    long.append(f"{module}.{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, f"functions over 80 lines: {long}"
 
 
 def test_layout_table_names_every_module():

@@ -23,6 +23,22 @@ def test_no_print_outside_the_command_line():
     assert not found, f"print() in library modules (log with logging.getLogger(__name__) instead): {found}"
 
 
+@pytest.fixture
+def library_only():
+    """The ``targetsft`` logger without the command line's console handler (an earlier ``main()`` call in this
+    process adds one), restored afterwards: what the library itself does."""
+    from targetsft.cli.logs import ConsoleHandler
+
+    logger = logging.getLogger("targetsft")
+    saved, level = list(logger.handlers), logger.level
+    for handler in saved:
+        if isinstance(handler, ConsoleHandler):
+            logger.removeHandler(handler)
+    yield
+    logger.handlers[:] = saved
+    logger.setLevel(level)
+
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory, tiny_tokenizer, tiny_llama):
     from conftest import save_model, tiny_model
@@ -34,7 +50,7 @@ def folders(tmp_path_factory, tiny_tokenizer, tiny_llama):
     )
 
 
-def test_train_writes_nothing_to_stdout_and_logs_its_lines(folders, tmp_path, capfd, caplog):
+def test_train_writes_nothing_to_stdout_and_logs_its_lines(folders, tmp_path, capfd, caplog, library_only):
     """``train()`` with a teacher: stdout (the process's, so a child's print would count too) stays empty; the run's
     lines (precision, data, the Trainer's log lines) are log records of ``targetsft``."""
     from conftest import two_step_config
@@ -51,7 +67,7 @@ def test_train_writes_nothing_to_stdout_and_logs_its_lines(folders, tmp_path, ca
     assert sum("'loss':" in m for m in messages) == 2  # one Trainer log line per step
 
 
-def test_target_sft_trainer_writes_nothing_to_stdout_of_its_own(folders, tiny_tokenizer, tmp_path, capfd):
+def test_target_sft_trainer_writes_nothing_to_stdout_of_its_own(folders, tiny_tokenizer, tmp_path, capfd, library_only):
     """``TargetSFTTrainer.train()`` with transformers' own printing callbacks removed: nothing else reaches stdout."""
     import transformers
     import trl
@@ -76,7 +92,7 @@ def test_target_sft_trainer_writes_nothing_to_stdout_of_its_own(folders, tiny_to
     assert capfd.readouterr().out == ""
 
 
-def test_the_command_line_shows_the_library_lines_unless_quiet(folders, tmp_path, capsys):
+def test_the_command_line_shows_the_library_lines_unless_quiet(folders, tmp_path, capsys, library_only):
     from targetsft.cli.main import main
 
     student, _ = folders
