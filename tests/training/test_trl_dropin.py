@@ -217,8 +217,8 @@ def test_misconfigurations_are_refused_at_construction_naming_the_argument(dirs,
         build(method="dft", teacher_model=_load(teacher))
     with pytest.raises(ValueError, match="does not use a reference model: drop ref_model"):
         build(method="sft", ref_model=_load(teacher))
-    with pytest.raises(ValueError, match="cannot load teacher_model 'no/such-model"):
-        build(method="kd", teacher_model="no/such-model-here")
+    with pytest.raises(ValueError, match="cannot load teacher_model '.*no-model-here'"):
+        build(method="kd", teacher_model=str(tmp_path / "no-model-here"))
     with pytest.raises(ValueError, match="two different losses"):
         build(args=_args(tmp_path / "y", loss_type="dft", label_smoothing_factor=0.1))
     with pytest.raises(ValueError, match="'token_weights' column"):
