@@ -249,8 +249,10 @@ def test_a_teacher_given_by_path_is_loaded_in_the_students_dtype(dirs, tiny_toke
 def test_proximal_sft_gets_its_policy_snapshot(dirs, tiny_tokenizer, tmp_path):
     """``proximal_sft`` with no ``ref_model`` takes π_old as a refreshed copy of the student, as target-sft train."""
     student, _ = dirs
+    model = _load(student)
+    start = _weights(model)
     trainer = TargetSFTTrainer(
-        model=_load(student),
+        model=model,
         args=_args(tmp_path / "p"),
         train_dataset=Dataset.from_list(ROWS),
         processing_class=tiny_tokenizer,
@@ -260,6 +262,10 @@ def test_proximal_sft_gets_its_policy_snapshot(dirs, tiny_tokenizer, tmp_path):
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2 and all(np.isfinite(h["loss"]) for h in logs)
+    # refreshed right before the second optimizer step: the weights after the first, neither the start nor the end
+    pi_old = _weights(trainer.fused_forward.defaults["ref_model"])
+    key = "model.embed_tokens.weight"
+    assert not torch.equal(pi_old[key], start[key]) and not torch.equal(pi_old[key], _weights(model)[key])
 
 
 def _weighted_rows():

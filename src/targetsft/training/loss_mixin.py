@@ -93,11 +93,10 @@ class FusedLossMixin:
             teacher=teacher_model is not None or teacher_cache is not None,
             ref=ref_model is not None or snapshot,
         )
-        if snapshot:  # π_old: a copy of the student, refreshed before every refresh-th optimizer step
-            model = kwargs.get("model", args[0] if args else None)
-            ref_model, ref_placement = copy.deepcopy(model), "replicated"
-            kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), PolicySnapshot(model, ref_model, **trainer_params)]
         super().__init__(*args, **kwargs)
+        if snapshot:  # π_old: a copy of the student as trained (adapters included), refreshed by PolicySnapshot
+            ref_model, ref_placement = copy.deepcopy(self.model), "replicated"
+            self.add_callback(PolicySnapshot(self.model, ref_model, **trainer_params))
         end_process_group_at_exit()  # a user's script exits 0 without calling accelerator.end_training() itself
         self.method, self.teacher_cache = target, teacher_cache
         self._stats, self._eval_stats = TargetStats(), TargetStats()
