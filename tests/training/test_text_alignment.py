@@ -308,6 +308,23 @@ def test_a_teacher_that_segments_otherwise_trains_with_an_aligned_share_below_on
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
 
 
+def test_target_sft_train_refuses_a_teacher_that_meets_too_few_tokens(pair, tmp_path):
+    """The same pair under ``teacher.min_aligned_share: 1.0``: refused before training, with the share and the key;
+    the command line says so in one line (exit status 2)."""
+    from targetsft.cli.main import main
+    from targetsft.runtime.inputs import InputError
+    from targetsft.training.config import ConfigError
+
+    extra = (f"model={pair['fine']}", f"teacher.model={pair['teacher']}", "teacher.align=text", "loss.params.eta=0.5")
+    with pytest.raises(InputError, match=r"at only \d+\.\d% .* lower teacher.min_aligned_share"):
+        train(_cfg(pair, tmp_path / "run", *extra, "teacher.min_aligned_share=1.0"))
+    assert not (tmp_path / "run" / "metrics.csv").exists()
+    overrides = [f"output_dir={tmp_path / 'cli'}", "data.size=8", "precision=fp32", *extra]
+    assert main(["train", *overrides, "teacher.min_aligned_share=1.0"]) == 2
+    with pytest.raises(ConfigError, match="teacher.min_aligned_share must be a fraction"):
+        _cfg(pair, tmp_path / "x", *extra, "teacher.min_aligned_share=2")
+
+
 def test_a_permuted_teachers_cache_trains_the_student_its_unpermuted_self_trains(pair, tmp_path, tiny_tokenizer):
     """From a cache: rows stored on the student's ids; the permuted teacher's cache trains the student the
     unpermuted teacher's cache trains (1e-5); its identity holds both tokenizers; the manifest records the shares."""

@@ -162,7 +162,9 @@ class TeacherConfig(FrozenModelInit):
     ``text`` (another tokenizer: the teacher reads the text with its own, positions meet where token boundaries do
     and tokens where their bytes are equal; see the Teachers page) or ``auto`` (``ids`` when the maps agree, else
     an error naming ``text``). ``align_top_k``: under ``text``, the teacher's most probable student tokens per
-    position that reach the loss (the rest of its mass is completed by the student).
+    position that reach the loss (the rest of its mass is completed by the student). ``min_aligned_share``: under
+    ``text`` with ``model``, the run is refused when fewer of the supervised tokens of the first 64 training
+    examples meet a teacher boundary (0 accepts any teacher).
     """
 
     model: str | None = None
@@ -171,6 +173,7 @@ class TeacherConfig(FrozenModelInit):
     tokenizer: str | None = None
     align: str = "auto"
     align_top_k: int = 256
+    min_aligned_share: float = 0.5
 
 
 @dataclass
@@ -417,6 +420,9 @@ def _check_teacher(cfg: TrainConfig, spec: MethodSpec) -> None:
     top_k = cfg.teacher.align_top_k
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ConfigError(f"teacher.align_top_k must be a positive integer, got {top_k!r}")
+    least = cfg.teacher.min_aligned_share
+    if isinstance(least, bool) or not isinstance(least, (int, float)) or not 0.0 <= least <= 1.0:
+        raise ConfigError(f"teacher.min_aligned_share must be a fraction in [0, 1], got {least!r}")
     needs = spec.needs
     if "teacher" in needs and not (cfg.teacher.model or cfg.teacher.cache):
         raise ConfigError(f"method {cfg.loss.method!r} needs a teacher: set teacher.model or teacher.cache")

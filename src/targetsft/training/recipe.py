@@ -54,7 +54,7 @@ from targetsft.training.teacher_cache import (
     label_stats_line,
     teacher_label_stats,
 )
-from targetsft.training.text_alignment import TextAligner, alignment_note
+from targetsft.training.text_alignment import TextAligner, alignment_note, require_aligned_share
 from targetsft.training.vocabulary import VocabAlignment
 
 logger = logging.getLogger(__name__)
@@ -170,6 +170,10 @@ def _setup_data(cfg: TrainConfig) -> _Data:
     teacher_tokenizer = teacher_prompt_tokenizer(cfg, tokenizer)  # own_template: one load for both sets
     aligner = teacher_aligner(cfg, tokenizer) if cfg.teacher.model else None
     items, counts = build_dataset(cfg, tokenizer, split, teacher_tokenizer, aligner)
+    if aligner is not None:  # a teacher that meets the student at too few tokens is refused before it loads
+        first = items[:64]
+        rows = torch.tensor([r for item in first for r in item["teacher_rows"]], dtype=torch.long)
+        require_aligned_share(rows, len(first), cfg.teacher.min_aligned_share, "teacher.min_aligned_share")
     held_out = build_eval_dataset(cfg, tokenizer, split, teacher_tokenizer, aligner)
     if not items:
         raise ValueError(f"no training examples left from {cfg.data.train!r} after tokenization ({counts})")

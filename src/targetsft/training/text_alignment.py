@@ -434,6 +434,26 @@ def aligned_teacher_topk(
     return ids.to(device), logprobs.to(device)
 
 
+def require_aligned_share(rows: Tensor, examples: int, least: float, setting: str) -> float:
+    """The share of ``rows`` (one per supervised token of the first ``examples`` training examples; −1 where no
+    teacher boundary meets the student's) with a teacher; an ``InputError`` naming ``setting`` when it is below
+    ``least`` (the rest would learn from no teacher)."""
+    from targetsft.runtime.inputs import InputError
+
+    if not 0.0 <= least <= 1.0:
+        raise InputError(f"{setting} must be in [0, 1], got {least}")
+    if rows.numel() == 0:
+        return 1.0
+    share = float((rows >= 0).double().mean())
+    if share < least:
+        raise InputError(
+            f"the teacher meets the student's tokens at only {share:.1%} of the supervised positions of the first "
+            f"{examples} training examples ({setting}={least}): the rest would learn from no teacher. Use a teacher "
+            f"whose tokenizer segments text more like the student's, or lower {setting} to train anyway"
+        )
+    return share
+
+
 def alignment_note(aligner: TextAligner) -> str:
     """One line for the start of a run: how many of the teacher's tokens reach the student's vocabulary."""
     m = aligner.token_map

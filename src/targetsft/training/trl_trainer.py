@@ -24,7 +24,7 @@ from trl import SFTTrainer
 
 from targetsft.training.loss_func import check_frozen_model, saved_tokenizer, shared_vocab_size
 from targetsft.training.loss_mixin import FusedLossMixin
-from targetsft.training.text_alignment import TextAligner, alignment_note
+from targetsft.training.text_alignment import TextAligner, alignment_note, require_aligned_share
 from targetsft.training.vocabulary import resolve_align
 
 logger = logging.getLogger(__name__)
@@ -139,28 +139,15 @@ class TargetSFTTrainer(FusedLossMixin, SFTTrainer):
 
     def _check_aligned_share(self, aligner: TextAligner, least: float, examples: int = 64) -> None:
         """The share of the first ``examples`` training examples' supervised tokens that meet a teacher boundary is
-        at least ``least``; a teacher that meets the student at fewer is refused with the share."""
-        if not 0.0 <= least <= 1.0:
-            raise ValueError(f"min_aligned_share must be in [0, 1], got {least}")
+        at least ``least`` (:func:`~targetsft.training.text_alignment.require_aligned_share`)."""
         dataset = self.train_dataset
-        if dataset is None or not hasattr(dataset, "__len__") or least == 0.0:
+        if dataset is None or not hasattr(dataset, "__len__") or len(dataset) == 0:
             return
         features = [dataset[i] for i in range(min(examples, len(dataset)))]
-        if not features:
-            return
         batch = self.data_collator(features)
         rows = aligner.batch(batch["input_ids"], batch["labels"])["teacher_rows"]
-        if rows.numel() == 0:
-            return
-        share = float((rows >= 0).float().mean())
+        share = require_aligned_share(rows, len(features), least, "min_aligned_share")
         logger.info("teacher: %.1f%% of the supervised tokens meet a teacher boundary", 100 * share)
-        if share < least:
-            raise ValueError(
-                f"the teacher meets the student's tokens at only {share:.1%} of the supervised positions of the first "
-                f"{len(features)} training examples (min_aligned_share={least}): the rest would learn from no "
-                "teacher. Use a teacher whose tokenizer segments text more like the student's, or lower "
-                "min_aligned_share to train anyway"
-            )
 
 
 class WeightCollator:
