@@ -54,6 +54,12 @@ def _args(out, **overrides):
     return trl.SFTConfig(str(out), **{**fields, **overrides})
 
 
+def _trainer(model, tokenizer, args, rows=ROWS, cls=TargetSFTTrainer, **kwargs):
+    """``cls`` (``TargetSFTTrainer`` or TRL's ``SFTTrainer``) on ``model`` and prompt/completion ``rows``, which TRL
+    tokenizes."""
+    return cls(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer, **kwargs)
+
+
 def _weights(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -83,11 +89,10 @@ def test_the_model_is_a_plain_transformers_model_after_training(dirs, tiny_token
     fresh copy of the same weights, and the model's own forward returns logits in train mode."""
     student, teacher = dirs
     model = _load(student)
-    TargetSFTTrainer(
-        model=model,
-        args=_args(tmp_path / "a"),
-        train_dataset=Dataset.from_list(ROWS),
-        processing_class=tiny_tokenizer,
+    _trainer(
+        model,
+        tiny_tokenizer,
+        _args(tmp_path / "a"),
         method="target_sft",
         method_params={"eta": 0.5},
         teacher_model=_load(teacher),
@@ -127,11 +132,11 @@ def test_sftconfig_loss_settings_train_trls_loss(setting, method, params, dirs, 
         model = _load(student)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            trainer = cls(
-                model=model,
-                args=_args(tmp_path / name, **setting),
-                train_dataset=Dataset.from_list(ROWS),
-                processing_class=tiny_tokenizer,
+            trainer = _trainer(
+                model,
+                tiny_tokenizer,
+                _args(tmp_path / name, **setting),
+                cls=cls,
                 **extra,
             )
         if cls is TargetSFTTrainer:
@@ -145,11 +150,10 @@ def test_sftconfig_loss_settings_train_trls_loss(setting, method, params, dirs, 
     if not setting:
         return
     with pytest.raises(ValueError, match="leave method unset"):
-        TargetSFTTrainer(
-            model=_load(student),
-            args=_args(tmp_path / "x", **setting),
-            train_dataset=Dataset.from_list(ROWS),
-            processing_class=tiny_tokenizer,
+        _trainer(
+            _load(student),
+            tiny_tokenizer,
+            _args(tmp_path / "x", **setting),
             method="sft",
         )
 
@@ -200,11 +204,10 @@ def test_misconfigurations_are_refused_at_construction_naming_the_argument(dirs,
     student, teacher = dirs
 
     def build(**kwargs):
-        return TargetSFTTrainer(
-            model=_load(student),
-            args=kwargs.pop("args", _args(tmp_path / "x")),
-            train_dataset=Dataset.from_list(ROWS),
-            processing_class=tiny_tokenizer,
+        return _trainer(
+            _load(student),
+            tiny_tokenizer,
+            kwargs.pop("args", _args(tmp_path / "x")),
             **kwargs,
         )
 
@@ -231,11 +234,10 @@ def test_a_teacher_given_by_path_is_loaded_in_the_students_dtype(dirs, tiny_toke
     runs = []
     for given in (str(teacher), _load(teacher)):
         model = _load(student)
-        trainer = TargetSFTTrainer(
-            model=model,
-            args=_args(tmp_path / f"r{len(runs)}"),
-            train_dataset=Dataset.from_list(ROWS),
-            processing_class=tiny_tokenizer,
+        trainer = _trainer(
+            model,
+            tiny_tokenizer,
+            _args(tmp_path / f"r{len(runs)}"),
             method="target_sft",
             teacher_model=given,
         )
@@ -251,11 +253,10 @@ def test_proximal_sft_gets_its_policy_snapshot(dirs, tiny_tokenizer, tmp_path):
     student, _ = dirs
     model = _load(student)
     start = _weights(model)
-    trainer = TargetSFTTrainer(
-        model=model,
-        args=_args(tmp_path / "p"),
-        train_dataset=Dataset.from_list(ROWS),
-        processing_class=tiny_tokenizer,
+    trainer = _trainer(
+        model,
+        tiny_tokenizer,
+        _args(tmp_path / "p"),
         method="proximal_sft",
         method_params={"refresh": 1},
     )
@@ -279,11 +280,11 @@ def test_token_weights_reach_weighted_through_trls_data_path(dirs, tiny_tokenize
 
     def run(name, rows, method):
         model = _load(student)
-        TargetSFTTrainer(
-            model=model,
-            args=_args(tmp_path / name),
-            train_dataset=Dataset.from_list(rows),
-            processing_class=tiny_tokenizer,
+        _trainer(
+            model,
+            tiny_tokenizer,
+            _args(tmp_path / name),
+            rows=rows,
             method=method,
         ).train()
         return _weights(model)
@@ -308,11 +309,10 @@ def test_torch_compile_trains_as_eager(dirs, tiny_tokenizer, tmp_path):
     for compiled in (False, True):
         torch._dynamo.reset()
         model = _load(student)
-        trainer = TargetSFTTrainer(
-            model=model,
-            args=_args(tmp_path / f"c{compiled}", torch_compile=compiled, max_steps=3),
-            train_dataset=Dataset.from_list(ROWS),
-            processing_class=tiny_tokenizer,
+        trainer = _trainer(
+            model,
+            tiny_tokenizer,
+            _args(tmp_path / f"c{compiled}", torch_compile=compiled, max_steps=3),
             method="target_sft",
             teacher_model=_load(teacher),
         )

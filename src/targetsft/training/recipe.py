@@ -10,7 +10,6 @@ reference or a snapshot of the student, π_old) is read from its :class:`~target
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import shutil
@@ -259,9 +258,9 @@ def _open_teacher_cache(
 
 
 def _loss_params(cfg: TrainConfig, spec: MethodSpec, cache: TeacherCache | None) -> dict[str, Any]:
-    """The loss's parameters from ``loss.params`` (the trainer's own, such as ``refresh``, left out); temperature 1
-    with a teacher cache, whose log-probs are already at the asked temperature."""
-    params, _ = spec.split_params(cfg.loss.params)
+    """The method's parameters from ``loss.params`` (the trainer's own, such as ``refresh``, included: the trainer
+    splits them off); temperature 1 with a teacher cache, whose log-probs are already at the asked temperature."""
+    params = dict(cfg.loss.params)
     if cache is not None and "temperature" in spec.params:
         params["temperature"] = 1.0
     return params
@@ -277,18 +276,14 @@ def _setup_trainer(
     callbacks: list[TrainerCallback] | None,
 ) -> TargetTrainer:
     """:class:`TargetTrainer` on the student ``model`` (adapters included), its frozen models and the examples,
-    writing ``metrics.csv`` and the snapshots asked for. A snapshot reference (π_old) is an exact copy of ``model``,
-    refreshed from its trained weights every ``refresh`` steps: taken here, it needs the weights whole on each rank."""
+    writing ``metrics.csv`` and the snapshots asked for. A snapshot reference (π_old) is an exact copy of ``model``
+    that the trainer takes and refreshes from its trained weights every ``refresh`` steps: it needs the weights whole
+    on each rank."""
     from datasets import Dataset
 
     own: list[TrainerCallback] = [CsvMetricsCallback(Path(cfg.output_dir) / "metrics.csv")]
     if cfg.snapshot_steps:
         own.append(ModelSnapshots(cfg.snapshot_steps, data.tokenizer))
-    reference, ref_placement = frozen.reference, cfg.reference.placement
-    if _reference_kind(spec) == "snapshot":
-        _, trainer_params = spec.split_params(cfg.loss.params)
-        reference, ref_placement = copy.deepcopy(model), "replicated"
-        own.append(PolicySnapshot(model, reference, trainer_params["refresh"]))
     trainer = TargetTrainer(
         model=model,
         args=args,
@@ -303,10 +298,10 @@ def _setup_trainer(
         method_params=_loss_params(cfg, spec, frozen.cache),
         teacher_model=frozen.teacher,
         teacher_cache=frozen.cache,
-        ref_model=reference,
+        ref_model=frozen.reference,
         chunk_size=cfg.loss.chunk_size,
         teacher_placement=cfg.teacher.placement,
-        ref_placement=ref_placement,
+        ref_placement=cfg.reference.placement,
         shared_vocab_size=frozen.shared_vocab_size,
         teacher_alignment=data.aligner,
         callbacks=[*own, *(callbacks or [])],
