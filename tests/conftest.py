@@ -197,3 +197,21 @@ def trl_batch_grads(student_dir, tokenizer, out, teacher_dir, **kwargs):
     model.train()
     trainer.compute_loss(model, dict(batch), num_items_in_batch=int((batch["labels"] != -100).sum())).backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, trainer
+
+
+@pytest.fixture(scope="session")
+def need_vllm() -> None:
+    """vLLM imports here; else the test fails, unless ``setup.sh`` recorded why it cannot be installed on this
+    machine (the file ``.venv/vllm-unavailable``): then it is skipped with that reason."""
+    import sys
+    from pathlib import Path
+
+    from targetsft.runtime.vllm_engine import vllm_unavailable
+
+    reason = vllm_unavailable()
+    if reason is None:
+        return
+    marker = Path(sys.prefix) / "vllm-unavailable"
+    if marker.is_file():
+        pytest.skip(f"vLLM unavailable on this machine (setup.sh): {marker.read_text().strip()}")
+    pytest.fail(f"{reason}; setup.sh installs it (or records in {marker} why it cannot)")

@@ -9,25 +9,12 @@ replay, request seeds, engine resolution, the fallback of ``auto``) is tested wi
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from targetsft.evaluation import engines as G
 from targetsft.runtime import vllm_engine as V
-
-_MARKER = Path(sys.prefix) / "vllm-unavailable"  # written by setup.sh where vLLM cannot be installed
-
-
-def _need_vllm() -> None:
-    reason = V.vllm_unavailable()
-    if reason is None:
-        return
-    if _MARKER.is_file():
-        pytest.skip(f"vLLM unavailable on this machine (setup.sh): {_MARKER.read_text().strip()}")
-    pytest.fail(f"{reason}; setup.sh installs it (or records in {_MARKER} why it cannot)")
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +25,7 @@ def model_path() -> str:
 
 
 @pytest.fixture(scope="module")
-def engine(model_path):
-    _need_vllm()
+def engine(model_path, need_vllm):
     eng = V.VLLMEngine(model_path, dtype="float32", max_model_len=1024, max_logprobs=16)
     yield eng
     eng.close()
@@ -158,8 +144,7 @@ def test_noise_fit_tail_logprobs_match_transformers(engine, hf):
 
 
 @pytest.mark.vllm
-def test_cli_eval_with_the_vllm_engine(tmp_path, capsys):
-    _need_vllm()
+def test_cli_eval_with_the_vllm_engine(tmp_path, capsys, need_vllm):
     from targetsft.cli.main import main
 
     out = tmp_path / "eval"

@@ -225,11 +225,11 @@ def test_without_tokenizers_rows_must_agree():
 def test_vllm_rows_lose_their_unshared_ids_by_construction():
     """vLLM ranks the teacher's whole vocabulary: an id at or past the shared vocabulary (padding) becomes an unused
     shared id at -inf, and the kept log-probs are renormalised by the mass the row shows on shared ids."""
-    from targetsft.training.teacher_cache.build import _drop_unshared
+    from targetsft.training.topk_rows import drop_unshared
 
     ids = torch.tensor([[5, 9, 2, 0], [1, 2, 3, 4]])
     lps = torch.log(torch.tensor([[0.5, 0.2, 0.1, 0.05], [0.4, 0.3, 0.2, 0.1]]))
-    out_ids, out_lps = _drop_unshared(ids.clone(), lps.clone(), shared=8)
+    out_ids, out_lps = drop_unshared(ids.clone(), lps.clone(), shared=8)
     assert out_ids.dtype == torch.int32
     assert out_ids.tolist() == [[5, 1, 2, 0], [1, 2, 3, 4]]  # 1: the smallest id the row does not use
     expected = torch.log(torch.tensor([0.5, 0.0, 0.1, 0.05]) / 0.8)

@@ -153,9 +153,10 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean the user's input is wrong (printed as one line, exit status 2)."""
     from targetsft.runtime.inputs import InputError
     from targetsft.training.config import ConfigError
+    from targetsft.training.served_teacher import TeacherServerError
     from targetsft.training.teacher_cache import TeacherCacheError
 
-    return (ConfigError, InputError, TeacherCacheError, FileNotFoundError, NotADirectoryError)
+    return (ConfigError, InputError, TeacherCacheError, TeacherServerError, FileNotFoundError, NotADirectoryError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -163,17 +163,39 @@ class TeacherConfig(FrozenModelInit):
     and tokens where their bytes are equal; see the Teachers page) or ``auto`` (``ids`` when the maps agree, else
     an error naming ``text``). ``align_top_k``: under ``text``, the teacher's most probable student tokens per
     position that reach the loss (the rest of its mass is completed by the student). ``min_aligned_share``: under
-    ``text`` with ``model``, the run is refused when fewer of the supervised tokens of the first 64 training
-    examples meet a teacher boundary (0 accepts any teacher).
+    ``text`` with ``model`` or ``server``, the run is refused when fewer of the supervised tokens of the first 64
+    training examples meet a teacher boundary (0 accepts any teacher). ``server``: a teacher served by vLLM
+    (:class:`TeacherServerConfig`), instead of ``model`` or ``cache``.
     """
 
     model: str | None = None
     cache: str | None = None
+    server: Any = None
     prompt: str = "same"
     tokenizer: str | None = None
     align: str = "auto"
     align_top_k: int = 256
     min_aligned_share: float = 0.5
+
+
+@dataclass
+class TeacherServerConfig:
+    """A teacher served by vLLM's OpenAI-compatible server (``target-sft serve-teacher`` starts one).
+
+    ``url``: its address (``http://host:port``). ``model``: the served model's name (None: the only one served); it
+    is also where the teacher's tokenizer is read for ``align: text`` and ``own_template`` unless
+    ``teacher.tokenizer`` says otherwise, and what ``serve-teacher`` serves. ``top_k``: log-probs per position (at
+    most the server's ``--max-logprobs``). ``timeout``: seconds per request; ``retries``: further tries of a failed
+    one; ``workers``: requests in flight at once; ``prefetch``: sequences requested ahead of the loss at most.
+    """
+
+    url: str = ""
+    model: str | None = None
+    top_k: int = 64
+    timeout: float = 120.0
+    retries: int = 3
+    workers: int = 8
+    prefetch: int = 256
 
 
 @dataclass
@@ -413,8 +435,11 @@ def _check_teacher(cfg: TrainConfig, spec: MethodSpec) -> None:
             f"data.packing with teacher.prompt {cfg.teacher.prompt}: the teacher reads sequences of its own, which "
             "are not packed; use teacher.prompt same or data.packing false"
         )
-    if cfg.teacher.model and cfg.teacher.cache:
-        raise ConfigError("give teacher.model or teacher.cache, not both")
+    given = [k for k in ("model", "cache", "server") if getattr(cfg.teacher, k)]
+    if len(given) > 1:
+        raise ConfigError(f"give one of teacher.model, teacher.cache and teacher.server, not {' and '.join(given)}")
+    if cfg.teacher.server is not None:
+        _check_teacher_server(cfg, spec)
     if cfg.teacher.align not in TEACHER_ALIGNS:
         raise ConfigError(f"teacher.align must be one of {TEACHER_ALIGNS}, got {cfg.teacher.align!r}")
     top_k = cfg.teacher.align_top_k
@@ -424,13 +449,44 @@ def _check_teacher(cfg: TrainConfig, spec: MethodSpec) -> None:
     if isinstance(least, bool) or not isinstance(least, (int, float)) or not 0.0 <= least <= 1.0:
         raise ConfigError(f"teacher.min_aligned_share must be a fraction in [0, 1], got {least!r}")
     needs = spec.needs
-    if "teacher" in needs and not (cfg.teacher.model or cfg.teacher.cache):
-        raise ConfigError(f"method {cfg.loss.method!r} needs a teacher: set teacher.model or teacher.cache")
-    if "teacher" not in needs and (cfg.teacher.model or cfg.teacher.cache):
-        raise ConfigError(f"method {cfg.loss.method!r} does not use a teacher; remove teacher.model/teacher.cache")
+    if "teacher" in needs and not given:
+        raise ConfigError(
+            f"method {cfg.loss.method!r} needs a teacher: set teacher.model, teacher.cache or teacher.server"
+        )
+    if "teacher" not in needs and given:
+        raise ConfigError(f"method {cfg.loss.method!r} does not use a teacher; remove teacher.{given[0]}")
     if spec.ref_model == "snapshot" and cfg.reference != ReferenceConfig():
         raise ConfigError(
             f"{cfg.loss.method}'s reference is π_old, an exact copy of the student: remove the reference section"
+        )
+
+
+def _check_teacher_server(cfg: TrainConfig, spec: MethodSpec) -> None:
+    """``teacher.server`` as a :class:`TeacherServerConfig` with an http(s) url and positive counts; the method's
+    teacher temperature is 1 (the server gives log-probs at 1) and batches are not packed."""
+    server = cfg.teacher.server
+    if not isinstance(server, TeacherServerConfig):
+        server = cfg.teacher.server = build_section(TeacherServerConfig, server, "teacher.server")
+    if not isinstance(server.url, str) or not server.url.startswith(("http://", "https://")):
+        raise ConfigError(f"teacher.server.url must be an http:// or https:// address, got {server.url!r}")
+    for name in ("top_k", "retries", "workers", "prefetch"):
+        value = getattr(server, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "retries" else 1):
+            kind = "non-negative" if name == "retries" else "positive"
+            raise ConfigError(f"teacher.server.{name} must be a {kind} integer, got {value!r}")
+    if isinstance(server.timeout, bool) or not isinstance(server.timeout, (int, float)) or server.timeout <= 0:
+        raise ConfigError(f"teacher.server.timeout must be a number of seconds > 0, got {server.timeout!r}")
+    temperature = float({**spec.defaults, **cfg.loss.params}.get("temperature", 1.0))
+    if temperature != 1.0:
+        raise ConfigError(
+            f"a served teacher gives log-probs at temperature 1, but loss.params.temperature is {temperature}: "
+            "train with temperature 1, or from a teacher.model or a cache built at that temperature"
+        )
+    if cfg.data.packing:
+        raise ConfigError("a served teacher reads each example's own sequence: set data.packing false")
+    if cfg.teacher.align == "text" and not (server.model or cfg.teacher.tokenizer):
+        raise ConfigError(
+            "a served teacher read by text needs its tokenizer: set teacher.server.model or teacher.tokenizer"
         )
 
 

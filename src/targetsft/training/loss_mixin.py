@@ -23,7 +23,6 @@ from targetsft.losses.target import STAT_NAMES, TargetStats
 from targetsft.runtime.distributed import end_process_group_at_exit
 from targetsft.training.callbacks import PolicySnapshot
 from targetsft.training.fused_forward import (
-    IGNORE_INDEX,
     KEEP_DEVICE,
     FusedForward,
     place_frozen,
@@ -31,6 +30,9 @@ from targetsft.training.fused_forward import (
     with_rank0_weights,
 )
 from targetsft.training.text_alignment import TextAligner
+from targetsft.training.topk_rows import PrefetchingCollator, TopKTeacher
+
+_TEACHER_KEYS = ("teacher_input_ids", "teacher_attention_mask", "teacher_labels", "teacher_rows")
 
 
 class FusedLossMixin:
@@ -42,9 +44,11 @@ class FusedLossMixin:
             (a method's trainer parameters, such as ``proximal_sft``'s ``refresh``, included). None: chosen by the
             training arguments (:func:`method_from_args`). A method that needs a teacher or a reference without one,
             or given one it does not use, is refused here (:func:`check_method_inputs`).
-        teacher_model: a teacher run online (no grad, eval mode) on each batch; or ``teacher_cache``: a
-            :class:`targetsft.training.teacher_cache.TeacherCache` whose rows are looked up by the batch's
-            ``example_index`` column.
+        teacher_model: a teacher run online (no grad, eval mode) on each batch; or ``teacher``: one that gives the
+            loss top-k rows per batch (a :class:`~targetsft.training.topk_rows.TopKTeacher`: a
+            :class:`~targetsft.training.teacher_cache.TeacherCache`, whose rows are looked up by the batch's
+            ``example_index`` column, or a :class:`~targetsft.training.served_teacher.ServedTeacher`, whose requests
+            start when the batch is collated). ``teacher_cache``: the same argument under its older name.
         ref_model: the reference model of ``asft`` / ``sft_kl``; ``proximal_sft`` without one takes a copy of the
             student refreshed every ``refresh`` optimizer steps (π_old).
         chunk_size: rows per chunk of the fused loss (None: automatic).
@@ -67,7 +71,8 @@ class FusedLossMixin:
         method: Any = None,
         method_params: dict[str, Any] | None = None,
         teacher_model: nn.Module | None = None,
-        teacher_cache: Any = None,
+        teacher: TopKTeacher | None = None,
+        teacher_cache: TopKTeacher | None = None,
         ref_model: nn.Module | None = None,
         chunk_size: int | None = None,
         teacher_placement: str = "auto",
@@ -77,6 +82,14 @@ class FusedLossMixin:
         **kwargs: Any,
     ) -> None:
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if teacher is not None and teacher_cache is not None:
+            raise ValueError("teacher and teacher_cache name the same argument: give one")
+        teacher_cache = teacher if teacher is not None else teacher_cache
+        if teacher_cache is not None and not isinstance(teacher_cache, TopKTeacher):
+            raise TypeError(
+                f"teacher must give top-k rows per batch (a TeacherCache, a ServedTeacher, ...), got "
+                f"{type(teacher_cache).__name__}: pass a model as teacher_model"
+            )
         method, method_params = method_from_args(method, method_params, training_args)
         if teacher_alignment is not None:
             if teacher_model is None:
@@ -97,6 +110,8 @@ class FusedLossMixin:
         if snapshot:  # π_old: a copy of the student as trained (adapters included), refreshed by PolicySnapshot
             ref_model, ref_placement = copy.deepcopy(self.model), "replicated"
             self.add_callback(PolicySnapshot(self.model, ref_model, **trainer_params))
+        if hasattr(teacher_cache, "prefetch"):  # its requests start when a batch is collated
+            self.data_collator = PrefetchingCollator(self.data_collator, teacher_cache)
         end_process_group_at_exit()  # a user's script exits 0 without calling accelerator.end_training() itself
         self.method, self.teacher_cache = target, teacher_cache
         self._stats, self._eval_stats = TargetStats(), TargetStats()
@@ -150,22 +165,15 @@ class FusedLossMixin:
             options["num_loss_tokens"] = inputs.pop("num_loss_tokens")
         if self.teacher_alignment is not None and "teacher_rows" not in inputs:  # e.g. TRL's collator
             inputs.update(self.teacher_alignment.batch(inputs["input_ids"], labels, inputs.get("position_ids")))
-        for key in ("teacher_input_ids", "teacher_attention_mask", "teacher_labels", "teacher_rows"):
-            if key in inputs:
-                options[key] = inputs.pop(key)
+        teacher_inputs = {key: inputs.pop(key) for key in _TEACHER_KEYS if key in inputs}
         if "token_weights" in inputs:  # shifted like the labels: position t carries the weight of token t + 1
             options["token_weights"] = torch.nn.functional.pad(inputs.pop("token_weights")[:, 1:], (0, 1))
         if self.teacher_cache is not None:
-            if index is None:
-                raise ValueError("a teacher cache needs the dataset's example_index column in every batch")
-            ids, logprobs = self.teacher_cache.rows(index.tolist())
-            expected = int((labels[:, 1:] != IGNORE_INDEX).sum())
-            if ids.shape[0] != expected:
-                raise ValueError(
-                    f"the teacher cache has {ids.shape[0]} rows for this batch but it supervises {expected} tokens: "
-                    "the cache was built for other data, other max_length or other truncation"
-                )
+            batch = {**inputs, **teacher_inputs, "labels": labels, "example_index": index}
+            ids, logprobs = self._teacher_rows(batch)
             options["teacher_topk"] = (ids.to(labels.device), logprobs.to(labels.device))
+        else:
+            options.update(teacher_inputs)
         if return_outputs and self._want_logits and not model.training:
             options["return_logits"] = True
         # the fused forward replaces any wrapper's forward for this call: autocast as accelerate's wrapper would
@@ -186,6 +194,18 @@ class FusedLossMixin:
             return loss
         return loss, CausalLMOutputWithPast(loss=loss, logits=outputs.logits)
 
+    def _teacher_rows(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top-k teacher's rows of ``batch``; a teacher server that stops answering stops the run with the
+        step it stopped at."""
+        from targetsft.training.served_teacher import TeacherServerError
+
+        if batch["example_index"] is None:
+            del batch["example_index"]
+        try:
+            return self.teacher_cache.batch_rows(batch)
+        except TeacherServerError as err:
+            raise TeacherServerError(f"{err} (training step {self.state.global_step + 1})") from None
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """The Trainer's prediction step; the logits are built only when it keeps them (``compute_metrics``,
         ``predict``, ``prediction_loss_only=False``), from the same hidden states as the fused loss."""
@@ -202,8 +222,9 @@ class FusedLossMixin:
             elapsed = time.perf_counter() - self._clock
             logs["tokens_per_second"] = round(int(self._tokens) * self.args.world_size / max(elapsed, 1e-9), 1)
             self._stats, self._tokens, self._clock = TargetStats(), 0, time.perf_counter()
-            if self.teacher_alignment is not None:
-                logs.update({f"teacher_{k}": round(v, 6) for k, v in self.teacher_alignment.take_shares().items()})
+            for source in (self.teacher_alignment, self.teacher_cache):
+                if hasattr(source, "take_shares"):
+                    logs.update({f"teacher_{k}": round(v, 6) for k, v in source.take_shares().items()})
         if "eval_loss" in logs and self._eval_stats.count:  # the held-out set's target statistics, as in training
             means = self._eval_stats.means()
             logs.update({f"eval_{k}": round(means[k], 6) for k in STAT_NAMES})

@@ -38,11 +38,11 @@ def model_card(
         f"examples kept {counts.get('kept')}, truncated {counts.get('truncated')}, dropped {counts.get('dropped')}"
         + (f"; held out for eval_loss: {cfg.data.eval}." if cfg.data.eval is not None else "."),
         *(f"Note: {note}." for note in notes),
-        f"Teacher: {cfg.teacher.model or cfg.teacher.cache or '—'} (prompt: {cfg.teacher.prompt}).",
+        f"Teacher: {_teacher_name(cfg)} (prompt: {cfg.teacher.prompt}).",
         *(
             [
                 f"Teacher alignment: by text; {alignment['aligned_positions']:.1%} of the supervised positions "
-                f"aligned, {alignment['aligned_mass']:.1%} of the teacher's mass there on student tokens."
+                f"aligned, {_mass(alignment)} there on student tokens."
             ]
             if alignment
             else []
@@ -57,3 +57,19 @@ def model_card(
     lines += [f"- {k}: {v}" for k, v in metrics.items()]
     lines += ["", "## Configuration", "", "```json", json.dumps(cfg.to_dict(), indent=2, default=str), "```", ""]
     return "\n".join(lines)
+
+
+def _mass(alignment: dict[str, Any]) -> str:
+    """The teacher's mass on student tokens as the alignment counted it: over its whole vocabulary, or (a served
+    teacher) over the top-k it served."""
+    if "aligned_mass" in alignment:
+        return f"{alignment['aligned_mass']:.1%} of the teacher's mass"
+    return f"{alignment['aligned_mass_topk']:.1%} of the teacher's mass (counted over its served top-k)"
+
+
+def _teacher_name(cfg: Any) -> str:
+    """The teacher as the config names it: a model, a cache folder or a server's model and address."""
+    server = cfg.teacher.server
+    if server is not None:
+        return f"{server.model or 'the model'} served at {server.url}"
+    return cfg.teacher.model or cfg.teacher.cache or "—"

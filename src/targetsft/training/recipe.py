@@ -46,6 +46,7 @@ from targetsft.training.loss_func import check_frozen_model, shared_vocab_size
 from targetsft.training.loss_mixin import FusedLossMixin
 from targetsft.training.model_card import model_card
 from targetsft.training.models import frozen_copy, load_frozen, sharded, whole_model, with_lora
+from targetsft.training.served_teacher import ServedTeacher, TeacherServer
 from targetsft.training.teacher_cache import (
     LABEL_STATS_FILE,
     TeacherCache,
@@ -96,9 +97,10 @@ def train(
     data = _setup_data(cfg)
     args = TrainingArguments(**cfg.training_arguments(precision))
     notes = _announce_data(cfg, data, args)
+    served = _connect_teacher_server(cfg, data) if cfg.teacher.server is not None else None  # before any model
     set_seed(args.seed)  # what the model's creation draws (LoRA's initial A) is the same on every launch
     student = _setup_model(cfg, data)
-    frozen = _setup_teacher_and_reference(cfg, spec, student, data, precision)
+    frozen = _setup_teacher_and_reference(cfg, spec, student, data, precision, served)
     model = with_lora(student, cfg) if cfg.lora is not None else student  # a frozen copy is of the initial student
     trainer = _setup_trainer(cfg, spec, model, frozen, data, args, callbacks)
 
@@ -130,7 +132,7 @@ class _Frozen:
 
     reference: nn.Module | None = None
     teacher: nn.Module | None = None
-    cache: TeacherCache | None = None
+    cache: TeacherCache | ServedTeacher | None = None  # a teacher that gives top-k rows
     teacher_info: dict[str, Any] | None = None
     vocab: dict[str, VocabAlignment] = field(default_factory=dict)
     shared_vocab_size: int | None = None
@@ -166,8 +168,9 @@ def _setup_data(cfg: TrainConfig) -> _Data:
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
     split = split_records(cfg)
-    teacher_tokenizer = teacher_prompt_tokenizer(cfg, tokenizer)  # own_template: one load for both sets
-    aligner = teacher_aligner(cfg, tokenizer) if cfg.teacher.model else None
+    served = cfg.teacher.server.model if cfg.teacher.server is not None else None
+    teacher_tokenizer = teacher_prompt_tokenizer(cfg, tokenizer, served)  # own_template: one load for both sets
+    aligner = teacher_aligner(cfg, tokenizer, served) if cfg.teacher.model or cfg.teacher.server else None
     items, counts = build_dataset(cfg, tokenizer, split, teacher_tokenizer, aligner)
     if aligner is not None:  # a teacher that meets the student at too few tokens is refused before it loads
         first = items[:64]
@@ -198,10 +201,16 @@ def _setup_model(cfg: TrainConfig, data: _Data) -> nn.Module:
 
 
 def _setup_teacher_and_reference(
-    cfg: TrainConfig, spec: MethodSpec, student: nn.Module, data: _Data, precision: Precision
+    cfg: TrainConfig,
+    spec: MethodSpec,
+    student: nn.Module,
+    data: _Data,
+    precision: Precision,
+    served: ServedTeacher | None = None,
 ) -> _Frozen:
     """The frozen reference (``reference.model``, or a copy of ``student``) of a method whose reference is frozen,
-    and the teacher (a model, or a cache); each one's vocabulary lined up with the student's and announced."""
+    and the teacher (a model, a cache, or ``served``, already reached); each one's vocabulary lined up with the
+    student's and announced."""
     frozen = _Frozen()
     if _reference_kind(spec) == "frozen":
         if cfg.reference.model:
@@ -220,6 +229,9 @@ def _setup_teacher_and_reference(
             logger.info(alignment_note(data.aligner))
     elif cfg.teacher.cache:
         frozen.cache, frozen.teacher_info = _open_teacher_cache(cfg, spec, student, data)
+    elif served is not None:
+        frozen.cache = served
+        frozen.teacher_info = {"server": cfg.teacher.server.url, "prompt": cfg.teacher.prompt}
     for role, alignment in frozen.vocab.items():
         logger.info(alignment.note(role))
     frozen.shared_vocab_size = shared_vocab_size(list(frozen.vocab.values()))
@@ -255,6 +267,26 @@ def _open_teacher_cache(
         "vocabulary": cache.teacher_vocabulary,
     }
     return cache, info
+
+
+def _connect_teacher_server(cfg: TrainConfig, data: _Data) -> ServedTeacher:
+    """``teacher.server`` reached and checked: it serves the model named and tokenizes as the teacher's tokenizer
+    (the student's, read by ids; the teacher's own, read through the text)."""
+    settings = cfg.teacher.server
+    server = TeacherServer(settings.url, settings.model, timeout=settings.timeout, retries=settings.retries)
+    teacher = ServedTeacher(
+        server,
+        k=settings.top_k,
+        shared_vocab_size=None if data.aligner else len(data.tokenizer),
+        aligner=data.aligner,
+        workers=settings.workers,
+        max_prefetch=settings.prefetch,
+    )
+    teacher.check(data.aligner.teacher if data.aligner else data.tokenizer)
+    logger.info("teacher: %r served at %s, top-%d log-probs per position", server.model, server.url, settings.top_k)
+    if data.aligner is not None:
+        logger.info(alignment_note(data.aligner))
+    return teacher
 
 
 def _loss_params(cfg: TrainConfig, spec: MethodSpec, cache: TeacherCache | None) -> dict[str, Any]:
@@ -303,7 +335,7 @@ def _setup_trainer(
         teacher_placement=cfg.teacher.placement,
         ref_placement=cfg.reference.placement,
         shared_vocab_size=frozen.shared_vocab_size,
-        teacher_alignment=data.aligner,
+        teacher_alignment=data.aligner if frozen.teacher is not None else None,
         callbacks=[*own, *(callbacks or [])],
     )
     log_instead_of_printing(trainer)
@@ -356,12 +388,19 @@ def _summary(
     }
     if frozen.teacher_info is not None:
         summary["teacher"] = frozen.teacher_info
+    if isinstance(frozen.cache, ServedTeacher):
+        summary["teacher"].update(frozen.cache.summary())
     if frozen.vocab:
         summary["vocabulary"] = {role: {**a.to_dict(), "note": a.note(role)} for role, a in frozen.vocab.items()}
-    if data.aligner is not None:
-        summary["teacher_alignment"] = data.aligner.summary()
-    elif frozen.cache is not None and frozen.cache.alignment is not None:
-        summary["teacher_alignment"] = frozen.cache.alignment
+    alignment = None
+    if isinstance(frozen.cache, ServedTeacher):
+        alignment = frozen.cache.alignment_summary()
+    elif data.aligner is not None:
+        alignment = data.aligner.summary()
+    elif frozen.cache is not None:
+        alignment = frozen.cache.alignment
+    if alignment is not None:
+        summary["teacher_alignment"] = alignment
     return summary
 
 

@@ -345,7 +345,26 @@ def map_to_student(logits: Tensor, token_map: TokenMap, k: int, temperature: flo
     k = min(k, token_map.student_vocab)
     student_of = token_map.student_ids(logits.device, logits.shape[-1])
     values, teacher_ids, mass = _top_and_share(logits, max(4 * k, 1024), temperature, keep=student_of >= 0)
-    student_ids = student_of[teacher_ids]
+    ids, logprobs = _on_student(values, student_of[teacher_ids], token_map.student_vocab, k)
+    return ids, logprobs, mass.clamp(max=1.0).float()
+
+
+def map_topk_to_student(ids: Tensor, logprobs: Tensor, token_map: TokenMap, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Teacher top-K rows (``ids [m, K]`` of the teacher's vocabulary, their log-probs, ``-inf`` for none) on the
+    student's vocabulary, as :func:`map_to_student` maps logits: ``(ids [m, k], logprobs [m, k], mapped mass [m])``,
+    where the mass is counted over the ``K`` given tokens only (a lower bound of the whole vocabulary's)."""
+    k = min(k, token_map.student_vocab)
+    student_of = token_map.student_ids(ids.device, int(ids.max()) + 1 if ids.numel() else 0)
+    student_ids = student_of[ids.clamp(min=0)].masked_fill(ids < 0, -1)
+    values = logprobs.double()
+    mass = torch.where(student_ids >= 0, values.exp(), 0.0).sum(-1)
+    out_ids, out_lps = _on_student(values, student_ids, token_map.student_vocab, k)
+    return out_ids, out_lps, mass.clamp(max=1.0).float()
+
+
+def _on_student(values: Tensor, student_ids: Tensor, student_vocab: int, k: int) -> tuple[Tensor, Tensor]:
+    """Teacher candidates (float64 log-probs ``[m, C]`` and the student id each spells, −1: none) as the ``k`` most
+    probable student tokens per row: each student token gets the log-sum-exp of its candidates."""
     values = values.masked_fill(student_ids < 0, float("-inf"))  # no student token spells it
     # the candidates grouped by student id (sorted within each row), each group's log-sum-exp
     student_ids, order = student_ids.sort(dim=-1)
@@ -358,12 +377,10 @@ def map_to_student(logits: Tensor, token_map: TokenMap, k: int, temperature: flo
     log_mass = top + torch.zeros_like(values).scatter_add_(1, group, terms).log()
     ids_of_group = torch.zeros_like(student_ids).scatter_(1, group, student_ids).clamp(min=0)
     # on the student's row, so that every one of the k ids is a distinct real token (-inf where it has no mass)
-    row = torch.full(
-        (values.shape[0], token_map.student_vocab), float("-inf"), dtype=values.dtype, device=values.device
-    )
+    row = torch.full((values.shape[0], student_vocab), float("-inf"), dtype=values.dtype, device=values.device)
     row = row.scatter_reduce(1, ids_of_group, log_mass, "amax")
     logprobs, ids = row.topk(k, dim=-1)
-    return ids, logprobs.float(), mass.clamp(max=1.0).float()
+    return ids, logprobs.float()
 
 
 def map_in_chunks(

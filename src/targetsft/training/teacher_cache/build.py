@@ -56,6 +56,7 @@ from targetsft.training.text_alignment import (
     map_in_chunks,
     scatter_rows,
 )
+from targetsft.training.topk_rows import drop_unshared, round_down_fp16
 from targetsft.training.vocabulary import VocabAlignment, align_vocabularies, id_to_token
 
 logger = logging.getLogger(__name__)
@@ -97,15 +98,6 @@ def _accepts_logits_to_keep(model: Any) -> bool:
         return "logits_to_keep" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
-
-
-def _round_down_fp16(x: Tensor) -> Tensor:
-    """float32 → float16 rounded toward −∞, so that ``exp`` of the stored values never exceeds the true ones."""
-    h = x.to(torch.float16)
-    up = h.to(torch.float32) > x
-    if bool(up.any()):
-        h = torch.where(up, torch.nextafter(h, torch.full_like(h, float("-inf"))), h)
-    return h
 
 
 def _topk_rows(logits: Tensor, k: int, temperature: float, shared: int | None = None) -> tuple[Tensor, Tensor]:
@@ -165,23 +157,7 @@ def _teacher_topk_vllm(engine: Any, batch: list[_TeacherInput], k: int, shared: 
         return torch.zeros(0, k, dtype=torch.int32), torch.zeros(0, k)
     ids = torch.tensor([r[0] for r in rows], dtype=torch.int64)
     lps = torch.tensor([r[1] for r in rows], dtype=torch.float32).clamp(max=0.0)
-    return _drop_unshared(ids, lps, shared)
-
-
-def _drop_unshared(ids: Tensor, lps: Tensor, shared: int) -> tuple[Tensor, Tensor]:
-    """Top-k rows (sorted by log-prob) without ids at or past ``shared``: those are given distinct unused shared
-    ids at ``-inf`` and the row's kept log-probs are renormalised by ``1 − (mass of the dropped ids)``."""
-    outside = ids >= shared
-    if not bool(outside.any()):
-        return ids.to(torch.int32), lps
-    dropped = torch.where(outside, lps, float("-inf")).logsumexp(-1, keepdim=True)
-    lps = torch.where(outside, float("-inf"), lps - torch.log1p(-dropped.exp().clamp(max=1 - 1e-6)))
-    # fill the dropped slots with ids of the shared vocabulary no kept slot uses (the smallest such ids)
-    for r in outside.any(-1).nonzero().squeeze(-1).tolist():
-        used = set(ids[r][~outside[r]].tolist())
-        free = (i for i in range(shared) if i not in used)
-        ids[r, outside[r]] = torch.tensor([next(free) for _ in range(int(outside[r].sum()))], dtype=ids.dtype)
-    return ids.to(torch.int32), lps.clamp(max=0.0)
+    return drop_unshared(ids, lps, shared)
 
 
 @dataclass
@@ -250,7 +226,7 @@ def _compute_shard(
     counts = torch.tensor([0] + [p[0].shape[0] for p in parts], dtype=torch.int64)
     return {
         "ids": torch.cat([p[0] for p in parts]).contiguous(),
-        "logprobs": _round_down_fp16(torch.cat([p[1] for p in parts])).contiguous(),
+        "logprobs": round_down_fp16(torch.cat([p[1] for p in parts])).contiguous(),
         "offsets": counts.cumsum(0),
     }
 

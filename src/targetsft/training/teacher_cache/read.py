@@ -240,6 +240,19 @@ class TeacherCache:
             return torch.zeros(0, self.k, dtype=torch.long), torch.zeros(0, self.k)
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
+    def batch_rows(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+        """:meth:`rows` of the batch's ``example_index`` column (a
+        :class:`~targetsft.training.topk_rows.TopKTeacher`), checked against the batch's loss rows."""
+        from targetsft.training.topk_rows import check_row_count
+
+        index = batch.get("example_index")
+        if index is None:
+            raise ValueError("a teacher cache needs the dataset's example_index column in every batch")
+        ids, logprobs = self.rows(index.tolist())
+        hint = "the cache was built for other data, other max_length or other truncation"
+        check_row_count(ids, batch["labels"], "the teacher cache", hint)
+        return ids, logprobs
+
     def label_stats(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         """How the cached teacher scores the labels of the ``examples`` it was built on, per supervised token:
         ``top1`` = P[argmax π_T = y], ``in_topk`` = P[y ∈ top-k], ``p_label`` = mean π_T(y) counting 0 where y is
