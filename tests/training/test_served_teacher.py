@@ -15,7 +15,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -115,6 +114,21 @@ class _CharTokenizer:
         return {"input_ids": [ord(c) % 5 for c in text]}
 
 
+def test_serve_teacher_prints_the_server_command(capsys):
+    from targetsft.cli.main import main
+
+    args = ["serve-teacher", "loss.method=kd", "teacher.server.url=http://127.0.0.1:8011",
+            f"teacher.server.model={MODEL}", "teacher.server.top_k=32", "--print-command",
+            "--vllm-arg=--enforce-eager"]  # fmt: skip
+    assert main(args) == 0
+    line = capsys.readouterr().out.split()
+    assert line[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    flags = dict(zip(line[3::2], line[4::2]))
+    assert flags["--served-model-name"] == MODEL and flags["--port"] == "8011" and flags["--max-logprobs"] == "32"
+    assert flags["--host"] == "127.0.0.1" and Path(flags["--model"]).is_dir() and line[-1] == "--enforce-eager"
+    assert main(["serve-teacher", "loss.method=kd", "teacher.cache=x", "--print-command"]) == 2  # no server section
+
+
 def test_cli_names_an_unreachable_server_in_one_line(tmp_path, capsys):
     from targetsft.cli.main import main
 
@@ -142,25 +156,31 @@ def test_top_k_rows_map_to_the_student_as_the_logits_do(tiny_tokenizer):
 # --- a real vLLM server --------------------------------------------------------------------------------------------
 
 
-def _start_server(model: str, port: int) -> subprocess.Popen:
+MODEL = "smollm2-135m-instruct"  # the embedded model, served under this name
+
+
+def _start_server(url: str) -> subprocess.Popen:
+    """``target-sft serve-teacher``'s command for the embedded model at ``url`` (float32, eager), in a process
+    group of its own."""
+    from targetsft.cli.serve_teacher import server_command
+    from targetsft.training.config import load_config
+
+    cfg = load_config(None, ["loss.method=target_sft", f"teacher.server.url={url}", f"teacher.server.model={MODEL}",
+                             "teacher.dtype=float32"])  # fmt: skip
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
     cpus = sorted(os.sched_getaffinity(0))
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{cpus[0]}-{cpus[-1]}" if len(cpus) > 1 else str(cpus[0]))
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1"]
-    cmd += ["--port", str(port), "--max-logprobs", "64", "--dtype", "float32", "--enforce-eager"]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    command = server_command(cfg, ["--enforce-eager"])
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
 
 
 @pytest.fixture(scope="module")
 def vllm_url(need_vllm):
-    from targetsft.runtime.models import resolve_model
-
     if os.environ.get("TARGETSFT_TEST_VLLM_URL"):  # a server of the embedded model already up (as started below)
         yield os.environ["TARGETSFT_TEST_VLLM_URL"]
         return
-    port = _free_port()
-    proc = _start_server(resolve_model(None), port)
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{_free_port()}"
+    proc = _start_server(url)
     try:
         deadline = time.monotonic() + 900
         while True:
@@ -194,22 +214,33 @@ def _cfg(out, *extra):
 @pytest.mark.vllm
 def test_a_served_teacher_trains_as_the_vllm_engines_cache_by_ids_and_by_text(vllm_url, tmp_path):
     """2 SGD steps from the served teacher (top-64, by ids; and by text with the student's own tokenizer, where
-    every boundary meets) end at the weights of 2 steps from a top-64 cache built by the vLLM engine (1e-5)."""
+    every boundary meets) end at the weights of 2 steps from a top-64 cache built by the vLLM engine (1e-5); so do
+    2 steps from caches that ``cache-teacher`` builds from the server, by ids and by text."""
     from targetsft.runtime.models import resolve_model
     from targetsft.training.recipe import cache_teacher, train
 
-    cache = tmp_path / "cache"
-    model = resolve_model(None)
-    cache_teacher(_cfg(tmp_path / "c", f"teacher.model={model}"), cache, k=64, engine="vllm", precision="fp32")
-    from_cache = train(_cfg(tmp_path / "from_cache", f"teacher.cache={cache}"))
-    served = train(_cfg(tmp_path / "served", f"teacher.server.url={vllm_url}"))
-    by_text = train(_cfg(tmp_path / "text", f"teacher.server.url={vllm_url}", f"teacher.server.model={model}",
-                         "teacher.align=text", "teacher.align_top_k=64"))  # fmt: skip
-    for run in (served, by_text):
-        assert_same_weights(Path(from_cache["final_model"]), Path(run["final_model"]))
-    summary = json.loads((tmp_path / "text" / "summary.json").read_text())
+    served = [f"teacher.server.url={vllm_url}", f"teacher.server.model={MODEL}"]
+    text = ["teacher.align=text", "teacher.align_top_k=64"]
+    engine_cache = tmp_path / "engine-cache"
+    cfg = _cfg(tmp_path / "c", f"teacher.model={resolve_model(None)}")
+    cache_teacher(cfg, engine_cache, k=64, engine="vllm", precision="fp32")
+    reference = Path(train(_cfg(tmp_path / "from-engine-cache", f"teacher.cache={engine_cache}"))["final_model"])
+    runs = {
+        "served": _cfg(tmp_path / "served", *served),
+        "served-text": _cfg(tmp_path / "served-text", *served, *text),
+    }
+    for name, extra in (("ids", []), ("text", text)):
+        cache = tmp_path / f"server-cache-{name}"
+        cache_teacher(_cfg(tmp_path / f"c-{name}", *served, *extra), cache, k=64)
+        runs[f"server-cache-{name}"] = _cfg(tmp_path / f"from-server-cache-{name}", f"teacher.cache={cache}", *extra)
+    for run_cfg in runs.values():
+        assert_same_weights(reference, Path(train(run_cfg)["final_model"]))
+    summary = json.loads((tmp_path / "served-text" / "summary.json").read_text())
     assert summary["teacher"]["url"] == vllm_url and summary["teacher"]["requests"] > 0
     assert summary["teacher_alignment"]["aligned_positions"] == 1.0
+    manifest = json.loads((tmp_path / "server-cache-text" / "manifest.json").read_text())
+    assert manifest["build"]["engine"] == "server" and manifest["align"] == "text"
+    assert manifest["alignment"]["aligned_positions"] == 1.0 and "aligned_mass_topk" in manifest["alignment"]
 
 
 class _Proxy:
@@ -277,3 +308,29 @@ def test_a_server_lost_mid_run_stops_it_and_resume_gives_the_uninterrupted_weigh
     proxy.stop()
     whole = train(_cfg(tmp_path / "whole", f"teacher.server.url={vllm_url}", *steps))
     assert_same_weights(Path(whole["final_model"]), Path(resumed["final_model"]))
+
+
+def test_trl_reads_a_served_teacher_for_each_examples_own_sequence(fake, tiny_tokenizer, tiny_llama, tmp_path):
+    """``TargetSFTTrainer(teacher=ServedTeacher(...))``: each request is one example's sequence as TRL tokenized it
+    (its padding dropped), the requests of a batch start when it is collated, and the run trains."""
+    import copy
+
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    from targetsft.training.trl_trainer import TargetSFTTrainer
+
+    rows = [{"prompt": f"What is {i} + {i}?", "completion": f" {2 * i}"} for i in range(1, 5)]
+    teacher = ServedTeacher(TeacherServer(fake), k=2, shared_vocab_size=len(tiny_tokenizer))
+    args = trl.SFTConfig(str(tmp_path), report_to=[], use_cpu=True, max_steps=1, per_device_train_batch_size=4,
+                         save_strategy="no", disable_tqdm=True, optim="sgd", learning_rate=1e-2)  # fmt: skip
+    trainer = TargetSFTTrainer(
+        model=copy.deepcopy(tiny_llama), args=args, train_dataset=Dataset.from_list(rows),
+        processing_class=tiny_tokenizer, method="target_sft", teacher=teacher,
+    )  # fmt: skip
+    before = copy.deepcopy(trainer.model.state_dict())
+    trainer.train()
+    sent = sorted(tuple(b["prompt"][:-1]) for b in _Fake.seen if "prompt_logprobs" in b)
+    expected = sorted(tuple(x["input_ids"]) for x in trainer.train_dataset)
+    assert sent == expected and teacher.requests == 4
+    assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())

@@ -16,7 +16,11 @@ def add_cache_teacher_arguments(parser: argparse.ArgumentParser) -> argparse.Arg
     add_config_arguments(
         parser, "the training config whose data section defines the examples", "key=value overrides of the config"
     )
-    parser.add_argument("--teacher", help="teacher model path or hub id (default: teacher.model of the config)")
+    parser.add_argument(
+        "--teacher",
+        help="teacher model path or hub id (default: teacher.model of the config; or, with teacher.server, the rows "
+        "are read from that server)",
+    )
     parser.add_argument("--out", help="cache folder (default: teacher.cache of the config)")
     parser.add_argument("--k", type=int, default=64, help="tokens kept per position (default 64: 384 bytes per token)")
     parser.add_argument(
@@ -40,10 +44,14 @@ def run_cache_teacher_from_args(args: argparse.Namespace) -> int:
     cfg = config_or_none(args)
     if cfg is None:
         return 2
+    served = cfg.teacher.server is not None and not args.teacher
     teacher = args.teacher or cfg.teacher.model
     out = args.out or cfg.teacher.cache
-    if not teacher or not out:
-        print("cache-teacher needs --teacher (or teacher.model) and --out (or teacher.cache)", file=sys.stderr)
+    if not (teacher or served) or not out:
+        print(
+            "cache-teacher needs --teacher (or teacher.model, or teacher.server) and --out (or teacher.cache)",
+            file=sys.stderr,
+        )
         return 2
     from targetsft.runtime.inputs import InputError
 
@@ -53,7 +61,8 @@ def run_cache_teacher_from_args(args: argparse.Namespace) -> int:
     if not args.temperature > 0:
         raise InputError(f"--temperature must be positive, got {args.temperature}")
     check_inputs(dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, cache=None)))
-    check_model(teacher, "teacher")
+    if not served:
+        check_model(teacher, "teacher")
     names = ("k", "temperature", "batch_size", "shard_examples", "device", "overwrite", "precision", "engine")
     path = cache_teacher(cfg, out, teacher=teacher, **options_of(args, *names))
     print(f"teacher cache: {path}")

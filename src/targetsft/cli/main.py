@@ -1,5 +1,5 @@
 """The ``target-sft`` command line: the parser (each command's options from its module: ``train``,
-``cache_teacher``, ``eval``, ``experiment``, ``tools``), the dispatch and the exit status."""
+``cache_teacher``, ``serve_teacher``, ``eval``, ``experiment``, ``tools``), the dispatch and the exit status."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def _quickstart(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The ``target-sft`` parser: one subcommand each, its options added by its module under ``targetsft.cli``; one
     readable sequence, a ``command(...)`` per subcommand."""
-    from targetsft.cli import cache_teacher, experiment, tools, train
+    from targetsft.cli import cache_teacher, experiment, serve_teacher, tools, train
     from targetsft.cli import eval as eval_command
 
     debug = argparse.ArgumentParser(add_help=False)
@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
         cache_teacher.add_cache_teacher_arguments,
         cache_teacher.run_cache_teacher_from_args,
         help="store a teacher's top-k log-probs for every supervised token of the training data (resumable)",
+    )
+    command(
+        "serve-teacher",
+        serve_teacher.add_serve_teacher_arguments,
+        serve_teacher.run_serve_teacher_from_args,
+        help="start a vLLM server for the config's teacher.server (the model, its address, top-k log-probs)",
     )
     command(
         "eval",

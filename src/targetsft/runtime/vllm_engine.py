@@ -43,8 +43,9 @@ def vllm_unavailable() -> str | None:
 
 
 def is_vllm(model: Any) -> bool:
-    """Whether ``model`` is a :class:`VLLMEngine` (the engines' code paths branch on it)."""
-    return isinstance(model, VLLMEngine)
+    """Whether ``model`` is a :class:`VLLMEngine`, or answers as one (``is_vllm_engine``: a served model's
+    :class:`~targetsft.training.served_teacher.ServedEngine`); the engines' code paths branch on it."""
+    return isinstance(model, VLLMEngine) or bool(getattr(model, "is_vllm_engine", False))
 
 
 def _cpu_ranges(cpus: Sequence[int]) -> str:

@@ -313,3 +313,33 @@ def _sequences(ids: Tensor, mask: Tensor | None) -> list[tuple[int, ...]]:
     if bool((mask[:, :-1] < mask[:, 1:]).any()):
         raise ValueError("a served teacher reads right-padded batches (padding_side='right')")
     return [tuple(r[:n]) for r, n in zip(rows, lengths)]
+
+
+class ServedEngine:
+    """A :class:`TeacherServer` as the teacher cache builder's vLLM engine (``cache-teacher`` from
+    ``teacher.server``): :meth:`prompt_logprobs` of several sequences, requested concurrently.
+
+    Args:
+        server: the client; ``max_logprobs``: the largest ``k`` asked (the server's ``--max-logprobs``).
+        config: the served model's transformers config (its vocabulary size and the cache's identity), read from
+            where the model's files are (``teacher.server.model``, a folder or a hub id).
+    """
+
+    is_vllm_engine = True
+    engine_name = "server"
+
+    def __init__(self, server: TeacherServer, *, max_logprobs: int, config: Any, workers: int = 8) -> None:
+        self.server, self.max_logprobs, self.config = server, int(max_logprobs), config
+        self.dtype = str(getattr(config, "torch_dtype", None) or "served").removeprefix("torch.")
+        self.name_or_path = server.model
+        self._pool = ThreadPoolExecutor(max_workers=max(1, int(workers)), thread_name_prefix="teacher-server")
+
+    def prompt_logprobs(self, seqs: Sequence[Sequence[int]], k: int) -> list[list[tuple[tuple[int, ...], ...]]]:
+        """As :meth:`~targetsft.runtime.vllm_engine.VLLMEngine.prompt_logprobs`: per sequence, per position
+        ``t = 1 … len − 1``, the top-``k`` ids and log-probs after tokens ``< t`` (the label's log-prob is not
+        served: NaN)."""
+        answers = self._pool.map(lambda s: self.server.prompt_logprobs(s, k), [list(s) for s in seqs])
+        return [[(ids, lps, float("nan")) for ids, lps in rows[:-1]] for rows in answers]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)

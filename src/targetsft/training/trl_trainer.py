@@ -99,10 +99,11 @@ class TargetSFTTrainer(FusedLossMixin, SFTTrainer):
                     alignments.append(alignment)
                     if not alignment.same:
                         logger.info(alignment.note(role))
-        if packed and kwargs.get("teacher_cache") is not None:
+        if packed and (kwargs.get("teacher_cache") is not None or kwargs.get("teacher") is not None):
             raise ValueError(
-                "a teacher cache is looked up by example_index, which TRL's packing merges away: use packing=False "
-                "(and padding_free=False) with teacher_cache, or an online teacher_model, which reads each packed "
+                "a top-k teacher (a cache, a server) reads each example as the dataset holds it, which TRL's packing "
+                "merges away: use packing=False (and padding_free=False) with it, or an online teacher_model, which "
+                "reads each packed "
                 "example's own context"
             )
         kwargs.setdefault("shared_vocab_size", shared_vocab_size(alignments))

@@ -54,6 +54,7 @@ from targetsft.training.text_alignment import (
     TokenMap,
     log_softmax_at,
     map_in_chunks,
+    map_topk_to_student,
     scatter_rows,
 )
 from targetsft.training.topk_rows import drop_unshared, round_down_fp16
@@ -192,6 +193,26 @@ def _text_rows(spec: _RunSpec, logits: Tensor, batch: list[_TeacherInput]) -> li
     return out
 
 
+def _text_rows_vllm(spec: _RunSpec, batch: list[_TeacherInput]) -> list[tuple[Tensor, Tensor]]:
+    """:func:`_text_rows` from vLLM's top-``k`` prompt log-probs (one token appended to each sequence, so that its
+    last position's row comes back too), mapped to the student's ids by
+    :func:`~targetsft.training.text_alignment.map_topk_to_student`; the mass is counted over those ``k``."""
+    seqs = [[*x.input_ids.tolist(), int(x.input_ids[-1])] for x in batch]
+    out = []
+    for x, rows in zip(batch, spec.model.prompt_logprobs(seqs, spec.k), strict=True):
+        picked = [rows[p] for p in x.positions.tolist()]  # rows[p]: the distribution after teacher position p
+        width = max((len(r[0]) for r in picked), default=spec.k)
+        ids = torch.full((len(picked), width), -1, dtype=torch.long)
+        lps = torch.full((len(picked), width), float("-inf"))
+        for i, r in enumerate(picked):
+            ids[i, : len(r[0])], lps[i, : len(r[1])] = torch.tensor(r[0]), torch.tensor(r[1])
+        a_ids, a_lps, mass = map_topk_to_student(ids, lps.clamp(max=0.0), spec.token_map, spec.k)
+        spec.stats.add(torch.from_numpy(x.rows), mass)
+        full_ids, full_lps = scatter_rows(torch.from_numpy(x.rows), a_ids, a_lps)
+        out.append((full_ids.to(torch.int32), full_lps.clamp(max=0.0)))
+    return out
+
+
 def _compute_shard(
     spec: _RunSpec, examples: Sequence[Mapping[str, Any]], start: int, end: int, bar: Any
 ) -> dict[str, Tensor]:
@@ -205,7 +226,9 @@ def _compute_shard(
     for s in range(0, len(order), spec.batch_size):
         idx = order[s : s + spec.batch_size]
         batch = [inputs[i] for i in idx]
-        if is_vllm(spec.model):
+        if is_vllm(spec.model) and spec.token_map is not None:
+            per_example = _text_rows_vllm(spec, batch)
+        elif is_vllm(spec.model):
             per_example = _split(batch, *_teacher_topk_vllm(spec.model, batch, spec.k, spec.shared))
         else:
             logits = _teacher_logits_rows(
@@ -274,8 +297,6 @@ def _checked_vocabulary(
     shared ones); the build's arguments are checked against them."""
     vllm = is_vllm(model)
     vocab = _vocab_size(model)
-    if aligner is not None and vllm:
-        raise ValueError("a teacher read through the text (teacher.align: text) builds its cache with transformers")
     alignment = _alignment(tokenizer, teacher_tokenizer if aligner is None else None, vocab)
     shared = alignment.shared if aligner is None else aligner.token_map.student_vocab
     _check_build_args(k, temperature, batch_size, shard_examples, shared)
@@ -526,7 +547,7 @@ def _run_shards(
     start = manifest["shards"][-1]["end"] if manifest["shards"] else 0
     if start >= len(counts) and manifest.get("complete"):
         return  # nothing to do: same arguments, complete and verified
-    engine = "vllm" if is_vllm(spec.model) else "transformers"
+    engine = getattr(spec.model, "engine_name", "vllm") if is_vllm(spec.model) else "transformers"
     _check_resume(folder, manifest["build"], start, precision.name, engine)
     manifest = _session_started(manifest, str(spec.device), spec.batch_size, precision.name, engine)
     _write_manifest(folder, manifest)

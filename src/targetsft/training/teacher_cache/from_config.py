@@ -45,14 +45,16 @@ def cache_teacher(
     training examples of ``cfg`` (its data section and ``teacher.prompt``) in ``out``, at ``precision`` (default:
     the config's); train with ``teacher.cache: <out>`` and the same data section to use it. ``engine``:
     ``transformers`` (the teacher's forward under autocast) or ``vllm`` (a :class:`VLLMEngine` on the teacher's
-    folder with weights at ``precision``'s dtype; temperature 1 only). A teacher of another tokenizer
-    (``teacher.align: text``) reads the text and its rows are stored on the student's ids (transformers only)."""
+    folder with weights at ``precision``'s dtype; temperature 1 only). Without ``teacher`` and with
+    ``teacher.server``, the rows are read from that server (temperature 1 only). A teacher of another tokenizer
+    (``teacher.align: text``) reads the text and its rows are stored on the student's ids."""
     from targetsft.runtime.models import load_tokenizer, resolve_model
     from targetsft.training.teacher_cache.build import build_teacher_cache
 
-    teacher = teacher or cfg.teacher.model
+    served = cfg.teacher.server is not None and not teacher
+    teacher = teacher or cfg.teacher.model or (cfg.teacher.server.model if served else None)
     if not teacher:
-        raise ValueError("cache_teacher needs a teacher model (argument or teacher.model)")
+        raise ValueError("cache_teacher needs a teacher model (argument, teacher.model or teacher.server.model)")
     tokenizer = load_tokenizer(resolve_model(cfg.model))
     aligner = teacher_aligner(cfg, tokenizer, teacher)
     if aligner is not None:
@@ -60,11 +62,13 @@ def cache_teacher(
     # the teacher section's loading keys; dtype auto keeps float32 weights (the forward runs in autocast at
     # `precision`, and the cache's identity records the weights' dtype, so caches built before stay valid)
     precision = precision or cfg.requested_precision()
-    if engine == "vllm":
+    if served:
+        model: Any = _served_engine(cfg, k)
+    elif engine == "vllm":
         from targetsft.runtime.vllm_engine import VLLMEngine
 
         dtype = str(resolve_precision(precision, device).dtype).removeprefix("torch.")
-        model: Any = VLLMEngine(resolve_model(teacher), dtype=dtype, max_logprobs=max(k, 1))
+        model = VLLMEngine(resolve_model(teacher), dtype=dtype, max_logprobs=max(k, 1))
     elif engine == "transformers":
         checked = tokenizer if aligner is None else None  # a teacher read through the text has its own
         model = load_frozen(teacher, cfg.teacher, torch.float32, checked, "teacher")
@@ -91,11 +95,27 @@ def cache_teacher(
             aligner=aligner,
         )
     finally:
-        if engine == "vllm":
+        if served or engine == "vllm":
             model.close()
     stats = teacher_label_stats(cfg, folder, tokenizer=tokenizer, items=items)
     logger.info(label_stats_line(stats))
     return folder
+
+
+def _served_engine(cfg: TrainConfig, k: int) -> Any:
+    """``teacher.server`` reached and checked, as the cache builder's engine; the served model's config is read from
+    ``teacher.server.model``'s files."""
+    from transformers import AutoConfig
+
+    from targetsft.runtime.models import resolve_model
+    from targetsft.training.served_teacher import ServedEngine, TeacherServer
+
+    settings = cfg.teacher.server
+    server = TeacherServer(settings.url, settings.model, timeout=settings.timeout, retries=settings.retries)
+    server.max_model_len()  # it serves the model named
+    config = AutoConfig.from_pretrained(resolve_model(settings.model))
+    logger.info("teacher: %r served at %s", server.model, server.url)
+    return ServedEngine(server, max_logprobs=settings.top_k, config=config, workers=settings.workers)
 
 
 def label_stats_line(stats: dict[str, float]) -> str:

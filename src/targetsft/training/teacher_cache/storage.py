@@ -398,15 +398,17 @@ def _valid_prefix(folder: Path, manifest: Mapping[str, Any]) -> list[dict[str, A
 
 
 def _alignment_record(token_map: TokenMap, manifest: Mapping[str, Any]) -> dict[str, Any]:
-    """The manifest's ``alignment``: the token map's counts and the shares over the shards built so far."""
+    """The manifest's ``alignment``: the token map's counts and the shares over the shards built so far; the mass is
+    ``aligned_mass`` over the teacher's whole vocabulary, or ``aligned_mass_topk`` over the top-k that vLLM gives."""
     shards = manifest["shards"]
     rows, aligned = sum(s["tokens"] for s in shards), sum(s["aligned"] for s in shards)
     mass = sum(s["aligned_mass"] for s in shards)
+    topk = manifest.get("build", {}).get("engine", "transformers") != "transformers"
     return {
         "align": "text",
         **token_map.to_dict(),
         "aligned_positions": aligned / rows if rows else 0.0,
-        "aligned_mass": mass / aligned if aligned else 0.0,
+        "aligned_mass_topk" if topk else "aligned_mass": mass / aligned if aligned else 0.0,
     }
 
 
