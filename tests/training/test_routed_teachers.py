@@ -76,7 +76,7 @@ def setup(tmp_path_factory, tiny_tokenizer, tiny_llama):
         cache = root / f"cache-{name}"
         cfg = _cfg(dirs, root / "unused", f"teacher.cache={cache}")
         cache_teacher(cfg, cache, teacher=str(folder), k=K, batch_size=4, shard_examples=4)
-        dirs[f"cache-{name}"] = cache
+        dirs[f"cache-{name}"], dirs[f"teacher-{name}"] = cache, folder
     return dirs
 
 
@@ -161,6 +161,36 @@ def test_examples_routed_to_no_teacher_train_target_sft_as_dft(setup, alone_a, t
     assert summary["teachers"]["none"]["examples"] == 8 and summary["teachers"]["A"]["examples"] == 0
     with (tmp_path / "routed" / "metrics.csv").open() as f:
         assert all(float(r["teacher_rows_none"]) == 1.0 for r in csv.DictReader(f) if r.get("loss"))
+
+
+def test_the_documented_commands_build_each_cache_from_the_routed_config_and_train(setup, tmp_path):
+    """``cache-teacher --config routed.yaml`` before its caches exist, once per teacher, then ``train``."""
+    import yaml
+
+    from targetsft.cli.main import main
+
+    caches = {name: tmp_path / f"cache-{name}" for name in ("math", "code")}
+    config = {
+        "model": str(setup["student"]),
+        "output_dir": str(tmp_path / "run"),
+        "precision": "fp32",
+        "data": {"train": str(setup["data"]), "max_length": 1024},
+        "loss": {"method": "target_sft", "params": {"eta": 0.5}},
+        "teachers": [
+            {"name": "math", "select": {"domain": "math"}, "cache": str(caches["math"])},
+            {"name": "code", "select": {"domain": ["code", "sql"]}, "cache": str(caches["code"])},
+        ],
+        "train": {"max_steps": 1, "per_device_train_batch_size": 8, "report_to": [], "disable_tqdm": True},
+    }
+    path = tmp_path / "routed.yaml"
+    path.write_text(yaml.safe_dump(config))
+    for name, teacher in (("math", "A"), ("code", "B")):
+        args = ["cache-teacher", "--config", str(path), "--teacher", str(setup[f"teacher-{teacher}"])]
+        assert main([*args, "--out", str(caches[name]), "--k", str(K), "--batch-size", "4"]) == 0
+    assert main(["train", "--config", str(path)]) == 0
+    teachers = json.loads((tmp_path / "run" / "summary.json").read_text())["teachers"]
+    assert teachers["math"]["examples"] == teachers["code"]["examples"] == 4
+    assert teachers["code"]["name"] == str(setup["teacher-B"])  # the cache's teacher
 
 
 # ------------------------------------------------------------------------------------------------ batch level

@@ -81,7 +81,7 @@ def check_routed_teachers(cfg: TrainConfig, spec: MethodSpec, given: list[str]) 
         if entry.model:
             raise ConfigError(
                 f"{where} ({entry.name}): an online teacher.model is not routed; build its cache with target-sft "
-                "cache-teacher and give cache:, or serve it (target-sft serve-teacher) and give server:"
+                "cache-teacher and give cache:, or serve it with vLLM and give server:"
             )
         sources = [k for k in ("cache", "server") if getattr(entry, k)]
         if len(sources) != 1:
