@@ -212,6 +212,9 @@ class _Recording:
         self.k, self.temperature = k, temperature
         self.asked, self.prefetched = [], []
 
+    def summary(self):
+        return {"requests": len(self.asked)}
+
     def prefetch(self, batch):
         self.prefetched.append(batch["example_index"].tolist())
 
@@ -259,6 +262,9 @@ def test_each_teacher_is_asked_and_prefetched_for_its_own_examples(setup, tiny_t
     firsts = [int(i) for i in ids[:, 0].unique_consecutive()]  # each example's rows start at its own index
     assert firsts == [4, 1, MISSING_ID, 3, 0]
     assert routed.shared_vocab_size == 50 and routed.temperature == 1.0
+    summary = routed.summary()
+    assert summary["A"]["requests"] == 1 and summary["A"]["trained_examples"] == 3
+    assert summary["none"]["trained_examples"] == 1 and "requests" not in summary["none"]
 
 
 def test_teachers_of_another_k_or_temperature_are_refused():

@@ -289,11 +289,14 @@ class RoutedTeacher:
 
     def summary(self) -> dict[str, dict[str, Any]]:
         """What ``summary.json`` records under ``teachers``: per teacher name (and ``none``), its source (``info``),
-        the examples and loss rows of the data routed to it (``examples``, ``loss_rows``: ``counts``) and those
-        trained on (``trained_examples``, ``trained_loss_rows``: repeats counted)."""
+        what the teacher says of itself (a served teacher's ``summary()``: its url, model, k and requests), the
+        examples and loss rows of the data routed to it (``examples``, ``loss_rows``: ``counts``) and those trained
+        on (``trained_examples``, ``trained_loss_rows``: repeats counted)."""
         out: dict[str, dict[str, Any]] = {}
         for name in [*self.teachers, NO_TEACHER]:
             entry = dict(self.info.get(name, {}))
+            if hasattr(self.teachers.get(name), "summary"):
+                entry.update(self.teachers[name].summary())
             entry.update(self.counts.get(name, {}))
             entry["trained_examples"] = self.total_examples[name]
             entry["trained_loss_rows"] = self.total_rows[name]
