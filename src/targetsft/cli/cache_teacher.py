@@ -60,7 +60,7 @@ def run_cache_teacher_from_args(args: argparse.Namespace) -> int:
             raise InputError(f"{flag} must be at least 1, got {value}")
     if not args.temperature > 0:
         raise InputError(f"--temperature must be positive, got {args.temperature}")
-    check_inputs(dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, cache=None)))
+    check_inputs(dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, cache=None), teachers=[]))
     if not served:
         check_model(teacher, "teacher")
     names = ("k", "temperature", "batch_size", "shard_examples", "device", "overwrite", "precision", "engine")

@@ -199,6 +199,25 @@ class TeacherServerConfig:
 
 
 @dataclass
+class RoutedTeacherConfig:
+    """One entry of the top-level ``teachers:`` list: a teacher for the examples its selector matches.
+
+    ``name``: how logs, ``summary.json`` and the model card call it (letters, digits, ``_``, ``-``, ``.``; not
+    ``none``). ``select``: ``{field: value}`` — the records whose ``field`` equals ``value`` (or is one of the values
+    of a list); several fields must all match. An example goes to the first entry that matches it, or to no teacher
+    (its loss rows have none: the method's no-teacher behaviour). The source, one of: ``cache`` (a folder built by
+    ``target-sft cache-teacher`` over the same training data) or ``server`` (as ``teacher.server``, read by ids).
+    ``model`` (an online teacher) is not routed: build its cache or serve it.
+    """
+
+    name: str = ""
+    select: Any = None
+    cache: str | None = None
+    server: Any = None
+    model: str | None = None
+
+
+@dataclass
 class ReferenceConfig(FrozenModelInit):
     """Reference model for asft / sft_kl: a path, or None for a frozen copy of the initial model (in ``dtype``)."""
 
@@ -222,8 +241,10 @@ class TrainConfig:
     ``precision``: ``auto`` (bf16 where the device runs it natively, fp16 on a GPU with only that, else fp32; see
     :mod:`targetsft.runtime.precision`), ``bf16``, ``fp16`` or ``fp32``. ``train.bf16``/``train.fp16`` are still read as
     an explicit choice when ``precision`` is ``auto``. ``model_init``: how the student loads (:class:`ModelInit`,
-    no ``device_map``). ``snapshot_steps``: optimizer steps after which the model (weights and tokenizer, no optimizer
-    state) is saved to ``<output_dir>/snapshots/step-N`` and kept, e.g. to use it later as a teacher.
+    no ``device_map``). ``teachers``: routed teachers (:class:`RoutedTeacherConfig`), one per kind of example,
+    instead of ``teacher.model``/``cache``/``server``. ``snapshot_steps``: optimizer steps after which the model
+    (weights and tokenizer, no optimizer state) is saved to ``<output_dir>/snapshots/step-N`` and kept, e.g. to use
+    it later as a teacher.
     """
 
     model: str | None = None
@@ -233,6 +254,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    teachers: list[RoutedTeacherConfig] = field(default_factory=list)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     lora: LoraConfig | None = None
     train: dict[str, Any] = field(default_factory=dict)
@@ -348,6 +370,10 @@ def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
     for key, value in raw.items():
         if key in _SECTIONS:
             kwargs[key] = None if (key == "lora" and value is None) else build_section(_SECTIONS[key], value or {}, key)
+        elif key == "teachers":
+            from targetsft.training.routed_teacher import routed_teacher_entries
+
+            kwargs[key] = routed_teacher_entries(value)
         else:
             kwargs[key] = value
     cfg = TrainConfig(**kwargs)
@@ -449,9 +475,13 @@ def _check_teacher(cfg: TrainConfig, spec: MethodSpec) -> None:
     if isinstance(least, bool) or not isinstance(least, (int, float)) or not 0.0 <= least <= 1.0:
         raise ConfigError(f"teacher.min_aligned_share must be a fraction in [0, 1], got {least!r}")
     needs = spec.needs
-    if "teacher" in needs and not given:
+    if cfg.teachers:
+        from targetsft.training.routed_teacher import check_routed_teachers
+
+        check_routed_teachers(cfg, spec, given)
+    elif "teacher" in needs and not given:
         raise ConfigError(
-            f"method {cfg.loss.method!r} needs a teacher: set teacher.model, teacher.cache or teacher.server"
+            f"method {cfg.loss.method!r} needs a teacher: set teacher.model, teacher.cache, teacher.server or teachers"
         )
     if "teacher" not in needs and given:
         raise ConfigError(f"method {cfg.loss.method!r} does not use a teacher; remove teacher.{given[0]}")
@@ -464,29 +494,40 @@ def _check_teacher(cfg: TrainConfig, spec: MethodSpec) -> None:
 def _check_teacher_server(cfg: TrainConfig, spec: MethodSpec) -> None:
     """``teacher.server`` as a :class:`TeacherServerConfig` with an http(s) url and positive counts; the method's
     teacher temperature is 1 (the server gives log-probs at 1) and batches are not packed."""
-    server = cfg.teacher.server
-    if not isinstance(server, TeacherServerConfig):
-        server = cfg.teacher.server = build_section(TeacherServerConfig, server, "teacher.server")
-    if not isinstance(server.url, str) or not server.url.startswith(("http://", "https://")):
-        raise ConfigError(f"teacher.server.url must be an http:// or https:// address, got {server.url!r}")
-    for name in ("top_k", "retries", "workers", "prefetch"):
-        value = getattr(server, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "retries" else 1):
-            kind = "non-negative" if name == "retries" else "positive"
-            raise ConfigError(f"teacher.server.{name} must be a {kind} integer, got {value!r}")
-    if isinstance(server.timeout, bool) or not isinstance(server.timeout, (int, float)) or server.timeout <= 0:
-        raise ConfigError(f"teacher.server.timeout must be a number of seconds > 0, got {server.timeout!r}")
-    temperature = float({**spec.defaults, **cfg.loss.params}.get("temperature", 1.0))
-    if temperature != 1.0:
-        raise ConfigError(
-            f"a served teacher gives log-probs at temperature 1, but loss.params.temperature is {temperature}: "
-            "train with temperature 1, or from a teacher.model or a cache built at that temperature"
-        )
+    server = cfg.teacher.server = _server_section(cfg.teacher.server, "teacher.server")
+    _check_served_temperature(cfg, spec)
     if cfg.data.packing:
         raise ConfigError("a served teacher reads each example's own sequence: set data.packing false")
     if cfg.teacher.align == "text" and not (server.model or cfg.teacher.tokenizer):
         raise ConfigError(
             "a served teacher read by text needs its tokenizer: set teacher.server.model or teacher.tokenizer"
+        )
+
+
+def _server_section(server: Any, where: str) -> TeacherServerConfig:
+    """``server`` (a mapping, at ``where``) as a :class:`TeacherServerConfig` with an http(s) url and positive
+    counts."""
+    if not isinstance(server, TeacherServerConfig):
+        server = build_section(TeacherServerConfig, server, where)
+    if not isinstance(server.url, str) or not server.url.startswith(("http://", "https://")):
+        raise ConfigError(f"{where}.url must be an http:// or https:// address, got {server.url!r}")
+    for name in ("top_k", "retries", "workers", "prefetch"):
+        value = getattr(server, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "retries" else 1):
+            kind = "non-negative" if name == "retries" else "positive"
+            raise ConfigError(f"{where}.{name} must be a {kind} integer, got {value!r}")
+    if isinstance(server.timeout, bool) or not isinstance(server.timeout, (int, float)) or server.timeout <= 0:
+        raise ConfigError(f"{where}.timeout must be a number of seconds > 0, got {server.timeout!r}")
+    return server
+
+
+def _check_served_temperature(cfg: TrainConfig, spec: MethodSpec) -> None:
+    """A served teacher gives log-probs at temperature 1: the method's teacher temperature must be 1."""
+    temperature = float({**spec.defaults, **cfg.loss.params}.get("temperature", 1.0))
+    if temperature != 1.0:
+        raise ConfigError(
+            f"a served teacher gives log-probs at temperature 1, but loss.params.temperature is {temperature}: "
+            "train with temperature 1, or from a teacher.model or a cache built at that temperature"
         )
 
 
@@ -502,6 +543,9 @@ def check_inputs(cfg: TrainConfig) -> None:
     check_model(cfg.reference.model, "reference.model")
     if cfg.teacher.cache:
         check_cache_folder(cfg.teacher.cache)
+    for entry in cfg.teachers:
+        if entry.cache:
+            check_cache_folder(entry.cache)
     check_source(cfg.data.train, cfg.data.size, cfg.data.seed)
     if isinstance(cfg.data.eval, str):
         check_source(cfg.data.eval)

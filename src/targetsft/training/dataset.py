@@ -16,6 +16,7 @@ from targetsft.losses.methods import get_method
 from targetsft.runtime.inputs import InputError
 from targetsft.training.config import TrainConfig
 from targetsft.training.fused_forward import IGNORE_INDEX
+from targetsft.training.routed_teacher import route_records
 from targetsft.training.text_alignment import TextAligner, collate_teacher
 
 
@@ -130,14 +131,17 @@ def tokenize_examples(
     A teacher's own sequence is its prompt (``answer_hint``; ``own_template``, rendered by ``teacher_tokenizer``)
     followed by exactly the student's completion tokens, so the supervised tokens align by construction. A teacher
     of another tokenizer (``aligner``) reads the text instead: ``teacher_input_ids`` and ``teacher_rows`` of
-    :meth:`~targetsft.training.text_alignment.TextAligner.example`.
+    :meth:`~targetsft.training.text_alignment.TextAligner.example`. With routed teachers (``teachers``), each
+    example's ``teacher_route`` is the name of its teacher or None
+    (:func:`~targetsft.training.routed_teacher.route_records`).
     """
     from targetsft.data.sft import aligned_token_weights, tokenize_record
 
     weighted = "token_weights" in get_method(cfg.loss.method).needs
+    routes = route_records(records, cfg.teachers) if cfg.teachers else None
     items: list[dict[str, Any]] = []
     counts = {"records": len(records), "kept": 0, "truncated": 0, "dropped": 0}
-    for record in records:
+    for r, record in enumerate(records):
         item = tokenize_record(tokenizer, record, cfg.data.max_length, overflow=cfg.data.overflow)
         if item is None:
             counts["dropped"] += 1
@@ -163,6 +167,8 @@ def tokenize_examples(
             item["teacher_input_ids"] = t_prompt + item["input_ids"][start:]
             item["teacher_labels"] = [IGNORE_INDEX] * len(t_prompt) + item["labels"][start:]
         item["example_index"] = len(items)
+        if routes is not None:
+            item["teacher_route"] = routes[r]
         items.append(item)
     return items, counts
 

@@ -17,10 +17,12 @@ def model_card(
     env: dict[str, Any],
     notes: list[str],
     alignment: dict[str, Any] | None = None,
+    teachers: dict[str, dict[str, Any]] | None = None,
 ) -> str:
     """The card's markdown for a run of ``cfg`` on examples ``counts``, ending at ``metrics``, in environment
     ``env``, with the ``notes`` on where its data was cut and, for a teacher read through the text, its
-    ``alignment`` (the shares of :meth:`~targetsft.training.text_alignment.TextAligner.summary`)."""
+    ``alignment`` (the shares of :meth:`~targetsft.training.text_alignment.TextAligner.summary`); for routed
+    teachers, ``teachers`` (:meth:`~targetsft.training.routed_teacher.RoutedTeacher.summary`)."""
     spec = get_method(cfg.loss.method)
     params = {**spec.defaults, **cfg.loss.params}
     lines = [
@@ -38,7 +40,7 @@ def model_card(
         f"examples kept {counts.get('kept')}, truncated {counts.get('truncated')}, dropped {counts.get('dropped')}"
         + (f"; held out for eval_loss: {cfg.data.eval}." if cfg.data.eval is not None else "."),
         *(f"Note: {note}." for note in notes),
-        f"Teacher: {_teacher_name(cfg)} (prompt: {cfg.teacher.prompt}).",
+        _routed_line(cfg, teachers) if cfg.teachers else f"Teacher: {_teacher_name(cfg)} ({_prompt(cfg)}).",
         *(
             [
                 f"Teacher alignment: by text; {alignment['aligned_positions']:.1%} of the supervised positions "
@@ -57,6 +59,27 @@ def model_card(
     lines += [f"- {k}: {v}" for k, v in metrics.items()]
     lines += ["", "## Configuration", "", "```json", json.dumps(cfg.to_dict(), indent=2, default=str), "```", ""]
     return "\n".join(lines)
+
+
+def _prompt(cfg: Any) -> str:
+    return f"prompt: {cfg.teacher.prompt}"
+
+
+def _routed_line(cfg: Any, teachers: dict[str, dict[str, Any]] | None) -> str:
+    """One line on the routed teachers: each one's selector and source, and the examples and loss rows routed to
+    it (and to none)."""
+    stats = teachers or {}
+    parts = []
+    for entry in cfg.teachers:
+        source = f"cache {entry.cache}" if entry.cache else f"served at {entry.server.url}"
+        counted = stats.get(entry.name, {})
+        parts.append(
+            f"{entry.name} ({source}; select {json.dumps(entry.select)}): {counted.get('examples', '?')} examples, "
+            f"{counted.get('loss_rows', '?')} loss rows"
+        )
+    none = stats.get("none", {})
+    parts.append(f"none: {none.get('examples', '?')} examples, {none.get('loss_rows', '?')} loss rows")
+    return f"Teachers, routed per example ({_prompt(cfg)}): " + "; ".join(parts) + "."
 
 
 def _mass(alignment: dict[str, Any]) -> str:

@@ -46,6 +46,7 @@ from targetsft.training.loss_func import check_frozen_model, shared_vocab_size
 from targetsft.training.loss_mixin import FusedLossMixin
 from targetsft.training.model_card import model_card
 from targetsft.training.models import frozen_copy, load_frozen, sharded, whole_model, with_lora
+from targetsft.training.routed_teacher import RoutedTeacher, route_counts, routes_line
 from targetsft.training.served_teacher import ServedTeacher, TeacherServer
 from targetsft.training.teacher_cache import (
     LABEL_STATS_FILE,
@@ -98,9 +99,10 @@ def train(
     args = TrainingArguments(**cfg.training_arguments(precision))
     notes = _announce_data(cfg, data, args)
     served = _connect_teacher_server(cfg, data) if cfg.teacher.server is not None else None  # before any model
+    routed = {t.name: _connect_teacher_server(cfg, data, t.server) for t in cfg.teachers if t.server is not None}
     set_seed(args.seed)  # what the model's creation draws (LoRA's initial A) is the same on every launch
     student = _setup_model(cfg, data)
-    frozen = _setup_teacher_and_reference(cfg, spec, student, data, precision, served)
+    frozen = _setup_teacher_and_reference(cfg, spec, student, data, precision, served, routed)
     model = with_lora(student, cfg) if cfg.lora is not None else student  # a frozen copy is of the initial student
     trainer = _setup_trainer(cfg, spec, model, frozen, data, args, callbacks)
 
@@ -132,7 +134,7 @@ class _Frozen:
 
     reference: nn.Module | None = None
     teacher: nn.Module | None = None
-    cache: TeacherCache | ServedTeacher | None = None  # a teacher that gives top-k rows
+    cache: TeacherCache | ServedTeacher | RoutedTeacher | None = None  # a teacher that gives top-k rows
     teacher_info: dict[str, Any] | None = None
     vocab: dict[str, VocabAlignment] = field(default_factory=dict)
     shared_vocab_size: int | None = None
@@ -207,10 +209,11 @@ def _setup_teacher_and_reference(
     data: _Data,
     precision: Precision,
     served: ServedTeacher | None = None,
+    routed: dict[str, ServedTeacher] | None = None,
 ) -> _Frozen:
     """The frozen reference (``reference.model``, or a copy of ``student``) of a method whose reference is frozen,
-    and the teacher (a model, a cache, or ``served``, already reached); each one's vocabulary lined up with the
-    student's and announced."""
+    and the teacher (a model, a cache, ``served``, already reached, or the routed ``teachers``, their servers
+    already reached in ``routed``); each one's vocabulary lined up with the student's and announced."""
     frozen = _Frozen()
     if _reference_kind(spec) == "frozen":
         if cfg.reference.model:
@@ -232,6 +235,8 @@ def _setup_teacher_and_reference(
     elif served is not None:
         frozen.cache = served
         frozen.teacher_info = {"server": cfg.teacher.server.url, "prompt": cfg.teacher.prompt}
+    elif cfg.teachers:
+        frozen.cache = _open_routed_teachers(cfg, spec, student, data, routed or {})
     for role, alignment in frozen.vocab.items():
         logger.info(alignment.note(role))
     frozen.shared_vocab_size = shared_vocab_size(list(frozen.vocab.values()))
@@ -241,11 +246,13 @@ def _setup_teacher_and_reference(
 
 
 def _open_teacher_cache(
-    cfg: TrainConfig, spec: MethodSpec, student: nn.Module, data: _Data
+    cfg: TrainConfig, spec: MethodSpec, student: nn.Module, data: _Data, path: str | None = None
 ) -> tuple[TeacherCache, dict[str, Any]]:
-    """``teacher.cache`` opened on the training examples, checked against the student's rows and the loss's
-    temperature, with what the summary says of it (its teacher and how it scores the labels, also printed)."""
-    cache = TeacherCache.open(cfg.teacher.cache, tokenizer=data.tokenizer, examples=data.items)
+    """``teacher.cache`` (or the cache at ``path``) opened on the training examples, checked against the student's
+    rows and the loss's temperature, with what the summary says of it (its teacher and how it scores the labels,
+    also printed)."""
+    path = path or cfg.teacher.cache
+    cache = TeacherCache.open(path, tokenizer=data.tokenizer, examples=data.items)
     rows = student.get_output_embeddings().weight.shape[0]
     if cache.shared_vocab_size > rows:
         raise ValueError(f"the teacher cache holds ids up to {cache.shared_vocab_size}, the student {rows}")
@@ -255,10 +262,10 @@ def _open_teacher_cache(
             f"loss.params.temperature is {wanted} but the teacher cache holds log-probs at temperature "
             f"{cache.temperature}: build one with cache-teacher --temperature {wanted}"
         )
-    stats = teacher_label_stats(cfg, cfg.teacher.cache, tokenizer=data.tokenizer, items=data.items, opened=cache)
+    stats = teacher_label_stats(cfg, path, tokenizer=data.tokenizer, items=data.items, opened=cache)
     logger.info(label_stats_line(stats))
     info = {
-        "cache": str(cfg.teacher.cache),
+        "cache": str(path),
         "name": cache.teacher_name,
         "weights_sha256": cache.teacher_weights_hash,
         "prompt": cfg.teacher.prompt,
@@ -269,10 +276,11 @@ def _open_teacher_cache(
     return cache, info
 
 
-def _connect_teacher_server(cfg: TrainConfig, data: _Data) -> ServedTeacher:
-    """``teacher.server`` reached and checked: it serves the model named and tokenizes as the teacher's tokenizer
-    (the student's, read by ids; the teacher's own, read through the text)."""
-    settings = cfg.teacher.server
+def _connect_teacher_server(cfg: TrainConfig, data: _Data, settings: Any = None) -> ServedTeacher:
+    """``teacher.server`` (or the server ``settings`` of a routed teacher) reached and checked: it serves the model
+    named and tokenizes as the teacher's tokenizer (the student's, read by ids; the teacher's own, read through the
+    text)."""
+    settings = settings or cfg.teacher.server
     server = TeacherServer(settings.url, settings.model, timeout=settings.timeout, retries=settings.retries)
     teacher = ServedTeacher(
         server,
@@ -287,6 +295,29 @@ def _connect_teacher_server(cfg: TrainConfig, data: _Data) -> ServedTeacher:
     if data.aligner is not None:
         logger.info(alignment_note(data.aligner))
     return teacher
+
+
+def _open_routed_teachers(
+    cfg: TrainConfig, spec: MethodSpec, student: nn.Module, data: _Data, served: dict[str, ServedTeacher]
+) -> RoutedTeacher:
+    """The ``teachers`` as one :class:`~targetsft.training.routed_teacher.RoutedTeacher` over the training examples
+    (each example's ``teacher_route``): the caches opened and checked as ``teacher.cache`` is, the servers already
+    reached (``served``); the examples and loss rows routed to each announced."""
+    teachers: dict[str, Any] = {}
+    info: dict[str, dict[str, Any]] = {}
+    for entry in cfg.teachers:
+        info[entry.name] = {"select": entry.select}
+        if entry.cache:
+            logger.info("teacher %r: the cache %s", entry.name, entry.cache)
+            teachers[entry.name], opened = _open_teacher_cache(cfg, spec, student, data, entry.cache)
+            info[entry.name].update(opened)
+        else:
+            teachers[entry.name] = served[entry.name]
+            info[entry.name].update(server=entry.server.url, model=served[entry.name].server.model)
+    counts = route_counts(data.items, list(teachers))
+    logger.info(routes_line(counts))
+    routes = [item.get("teacher_route") for item in data.items]
+    return RoutedTeacher(teachers, routes, info=info, counts=counts)
 
 
 def _loss_params(cfg: TrainConfig, spec: MethodSpec, cache: TeacherCache | None) -> dict[str, Any]:
@@ -390,6 +421,8 @@ def _summary(
         summary["teacher"] = frozen.teacher_info
     if isinstance(frozen.cache, ServedTeacher):
         summary["teacher"].update(frozen.cache.summary())
+    if isinstance(frozen.cache, RoutedTeacher):
+        summary["teachers"] = frozen.cache.summary()
     if frozen.vocab:
         summary["vocabulary"] = {role: {**a.to_dict(), "note": a.note(role)} for role, a in frozen.vocab.items()}
     alignment = None
@@ -422,6 +455,7 @@ def _save(
             summary["environment"],
             summary["data_notes"],
             summary.get("teacher_alignment"),
+            summary.get("teachers"),
         )
         atomic_write_text(final / "README.md", card)
         if not keep_checkpoints:
