@@ -46,6 +46,21 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
         read_jsonl(p)
 
 
+def test_a_gzip_compressed_jsonl_reads_as_the_plain_one(tmp_path):
+    """A ``.jsonl.gz`` gives the records of its plain ``.jsonl``, read by either name; its errors name the line."""
+    from targetsft.runtime.files import compress_file
+
+    rows = [{"id": f"q{i}", "samples": [{"text": f"Ünï {i}\n#### {i}", "correct": i % 2 == 0}]} for i in range(50)]
+    plain = _write_jsonl(tmp_path / "set.generations.jsonl", rows)
+    assert read_jsonl(plain) == rows
+    packed = compress_file(plain)
+    assert not plain.exists() and read_jsonl(packed) == rows and read_jsonl(plain) == rows
+    bad = _write_jsonl(tmp_path / "bad.jsonl", rows[:2])
+    bad.write_text(bad.read_text() + "{oops\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl\.gz: line 3: invalid JSON"):
+        read_jsonl(compress_file(bad))
+
+
 def test_record_without_known_fields(tmp_path):
     p = _write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}, {"text": "x", "label": 1}])
     with pytest.raises(ValueError) as ei:

@@ -129,6 +129,45 @@ def test_metrics_from_fixed_generations(gen_set, tmp_path, monkeypatch, tiny_tok
     assert not list(out.glob(".*.tmp"))  # no temp files left behind
 
 
+def test_recorded_items_score_again_to_their_metrics(gen_set, tmp_path, monkeypatch, tiny_tokenizer):
+    """The items a generation set writes score again, without a model, to the metrics it reported, from the plain
+    file and from its gzip-compressed form alike; an item whose recorded outcome the checker does not give is
+    named; the ``boxed`` prompt checks the last ``\\boxed{}``."""
+    from targetsft.data.sft import read_jsonl
+    from targetsft.evaluation.rescore import rescore_generations, rescore_items
+    from targetsft.runtime.files import compress_file
+
+    samples = [
+        ["#### 18", "#### 17", "so 18", "\\boxed{18}"],
+        ["#### 1234.5", "no", "#### 12", "#### 34"],
+        ["#### 7"] * 4,
+    ]
+    greedy = [["the answer is 18"], ["#### 1"], ["#### 7\n"]]
+    monkeypatch.setattr(generation_set, "generate_detailed", _fake_generate(samples, greedy, []))
+    out = tmp_path / "out"
+    s = E.evaluate_generation(
+        None, tiny_tokenizer, str(gen_set), samples=4, temperature=0.8, greedy=True, out_dir=out, progress=False
+    )
+    items = out / "toy.generations.jsonl"
+    plain = rescore_items(items)
+    assert plain == {"n": 3, "metrics": s["metrics"], "changed": []}
+    compress_file(items)
+    assert not items.exists() and rescore_items(items) == plain == rescore_items(out / "toy.generations.jsonl.gz")
+    rows = read_jsonl(items)
+    rows[1]["samples"][0]["correct"] = True  # recorded as correct, which "#### 1234.5" for 1,234 is not
+    again = rescore_items(_write_jsonl(tmp_path / "edited.jsonl", rows))
+    assert again["changed"] == [rows[1]["id"]] and again["metrics"] == s["metrics"]
+    item = {"id": "b", "gold": "7", "samples": [{"text": "#### 7", "correct": True}], "greedy": None}
+    assert rescore_generations([item])[0]["average@1"]["value"] == 1.0
+    assert rescore_generations([item], prompt="boxed") == (
+        {
+            "average@1": E.generation_metrics([[False]])["average@1"],
+            "pass@1": E.generation_metrics([[False]])["pass@1"],
+        },
+        ["b"],
+    )
+
+
 def test_answer_extraction_tricky_formats(tmp_path, monkeypatch, tiny_tokenizer):
     rows = [
         {"question": "a", "answer": "1234"},
@@ -638,6 +677,9 @@ def test_multiple_choice_matches_direct_loglik(tiny_llama, tiny_tokenizer, tmp_p
         correct_sum += rec["pred_sum"] == it["answer_index"]
     assert s["metrics"]["accuracy"]["value"] == pytest.approx(correct_mean / 3)
     assert s["metrics"]["accuracy_sum"]["value"] == pytest.approx(correct_sum / 3)
+    from targetsft.evaluation.rescore import rescore_items  # the picks made again from the recorded log-probs
+
+    assert rescore_items(tmp_path / "mc.mc.jsonl") == {"n": 3, "metrics": s["metrics"], "changed": []}
     assert s["metrics"]["accuracy"]["ci"] == "wilson" and s["normalize"] == "mean"
     s2 = E.evaluate_multiple_choice(tiny_llama, tiny_tokenizer, str(path), normalize="sum", progress=False)
     assert s2["metrics"]["accuracy"] == s2["metrics"]["accuracy_sum"]

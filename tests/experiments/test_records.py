@@ -218,10 +218,38 @@ def test_every_committed_record_migrates_by_adding_only():
             assert set(entry["spec"]) == set(spec_dict(EvalSpec(set="x"))) and "model" in entry, path
 
 
-@pytest.mark.parametrize("name", ["teacher_study", "eta_sweep", "noise"])
+def test_compacted_records_give_the_same_tables(tmp_path):
+    """:func:`compact_records` stores every items file of the records gzip-compressed, leaves the files that name
+    them as they are, compresses nothing twice, and the tables (whose paired comparisons read the items) come out
+    byte-identical."""
+    from experiment_helpers import fake_run
+
+    raw = {
+        "name": "c",
+        "output_dir": str(tmp_path / "out"),
+        "base": {"teacher": {"model": "t"}},
+        "grid": [{"method": "sft", "seeds": [0, 1]}, {"method": "dft", "seeds": [0, 1]}],
+        "eval": [{"name": "toy", "set": "toy.jsonl"}, {"name": "mcq", "set": "mcq.jsonl"}],
+    }
+    exp = X.experiment_from_dict(raw)
+    runs = tmp_path / "out" / "runs"
+    for s in (0, 1):
+        fake_run(exp, runs, f"sft-s{s}", "sft", "sft", s, [1, 0, 1, s], [1, 0])
+        fake_run(exp, runs, f"dft-s{s}", "dft", "dft", s, [0, 0, 1, 1 - s], [1, 1])
+    tables = {n: p.read_bytes() for n, p in X.aggregate(exp, plots=False)["paths"].items()}
+    before = {p: p.read_bytes() for p in runs.rglob("*.json")}
+    written = X.compact_records(exp)
+    assert len(written) == 8 and all(p.name.endswith(".jsonl.gz") for p in written)
+    assert not list(runs.rglob("*.jsonl")) and {p: p.read_bytes() for p in runs.rglob("*.json")} == before
+    assert X.compact_records(exp) == []
+    assert {n: p.read_bytes() for n, p in X.aggregate(exp, plots=False)["paths"].items()} == tables
+
+
+@pytest.mark.parametrize("name", ["teacher_study", "eta_sweep", "noise", "main", "lr_sweep", "ablation", "new_methods"])
 def test_committed_records_give_the_committed_tables(name, tmp_path, monkeypatch):
-    """The records of 0.2 (version 1) aggregate, through migrate_record, to tables byte-identical to the committed
-    ones (teacher_study: float32 records with models named, one retrained; the others: bf16 records of 0.1/0.2)."""
+    """The committed records (0.2's are version 1) aggregate, through migrate_record and from their gzip-compressed
+    items, to tables byte-identical to the committed ones (teacher_study: float32 records with models named, one
+    retrained; the others: bf16 records of 0.1/0.2)."""
     monkeypatch.chdir(ROOT)  # the experiments name their folders relative to the repository
     exp = dataclasses.replace(X.load_experiment(ROOT / "experiments" / f"{name}.yaml"), output_dir=str(tmp_path))
     paths = X.aggregate(exp, plots=False)["paths"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 from pathlib import Path
 
@@ -96,3 +97,83 @@ def test_reproduce_a_run_from_its_record(tiny_setup, tmp_path, capsys, monkeypat
     path.write_text(json.dumps(raw))
     assert run_experiment_from_args(parser.parse_args(args)) == 1
     assert "another configuration" in capsys.readouterr().err
+
+
+def _rescore_record(record: Path, spec: dict, mc_spec: dict) -> None:
+    """A finished record written by hand: a generation set (one item right, one wrong) and a multiple-choice set."""
+    from targetsft.evaluation import generation_metrics
+    from targetsft.evaluation.rescore import rescore_choices
+
+    gen = [
+        {"id": "q0", "gold": "3", "samples": [{"text": "#### 3", "correct": True}], "greedy": None},
+        {"id": "q1", "gold": "5", "samples": [{"text": "so 4", "correct": False}], "greedy": None},
+    ]
+    mc = [
+        {"id": "m0", "answer_index": 1, "pred_mean": 1, "pred_sum": 0, "logprob_sum": [-3.0, -4.0], "n_tokens": [1, 2]}
+    ]
+    sets = {
+        "qa": (spec, "generation", gen, "qa.generations.jsonl", generation_metrics([[True], [False]])),
+        "mc": (mc_spec, "multiple_choice", mc, "mc.mc.jsonl", rescore_choices(mc)[0]),
+    }
+    done = {"record_version": X.RECORD_VERSION, "run": record.name, "sets": {}}
+    for label, (s, kind, rows, name, metrics) in sets.items():
+        folder = record / "eval" / label
+        folder.mkdir(parents=True)
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        result = {"spec": s, "kind": kind, "n": len(rows), "metrics": metrics, "items": name, "model": None}
+        (folder / "result.json").write_text(json.dumps({"record_version": X.RECORD_VERSION, **result}))
+        done["sets"][label] = {**result, "items": f"eval/{label}/{name}"}
+    (record / "DONE.json").write_text(json.dumps(done))
+
+
+def test_rescore_scores_the_recorded_outputs_again(tmp_path, capsys):
+    """``--rescore PATTERN``: the finished runs' recorded outputs scored again without a model, before and after
+    ``--compact-records`` stores them compressed; an item recorded with an outcome its text does not give is named,
+    and a metric that differs from its record fails the command unless within ``--tolerance``."""
+    import dataclasses
+
+    raw = {
+        "name": "r",
+        "output_dir": str(tmp_path / "out"),
+        "records_dir": str(tmp_path / "records"),
+        "base": {"data": {"size": 8}, "train": {"max_steps": 2}},
+        "grid": [{"method": "sft", "seeds": [0, 1]}],
+        "eval": [{"name": "qa", "set": str(tmp_path / "qa.jsonl"), "greedy": False}, {"name": "mc", "set": "piqa"}],
+    }
+    path = tmp_path / "exp.yaml"
+    path.write_text(json.dumps(raw))
+    exp = X.experiment_from_dict(raw)
+    specs = [dataclasses.asdict(s) for s in exp.eval]
+    record = tmp_path / "records" / "sft-s0"  # sft-s1 is not finished: not re-scored
+    _rescore_record(record, *specs)
+    parser = add_experiment_arguments(argparse.ArgumentParser())
+    args = ["--config", str(path), "--rescore", "*"]
+    assert run_experiment_from_args(parser.parse_args(args)) == 0
+    printed = capsys.readouterr().out
+    assert "re-scoring of sft-s0: identical" in printed and "sft-s1" not in printed
+    assert "qa: 2/2 items scored as recorded" in printed and "mc: 1/1 items scored as recorded" in printed
+
+    assert run_experiment_from_args(parser.parse_args(["--config", str(path), "--compact-records"])) == 0
+    assert "r: 2 items file(s) compressed" in capsys.readouterr().err
+    items = record / "eval" / "qa" / "qa.generations.jsonl"
+    assert not items.exists() and items.with_name(items.name + ".gz").is_file()
+    assert run_experiment_from_args(parser.parse_args(args)) == 0
+    assert capsys.readouterr().out == printed
+
+    gen = [json.loads(line) for line in gzip.decompress(items.with_name(items.name + ".gz").read_bytes()).splitlines()]
+    gen[1]["samples"][0]["correct"] = True  # "so 4" for 5, recorded as right
+    items.write_text("".join(json.dumps(r) + "\n" for r in gen))  # a plain file beside the .gz is the one read
+    assert run_experiment_from_args(parser.parse_args(args)) == 0  # the metrics, from the texts, agree
+    printed = capsys.readouterr().out
+    assert "re-scoring of sft-s0: differs" in printed and "1/2 items scored as recorded" in printed
+    assert "changed: q1" in printed
+    done = json.loads((record / "DONE.json").read_text())
+    done["sets"]["qa"]["metrics"]["average@1"]["value"] = 1.0
+    (record / "DONE.json").write_text(json.dumps(done))
+    assert run_experiment_from_args(parser.parse_args(args)) == 1
+    assert "average@1    recorded 1.0000  rescored 0.5000  |Δ| 0.5000" in capsys.readouterr().out
+    assert run_experiment_from_args(parser.parse_args([*args, "--tolerance", "0.5"])) == 0
+    capsys.readouterr()
+    assert run_experiment_from_args(parser.parse_args([*args[:3], "nope"])) == 1
+    assert "no finished run matching 'nope'" in capsys.readouterr().err
+    assert run_experiment_from_args(parser.parse_args([*args, "--only", "sft"])) == 2

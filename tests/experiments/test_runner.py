@@ -16,6 +16,7 @@ import pytest
 
 from experiment_helpers import tiny_experiment, tiny_files
 from targetsft import experiments as X
+from targetsft.data.sft import read_jsonl
 from targetsft.experiments.plots import baseline_bands
 from targetsft.runtime.files import sha256_file
 from targetsft.training.config import config_from_dict
@@ -92,7 +93,8 @@ def test_resume_skips_finished_runs_and_resumes_a_killed_one(tiny_setup, tmp_pat
     done = json.loads((runs / "dft-s0" / "DONE.json").read_text())
     assert done == records[2] and done["seed"] == 0 and done["method"] == "dft"
     assert set(done["sets"]) == {"qa", "mc"} and done["sets"]["qa"]["metrics"]["greedy"]["n"] == 3
-    assert (runs / "dft-s0" / done["sets"]["qa"]["items"]).is_file()  # the real evaluate_generation output
+    items = runs / "dft-s0" / done["sets"]["qa"]["items"]  # the real evaluate_generation output, kept compressed
+    assert not items.exists() and items.with_name(items.name + ".gz").is_file() and len(read_jsonl(items)) == 3
     assert done["sets"]["mc"]["items"].endswith(".mc.jsonl")
 
     calls.clear()

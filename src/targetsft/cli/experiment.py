@@ -1,10 +1,12 @@
 """``target-sft experiment``: its options and the command itself (run a grid, ``--dry-run`` its plan,
-``--aggregate-only``, ``--reproduce``).
+``--aggregate-only``, ``--reproduce``, ``--rescore``, ``--compact-records``).
 
 The tables and plots go to the experiment's ``output_dir``; ``--update-results`` writes them to its committed
 ``results_dir`` instead (:func:`~targetsft.experiments.grid.tables_dir`): ``--aggregate-only --update-results``
 refreshes the committed tables from the records; ``--reproduce RUN_ID`` reruns one finished run and compares it
-with its record (:mod:`~targetsft.experiments.reproduce`)."""
+with its record (:mod:`~targetsft.experiments.reproduce`); ``--rescore PATTERN`` scores finished runs' recorded
+outputs again, without a model; ``--compact-records`` stores the records' evaluation items gzip-compressed
+(:func:`~targetsft.experiments.records.compact_records`)."""
 
 from __future__ import annotations
 
@@ -46,10 +48,24 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
         "the committed one (exit status 1 if an eval metric differs by more than --tolerance); nothing else runs",
     )
     parser.add_argument(
+        "--rescore",
+        metavar="PATTERN",
+        help="score the recorded outputs of the finished runs whose id matches (glob or substring; '*': all) again, "
+        "without a model, and compare them with their records (exit status 1 if a metric differs by more than "
+        "--tolerance); nothing else runs",
+    )
+    parser.add_argument(
+        "--compact-records",
+        action="store_true",
+        help="store the evaluation items of the experiment's records gzip-compressed (<items>.gz, the same bytes "
+        "for the same content); nothing else runs",
+    )
+    parser.add_argument(
         "--tolerance",
         type=float,
         default=0.0,
-        help="with --reproduce: the largest accepted |recorded - rerun| of an eval metric (default 0: exactly)",
+        help="with --reproduce or --rescore: the largest accepted |recorded - rerun| of an eval metric (default 0: "
+        "exactly)",
     )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no per-batch progress bars")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -69,7 +85,8 @@ def run_experiment_from_args(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"target-sft experiment: config error: {err}", file=sys.stderr)
         return 2
-    if not args.aggregate_only:
+    no_training = args.aggregate_only or getattr(args, "rescore", None) or getattr(args, "compact_records", False)
+    if not no_training:  # the models and the training data of what will run
         checked = set()
         for run in (r for exp in exps for r in expand_grid(exp) if not r.is_baseline):
             model, data = run.config.get("model"), run.config.get("data") or {}
@@ -87,6 +104,10 @@ def run_experiment_from_args(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if getattr(args, "reproduce", None):
         return _reproduce(exps, args)
+    if getattr(args, "rescore", None):
+        return _rescore(exps, args)
+    if getattr(args, "compact_records", False):
+        return _compact(exps)
     if not args.aggregate_only:
         try:
             run_experiments(exps, only=args.only, progress=args.progress)
@@ -116,3 +137,34 @@ def _reproduce(exps: Sequence[Experiment], args: argparse.Namespace) -> int:
     print(format_comparison(comparison))
     gap = largest_metric_gap(comparison)
     return 0 if gap <= args.tolerance else 1
+
+
+def _rescore(exps: Sequence[Experiment], args: argparse.Namespace) -> int:
+    """``--rescore PATTERN``: 0 when every metric of every matching run scores again within ``--tolerance`` of its
+    record."""
+    from targetsft.experiments.reproduce import format_rescore, largest_rescore_gap, rescore_runs
+
+    if args.aggregate_only or args.only:
+        print("target-sft experiment: --rescore takes no --only or --aggregate-only", file=sys.stderr)
+        return 2
+    gap = 0.0
+    for exp in exps:
+        try:
+            comparisons = rescore_runs(exp, args.rescore)
+        except ExperimentError as err:
+            print(f"target-sft experiment: {err}", file=sys.stderr)
+            return 1
+        for comparison in comparisons:
+            print(format_rescore(comparison))
+            gap = max(gap, largest_rescore_gap(comparison))
+    return 0 if gap <= args.tolerance else 1
+
+
+def _compact(exps: Sequence[Experiment]) -> int:
+    """``--compact-records``: every plain items file of the experiments' records stored as ``.gz``."""
+    from targetsft.experiments.records import compact_records
+
+    for exp in exps:
+        written = compact_records(exp)
+        print(f"target-sft experiment: {exp.name}: {len(written)} items file(s) compressed", file=sys.stderr)
+    return 0

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from targetsft.runtime.files import open_stored, stored_file
+
 __all__ = [
     "GSM_TRAIN_DEFAULT_SIZE",
     "IGNORE_INDEX",
@@ -51,11 +53,13 @@ _CALC = re.compile(r"<<[^<>]*>>")
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read a JSONL file (blank lines skipped). A malformed line (not UTF-8, not JSON, not an object) raises
+    """Read a JSONL file (blank lines skipped); a gzip-compressed one (``.jsonl.gz``) is decompressed, and a
+    ``<name>.jsonl`` that is not there is read from its ``<name>.jsonl.gz``
+    (:func:`~targetsft.runtime.files.stored_file`). A malformed line (not UTF-8, not JSON, not an object) raises
     ValueError naming the file, the 1-based line number and the error."""
-    path = Path(path)
+    path = stored_file(path)
     out: list[dict[str, Any]] = []
-    with open(path, "rb") as fh:  # decoded line by line, so that bytes that are not UTF-8 are found by line
+    with open_stored(path) as fh:  # decoded line by line, so that bytes that are not UTF-8 are found by line
         for lineno, raw in enumerate(fh, 1):
             try:
                 line = raw.decode("utf-8")

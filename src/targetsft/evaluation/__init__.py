@@ -1,8 +1,9 @@
 """The evaluation layer: answer checking (:mod:`~targetsft.evaluation.answers`), prompts and the early stop
 (:mod:`~targetsft.evaluation.prompts`), generation engines (:mod:`~targetsft.evaluation.engines`), metrics
 (:mod:`~targetsft.evaluation.metrics`), generative and multiple-choice sets
-(:mod:`~targetsft.evaluation.generation_set`, :mod:`~targetsft.evaluation.multiple_choice`) and the ``evaluate``
-entry point (:mod:`~targetsft.evaluation.suite`).
+(:mod:`~targetsft.evaluation.generation_set`, :mod:`~targetsft.evaluation.multiple_choice`), the ``evaluate``
+entry point (:mod:`~targetsft.evaluation.suite`) and a set's recorded items scored again without a model
+(:mod:`~targetsft.evaluation.rescore`).
 Imports the data and runtime layers, nothing of training or experiments; the public names are re-exported here."""
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from targetsft.evaluation.prompts import (
     build_prompts,
     cut_at_answer,
 )
+from targetsft.evaluation.rescore import rescore_items
 from targetsft.evaluation.suite import (
     evaluate,
     evaluate_set,
@@ -91,6 +93,7 @@ __all__ = [
     "mean_interval",
     "model_device",
     "pass_at_k",
+    "rescore_items",
     "score_continuations",
     "set_kind",
     "set_label",

@@ -1,7 +1,7 @@
 """The experiment layer: resumable grids of train + eval runs (:mod:`~targetsft.experiments.grid`,
 :mod:`~targetsft.experiments.runner`; where each run stands: :mod:`~targetsft.experiments.status`; a student's teacher
-run and teacher cache: :mod:`~targetsft.experiments.teacher_runs`; one run rerun against its record:
-:mod:`~targetsft.experiments.reproduce`), their statistics, comparisons, tables and plots
+run and teacher cache: :mod:`~targetsft.experiments.teacher_runs`; one run rerun against its record, or its recorded
+outputs scored again: :mod:`~targetsft.experiments.reproduce`), their statistics, comparisons, tables and plots
 (:mod:`~targetsft.experiments.statistics`, :mod:`~targetsft.experiments.comparisons`,
 :mod:`~targetsft.experiments.report`, :mod:`~targetsft.experiments.teachers`, :mod:`~targetsft.experiments.plots`),
 and the studies built on finished runs (:mod:`~targetsft.experiments.noise_fit`,
@@ -28,6 +28,7 @@ from targetsft.experiments.records import (
     PROBE_FILE,
     RECORD_VERSION,
     RecordVersionError,
+    compact_records,
     migrate_record,
     recorded_precision,
     run_precision,
@@ -56,6 +57,7 @@ __all__ = [
     "RunGroup",
     "aggregate",
     "check_one_precision",
+    "compact_records",
     "done_records",
     "expand_grid",
     "experiment_from_dict",

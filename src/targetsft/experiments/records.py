@@ -5,6 +5,13 @@ reused and how two trainings of its run compare.
 The record folder is ``<records_dir>/<run id>`` (``runs_dir`` when the experiment has no ``records_dir``); the
 models and checkpoints stay in :func:`~targetsft.experiments.grid.run_dir`.
 
+Evaluation items
+----------------
+Each ``eval/<label>/result.json`` (and ``DONE.json``'s set) names its items file, ``<set>.generations.jsonl`` or
+``<set>.mc.jsonl``; the record keeps it gzip-compressed beside that name, ``<items>.gz`` (the runner compresses
+what it evaluates; :func:`compact_record` compresses a record's plain ones), and every reader takes the name through
+:func:`~targetsft.runtime.files.stored_file`, which finds the file in either form.
+
 Versions
 --------
 The files the runner writes (``run.json``, ``eval/<label>/result.json``, ``DONE.json``) carry ``record_version``
@@ -24,8 +31,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from targetsft.experiments.grid import EvalSpec, Experiment, Run, run_dir, runs_root
-from targetsft.runtime.files import atomic_write_text, sha256_json
+from targetsft.experiments.grid import EvalSpec, Experiment, Run, expand_grid, run_dir, runs_root
+from targetsft.runtime.files import GZIP_SUFFIX, atomic_write_text, compress_file, sha256_json
 from targetsft.runtime.inputs import InputError
 from targetsft.training.config import config_from_dict
 
@@ -159,6 +166,23 @@ def records_root(exp: Experiment) -> Path:
 def record_dir(exp: Experiment, run: Run) -> Path:
     """The run's record: run.json, summary.json, metrics.csv, gamma_probe.jsonl, eval/, DONE.json."""
     return records_root(exp) / run.id
+
+
+def compact_record(record: Path) -> list[Path]:
+    """Store a record's evaluation items gzip-compressed: each items file that its ``DONE.json`` or an
+    ``eval/<label>/result.json`` names and that is still plain becomes ``<items>.gz``
+    (:func:`~targetsft.runtime.files.compress_file`: the same bytes for the same content); the record's files, which
+    name ``<items>``, are unchanged. Returns the files written."""
+    named = [record / entry["items"] for entry in (read_json(record / DONE_FILE) or {}).get("sets", {}).values()]
+    for result in sorted(record.glob("eval/*/result.json")):
+        named.append(result.parent / read_json(result)["items"])
+    plain = [p for p in dict.fromkeys(named) if p.is_file() and not p.name.endswith(GZIP_SUFFIX)]
+    return [compress_file(p) for p in plain]
+
+
+def compact_records(exp: Experiment) -> list[Path]:
+    """:func:`compact_record` on the record of every run of ``exp`` (the baseline included); the files written."""
+    return [path for run in expand_grid(exp) for path in compact_record(record_dir(exp, run))]
 
 
 def trained(exp: Experiment, run: Run) -> bool:

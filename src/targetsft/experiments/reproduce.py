@@ -1,4 +1,5 @@
-"""Reproducing a finished run from its committed record (``target-sft experiment --reproduce RUN_ID``).
+"""Reproducing a finished run from its committed record (``target-sft experiment --reproduce RUN_ID``), and scoring
+its recorded outputs again (``--rescore PATTERN``).
 
 The run is trained and evaluated again from the configuration its record was made with, in a scratch folder
 (``<output_dir>/reproduce/<run id>/``: ``runs/`` its model, ``records/`` its new record; its teacher runs and teacher
@@ -9,6 +10,10 @@ caches stay the experiment's own), and the new record is compared with the commi
 * training: the largest difference of every logged training statistic (loss, grad norm, γ, ...) over the logged
   steps, |a − b| and |a − b| / max(|a|, |b|).
 
+``--rescore PATTERN`` is the model-free check of the same records (:func:`rescore_record`): each set's items scored
+again from the record's outputs (the generated texts against their gold answers, the multiple-choice log-probs
+picked from again) and the metrics compared with the recorded ones.
+
 Both records' environments (CPU capability, threads, torch and, where recorded, transformers and the other
 libraries) are printed beside the figures: a difference between two kinds of CPU, two thread counts or two library
 versions is expected of floating point, not a fault of the run. A killed reproduction
@@ -18,6 +23,7 @@ resumes like any run (its checkpoints are in the scratch folder).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -173,4 +179,85 @@ def format_comparison(comparison: dict[str, Any]) -> str:
         )
         for key, c in training["columns"].items():
             lines.append(f"    {key:<18s} |Δ| {c['max_abs']:.3g}  relative {c['max_rel']:.3g}")
+    return "\n".join(lines)
+
+
+def _value_gap(a: float | None, b: float | None) -> float:
+    """|a − b| of two metric values, either of which may be ``None`` (NaN: no value); 0 when they agree."""
+    if a is None or b is None:
+        return 0.0 if a is b else math.inf
+    return differences(a, b)[0]
+
+
+def _rescore_set(record: Path, entry: dict[str, Any]) -> dict[str, Any]:
+    """One set of a record scored again (see :func:`rescore_record`)."""
+    from targetsft.evaluation.rescore import rescore_items
+
+    spec = entry["spec"]
+    again = rescore_items(record / entry["items"], prompt=spec["prompt"], normalize=spec["normalize"])
+    rescored = {name: again["metrics"].get(name, {}) for name in entry["metrics"]}
+    metrics = {
+        name: {"recorded": m["value"], "rescored": rescored[name].get("value")} for name, m in entry["metrics"].items()
+    }
+    bounds = [_value_gap(m.get(b), rescored[name].get(b)) for name, m in entry["metrics"].items() for b in ("lo", "hi")]
+    return {
+        "metrics": metrics,
+        "items": again["n"],
+        "changed": again["changed"],
+        "interval_gap": max(bounds, default=0.0),
+        "identical": not again["changed"]
+        and not any(_value_gap(m["recorded"], m["rescored"]) for m in metrics.values()),
+    }
+
+
+def rescore_record(record: Path) -> dict[str, Any]:
+    """A finished run's record (its ``DONE.json`` and the items files it names, plain or ``.gz``) scored again
+    without a model (:func:`~targetsft.evaluation.rescore.rescore_items` with each set's prompt and normalization):
+    per set, each recorded metric beside its new value, the items whose outcome changed, and the largest difference
+    of the interval bounds (recomputed by this library's interval code); ``identical`` when every value agrees
+    exactly and no item's outcome changed."""
+    done = read_record(record / DONE_FILE)
+    if done is None:
+        raise ExperimentError(f"no {DONE_FILE} in {record} to score again")
+    sets = {label: _rescore_set(record, entry) for label, entry in done["sets"].items()}
+    return {
+        "run": done["run"],
+        "record": str(record),
+        "sets": sets,
+        "identical": all(s["identical"] for s in sets.values()),
+    }
+
+
+def rescore_runs(exp: Experiment, pattern: str) -> list[dict[str, Any]]:
+    """:func:`rescore_record` of every finished run of ``exp`` whose id matches ``pattern`` (a glob; a plain string
+    matches as a substring)."""
+    from targetsft.experiments.status import select_runs
+
+    runs = [r for r in select_runs(expand_grid(exp), pattern) if (record_dir(exp, r) / DONE_FILE).is_file()]
+    if not runs:
+        raise ExperimentError(f"--rescore: experiment {exp.name} has no finished run matching {pattern!r}")
+    return [rescore_record(record_dir(exp, r)) for r in runs]
+
+
+def largest_rescore_gap(comparison: dict[str, Any]) -> float:
+    """The largest |recorded − rescored| of any metric value of a :func:`rescore_record` comparison."""
+    values = [m for s in comparison["sets"].values() for m in s["metrics"].values()]
+    return max((_value_gap(m["recorded"], m["rescored"]) for m in values), default=0.0)
+
+
+def format_rescore(comparison: dict[str, Any]) -> str:
+    """A :func:`rescore_record` comparison as plain text: per set, the items scored as recorded, the interval
+    bounds' largest difference and one line per metric."""
+    lines = [f"re-scoring of {comparison['run']}: {'identical' if comparison['identical'] else 'differs'}"]
+    for label, s in comparison["sets"].items():
+        same = s["items"] - len(s["changed"])
+        lines.append(
+            f"  {label}: {same}/{s['items']} items scored as recorded; interval bounds within {s['interval_gap']:.2g}"
+        )
+        lines += [f"    changed: {', '.join(map(str, s['changed'][:10]))}"] if s["changed"] else []
+        for name, m in s["metrics"].items():
+            rescored = "none" if m["rescored"] is None else f"{m['rescored']:.4f}"
+            recorded = "none" if m["recorded"] is None else f"{m['recorded']:.4f}"
+            gap = _value_gap(m["recorded"], m["rescored"])
+            lines.append(f"    {name:<12s} recorded {recorded}  rescored {rescored}  |Δ| {gap:.4f}")
     return "\n".join(lines)

@@ -4,7 +4,8 @@ Resume
 ------
 ``<runs_dir>/<id>/`` (default ``runs_dir``: ``<output_dir>/runs``) holds the trainer's outputs;
 ``<records_dir>/<id>/`` (default: the same folder) the run's record: ``run.json``, the trainer's ``summary.json``
-and ``metrics.csv`` (copied there when training ends), ``eval/<label>/`` the evaluation files and ``DONE.json``
+and ``metrics.csv`` (copied there when training ends), ``eval/<label>/`` the evaluation files (the items
+gzip-compressed: :mod:`~targetsft.experiments.records`) and ``DONE.json``
 (the metrics, written atomically when the run is complete). A run is skipped when ``DONE.json`` exists for the
 same configuration (a fingerprint of its TrainConfig; a different one is an error, never silently reused) and
 covers the current eval sets. Otherwise training is skipped if the run folder holds ``summary.json`` (written last
@@ -48,7 +49,7 @@ from targetsft.experiments.status import (
     select_runs,
 )
 from targetsft.experiments.teacher_runs import teacher_cache, teacher_model
-from targetsft.runtime.files import atomic_write_text
+from targetsft.runtime.files import atomic_write_text, compress_file
 from targetsft.runtime.precision import environment
 from targetsft.training.config import config_from_dict
 from targetsft.training.scoring import gamma_probe
@@ -113,8 +114,15 @@ def _evaluate_set(
         model_name=name,
         progress=progress,
     )
-    items = Path(summary["files"]["items"]).name
-    return {"spec": spec_dict(spec), "kind": kind, "n": summary["n"], "metrics": summary["metrics"], "items": items}
+    items = Path(summary["files"]["items"])
+    compress_file(items)  # kept as <items>.gz under the name the record gives (records.compact_record)
+    return {
+        "spec": spec_dict(spec),
+        "kind": kind,
+        "n": summary["n"],
+        "metrics": summary["metrics"],
+        "items": items.name,
+    }
 
 
 def _kept_set(result: dict[str, Any], label: str, recorded: dict[str, Any] | None) -> dict[str, Any]:

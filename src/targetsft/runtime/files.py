@@ -1,9 +1,12 @@
-"""Crash-safe file writes and checksums shared by the cache, the model conversion, training and evaluation."""
+"""Crash-safe file writes and checksums shared by the cache, the model conversion, training and evaluation, and the
+gzip-compressed files that a run's record keeps its evaluation items in (:func:`stored_file`, :func:`open_stored`,
+:func:`compress_file`)."""
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import gzip
 import hashlib
 import io
 import json
@@ -11,7 +14,10 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+GZIP_SUFFIX = ".gz"
+"""The suffix of a gzip-compressed file: ``<name>.gz`` holds the content of ``<name>``."""
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -72,3 +78,38 @@ def sha256_json(obj: Any) -> str:
     """Hex sha256 of ``obj`` as canonical JSON (sorted keys, no spaces): a fingerprint of plain data."""
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def stored_file(path: str | os.PathLike) -> Path:
+    """The file that holds ``path``'s content: ``path`` itself, else its gzip-compressed form ``<path>.gz`` (a run's
+    record names its evaluation items ``<set>.generations.jsonl`` and keeps them as ``<set>.generations.jsonl.gz``);
+    ``path`` when neither exists."""
+    path = Path(path)
+    if path.is_file() or path.name.endswith(GZIP_SUFFIX):
+        return path
+    packed = path.with_name(path.name + GZIP_SUFFIX)
+    return packed if packed.is_file() else path
+
+
+def open_stored(path: str | os.PathLike) -> IO[bytes]:
+    """:func:`stored_file` of ``path`` opened for reading bytes, a ``.gz`` one decompressed as it is read."""
+    found = stored_file(path)
+    return gzip.open(found, "rb") if found.name.endswith(GZIP_SUFFIX) else open(found, "rb")
+
+
+def gzip_bytes(data: bytes) -> bytes:
+    """``data`` gzip-compressed, the same bytes for the same data: level 9, no file name, modification time 0."""
+    buf = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, compresslevel=9, mtime=0) as fh:
+        fh.write(data)
+    return buf.getvalue()
+
+
+def compress_file(path: str | os.PathLike) -> Path:
+    """Replace ``path`` by its gzip-compressed ``<path>.gz`` (:func:`gzip_bytes`, written atomically before
+    ``path`` is removed, so one of the two always holds the content); returns the ``.gz`` path."""
+    path = Path(path)
+    packed = path.with_name(path.name + GZIP_SUFFIX)
+    atomic_write_bytes(packed, gzip_bytes(path.read_bytes()))
+    path.unlink()
+    return packed
