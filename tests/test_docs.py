@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -96,7 +97,10 @@ def test_trl_example_runs(page, tiny_llama, tiny_tokenizer, tmp_path, monkeypatc
     }
     head_calls = []
     namespace["model"].lm_head.register_forward_hook(lambda module, args, out: head_calls.append(out.shape))
-    exec(compile(block, str(page), "exec"), namespace)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exec(compile(block, str(page), "exec"), namespace)
+    assert not [w for w in caught if "TargetSFTTrainer(" in str(w.message)], "the snippet uses deprecated keywords"
     result = namespace["trainer"].train()
     assert result.global_step == 2 and result.training_loss > 0 and head_calls == []
 

@@ -33,7 +33,7 @@ def _load(folder):
     return transformers.AutoModelForCausalLM.from_pretrained(folder)
 
 
-def _args(out, **overrides):
+def _args(out, cls=None, **overrides):
     fields = dict(
         report_to=[],
         use_cpu=True,
@@ -51,7 +51,7 @@ def _args(out, **overrides):
         disable_tqdm=True,
         seed=0,
     )
-    return trl.SFTConfig(str(out), **{**fields, **overrides})
+    return (cls or trl.SFTConfig)(str(out), **{**fields, **overrides})
 
 
 def _trainer(model, tokenizer, args, rows=ROWS, cls=TargetSFTTrainer, **kwargs):
@@ -246,6 +246,29 @@ def test_a_teacher_given_by_path_is_loaded_in_the_students_dtype(dirs, tiny_toke
     _assert_same(runs[0], runs[1], atol=0)
     loaded = trainer.fused_forward.defaults["teacher_model"]
     assert next(loaded.parameters()).dtype == torch.float32
+
+
+def test_target_sft_config_carries_what_the_loose_keywords_did(dirs, tiny_tokenizer, tmp_path):
+    """``TargetSFTConfig(method=, method_params=, teacher_model_name_or_path=)`` trains exactly as the deprecated
+    trainer keywords (Δw = 0); the keywords warn, the config does not; a keyword contradicting it is refused."""
+    from targetsft.training.trl_trainer import TargetSFTConfig
+
+    student, teacher = dirs
+    target = {"method": "target_sft", "method_params": {"eta": 0.5}}
+    model = _load(student)
+    with pytest.warns(DeprecationWarning, match=r"TargetSFTTrainer\(method=\.\.\., method_params=\.\.\."):
+        _trainer(model, tiny_tokenizer, _args(tmp_path / "a"), teacher_model=_load(teacher), **target).train()
+    by_keywords = _weights(model)
+    model = _load(student)
+    config = _args(tmp_path / "b", TargetSFTConfig, teacher_model_name_or_path=str(teacher), **target)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        trainer = _trainer(model, tiny_tokenizer, config)
+    trainer.train()
+    _assert_same(by_keywords, _weights(model), atol=0)
+    assert trainer.fused_forward.defaults["teacher_model"] is not None  # loaded from teacher_model_name_or_path
+    with pytest.raises(ValueError, match="method is 'target_sft' in TargetSFTConfig but 'kd' as a keyword"):
+        _trainer(_load(student), tiny_tokenizer, config, method="kd")
 
 
 def test_proximal_sft_gets_its_policy_snapshot(dirs, tiny_tokenizer, tmp_path):

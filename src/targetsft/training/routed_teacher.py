@@ -1,12 +1,13 @@
 """Routed teachers: one top-k teacher per kind of example (math rows from a math model, code rows from a code model).
 
-The ``teachers:`` section of a training config (:class:`~targetsft.training.config.RoutedTeacherConfig` entries)
-is checked here (:func:`check_routed_teachers`). Each example is routed once, when the data is set up, to the
-first teacher whose selector its record matches (:func:`route_records`), or to none. :class:`RoutedTeacher` is
-itself a :class:`~targetsft.training.topk_rows.TopKTeacher`: for a batch it asks each teacher for the rows of its
-own examples (a sub-batch of them) and puts them back in batch order; an example routed to no teacher gets rows
-whose ids are all ``MISSING_ID``, the rows of a position without a teacher (the method's no-teacher behaviour:
-Target-SFT is DFT there, KD has no gradient).
+The ``teachers:`` section of a training config (its entries are
+:class:`~targetsft.training.config_sections.RoutedTeacherConfig`) is checked here (:func:`check_routed_teachers`).
+Each example is routed once, when the data is set up, to the first teacher whose selector its record matches
+(:func:`route_records`), or to none. :class:`RoutedTeacher` is itself a
+:class:`~targetsft.training.topk_rows.TopKTeacher`: for a batch it asks each teacher for the rows of its own examples
+(a sub-batch of them) and puts them back in batch order; an example routed to no teacher gets rows whose ids are all
+``MISSING_ID``, the rows of a position without a teacher (the method's no-teacher behaviour: Target-SFT is DFT there,
+KD has no gradient).
 """
 
 from __future__ import annotations
@@ -22,13 +23,12 @@ from torch import Tensor
 
 from targetsft.losses.methods import MethodSpec
 from targetsft.losses.validation import MISSING_ID
-from targetsft.training.config import (
+from targetsft.training.config_sections import (
     ConfigError,
     RoutedTeacherConfig,
-    TrainConfig,
-    _check_served_temperature,
-    _server_section,
     build_section,
+    check_served_temperature,
+    server_section,
 )
 from targetsft.training.topk_rows import IGNORE_INDEX, TopKTeacher, check_row_count
 
@@ -55,7 +55,7 @@ def routed_teacher_entries(values: Any) -> list[RoutedTeacherConfig]:
 ROUTE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
-def check_routed_teachers(cfg: TrainConfig, spec: MethodSpec, given: list[str]) -> None:
+def check_routed_teachers(cfg: Any, spec: MethodSpec, given: list[str]) -> None:
     """``teachers``: named entries (names unique, not ``none``), each with a selector and one source (a cache or a
     server; not a model); exclusive of ``teacher.model``/``cache``/``server``; for a method that uses a teacher, on
     padded batches, without ``data.eval``."""
@@ -88,8 +88,8 @@ def check_routed_teachers(cfg: TrainConfig, spec: MethodSpec, given: list[str]) 
             what = "no teacher source" if not sources else "both cache and server"
             raise ConfigError(f"{where} ({entry.name}) has {what}: give one of cache: or server:")
         if entry.server is not None:
-            entry.server = _server_section(entry.server, f"{where}.server")
-            _check_served_temperature(cfg, spec)
+            entry.server = server_section(entry.server, f"{where}.server")
+            check_served_temperature(cfg, spec)
             if cfg.teacher.align == "text":
                 raise ConfigError(
                     f"{where} ({entry.name}): a routed server is read by ids; route a teacher of another tokenizer "

@@ -1,7 +1,8 @@
 """``TargetSFTTrainer``: TRL's ``SFTTrainer`` with the fused target loss, for users of TRL's data handling.
 
-    trainer = TargetSFTTrainer(model=model, args=SFTConfig(...), train_dataset=..., processing_class=tokenizer,
-                               method="target_sft", method_params={"eta": 0.5}, teacher_model=teacher)
+    config = TargetSFTConfig(output_dir, method="target_sft", method_params={"eta": 0.5})
+    trainer = TargetSFTTrainer(model=model, args=config, train_dataset=..., processing_class=tokenizer,
+                               teacher_model=teacher)
 
 TRL 1.16 deprecates ``compute_loss_func`` (the hook :class:`targetsft.TargetLoss` plugs into), and that hook needs
 the full ``[tokens, V]`` logits, which costs TRL an extra forward pass per step. This subclass overrides
@@ -25,9 +26,12 @@ from trl import SFTTrainer
 from targetsft.training.loss_func import check_frozen_model, saved_tokenizer, shared_vocab_size
 from targetsft.training.loss_mixin import FusedLossMixin
 from targetsft.training.text_alignment import TextAligner, alignment_note, require_aligned_share
+from targetsft.training.trl_config import DEFAULTS, LOOSE_KEYWORDS, TargetSFTConfig
 from targetsft.training.vocabulary import resolve_align
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["TargetSFTConfig", "TargetSFTTrainer", "WeightCollator"]
 
 # Per-token weights of `weighted` / `critical`, as dataset columns: `token_weights` (one per token of the tokenized
 # example) or `weight` (one per example, given to each of its tokens).
@@ -37,9 +41,12 @@ _TRL_SMOOTHING_WARNING = r"`label_smoothing_factor` is deprecated in `SFTTrainer
 
 
 class TargetSFTTrainer(FusedLossMixin, SFTTrainer):
-    """``trl.SFTTrainer`` whose loss is ``targetsft.fused_target_loss`` of ``method``; the keyword arguments are
-    :class:`~targetsft.training.loss_mixin.FusedLossMixin` 's (``method``, ``method_params``, ``teacher_model``,
-    ``ref_model``, ``chunk_size``, placements).
+    """``trl.SFTTrainer`` whose loss is ``targetsft.fused_target_loss`` of the method a
+    :class:`~targetsft.training.trl_config.TargetSFTConfig` (``args``) names, with its parameters, alignment,
+    chunking and placements; the trainer takes the models and objects: ``teacher_model``, ``ref_model``,
+    ``teacher`` (a top-k teacher: a cache, a server), ``teacher_tokenizer`` (see
+    :class:`~targetsft.training.loss_mixin.FusedLossMixin`). Those settings given as trainer keywords still work for
+    one release, with a ``DeprecationWarning``.
 
     ``method`` left unset follows ``SFTConfig``: ``loss_type="dft"`` trains ``dft``, ``label_smoothing_factor=ε``
     ``label_smoothing`` (ε); a ``method`` that contradicts them is refused. ``teacher_model`` may be a model, a local
@@ -59,17 +66,13 @@ class TargetSFTTrainer(FusedLossMixin, SFTTrainer):
     tokenized example) or a ``weight`` column (one per example, for each of its tokens).
     """
 
-    def __init__(
-        self,
-        *args: Any,
-        teacher_tokenizer: Any = None,
-        teacher_align: str = "auto",
-        align_top_k: int = 256,
-        min_aligned_share: float = 0.5,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *args: Any, teacher_tokenizer: Any = None, **kwargs: Any) -> None:
         model = kwargs.get("model", args[0] if args else None)
         args_ = kwargs.get("args", args[1] if len(args) > 1 else None)
+        kwargs = settings_from_config(args_, kwargs)
+        teacher_align = kwargs.pop("teacher_align")
+        align_top_k = kwargs.pop("align_top_k")
+        min_aligned_share = kwargs.pop("min_aligned_share")
         if isinstance(kwargs.get("teacher_model"), str):
             kwargs["teacher_model"] = _load_teacher(kwargs["teacher_model"], model, args_)
         if isinstance(kwargs.get("ref_model"), str):
@@ -180,6 +183,36 @@ class WeightCollator:
                 out[row] = float(per_example)
         batch["token_weights"] = out
         return batch
+
+
+def settings_from_config(config: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The trainer's keywords with what a :class:`~targetsft.training.trl_config.TargetSFTConfig` carries: its
+    method, parameters, alignment, chunking and placements, and a teacher / reference by name when none is given.
+    The same settings given as trainer keywords still work (deprecated; refused where they contradict the config)."""
+    kwargs = dict(kwargs)
+    loose = [k for k in LOOSE_KEYWORDS if k in kwargs]
+    if loose:
+        warnings.warn(
+            f"TargetSFTTrainer({', '.join(f'{k}=...' for k in loose)}) is deprecated and will be removed in the next "
+            "release: set them in TargetSFTConfig (targetsft.training.trl_trainer.TargetSFTConfig, an SFTConfig)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+    if isinstance(config, TargetSFTConfig):
+        for key in LOOSE_KEYWORDS:
+            value = getattr(config, key)
+            if key in kwargs and value != DEFAULTS[key] and kwargs[key] != value:
+                raise ValueError(f"{key} is {value!r} in TargetSFTConfig but {kwargs[key]!r} as a keyword: keep one")
+            kwargs.setdefault(key, value)
+        for role, name in (
+            ("teacher_model", config.teacher_model_name_or_path),
+            ("ref_model", config.ref_model_name_or_path),
+        ):
+            if name and kwargs.get(role) is None:
+                kwargs[role] = name
+    for key in ("teacher_align", "align_top_k", "min_aligned_share"):
+        kwargs.setdefault(key, DEFAULTS[key])
+    return kwargs
 
 
 def _load_teacher(name: str, student: Any, args: Any) -> nn.Module:
