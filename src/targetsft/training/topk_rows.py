@@ -45,7 +45,8 @@ def check_row_count(ids: Tensor, labels: Tensor, what: str, hint: str) -> None:
 class PrefetchingCollator:
     """A data collator that hands each batch it makes to ``teacher.prefetch`` before returning it, so a teacher that
     answers over the network has the batch's requests in flight while the trainer still works on the batches
-    before it (the Trainer's loader collates one batch ahead, a gradient-accumulation window ahead)."""
+    before it (the Trainer's loader collates one batch ahead, a gradient-accumulation window ahead). In a loader's
+    worker process (``dataloader_num_workers > 0``) it starts nothing: the rows are asked for where the loss runs."""
 
     def __init__(self, collator: Callable[[list[dict[str, Any]]], dict[str, Any]], teacher: Any) -> None:
         self.collator = collator
@@ -53,7 +54,8 @@ class PrefetchingCollator:
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.collator(features)
-        self.teacher.prefetch(batch)
+        if torch.utils.data.get_worker_info() is None:  # the trainer's own process
+            self.teacher.prefetch(batch)
         return batch
 
     def __getattr__(self, name: str) -> Any:  # the wrapped collator's own attributes (e.g. TRL's pad_token_id)
