@@ -115,10 +115,10 @@ def _step(impl: str, hidden, weight, labels, ids, logprobs):
 
         liger = LigerFusedLinearCrossEntropyLoss()
         return lambda: liger(weight, hidden, labels).backward()
-    from targetsft import fused_target_loss
+    from targetsft import TopK, fused_target_loss
 
     method = impl.removeprefix("fused_").removesuffix(f"_top{TOPK}")
-    kw = {"teacher_topk": (ids, logprobs)} if impl.endswith(f"_top{TOPK}") else {}
+    kw = {"teacher": TopK(ids, logprobs)} if impl.endswith(f"_top{TOPK}") else {}
     return lambda: fused_target_loss(hidden, weight, labels, method=method, **kw).backward()
 
 

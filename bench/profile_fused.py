@@ -30,7 +30,7 @@ def _fused_step(n: int, h: int, v: int, chunk_size: int | None, gemm: bool = Fal
     """A closure for one forward + backward of fused SFT (or of the three bare GEMMs) on the benchmark's inputs."""
     import torch
 
-    from targetsft import fused_target_loss
+    from targetsft import Chunking, fused_target_loss
 
     hidden, weight, labels, _, _ = _inputs(n, h, v, "cpu")
     if gemm:
@@ -39,7 +39,7 @@ def _fused_step(n: int, h: int, v: int, chunk_size: int | None, gemm: bool = Fal
         return lambda: (hd @ wd.t(), grad @ wd, grad.t() @ hd)
 
     def run():
-        fused_target_loss(hidden, weight, labels, method="sft", chunk_size=chunk_size).backward()
+        fused_target_loss(hidden, weight, labels, method="sft", chunking=Chunking(chunk_size)).backward()
         hidden.grad = weight.grad = None
 
     return run

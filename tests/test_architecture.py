@@ -1,12 +1,15 @@
 """The package is its architecture: one subpackage per layer, imports only downwards and of public names across
-packages, no module over 600 lines, no function over 80 lines unless it is one readable sequence, and the Layout
-table names exactly the modules that exist."""
+packages, no import circle inside a layer, no module over 600 lines, no function over 80 lines unless it is one
+readable sequence, and the Layout table names exactly the modules that exist."""
 
 from __future__ import annotations
 
 import ast
+import graphlib
 import re
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "targetsft"
@@ -131,3 +134,39 @@ def test_old_import_paths_still_work_for_one_release():
         assert any(issubclass(w.category, DeprecationWarning) and new in str(w.message) for w in caught), old
         assert module.__spec__.name == new  # the real module keeps its own spec
     from targetsft.teacher_cache import TeacherCache  # noqa: F401  a name through an old path
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Each module of the package and the modules of the package it imports, at the top or inside a function (an
+    import deferred into a function still ties the two); ``from a import b`` counts as ``a.b`` where that is a
+    module, else as ``a``."""
+    modules = _modules()
+
+    def resolve(name: str) -> str:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name
+
+    graph = {}
+    for module, path in modules.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                deps |= {resolve(a.name) for a in node.names if a.name.startswith("targetsft")}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("targetsft"):
+                deps |= {resolve(f"{node.module}.{a.name}") for a in node.names}
+        graph[module] = deps - {module, ""}
+    return graph
+
+
+def test_no_import_circle_inside_a_layer():
+    """Within a layer (``targetsft.training`` with ``training.teacher_cache``, ...) the modules import one another
+    without a circle: each can be read after the ones it uses."""
+
+    graph = _module_graph()
+    for layer in sorted({_layer(m) for m in graph} - {"<root>"}):
+        inside = {m: {d for d in deps if _layer(d) == layer} for m, deps in graph.items() if _layer(m) == layer}
+        try:
+            tuple(graphlib.TopologicalSorter(inside).static_order())
+        except graphlib.CycleError as err:
+            pytest.fail(f"an import circle in targetsft.{layer}: {' -> '.join(err.args[1])}")

@@ -4,6 +4,7 @@ Every supported loss is cross-entropy against ``Q_t = γ_t·onehot(y_t) + (1 −
 """
 
 from targetsft import _compat, functional
+from targetsft.losses.distributions import Chunking, LMHead, Logits, Projected, TopK
 from targetsft.losses.fused import fused_target_loss
 from targetsft.losses.induced import InducedTarget, induced_target
 from targetsft.losses.loss import build_target, target_loss
@@ -17,11 +18,16 @@ _compat.install()
 
 __all__ = [
     "METHODS",
+    "Chunking",
     "InducedTarget",
+    "LMHead",
+    "Logits",
     "MethodSpec",
     "Param",
+    "Projected",
     "Target",
     "TargetLoss",
+    "TopK",
     "build_target",
     "fused_target_loss",
     "functional",

@@ -139,3 +139,36 @@ def test_lm_head_reads_logit_transforms_from_config():
     head = lm_head(model)
     assert head.softcap == 30.0 and head.logit_scale == 0.5
     assert head.weight is model.get_output_embeddings().weight
+
+
+def test_the_forward_reads_every_teacher_one_way():
+    """The fused forward asks no teacher its kind: it imports no teacher module (no import circle with
+    text_alignment), and a teacher of its own making gives the same loss as the keyword that builds it."""
+    import ast
+    import inspect
+
+    from targetsft.training import fused_forward
+    from targetsft.training.fused_forward import ModelTeacher, RowsTeacher, target_loss_on_hidden
+
+    imported = {
+        node.module
+        for node in ast.walk(ast.parse(inspect.getsource(fused_forward)))
+        if isinstance(node, ast.ImportFrom)
+    }
+    assert not {m for m in imported if m and "text_alignment" in m}
+    body = inspect.getsource(target_loss_on_hidden)
+    assert "isinstance" not in body and "teacher_alignment" not in body
+    model, teacher = _tiny(8), _tiny(9)
+    ids, labels, mask = _batch()
+    by_keyword = causal_lm_target_loss(model, ids, labels, attention_mask=mask, method="kd", teacher_model=teacher)
+    by_object = causal_lm_target_loss(
+        model, ids, labels, attention_mask=mask, method="kd", teacher=ModelTeacher(teacher)
+    )
+    assert torch.equal(by_keyword, by_object)
+    with torch.no_grad():
+        t_logits = teacher(input_ids=ids, attention_mask=mask).logits
+    flat = shift_labels(labels)
+    top = torch.log_softmax(t_logits, -1)[flat != -100].topk(53, -1)
+    rows = RowsTeacher(targetsft.TopK(top.indices, top.values))
+    by_rows = causal_lm_target_loss(model, ids, labels, attention_mask=mask, method="kd", teacher=rows)
+    assert torch.allclose(by_rows, by_keyword, atol=1e-10)

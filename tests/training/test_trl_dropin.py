@@ -244,7 +244,7 @@ def test_a_teacher_given_by_path_is_loaded_in_the_students_dtype(dirs, tiny_toke
         trainer.train()
         runs.append(_weights(model))
     _assert_same(runs[0], runs[1], atol=0)
-    loaded = trainer.fused_forward.defaults["teacher_model"]
+    loaded = trainer.fused_forward.defaults["teacher"].model
     assert next(loaded.parameters()).dtype == torch.float32
 
 
@@ -266,7 +266,7 @@ def test_target_sft_config_carries_what_the_loose_keywords_did(dirs, tiny_tokeni
         trainer = _trainer(model, tiny_tokenizer, config)
     trainer.train()
     _assert_same(by_keywords, _weights(model), atol=0)
-    assert trainer.fused_forward.defaults["teacher_model"] is not None  # loaded from teacher_model_name_or_path
+    assert trainer.fused_forward.defaults["teacher"].model is not None  # loaded from teacher_model_name_or_path
     with pytest.raises(ValueError, match="method is 'target_sft' in TargetSFTConfig but 'kd' as a keyword"):
         _trainer(_load(student), tiny_tokenizer, config, method="kd")
 
@@ -287,7 +287,7 @@ def test_proximal_sft_gets_its_policy_snapshot(dirs, tiny_tokenizer, tmp_path):
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2 and all(np.isfinite(h["loss"]) for h in logs)
     # refreshed right before the second optimizer step: the weights after the first, neither the start nor the end
-    pi_old = _weights(trainer.fused_forward.defaults["ref_model"])
+    pi_old = _weights(trainer.fused_forward.defaults["ref"].model)
     key = "model.embed_tokens.weight"
     assert not torch.equal(pi_old[key], start[key]) and not torch.equal(pi_old[key], _weights(model)[key])
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from targetsft.losses.distributions import Logits
 from targetsft.losses.loss import build_target, target_loss
 from targetsft.losses.methods import METHODS
 
@@ -20,9 +21,9 @@ def run_demo(tokens: int = 64, vocab: int = 50, seed: int = 0) -> list[dict[str,
     for name, spec in METHODS.items():
         extra = {}
         if "teacher" in spec.needs:
-            extra["teacher_logits"] = teacher
+            extra["teacher"] = Logits(teacher)
         if "ref" in spec.needs:
-            extra["ref_logits"] = teacher
+            extra["ref"] = Logits(teacher)
         if "token_weights" in spec.needs:
             extra["token_weights"] = weights
         z = logits.clone().requires_grad_(True)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from targetsft.losses.distributions import Logits
 from targetsft.losses.induced import induced_target
 from targetsft.losses.loss import target_loss
 from targetsft.losses.methods import get_method
@@ -47,7 +48,7 @@ def default_losses(eta: float = 0.5, epsilon: float = 0.1) -> dict[str, LossFn]:
     def method(name: str, **params: Any) -> LossFn:
         uses_teacher = "teacher" in get_method(name).needs
         return lambda z, y, t: target_loss(
-            z, y, method=name, reduction="sum", teacher_logits=t if uses_teacher else None, **params
+            z, y, method=name, reduction="sum", teacher=Logits(t) if uses_teacher else None, **params
         )
 
     return {

@@ -16,8 +16,18 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from targetsft.losses import old_keywords
 from targetsft.losses import validation as V
-from targetsft.losses.inputs import SideInputs, _select, check_other_width, denominator, prepare, restrict_vocab
+from targetsft.losses.distributions import Chunking, LMHead, Projected, TopK
+from targetsft.losses.inputs import (
+    SideInputs,
+    _select,
+    check_other_width,
+    check_shared_vocab,
+    denominator,
+    prepare,
+    restrict_vocab,
+)
 from targetsft.losses.loss import compute_dtype
 from targetsft.losses.target import Distribution, Target, TargetStats, loss_and_grad
 
@@ -188,27 +198,14 @@ class _FusedLoss(torch.autograd.Function):
         return *grads, None, None, None
 
 
-def _teacher_head(
-    name: str,
-    hidden: Tensor | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    lead,
-    rows,
-    vocab: int,
-    shared_vocab_size: int | None,
-    checks: V.Checks,
-) -> _Head | None:
-    """A teacher or reference head on the loss rows, keeping only the rows of the shared vocabulary."""
-    if hidden is None and weight is None:
-        return None
-    if hidden is None or weight is None:
-        raise ValueError(f"give both {name}_hidden and {name}_lm_head_weight")
+def _teacher_head(name: str, other: Projected, lead, rows, vocab: int, checks: V.Checks) -> _Head:
+    """A :class:`Projected` teacher or reference on the loss rows, keeping only the rows of the shared vocabulary."""
+    hidden, weight, bias, shared_vocab_size = other.hidden, other.weight, other.bias, other.shared_vocab_size
     V.check_float(f"{name}_hidden", hidden)
     V.check_float(f"{name}_lm_head_weight", weight)
     if weight.dim() != 2:
         raise ValueError(f"{name}_lm_head_weight must be [V, H], got shape {tuple(weight.shape)}")
-    shared = vocab if shared_vocab_size is None else shared_vocab_size
+    shared = check_shared_vocab(shared_vocab_size, vocab)
     check_other_width(f"{name}_lm_head_weight", weight.shape[0], vocab, shared, shared_vocab_size is not None)
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"{name}_lm_head_bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
@@ -228,28 +225,17 @@ def _teacher_head(
 
 def fused_target_loss(
     hidden: Tensor,
-    lm_head_weight: Tensor,
+    lm_head_weight: Tensor | LMHead,
     labels: Tensor,
     *,
     method: str | Target = "sft",
-    lm_head_bias: Tensor | None = None,
-    chunk_size: int | None = None,
+    teacher: TopK | Projected | None = None,
+    ref: TopK | Projected | None = None,
+    token_weights: Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
     num_items_in_batch: int | Tensor | None = None,
-    teacher_topk: tuple[Tensor, Tensor] | None = None,
-    teacher_hidden: Tensor | None = None,
-    teacher_lm_head_weight: Tensor | None = None,
-    teacher_lm_head_bias: Tensor | None = None,
-    ref_topk: tuple[Tensor, Tensor] | None = None,
-    ref_hidden: Tensor | None = None,
-    ref_lm_head_weight: Tensor | None = None,
-    ref_lm_head_bias: Tensor | None = None,
-    token_weights: Tensor | None = None,
-    shared_vocab_size: int | None = None,
-    num_loss_tokens: int | None = None,
-    logit_scale: float = 1.0,
-    softcap: float | None = None,
+    chunking: Chunking | None = None,
     return_stats: bool | str = False,
     **params: Any,
 ) -> Tensor | tuple[Tensor, dict[str, float]] | tuple[Tensor, TargetStats]:
@@ -257,31 +243,34 @@ def fused_target_loss(
 
     Args:
         hidden: ``[N, H]`` or ``[B, T, H]`` final hidden states (any float dtype; float32 accumulation).
-        lm_head_weight: ``[V, H]`` output projection (tied or not); ``lm_head_bias``: ``[V]`` or None.
+        lm_head_weight: the ``[V, H]`` output projection (tied or not), or an :class:`~targetsft.LMHead` with its
+            bias ``[V]``, ``logit_scale`` and Gemma-style ``softcap``.
         labels: ``[N]`` or ``[B, T]``, already shifted, ``ignore_index`` where there is no loss.
-        chunk_size: rows per chunk; chosen from ``V`` and free memory when None.
-        teacher_topk: ``(ids, logprobs)`` per position ``[..., k]`` or per loss token ``[n, k]``; ``ref_topk``
-            likewise for a reference model.
-        teacher_hidden: with ``teacher_lm_head_weight`` (and ``teacher_lm_head_bias``), a teacher sharing the
-            vocabulary, projected chunk by chunk the same way (same ``logit_scale``/``softcap``); likewise
-            ``ref_hidden`` and ``ref_lm_head_weight`` for a reference model. Its weight may have another number of
-            rows ``W`` when ``shared_vocab_size`` is given: only the first ``shared_vocab_size`` rows are projected
-            (padding rows past them, on either side, get no mass).
-        logit_scale: logit scaling applied to every projection; ``softcap``: Gemma-style soft-capping.
-        num_loss_tokens: how many labels carry a loss, when the caller knows it on the host (a data collator
-            does): the loss rows are then found without reading anything back from the device (checked).
+        teacher: :class:`~targetsft.TopK` rows, per position ``[..., k]`` or per loss token ``[n, k]``, or a
+            :class:`~targetsft.Projected` teacher (its hidden states and output projection), projected chunk by chunk
+            the same way (the student's ``logit_scale``/``softcap``); its weight may have another number of rows
+            ``W`` when its ``shared_vocab_size`` is given: only that many rows are projected (padding rows past them,
+            on either side, get no mass). ``ref``: a reference model, likewise.
+        chunking: a :class:`~targetsft.Chunking`: rows per chunk (None: chosen from ``V`` and free memory) and the
+            number of loss tokens when the caller knows it on the host (then nothing is read back to find them).
         return_stats: True: also the means of :func:`targetsft.target_loss`'s statistics (read back once);
             ``"sums"``: their :class:`~targetsft.losses.target.TargetStats` of sums left on the device (a trainer
             adds them up and reads them when it logs).
 
-    The other arguments are as in :func:`targetsft.target_loss`.
+    The other arguments are as in :func:`targetsft.target_loss`. The keywords ``teacher_topk``, ``teacher_hidden``,
+    ``teacher_lm_head_weight``, ``teacher_lm_head_bias`` (likewise ``ref_*``), ``shared_vocab_size``,
+    ``lm_head_bias``, ``logit_scale``, ``softcap``, ``chunk_size`` and ``num_loss_tokens`` are deprecated (a
+    ``DeprecationWarning``; refused beside the object that replaces them): they become the objects above.
 
     Under autocast the projections run in the autocast dtype (as autocast would run ``h·Wᵀ``); the target and
     its gradient are always computed in float32. One readable sequence: the projection's inputs checked, the target
     and side inputs prepared, the plan made (every value check read back at once), the chunks run, the loss reduced.
     """
-    _check_projection(hidden, lm_head_weight, labels, lm_head_bias, softcap, logit_scale, chunk_size)
-    vocab = lm_head_weight.shape[0]
+    head = old_keywords.student_head("fused_target_loss", lm_head_weight, params)
+    teacher, ref = old_keywords.teacher_and_ref("fused_target_loss", params, teacher, ref, (TopK, Projected))
+    chunking = old_keywords.chunking("fused_target_loss", chunking, params)
+    _check_projection(hidden, head, labels, chunking.size)
+    vocab = head.weight.shape[0]
     target, rows, side = prepare(
         method,
         params,
@@ -290,25 +279,19 @@ def fused_target_loss(
         ignore_index=ignore_index,
         reduction=reduction,
         num_items_in_batch=num_items_in_batch,
-        teacher_topk=teacher_topk,
-        ref_topk=ref_topk,
+        teacher=teacher,
+        ref=ref,
         token_weights=token_weights,
-        teacher_given=teacher_hidden is not None or teacher_lm_head_weight is not None,
-        ref_given=ref_hidden is not None or ref_lm_head_weight is not None,
-        shared_vocab_size=shared_vocab_size,
-        num_loss_tokens=num_loss_tokens,
+        num_loss_tokens=chunking.loss_tokens,
         checks=(checks := V.Checks()),
     )
-    frozen = {
-        "teacher": (teacher_hidden, teacher_lm_head_weight, teacher_lm_head_bias, side.teacher),
-        "ref": (ref_hidden, ref_lm_head_weight, ref_lm_head_bias, side.ref),
-    }
-    plan, h = _make_plan(target, rows, side, hidden, lm_head_weight, labels, frozen, shared_vocab_size, checks)
-    plan.chunk = int(chunk_size) if chunk_size else auto_chunk_size(h.shape[0], vocab, hidden.device, h.shape[-1])
-    plan.logit_scale, plan.softcap = float(logit_scale), None if softcap is None else float(softcap)
+    plan, h = _make_plan(target, rows, side, hidden, head.weight, labels, {"teacher": teacher, "ref": ref}, checks)
+    size = chunking.size
+    plan.chunk = int(size) if size else auto_chunk_size(h.shape[0], vocab, hidden.device, h.shape[-1])
+    plan.logit_scale, plan.softcap = float(head.logit_scale), None if head.softcap is None else float(head.softcap)
     n = rows.numel()
     stats = TargetStats() if return_stats else None
-    out = _run(plan, h, lm_head_weight, lm_head_bias, reduction == "none", stats)
+    out = _run(plan, h, head.weight, head.bias, reduction == "none", stats)
     if reduction == "none":
         out = out.new_zeros(labels.numel()).index_put((rows,), out).view(labels.shape)
     else:
@@ -325,20 +308,16 @@ def _make_plan(
     hidden: Tensor,
     weight: Tensor,
     labels: Tensor,
-    frozen: dict[str, tuple],
-    shared_vocab_size: int | None,
+    others: dict[str, Any],
     checks: V.Checks,
 ) -> tuple[_Plan, Tensor]:
-    """The call's plan (teacher and reference heads on the loss rows; chunking and logit transforms left at their
-    defaults) and the student's hidden states of the loss rows, after every value check of the call has run."""
+    """The call's plan (:class:`Projected` teacher and reference heads on the loss rows; chunking and logit transforms
+    left at their defaults) and the student's hidden states of the loss rows, after every value check has run."""
     vocab = weight.shape[0]
-    heads = {}
-    for name, (h_other, w_other, b_other, given) in frozen.items():
-        heads[name] = _teacher_head(
-            name, h_other, w_other, b_other, labels.shape, rows, vocab, shared_vocab_size, checks
-        )
-        if heads[name] is not None and given is not None:
-            raise ValueError(f"give either {name}_topk or {name}_hidden, not both")
+    heads = {
+        name: _teacher_head(name, other, labels.shape, rows, vocab, checks) if isinstance(other, Projected) else None
+        for name, other in others.items()
+    }
     h = hidden.reshape(-1, hidden.shape[-1])[rows]
     checks.finite("hidden", h)
     checks.finite("lm_head_weight", weight)
@@ -349,16 +328,9 @@ def _make_plan(
     return plan, h
 
 
-def _check_projection(
-    hidden: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    bias: Tensor | None,
-    softcap: float | None,
-    logit_scale: float,
-    chunk_size: int | None,
-) -> None:
+def _check_projection(hidden: Tensor, head: LMHead, labels: Tensor, chunk_size: int | None) -> None:
     """The shapes and settings of the student's projection ``h·Wᵀ + b``, each failure named."""
+    weight, bias, softcap, logit_scale = head.weight, head.bias, head.softcap, head.logit_scale
     V.check_float("hidden", hidden)
     V.check_float("lm_head_weight", weight)
     if weight.dim() != 2:
@@ -376,7 +348,7 @@ def _check_projection(
     if not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale) and logit_scale != 0):
         raise ValueError(f"logit_scale must be a finite non-zero number, got {logit_scale}")
     if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+        raise ValueError(f"chunk_size (Chunking.size) must be a positive integer, got {chunk_size}")
 
 
 def _run(

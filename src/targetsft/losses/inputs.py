@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from targetsft.losses import validation as V
+from targetsft.losses.distributions import Given, Logits, Projected, TopK
 from targetsft.losses.methods import resolve_target
 from targetsft.losses.target import Distribution, Target
 
@@ -79,23 +80,19 @@ def restrict_vocab(logits: Tensor, shared: int, vocab_size: int) -> Tensor:
 
 
 def distribution(
-    name: str,
-    logits: Tensor | None,
-    topk: Any,
-    lead: torch.Size,
-    rows: Tensor,
-    vocab_size: int,
-    shared_vocab_size: int | None,
-    checks: V.Checks,
+    name: str, given: Given | None, lead: torch.Size, rows: Tensor, vocab_size: int, checks: V.Checks
 ) -> Distribution | None:
-    """A teacher or reference from dense logits ``[..., W]`` or top-k ``(ids, logprobs)``, at the loss rows, on the
-    student's ``vocab_size`` columns (columns at or past ``shared_vocab_size`` are padding: dropped, see
-    :func:`restrict_vocab`); its value checks go to ``checks``."""
-    if logits is not None and topk is not None:
-        raise ValueError(f"give either {name}_logits or {name}_topk, not both")
+    """A teacher or reference given as :class:`Logits` ``[..., W]`` or :class:`TopK` ``(ids, logprobs)``, at the loss
+    rows, on the student's ``vocab_size`` columns (columns at or past its ``shared_vocab_size`` are padding: dropped,
+    see :func:`restrict_vocab`); its value checks go to ``checks``. None for a :class:`Projected` one (the fused loss
+    projects it chunk by chunk) and for none."""
+    if given is None:
+        return None
     n_valid = rows.numel()
+    shared_vocab_size = given.shared_vocab_size
     shared = check_shared_vocab(shared_vocab_size, vocab_size)
-    if logits is not None:
+    if isinstance(given, Logits):
+        logits = given.logits
         V.check_float(f"{name}_logits", logits)
         check_other_width(f"{name}_logits", logits.shape[-1], vocab_size, shared, shared_vocab_size is not None)
         dense = restrict_vocab(_select(logits, lead, rows, n_valid, f"{name}_logits"), shared, vocab_size)
@@ -108,10 +105,8 @@ def distribution(
         if dense.numel():
             checks.add((dense.amax(-1) == float("-inf")).any(), no_empty_row)
         return Distribution(logits=dense)
-    if topk is not None:
-        if not (isinstance(topk, (tuple, list)) and len(topk) == 2):
-            raise TypeError(f"{name}_topk must be a pair (token_ids, logprobs)")
-        ids, logprobs = topk
+    if isinstance(given, TopK):
+        ids, logprobs = given.ids, given.logprobs
         V.check_int(f"{name}_topk[0] (token ids)", ids)
         V.check_float(f"{name}_topk[1] (logprobs)", logprobs)
         if ids.shape != logprobs.shape:
@@ -124,7 +119,9 @@ def distribution(
         missing = (ids == V.MISSING_ID).all(-1)  # no distribution there: distinct in-range ids stand in
         ids = torch.where(missing[:, None], torch.arange(ids.shape[-1], device=ids.device), ids.long())
         return Distribution(topk_ids=ids, topk_logprobs=logprobs, missing=missing)
-    return None
+    if isinstance(given, Projected):
+        return None
+    raise TypeError(f"{name} must be TopK, Logits or Projected, got {type(given).__name__}")
 
 
 def loss_rows(valid: Tensor, num_loss_tokens: int | None, checks: V.Checks) -> Tensor:
@@ -155,20 +152,15 @@ def prepare(
     ignore_index: int,
     reduction: str,
     num_items_in_batch: Any,
-    teacher_logits: Tensor | None = None,
-    teacher_topk: Any = None,
-    ref_logits: Tensor | None = None,
-    ref_topk: Any = None,
+    teacher: Given | None = None,
+    ref: Given | None = None,
     token_weights: Tensor | None = None,
-    teacher_given: bool = False,
-    ref_given: bool = False,
-    shared_vocab_size: int | None = None,
     num_loss_tokens: int | None = None,
     checks: V.Checks | None = None,
 ) -> tuple[Target, Tensor, SideInputs]:
     """Validate everything but the student's logits; return the target, the flat loss-row indices and side inputs.
 
-    ``teacher_given``/``ref_given`` say that the caller supplies that distribution another way (hidden states).
+    A :class:`Projected` teacher or reference counts as given but reaches no side input (the fused loss projects it).
     The checks of tensor values go to ``checks`` for the caller to run with its own (at once when None). The number
     of loss rows sizes everything after it: ``num_loss_tokens`` gives it from the host (checked with the others),
     else it is read back (``nonzero``).
@@ -181,20 +173,14 @@ def prepare(
     rows = loss_rows(valid, num_loss_tokens, checks)
     lead = labels.shape
     side = SideInputs(
-        teacher=distribution(
-            "teacher", teacher_logits, teacher_topk, lead, rows, vocab_size, shared_vocab_size, checks
-        ),
-        ref=distribution("ref", ref_logits, ref_topk, lead, rows, vocab_size, shared_vocab_size, checks),
+        teacher=distribution("teacher", teacher, lead, rows, vocab_size, checks),
+        ref=distribution("ref", ref, lead, rows, vocab_size, checks),
     )
-    has = {
-        "teacher": side.teacher is not None or teacher_given,
-        "ref": side.ref is not None or ref_given,
-        "token_weights": token_weights is not None,
-    }
+    has = {"teacher": teacher is not None, "ref": ref is not None, "token_weights": token_weights is not None}
     for need in ("teacher", "ref", "token_weights"):
         if need in target.needs and not has[need]:
-            hint = {"teacher": "teacher_logits or teacher_topk", "ref": "ref_logits or ref_topk"}.get(need, need)
-            raise ValueError(f"this method needs {hint}")
+            hint = {"teacher": "a teacher (teacher=TopK, Logits or Projected)", "ref": "a reference (ref=...)"}
+            raise ValueError(f"this method needs {hint.get(need, need)}")
         if need not in target.needs and has[need]:
             raise ValueError(f"{need} was given but this method does not use it")
     if token_weights is not None:

@@ -12,7 +12,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from targetsft.losses import old_keywords
 from targetsft.losses import validation as V
+from targetsft.losses.distributions import Logits, TopK
 from targetsft.losses.inputs import SideInputs, denominator, prepare
 from targetsft.losses.target import Target, TargetStats, TokenState, dense_target, loss_and_grad
 
@@ -86,12 +88,9 @@ def target_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     num_items_in_batch: int | Tensor | None = None,
-    teacher_logits: Tensor | None = None,
-    teacher_topk: tuple[Tensor, Tensor] | None = None,
-    ref_logits: Tensor | None = None,
-    ref_topk: tuple[Tensor, Tensor] | None = None,
+    teacher: Logits | TopK | None = None,
+    ref: Logits | TopK | None = None,
     token_weights: Tensor | None = None,
-    shared_vocab_size: int | None = None,
     return_stats: bool = False,
     **params: Any,
 ) -> Tensor | tuple[Tensor, dict[str, float]]:
@@ -107,19 +106,21 @@ def target_loss(
             ``F.cross_entropy`` returns NaN), ``"sum"``, or ``"none"`` (per token, 0 at ignored tokens).
         num_items_in_batch: with ``"mean"``, divide the summed loss by this instead (the transformers/TRL
             convention that keeps gradient accumulation and data parallelism exact).
-        teacher_logits: the teacher as ``[..., V]`` logits.
-        teacher_topk: or as ``(ids [..., k], logprobs [..., k])`` (also accepted as ``[n_loss_tokens, k]`` in the
-            order of the non-ignored labels).
-        ref_logits: the reference model of ``asft`` and ``sft_kl``, as logits.
-        ref_topk: or as top-k rows, in the same forms as ``teacher_topk``.
+        teacher: the teacher's distribution: :class:`~targetsft.Logits` ``[..., W]`` or :class:`~targetsft.TopK`
+            ``(ids [..., k], logprobs [..., k])`` (also accepted as ``[n_loss_tokens, k]`` in the order of the
+            non-ignored labels). Its ``shared_vocab_size``, the real tokens it shares with the student (the student's
+            ``len(tokenizer)``), lets its width ``W`` differ: columns at or past it are padding on either side, so
+            ``π_T(a) ∝ exp(z_T(a))·1{a < shared_vocab_size}`` (top-k ids must lie below it); None: ``W`` is the
+            student's ``V``, all of it real.
+        ref: the reference model of ``asft`` and ``sft_kl``, in the same forms.
         token_weights: ``[...]`` per-token γ for ``weighted`` and ``critical``.
-        shared_vocab_size: the real tokens the student shares with the teacher/reference (the student's
-            ``len(tokenizer)``): their logits may then be of another width ``W ≥ shared_vocab_size``; columns at or
-            past it are padding on either side, so ``π_T(a) ∝ exp(z_T(a))·1{a < shared_vocab_size}`` (top-k ids must
-            lie below it). None: the other model's width must equal the student's ``V``, all of it real.
         return_stats: also return means over loss tokens of γ, p(y), −log p(y), Q(y), H(π̃) and accuracy.
         **params: the method's parameters (see ``METHODS[method].params``).
+
+    The keywords ``teacher_logits``, ``teacher_topk``, ``ref_logits``, ``ref_topk`` and ``shared_vocab_size`` are
+    deprecated (a ``DeprecationWarning``; refused beside ``teacher``/``ref``): they become the objects above.
     """
+    teacher, ref = old_keywords.teacher_and_ref("target_loss", params, teacher, ref, (Logits, TopK))
     vocab = _check_logits(logits, labels)
     target, rows, side = prepare(
         method,
@@ -129,12 +130,9 @@ def target_loss(
         ignore_index=ignore_index,
         reduction=reduction,
         num_items_in_batch=num_items_in_batch,
-        teacher_logits=teacher_logits,
-        teacher_topk=teacher_topk,
-        ref_logits=ref_logits,
-        ref_topk=ref_topk,
+        teacher=teacher,
+        ref=ref,
         token_weights=token_weights,
-        shared_vocab_size=shared_vocab_size,
         checks=(checks := V.Checks()),
     )
     checks.finite("logits", logits)
@@ -155,18 +153,17 @@ def build_target(
     *,
     method: str | Target = "sft",
     ignore_index: int = -100,
-    teacher_logits: Tensor | None = None,
-    teacher_topk: tuple[Tensor, Tensor] | None = None,
-    ref_logits: Tensor | None = None,
-    ref_topk: tuple[Tensor, Tensor] | None = None,
+    teacher: Logits | TopK | None = None,
+    ref: Logits | TopK | None = None,
     token_weights: Tensor | None = None,
-    shared_vocab_size: int | None = None,
     **params: Any,
 ) -> Tensor:
     """The dense target ``Q = γ·onehot(y) + (1 − γ)·π̃`` ``[..., V]`` of ``method`` (zero rows where ignored).
 
-    Meant for analysis and tests on small vocabularies; training never builds it.
+    Meant for analysis and tests on small vocabularies; training never builds it. The arguments are
+    :func:`target_loss`'s (its deprecated keywords included).
     """
+    teacher, ref = old_keywords.teacher_and_ref("build_target", params, teacher, ref, (Logits, TopK))
     vocab = _check_logits(logits, labels)
     target, rows, side = prepare(
         method,
@@ -176,12 +173,9 @@ def build_target(
         ignore_index=ignore_index,
         reduction="mean",
         num_items_in_batch=None,
-        teacher_logits=teacher_logits,
-        teacher_topk=teacher_topk,
-        ref_logits=ref_logits,
-        ref_topk=ref_topk,
+        teacher=teacher,
+        ref=ref,
         token_weights=token_weights,
-        shared_vocab_size=shared_vocab_size,
         checks=(checks := V.Checks()),
     )
     checks.finite("logits", logits)

@@ -2,9 +2,12 @@
 
 :func:`lm_head` finds the (possibly tied, possibly PEFT-wrapped) output projection and the logit transforms
 of the model's config; :func:`hidden_states` runs the model without its lm_head; :func:`causal_lm_target_loss`
-puts both together with the usual label shift. :class:`FusedForward` makes that path the model's own ``forward`` for
-the duration of one call, so that wrappers that must see the forward call (DDP, FSDP, DeepSpeed, ``torch.compile``)
-keep working and the model is a plain transformers model at every other moment.
+puts both together with the usual label shift. A teacher or reference of any kind reaches the loss one way
+(:class:`LossTeacher`: for a batch, its distribution at the loss rows): a frozen model (:class:`ModelTeacher`), rows
+made for the batch (:class:`RowsTeacher`), a teacher read through the text
+(:class:`~targetsft.training.text_alignment.AlignedTeacher`). :class:`FusedForward` makes that path the model's own
+``forward`` for the duration of one call, so that wrappers that must see the forward call (DDP, FSDP, DeepSpeed,
+``torch.compile``) keep working and the model is a plain transformers model at every other moment.
 """
 
 from __future__ import annotations
@@ -13,28 +16,20 @@ import contextlib
 import copy
 import types
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
+from targetsft.losses.distributions import Chunking, LMHead, Projected, TopK
 from targetsft.losses.fused import fused_target_loss
 
 IGNORE_INDEX = -100
 # Keywords of a forward that say where a packed (or padding-free) batch's sequences begin; a teacher or reference
 # gets them with the student's inputs, so that it attends within each example exactly as the student does.
 SEQUENCE_KEYS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
-
-
-@dataclass
-class LMHead:
-    """The output projection ``z = softcap·tanh(logit_scale·(h·Wᵀ + b)/softcap)`` of a causal LM."""
-
-    weight: Tensor
-    bias: Tensor | None = None
-    logit_scale: float = 1.0
-    softcap: float | None = None
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -219,6 +214,80 @@ def shift_labels(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=ignore_index)
 
 
+@dataclass
+class LossBatch:
+    """What a teacher may read of a batch: the student's inputs, its ``labels`` shifted (−100: no loss), a packed
+    batch's sequence ``boundaries`` (:data:`SEQUENCE_KEYS`), the inputs the collator made for the teacher
+    (``teacher_input_ids``, ``teacher_attention_mask``, ``teacher_labels``, ``teacher_rows``), and the ``device``
+    the loss runs on."""
+
+    input_ids: Tensor
+    attention_mask: Tensor | None
+    labels: Tensor
+    device: torch.device
+    boundaries: dict[str, Any]
+    teacher_inputs: dict[str, Tensor]
+
+
+class LossTeacher(Protocol):
+    """A teacher (or reference) of the fused forward, whatever its kind: for a batch, its distribution at the loss
+    rows as the loss takes it (:class:`~targetsft.TopK` or :class:`~targetsft.Projected`), held valid while the
+    block runs (a sharded model's output projection stays gathered)."""
+
+    def at_loss_rows(self, batch: LossBatch) -> AbstractContextManager[TopK | Projected]: ...
+
+
+@dataclass
+class ModelTeacher:
+    """A frozen model run without gradient on each batch: the student's very inputs (a packed batch's sequence
+    boundaries go along), or, with ``own_prompt`` and a batch that has them, its own ``teacher_input_ids`` whose
+    supervised tokens (``teacher_labels``) must be the student's, in order. Its final hidden states reach the loss
+    with its output projection (:class:`~targetsft.Projected`), projected there chunk by chunk. A reference model, and
+    ``proximal_sft``'s π_old, is one with ``own_prompt=False``."""
+
+    model: nn.Module
+    shared_vocab_size: int | None = None
+    own_prompt: bool = True
+
+    def _hidden(self, batch: LossBatch) -> Tensor:
+        t = batch.teacher_inputs
+        if self.own_prompt and t.get("teacher_input_ids") is not None:
+            if batch.boundaries:
+                raise ValueError(
+                    "a teacher with a prompt of its own (teacher_input_ids) cannot read a packed or padding-free batch "
+                    f"(it has {sorted(batch.boundaries)}): train without packing"
+                )
+            return _own_prompt_hidden(
+                self.model,
+                t["teacher_input_ids"],
+                t.get("teacher_attention_mask"),
+                t.get("teacher_labels"),
+                batch.labels,
+            )
+        at = input_device(self.model)  # it may sit on another device (device_map): inputs there, rows back here
+        seen = {k: v.to(at) if isinstance(v, Tensor) else v for k, v in batch.boundaries.items()}
+        with torch.no_grad():
+            return hidden_states(self.model, *moved_to(at, batch.input_ids, batch.attention_mask), **seen)
+
+    @contextlib.contextmanager
+    def at_loss_rows(self, batch: LossBatch) -> Iterator[Projected]:
+        hidden = self._hidden(batch).to(batch.device)
+        with gathered_head(self.model):
+            weight, bias = _frozen_head_on(self.model, lm_head(self.model), batch.device)
+            yield Projected(hidden, weight, bias, self.shared_vocab_size)
+
+
+@dataclass
+class RowsTeacher:
+    """Top-k rows already made for this batch (a teacher cache's, a served or routed teacher's): given as they are."""
+
+    rows: TopK
+
+    @contextlib.contextmanager
+    def at_loss_rows(self, batch: LossBatch) -> Iterator[TopK]:
+        yield self.rows
+
+
 def causal_lm_target_loss(
     model: nn.Module,
     input_ids: Tensor,
@@ -226,11 +295,25 @@ def causal_lm_target_loss(
     *,
     attention_mask: Tensor | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    teacher_model: nn.Module | None = None,
+    ref_model: nn.Module | None = None,
+    teacher_input_ids: Tensor | None = None,
+    teacher_attention_mask: Tensor | None = None,
+    teacher_labels: Tensor | None = None,
     **loss_kwargs: Any,
 ):
     """The fused target loss of a causal LM on a batch with unshifted HF ``labels`` (−100 = no loss): the model's
     final hidden states (:func:`hidden_states`), then :func:`target_loss_on_hidden`, whose keyword arguments
-    (``method``, ``teacher_model``, ``num_items_in_batch``, ...) ``loss_kwargs`` are."""
+    (``method``, ``teacher``, ``num_items_in_batch``, ...) ``loss_kwargs`` are. ``teacher_model`` / ``ref_model``: a
+    frozen model as the teacher / reference (a :class:`ModelTeacher`); the teacher reads ``teacher_input_ids``
+    (with ``teacher_labels``, ``teacher_attention_mask``) when they are given."""
+    if teacher_model is not None:
+        loss_kwargs["teacher"] = ModelTeacher(teacher_model)
+    if ref_model is not None:
+        loss_kwargs["ref"] = ModelTeacher(ref_model, own_prompt=False)
+    given = {"teacher_input_ids": teacher_input_ids, "teacher_attention_mask": teacher_attention_mask}
+    given["teacher_labels"] = teacher_labels
+    loss_kwargs["teacher_inputs"] = {k: v for k, v in given.items() if v is not None}
     hidden = hidden_states(model, input_ids, attention_mask, **(model_kwargs or {}))
     return target_loss_on_hidden(
         model, hidden, input_ids, labels, attention_mask=attention_mask, model_kwargs=model_kwargs, **loss_kwargs
@@ -245,77 +328,41 @@ def target_loss_on_hidden(
     labels: Tensor,
     *,
     attention_mask: Tensor | None = None,
-    method: Any = "sft",
-    teacher_model: nn.Module | None = None,
-    teacher_input_ids: Tensor | None = None,
-    teacher_attention_mask: Tensor | None = None,
-    teacher_labels: Tensor | None = None,
-    teacher_rows: Tensor | None = None,
-    teacher_alignment: Any = None,
-    ref_model: nn.Module | None = None,
+    teacher: LossTeacher | None = None,
+    ref: LossTeacher | None = None,
+    teacher_inputs: dict[str, Tensor] | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    chunk_size: int | None = None,
+    num_loss_tokens: int | None = None,
     **loss_kwargs: Any,
 ):
     """The fused target loss of the student's final ``hidden`` states ``[B, T, H]`` against unshifted ``labels``.
 
-    ``teacher_model`` (and ``ref_model``) run without gradient on the same inputs, or on ``teacher_input_ids``
-    (e.g. a prompt with privileged context) when given with ``teacher_labels``: then the teacher's rows are
-    taken at its own supervised positions, whose label tokens must equal the student's, in order. A teacher of
-    another tokenizer (``teacher_alignment``, a :class:`~targetsft.training.text_alignment.TextAligner`) reads its
-    own ``teacher_input_ids``; ``teacher_rows`` picks, per loss row, its position (−1: none), and its distribution
-    reaches the loss as top-k rows on the student's ids.
-    Other keyword arguments go to :func:`targetsft.fused_target_loss` (``num_items_in_batch``, ``teacher_topk``, method
-    parameters, ...). ``torch.compile`` does not trace it: its rows and value checks depend on the data.
+    ``teacher`` and ``ref`` (a :class:`ModelTeacher`, a :class:`RowsTeacher`, a teacher read through the text, ...)
+    each give their distribution at the loss rows of the batch (:class:`LossBatch`, with ``teacher_inputs``), all in
+    one way (:class:`LossTeacher`). ``chunk_size`` and ``num_loss_tokens`` make the loss's
+    :class:`~targetsft.Chunking`; other keyword arguments go to :func:`targetsft.fused_target_loss` (``method``,
+    ``num_items_in_batch``, method parameters, ...). ``torch.compile`` does not trace it: its rows and value checks
+    depend on the data.
     """
     shifted = shift_labels(labels)
     boundaries = {k: v for k, v in (model_kwargs or {}).items() if k in SEQUENCE_KEYS and v is not None}
-    others = {"teacher": teacher_model, "ref": ref_model}
-    extra: dict[str, Any] = {}
-    for role, other in list(others.items()):
-        if other is None:
-            continue
-        at = input_device(other)  # a teacher may sit on another device (device_map): inputs there, rows back here
-        if role == "teacher" and teacher_alignment is not None:
-            if teacher_rows is None or teacher_input_ids is None:
-                raise ValueError("a teacher aligned by text needs the batch's teacher_input_ids and teacher_rows")
-            from targetsft.training.text_alignment import aligned_teacher_topk
-
-            loss_kwargs["teacher_topk"] = aligned_teacher_topk(
-                other, teacher_alignment, teacher_input_ids, teacher_attention_mask, teacher_rows, hidden.device
-            )
-            others["teacher"] = None  # it reaches the loss as top-k rows
-            continue
-        if role == "teacher" and teacher_input_ids is not None:
-            if boundaries:
-                raise ValueError(
-                    "a teacher with a prompt of its own (teacher_input_ids) cannot read a packed or padding-free batch "
-                    f"(it has {sorted(boundaries)}): train without packing"
-                )
-            t_hidden = _own_prompt_hidden(other, teacher_input_ids, teacher_attention_mask, teacher_labels, shifted)
-        else:  # the student's very contexts: a packed batch's sequence boundaries go along
-            seen = {k: v.to(at) if isinstance(v, Tensor) else v for k, v in boundaries.items()}
-            with torch.no_grad():
-                t_hidden = hidden_states(other, *moved_to(at, input_ids, attention_mask), **seen)
-        extra[f"{role}_hidden"] = t_hidden.to(hidden.device)
+    batch = LossBatch(input_ids, attention_mask, shifted, hidden.device, boundaries, dict(teacher_inputs or {}))
     if loss_kwargs.get("reduction") == "none" and any(_partitioned(p) for p in _head_params(model)):
         raise ValueError("reduction='none' needs the lm_head weight in backward, which ZeRO-3 has partitioned by then")
-    with gathered_head(model, *others.values()):
-        head = lm_head(model)
-        for role, other in others.items():
-            if other is not None:
-                other_head = lm_head(other)
-                extra[f"{role}_lm_head_weight"], extra[f"{role}_lm_head_bias"] = _frozen_head_on(
-                    other, other_head, hidden.device
-                )
+    with contextlib.ExitStack() as held:
+        given = {
+            role: held.enter_context(other.at_loss_rows(batch))
+            for role, other in (("teacher", teacher), ("ref", ref))
+            if other is not None
+        }
+        held.enter_context(gathered_head(model))
         return fused_target_loss(
             hidden,
-            head.weight,
+            lm_head(model),
             shifted,
-            method=method,
-            lm_head_bias=head.bias,
-            logit_scale=head.logit_scale,
-            softcap=head.softcap,
-            **extra,
+            chunking=Chunking(chunk_size, num_loss_tokens),
+            **given,
             **loss_kwargs,
         )
 
@@ -376,8 +423,8 @@ class FusedForward:
     While active, the transformers model inside ``model``'s wrappers has an instance ``forward`` that takes the fused
     path for calls with ``target_loss_kwargs`` and hands every other call to the forward it had (its own, or one a
     wrapper such as accelerate's autocast installed). Going through the model's forward keeps DDP, FSDP, DeepSpeed and
-    ``torch.compile`` in the loop. ``defaults`` (method, teacher model, ...) apply to every fused call; per-batch loss
-    arguments (``num_items_in_batch``, ``teacher_topk``, ``token_weights``, ...) travel in ``target_loss_kwargs``,
+    ``torch.compile`` in the loop. ``defaults`` (method, teacher, ...) apply to every fused call; per-batch loss
+    arguments (``num_items_in_batch``, ``teacher``, ``token_weights``, ...) travel in ``target_loss_kwargs``,
     with ``return_logits=True`` when the caller needs the logits too (evaluation with metrics, prediction).
     """
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from targetsft.losses.distributions import Logits
 from targetsft.losses.loss import target_loss
 from targetsft.losses.target import Target
 from targetsft.training.fused_forward import (
@@ -107,11 +108,9 @@ class TargetLoss:
         for role, other in (("teacher", self.teacher), ("ref", self.ref)):
             other_logits = self._logits_of(other)
             if other_logits is not None:
-                kwargs[f"{role}_logits"] = other_logits.to(logits.device)
+                kwargs[role] = Logits(other_logits.to(logits.device), shared_vocab_size=self.shared_vocab_size)
         if num_items_in_batch is not None:
             kwargs["num_items_in_batch"] = torch.as_tensor(num_items_in_batch, device=logits.device)
-        if self.shared_vocab_size is not None:
-            kwargs["shared_vocab_size"] = self.shared_vocab_size
         return target_loss(logits, shifted, method=self.method, ignore_index=self.ignore_index, **kwargs, **self.params)
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from targetsft.losses.distributions import TopK
 from targetsft.losses.methods import get_method, resolve_target
 from targetsft.losses.target import STAT_NAMES, TargetStats
 from targetsft.runtime.distributed import end_process_group_at_exit
@@ -25,11 +26,13 @@ from targetsft.training.callbacks import PolicySnapshot
 from targetsft.training.fused_forward import (
     KEEP_DEVICE,
     FusedForward,
+    ModelTeacher,
+    RowsTeacher,
     place_frozen,
     shard_frozen,
     with_rank0_weights,
 )
-from targetsft.training.text_alignment import TextAligner
+from targetsft.training.text_alignment import AlignedTeacher, TextAligner
 from targetsft.training.topk_rows import PrefetchingCollator, TopKTeacher
 
 _TEACHER_KEYS = ("teacher_input_ids", "teacher_attention_mask", "teacher_labels", "teacher_rows")
@@ -85,6 +88,8 @@ class FusedLossMixin:
         if teacher is not None and teacher_cache is not None:
             raise ValueError("teacher and teacher_cache name the same argument: give one")
         teacher_cache = teacher if teacher is not None else teacher_cache
+        if teacher_cache is not None and teacher_model is not None:
+            raise ValueError("give one teacher: teacher_model (run online) or teacher / teacher_cache (top-k rows)")
         if teacher_cache is not None and not isinstance(teacher_cache, TopKTeacher):
             raise TypeError(
                 f"teacher must give top-k rows per batch (a TeacherCache, a ServedTeacher, ...), got "
@@ -120,17 +125,18 @@ class FusedLossMixin:
         teacher_model = self._place(teacher_model, teacher_placement, "teacher")
         ref_model = self._place(ref_model, ref_placement, "reference")
         self.teacher_alignment = teacher_alignment
-        defaults: dict[str, Any] = {"method": target, "chunk_size": chunk_size}
-        if teacher_alignment is not None:
-            defaults["teacher_alignment"] = teacher_alignment
         if shared_vocab_size is None and teacher_cache is not None:  # its ids lie below the tokens it shares
             shared_vocab_size = getattr(teacher_cache, "shared_vocab_size", None)
-        if shared_vocab_size is not None:
-            defaults["shared_vocab_size"] = shared_vocab_size
-        if teacher_model is not None:
-            defaults["teacher_model"] = teacher_model
+        self.shared_vocab_size = shared_vocab_size
+        defaults: dict[str, Any] = {"method": target, "chunk_size": chunk_size}
+        if teacher_model is not None:  # the teacher the loss reads, whatever its kind
+            defaults["teacher"] = (
+                ModelTeacher(teacher_model, shared_vocab_size)
+                if teacher_alignment is None
+                else AlignedTeacher(teacher_model, teacher_alignment, shared_vocab_size)
+            )
         if ref_model is not None:
-            defaults["ref_model"] = ref_model
+            defaults["ref"] = ModelTeacher(ref_model, shared_vocab_size, own_prompt=False)
         self.fused_forward = FusedForward(self.model, **defaults)
         self._want_logits = False  # set by prediction_step when the caller needs the logits
         # the fused forward takes num_items_in_batch through target_loss_kwargs: have the Trainer count it
@@ -168,12 +174,13 @@ class FusedLossMixin:
         teacher_inputs = {key: inputs.pop(key) for key in _TEACHER_KEYS if key in inputs}
         if "token_weights" in inputs:  # shifted like the labels: position t carries the weight of token t + 1
             options["token_weights"] = torch.nn.functional.pad(inputs.pop("token_weights")[:, 1:], (0, 1))
-        if self.teacher_cache is not None:
+        if self.teacher_cache is not None:  # its rows of this batch, as the loss reads them
             batch = {**inputs, **teacher_inputs, "labels": labels, "example_index": index}
             ids, logprobs = self._teacher_rows(batch)
-            options["teacher_topk"] = (ids.to(labels.device), logprobs.to(labels.device))
+            rows = TopK(ids.to(labels.device), logprobs.to(labels.device), self.shared_vocab_size)
+            options["teacher"] = RowsTeacher(rows)
         else:
-            options.update(teacher_inputs)
+            options["teacher_inputs"] = teacher_inputs
         if return_outputs and self._want_logits and not model.training:
             options["return_logits"] = True
         # the fused forward replaces any wrapper's forward for this call: autocast as accelerate's wrapper would

@@ -330,7 +330,7 @@ class ServedEngine:
 
     def __init__(self, server: TeacherServer, *, max_logprobs: int, config: Any, workers: int = 8) -> None:
         self.server, self.max_logprobs, self.config = server, int(max_logprobs), config
-        self.dtype = str(getattr(config, "torch_dtype", None) or "served").removeprefix("torch.")
+        self.dtype = str(getattr(config, "dtype", None) or "served").removeprefix("torch.")
         self.name_or_path = server.model
         self._pool = ThreadPoolExecutor(max_workers=max(1, int(workers)), thread_name_prefix="teacher-server")
 

@@ -9,18 +9,20 @@ no teacher (its row's ids are all ``MISSING_ID``: π_T = sg p_θ there).
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from targetsft.losses.distributions import LMHead, TopK
 from targetsft.losses.validation import MISSING_ID
 from targetsft.training.fused_forward import (
     IGNORE_INDEX,
-    LMHead,
+    LossBatch,
     gathered_head,
     hidden_states,
     input_device,
@@ -449,6 +451,33 @@ def aligned_teacher_topk(
     ids = ids.masked_fill(missing[:, None], MISSING_ID)
     logprobs = logprobs.masked_fill(missing[:, None], float("-inf"))
     return ids.to(device), logprobs.to(device)
+
+
+@dataclass
+class AlignedTeacher:
+    """An online teacher of another tokenizer (``teacher.align: text``), run without gradient on the batch's
+    ``teacher_input_ids``; its distribution at each loss row (``teacher_rows``: its position, −1 for none) reaches
+    the loss as top-k rows on the student's ids (:func:`aligned_teacher_topk`), whose ids lie below
+    ``shared_vocab_size``."""
+
+    model: torch.nn.Module
+    aligner: TextAligner
+    shared_vocab_size: int | None = None
+
+    @contextlib.contextmanager
+    def at_loss_rows(self, batch: LossBatch) -> Iterator[TopK]:
+        t = batch.teacher_inputs
+        if t.get("teacher_rows") is None or t.get("teacher_input_ids") is None:
+            raise ValueError("a teacher aligned by text needs the batch's teacher_input_ids and teacher_rows")
+        ids, logprobs = aligned_teacher_topk(
+            self.model,
+            self.aligner,
+            t["teacher_input_ids"],
+            t.get("teacher_attention_mask"),
+            t["teacher_rows"],
+            batch.device,
+        )
+        yield TopK(ids, logprobs, self.shared_vocab_size)
 
 
 def require_aligned_share(rows: Tensor, examples: int, least: float, setting: str) -> float:

@@ -1,6 +1,6 @@
 """Teacher top-k cache: run a teacher once over a tokenized dataset, keep its top-k next-token log-probs.
 
-The losses take a teacher as ``teacher_topk=(ids [n, k], logprobs [n, k])`` with one row per supervised label token, in
+The losses take a teacher as ``teacher=TopK(ids [n, k], logprobs [n, k])`` with one row per supervised label token, in
 the order of the non-ignored labels (compact form), and complete the tail ``1 − Σ exp(logprobs)`` themselves (see
 :mod:`targetsft.residual`). Storing the teacher's full-vocabulary logits is far too big, so
 :func:`build_teacher_cache` runs the teacher once and writes exactly those rows, and :class:`TeacherCache` reads them

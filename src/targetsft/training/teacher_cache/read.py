@@ -230,10 +230,10 @@ class TeacherCache:
         return ids.long(), lps.float()
 
     def rows(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
-        """Rows of several examples concatenated in the given order: the compact ``teacher_topk`` of a batch.
+        """Rows of several examples concatenated in the given order: the compact top-k rows of a batch.
 
         For a batch whose labels are exactly these examples' labels (any padding, ``-100`` on it), this is the
-        ``(ids [n, k], logprobs [n, k])`` pair that ``target_loss(..., teacher_topk=...)`` expects.
+        ``(ids [n, k], logprobs [n, k])`` pair of ``target_loss(..., teacher=TopK(ids, logprobs))``.
         """
         parts = [self.example(i) for i in indices]
         if not parts:
