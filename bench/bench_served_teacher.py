@@ -89,14 +89,12 @@ def _step_times(cfg) -> list[float]:
 
 
 def _start_server(url: str) -> subprocess.Popen:
-    from targetsft.cli.serve_teacher import server_command
+    from targetsft.cli.serve_teacher import server_command, server_environment
     from targetsft.training.config import load_config
 
     cfg = load_config(None, ["loss.method=target_sft", f"teacher.server.url={url}", f"teacher.server.model={MODEL}",
                              "teacher.dtype=float32"])  # fmt: skip
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-    cpus = sorted(os.sched_getaffinity(0))
-    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{cpus[0]}-{cpus[-1]}")
+    env = {**server_environment(), "VLLM_CPU_KVCACHE_SPACE": "1"}  # a 1 GiB KV cache: room beside the student
     command = server_command(cfg, ["--enforce-eager"])
     return subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True

@@ -129,6 +129,21 @@ def test_serve_teacher_prints_the_server_command(capsys):
     assert main(["serve-teacher", "loss.method=kd", "teacher.cache=x", "--print-command"]) == 2  # no server section
 
 
+def test_the_server_computes_on_every_allowed_core_without_cuda(monkeypatch):
+    """On a CPU the server's environment binds vLLM's threads to this process's cores and reserves none (vLLM's
+    default reserves one of them); settings the user made are kept."""
+    from targetsft.cli.serve_teacher import server_environment
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
+    env = server_environment()
+    cpus = sorted(os.sched_getaffinity(0))
+    assert env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1" and str(cpus[-1]) in env["VLLM_CPU_OMP_THREADS_BIND"]
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU")
+    assert server_environment()["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+
+
 def test_cli_names_an_unreachable_server_in_one_line(tmp_path, capsys):
     from targetsft.cli.main import main
 
@@ -162,14 +177,12 @@ MODEL = "smollm2-135m-instruct"  # the embedded model, served under this name
 def _start_server(url: str) -> subprocess.Popen:
     """``target-sft serve-teacher``'s command for the embedded model at ``url`` (float32, eager), in a process
     group of its own."""
-    from targetsft.cli.serve_teacher import server_command
+    from targetsft.cli.serve_teacher import server_command, server_environment
     from targetsft.training.config import load_config
 
     cfg = load_config(None, ["loss.method=target_sft", f"teacher.server.url={url}", f"teacher.server.model={MODEL}",
                              "teacher.dtype=float32"])  # fmt: skip
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-    cpus = sorted(os.sched_getaffinity(0))
-    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{cpus[0]}-{cpus[-1]}" if len(cpus) > 1 else str(cpus[0]))
+    env = {**server_environment(), "VLLM_CPU_KVCACHE_SPACE": "1"}  # a 1 GiB KV cache: room beside the student
     command = server_command(cfg, ["--enforce-eager"])
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
 

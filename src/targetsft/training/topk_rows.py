@@ -3,7 +3,7 @@ the collator that lets one start its requests a batch early, and the row arithme
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -62,6 +62,19 @@ class PrefetchingCollator:
         if name == "collator":
             raise AttributeError(name)
         return getattr(self.collator, name)
+
+
+def stack_rows(rows: Sequence[Sequence[Any]], width: int) -> tuple[Tensor, Tensor]:
+    """Ragged top-k rows (each starting with its ids and their log-probs, as vLLM gives them) as ``(ids [n, w]
+    int64, logprobs [n, w])``, ``w`` the longest row (``width`` when there are none), short rows completed with id −1
+    at ``-inf``; log-probs clamped to ≤ 0."""
+    width = max((len(r[0]) for r in rows), default=width)
+    ids = torch.full((len(rows), width), -1, dtype=torch.long)
+    lps = torch.full((len(rows), width), float("-inf"))
+    for i, row in enumerate(rows):
+        ids[i, : len(row[0])] = torch.tensor(row[0], dtype=torch.long)
+        lps[i, : len(row[1])] = torch.tensor(row[1], dtype=torch.float32)
+    return ids, lps.clamp(max=0.0)
 
 
 def round_down_fp16(x: Tensor) -> Tensor:

@@ -57,7 +57,7 @@ from targetsft.training.text_alignment import (
     map_topk_to_student,
     scatter_rows,
 )
-from targetsft.training.topk_rows import drop_unshared, round_down_fp16
+from targetsft.training.topk_rows import drop_unshared, round_down_fp16, stack_rows
 from targetsft.training.vocabulary import VocabAlignment, align_vocabularies, id_to_token
 
 logger = logging.getLogger(__name__)
@@ -201,12 +201,8 @@ def _text_rows_vllm(spec: _RunSpec, batch: list[_TeacherInput]) -> list[tuple[Te
     out = []
     for x, rows in zip(batch, spec.model.prompt_logprobs(seqs, spec.k), strict=True):
         picked = [rows[p] for p in x.positions.tolist()]  # rows[p]: the distribution after teacher position p
-        width = max((len(r[0]) for r in picked), default=spec.k)
-        ids = torch.full((len(picked), width), -1, dtype=torch.long)
-        lps = torch.full((len(picked), width), float("-inf"))
-        for i, r in enumerate(picked):
-            ids[i, : len(r[0])], lps[i, : len(r[1])] = torch.tensor(r[0]), torch.tensor(r[1])
-        a_ids, a_lps, mass = map_topk_to_student(ids, lps.clamp(max=0.0), spec.token_map, spec.k)
+        ids, lps = stack_rows(picked, spec.k)
+        a_ids, a_lps, mass = map_topk_to_student(ids, lps, spec.token_map, spec.k)
         spec.stats.add(torch.from_numpy(x.rows), mass)
         full_ids, full_lps = scatter_rows(torch.from_numpy(x.rows), a_ids, a_lps)
         out.append((full_ids.to(torch.int32), full_lps.clamp(max=0.0)))
